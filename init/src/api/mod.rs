@@ -1,0 +1,234 @@
+//! The control API seen from inside init: requests the manager answers, events it emits.
+//!
+//! The D-Bus server ([`dbus`]) turns method calls into [`Request`]s, hands them to the
+//! manager's event loop through an [`ApiHandle`] and waits for the reply; the manager
+//! publishes [`Event`]s that the server turns into D-Bus signals. This module is the one
+//! seam between transport and state: nothing here knows about D-Bus.
+
+pub mod client;
+pub mod dbus;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use zbus::zvariant::Type;
+
+/// D-Bus object path of the manager.
+pub const OBJECT_PATH: &str = "/org/flotilla/Manager1";
+/// D-Bus interface name of the manager.
+pub const INTERFACE: &str = "org.flotilla.Manager1";
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/flotilla/manager.sock";
+
+/// The state of one unit as clients see it (systemd's vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct UnitInfo {
+    /// Full unit name.
+    pub name: String,
+    /// `[unit] description`, or empty.
+    pub description: String,
+    /// `loaded`, `error` (file broken; old definition may still run) or `not-found`.
+    pub load_state: String,
+    /// `inactive`, `activating`, `active`, `deactivating` or `failed`.
+    pub active_state: String,
+    /// Finer state: `dead`, `waiting`, `start`, `running`, `exited`, `stop-sigterm`,
+    /// `stop-sigkill`, `auto-restart`, `failed`.
+    pub sub_state: String,
+    /// Main process id, 0 when none.
+    pub main_pid: u32,
+    /// Restarts performed by the restart policy since the unit was last started by hand.
+    pub restarts: u32,
+    /// Exit code of the last main process, -1 when it has not exited or died by a signal.
+    pub exit_code: i32,
+    /// Signal that killed the last main process, 0 when none.
+    pub exit_signal: i32,
+    /// Time of the last state change, microseconds since the Unix epoch.
+    pub since_us: u64,
+    /// Why the unit is where it is: `success`, `exit-code`, `signal`, `start-limit-hit`,
+    /// `dependency`, `cycle`, `spawn`, `timeout` or `resources`.
+    pub result: String,
+    /// Human-readable detail for `result` (empty on success).
+    pub message: String,
+}
+
+/// One captured line of a unit's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct LogEntry {
+    /// Monotonic sequence number per unit; used to follow logs (`unitctl logs -f`).
+    pub seq: u64,
+    /// Capture time, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// `stdout`, `stderr` or `manager` (lines the manager writes about the unit).
+    pub stream: String,
+    /// The line, without its newline.
+    pub line: String,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
+pub struct ReloadReport {
+    /// Units that appeared.
+    pub added: Vec<String>,
+    /// Units whose definition changed.
+    pub changed: Vec<String>,
+    /// Units whose file disappeared (stopped and dropped).
+    pub removed: Vec<String>,
+    /// Units restarted because they changed and a restart was asked for.
+    pub restarted: Vec<String>,
+    /// Files that failed to parse; the old definition (if any) stays in force.
+    pub errors: Vec<String>,
+}
+
+/// A request to the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// All known units.
+    ListUnits,
+    /// One unit (templates are instantiated on demand).
+    GetUnit(String),
+    /// Start a unit and what it requires/wants.
+    StartUnit(String),
+    /// Stop a unit (and the units that require it).
+    StopUnit(String),
+    /// Stop then start.
+    RestartUnit(String),
+    /// Add or replace a unit from TOML text; persisted in the state directory.
+    LoadUnit {
+        /// Unit name (file stem).
+        name: String,
+        /// The unit file's text.
+        toml: String,
+    },
+    /// Stop and forget a unit; removes a unit loaded over the API from the state directory.
+    RemoveUnit(String),
+    /// Re-read the unit directories.
+    Reload {
+        /// Restart running units whose definition changed.
+        restart_changed: bool,
+    },
+    /// Captured output: the last `lines` entries with `seq > after_seq`.
+    Logs {
+        /// Unit name.
+        name: String,
+        /// How many entries at most (the newest ones).
+        lines: u32,
+        /// Only entries after this sequence number (0 = from the start of the tail).
+        after_seq: u64,
+    },
+    /// The unit file's text.
+    CatUnit(String),
+}
+
+/// The manager's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Answer to `ListUnits`.
+    Units(Vec<UnitInfo>),
+    /// Answer to `GetUnit`, `StartUnit`, `StopUnit`, `RestartUnit`, `LoadUnit`.
+    Unit(UnitInfo),
+    /// Answer to `RemoveUnit`.
+    Done,
+    /// Answer to `Reload`.
+    Reload(ReloadReport),
+    /// Answer to `Logs`.
+    Logs(Vec<LogEntry>),
+    /// Answer to `CatUnit`.
+    Text(String),
+}
+
+/// Why a request was refused. Each maps to a D-Bus error name `org.flotilla.Error.<Variant>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No unit (and no template) by that name.
+    #[error("unit {0} not found; `unitctl list` shows the loaded units")]
+    NoSuchUnit(String),
+    /// The unit text or name is invalid.
+    #[error("{0}")]
+    InvalidUnit(String),
+    /// The request cannot be carried out now (e.g. the manager is shutting down).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Something that happened in the manager, published to API clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A unit's active or sub state changed.
+    UnitStateChanged {
+        /// Unit name.
+        name: String,
+        /// New active state.
+        active_state: String,
+        /// New sub state.
+        sub_state: String,
+    },
+}
+
+/// A request together with where to send its answer.
+pub struct Envelope {
+    /// The request.
+    pub request: Request,
+    /// Where the manager sends the reply; a dropped receiver is not an error.
+    pub reply: Sender<Result<Response, ApiError>>,
+}
+
+/// Client side of the manager's request queue; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ApiHandle {
+    tx: Sender<Envelope>,
+    waker: Arc<OwnedFd>,
+}
+
+/// Manager side of the request queue: poll [`ApiQueue::fd`] for readability, then drain.
+pub struct ApiQueue {
+    rx: Receiver<Envelope>,
+    waker: Arc<OwnedFd>,
+}
+
+/// Create a connected handle/queue pair. The queue's fd becomes readable when a request waits.
+pub fn channel() -> std::io::Result<(ApiHandle, ApiQueue)> {
+    let waker = Arc::new(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?);
+    let (tx, rx) = mpsc::channel();
+    Ok((
+        ApiHandle {
+            tx,
+            waker: Arc::clone(&waker),
+        },
+        ApiQueue { rx, waker },
+    ))
+}
+
+impl ApiHandle {
+    /// Send a request and block until the manager answers.
+    pub fn call(&self, request: Request) -> Result<Response, ApiError> {
+        let (reply, answer) = mpsc::channel();
+        self.tx
+            .send(Envelope { request, reply })
+            .map_err(|_| ApiError::Refused("the manager is shutting down".into()))?;
+        // An eventfd write only fails on counter overflow, which cannot happen with +1 writes
+        // drained by the manager; the request is queued either way.
+        let _ = rustix::io::write(&*self.waker, &1u64.to_ne_bytes());
+        answer
+            .recv()
+            .map_err(|_| ApiError::Refused("the manager dropped the request".into()))?
+    }
+}
+
+impl ApiQueue {
+    /// The eventfd to watch for readability.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.waker.as_fd()
+    }
+
+    /// Take every waiting request (resets the eventfd).
+    pub fn drain(&self) -> Vec<Envelope> {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&*self.waker, &mut buf);
+        self.rx.try_iter().collect()
+    }
+}

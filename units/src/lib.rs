@@ -1,0 +1,3 @@
+//! Flotilla unit files. (Being written; see README.md.)
+mod model;
+pub use model::*;

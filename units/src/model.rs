@@ -1,0 +1,182 @@
+//! The parsed, validated shape of a unit. Everything here is plain data.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A loaded unit: its name, where it came from, and its four sections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unit {
+    /// Full unit name: the file stem, e.g. `web` or `getty@tty1` (never the `.toml` suffix).
+    pub name: String,
+    /// File the unit was read from, if any (units loaded over the API have none).
+    pub path: Option<PathBuf>,
+    /// The TOML text as written (before specifier expansion); used by `cat` and change detection.
+    pub source: String,
+    /// `[unit]`: description and dependencies.
+    pub unit: UnitSection,
+    /// `[container]`: what to run.
+    pub container: ContainerSection,
+    /// `[service]`: lifecycle, restart policy and resource limits.
+    pub service: ServiceSection,
+    /// `[fleet]`: cluster placement rules (used by fleetd).
+    pub fleet: FleetSection,
+}
+
+/// `[unit]` section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UnitSection {
+    /// Human description shown by `unitctl list`.
+    pub description: Option<String>,
+    /// Units that must be active for this one to start; if one is missing or fails, this one fails.
+    pub requires: Vec<String>,
+    /// Units started along with this one; their failure does not affect it.
+    pub wants: Vec<String>,
+    /// This unit starts only after these have finished starting (ordering only).
+    pub after: Vec<String>,
+    /// These units start only after this one has finished starting (ordering only).
+    pub before: Vec<String>,
+}
+
+/// `[container]` section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSection {
+    /// Image name (`name` or `name:tag`); `None` runs on the host's root, read-only.
+    pub image: Option<String>,
+    /// argv; never empty after validation.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute).
+    pub workdir: Option<PathBuf>,
+    /// `user` or `user:group` or numeric `uid[:gid]`.
+    pub user: Option<String>,
+    /// Network mode.
+    pub network: Network,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Hostname inside the container.
+    pub hostname: Option<String>,
+}
+
+/// Network mode of a unit's container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// Share the host's network namespace (default, like a systemd service).
+    #[default]
+    Host,
+    /// Own network namespace with only loopback.
+    None,
+    /// Own network namespace, to be connected by the runtime.
+    Private,
+}
+
+/// One bind mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Absolute path on the host.
+    pub host: PathBuf,
+    /// Absolute path inside the container.
+    pub path: PathBuf,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// How the manager treats the main process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// Active as soon as the process runs.
+    #[default]
+    Simple,
+    /// Runs to completion; units ordered after it start only once it exited 0.
+    Oneshot,
+}
+
+/// When to restart a unit whose main process exited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Never.
+    #[default]
+    No,
+    /// After a non-zero exit or death by signal.
+    OnFailure,
+    /// After any exit.
+    Always,
+}
+
+/// CPU bandwidth limit in cgroup v2 `cpu.max` terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuMax {
+    /// Microseconds of CPU time allowed per period.
+    pub quota_us: u64,
+    /// Period length in microseconds.
+    pub period_us: u64,
+}
+
+/// `[service]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSection {
+    /// `type`: simple or oneshot.
+    pub kind: ServiceType,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// First delay before a restart; doubled on each consecutive restart.
+    pub restart_sec: Duration,
+    /// Upper bound for the doubled restart delay.
+    pub restart_max_sec: Duration,
+    /// Time between SIGTERM and SIGKILL on stop.
+    pub stop_timeout: Duration,
+    /// At most this many starts within `start_limit_interval`; one more marks the unit failed.
+    pub start_limit_burst: u32,
+    /// Window for `start_limit_burst`.
+    pub start_limit_interval: Duration,
+    /// cgroup `memory.max` in bytes.
+    pub memory_max: Option<u64>,
+    /// cgroup `cpu.max`.
+    pub cpu_max: Option<CpuMax>,
+    /// cgroup `pids.max`.
+    pub pids_max: Option<u64>,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        Self {
+            kind: ServiceType::Simple,
+            restart: RestartPolicy::No,
+            restart_sec: Duration::from_millis(100),
+            restart_max_sec: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+            start_limit_burst: 5,
+            start_limit_interval: Duration::from_secs(10),
+            memory_max: None,
+            cpu_max: None,
+            pids_max: None,
+        }
+    }
+}
+
+/// One `machine_metadata` rule: `key=value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRule {
+    /// Metadata key.
+    pub key: String,
+    /// Required value.
+    pub value: String,
+}
+
+/// `[fleet]` section: where in a cluster the unit may run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetSection {
+    /// Run only on the machine with this id.
+    pub machine_id: Option<String>,
+    /// Run on the machine where these units run.
+    pub machine_of: Vec<String>,
+    /// Machine metadata requirements: different keys AND, values of one key OR.
+    pub machine_metadata: Vec<MetadataRule>,
+    /// Never share a machine with units matching these globs (applied both ways).
+    pub conflicts: Vec<String>,
+    /// Run on every matching machine.
+    pub global: bool,
+    /// Take the machine of these units, which are moved away.
+    pub replaces: Vec<String>,
+}
