@@ -1,3 +1,25 @@
-//! Flotilla unit files. (Being written; see README.md.)
+//! Flotilla unit files: the TOML format, its validation with precise errors, templates and
+//! `%` specifiers, loading unit directories, and the ordering graph.
+//!
+//! Pure: the only I/O is reading files in [`Catalog::load_dirs`]. See `README.md` for the
+//! format reference.
+
+// `UnitError` is a plain public struct by design (other crates read its fields); errors are
+// rare, so the size of `Result<_, UnitError>` does not matter.
+#![allow(clippy::result_large_err)]
+
+mod catalog;
+mod error;
+mod graph;
 mod model;
+mod parse;
+mod specifier;
+mod template;
+mod values;
+
+pub use catalog::Catalog;
+pub use error::UnitError;
+pub use graph::{format_cycle, order_predecessors, ordering_cycles};
 pub use model::*;
+pub use parse::{check_name, parse_unit, split_instance, API_FILE_LABEL, MAX_NAME_LEN};
+pub use template::Template;

@@ -1,0 +1,132 @@
+//! The ordering graph: `after` and `before` only, as in systemd. `requires` and `wants`
+//! pull units in but do not order them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::model::Unit;
+
+/// Units that must finish starting before `name` starts: the names in its `after`, plus
+/// every unit whose `before` lists `name`. Names need not be loaded units.
+pub fn order_predecessors(units: &BTreeMap<String, Unit>, name: &str) -> BTreeSet<String> {
+    let mut preds: BTreeSet<String> = units
+        .get(name)
+        .map(|u| u.unit.after.iter().cloned().collect())
+        .unwrap_or_default();
+    preds.extend(
+        units
+            .values()
+            .filter(|u| u.unit.before.iter().any(|b| b == name))
+            .map(|u| u.name.clone()),
+    );
+    preds.remove(name);
+    preds
+}
+
+/// "Waits for" edges: unit -> the units it starts after. Includes names that are only
+/// mentioned, not loaded.
+fn wait_graph(units: &BTreeMap<String, Unit>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for unit in units.values() {
+        for after in &unit.unit.after {
+            graph
+                .entry(unit.name.clone())
+                .or_default()
+                .insert(after.clone());
+        }
+        for before in &unit.unit.before {
+            graph
+                .entry(before.clone())
+                .or_default()
+                .insert(unit.name.clone());
+        }
+    }
+    graph
+}
+
+fn reachable(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut queue: VecDeque<&str> = graph
+        .get(start)
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    while let Some(n) = queue.pop_front() {
+        if seen.insert(n.to_string()) {
+            queue.extend(graph.get(n).into_iter().flatten().map(String::as_str));
+        }
+    }
+    seen
+}
+
+/// Ordering cycles, one per set of units that wait on each other (a strongly connected
+/// component). Each is the full path from the alphabetically first unit of the set along
+/// "waits for" edges back to it, the first name repeated at the end: `["a", "b", "a"]` means
+/// `a` starts after `b` and `b` after `a`. A unit ordered after itself gives `["a", "a"]`.
+/// The path is a shortest such cycle; the list is sorted by first name.
+pub fn ordering_cycles(units: &BTreeMap<String, Unit>) -> Vec<Vec<String>> {
+    let graph = wait_graph(units);
+    let mut reverse: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, tos) in &graph {
+        for to in tos {
+            reverse.entry(to.clone()).or_default().insert(from.clone());
+        }
+    }
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut cycles = Vec::new();
+    for start in graph.keys() {
+        if done.contains(start) {
+            continue;
+        }
+        let forward = reachable(&graph, start);
+        if !forward.contains(start) {
+            continue;
+        }
+        let backward = reachable(&reverse, start);
+        let component: BTreeSet<String> = forward.intersection(&backward).cloned().collect();
+        if let Some(cycle) = shortest_cycle(&graph, &component, start) {
+            cycles.push(cycle);
+        }
+        done.extend(component);
+    }
+    cycles
+}
+
+/// Shortest path from `start` back to itself inside `component` (breadth-first, neighbours
+/// in name order, so the result is deterministic).
+fn shortest_cycle(
+    graph: &BTreeMap<String, BTreeSet<String>>,
+    component: &BTreeSet<String>,
+    start: &str,
+) -> Option<Vec<String>> {
+    let mut parent: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut queue: VecDeque<&str> = VecDeque::from([start]);
+    while let Some(n) = queue.pop_front() {
+        for next in graph.get(n).into_iter().flatten() {
+            if !component.contains(next) {
+                continue;
+            }
+            if next == start {
+                let mut path = vec![start.to_string()];
+                let mut at = n;
+                while at != start {
+                    path.push(at.to_string());
+                    at = parent.get(at).copied()?;
+                }
+                path.push(start.to_string());
+                path.reverse();
+                return Some(path);
+            }
+            if !parent.contains_key(next.as_str()) {
+                parent.insert(next, n);
+                queue.push_back(next);
+            }
+        }
+    }
+    None
+}
+
+/// `"a -> b -> c -> a"`.
+pub fn format_cycle(cycle: &[String]) -> String {
+    cycle.join(" -> ")
+}
