@@ -1,0 +1,838 @@
+//! Unit file parsing: valid files, defaults, and the exact location and wording of errors.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_units::*;
+
+const MINIMAL: &str = "[container]\ncommand = [\"/bin/true\"]\n";
+
+fn parse(text: &str) -> Result<Unit, UnitError> {
+    parse_unit("web", Some(Path::new("web.toml")), text)
+}
+
+#[test]
+fn minimal_unit_gets_defaults() {
+    let unit = parse(MINIMAL).unwrap();
+    assert_eq!(unit.name, "web");
+    assert_eq!(unit.path.as_deref(), Some(Path::new("web.toml")));
+    assert_eq!(unit.source, MINIMAL);
+    assert_eq!(unit.unit, UnitSection::default());
+    assert_eq!(unit.container.command, vec!["/bin/true"]);
+    assert_eq!(unit.container.image, None);
+    assert_eq!(unit.container.network, Network::Host);
+    assert!(unit.container.env.is_empty() && unit.container.mounts.is_empty());
+    let s = &unit.service;
+    assert_eq!(s.kind, ServiceType::Simple);
+    assert_eq!(s.restart, RestartPolicy::No);
+    assert_eq!(s.restart_sec, Duration::from_millis(100));
+    assert_eq!(s.restart_max_sec, Duration::from_secs(30));
+    assert_eq!(s.stop_timeout, Duration::from_secs(10));
+    assert_eq!(s.start_limit_burst, 5);
+    assert_eq!(s.start_limit_interval, Duration::from_secs(10));
+    assert_eq!((s.memory_max, s.cpu_max, s.pids_max), (None, None, None));
+    assert_eq!(unit.fleet, FleetSection::default());
+}
+
+#[test]
+fn every_key() {
+    let text = r#"
+[unit]
+description = "Web server %n"
+requires = ["db"]
+wants = ["cache"]
+after = ["db", "cache"]
+before = ["proxy"]
+
+[container]
+image = "nginx:1.25"
+command = ["/usr/sbin/nginx", "-g", "daemon off;"]
+env = { KEY = "value", _X1 = "100%%" }
+workdir = "/srv"
+user = "www-data:www-data"
+network = "private"
+hostname = "web-1"
+mounts = [
+    { host = "/var/lib/web", path = "/data" },
+    { host = "/etc/web", path = "/etc/web", read_only = true },
+]
+
+[service]
+type = "oneshot"
+restart = "on-failure"
+restart_sec = "1m30s"
+restart_max_sec = 3600
+stop_timeout = 2.5
+start_limit_burst = 3
+start_limit_interval = "1h"
+memory_max = "512MiB"
+cpu_max = 1.5
+pids_max = 100
+
+[fleet]
+machine_id = "abc123"
+machine_of = ["db"]
+machine_metadata = ["region=us-east", "disk = ssd"]
+conflicts = ["web@*"]
+global = false
+replaces = ["old-web"]
+"#;
+    let u = parse(text).unwrap();
+    assert_eq!(u.unit.description.as_deref(), Some("Web server web"));
+    assert_eq!(u.unit.requires, vec!["db"]);
+    assert_eq!(u.unit.wants, vec!["cache"]);
+    assert_eq!(u.unit.after, vec!["db", "cache"]);
+    assert_eq!(u.unit.before, vec!["proxy"]);
+    let c = &u.container;
+    assert_eq!(c.image.as_deref(), Some("nginx:1.25"));
+    assert_eq!(c.command, vec!["/usr/sbin/nginx", "-g", "daemon off;"]);
+    assert_eq!(
+        c.env,
+        BTreeMap::from([
+            ("KEY".to_string(), "value".to_string()),
+            ("_X1".to_string(), "100%".to_string())
+        ])
+    );
+    assert_eq!(c.workdir.as_deref(), Some(Path::new("/srv")));
+    assert_eq!(c.user.as_deref(), Some("www-data:www-data"));
+    assert_eq!(c.network, Network::Private);
+    assert_eq!(c.hostname.as_deref(), Some("web-1"));
+    assert_eq!(
+        c.mounts,
+        vec![
+            Mount {
+                host: "/var/lib/web".into(),
+                path: "/data".into(),
+                read_only: false
+            },
+            Mount {
+                host: "/etc/web".into(),
+                path: "/etc/web".into(),
+                read_only: true
+            },
+        ]
+    );
+    let s = &u.service;
+    assert_eq!(s.kind, ServiceType::Oneshot);
+    assert_eq!(s.restart, RestartPolicy::OnFailure);
+    assert_eq!(s.restart_sec, Duration::from_secs(90));
+    assert_eq!(s.restart_max_sec, Duration::from_secs(3600));
+    assert_eq!(s.stop_timeout, Duration::from_millis(2500));
+    assert_eq!(s.start_limit_burst, 3);
+    assert_eq!(s.start_limit_interval, Duration::from_secs(3600));
+    assert_eq!(s.memory_max, Some(512 << 20));
+    assert_eq!(
+        s.cpu_max,
+        Some(CpuMax {
+            quota_us: 150_000,
+            period_us: 100_000
+        })
+    );
+    assert_eq!(s.pids_max, Some(100));
+    let f = &u.fleet;
+    assert_eq!(f.machine_id.as_deref(), Some("abc123"));
+    assert_eq!(f.machine_of, vec!["db"]);
+    assert_eq!(
+        f.machine_metadata,
+        vec![
+            MetadataRule {
+                key: "region".into(),
+                value: "us-east".into()
+            },
+            MetadataRule {
+                key: "disk".into(),
+                value: "ssd".into()
+            },
+        ]
+    );
+    assert_eq!(f.conflicts, vec!["web@*"]);
+    assert!(!f.global);
+    assert_eq!(f.replaces, vec!["old-web"]);
+}
+
+#[test]
+fn valid_value_forms() {
+    // (service line, check)
+    type Check = fn(&ServiceSection) -> bool;
+    let cases: &[(&str, Check)] = &[
+        ("memory_max = 1048576", |s| s.memory_max == Some(1 << 20)),
+        ("memory_max = \"1G\"", |s| s.memory_max == Some(1 << 30)),
+        ("memory_max = \"512M\"", |s| s.memory_max == Some(512 << 20)),
+        ("memory_max = \"64KiB\"", |s| s.memory_max == Some(64 << 10)),
+        ("memory_max = \"2TB\"", |s| s.memory_max == Some(2 << 40)),
+        ("cpu_max = \"150%\"", |s| {
+            s.cpu_max.map(|c| c.quota_us) == Some(150_000)
+        }),
+        ("cpu_max = 2", |s| {
+            s.cpu_max.map(|c| c.quota_us) == Some(200_000)
+        }),
+        ("cpu_max = 0.25", |s| {
+            s.cpu_max.map(|c| c.quota_us) == Some(25_000)
+        }),
+        ("stop_timeout = 0", |s| s.stop_timeout.is_zero()),
+        ("stop_timeout = \"500ms\"", |s| {
+            s.stop_timeout == Duration::from_millis(500)
+        }),
+        ("stop_timeout = \"1.5s\"", |s| {
+            s.stop_timeout == Duration::from_millis(1500)
+        }),
+        ("stop_timeout = \"1h\"", |s| {
+            s.stop_timeout == Duration::from_secs(3600)
+        }),
+        ("stop_timeout = \"250us\"", |s| {
+            s.stop_timeout == Duration::from_micros(250)
+        }),
+        ("restart = \"always\"", |s| {
+            s.restart == RestartPolicy::Always
+        }),
+        ("type = \"simple\"", |s| s.kind == ServiceType::Simple),
+        ("pids_max = 1", |s| s.pids_max == Some(1)),
+    ];
+    for (line, check) in cases {
+        let text = format!("{MINIMAL}[service]\n{line}\n");
+        let unit = parse(&text).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(check(&unit.service), "{line}: {:?}", unit.service);
+    }
+}
+
+#[test]
+fn valid_container_forms() {
+    for (line, check) in [
+        ("user = \"1000\"", "1000"),
+        ("user = \"1000:1000\"", "1000:1000"),
+        ("user = \"nobody\"", "nobody"),
+    ] {
+        let text = format!("[container]\ncommand = [\"/bin/true\"]\n{line}\n");
+        assert_eq!(parse(&text).unwrap().container.user.as_deref(), Some(check));
+    }
+    for (word, want) in [
+        ("host", Network::Host),
+        ("none", Network::None),
+        ("private", Network::Private),
+    ] {
+        let text = format!("[container]\ncommand = [\"/bin/true\"]\nnetwork = \"{word}\"\n");
+        assert_eq!(parse(&text).unwrap().container.network, want);
+    }
+    // Array-of-tables and sub-table syntax work too.
+    let text = "[container]\ncommand = [\"/bin/true\"]\n[container.env]\nA = \"1\"\n\
+                [[container.mounts]]\nhost = \"/a\"\npath = \"/b\"\n";
+    let c = parse(text).unwrap().container;
+    assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(c.mounts.len(), 1);
+}
+
+/// (text, line, column, key, message substring, help substring)
+type Case = (
+    &'static str,
+    usize,
+    usize,
+    Option<&'static str>,
+    &'static str,
+    Option<&'static str>,
+);
+
+#[test]
+fn invalid_files() {
+    let cases: Vec<Case> = vec![
+        // Unknown keys and sections.
+        (
+            "[container]\ncomand = [\"/bin/true\"]\n",
+            2,
+            1,
+            Some("container.comand"),
+            "unknown key `comand` in [container]",
+            Some("did you mean `command`?"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nrestart = \"always\"\n",
+            3,
+            1,
+            Some("container.restart"),
+            "unknown key `restart` in [container]",
+            Some("`restart` belongs in [service]"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nxyzzy = 1\n",
+            3,
+            1,
+            Some("container.xyzzy"),
+            "unknown key `xyzzy`",
+            Some("valid keys here are `image`, `command`"),
+        ),
+        (
+            "[container]\ncmd = [\"/bin/true\"]\n",
+            2,
+            1,
+            None,
+            "unknown key `cmd`",
+            Some("did you mean `command`?"),
+        ),
+        (
+            "[contaner]\ncommand = [\"/bin/true\"]\n",
+            1,
+            2,
+            Some("contaner"),
+            "unknown section [contaner]",
+            Some("did you mean [container]?"),
+        ),
+        (
+            "command = [\"/bin/true\"]\n",
+            1,
+            1,
+            Some("command"),
+            "key `command` is outside any section",
+            Some("put it under [container]"),
+        ),
+        (
+            "service = 1\n",
+            1,
+            1,
+            Some("service"),
+            "`service` must be a section",
+            Some("write [service]"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\", path = \"/b\", readonly = true }]\n",
+            3,
+            39,
+            Some("container.mounts[0].readonly"),
+            "unknown key `readonly` in container.mounts[0]",
+            Some("did you mean `read_only`?"),
+        ),
+        // TOML syntax.
+        (
+            "[container]\ncommand = [\"/bin/true\"\n",
+            2,
+            23,
+            None,
+            "",
+            None,
+        ),
+        (
+            "[container]\ncommand = /bin/true\n",
+            2,
+            11,
+            None,
+            "",
+            None,
+        ),
+        // Missing pieces.
+        (
+            "[unit]\ndescription = \"x\"\n",
+            1,
+            1,
+            Some("container"),
+            "missing [container] section",
+            Some("command = [\"/bin/sleep\", \"60\"]"),
+        ),
+        (
+            "[unit]\n\n[container]\nimage = \"x\"\n",
+            3,
+            1,
+            Some("container.command"),
+            "[container] has no `command`",
+            Some("command = [\"/bin/sleep\", \"60\"]"),
+        ),
+        // Command.
+        (
+            "[container]\ncommand = []\n",
+            2,
+            11,
+            Some("container.command"),
+            "command must not be empty",
+            Some("give the program and its arguments, e.g. command = [\"/bin/sleep\", \"60\"]"),
+        ),
+        (
+            "[container]\ncommand = [\"\", \"x\"]\n",
+            2,
+            12,
+            Some("container.command"),
+            "the program (first element of command) must not be empty",
+            None,
+        ),
+        (
+            "[container]\ncommand = \"/bin/sleep 60\"\n",
+            2,
+            11,
+            Some("container.command"),
+            "`command` must be a list of strings, not a string",
+            Some("[\"/bin/sh\", \"-c\", \"/bin/sleep 60\"]"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/sleep\", 60]\n",
+            2,
+            26,
+            Some("container.command"),
+            "`command` must contain only strings, not an integer (60)",
+            Some("quote each element"),
+        ),
+        // Container values.
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nworkdir = \"srv\"\n",
+            3,
+            11,
+            Some("container.workdir"),
+            "`workdir` must be an absolute path, not \"srv\"",
+            Some("workdir = \"/srv\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nnetwork = \"bridge\"\n",
+            3,
+            11,
+            Some("container.network"),
+            "invalid network \"bridge\"",
+            Some("use one of \"host\", \"none\" or \"private\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nnetwork = \"hots\"\n",
+            3,
+            11,
+            Some("container.network"),
+            "invalid network \"hots\"",
+            Some("did you mean \"host\"?"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nenv = { 1X = \"a\" }\n",
+            3,
+            9,
+            Some("container.env.1X"),
+            "invalid environment variable name \"1X\"",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nenv = { PORT = 8080 }\n",
+            3,
+            16,
+            Some("container.env.PORT"),
+            "environment variable `PORT` must be a string, not an integer",
+            Some("quote the value: PORT = \"8080\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nuser = \"a:b:c\"\n",
+            3,
+            8,
+            Some("container.user"),
+            "invalid user \"a:b:c\": more than one `:`",
+            Some("\"user:group\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nhostname = \"web_1\"\n",
+            3,
+            12,
+            Some("container.hostname"),
+            "invalid hostname \"web_1\"",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nimage = \"\"\n",
+            3,
+            9,
+            Some("container.image"),
+            "`image` must not be empty",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\" }]\n",
+            3,
+            11,
+            Some("container.mounts[0].path"),
+            "mount is missing `path`",
+            Some("each mount needs `host` and `path`"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\", path = \"data\" }]\n",
+            3,
+            33,
+            Some("container.mounts[0].path"),
+            "`path` must be an absolute path",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a/../b\", path = \"/d\" }]\n",
+            3,
+            20,
+            Some("container.mounts[0].host"),
+            "must not contain `..`",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\", path = \"/d\" }, { host = \"/b\", path = \"/d\" }]\n",
+            3,
+            63,
+            Some("container.mounts[1].path"),
+            "two mounts use the same path \"/d\"",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\", path = \"/d\", read_only = \"yes\" }]\n",
+            3,
+            51,
+            Some("container.mounts[0].read_only"),
+            "`read_only` must be true or false, not a string",
+            None,
+        ),
+        // Service values.
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstop_timeout = -5\n",
+            4,
+            16,
+            Some("service.stop_timeout"),
+            "invalid stop_timeout -5: durations cannot be negative",
+            Some("\"1m30s\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstop_timeout = \"10 min\"\n",
+            4,
+            16,
+            Some("service.stop_timeout"),
+            "invalid stop_timeout \"10 min\": unknown unit \"min\"",
+            Some("units us, ms, s, m or h"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstop_timeout = true\n",
+            4,
+            16,
+            Some("service.stop_timeout"),
+            "`stop_timeout` must be a duration, not a boolean",
+            Some("stop_timeout = \"10s\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nmemory_max = \"12XB\"\n",
+            4,
+            14,
+            Some("service.memory_max"),
+            "invalid memory_max \"12XB\": unknown unit \"XB\"",
+            Some("use bytes or a size with K, M, G or T, e.g. \"512M\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nmemory_max = \"max\"\n",
+            4,
+            14,
+            Some("service.memory_max"),
+            "invalid memory_max \"max\"",
+            Some("remove `memory_max` for no limit"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nmemory_max = 0\n",
+            4,
+            14,
+            Some("service.memory_max"),
+            "the limit must be greater than 0",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\ncpu_max = \"1.5\"\n",
+            4,
+            11,
+            Some("service.cpu_max"),
+            "invalid cpu_max \"1.5\": a CPU limit string must end with %",
+            Some("\"150%\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\ncpu_max = 0.001\n",
+            4,
+            11,
+            Some("service.cpu_max"),
+            "the smallest CPU limit is 1%",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\npids_max = 0\n",
+            4,
+            12,
+            Some("service.pids_max"),
+            "`pids_max` must be at least 1, not 0",
+            Some("pids_max = 100"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstart_limit_burst = 0\n",
+            4,
+            21,
+            Some("service.start_limit_burst"),
+            "`start_limit_burst` must be at least 1",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nrestart = \"onfailure\"\n",
+            4,
+            11,
+            Some("service.restart"),
+            "invalid restart \"onfailure\"",
+            Some("did you mean \"on-failure\"?"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nrestart = false\n",
+            4,
+            11,
+            Some("service.restart"),
+            "`restart` must be one of \"no\", \"on-failure\" or \"always\", not a boolean",
+            Some("restart = \"no\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\ntype = \"oneshot\"\nrestart = \"always\"\n",
+            5,
+            11,
+            Some("service.restart"),
+            "a oneshot unit cannot use restart = \"always\"",
+            Some("on-failure"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nrestart_sec = \"5s\"\nrestart_max_sec = \"1s\"\n",
+            5,
+            19,
+            Some("service.restart_max_sec"),
+            "restart_max_sec (1s) is shorter than restart_sec (5s)",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstart_limit_interval = 0\n",
+            4,
+            24,
+            Some("service.start_limit_interval"),
+            "the interval must be longer than 0",
+            None,
+        ),
+        // Dependencies.
+        (
+            "[unit]\nrequires = [\"db\", \"web\"]\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            19,
+            Some("unit.requires"),
+            "unit `web` lists itself in `requires`",
+            Some("remove \"web\" from `requires`"),
+        ),
+        (
+            "[unit]\nafter = [\"%n\"]\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            10,
+            Some("unit.after"),
+            "unit `web` lists itself in `after`",
+            None,
+        ),
+        (
+            "[unit]\nwants = [\"bad name\"]\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            10,
+            Some("unit.wants"),
+            "invalid unit name \"bad name\" in `wants`: the character ' ' is not allowed",
+            Some("unit names use letters"),
+        ),
+        (
+            "[unit]\nrequires = [\"getty@\"]\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            13,
+            Some("unit.requires"),
+            "`getty@` in `requires` is a template, not a unit",
+            Some("\"getty@1\""),
+        ),
+        (
+            "[unit]\nrequires = \"db\"\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            12,
+            Some("unit.requires"),
+            "`requires` must be a list of strings, not a string",
+            None,
+        ),
+        // Specifiers.
+        (
+            "[container]\ncommand = [\"/bin/echo\", \"%z\"]\n",
+            2,
+            25,
+            Some("container.command"),
+            "unknown specifier `%z`",
+            Some("write `%%` for a literal percent sign"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/echo\", \"%i\"]\n",
+            2,
+            25,
+            Some("container.command"),
+            "`%i` needs an instance name, but `web` is not a template instance",
+            Some("web@.toml"),
+        ),
+        // Fleet.
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nmachine_metadata = [\"region\"]\n",
+            4,
+            21,
+            Some("fleet.machine_metadata"),
+            "invalid machine_metadata rule \"region\": expected key=value",
+            Some("\"region=us-east\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nmachine_metadata = [\"=x\"]\n",
+            4,
+            21,
+            Some("fleet.machine_metadata"),
+            "expected key=value",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nconflicts = [\"\"]\n",
+            4,
+            14,
+            Some("fleet.conflicts"),
+            "a conflicts pattern must not be empty",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nglobal = \"yes\"\n",
+            4,
+            10,
+            Some("fleet.global"),
+            "`global` must be true or false, not a string",
+            Some("global = true"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nglobal = true\nmachine_id = \"abc\"\n",
+            5,
+            14,
+            Some("fleet.machine_id"),
+            "a global unit cannot use `machine_id`",
+            None,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (text, line, column, key, message, help) in cases {
+        let err = parse(text).expect_err(text);
+        let ok = err.file == "web.toml"
+            && err.unit.as_deref() == Some("web")
+            && (err.line, err.column) == (Some(line), Some(column))
+            && (key.is_none() || err.key.as_deref() == key)
+            && err.message.contains(message)
+            && help.is_none_or(|h| err.help.as_deref().unwrap_or("").contains(h))
+            && err
+                .to_string()
+                .starts_with(&format!("web.toml:{line}:{column}: "));
+        if !ok {
+            failures.push(format!(
+                "input:\n{text}want {line}:{column} {key:?} {message:?} help {help:?}\ngot {err:?}\n"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn display_matches_the_documented_format() {
+    let err = parse("[container]\ncomand = [\"/bin/true\"]\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "web.toml:2:1: unknown key `comand` in [container]\n  help: did you mean `command`?"
+    );
+    let err = parse("[container]\ncommand = [\"/bin/true\"]\n[service]\nmemory_max = \"12XB\"\n")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "web.toml:4:14: invalid memory_max \"12XB\": unknown unit \"XB\"\n  help: use bytes or a size with K, M, G or T, e.g. \"512M\" (1024-based; \"512MiB\" works too)"
+    );
+}
+
+#[test]
+fn syntax_errors_pass_through_tomls_message() {
+    let err = parse("[container]\ncommand = /bin/true\n").unwrap_err();
+    assert!(err.message.contains("quoted"), "{err}");
+    assert!(err.key.is_none());
+}
+
+#[test]
+fn text_without_a_file_uses_the_api_label() {
+    let err = parse_unit("web", None, "[container]\ncommand = []\n").unwrap_err();
+    assert_eq!(err.file, "<api>");
+    assert!(err.to_string().starts_with("<api>:2:11: "), "{err}");
+}
+
+#[test]
+fn unit_names() {
+    for ok in ["web", "getty@tty1", "a.b:c-d_e", "x@", "A1"] {
+        assert_eq!(check_name(ok), Ok(()), "{ok}");
+    }
+    let long = "a".repeat(201);
+    for bad in [
+        "",
+        ".hidden",
+        "-x",
+        "@x",
+        "a b",
+        "a@b@c",
+        "a/b",
+        "é",
+        long.as_str(),
+    ] {
+        assert!(check_name(bad).is_err(), "{bad}");
+    }
+    assert!(check_name(&"a".repeat(200)).is_ok());
+
+    assert_eq!(split_instance("getty@tty1"), Some(("getty", "tty1")));
+    assert_eq!(split_instance("getty@"), Some(("getty", "")));
+    assert_eq!(split_instance("web"), None);
+
+    let err = parse_unit("bad name", None, MINIMAL).unwrap_err();
+    assert!(
+        err.message.contains("invalid unit name `bad name`"),
+        "{err}"
+    );
+    assert_eq!(err.unit.as_deref(), Some("bad name"));
+    assert!(err.help.is_some());
+
+    let err = parse_unit("worker@", None, MINIMAL).unwrap_err();
+    assert!(err.message.contains("is a template"), "{err}");
+}
+
+#[test]
+fn instance_files_expand_specifiers() {
+    let text = r#"
+[unit]
+description = "getty on %I (%n, %p, %i, %N) 100%%"
+after = ["setup@%i"]
+[container]
+command = ["/sbin/agetty", "%i"]
+env = { TTY = "/dev/%i" }
+workdir = "/run/%p"
+[service]
+memory_max = "1M"
+[fleet]
+conflicts = ["%p@*"]
+"#;
+    let u = parse_unit("getty@tty1", None, text).unwrap();
+    assert_eq!(
+        u.unit.description.as_deref(),
+        Some("getty on tty1 (getty@tty1, getty, tty1, getty@tty1) 100%")
+    );
+    assert_eq!(u.unit.after, vec!["setup@tty1"]);
+    assert_eq!(u.container.command, vec!["/sbin/agetty", "tty1"]);
+    assert_eq!(u.container.env["TTY"], "/dev/tty1");
+    assert_eq!(
+        u.container.workdir.as_deref(),
+        Some(Path::new("/run/getty"))
+    );
+    assert_eq!(u.fleet.conflicts, vec!["getty@*"]);
+    // The source is kept as written.
+    assert_eq!(u.source, text);
+}
+
+#[test]
+fn every_example_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let catalog = Catalog::load_dirs(&[dir]);
+    assert_eq!(catalog.errors, vec![], "{:#?}", catalog.errors);
+    let names: Vec<&str> = catalog.units.keys().map(String::as_str).collect();
+    assert_eq!(names, ["heartbeat", "setup", "web"]);
+    assert_eq!(catalog.templates.keys().collect::<Vec<_>>(), ["worker"]);
+
+    let web = &catalog.units["web"];
+    assert_eq!(web.unit.requires, vec!["setup"]);
+    assert_eq!(web.unit.after, vec!["setup"]);
+    assert_eq!(web.service.restart, RestartPolicy::Always);
+    assert_eq!(catalog.units["setup"].service.kind, ServiceType::Oneshot);
+    let heartbeat = &catalog.units["heartbeat"];
+    assert!(heartbeat.container.command[2].contains("date +%H:%M:%S"));
+
+    let worker = catalog.resolve("worker@7").unwrap().unwrap();
+    assert_eq!(worker.container.env["WORKER_ID"], "7");
+    assert_eq!(worker.container.env["UNIT"], "worker@7");
+    assert_eq!(worker.fleet.conflicts, vec!["worker@*"]);
+    assert!(ordering_cycles(&catalog.units).is_empty());
+}
