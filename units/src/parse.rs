@@ -172,7 +172,11 @@ pub(crate) fn parse_checked(
         spec: Specifiers::for_name(name),
     };
     let doc = DeTable::parse(text).map_err(|e| {
-        let err = ctx.error(e.message().trim().to_string(), None);
+        let message = e.message().trim().to_string();
+        let mut err = ctx.error(message.clone(), None);
+        if message.contains("duplicate") {
+            err = err.with_help("each key and each [section] may appear only once; merge them");
+        }
         match e.span() {
             Some(span) => err.at_offset(text, span.start),
             None => err,
@@ -296,6 +300,12 @@ impl Ctx<'_> {
             format!("`{k}` belongs in [{other}]")
         } else if let Some(s) = suggest(k, valid) {
             format!("did you mean `{s}`?")
+        } else if let Some((other, s)) = SECTIONS
+            .iter()
+            .filter(|(s, _)| *s != section && !section.starts_with("container."))
+            .find_map(|(other, keys)| suggest(k, keys).map(|s| (other, s)))
+        {
+            format!("did you mean `{s}` in [{other}]?")
         } else {
             format!("valid keys here are {}", list(valid, "`", "`"))
         };

@@ -5,8 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_units::*;
 
-/// Builds units from (name, after, before, requires).
-fn units(specs: &[(&str, &[&str], &[&str], &[&str])]) -> BTreeMap<String, Unit> {
+/// (name, after, before, requires)
+type Spec<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+
+/// Builds units from specs.
+fn units(specs: &[Spec<'_>]) -> BTreeMap<String, Unit> {
     specs
         .iter()
         .map(|(name, after, before, requires)| {

@@ -1,5 +1,10 @@
 //! Unit file parsing: valid files, defaults, and the exact location and wording of errors.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::result_large_err
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -268,6 +273,22 @@ fn invalid_files() {
             None,
             "unknown key `cmd`",
             Some("did you mean `command`?"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmemory = \"1G\"\n",
+            3,
+            1,
+            Some("container.memory"),
+            "unknown key `memory` in [container]",
+            Some("did you mean `memory_max` in [service]?"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[service]\nstop_timout = 5\n",
+            4,
+            1,
+            Some("service.stop_timout"),
+            "unknown key `stop_timout` in [service]",
+            Some("did you mean `stop_timeout`?"),
         ),
         (
             "[contaner]\ncommand = [\"/bin/true\"]\n",
