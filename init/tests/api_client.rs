@@ -1,5 +1,6 @@
 //! The typed client against the fake manager: every method, error mapping, signals and
 //! concurrency.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod api_common;
 
@@ -26,10 +27,16 @@ fn round_trips() {
     assert_eq!(web.since_us, 1_700_000_000_123_456);
 
     let db = c.start_unit("db").unwrap();
-    assert_eq!((db.active_state.as_str(), db.sub_state.as_str()), ("active", "running"));
+    assert_eq!(
+        (db.active_state.as_str(), db.sub_state.as_str()),
+        ("active", "running")
+    );
     assert_eq!(db.main_pid, 4242);
     let db = c.stop_unit("db").unwrap();
-    assert_eq!((db.active_state.as_str(), db.sub_state.as_str()), ("inactive", "dead"));
+    assert_eq!(
+        (db.active_state.as_str(), db.sub_state.as_str()),
+        ("inactive", "dead")
+    );
     let db = c.restart_unit("db").unwrap();
     assert_eq!(db.active_state, "active");
 
@@ -113,8 +120,14 @@ fn errors_are_mapped() {
     assert!(c.logs("nosuch", 10).is_err());
 
     let err = c.load_unit("bad", "nonsense").unwrap_err();
-    assert_eq!(err.manager_error_name(), Some("org.flotilla.Error.InvalidUnit"));
-    assert_eq!(err.to_string(), "bad: line 1, column 1: missing [unit] table");
+    assert_eq!(
+        err.manager_error_name(),
+        Some("org.flotilla.Error.InvalidUnit")
+    );
+    assert_eq!(
+        err.to_string(),
+        "bad: line 1, column 1: missing [unit] table"
+    );
 
     let err = c.start_unit(LOCKED).unwrap_err();
     assert_eq!(err.manager_error_name(), Some("org.flotilla.Error.Refused"));

@@ -1,4 +1,5 @@
 //! The D-Bus server checked with a stock client (`dbus-send --peer`) and its socket policy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod api_common;
 
@@ -21,7 +22,14 @@ fn dbus_send_list_units() {
         "dbus-send failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in ["\"web\"", "\"db\"", "\"active\"", "\"running\"", "\"inactive\"", "\"Web server\""] {
+    for needle in [
+        "\"web\"",
+        "\"db\"",
+        "\"active\"",
+        "\"running\"",
+        "\"inactive\"",
+        "\"Web server\"",
+    ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
 }
@@ -31,7 +39,11 @@ fn dbus_send_get_unit_and_error() {
     let fake = Fake::start();
     let out = dbus_send(
         &fake.socket,
-        &["/org/flotilla/Manager1", "org.flotilla.Manager1.GetUnit", "string:web"],
+        &[
+            "/org/flotilla/Manager1",
+            "org.flotilla.Manager1.GetUnit",
+            "string:web",
+        ],
     );
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -39,7 +51,11 @@ fn dbus_send_get_unit_and_error() {
 
     let out = dbus_send(
         &fake.socket,
-        &["/org/flotilla/Manager1", "org.flotilla.Manager1.GetUnit", "string:nosuch"],
+        &[
+            "/org/flotilla/Manager1",
+            "org.flotilla.Manager1.GetUnit",
+            "string:nosuch",
+        ],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -52,7 +68,10 @@ fn dbus_send_introspect() {
     let fake = Fake::start();
     let out = dbus_send(
         &fake.socket,
-        &["/org/flotilla/Manager1", "org.freedesktop.DBus.Introspectable.Introspect"],
+        &[
+            "/org/flotilla/Manager1",
+            "org.freedesktop.DBus.Introspectable.Introspect",
+        ],
     );
     assert!(out.status.success());
     let xml = String::from_utf8_lossy(&out.stdout);
@@ -100,7 +119,14 @@ fn other_uid_is_refused() {
     let fake = Fake::start_at(dir, socket.clone());
     let as_nobody = |socket: &std::path::Path| {
         Command::new("setpriv")
-            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "dbus-send"])
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "dbus-send",
+            ])
             .arg(format!("--peer=unix:path={}", socket.display()))
             .args([
                 "--print-reply",
@@ -112,12 +138,18 @@ fn other_uid_is_refused() {
     };
     // Mode 0600: nobody cannot even connect.
     let out = as_nobody(&socket);
-    eprintln!("uid 65534 on a 0600 socket: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "uid 65534 on a 0600 socket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "uid 65534 got through a 0600 socket");
     // Even with the mode opened up, the SO_PEERCRED check refuses the peer.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = as_nobody(&socket);
-    eprintln!("uid 65534 on a 0666 socket: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "uid 65534 on a 0666 socket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !out.status.success(),
         "uid 65534 was served: {}",

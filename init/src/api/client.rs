@@ -136,22 +136,26 @@ impl Client {
 
     /// One unit.
     pub fn get_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
-        self.call::<_, (UnitInfo,)>("GetUnit", &(name,)).map(|(u,)| u)
+        self.call::<_, (UnitInfo,)>("GetUnit", &(name,))
+            .map(|(u,)| u)
     }
 
     /// Start a unit; returns its state right after the start was queued.
     pub fn start_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
-        self.call::<_, (UnitInfo,)>("StartUnit", &(name,)).map(|(u,)| u)
+        self.call::<_, (UnitInfo,)>("StartUnit", &(name,))
+            .map(|(u,)| u)
     }
 
     /// Stop a unit; returns its state right after the stop was queued.
     pub fn stop_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
-        self.call::<_, (UnitInfo,)>("StopUnit", &(name,)).map(|(u,)| u)
+        self.call::<_, (UnitInfo,)>("StopUnit", &(name,))
+            .map(|(u,)| u)
     }
 
     /// Restart a unit; returns its state right after the restart was queued.
     pub fn restart_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
-        self.call::<_, (UnitInfo,)>("RestartUnit", &(name,)).map(|(u,)| u)
+        self.call::<_, (UnitInfo,)>("RestartUnit", &(name,))
+            .map(|(u,)| u)
     }
 
     /// Add or replace unit `name` from its TOML text.

@@ -30,8 +30,8 @@ use zbus::blocking::connection::Builder;
 use zbus::blocking::Connection;
 use zbus::Guid;
 
-use super::{ApiError, ApiHandle, Event, Response};
 use super::OBJECT_PATH;
+use super::{ApiError, ApiHandle, Event, Response};
 
 /// Why the D-Bus server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,9 @@ pub enum DbusError {
         path: PathBuf,
     },
     /// A live server already answers on the socket.
-    #[error("another manager is already listening on {path}; stop it or choose another API socket path")]
+    #[error(
+        "another manager is already listening on {path}; stop it or choose another API socket path"
+    )]
     InUse {
         /// The socket path.
         path: PathBuf,
@@ -67,7 +69,9 @@ pub enum DbusError {
         source: io::Error,
     },
     /// `bind`/`listen` failed.
-    #[error("cannot listen on the API socket {path}: {source} (check that its directory is writable)")]
+    #[error(
+        "cannot listen on the API socket {path}: {source} (check that its directory is writable)"
+    )]
     Bind {
         /// The socket path.
         path: PathBuf,
@@ -207,7 +211,8 @@ mod object {
 
         /// Add or replace a unit from its TOML text.
         async fn load_unit(&self, name: String, toml: String) -> Result<(UnitInfo,), MethodError> {
-            self.unit("LoadUnit", Request::LoadUnit { name, toml }).await
+            self.unit("LoadUnit", Request::LoadUnit { name, toml })
+                .await
         }
 
         /// Stop and forget a unit.
@@ -267,7 +272,9 @@ type Connections = Arc<Mutex<Vec<(u64, Connection)>>>;
 
 fn lock(conns: &Connections) -> MutexGuard<'_, Vec<(u64, Connection)>> {
     // A panic while holding the lock cannot leave the list inconsistent (push/retain only).
-    conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    conns
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A running D-Bus server. Dropping it stops accepting, disconnects the clients and removes
@@ -301,10 +308,7 @@ impl Drop for Server {
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        let conns: Vec<Connection> = lock(&self.connections)
-            .drain(..)
-            .map(|(_, c)| c)
-            .collect();
+        let conns: Vec<Connection> = lock(&self.connections).drain(..).map(|(_, c)| c).collect();
         for conn in conns {
             let _ = conn.close();
         }
@@ -317,7 +321,11 @@ impl Drop for Server {
 ///
 /// Creates the parent directory (0755) if missing and replaces a stale socket file; refuses
 /// to replace a socket a live server still answers on, or a file that is not a socket.
-pub fn serve(socket: &Path, handle: ApiHandle, events: Receiver<Event>) -> Result<Server, DbusError> {
+pub fn serve(
+    socket: &Path,
+    handle: ApiHandle,
+    events: Receiver<Event>,
+) -> Result<Server, DbusError> {
     let path = socket.to_path_buf();
     prepare_path(&path)?;
     let listener = UnixListener::bind(&path).map_err(|source| DbusError::Bind {

@@ -1,6 +1,6 @@
 //! A fake manager for the API transport tests: answers [`Request`]s from a small in-memory
 //! model and publishes [`Event`]s, behind a real D-Bus server on a temporary socket.
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +47,8 @@ pub struct Model {
     /// Units that turn `failed` at the next `GetUnit` (a start that dies).
     pub failing: Vec<String>,
     pub reload_errors: Vec<String>,
+    /// Units whose stop never completes (they stay `deactivating`).
+    pub stuck: Vec<String>,
     /// Every request seen, in order.
     pub seen: Vec<Request>,
 }
@@ -86,6 +88,7 @@ impl Model {
             logs,
             failing: Vec::new(),
             reload_errors: Vec::new(),
+            stuck: Vec::new(),
             seen: Vec::new(),
         }
     }
@@ -145,7 +148,11 @@ impl Model {
             }
             Request::StopUnit(name) => {
                 self.get(&name)?;
-                self.set_state(&name, "inactive", "dead", events);
+                if self.stuck.contains(&name) {
+                    self.set_state(&name, "deactivating", "stop-sigterm", events);
+                } else {
+                    self.set_state(&name, "inactive", "dead", events);
+                }
                 self.get(&name).map(Response::Unit)
             }
             Request::RestartUnit(name) => {
