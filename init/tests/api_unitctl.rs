@@ -275,6 +275,8 @@ fn logs_cat_load_remove_reload() {
 
 #[test]
 fn logs_follow() {
+    use std::io::BufRead;
+
     let fake = Fake::start();
     let mut child = Command::new(env!("CARGO_BIN_EXE_unitctl"))
         .arg("--api")
@@ -283,7 +285,18 @@ fn logs_follow() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // Kill the follower if the test gets stuck (std's Child never signals a reaped pid).
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    {
+        let child = std::sync::Arc::clone(&child);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(20));
+            let _ = child.lock().unwrap().kill();
+        });
+    }
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "2023-11-14T22:13:20.015Z stdout line 15");
     fake.model
         .lock()
         .unwrap()
@@ -296,12 +309,9 @@ fn logs_follow() {
             stream: "manager".into(),
             line: "followed".into(),
         });
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    let second = lines.next().unwrap().unwrap();
+    assert_eq!(second, "2023-11-14T22:13:21.000Z manager followed");
+    let mut child = child.lock().unwrap();
     child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        text,
-        "2023-11-14T22:13:20.015Z stdout line 15\n2023-11-14T22:13:21.000Z manager followed\n"
-    );
+    let _ = child.wait();
 }

@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 
 /// Control the units of a Flotilla machine.
 #[derive(Debug, Parser)]
-#[command(name = "unitctl", version, about)]
+#[command(
+    name = "unitctl",
+    version,
+    about = "Control the units of a Flotilla machine through its manager's D-Bus socket"
+)]
 struct Cli {
     /// The manager's control socket [default: $FLOTILLA_API, else /run/flotilla/manager.sock].
     #[arg(long, global = true, value_name = "PATH")]

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_init::api::dbus::{self, Server};
 use flotilla_init::api::{
@@ -216,9 +216,21 @@ impl Model {
     }
 }
 
+/// Bookkeeping for the late answers to `GetUnit(SLOW)`.
+#[derive(Default)]
+pub struct Slow {
+    /// Slow requests received and not answered yet.
+    pub in_flight: AtomicUsize,
+    /// The most slow requests ever pending at once.
+    pub max_in_flight: AtomicUsize,
+    /// While set, slow answers are held back (at most 10 s).
+    pub hold: AtomicBool,
+}
+
 /// A fake manager serving on a temporary socket. Dropping it stops everything.
 pub struct Fake {
     pub model: Arc<Mutex<Model>>,
+    pub slow: Arc<Slow>,
     pub events: Sender<Event>,
     pub server: Server,
     pub socket: PathBuf,
@@ -241,7 +253,9 @@ impl Fake {
         let server = dbus::serve(&socket, handle, events_rx).unwrap();
         let model = Arc::new(Mutex::new(Model::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let slow = Arc::new(Slow::default());
         let thread = {
+            let slow_state = Arc::clone(&slow);
             let model = Arc::clone(&model);
             let stop = Arc::clone(&stop);
             let events = events.clone();
@@ -262,8 +276,17 @@ impl Fake {
                         let answer = model.lock().unwrap().answer(request, &events);
                         if slow {
                             // Answer late from another thread so the loop keeps serving.
+                            let slow = Arc::clone(&slow_state);
+                            let now = slow.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            slow.max_in_flight.fetch_max(now, Ordering::SeqCst);
                             thread::spawn(move || {
                                 thread::sleep(Duration::from_millis(200));
+                                let deadline = Instant::now() + Duration::from_secs(10);
+                                while slow.hold.load(Ordering::SeqCst) && Instant::now() < deadline
+                                {
+                                    thread::sleep(Duration::from_millis(5));
+                                }
+                                slow.in_flight.fetch_sub(1, Ordering::SeqCst);
                                 let _ = reply.send(answer);
                             });
                         } else {
@@ -275,6 +298,7 @@ impl Fake {
         };
         Fake {
             model,
+            slow,
             events,
             server,
             socket,
