@@ -1,0 +1,237 @@
+//! A typed, blocking client for the manager's D-Bus API (used by `unitctl`, fleetd's agent
+//! and tests).
+//!
+//! The connection is peer-to-peer (no bus daemon), so calls carry no destination; signals
+//! arrive without a sender and are matched on path, interface and member only.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use zbus::blocking::connection::Builder;
+use zbus::blocking::{Connection, MessageIterator};
+use zbus::message::Type as MessageType;
+use zbus::zvariant::{DynamicType, Type};
+use zbus::DBusError as _;
+
+use super::{Event, LogEntry, ReloadReport, UnitInfo, INTERFACE, OBJECT_PATH};
+
+/// Why a call to the manager failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be connected to, or the D-Bus handshake failed.
+    #[error("cannot reach the manager at {}: {source} (is flotilla-init running? pass --api PATH or set FLOTILLA_API)", socket.display())]
+    Unreachable {
+        /// The socket path.
+        socket: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The manager answered with a D-Bus error (e.g. `org.flotilla.Error.NoSuchUnit`).
+    #[error("{message}")]
+    Manager {
+        /// The D-Bus error name.
+        name: String,
+        /// The manager's explanation.
+        message: String,
+    },
+    /// The connection broke or a message did not have the expected shape.
+    #[error("D-Bus protocol error talking to the manager: {0}")]
+    Protocol(#[from] zbus::Error),
+}
+
+impl ClientError {
+    /// The D-Bus error name when the manager refused the call, e.g.
+    /// `org.flotilla.Error.NoSuchUnit`.
+    pub fn manager_error_name(&self) -> Option<&str> {
+        match self {
+            ClientError::Manager { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// Turn a zbus error from a call into a [`ClientError`], keeping the server's message.
+fn call_error(e: zbus::Error) -> ClientError {
+    match e {
+        zbus::Error::MethodError(name, message, _) => ClientError::Manager {
+            message: message.unwrap_or_else(|| name.to_string()),
+            name: name.to_string(),
+        },
+        zbus::Error::FDO(fdo) => ClientError::Manager {
+            name: fdo.name().to_string(),
+            message: fdo.description().unwrap_or_default().to_string(),
+        },
+        other => ClientError::Protocol(other),
+    }
+}
+
+/// A connection to the manager.
+#[derive(Clone)]
+pub struct Client {
+    conn: Connection,
+    socket: PathBuf,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connect to the manager's socket and authenticate.
+    pub fn connect(socket: &Path) -> Result<Client, ClientError> {
+        let unreachable = |source| ClientError::Unreachable {
+            socket: socket.to_path_buf(),
+            source,
+        };
+        let stream = UnixStream::connect(socket).map_err(unreachable)?;
+        let conn = Builder::async_io_unix_stream(stream)
+            .p2p()
+            .build()
+            .map_err(|e| {
+                unreachable(match e {
+                    zbus::Error::InputOutput(io) => io::Error::new(io.kind(), io.to_string()),
+                    zbus::Error::Handshake(msg) => io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("the manager refused the connection ({msg})"),
+                    ),
+                    other => io::Error::other(other.to_string()),
+                })
+            })?;
+        Ok(Client {
+            conn,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Call `method` with `body` and decode the reply as `R`.
+    fn call<B, R>(&self, method: &str, body: &B) -> Result<R, ClientError>
+    where
+        B: Serialize + DynamicType,
+        R: DeserializeOwned + Type,
+    {
+        let reply = self
+            .conn
+            .call_method(None::<&str>, OBJECT_PATH, Some(INTERFACE), method, body)
+            .map_err(call_error)?;
+        Ok(reply.body().deserialize::<R>()?)
+    }
+
+    /// All known units.
+    pub fn list_units(&self) -> Result<Vec<UnitInfo>, ClientError> {
+        self.call("ListUnits", &())
+    }
+
+    /// One unit.
+    pub fn get_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
+        self.call::<_, (UnitInfo,)>("GetUnit", &(name,))
+            .map(|(u,)| u)
+    }
+
+    /// Start a unit; returns its state right after the start was queued.
+    pub fn start_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
+        self.call::<_, (UnitInfo,)>("StartUnit", &(name,))
+            .map(|(u,)| u)
+    }
+
+    /// Stop a unit; returns its state right after the stop was queued.
+    pub fn stop_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
+        self.call::<_, (UnitInfo,)>("StopUnit", &(name,))
+            .map(|(u,)| u)
+    }
+
+    /// Restart a unit; returns its state right after the restart was queued.
+    pub fn restart_unit(&self, name: &str) -> Result<UnitInfo, ClientError> {
+        self.call::<_, (UnitInfo,)>("RestartUnit", &(name,))
+            .map(|(u,)| u)
+    }
+
+    /// Add or replace unit `name` from its TOML text.
+    pub fn load_unit(&self, name: &str, toml: &str) -> Result<UnitInfo, ClientError> {
+        self.call::<_, (UnitInfo,)>("LoadUnit", &(name, toml))
+            .map(|(u,)| u)
+    }
+
+    /// Stop and forget a unit.
+    pub fn remove_unit(&self, name: &str) -> Result<(), ClientError> {
+        self.call("RemoveUnit", &(name,))
+    }
+
+    /// Re-read the unit directories, restarting changed running units if asked.
+    pub fn reload(&self, restart_changed: bool) -> Result<ReloadReport, ClientError> {
+        self.call::<_, (ReloadReport,)>("Reload", &(restart_changed,))
+            .map(|(r,)| r)
+    }
+
+    /// The last `lines` captured output lines of a unit.
+    pub fn logs(&self, name: &str, lines: u32) -> Result<Vec<LogEntry>, ClientError> {
+        self.call("Logs", &(name, lines))
+    }
+
+    /// The last `lines` captured output lines of a unit with a sequence number above
+    /// `after_seq`.
+    pub fn logs_after(
+        &self,
+        name: &str,
+        after_seq: u64,
+        lines: u32,
+    ) -> Result<Vec<LogEntry>, ClientError> {
+        self.call("LogsAfter", &(name, after_seq, lines))
+    }
+
+    /// The unit file's text.
+    pub fn cat_unit(&self, name: &str) -> Result<String, ClientError> {
+        self.call("CatUnit", &(name,))
+    }
+
+    /// Subscribe to `UnitStateChanged` signals. Signals emitted after this returns are
+    /// delivered; iterating blocks until the next one and ends when the connection closes.
+    pub fn subscribe(&self) -> Result<StateChanges, ClientError> {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .path(OBJECT_PATH)?
+            .interface(INTERFACE)?
+            .member("UnitStateChanged")?
+            .build();
+        let messages = MessageIterator::for_match_rule(rule, &self.conn, None)?;
+        Ok(StateChanges { messages })
+    }
+}
+
+/// A stream of `UnitStateChanged` signals from [`Client::subscribe`].
+pub struct StateChanges {
+    messages: MessageIterator,
+}
+
+impl Iterator for StateChanges {
+    type Item = Result<Event, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let msg = match self.messages.next()? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(ClientError::Protocol(e))),
+        };
+        Some(
+            msg.body()
+                .deserialize::<(String, String, String)>()
+                .map(|(name, active_state, sub_state)| Event::UnitStateChanged {
+                    name,
+                    active_state,
+                    sub_state,
+                })
+                .map_err(ClientError::Protocol),
+        )
+    }
+}

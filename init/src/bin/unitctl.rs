@@ -1,1 +1,600 @@
-fn main() {}
+//! `unitctl`: control the units of one Flotilla machine over the manager's D-Bus socket.
+//!
+//! Exit status: 0 on success, 1 on any error (one `unitctl: <reason>` line on stderr), 3 when
+//! a started unit ended up `failed`.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use flotilla_init::api::client::Client;
+use flotilla_init::api::{LogEntry, UnitInfo, DEFAULT_SOCKET};
+use serde_json::{json, Value};
+
+/// Control the units of a Flotilla machine.
+#[derive(Debug, Parser)]
+#[command(
+    name = "unitctl",
+    version,
+    about = "Control the units of a Flotilla machine through its manager's D-Bus socket"
+)]
+struct Cli {
+    /// The manager's control socket [default: $FLOTILLA_API, else /run/flotilla/manager.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the units (UNIT LOAD ACTIVE SUB PID RESTARTS DESCRIPTION).
+    List,
+    /// Show a unit's state and its last log lines.
+    Status {
+        /// Unit name.
+        name: String,
+    },
+    /// Start units and wait until they are running (or finished, for one-shot units).
+    Start(ChangeArgs),
+    /// Stop units and wait until they are down.
+    Stop(ChangeArgs),
+    /// Restart units and wait until they are running again.
+    Restart(ChangeArgs),
+    /// Print a unit's captured output.
+    Logs {
+        /// Unit name.
+        name: String,
+        /// How many lines to show.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: u32,
+        /// Keep printing new lines as they arrive (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Print a unit's file.
+    Cat {
+        /// Unit name.
+        name: String,
+    },
+    /// Add or replace a unit from a TOML file and print its state.
+    Load {
+        /// The unit file.
+        file: PathBuf,
+        /// Unit name [default: the file name without its extension].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Stop and forget a unit.
+    Remove {
+        /// Unit name.
+        name: String,
+    },
+    /// Re-read the unit directories.
+    Reload {
+        /// Restart running units whose definition changed.
+        #[arg(long)]
+        restart_changed: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ChangeArgs {
+    /// Unit names.
+    #[arg(required = true)]
+    names: Vec<String>,
+    /// Return once the request is queued instead of waiting for the units to settle.
+    #[arg(long)]
+    no_block: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 90.0)]
+    timeout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Start,
+    Stop,
+    Restart,
+}
+
+/// Exit status for "the unit failed to start".
+const EXIT_FAILED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            let reason = format!("{e}").replace('\n', " ");
+            eprintln!("unitctl: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn socket_path(cli: &Cli) -> PathBuf {
+    cli.api
+        .clone()
+        .or_else(|| {
+            std::env::var_os("FLOTILLA_API")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let socket = socket_path(&cli);
+    // Read local input before connecting so that a bad file is reported as such.
+    let load_text = match &cli.command {
+        Command::Load { file, .. } => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?,
+        ),
+        _ => None,
+    };
+    let client = Client::connect(&socket)?;
+    let json = cli.json;
+    let out = &mut io::stdout().lock();
+    match cli.command {
+        Command::List => {
+            let units = client.list_units()?;
+            if json {
+                let all: Vec<Value> = units.iter().map(unit_json).collect();
+                print_json(out, &Value::Array(all))?;
+            } else {
+                write!(out, "{}", units_table(&units))?;
+            }
+        }
+        Command::Status { name } => {
+            let unit = client.get_unit(&name)?;
+            if json {
+                print_json(out, &unit_json(&unit))?;
+            } else {
+                let logs = client.logs(&name, 10)?;
+                write!(out, "{}", status_text(&unit, &logs))?;
+            }
+        }
+        Command::Start(args) => return change(&client, Change::Start, &args, json, out),
+        Command::Stop(args) => return change(&client, Change::Stop, &args, json, out),
+        Command::Restart(args) => return change(&client, Change::Restart, &args, json, out),
+        Command::Logs {
+            name,
+            lines,
+            follow,
+        } => logs(&client, &name, lines, follow, json, out)?,
+        Command::Cat { name } => {
+            let text = client.cat_unit(&name)?;
+            if json {
+                print_json(out, &json!({ "name": name, "text": text }))?;
+            } else {
+                write!(out, "{text}")?;
+                if !text.is_empty() && !text.ends_with('\n') {
+                    writeln!(out)?;
+                }
+            }
+        }
+        Command::Load { file, name } => {
+            let name = match name {
+                Some(n) => n,
+                None => unit_name_from_file(&file)?,
+            };
+            let text = load_text.unwrap_or_default();
+            let unit = client.load_unit(&name, &text)?;
+            if json {
+                print_json(out, &unit_json(&unit))?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: {}, {} ({})",
+                    unit.name, unit.load_state, unit.active_state, unit.sub_state
+                )?;
+            }
+        }
+        Command::Remove { name } => client.remove_unit(&name)?,
+        Command::Reload { restart_changed } => {
+            let report = client.reload(restart_changed)?;
+            if json {
+                print_json(out, &serde_json::to_value(&report)?)?;
+            } else {
+                let mut any = false;
+                for (what, names) in [
+                    ("added", &report.added),
+                    ("changed", &report.changed),
+                    ("removed", &report.removed),
+                    ("restarted", &report.restarted),
+                ] {
+                    if !names.is_empty() {
+                        any = true;
+                        writeln!(out, "{what}: {}", names.join(" "))?;
+                    }
+                }
+                if !any && report.errors.is_empty() {
+                    writeln!(out, "nothing changed")?;
+                }
+            }
+            if !report.errors.is_empty() {
+                out.flush()?;
+                eprintln!(
+                    "unitctl: reload: {} unit file(s) could not be loaded (their old definitions stay in force):",
+                    report.errors.len()
+                );
+                for e in &report.errors {
+                    eprintln!("  {}", e.replace('\n', "\n  "));
+                }
+                return Ok(1);
+            }
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn unit_name_from_file(file: &Path) -> Result<String> {
+    file.file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .with_context(|| {
+            format!(
+                "cannot derive a unit name from {}; pass --name NAME",
+                file.display()
+            )
+        })
+}
+
+fn print_json(out: &mut impl Write, value: &Value) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn unit_json(u: &UnitInfo) -> Value {
+    json!({
+        "name": u.name,
+        "description": u.description,
+        "load_state": u.load_state,
+        "state": u.active_state,
+        "sub_state": u.sub_state,
+        "pid": u.main_pid,
+        "restarts": u.restarts,
+        "exit_code": u.exit_code,
+        "exit_signal": u.exit_signal,
+        "since_us": u.since_us,
+        "since": if u.since_us == 0 { Value::Null } else { Value::String(rfc3339(u.since_us, false)) },
+        "result": u.result,
+        "message": u.message,
+    })
+}
+
+fn units_table(units: &[UnitInfo]) -> String {
+    let header = [
+        "UNIT",
+        "LOAD",
+        "ACTIVE",
+        "SUB",
+        "PID",
+        "RESTARTS",
+        "DESCRIPTION",
+    ];
+    let rows: Vec<[String; 7]> = units
+        .iter()
+        .map(|u| {
+            [
+                u.name.clone(),
+                u.load_state.clone(),
+                u.active_state.clone(),
+                u.sub_state.clone(),
+                if u.main_pid == 0 {
+                    "-".to_string()
+                } else {
+                    u.main_pid.to_string()
+                },
+                u.restarts.to_string(),
+                u.description.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                l.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        text.push_str(l.trim_end());
+        text.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    text.push_str(&format!(
+        "\n{} unit{} listed.\n",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    ));
+    text
+}
+
+fn status_text(u: &UnitInfo, logs: &[LogEntry]) -> String {
+    let mut s = String::new();
+    if u.description.is_empty() {
+        s.push_str(&format!("● {}\n", u.name));
+    } else {
+        s.push_str(&format!("● {} - {}\n", u.name, u.description));
+    }
+    s.push_str(&format!("     Loaded: {}\n", u.load_state));
+    let since = if u.since_us == 0 {
+        String::new()
+    } else {
+        format!(" since {}", rfc3339(u.since_us, false))
+    };
+    s.push_str(&format!(
+        "     Active: {} ({}){since}\n",
+        u.active_state, u.sub_state
+    ));
+    if u.main_pid != 0 {
+        s.push_str(&format!("   Main PID: {}\n", u.main_pid));
+    }
+    s.push_str(&format!("   Restarts: {}\n", u.restarts));
+    if u.exit_code >= 0 || u.exit_signal != 0 {
+        let mut exit = Vec::new();
+        if u.exit_code >= 0 {
+            exit.push(format!("code={}", u.exit_code));
+        }
+        if u.exit_signal != 0 {
+            exit.push(format!("signal={}", u.exit_signal));
+        }
+        s.push_str(&format!("  Last exit: {}\n", exit.join(", ")));
+    }
+    if !u.result.is_empty() {
+        s.push_str(&format!("     Result: {}\n", u.result));
+    }
+    if !u.message.is_empty() {
+        s.push_str(&format!("    Message: {}\n", u.message));
+    }
+    if !logs.is_empty() {
+        s.push('\n');
+        for l in logs {
+            s.push_str(&log_line(l));
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn log_line(l: &LogEntry) -> String {
+    format!("{} {} {}", rfc3339(l.time_us, true), l.stream, l.line)
+}
+
+fn log_json(l: &LogEntry) -> Value {
+    json!({
+        "seq": l.seq,
+        "time_us": l.time_us,
+        "time": rfc3339(l.time_us, true),
+        "stream": l.stream,
+        "line": l.line,
+    })
+}
+
+fn print_logs(out: &mut impl Write, entries: &[LogEntry], json: bool) -> io::Result<()> {
+    for l in entries {
+        if json {
+            writeln!(out, "{}", log_json(l))?;
+        } else {
+            writeln!(out, "{}", log_line(l))?;
+        }
+    }
+    out.flush()
+}
+
+fn logs(
+    client: &Client,
+    name: &str,
+    lines: u32,
+    follow: bool,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let first = client.logs(name, lines)?;
+    print_logs(out, &first, json)?;
+    if !follow {
+        return Ok(());
+    }
+    let mut last = first.iter().map(|l| l.seq).max().unwrap_or(0);
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let more = client.logs_after(name, last, 10_000)?;
+        if let Some(max) = more.iter().map(|l| l.seq).max() {
+            last = last.max(max);
+        }
+        // A closed stdout (e.g. `| head`) ends the loop through the error path.
+        print_logs(out, &more, json)?;
+    }
+}
+
+/// Is the unit where `change` wants it?
+fn settled(change: Change, u: &UnitInfo) -> bool {
+    match change {
+        Change::Start | Change::Restart => {
+            u.active_state == "active"
+                || u.active_state == "failed"
+                || (u.active_state == "inactive"
+                    && (u.sub_state == "exited" || u.sub_state == "dead"))
+        }
+        Change::Stop => u.active_state == "inactive" || u.active_state == "failed",
+    }
+}
+
+fn change(
+    client: &Client,
+    change: Change,
+    args: &ChangeArgs,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<u8> {
+    if !args.timeout.is_finite() || args.timeout < 0.0 {
+        bail!("--timeout must be a non-negative number of seconds");
+    }
+    let mut replies = Vec::new();
+    for name in &args.names {
+        let unit = match change {
+            Change::Start => client.start_unit(name),
+            Change::Stop => client.stop_unit(name),
+            Change::Restart => client.restart_unit(name),
+        }?;
+        replies.push(unit);
+    }
+    if args.no_block {
+        if json {
+            print_json(out, &Value::Array(replies.iter().map(unit_json).collect()))?;
+        }
+        return Ok(0);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.min(1e9));
+    let mut finals = Vec::new();
+    let mut code = 0;
+    for (name, reply) in args.names.iter().zip(replies) {
+        let unit = wait(client, change, name, reply, deadline, args.timeout)?;
+        if change != Change::Stop && unit.active_state == "failed" {
+            let mut why = unit.result.clone();
+            if !unit.message.is_empty() {
+                why = format!("{why}: {}", unit.message);
+            }
+            eprintln!("unitctl: {name} failed: {why}");
+            code = EXIT_FAILED;
+        }
+        finals.push(unit);
+    }
+    if json {
+        print_json(out, &Value::Array(finals.iter().map(unit_json).collect()))?;
+    }
+    Ok(code)
+}
+
+fn wait(
+    client: &Client,
+    change: Change,
+    name: &str,
+    mut unit: UnitInfo,
+    deadline: Instant,
+    timeout: f64,
+) -> Result<UnitInfo> {
+    loop {
+        if settled(change, &unit) {
+            return Ok(unit);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout} s waiting for {name} (now {} ({})); it may still settle: see `unitctl status {name}`",
+                unit.active_state,
+                unit.sub_state
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+        unit = client.get_unit(name)?;
+    }
+}
+
+/// Format microseconds since the epoch as RFC 3339 UTC, with or without milliseconds.
+fn rfc3339(us: u64, millis: bool) -> String {
+    let secs = us / 1_000_000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (non-negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    if millis {
+        let ms = us % 1_000_000 / 1000;
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
+    } else {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats() {
+        assert_eq!(rfc3339(0, true), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(1_700_000_000_123_456, true),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(rfc3339(951_782_400_000_000, false), "2000-02-29T00:00:00Z");
+        assert_eq!(
+            rfc3339(4_107_542_399_999_999, true),
+            "2100-02-28T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn settle_rules() {
+        let mut u = UnitInfo {
+            name: "x".into(),
+            description: String::new(),
+            load_state: "loaded".into(),
+            active_state: "activating".into(),
+            sub_state: "start".into(),
+            main_pid: 0,
+            restarts: 0,
+            exit_code: -1,
+            exit_signal: 0,
+            since_us: 0,
+            result: "success".into(),
+            message: String::new(),
+        };
+        assert!(!settled(Change::Start, &u));
+        assert!(!settled(Change::Stop, &u));
+        u.active_state = "inactive".into();
+        u.sub_state = "exited".into();
+        assert!(settled(Change::Start, &u));
+        assert!(settled(Change::Stop, &u));
+        u.active_state = "deactivating".into();
+        u.sub_state = "stop-sigterm".into();
+        assert!(!settled(Change::Stop, &u));
+        assert!(!settled(Change::Restart, &u));
+        u.active_state = "active".into();
+        assert!(settled(Change::Restart, &u));
+        assert!(!settled(Change::Stop, &u));
+    }
+}
