@@ -1,3 +1,13 @@
-//! Flotilla init: the unit manager (supervisor mode) and its control API.
+//! Flotilla init: PID 1 of the host and the unit manager, with its D-Bus control API.
+//!
+//! Layout: [`manager`] owns unit state; [`event_loop`] feeds it signals, requests, output and
+//! time; [`launcher`] creates a unit's process (the container runtime's seam); [`scope`]
+//! tracks a unit's processes (cgroup v2); [`logs`] captures output; [`api`] is the control
+//! interface (D-Bus server and client).
 
 pub mod api;
+pub mod event_loop;
+pub mod launcher;
+pub mod logs;
+pub mod manager;
+pub mod scope;

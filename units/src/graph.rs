@@ -22,9 +22,10 @@ pub fn order_predecessors(units: &BTreeMap<String, Unit>, name: &str) -> BTreeSe
     preds
 }
 
-/// "Waits for" edges: unit -> the units it starts after. Includes names that are only
-/// mentioned, not loaded.
-fn wait_graph(units: &BTreeMap<String, Unit>) -> BTreeMap<String, BTreeSet<String>> {
+/// Every unit's start predecessors at once ("waits for" edges: unit -> the units it starts
+/// after, from `after` and from other units' `before`), in one pass. Includes names that are
+/// only mentioned, not loaded; units with no predecessor are absent.
+pub fn predecessor_map(units: &BTreeMap<String, Unit>) -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for unit in units.values() {
         for after in &unit.unit.after {
@@ -65,7 +66,7 @@ fn reachable(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> BTreeSe
 /// `a` starts after `b` and `b` after `a`. A unit ordered after itself gives `["a", "a"]`.
 /// The path is a shortest such cycle; the list is sorted by first name.
 pub fn ordering_cycles(units: &BTreeMap<String, Unit>) -> Vec<Vec<String>> {
-    let graph = wait_graph(units);
+    let graph = predecessor_map(units);
     let mut reverse: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (from, tos) in &graph {
         for to in tos {

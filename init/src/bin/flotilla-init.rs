@@ -1,1 +1,127 @@
-fn main() {}
+//! `flotilla-init`: the unit manager. As PID 1 it will also set up the machine (see the
+//! host-image work); as any other process it is a supervisor: a child subreaper that only
+//! manages units.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_init::api::{self, dbus};
+use flotilla_init::event_loop;
+use flotilla_init::launcher::HostLauncher;
+use flotilla_init::logs::LogConfig;
+use flotilla_init::manager::{Config, Manager};
+use flotilla_init::scope::ScopeRoot;
+
+/// Flotilla's init and unit manager.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Unit directory (repeatable; a later one overrides an earlier one).
+    #[arg(
+        long = "units",
+        value_name = "DIR",
+        default_value = "/etc/flotilla/units"
+    )]
+    units: Vec<PathBuf>,
+    /// State directory: logs and units loaded over the API.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/flotilla")]
+    state: PathBuf,
+    /// Control socket (peer-to-peer D-Bus).
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    api: PathBuf,
+    /// Name of the cgroup created below this process's cgroup for the units.
+    #[arg(long, value_name = "NAME")]
+    cgroup: Option<String>,
+    /// Rotate a unit's log file beyond this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    log_max_size: u64,
+    /// Rotated log files kept per unit.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    log_keep: u32,
+    /// Log lines kept in memory per unit.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    log_tail: usize,
+    /// Load and serve the units but start none of them.
+    #[arg(long)]
+    no_start: bool,
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            log::warn!("cannot raise the open-file limit to {hard}: {e}");
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if std::process::id() == 1 {
+        log::warn!(
+            "running as PID 1: machine setup is not part of this build; managing units only"
+        );
+    }
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+    raise_fd_limit();
+
+    let cgroup = args
+        .cgroup
+        .unwrap_or_else(|| format!("flotilla-{}", std::process::id()));
+    let (scopes, degraded) = ScopeRoot::create(&cgroup);
+    if let Some(why) = degraded {
+        log::warn!(
+            "{why}: units are tracked by process group; a daemon that calls setsid escapes stop"
+        );
+    }
+    let cfg = Config {
+        unit_dirs: args.units,
+        api_units_dir: Some(args.state.join("units")),
+        logs: LogConfig {
+            dir: Some(args.state.join("logs")),
+            max_file_size: args.log_max_size,
+            keep_files: args.log_keep,
+            tail_lines: args.log_tail,
+        },
+    };
+    let (handle, queue) = api::channel().context("creating the API queue")?;
+    let (events_tx, events_rx) = mpsc::channel();
+    let mut manager = Manager::new(cfg, Box::new(HostLauncher), scopes, Some(events_tx));
+    let server = dbus::serve(&args.api, handle, events_rx)
+        .with_context(|| format!("serving the control API on {}", args.api.display()))?;
+    log::info!(
+        "managing {} units; control socket {}",
+        manager.len(),
+        server.socket().display()
+    );
+    if !args.no_start {
+        manager.start_all();
+    }
+    let result = event_loop::run(&mut manager, Some(&queue));
+    manager.cleanup();
+    drop(server);
+    result.context("event loop")?;
+    log::info!("all units stopped; exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // Before any thread exists: signals are read from a signalfd, never delivered.
+    if let Err(e) = event_loop::block_signals() {
+        eprintln!("flotilla-init: {e}");
+        return ExitCode::FAILURE;
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The one event loop: signals (signalfd), API requests (eventfd), unit output (pipes) and
+//! timers, all through one epoll set. State changes happen only in [`Manager`] methods
+//! called from here.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::api::ApiQueue;
+use crate::manager::Manager;
+
+const TOKEN_SIGNAL: u64 = u64::MAX;
+const TOKEN_API: u64 = u64::MAX - 1;
+
+/// Signals the loop handles; they must be blocked in every thread (call [`block_signals`]
+/// before starting any thread).
+pub const SIGNALS: [Signal; 4] = [
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+];
+
+/// Errors that end the loop (setup failures only; nothing in the loop itself is fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// epoll or signalfd could not be set up.
+    #[error("cannot set up the event loop ({what}): {source}")]
+    Setup {
+        /// Which step.
+        what: &'static str,
+        /// The errno.
+        source: Errno,
+    },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(Errno) -> LoopError {
+    move |source| LoopError::Setup { what, source }
+}
+
+/// Block [`SIGNALS`] in the calling thread (and so in threads it starts later).
+pub fn block_signals() -> Result<SigSet, LoopError> {
+    let mut set = SigSet::empty();
+    for s in SIGNALS {
+        set.add(s);
+    }
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(setup("sigprocmask"))?;
+    Ok(set)
+}
+
+/// What the loop reports when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// A shutdown was asked for (SIGTERM/SIGINT) and every unit has stopped.
+    Shutdown,
+}
+
+/// Run until the manager has shut down.
+pub fn run(manager: &mut Manager, api: Option<&ApiQueue>) -> Result<Exit, LoopError> {
+    let mask = block_signals()?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(setup("signalfd"))?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
+    epoll
+        .add(
+            sfd.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNAL),
+        )
+        .map_err(setup("epoll add signalfd"))?;
+    if let Some(q) = api {
+        epoll
+            .add(q.fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_API))
+            .map_err(setup("epoll add api"))?;
+    }
+    // Children may have exited before the signalfd existed.
+    reap(manager);
+    let mut events = vec![EpollEvent::empty(); 256];
+    loop {
+        let deadline = manager.tick(Instant::now());
+        register_pipes(&epoll, manager);
+        if manager.shutdown_complete() {
+            return Ok(Exit::Shutdown);
+        }
+        let timeout = match deadline {
+            None => EpollTimeout::NONE,
+            Some(d) => {
+                let ms = d
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .saturating_add(1);
+                EpollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(EpollTimeout::NONE)
+            }
+        };
+        let n = match epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("epoll_wait: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        for ev in events.iter().take(n) {
+            match ev.data() {
+                TOKEN_SIGNAL => on_signals(&sfd, manager),
+                TOKEN_API => {
+                    if let Some(q) = api {
+                        for env in q.drain() {
+                            let answer = manager.handle(env.request);
+                            let _ = env.reply.send(answer);
+                        }
+                    }
+                }
+                token => manager.on_output(usize::try_from(token).unwrap_or(usize::MAX)),
+            }
+        }
+    }
+}
+
+fn register_pipes(epoll: &Epoll, manager: &mut Manager) {
+    let pipes: Vec<(usize, BorrowedFd<'_>)> = manager.take_new_pipes();
+    for (token, fd) in pipes {
+        let ev = EpollEvent::new(EpollFlags::EPOLLIN, token as u64);
+        if let Err(e) = epoll.add(fd, ev) {
+            log::error!("cannot watch a unit's output pipe: {e}");
+        }
+    }
+}
+
+fn on_signals(sfd: &SignalFd, manager: &mut Manager) {
+    loop {
+        match sfd.read_signal() {
+            Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => reap(manager),
+                Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                    log::info!("stopping all units");
+                    manager.shutdown();
+                }
+                Ok(Signal::SIGHUP) => {
+                    let r = manager.reload(false);
+                    log::info!(
+                        "reloaded: {} added, {} changed, {} removed, {} errors",
+                        r.added.len(),
+                        r.changed.len(),
+                        r.removed.len(),
+                        r.errors.len()
+                    );
+                    for e in r.errors {
+                        log::error!("{e}");
+                    }
+                }
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("reading signals: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// Reap every exited child, units' main processes and re-parented orphans alike.
+fn reap(manager: &mut Manager) {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            Ok(status) => manager.on_exit(status, Instant::now()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("waitpid: {e}");
+                break;
+            }
+        }
+    }
+}

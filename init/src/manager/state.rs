@@ -1,0 +1,205 @@
+//! Unit states in systemd's vocabulary, and the runtime record of one unit.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::logs::UnitLog;
+use crate::scope::Scope;
+
+/// systemd's ActiveState.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Active {
+    /// Not running.
+    Inactive,
+    /// Starting: waiting for ordering, a oneshot running, or a restart pending.
+    Activating,
+    /// Running (simple) or finished successfully (oneshot).
+    Active,
+    /// Being stopped.
+    Deactivating,
+    /// Ended in failure.
+    Failed,
+}
+
+/// systemd's SubState, as far as Flotilla has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    /// No process.
+    Dead,
+    /// Start queued, waiting for units it is ordered after.
+    Waiting,
+    /// A oneshot's process runs.
+    Start,
+    /// The main process runs.
+    Running,
+    /// A oneshot exited 0.
+    Exited,
+    /// SIGTERM sent, waiting for the scope to empty.
+    StopSigterm,
+    /// SIGKILL sent after `stop_timeout`.
+    StopSigkill,
+    /// Waiting `restart_sec` before the next start.
+    AutoRestart,
+    /// Failed.
+    Failed,
+}
+
+impl Active {
+    /// systemd's name for the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Active::Inactive => "inactive",
+            Active::Activating => "activating",
+            Active::Active => "active",
+            Active::Deactivating => "deactivating",
+            Active::Failed => "failed",
+        }
+    }
+}
+
+impl Sub {
+    /// systemd's name for the sub state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sub::Dead => "dead",
+            Sub::Waiting => "waiting",
+            Sub::Start => "start",
+            Sub::Running => "running",
+            Sub::Exited => "exited",
+            Sub::StopSigterm => "stop-sigterm",
+            Sub::StopSigkill => "stop-sigkill",
+            Sub::AutoRestart => "auto-restart",
+            Sub::Failed => "failed",
+        }
+    }
+}
+
+/// Why a unit is in its state (systemd's `Result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing went wrong.
+    Success,
+    /// The main process exited non-zero.
+    ExitCode,
+    /// The main process was killed by a signal.
+    Signal,
+    /// Too many starts within `start_limit_interval`.
+    StartLimitHit,
+    /// A required unit is missing or failed.
+    Dependency,
+    /// The unit is part of an ordering cycle.
+    Cycle,
+    /// The process could not be created.
+    Spawn,
+    /// A stop needed SIGKILL.
+    Timeout,
+}
+
+impl Outcome {
+    /// systemd's name for the result.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ExitCode => "exit-code",
+            Outcome::Signal => "signal",
+            Outcome::StartLimitHit => "start-limit-hit",
+            Outcome::Dependency => "dependency",
+            Outcome::Cycle => "cycle",
+            Outcome::Spawn => "spawn",
+            Outcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// What was asked of the unit and is not done yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Start it (possibly waiting for ordering).
+    Start,
+    /// Stop it (waiting for units ordered after it to stop first).
+    Stop,
+    /// Stop it, then start it again.
+    Restart,
+}
+
+/// Runtime record of one unit.
+#[derive(Debug)]
+pub struct Slot {
+    /// Active state.
+    pub active: Active,
+    /// Sub state.
+    pub sub: Sub,
+    /// Pending job.
+    pub job: Option<Job>,
+    /// Main process.
+    pub main_pid: Option<Pid>,
+    /// Processes of the current (or last) run.
+    pub scope: Option<Scope>,
+    /// Exit code of the last main process.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the last main process.
+    pub exit_signal: Option<i32>,
+    /// Restarts done by the restart policy since the last manual start.
+    pub restarts: u32,
+    /// Restarts in a row without a run longer than `restart_max_sec` (drives the backoff).
+    pub backoff_step: u32,
+    /// Start times within the start-limit window.
+    pub start_times: VecDeque<Instant>,
+    /// The unit file text the current process was started from.
+    pub running_source: Option<String>,
+    /// When the current run started.
+    pub started_at: Option<Instant>,
+    /// Timer: restart, SIGKILL escalation, or scope re-check.
+    pub deadline: Option<Instant>,
+    /// Result of the last transition.
+    pub outcome: Outcome,
+    /// Detail for `outcome`.
+    pub message: String,
+    /// Time of the last state change, µs since the epoch.
+    pub since_us: u64,
+    /// The file on disk could not be parsed; the definition in force is the previous one.
+    pub load_error: Option<String>,
+    /// Drop the unit once it is stopped.
+    pub remove_when_stopped: bool,
+    /// Captured output.
+    pub log: UnitLog,
+}
+
+impl Slot {
+    /// A new, inactive unit.
+    pub fn new(name: &str) -> Self {
+        Self {
+            active: Active::Inactive,
+            sub: Sub::Dead,
+            job: None,
+            main_pid: None,
+            scope: None,
+            exit_code: None,
+            exit_signal: None,
+            restarts: 0,
+            backoff_step: 0,
+            start_times: VecDeque::new(),
+            running_source: None,
+            started_at: None,
+            deadline: None,
+            outcome: Outcome::Success,
+            message: String::new(),
+            since_us: crate::logs::now_us(),
+            load_error: None,
+            remove_when_stopped: false,
+            log: UnitLog::new(name),
+        }
+    }
+
+    /// True while a process of the unit may exist.
+    pub fn has_processes(&self) -> bool {
+        self.main_pid.is_some() || self.active == Active::Deactivating
+    }
+
+    /// True when the unit has settled in a non-running state.
+    pub fn is_down(&self) -> bool {
+        matches!(self.active, Active::Inactive | Active::Failed) && self.main_pid.is_none()
+    }
+}

@@ -1,0 +1,285 @@
+//! Process scopes: the set of processes that belong to one run of a unit.
+//!
+//! With cgroup v2 (the normal case, in the VM and on any current host) every unit gets a leaf
+//! cgroup: a process that double-forks or calls `setsid` still belongs to it, and stopping the
+//! unit kills the whole cgroup. Without a writable cgroup v2 hierarchy the scope falls back to
+//! the unit's process group, which a daemon that calls `setsid` escapes; the manager logs
+//! that it runs in this degraded mode.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// Errors creating or using a scope.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    /// A cgroup file or directory could not be used.
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        /// The cgroup path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+fn cg_err(path: &Path) -> impl FnOnce(io::Error) -> ScopeError + '_ {
+    move |source| ScopeError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the manager puts the cgroups of its units.
+#[derive(Debug, Clone)]
+pub enum ScopeRoot {
+    /// A cgroup v2 directory owned by this manager; one child per unit.
+    Cgroup(PathBuf),
+    /// No usable cgroup v2: process groups only.
+    ProcessGroup,
+}
+
+/// Find the cgroup v2 mount point from `/proc/self/mountinfo` text.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: ... mount_point ... " - " fstype source options
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// This process's cgroup v2 path (relative to the cgroup2 mount) from `/proc/self/cgroup` text.
+pub fn own_cgroup(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_start_matches('/').to_string())
+}
+
+impl ScopeRoot {
+    /// Create `name` below this process's own cgroup v2, or fall back to process groups.
+    ///
+    /// Returns the root and, when falling back, the reason (for the log).
+    pub fn create(name: &str) -> (ScopeRoot, Option<String>) {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let Some(mount) = cgroup2_mount(&mountinfo) else {
+            return (
+                ScopeRoot::ProcessGroup,
+                Some("no cgroup2 filesystem is mounted".into()),
+            );
+        };
+        let own = own_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default())
+            .unwrap_or_default();
+        let dir = mount.join(own).join(name);
+        match fs::create_dir_all(&dir) {
+            Ok(()) => (ScopeRoot::Cgroup(dir), None),
+            Err(e) => (
+                ScopeRoot::ProcessGroup,
+                Some(format!("cannot create cgroup {}: {e}", dir.display())),
+            ),
+        }
+    }
+
+    /// Prepare the scope for a new run of `unit`. Kills leftovers of an earlier run first.
+    pub fn prepare(&self, unit: &str) -> Result<Scope, ScopeError> {
+        match self {
+            ScopeRoot::ProcessGroup => Ok(Scope::ProcessGroup { pgid: None }),
+            ScopeRoot::Cgroup(root) => {
+                let path = root.join(format!("{unit}.unit"));
+                match fs::create_dir(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        let leftover = Scope::Cgroup { path: path.clone() };
+                        leftover.signal(Signal::SIGKILL);
+                    }
+                    Err(e) => return Err(cg_err(&path)(e)),
+                }
+                Ok(Scope::Cgroup { path })
+            }
+        }
+    }
+
+    /// Remove the (empty) root cgroup; called when the manager exits.
+    pub fn remove(&self) {
+        if let ScopeRoot::Cgroup(root) = self {
+            if let Ok(dir) = fs::read_dir(root) {
+                for entry in dir.flatten() {
+                    if entry.path().is_dir() {
+                        let _ = fs::remove_dir(entry.path());
+                    }
+                }
+            }
+            let _ = fs::remove_dir(root);
+        }
+    }
+}
+
+/// The processes of one unit run.
+#[derive(Debug)]
+pub enum Scope {
+    /// A leaf cgroup.
+    Cgroup {
+        /// Its directory.
+        path: PathBuf,
+    },
+    /// The process group led by the main process (set once it is spawned).
+    ProcessGroup {
+        /// Process group id, the main pid.
+        pgid: Option<Pid>,
+    },
+}
+
+/// What a child must do, between fork and exec, to enter its scope.
+pub struct ScopeEntry {
+    procs: Option<OwnedFd>,
+}
+
+impl ScopeEntry {
+    /// Async-signal-safe: move the calling process into the scope. Call in `pre_exec` only.
+    pub fn enter(&self) -> io::Result<()> {
+        nix::unistd::setsid().map_err(io::Error::from)?;
+        if let Some(fd) = &self.procs {
+            // Writing "0" to cgroup.procs moves the writer itself.
+            let n = nix::unistd::write(fd, b"0").map_err(io::Error::from)?;
+            if n != 1 {
+                return Err(io::Error::other("short write to cgroup.procs"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Scope {
+    /// Open what the child needs to join this scope; done before fork.
+    pub fn entry(&self) -> Result<ScopeEntry, ScopeError> {
+        match self {
+            Scope::Cgroup { path } => {
+                let procs = path.join("cgroup.procs");
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&procs)
+                    .map_err(cg_err(&procs))?;
+                Ok(ScopeEntry {
+                    procs: Some(file.into()),
+                })
+            }
+            Scope::ProcessGroup { .. } => Ok(ScopeEntry { procs: None }),
+        }
+    }
+
+    /// Record the main pid (process-group scopes use it as the group id).
+    pub fn started(&mut self, main: Pid) {
+        if let Scope::ProcessGroup { pgid } = self {
+            *pgid = Some(main);
+        }
+    }
+
+    /// Pids currently in the scope (best effort).
+    pub fn members(&self) -> Vec<Pid> {
+        match self {
+            Scope::Cgroup { path } => fs::read_to_string(path.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+                .map(Pid::from_raw)
+                .collect(),
+            Scope::ProcessGroup { pgid: Some(pgid) } => {
+                if killpg(*pgid, None).is_ok() {
+                    vec![*pgid]
+                } else {
+                    Vec::new()
+                }
+            }
+            Scope::ProcessGroup { pgid: None } => Vec::new(),
+        }
+    }
+
+    /// True when no process is left in the scope.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Scope::Cgroup { path } => match fs::read_to_string(path.join("cgroup.events")) {
+                Ok(events) => events.lines().any(|l| l.trim() == "populated 0"),
+                Err(_) => self.members().is_empty(),
+            },
+            Scope::ProcessGroup { .. } => self.members().is_empty(),
+        }
+    }
+
+    /// Send `signal` to every process of the scope.
+    pub fn signal(&self, signal: Signal) {
+        match self {
+            Scope::Cgroup { path } => {
+                if signal == Signal::SIGKILL {
+                    // cgroup.kill (Linux 5.14+) kills atomically, including processes forked meanwhile.
+                    if let Ok(mut f) = fs::OpenOptions::new()
+                        .write(true)
+                        .open(path.join("cgroup.kill"))
+                    {
+                        if f.write_all(b"1").is_ok() {
+                            return;
+                        }
+                    }
+                }
+                for pid in self.members() {
+                    let _ = kill(pid, signal);
+                }
+            }
+            Scope::ProcessGroup { pgid: Some(pgid) } => {
+                let _ = killpg(*pgid, signal);
+            }
+            Scope::ProcessGroup { pgid: None } => {}
+        }
+    }
+
+    /// Remove the scope's cgroup once it is empty.
+    pub fn remove(&self) {
+        if let Scope::Cgroup { path } = self {
+            let _ = fs::remove_dir(path);
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Cgroup { path } => write!(f, "cgroup {}", path.display()),
+            Scope::ProcessGroup { pgid } => match pgid {
+                Some(p) => write!(f, "process group {}", p.as_raw()),
+                None => write!(f, "process group (not started)"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount() {
+        let mi = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                  37 25 0:33 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount("25 30 0:22 / /x rw - tmpfs tmpfs rw\n"), None);
+    }
+
+    #[test]
+    fn reads_own_cgroup() {
+        assert_eq!(
+            own_cgroup("4:memory:/a\n0::/user.slice/x\n"),
+            Some("user.slice/x".into())
+        );
+        assert_eq!(own_cgroup("0::/\n"), Some(String::new()));
+        assert_eq!(own_cgroup("1:cpu:/\n"), None);
+    }
+}

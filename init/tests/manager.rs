@@ -1,0 +1,475 @@
+//! The unit manager with real processes: ordering, parallel start, restart policies, start
+//! limit, stop escalation, double-forking units, zombie reaping, logs, reload, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::fs;
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::{alive, zombies_of, Machine};
+
+#[test]
+fn oneshot_orders_its_dependants_and_failure_propagates() {
+    let m = Machine::start(&[
+        (
+            "setup",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "sleep 0.3; echo ready > $DIR/ready"]
+[service]
+type = "oneshot"
+"#,
+        ),
+        (
+            "app",
+            r#"
+[unit]
+requires = ["setup"]
+after = ["setup"]
+[container]
+command = ["/bin/sh", "-c", "cat $DIR/ready > $DIR/app-saw; exec sleep 1000"]
+"#,
+        ),
+        (
+            "broken-setup",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "exit 3"]
+[service]
+type = "oneshot"
+"#,
+        ),
+        (
+            "needs-broken",
+            r#"
+[unit]
+after = ["broken-setup"]
+[container]
+command = ["/bin/sh", "-c", "touch $DIR/must-not-run; exec sleep 1000"]
+"#,
+        ),
+    ]);
+    m.wait_state("app", "active");
+    m.wait_file(&m.path("app-saw"));
+    assert_eq!(fs::read_to_string(m.path("app-saw")).unwrap(), "ready\n");
+    let setup = m.status("setup");
+    assert_eq!(setup["state"], "active");
+    assert_eq!(setup["sub_state"], "exited");
+    assert_eq!(setup["exit_code"], 0);
+
+    let b = m.wait_state("broken-setup", "failed");
+    assert_eq!(b["result"], "exit-code");
+    assert_eq!(b["exit_code"], 3);
+    let n = m.wait_state("needs-broken", "failed");
+    assert_eq!(n["result"], "dependency");
+    assert!(
+        n["message"].as_str().unwrap().contains("broken-setup"),
+        "{n}"
+    );
+    assert!(!m.path("must-not-run").exists());
+}
+
+#[test]
+fn independent_units_start_in_parallel() {
+    // Two oneshots that each wait for the other's file: only a parallel start finishes them.
+    let rendezvous = |me: &str, other: &str| {
+        format!(
+            r#"
+[container]
+command = ["/bin/sh", "-c", "touch $DIR/{me}; while [ ! -f $DIR/{other} ]; do sleep 0.05; done"]
+[service]
+type = "oneshot"
+"#
+        )
+    };
+    let x = rendezvous("x", "y");
+    let y = rendezvous("y", "x");
+    let m = Machine::start(&[
+        ("x", &x),
+        ("y", &y),
+        (
+            "z",
+            r#"
+[unit]
+after = ["x", "y"]
+[container]
+command = ["/bin/sleep", "1000"]
+"#,
+        ),
+    ]);
+    m.wait_state("z", "active");
+    assert_eq!(m.status("x")["sub_state"], "exited");
+    assert_eq!(m.status("y")["sub_state"], "exited");
+}
+
+#[test]
+fn restart_policies_and_start_limit() {
+    let m = Machine::start(&[
+        (
+            "flaky",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "echo run >> $DIR/flaky.count; exit 1"]
+[service]
+restart = "on-failure"
+restart_sec = "50ms"
+start_limit_burst = 3
+start_limit_interval = "60s"
+"#,
+        ),
+        (
+            "never",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "echo run >> $DIR/never.count; exit 1"]
+[service]
+restart = "no"
+"#,
+        ),
+        (
+            "clean-exit",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "echo run >> $DIR/clean.count; exit 0"]
+[service]
+restart = "on-failure"
+"#,
+        ),
+        (
+            "forever",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "echo run >> $DIR/forever.count; exit 0"]
+[service]
+restart = "always"
+restart_sec = "20ms"
+restart_max_sec = "40ms"
+start_limit_burst = 1000
+"#,
+        ),
+    ]);
+    let flaky = m.wait_state("flaky", "failed");
+    assert_eq!(flaky["result"], "start-limit-hit", "{flaky}");
+    assert_eq!(flaky["restarts"], 2);
+    let count = |f: &str| {
+        fs::read_to_string(m.path(f))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(count("flaky.count"), 3);
+
+    let never = m.wait_state("never", "failed");
+    assert_eq!(never["result"], "exit-code");
+    assert_eq!(never["restarts"], 0);
+
+    m.wait_until("clean-exit to finish", || {
+        let s = m.status("clean-exit");
+        s["state"] == "inactive" && s["exit_code"] == 0
+    });
+
+    m.wait_until("forever to restart a few times", || {
+        m.status("forever")["restarts"].as_u64().unwrap() >= 3
+    });
+    m.ok(&["stop", "forever"]);
+    let before = count("forever.count");
+    sleep(Duration::from_millis(300));
+    assert_eq!(
+        count("forever.count"),
+        before,
+        "a stopped unit must not restart"
+    );
+    assert_eq!(m.state("forever"), "inactive");
+    assert_eq!(count("never.count"), 1);
+    assert_eq!(count("clean.count"), 1);
+
+    // A manual start clears the start limit.
+    m.ok(&["start", "--no-block", "flaky"]);
+    m.wait_until("flaky to run again", || count("flaky.count") > 3);
+}
+
+#[test]
+fn stop_escalates_to_sigkill_and_kills_the_whole_tree() {
+    let m = Machine::start(&[
+        (
+            "stubborn",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "trap '' TERM; echo $$ > $DIR/stubborn.pid; while true; do sleep 0.1; done"]
+[service]
+stop_timeout = "1s"
+"#,
+        ),
+        (
+            "daemonizer",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "setsid sh -c 'sleep 1000 & echo $! > $DIR/daemon.pid; wait' & exec sleep 1000"]
+"#,
+        ),
+    ]);
+    m.wait_file(&m.path("stubborn.pid"));
+    m.wait_file(&m.path("daemon.pid"));
+    sleep(Duration::from_millis(100));
+    let read_pid = |f: &str| {
+        fs::read_to_string(m.path(f))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    let stubborn = read_pid("stubborn.pid");
+    let daemon = read_pid("daemon.pid");
+    assert!(alive(stubborn) && alive(daemon));
+
+    m.ok(&["stop", "stubborn"]);
+    let s = m.status("stubborn");
+    assert_eq!(s["state"], "inactive", "{s}");
+    assert_eq!(s["result"], "timeout", "{s}");
+    assert!(
+        !alive(stubborn),
+        "the process ignoring SIGTERM must be gone"
+    );
+    assert!(m.logs("stubborn").contains("SIGKILL"));
+
+    m.ok(&["stop", "daemonizer"]);
+    assert_eq!(m.state("daemonizer"), "inactive");
+    m.wait_until("the daemonized grandchild to die", || !alive(daemon));
+}
+
+#[test]
+fn orphans_are_reaped() {
+    let m = Machine::start(&[(
+        "spawner",
+        r#"
+[container]
+command = ["/bin/sh", "-c", "for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; touch $DIR/spawned; exec sleep 1000"]
+"#,
+    )]);
+    m.wait_file(&m.path("spawned"));
+    sleep(Duration::from_millis(500));
+    m.wait_until("no zombie children of the manager", || {
+        zombies_of(m.pid()).is_empty()
+    });
+}
+
+#[test]
+fn logs_are_captured_with_streams_and_rotated() {
+    let m = Machine::start_with(
+        &[(
+            "chatty",
+            r#"
+[container]
+command = ["/bin/sh", "-c", "echo hello out; echo hello err >&2; i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done; exec sleep 1000"]
+env = { GREETING = "hi" }
+"#,
+        )],
+        &[
+            "--log-max-size",
+            "2000",
+            "--log-keep",
+            "2",
+            "--log-tail",
+            "1000",
+        ],
+    );
+    m.wait_until("all lines", || m.logs("chatty").contains("line 199"));
+    let logs = m.logs("chatty");
+    assert!(logs.contains("stdout hello out"), "{logs}");
+    assert!(logs.contains("stderr hello err"), "{logs}");
+    let dir = m.state.join("logs");
+    let current = fs::read_to_string(dir.join("chatty.log")).unwrap();
+    assert!(current.len() <= 2000);
+    assert!(current.contains("line 199"));
+    assert!(dir.join("chatty.log.1").exists() && dir.join("chatty.log.2").exists());
+    assert!(!dir.join("chatty.log.3").exists());
+    let tail = m.ok(&["logs", "chatty", "-n", "2"]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+}
+
+#[test]
+fn reload_with_a_broken_file_keeps_the_old_definition_running() {
+    let mut m = Machine::start(&[(
+        "svc",
+        r#"
+[unit]
+description = "first"
+[container]
+command = ["/bin/sleep", "1000"]
+"#,
+    )]);
+    let before = m.wait_state("svc", "active");
+    fs::write(
+        m.units.join("svc.toml"),
+        "[unit]\ndescription = \"second\"\n[container]\ncomand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let out = m.unitctl(&["reload"]);
+    assert!(!out.status.success());
+    let err =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("svc.toml:4:1"), "{err}");
+    assert!(err.contains("command"), "a suggestion is expected: {err}");
+    let after = m.status("svc");
+    assert_eq!(after["state"], "active");
+    assert_eq!(
+        after["pid"], before["pid"],
+        "the running unit must not be disturbed"
+    );
+    assert_eq!(after["load_state"], "error");
+
+    fs::write(
+        m.units.join("svc.toml"),
+        "[unit]\ndescription = \"second\"\n[container]\ncommand = [\"/bin/sleep\", \"999\"]\n",
+    )
+    .unwrap();
+    m.ok(&["reload"]);
+    let fixed = m.status("svc");
+    assert_eq!(fixed["load_state"], "loaded");
+    assert_eq!(
+        fixed["pid"], before["pid"],
+        "changed units restart only when asked"
+    );
+    m.ok(&["reload", "--restart-changed"]);
+    m.wait_until("svc restarted with the new definition", || {
+        let s = m.status("svc");
+        s["state"] == "active" && s["pid"] != before["pid"]
+    });
+    assert_eq!(m.status("svc")["description"], "second");
+    assert!(m.terminate().success());
+}
+
+#[test]
+fn missing_requirement_and_cycles_fail_only_their_units() {
+    let m = Machine::start(&[
+        (
+            "lonely",
+            "[unit]\nrequires = [\"ghost\"]\n[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        ),
+        (
+            "a",
+            "[unit]\nafter = [\"b\"]\n[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        ),
+        (
+            "b",
+            "[unit]\nafter = [\"a\"]\n[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        ),
+        (
+            "fine",
+            "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+        ),
+    ]);
+    let l = m.wait_state("lonely", "failed");
+    assert_eq!(l["result"], "dependency");
+    assert!(l["message"].as_str().unwrap().contains("ghost"), "{l}");
+    let a = m.wait_state("a", "failed");
+    assert_eq!(a["result"], "cycle");
+    let msg = a["message"].as_str().unwrap();
+    assert!(
+        msg.contains("a -> b -> a") || msg.contains("b -> a -> b"),
+        "{msg}"
+    );
+    m.wait_state("fine", "active");
+}
+
+#[test]
+fn shutdown_stops_units_in_reverse_order() {
+    let unit = |name: &str, after: &str| {
+        format!(
+            r#"
+[unit]
+after = [{after}]
+[container]
+command = ["/bin/sh", "-c", "trap 'echo stop {name} >> $DIR/order; exit 0' TERM; echo start {name} >> $DIR/order; while true; do sleep 0.05; done"]
+"#
+        )
+    };
+    let (a, b, c) = (unit("a", ""), unit("b", "\"a\""), unit("c", "\"b\""));
+    let mut m = Machine::start(&[("a", &a), ("b", &b), ("c", &c)]);
+    m.wait_state("c", "active");
+    m.wait_until("all three started", || {
+        fs::read_to_string(m.path("order"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 3
+    });
+    let status = m.terminate();
+    assert!(status.success(), "manager exit: {status:?}");
+    let order = fs::read_to_string(m.path("order")).unwrap();
+    // Simple units are started in order but race to their first line; stops are strictly
+    // ordered because a unit is signalled only once the units after it are gone.
+    let stops: Vec<&str> = order.lines().filter(|l| l.starts_with("stop")).collect();
+    assert_eq!(stops, ["stop c", "stop b", "stop a"], "{order}");
+}
+
+#[test]
+fn templates_load_and_remove_over_the_api() {
+    let m = Machine::start(&[(
+        "echo@",
+        r#"
+[unit]
+description = "echo %i"
+[container]
+command = ["/bin/sh", "-c", "echo instance %i of %p; exec sleep 1000"]
+"#,
+    )]);
+    m.ok(&["start", "echo@one"]);
+    let s = m.status("echo@one");
+    assert_eq!(s["state"], "active");
+    assert_eq!(s["description"], "echo one");
+    m.wait_until("instance output", || {
+        m.logs("echo@one").contains("instance one of echo")
+    });
+
+    let file = m.path("extra.toml");
+    fs::write(&file, "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n").unwrap();
+    m.ok(&["load", file.to_str().unwrap()]);
+    assert!(m.state.join("units/extra.toml").exists());
+    m.ok(&["start", "extra"]);
+    assert_eq!(m.state("extra"), "active");
+    let pid = m.status("extra")["pid"].as_i64().unwrap() as i32;
+    m.ok(&["remove", "extra"]);
+    m.wait_until("extra to be gone", || {
+        !m.unitctl(&["status", "extra"]).status.success()
+    });
+    assert!(!alive(pid));
+    assert!(!m.state.join("units/extra.toml").exists());
+
+    let bad = m.path("bad.toml");
+    fs::write(&bad, "[container]\ncommand = []\n").unwrap();
+    let out = m.unitctl(&["load", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("unitctl: ") && err.contains("bad.toml:2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn stock_dbus_client_lists_real_units() {
+    let m = Machine::start(&[("web", "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n")]);
+    m.wait_state("web", "active");
+    let out = std::process::Command::new("dbus-send")
+        .arg(format!("--peer=unix:path={}", m.api.display()))
+        .args([
+            "--print-reply",
+            "/org/flotilla/Manager1",
+            "org.flotilla.Manager1.ListUnits",
+        ])
+        .output()
+        .expect("dbus-send (package dbus-bin) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"web\"") && text.contains("\"active\""),
+        "{text}"
+    );
+}

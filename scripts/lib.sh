@@ -1,0 +1,44 @@
+# Shared by scripts/demo and scripts/test: say what is done, install what is missing.
+# shellcheck shell=bash
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run this as root: it uses namespaces, cgroups and apt-get" >&2
+        exit 1
+    fi
+}
+
+# ensure_packages CMD:PACKAGE ... — install the Debian package when the command is missing.
+ensure_packages() {
+    local missing=() pair cmd pkg
+    for pair in "$@"; do
+        cmd=${pair%%:*}
+        pkg=${pair#*:}
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        step "installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+}
+
+ensure_rust() {
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+    if ! command -v cargo >/dev/null 2>&1; then
+        ensure_packages rustup:rustup
+        step "installing the stable Rust toolchain with rustup"
+        rustup default stable
+    fi
+    if command -v rustup >/dev/null 2>&1; then
+        local c
+        for c in rustfmt clippy; do
+            if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+                step "adding Rust component $c"
+                rustup component add "$c"
+            fi
+        done
+    fi
+}
