@@ -51,6 +51,24 @@ pub trait Launcher {
     fn launch(&mut self, unit: &Unit, scope: &Scope, io: LaunchIo) -> Result<Pid, LaunchError>;
 }
 
+/// Give the new process default signal dispositions and an empty signal mask: the manager
+/// blocks the signals it reads from a signalfd, and may have inherited ignored signals; a
+/// unit must see SIGTERM. Async-signal-safe; call only between fork and exec.
+pub fn reset_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{
+        sigaction, sigprocmask, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal,
+    };
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL has no handler to be unsound.
+        unsafe { sigaction(sig, &default) }.map_err(std::io::Error::from)?;
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(std::io::Error::from)
+}
+
 /// Runs units as plain processes on the host: a new session, a clean environment
 /// (`PATH`, `FLOTILLA_UNIT`, then the unit's `env`), the unit's `workdir`.
 #[derive(Debug, Default)]
@@ -108,10 +126,14 @@ impl Launcher for HostLauncher {
         if let Some(dir) = &unit.container.workdir {
             cmd.current_dir(dir);
         }
-        // SAFETY: `enter` only calls setsid(2) and write(2), both async-signal-safe, on an
-        // fd opened before the fork; it allocates nothing.
+        // SAFETY: between fork and exec this only calls sigaction(2), sigprocmask(2),
+        // setsid(2) and write(2) (all async-signal-safe) on an fd opened before the fork;
+        // it allocates nothing.
         unsafe {
-            cmd.pre_exec(move || entry.enter());
+            cmd.pre_exec(move || {
+                reset_signals()?;
+                entry.enter()
+            });
         }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             program: program.clone(),

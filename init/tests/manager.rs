@@ -235,7 +235,11 @@ command = ["/bin/sh", "-c", "setsid sh -c 'sleep 1000 & echo $! > $DIR/daemon.pi
     assert!(m.logs("stubborn").contains("SIGKILL"));
 
     m.ok(&["stop", "daemonizer"]);
-    assert_eq!(m.state("daemonizer"), "inactive");
+    let d = m.status("daemonizer");
+    assert_eq!(d["state"], "inactive");
+    // A plain `sleep` must stop on SIGTERM (the manager's blocked signals are not inherited).
+    assert_eq!(d["result"], "success", "{d}");
+    assert_eq!(d["exit_signal"], 15, "{d}");
     m.wait_until("the daemonized grandchild to die", || !alive(daemon));
 }
 
