@@ -68,6 +68,7 @@ fn active_count(api: &std::path::Path) -> Option<usize> {
     )
 }
 
+/// Start a manager over `n` units; returns (start-until-active, stop-all, RSS with n units).
 fn ours(n: usize) -> (Duration, Duration, u64) {
     let dir = tempfile::tempdir().unwrap();
     let units = dir.path().join("units");
@@ -96,7 +97,7 @@ fn ours(n: usize) -> (Duration, Duration, u64) {
             t0.elapsed() < Duration::from_secs(300),
             "units never all active"
         );
-        sleep(Duration::from_millis(20));
+        sleep(Duration::from_millis(50));
     }
     let start = t0.elapsed();
     let rss = rss_kib(child.id());
@@ -120,6 +121,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
     eprintln!("starting and stopping {n} units (sleep 1000), ours then the floor ...");
+    let (_, _, idle) = ours(0);
     let (os, ot, rss) = ours(n);
     let (fs_, ft) = floor(n);
     println!("\n{n} units running `sleep 1000`");
@@ -145,6 +147,11 @@ fn main() {
         "{:<34} {:>10.1}MiB",
         format!("manager RSS with {n} units"),
         rss as f64 / 1024.0
+    );
+    println!(
+        "{:<34} {:>10.1}MiB",
+        "manager RSS with 0 units",
+        idle as f64 / 1024.0
     );
     println!("targets: start ratio <= 1.5, RSS <= 8 MiB");
 }

@@ -3,7 +3,8 @@
 //! The manager reads every unit's pipes as soon as they are readable, so a unit never
 //! blocks on output whether or not anybody is looking; lines go to the tail (for `unitctl
 //! logs`) and to `STATE/logs/NAME.log` with a timestamp and the stream name. When the file
-//! passes the size limit it is rotated to `NAME.log.1` … `NAME.log.K`.
+//! passes the size limit it is rotated to `NAME.log.1` … `NAME.log.K`. Lines the manager
+//! writes about a unit ([`MANAGER_STREAM`]) are kept in the tail only.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -12,6 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::api::LogEntry;
+
+/// Stream name of lines the manager writes about a unit. They live in the in-memory tail
+/// only (failures also go to the manager's own log): a unit's file holds what the unit
+/// printed, and a unit that prints nothing costs no file.
+pub const MANAGER_STREAM: &str = "manager";
 
 /// Longest line kept whole; longer output is split.
 pub const MAX_LINE: usize = 8192;
@@ -89,17 +95,19 @@ impl UnitLog {
         };
         self.next_seq += 1;
         let err = match &cfg.dir {
-            Some(dir) if !self.file_failed => match self.write_file(cfg, dir, &entry) {
-                Ok(()) => None,
-                Err(e) => {
-                    self.file_failed = true;
-                    Some(format!(
+            Some(dir) if !self.file_failed && stream != MANAGER_STREAM => {
+                match self.write_file(cfg, dir, &entry) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        self.file_failed = true;
+                        Some(format!(
                         "cannot write the log of {} under {}: {e}; keeping only the in-memory tail",
                         self.name,
                         dir.display()
                     ))
+                    }
                 }
-            },
+            }
             _ => None,
         };
         if cfg.tail_lines > 0 {
@@ -235,6 +243,19 @@ mod tests {
         );
         assert_eq!(log.tail(1, 0)[0].line, "l4");
         assert_eq!(log.tail(10, all[1].seq).len(), 1);
+    }
+
+    #[test]
+    fn manager_lines_stay_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            dir: Some(dir.path().to_path_buf()),
+            ..LogConfig::default()
+        };
+        let mut log = UnitLog::new("quiet");
+        log.push(&cfg, MANAGER_STREAM, "Started.");
+        assert_eq!(log.tail(10, 0).len(), 1);
+        assert!(!dir.path().join("quiet.log").exists());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 
 use crate::api::{ApiError, Event, ReloadReport, Request, Response, UnitInfo};
 use crate::launcher::{LaunchIo, Launcher};
-use crate::logs::{LineBuffer, LogConfig};
+use crate::logs::{LineBuffer, LogConfig, MANAGER_STREAM};
 use crate::scope::ScopeRoot;
 pub use state::{Active, Job, Outcome, Slot, Sub};
 
@@ -69,6 +69,14 @@ pub struct Manager {
     pipes: Vec<Option<Pipe>>,
     new_pipes: Vec<usize>,
     shutting_down: bool,
+}
+
+/// Fingerprint of a unit file's text (to tell which definition a process was started from).
+fn source_hash(source: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    source.hash(&mut h);
+    h.finish()
 }
 
 /// Add `d` to `t`, saturating instead of overflowing.
@@ -330,7 +338,7 @@ impl Manager {
                 if let Some(slot) = self.slots.get_mut(name) {
                     slot.load_error = Some(e.to_string());
                     slot.log
-                        .push(&self.cfg.logs, "manager", &format!("reload: {e}"));
+                        .push(&self.cfg.logs, MANAGER_STREAM, &format!("reload: {e}"));
                 }
             }
         }
@@ -363,13 +371,21 @@ impl Manager {
                 report.changed.push(u.name.clone());
             }
         }
-        for unit in catalog.units.values().cloned().chain(instances) {
+        let mut catalog = catalog;
+        for unit in std::mem::take(&mut catalog.units)
+            .into_values()
+            .chain(instances)
+        {
             self.define(unit);
         }
         for name in &report.removed {
             self.remove(name);
         }
-        self.catalog = catalog;
+        // Keep only the templates: the units themselves live in `self.units`.
+        self.catalog = Catalog {
+            templates: catalog.templates,
+            ..Catalog::default()
+        };
         self.recompute_graph();
         if restart_changed {
             // Restart every running unit whose process was started from another definition,
@@ -379,7 +395,7 @@ impl Manager {
                 .iter()
                 .filter(|(n, s)| {
                     s.main_pid.is_some()
-                        && s.running_source.as_ref() != self.units.get(*n).map(|u| &u.source)
+                        && s.running_source != self.units.get(*n).map(|u| source_hash(&u.source))
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
@@ -422,7 +438,7 @@ impl Manager {
                     slot.job = Some(Job::Start);
                     slot.outcome = Outcome::Success;
                     slot.message.clear();
-                    slot.log.push(cfg, "manager", "Start queued.");
+                    slot.log.push(cfg, MANAGER_STREAM, "Start queued.");
                     Self::set_state(
                         &self.events,
                         n.as_str(),
@@ -469,7 +485,7 @@ impl Manager {
                 } else {
                     (Active::Inactive, Sub::Dead)
                 };
-                slot.log.push(&self.cfg.logs, "manager", "Stopped.");
+                slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Stopped.");
                 Self::set_state(&self.events, &n, slot, settled.0, settled.1);
             }
         }
@@ -532,7 +548,7 @@ impl Manager {
             slot.outcome = outcome;
             slot.log.push(
                 cfg,
-                "manager",
+                MANAGER_STREAM,
                 &format!("Failed: {}: {message}", outcome.as_str()),
             );
             log::warn!("{name}: failed: {}: {message}", outcome.as_str());
@@ -596,7 +612,7 @@ impl Manager {
                 }
                 true
             }
-            (Active::Deactivating, _, _) => self.continue_stop(name, now, due),
+            (Active::Deactivating, _, _) => self.continue_stop(name, now),
             (_, _, Some(Job::Stop | Job::Restart)) if slot.main_pid.is_some() => {
                 self.try_stop(name, now)
             }
@@ -710,7 +726,7 @@ impl Manager {
                     return false;
                 };
                 slot.main_pid = Some(pid);
-                slot.running_source = Some(unit.source.clone());
+                slot.running_source = Some(source_hash(&unit.source));
                 slot.scope = Some(scope);
                 slot.started_at = Some(now);
                 slot.exit_code = None;
@@ -719,7 +735,7 @@ impl Manager {
                 slot.deadline = None;
                 slot.log.push(
                     &self.cfg.logs,
-                    "manager",
+                    MANAGER_STREAM,
                     &format!("Started, main pid {}.", pid.as_raw()),
                 );
                 let sub = match unit.service.kind {
@@ -807,9 +823,10 @@ impl Manager {
         if let Some(scope) = &slot.scope {
             scope.signal(Signal::SIGTERM);
         }
-        slot.deadline = Some(later(now, timeout));
+        slot.kill_at = Some(later(now, timeout));
+        slot.deadline = slot.kill_at;
         slot.log
-            .push(&self.cfg.logs, "manager", "Stopping (SIGTERM).");
+            .push(&self.cfg.logs, MANAGER_STREAM, "Stopping (SIGTERM).");
         Self::set_state(
             &self.events,
             name,
@@ -820,7 +837,7 @@ impl Manager {
         true
     }
 
-    fn continue_stop(&mut self, name: &str, now: Instant, due: bool) -> bool {
+    fn continue_stop(&mut self, name: &str, now: Instant) -> bool {
         let cfg = self.cfg.logs.clone();
         let timeout = self.units.get(name).map(|u| u.service.stop_timeout);
         let Some(slot) = self.slots.get_mut(name) else {
@@ -833,6 +850,7 @@ impl Manager {
             }
             let killed = slot.sub == Sub::StopSigkill;
             slot.deadline = None;
+            slot.kill_at = None;
             let restart = slot.job == Some(Job::Restart);
             slot.job = None;
             if killed {
@@ -845,17 +863,20 @@ impl Manager {
                 slot.outcome = Outcome::Success;
                 slot.message.clear();
             }
-            slot.log.push(&cfg, "manager", "Stopped.");
+            slot.log.push(&cfg, MANAGER_STREAM, "Stopped.");
             Self::set_state(&self.events, name, slot, Active::Inactive, Sub::Dead);
             if restart && !self.shutting_down {
                 self.queue_start(name, true);
             }
             return true;
         }
-        if due {
+        if slot.kill_at.is_some_and(|k| k <= now) {
             if slot.sub == Sub::StopSigterm {
-                slot.log
-                    .push(&cfg, "manager", "stop_timeout passed; sending SIGKILL.");
+                slot.log.push(
+                    &cfg,
+                    MANAGER_STREAM,
+                    "stop_timeout passed; sending SIGKILL.",
+                );
                 Self::set_state(
                     &self.events,
                     name,
@@ -867,16 +888,15 @@ impl Manager {
             if let Some(s) = &slot.scope {
                 s.signal(Signal::SIGKILL);
             }
-            slot.deadline = Some(later(now, KILL_RETRY));
-            return true;
+            slot.kill_at = Some(later(now, KILL_RETRY));
         }
-        if slot.main_pid.is_none() {
-            // Waiting for the rest of the scope to go: poll soon.
-            let next = later(now, SCOPE_POLL);
-            if slot.deadline.is_none_or(|d| d > next) {
-                slot.deadline = Some(next);
-            }
-        }
+        // Look again at the escalation time, or soon if only the scope's rest is left.
+        slot.deadline = if slot.main_pid.is_none() {
+            let poll = later(now, SCOPE_POLL);
+            Some(slot.kill_at.map_or(poll, |k| k.min(poll)))
+        } else {
+            slot.kill_at
+        };
         false
     }
 
@@ -925,8 +945,11 @@ impl Manager {
             ),
             _ => String::new(),
         };
-        slot.log
-            .push(&cfg, "manager", &format!("Main process exited, {how}."));
+        slot.log.push(
+            &cfg,
+            MANAGER_STREAM,
+            &format!("Main process exited, {how}."),
+        );
         // Whatever the main process left behind goes with it (systemd's KillMode=control-group).
         if let Some(scope) = &slot.scope {
             scope.signal(Signal::SIGKILL);
@@ -974,8 +997,11 @@ impl Manager {
                 .min(unit.service.restart_max_sec.max(base));
             slot.backoff_step = slot.backoff_step.saturating_add(1);
             slot.deadline = Some(later(now, delay));
-            slot.log
-                .push(&cfg, "manager", &format!("Scheduled restart in {delay:?}."));
+            slot.log.push(
+                &cfg,
+                MANAGER_STREAM,
+                &format!("Scheduled restart in {delay:?}."),
+            );
             Self::set_state(
                 &self.events,
                 &name,

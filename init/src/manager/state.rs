@@ -147,12 +147,14 @@ pub struct Slot {
     pub backoff_step: u32,
     /// Start times within the start-limit window.
     pub start_times: VecDeque<Instant>,
-    /// The unit file text the current process was started from.
-    pub running_source: Option<String>,
+    /// Fingerprint of the unit file text the current process was started from.
+    pub running_source: Option<u64>,
     /// When the current run started.
     pub started_at: Option<Instant>,
-    /// Timer: restart, SIGKILL escalation, or scope re-check.
+    /// Timer: when the unit next needs looking at (restart, escalation, scope re-check).
     pub deadline: Option<Instant>,
+    /// While stopping: when to (re)send SIGKILL.
+    pub kill_at: Option<Instant>,
     /// Result of the last transition.
     pub outcome: Outcome,
     /// Detail for `outcome`.
@@ -184,6 +186,7 @@ impl Slot {
             running_source: None,
             started_at: None,
             deadline: None,
+            kill_at: None,
             outcome: Outcome::Success,
             message: String::new(),
             since_us: crate::logs::now_us(),
