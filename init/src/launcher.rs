@@ -83,9 +83,6 @@ impl HostLauncher {
             (!c.mounts.is_empty(), "mounts"),
             (c.network != Network::Host, "network"),
             (c.hostname.is_some(), "hostname"),
-            (unit.service.memory_max.is_some(), "memory_max"),
-            (unit.service.cpu_max.is_some(), "cpu_max"),
-            (unit.service.pids_max.is_some(), "pids_max"),
         ];
         let keys: Vec<&str> = unsupported
             .iter()

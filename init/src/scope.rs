@@ -17,6 +17,20 @@ use nix::unistd::Pid;
 /// Errors creating or using a scope.
 #[derive(Debug, thiserror::Error)]
 pub enum ScopeError {
+    /// A resource limit was asked for but cannot be applied.
+    #[error(
+        "cannot apply {key}: the cgroup v2 `{controller}` controller is not available in {path} \
+         (this host's cgroup2 has no controllers: run under a cgroup v2 host such as the \
+         Flotilla VM, or remove {key})"
+    )]
+    NoController {
+        /// The unit key.
+        key: &'static str,
+        /// The controller it needs.
+        controller: &'static str,
+        /// The unit's cgroup.
+        path: PathBuf,
+    },
     /// A cgroup file or directory could not be used.
     #[error("cgroup {path}: {source}")]
     Cgroup {
@@ -63,6 +77,24 @@ pub fn own_cgroup(proc_cgroup: &str) -> Option<String> {
         .map(|p| p.trim_start_matches('/').to_string())
 }
 
+/// Controllers the unit limits need.
+const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// Enable in `dir`'s children each limit controller that `dir` has (best effort).
+fn enable_controllers(dir: &Path) {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    for c in LIMIT_CONTROLLERS {
+        if available.split_whitespace().any(|a| a == c) {
+            if let Err(e) = fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
+                log::debug!(
+                    "cannot enable the {c} controller below {}: {e}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
 impl ScopeRoot {
     /// Create `name` below this process's own cgroup v2, or fall back to process groups.
     ///
@@ -77,9 +109,18 @@ impl ScopeRoot {
         };
         let own = own_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default())
             .unwrap_or_default();
-        let dir = mount.join(own).join(name);
+        let parent = mount.join(own);
+        let dir = parent.join(name);
         match fs::create_dir_all(&dir) {
-            Ok(()) => (ScopeRoot::Cgroup(dir), None),
+            Ok(()) => {
+                // Delegate the limit controllers down to the units' cgroups. This fails where
+                // the parent holds processes and is not the root (cgroup v2's no-internal-
+                // process rule); a unit asking for a limit then gets a precise error.
+                for d in [&parent, &dir] {
+                    enable_controllers(d);
+                }
+                (ScopeRoot::Cgroup(dir), None)
+            }
             Err(e) => (
                 ScopeRoot::ProcessGroup,
                 Some(format!("cannot create cgroup {}: {e}", dir.display())),
@@ -121,6 +162,44 @@ impl ScopeRoot {
     }
 }
 
+/// Resource limits of one unit, in cgroup v2 terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `memory.max` in bytes.
+    pub memory_max: Option<u64>,
+    /// `cpu.max` as (quota, period) in microseconds.
+    pub cpu_max: Option<(u64, u64)>,
+    /// `pids.max`.
+    pub pids_max: Option<u64>,
+}
+
+impl Limits {
+    /// The limits a unit asks for.
+    pub fn of(unit: &flotilla_units::Unit) -> Limits {
+        let s = &unit.service;
+        Limits {
+            memory_max: s.memory_max,
+            cpu_max: s.cpu_max.map(|c| (c.quota_us, c.period_us)),
+            pids_max: s.pids_max,
+        }
+    }
+
+    /// Each limit as (unit key, controller, cgroup file, value).
+    fn table(&self) -> Vec<(&'static str, &'static str, &'static str, String)> {
+        let mut t = Vec::new();
+        if let Some(m) = self.memory_max {
+            t.push(("memory_max", "memory", "memory.max", m.to_string()));
+        }
+        if let Some((q, p)) = self.cpu_max {
+            t.push(("cpu_max", "cpu", "cpu.max", format!("{q} {p}")));
+        }
+        if let Some(p) = self.pids_max {
+            t.push(("pids_max", "pids", "pids.max", p.to_string()));
+        }
+        t
+    }
+}
+
 /// The processes of one unit run.
 #[derive(Debug)]
 pub enum Scope {
@@ -142,6 +221,12 @@ pub struct ScopeEntry {
 }
 
 impl ScopeEntry {
+    /// The open `cgroup.procs` of the scope, for runtimes that join it themselves.
+    pub fn procs(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.procs.as_ref().map(|f| f.as_fd())
+    }
+
     /// Async-signal-safe: move the calling process into the scope. Call in `pre_exec` only.
     pub fn enter(&self) -> io::Result<()> {
         nix::unistd::setsid().map_err(io::Error::from)?;
@@ -172,6 +257,37 @@ impl Scope {
             }
             Scope::ProcessGroup { .. } => Ok(ScopeEntry { procs: None }),
         }
+    }
+
+    /// Apply `limits` before the process starts. A limit that cannot be applied is an error,
+    /// never silently dropped.
+    pub fn apply(&self, limits: &Limits) -> Result<(), ScopeError> {
+        let table = limits.table();
+        let Some((key, controller, _, _)) = table.first() else {
+            return Ok(());
+        };
+        let path = match self {
+            Scope::Cgroup { path } => path,
+            Scope::ProcessGroup { .. } => {
+                return Err(ScopeError::NoController {
+                    key,
+                    controller,
+                    path: PathBuf::from("(no cgroup v2)"),
+                })
+            }
+        };
+        for (key, controller, file, value) in table {
+            let target = path.join(file);
+            if !target.exists() {
+                return Err(ScopeError::NoController {
+                    key,
+                    controller,
+                    path: path.clone(),
+                });
+            }
+            fs::write(&target, value).map_err(cg_err(&target))?;
+        }
+        Ok(())
     }
 
     /// Record the main pid (process-group scopes use it as the group id).

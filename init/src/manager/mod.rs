@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use crate::api::{ApiError, Event, ReloadReport, Request, Response, UnitInfo};
 use crate::launcher::{LaunchIo, Launcher};
 use crate::logs::{LineBuffer, LogConfig, MANAGER_STREAM};
-use crate::scope::ScopeRoot;
+use crate::scope::{Limits, ScopeRoot};
 pub use state::{Active, Job, Outcome, Slot, Sub};
 
 /// How often a stopping unit's scope is re-checked for emptiness.
@@ -761,18 +761,29 @@ impl Manager {
                 }
                 true
             }
-            Err(msg) => {
-                self.fail(name, Outcome::Spawn, msg);
+            Err((outcome, msg)) => {
+                self.fail(name, outcome, msg);
                 false
             }
         }
     }
 
-    fn launch(&mut self, unit: &Unit) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), String> {
-        let mut scope = self.scopes.prepare(&unit.name).map_err(|e| e.to_string())?;
+    fn launch(
+        &mut self,
+        unit: &Unit,
+    ) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), (Outcome, String)> {
+        let resources = |e: crate::scope::ScopeError| (Outcome::Resources, e.to_string());
+        let mut scope = self.scopes.prepare(&unit.name).map_err(resources)?;
+        if let Err(e) = scope.apply(&Limits::of(unit)) {
+            scope.remove();
+            return Err(resources(e));
+        }
+        let spawn_err = |e: String| (Outcome::Spawn, e);
         let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-        let (out_r, out_w) = nix::unistd::pipe2(flags).map_err(|e| format!("pipe: {e}"))?;
-        let (err_r, err_w) = nix::unistd::pipe2(flags).map_err(|e| format!("pipe: {e}"))?;
+        let (out_r, out_w) =
+            nix::unistd::pipe2(flags).map_err(|e| spawn_err(format!("pipe: {e}")))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(flags).map_err(|e| spawn_err(format!("pipe: {e}")))?;
         // The child's ends must block normally.
         for w in [&out_w, &err_w] {
             let _ = nix::fcntl::fcntl(w, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
@@ -784,7 +795,7 @@ impl Manager {
         let pid = self
             .launcher
             .launch(unit, &scope, io)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| spawn_err(e.to_string()))?;
         scope.started(pid);
         let pipe = |fd, stream| Pipe {
             fd,

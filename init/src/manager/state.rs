@@ -95,6 +95,8 @@ pub enum Outcome {
     Spawn,
     /// A stop needed SIGKILL.
     Timeout,
+    /// The unit's cgroup or limits could not be set up.
+    Resources,
 }
 
 impl Outcome {
@@ -109,6 +111,7 @@ impl Outcome {
             Outcome::Cycle => "cycle",
             Outcome::Spawn => "spawn",
             Outcome::Timeout => "timeout",
+            Outcome::Resources => "resources",
         }
     }
 }
