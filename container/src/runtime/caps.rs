@@ -99,9 +99,8 @@ pub(crate) fn drop_bounding(keep: u64) -> Step {
         let bit = 1u64 << number;
         let cap = CapabilitySet::from_bits_retain(bit);
         match capability_is_in_bounding_set(cap) {
-            Ok(true) if keep & bit == 0 => {
-                remove_capability_from_bounding_set(cap).step("drop a capability from the bounding set")?
-            }
+            Ok(true) if keep & bit == 0 => remove_capability_from_bounding_set(cap)
+                .step("drop a capability from the bounding set")?,
             Ok(_) => {}
             // Past the kernel's last capability.
             Err(_) => break,
@@ -136,6 +135,7 @@ pub(crate) fn apply(keep: u64, uid: u32) -> Step {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

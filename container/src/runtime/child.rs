@@ -67,7 +67,9 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
     let fds = ChildFds {
         err: err_w.as_raw_fd(),
         pid: pid_w.as_raw_fd(),
-        sync: sync.as_ref().map(|((_, up_w), (down_r, _))| (up_w.as_raw_fd(), down_r.as_raw_fd())),
+        sync: sync
+            .as_ref()
+            .map(|((_, up_w), (down_r, _))| (up_w.as_raw_fd(), down_r.as_raw_fd())),
     };
     // SAFETY: the child only runs this module's code, which does not touch locks other
     // threads may hold (no stdio, no env access); glibc's fork keeps malloc usable.
@@ -114,7 +116,9 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
         return Err(e);
     }
     if report.is_empty() {
-        return Err(ContainerError::Lost(format!("intermediate process: {c1_status:?}")));
+        return Err(ContainerError::Lost(format!(
+            "intermediate process: {c1_status:?}"
+        )));
     }
     Err(report::decode(&report))
 }
@@ -122,7 +126,9 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
 fn write_id_maps(child: Pid, m: &super::IdMapping) -> Result<(), ContainerError> {
     let line = format!("{} {} {}\n", m.container_id, m.host_id, m.size);
     for file in ["uid_map", "gid_map"] {
-        let path = Path::new("/proc").join(child.as_raw().to_string()).join(file);
+        let path = Path::new("/proc")
+            .join(child.as_raw().to_string())
+            .join(file);
         std::fs::write(&path, &line)
             .map_err(|e| ContainerError::setup("write the user namespace map", Some(&path), e))?;
     }
@@ -319,29 +325,46 @@ pub(crate) fn exec_command(plan: &Plan) -> Step<std::convert::Infallible> {
             .step("make stdin the controlling terminal (TIOCSCTTY)")?;
     }
     // SAFETY: close_range only changes flags of this process's fds.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).step("mark fds close-on-exec (close_range)");
     }
-    rustix::process::chdir(plan.cwd.as_path()).step_at("chdir to the working directory", &plan.cwd)?;
+    rustix::process::chdir(plan.cwd.as_path())
+        .step_at("chdir to the working directory", &plan.cwd)?;
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let argv = null_terminated(&plan.argv);
     let envp = null_terminated(&plan.envp);
     let mut errno = libc::ENOENT;
     for exe in &plan.exe_candidates {
         exec(exe, &argv, &envp);
-        let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOENT);
+        let e = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::ENOENT);
         // Like execvp: remember a more telling error than "not found".
         if e != libc::ENOENT && e != libc::ENOTDIR {
             errno = e;
         }
     }
-    let arg0 = plan.argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let arg0 = plan
+        .argv
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Err(Failure::new("exec", Some(Path::new(&arg0)), errno))
 }
 
 fn null_terminated(list: &[std::ffi::CString]) -> Vec<*const libc::c_char> {
-    list.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+    list.iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 fn exec(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) {

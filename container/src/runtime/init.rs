@@ -72,7 +72,9 @@ fn reap_loop(command: Pid, set: &SigSet) -> ! {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) if pid == command => exit_now(code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => exit_now(128 + sig as i32),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == command => {
+                    exit_now(128 + sig as i32)
+                }
                 Ok(WaitStatus::StillAlive) => break,
                 Ok(_) => continue,
                 Err(nix::errno::Errno::EINTR) => continue,

@@ -217,7 +217,11 @@ pub enum ContainerError {
         source: io::Error,
     },
     /// A setup step inside the container's processes failed (reported over the error pipe).
-    #[error("in the container: {step}{}: {source}{}", show_path(path), hint(step, source))]
+    #[error(
+        "in the container: {step}{}: {source}{}",
+        show_path(path),
+        hint(step, source)
+    )]
     Child {
         /// What was being done.
         step: String,
@@ -269,7 +273,11 @@ fn hint(step: &str, err: &io::Error) -> &'static str {
 }
 
 impl ContainerError {
-    pub(crate) fn setup(step: &'static str, path: Option<&Path>, source: impl Into<io::Error>) -> Self {
+    pub(crate) fn setup(
+        step: &'static str,
+        path: Option<&Path>,
+        source: impl Into<io::Error>,
+    ) -> Self {
         ContainerError::Setup {
             step,
             path: path.map(Path::to_path_buf),
@@ -296,7 +304,12 @@ pub fn spawn(
 }
 
 /// Signals [`run`] forwards to the container.
-const FORWARDED: [Signal; 4] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT];
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
 /// Foreground run (the toolbox): spawn, forward SIGINT/SIGTERM/SIGHUP/SIGQUIT to the
 /// container's pid 1, wait, and return its exit code (128+signal when killed by a signal).

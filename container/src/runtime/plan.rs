@@ -11,10 +11,13 @@ use std::path::{Component, Path, PathBuf};
 use nix::sys::resource::Resource;
 use seccompiler::BpfProgram;
 
-use super::{caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User};
+use super::{
+    caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
+};
 
 /// `PATH` used when the spec's environment has none.
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Resource limit names.
 const RLIMITS: &[(&str, Resource)] = &[
@@ -111,7 +114,12 @@ fn relative_in_container(what: &str, p: &Path) -> Result<PathBuf, ContainerError
         match c {
             Component::Normal(n) => rel.push(n),
             Component::RootDir | Component::CurDir => {}
-            _ => return Err(invalid(format!("{what} {} must not contain ..", p.display()))),
+            _ => {
+                return Err(invalid(format!(
+                    "{what} {} must not contain ..",
+                    p.display()
+                )))
+            }
         }
     }
     Ok(rel)
@@ -127,12 +135,17 @@ fn open_dev_null() -> Result<OwnedFd, ContainerError> {
 }
 
 fn create_dir(path: &Path) -> Result<(), ContainerError> {
-    std::fs::create_dir_all(path).map_err(|e| ContainerError::setup("create directory", Some(path), e))
+    std::fs::create_dir_all(path)
+        .map_err(|e| ContainerError::setup("create directory", Some(path), e))
 }
 
 impl Plan {
     /// Check the spec and prepare everything.
-    pub(crate) fn new(spec: &ContainerSpec, stdio: Stdio, cgroup_procs: Option<RawFd>) -> Result<Plan, ContainerError> {
+    pub(crate) fn new(
+        spec: &ContainerSpec,
+        stdio: Stdio,
+        cgroup_procs: Option<RawFd>,
+    ) -> Result<Plan, ContainerError> {
         if spec.args.is_empty() {
             return Err(invalid("args is empty: nothing to run"));
         }
@@ -186,7 +199,9 @@ impl Plan {
         let (root, root_mountpoint, temporary_mountpoint) = root_plan(spec)?;
         let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.clone());
         if hostname.len() > 64 {
-            return Err(invalid(format!("hostname {hostname:?} is longer than 64 bytes")));
+            return Err(invalid(format!(
+                "hostname {hostname:?} is longer than 64 bytes"
+            )));
         }
         let argv = spec
             .args
@@ -237,18 +252,32 @@ impl Plan {
 
     /// In a user namespace, the container's root must own the overlay's upper and work dirs.
     fn chown_for_userns(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
-        let (Some(m), RootFs::Overlay { state_dir, read_only: false, .. }) = (&self.userns, &spec.root) else {
+        let (
+            Some(m),
+            RootFs::Overlay {
+                state_dir,
+                read_only: false,
+                ..
+            },
+        ) = (&self.userns, &spec.root)
+        else {
             return Ok(());
         };
-        let Some(host_root) = m.host_id.checked_sub(m.container_id).filter(|_| m.container_id == 0) else {
+        let Some(host_root) = m
+            .host_id
+            .checked_sub(m.container_id)
+            .filter(|_| m.container_id == 0)
+        else {
             return Ok(());
         };
         for d in ["upper", "work"] {
             let p = state_dir.join(d);
-            let meta = std::fs::metadata(&p).map_err(|e| ContainerError::setup("stat", Some(&p), e))?;
+            let meta =
+                std::fs::metadata(&p).map_err(|e| ContainerError::setup("stat", Some(&p), e))?;
             if meta.uid() != host_root {
-                std::os::unix::fs::chown(&p, Some(host_root), Some(host_root))
-                    .map_err(|e| ContainerError::setup("chown for the user namespace", Some(&p), e))?;
+                std::os::unix::fs::chown(&p, Some(host_root), Some(host_root)).map_err(|e| {
+                    ContainerError::setup("chown for the user namespace", Some(&p), e)
+                })?;
             }
         }
         Ok(())
@@ -278,7 +307,11 @@ fn check_overlay_path(p: &Path) -> Result<String, ContainerError> {
 
 fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), ContainerError> {
     match &spec.root {
-        RootFs::Overlay { layers, state_dir, read_only } => {
+        RootFs::Overlay {
+            layers,
+            state_dir,
+            read_only,
+        } => {
             if layers.is_empty() {
                 return Err(invalid("overlay root without layers"));
             }
@@ -318,9 +351,18 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
                 ));
             }
             if options.len() >= 4000 {
-                return Err(invalid("too many layers: the overlay options exceed a page"));
+                return Err(invalid(
+                    "too many layers: the overlay options exceed a page",
+                ));
             }
-            Ok((RootPlan::Overlay { options, read_only: *read_only }, mountpoint, false))
+            Ok((
+                RootPlan::Overlay {
+                    options,
+                    read_only: *read_only,
+                },
+                mountpoint,
+                false,
+            ))
         }
         RootFs::HostReadOnly { path } => {
             if !path.is_dir() {
@@ -338,11 +380,23 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
             let safe_id: String = spec
                 .id
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.@".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect();
             let mountpoint = base.join(format!("{safe_id}.{}.{}", std::process::id(), unique()));
             create_dir(&mountpoint)?;
-            Ok((RootPlan::Bind { source: path.clone() }, mountpoint, true))
+            Ok((
+                RootPlan::Bind {
+                    source: path.clone(),
+                },
+                mountpoint,
+                true,
+            ))
         }
     }
 }

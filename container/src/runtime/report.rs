@@ -98,7 +98,9 @@ pub(crate) fn exit_now(code: i32) -> ! {
 /// Decode a message read from the error pipe.
 pub(crate) fn decode(msg: &[u8]) -> ContainerError {
     let mut parts = msg.splitn(3, |b| *b == 0);
-    let step = parts.next().map(|s| String::from_utf8_lossy(s).into_owned());
+    let step = parts
+        .next()
+        .map(|s| String::from_utf8_lossy(s).into_owned());
     let path = parts.next();
     let errno = parts
         .next()
@@ -122,6 +124,7 @@ pub(crate) fn decode(msg: &[u8]) -> ContainerError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

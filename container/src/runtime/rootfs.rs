@@ -28,7 +28,13 @@ fn fd_path(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
-fn mount(source: &str, target: &str, fstype: &str, flags: MountFlags, data: &str) -> rustix::io::Result<()> {
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> rustix::io::Result<()> {
     let data = CString::new(data).map_err(|_| Errno::INVAL)?;
     rustix::mount::mount(source, target, fstype, flags, data.as_c_str())
 }
@@ -59,8 +65,11 @@ fn remount_readonly(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
 
 /// Step 1: stop mount events from propagating back to the host.
 pub(crate) fn make_root_private() -> Step {
-    rustix::mount::mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
-        .step_at("make the mounts private (mount --make-rprivate)", "/")
+    rustix::mount::mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .step_at("make the mounts private (mount --make-rprivate)", "/")
 }
 
 /// Step 2: mount the root filesystem at the plan's mount point; returns an fd on it.
@@ -69,7 +78,11 @@ pub(crate) fn mount_root(plan: &Plan) -> Step<OwnedFd> {
     let target_str = target.to_string_lossy();
     match &plan.root {
         RootPlan::Overlay { options, read_only } => {
-            let flags = if *read_only { MountFlags::RDONLY } else { MountFlags::empty() };
+            let flags = if *read_only {
+                MountFlags::RDONLY
+            } else {
+                MountFlags::empty()
+            };
             mount("overlay", &target_str, "overlay", flags, options)
                 .step_at("mount the overlay root", target)?;
         }
@@ -94,7 +107,11 @@ fn open_host_dir(path: &Path) -> Step<OwnedFd> {
 
 /// Open `rel` inside the root (symlinks resolved inside it) as an `O_PATH` fd.
 fn open_in_root(root: BorrowedFd<'_>, rel: &Path, extra: OFlags) -> rustix::io::Result<OwnedFd> {
-    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
     rustix::fs::openat2(
         root,
         rel,
@@ -117,7 +134,11 @@ pub(crate) fn ensure_dir(root: BorrowedFd<'_>, rel: &Path) -> Step<OwnedFd> {
 
 fn ensure_dir_depth(root: BorrowedFd<'_>, rel: &Path, depth: u32) -> Step<OwnedFd> {
     if depth > MAX_SYMLINKS {
-        return Err(Failure::new("create a mount point", Some(&shown(rel)), libc::ELOOP));
+        return Err(Failure::new(
+            "create a mount point",
+            Some(&shown(rel)),
+            libc::ELOOP,
+        ));
     }
     let mut prefix = PathBuf::new();
     for comp in rel.components() {
@@ -206,7 +227,10 @@ pub(crate) fn standard_mounts(root: BorrowedFd<'_>, userns: bool) -> Step {
             _ => m.data,
         };
         let target_path = fd_path(target.as_fd());
-        match (mount(m.source, &target_path, m.fstype, m.flags, data), m.fallback) {
+        match (
+            mount(m.source, &target_path, m.fstype, m.flags, data),
+            m.fallback,
+        ) {
             (Ok(()), _) => {}
             (Err(Errno::NODEV | Errno::NOENT), Fallback::SkipIfUnsupported) => {}
             (Err(_), Fallback::BindHostReadOnly) => {

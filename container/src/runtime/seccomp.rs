@@ -85,8 +85,9 @@ pub(crate) fn compile(keep_caps: u64) -> Result<BpfProgram, String> {
 
 /// Install the filter on this process (needs `no_new_privs` or `CAP_SYS_ADMIN`).
 pub(crate) fn install(program: &BpfProgram) -> Step {
-    let len = u16::try_from(program.len())
-        .map_err(|_| super::report::Failure::new("install the seccomp filter", None, libc::E2BIG))?;
+    let len = u16::try_from(program.len()).map_err(|_| {
+        super::report::Failure::new("install the seccomp filter", None, libc::E2BIG)
+    })?;
     let prog = libc::sock_fprog {
         len,
         // seccompiler's sock_filter is #[repr(C)] with the kernel's layout, like libc's.
@@ -108,6 +109,7 @@ pub(crate) fn install(program: &BpfProgram) -> Step {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

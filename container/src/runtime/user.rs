@@ -59,7 +59,12 @@ pub fn lookup_user(rootfs_etc: &Path, spec: &str) -> Result<User, ContainerError
                 .iter()
                 .find(|f| f.first() == Some(&g))
                 .and_then(|f| f.get(2)?.parse().ok())
-                .ok_or_else(|| err(format!("no such group {g:?} in {}", rootfs_etc.join("group").display())))?,
+                .ok_or_else(|| {
+                    err(format!(
+                        "no such group {g:?} in {}",
+                        rootfs_etc.join("group").display()
+                    ))
+                })?,
         },
     };
     let mut additional_gids = Vec::new();
@@ -92,7 +97,11 @@ fn entries(text: &str) -> Vec<Vec<&str>> {
 
 /// The file's text, `None` when it does not exist.
 fn read_etc(etc: &Path, name: &str) -> Result<Option<String>, String> {
-    let dir = match rustix::fs::open(etc, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+    let dir = match rustix::fs::open(
+        etc,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(d) => d,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(format!("open {}: {e}", etc.display())),
@@ -115,6 +124,7 @@ fn read_etc(etc: &Path, name: &str) -> Result<Option<String>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -139,12 +149,37 @@ mod tests {
         let p = d.path();
         assert_eq!(
             lookup_user(p, "alice").unwrap(),
-            User { uid: 1000, gid: 1000, additional_gids: vec![10, 29] }
+            User {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![10, 29]
+            }
         );
-        assert_eq!(lookup_user(p, "alice:wheel").unwrap(), User { uid: 1000, gid: 10, additional_gids: vec![] });
+        assert_eq!(
+            lookup_user(p, "alice:wheel").unwrap(),
+            User {
+                uid: 1000,
+                gid: 10,
+                additional_gids: vec![]
+            }
+        );
         assert_eq!(lookup_user(p, "1000").unwrap().gid, 1000);
-        assert_eq!(lookup_user(p, "4242").unwrap(), User { uid: 4242, gid: 0, additional_gids: vec![] });
-        assert_eq!(lookup_user(p, "4242:7").unwrap(), User { uid: 4242, gid: 7, additional_gids: vec![] });
+        assert_eq!(
+            lookup_user(p, "4242").unwrap(),
+            User {
+                uid: 4242,
+                gid: 0,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            lookup_user(p, "4242:7").unwrap(),
+            User {
+                uid: 4242,
+                gid: 7,
+                additional_gids: vec![]
+            }
+        );
         assert_eq!(lookup_user(p, "root").unwrap(), User::default());
         assert!(lookup_user(p, "nobody").is_err());
         assert!(lookup_user(p, "alice:nogroup").is_err());
