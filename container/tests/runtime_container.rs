@@ -527,3 +527,60 @@ fn user_namespace() {
     assert_eq!(lines[2], "hi", "{out:?}");
     assert!(root.state.join("upper/x").exists());
 }
+
+/// A new pseudo-terminal: (master, slave).
+fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc pty calls on fds this test owns.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(master >= 0);
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(master, name.as_mut_ptr(), name.len()), 0);
+        let slave = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(slave >= 0);
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+#[test]
+fn terminal_becomes_controlling_tty() {
+    if !can_run() {
+        return;
+    }
+    let root = TestRoot::new();
+    let (master, slave) = openpty();
+    let mut spec = root.spec(
+        "[ -t 0 ] && echo tty=yes; read -r a b c d e f g rest < /proc/self/stat; echo sid=$f; echo tty_nr=$g",
+    );
+    spec.terminal = true;
+    let stdio = Stdio {
+        stdin: Some(slave.try_clone().unwrap()),
+        stdout: Some(slave.try_clone().unwrap()),
+        stderr: Some(slave),
+    };
+    let spawned = spawn(&spec, stdio, None).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The master reads EIO once every slave fd is closed.
+    while let Ok(n) = rustix::io::read(&master, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let status = waitpid(spawned.pid, None).unwrap();
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert_eq!(status, WaitStatus::Exited(spawned.pid, 0), "{out}");
+    assert_eq!(field(&out, "tty="), Some("yes"), "{out}");
+    assert_eq!(field(&out, "sid="), Some("1"), "{out}");
+    assert_ne!(field(&out, "tty_nr="), Some("0"), "{out}");
+}

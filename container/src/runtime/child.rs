@@ -74,9 +74,7 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
     // SAFETY: the child only runs this module's code, which does not touch locks other
     // threads may hold (no stdio, no env access); glibc's fork keeps malloc usable.
     let c1 = match unsafe { nix::unistd::fork() } {
-        Ok(ForkResult::Child) => match intermediate(plan, fds) {
-            Err(f) => fail_and_exit(fds.err, &f),
-        },
+        Ok(ForkResult::Child) => child_entry(fds.err, || intermediate(plan, fds)),
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => return Err(ContainerError::setup("fork", None, e)),
     };
@@ -121,6 +119,18 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
         )));
     }
     Err(report::decode(&report))
+}
+
+/// Run the body of a forked process; it never returns into the caller's code: a failure (or
+/// a panic, which must not unwind into a copy of the caller) is reported and the process exits.
+pub(crate) fn child_entry(err: RawFd, body: impl FnOnce() -> Step<std::convert::Infallible>) -> ! {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(Err(f)) => fail_and_exit(err, &f),
+        Err(_) => fail_and_exit(
+            err,
+            &Failure::new("container setup (internal error: panic)", None, libc::EIO),
+        ),
+    }
 }
 
 fn write_id_maps(child: Pid, m: &super::IdMapping) -> Result<(), ContainerError> {
@@ -200,9 +210,7 @@ fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
         return Err(std::io::Error::last_os_error()).step("clone the container's pid 1");
     }
     if pid == 0 {
-        match container_main(plan, fds.err) {
-            Err(f) => fail_and_exit(fds.err, &f),
-        }
+        child_entry(fds.err, || container_main(plan, fds.err));
     }
     let pid = i32::try_from(pid).unwrap_or_default();
     rustix::io::write(borrow(fds.pid), &pid.to_le_bytes()).step("send the container's pid")?;

@@ -12,9 +12,9 @@ use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-use super::child::exec_command;
+use super::child::{child_entry, exec_command};
 use super::plan::Plan;
-use super::report::{exit_now, fail_and_exit, Context, Step};
+use super::report::{exit_now, Context, Step};
 
 /// Signals the init passes on to the command.
 const FORWARDED: [Signal; 6] = [
@@ -49,9 +49,7 @@ pub(crate) fn run_init(plan: &Plan, err: RawFd) -> Step<std::convert::Infallible
         .step("block signals in the init")?;
     // SAFETY: this process is single-threaded.
     let command = match unsafe { nix::unistd::fork() }.step("fork the command from the init")? {
-        ForkResult::Child => match exec_command(plan) {
-            Err(f) => fail_and_exit(err, &f),
-        },
+        ForkResult::Child => child_entry(err, || exec_command(plan)),
         ForkResult::Parent { child } => child,
     };
     // The error pipe now belongs to the command alone (its exec closes it); the init keeps
