@@ -584,3 +584,22 @@ fn terminal_becomes_controlling_tty() {
     assert_eq!(field(&out, "sid="), Some("1"), "{out}");
     assert_ne!(field(&out, "tty_nr="), Some("0"), "{out}");
 }
+
+/// Not a check: how long a `true` container takes (`cargo test -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_spawn_true() {
+    if !can_run() {
+        return;
+    }
+    let root = TestRoot::new();
+    let mut spec = root.spec("true");
+    spec.args = vec!["/bin/true".into()];
+    let n = 50;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let s = spawn(&spec, Stdio::default(), None).unwrap();
+        waitpid(s.pid, None).unwrap();
+    }
+    eprintln!("{:?} per container", start.elapsed() / n);
+}
