@@ -1,0 +1,433 @@
+//! Everything the container's processes need, prepared and checked in the caller before the
+//! fork: paths, mount options, the exec candidates, the compiled seccomp filter. The children
+//! only execute it.
+
+use std::ffi::CString;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::sys::resource::Resource;
+use seccompiler::BpfProgram;
+
+use super::{
+    caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
+};
+
+/// `PATH` used when the spec's environment has none.
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Resource limit names.
+const RLIMITS: &[(&str, Resource)] = &[
+    ("AS", Resource::RLIMIT_AS),
+    ("CORE", Resource::RLIMIT_CORE),
+    ("CPU", Resource::RLIMIT_CPU),
+    ("DATA", Resource::RLIMIT_DATA),
+    ("FSIZE", Resource::RLIMIT_FSIZE),
+    ("LOCKS", Resource::RLIMIT_LOCKS),
+    ("MEMLOCK", Resource::RLIMIT_MEMLOCK),
+    ("MSGQUEUE", Resource::RLIMIT_MSGQUEUE),
+    ("NICE", Resource::RLIMIT_NICE),
+    ("NOFILE", Resource::RLIMIT_NOFILE),
+    ("NPROC", Resource::RLIMIT_NPROC),
+    ("RSS", Resource::RLIMIT_RSS),
+    ("RTPRIO", Resource::RLIMIT_RTPRIO),
+    ("RTTIME", Resource::RLIMIT_RTTIME),
+    ("SIGPENDING", Resource::RLIMIT_SIGPENDING),
+    ("STACK", Resource::RLIMIT_STACK),
+];
+
+/// How the root is mounted.
+#[derive(Debug)]
+pub(crate) enum RootPlan {
+    /// overlayfs with these options.
+    Overlay {
+        /// `lowerdir=...[,upperdir=...,workdir=...]`
+        options: String,
+        /// Mounted read-only.
+        read_only: bool,
+    },
+    /// A read-only bind mount of this directory.
+    Bind {
+        /// The directory.
+        source: PathBuf,
+    },
+}
+
+/// One checked bind mount.
+#[derive(Debug)]
+pub(crate) struct BindPlan {
+    /// Host path.
+    pub source: PathBuf,
+    /// Path relative to the container root (no leading `/`).
+    pub destination: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+    /// The source is a directory (else a file: the mount point is a file).
+    pub is_dir: bool,
+}
+
+/// The prepared container.
+pub(crate) struct Plan {
+    pub root: RootPlan,
+    pub root_mountpoint: PathBuf,
+    /// The mount point is a temporary directory to remove after the start.
+    pub temporary_mountpoint: bool,
+    pub binds: Vec<BindPlan>,
+    pub hostname: String,
+    pub network: Network,
+    pub userns: Option<IdMapping>,
+    pub rlimits: Vec<(Resource, u64, u64)>,
+    pub user: User,
+    pub caps: u64,
+    pub no_new_privileges: bool,
+    pub seccomp: Option<BpfProgram>,
+    /// Paths to try with execve, in order.
+    pub exe_candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: PathBuf,
+    pub init: bool,
+    pub terminal: bool,
+    /// stdin, stdout, stderr.
+    pub stdio: [OwnedFd; 3],
+    pub cgroup_procs: Option<RawFd>,
+}
+
+fn invalid(msg: impl Into<String>) -> ContainerError {
+    ContainerError::InvalidSpec(msg.into())
+}
+
+fn cstring(what: &str, s: &[u8]) -> Result<CString, ContainerError> {
+    CString::new(s).map_err(|_| invalid(format!("{what} contains a NUL byte")))
+}
+
+/// A path inside the container, relative to its root; `..` is refused.
+fn relative_in_container(what: &str, p: &Path) -> Result<PathBuf, ContainerError> {
+    if !p.is_absolute() {
+        return Err(invalid(format!("{what} {} must be absolute", p.display())));
+    }
+    let mut rel = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => rel.push(n),
+            Component::RootDir | Component::CurDir => {}
+            _ => {
+                return Err(invalid(format!(
+                    "{what} {} must not contain ..",
+                    p.display()
+                )))
+            }
+        }
+    }
+    Ok(rel)
+}
+
+fn open_dev_null() -> Result<OwnedFd, ContainerError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| ContainerError::setup("open", Some(Path::new("/dev/null")), e))
+}
+
+fn create_dir(path: &Path) -> Result<(), ContainerError> {
+    std::fs::create_dir_all(path)
+        .map_err(|e| ContainerError::setup("create directory", Some(path), e))
+}
+
+impl Plan {
+    /// Check the spec and prepare everything.
+    pub(crate) fn new(
+        spec: &ContainerSpec,
+        stdio: Stdio,
+        cgroup_procs: Option<RawFd>,
+    ) -> Result<Plan, ContainerError> {
+        if spec.args.is_empty() {
+            return Err(invalid("args is empty: nothing to run"));
+        }
+        let caps = match &spec.capabilities {
+            None => caps::mask(caps::DEFAULT),
+            Some(list) => caps::mask(list),
+        }
+        .map_err(invalid)?;
+        let seccomp = if spec.seccomp {
+            Some(seccomp::compile(caps).map_err(invalid)?)
+        } else {
+            None
+        };
+        let rlimits = spec
+            .rlimits
+            .iter()
+            .map(|r| {
+                let upper = r.resource.to_ascii_uppercase();
+                let short = upper.strip_prefix("RLIMIT_").unwrap_or(&upper);
+                RLIMITS
+                    .iter()
+                    .find(|(n, _)| *n == short)
+                    .map(|(_, res)| (*res, r.soft, r.hard))
+                    .ok_or_else(|| invalid(format!("unknown rlimit {:?}", r.resource)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(m) = &spec.user_namespace {
+            if m.size == 0 {
+                return Err(invalid("user_namespace size is 0"));
+            }
+        }
+        let binds = spec
+            .mounts
+            .iter()
+            .map(|m| {
+                let meta = std::fs::metadata(&m.source)
+                    .map_err(|e| ContainerError::setup("bind mount source", Some(&m.source), e))?;
+                let destination = relative_in_container("mount destination", &m.destination)?;
+                if destination.as_os_str().is_empty() {
+                    return Err(invalid("a bind mount cannot replace the root"));
+                }
+                Ok(BindPlan {
+                    source: m.source.clone(),
+                    destination,
+                    read_only: m.read_only,
+                    is_dir: meta.is_dir(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        relative_in_container("cwd", &spec.cwd)?;
+        let (root, root_mountpoint, temporary_mountpoint) = root_plan(spec)?;
+        let hostname = spec.hostname.clone().unwrap_or_else(|| spec.id.clone());
+        if hostname.len() > 64 {
+            return Err(invalid(format!(
+                "hostname {hostname:?} is longer than 64 bytes"
+            )));
+        }
+        let argv = spec
+            .args
+            .iter()
+            .map(|a| cstring("an argument", a.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| {
+                if k.is_empty() || k.contains('=') {
+                    return Err(invalid(format!("bad environment variable name {k:?}")));
+                }
+                cstring("an environment variable", format!("{k}={v}").as_bytes())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let exe_candidates = exe_candidates(spec)?;
+        let stdio = [
+            stdio.stdin.map_or_else(open_dev_null, Ok)?,
+            stdio.stdout.map_or_else(open_dev_null, Ok)?,
+            stdio.stderr.map_or_else(open_dev_null, Ok)?,
+        ];
+        let plan = Plan {
+            root,
+            root_mountpoint,
+            temporary_mountpoint,
+            binds,
+            hostname,
+            network: spec.network,
+            userns: spec.user_namespace,
+            rlimits,
+            user: spec.user.clone(),
+            caps,
+            no_new_privileges: spec.no_new_privileges,
+            seccomp,
+            exe_candidates,
+            argv,
+            envp,
+            cwd: spec.cwd.clone(),
+            init: spec.init,
+            terminal: spec.terminal,
+            stdio,
+            cgroup_procs,
+        };
+        plan.chown_for_userns(spec)?;
+        Ok(plan)
+    }
+
+    /// In a user namespace, the container's root must own the overlay's upper and work dirs.
+    fn chown_for_userns(&self, spec: &ContainerSpec) -> Result<(), ContainerError> {
+        let (
+            Some(m),
+            RootFs::Overlay {
+                state_dir,
+                read_only: false,
+                ..
+            },
+        ) = (&self.userns, &spec.root)
+        else {
+            return Ok(());
+        };
+        let Some(host_root) = m
+            .host_id
+            .checked_sub(m.container_id)
+            .filter(|_| m.container_id == 0)
+        else {
+            return Ok(());
+        };
+        for d in ["upper", "work"] {
+            let p = state_dir.join(d);
+            let meta =
+                std::fs::metadata(&p).map_err(|e| ContainerError::setup("stat", Some(&p), e))?;
+            if meta.uid() != host_root {
+                std::os::unix::fs::chown(&p, Some(host_root), Some(host_root)).map_err(|e| {
+                    ContainerError::setup("chown for the user namespace", Some(&p), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove what only the start needed (the temporary mount point; the container's root is
+    /// pivoted away from it by now, or the container is gone).
+    pub(crate) fn cleanup_after_start(&self) {
+        if self.temporary_mountpoint {
+            // Best effort: a leftover empty directory under /run is harmless.
+            let _ = std::fs::remove_dir(&self.root_mountpoint);
+        }
+    }
+}
+
+fn check_overlay_path(p: &Path) -> Result<String, ContainerError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| invalid(format!("layer path {} is not UTF-8", p.display())))?;
+    if !p.is_absolute() || s.contains([':', ',', '\\']) {
+        return Err(invalid(format!(
+            "overlay path {s:?} must be absolute and contain no ':', ',' or '\\'"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), ContainerError> {
+    match &spec.root {
+        RootFs::Overlay {
+            layers,
+            state_dir,
+            read_only,
+        } => {
+            if layers.is_empty() {
+                return Err(invalid("overlay root without layers"));
+            }
+            for l in layers {
+                if !l.is_dir() {
+                    return Err(ContainerError::setup(
+                        "image layer",
+                        Some(l),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    ));
+                }
+            }
+            let mountpoint = state_dir.join("rootfs");
+            create_dir(&mountpoint)?;
+            if *read_only && layers.len() == 1 {
+                // overlayfs needs two lower dirs without an upper one: bind the single layer.
+                let source = layers.first().cloned().unwrap_or_default();
+                return Ok((RootPlan::Bind { source }, mountpoint, false));
+            }
+            // overlayfs wants the top layer first.
+            let lower = layers
+                .iter()
+                .rev()
+                .map(|l| check_overlay_path(l))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(":");
+            let mut options = format!("lowerdir={lower}");
+            if !*read_only {
+                let upper = state_dir.join("upper");
+                let work = state_dir.join("work");
+                create_dir(&upper)?;
+                create_dir(&work)?;
+                options.push_str(&format!(
+                    ",upperdir={},workdir={}",
+                    check_overlay_path(&upper)?,
+                    check_overlay_path(&work)?
+                ));
+            }
+            if options.len() >= 4000 {
+                return Err(invalid(
+                    "too many layers: the overlay options exceed a page",
+                ));
+            }
+            Ok((
+                RootPlan::Overlay {
+                    options,
+                    read_only: *read_only,
+                },
+                mountpoint,
+                false,
+            ))
+        }
+        RootFs::HostReadOnly { path } => {
+            if !path.is_dir() {
+                return Err(ContainerError::setup(
+                    "root directory",
+                    Some(path),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                ));
+            }
+            let base = if Path::new("/run").is_dir() {
+                PathBuf::from("/run/flotilla/rootfs")
+            } else {
+                std::env::temp_dir().join("flotilla-rootfs")
+            };
+            let safe_id: String = spec
+                .id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.@".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let mountpoint = base.join(format!("{safe_id}.{}.{}", std::process::id(), unique()));
+            create_dir(&mountpoint)?;
+            Ok((
+                RootPlan::Bind {
+                    source: path.clone(),
+                },
+                mountpoint,
+                true,
+            ))
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The paths to try for `args[0]`: itself when it contains a `/`, else each `PATH` entry.
+fn exe_candidates(spec: &ContainerSpec) -> Result<Vec<CString>, ContainerError> {
+    let arg0 = spec.args.first().map(String::as_str).unwrap_or_default();
+    if arg0.is_empty() {
+        return Err(invalid("args[0] is empty"));
+    }
+    if arg0.contains('/') {
+        return Ok(vec![cstring("args[0]", arg0.as_bytes())?]);
+    }
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            let p = Path::new(d).join(arg0);
+            cstring("PATH entry", p.as_os_str().as_bytes())
+        })
+        .collect()
+}
