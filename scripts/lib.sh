@@ -10,13 +10,11 @@ need_root() {
     fi
 }
 
-# ensure_packages CMD:PACKAGE ... — install the Debian package when the command is missing.
+# ensure_packages PACKAGE ... — install the Debian packages that are not installed yet.
 ensure_packages() {
-    local missing=() pair cmd pkg
-    for pair in "$@"; do
-        cmd=${pair%%:*}
-        pkg=${pair#*:}
-        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         step "installing Debian packages: ${missing[*]}"
@@ -28,7 +26,7 @@ ensure_packages() {
 ensure_rust() {
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
     if ! command -v cargo >/dev/null 2>&1; then
-        ensure_packages rustup:rustup
+        ensure_packages rustup
         step "installing the stable Rust toolchain with rustup"
         rustup default stable
     fi
