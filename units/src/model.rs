@@ -39,7 +39,7 @@ pub struct UnitSection {
 }
 
 /// `[container]` section.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSection {
     /// Image name (`name` or `name:tag`); `None` runs on the host's root, read-only.
     pub image: Option<String>,
@@ -57,6 +57,26 @@ pub struct ContainerSection {
     pub mounts: Vec<Mount>,
     /// Hostname inside the container.
     pub hostname: Option<String>,
+    /// Run a minimal init as pid 1 of the container that reaps zombies and forwards
+    /// signals to the command (default true: a command as pid 1 ignores SIGTERM unless it
+    /// installs a handler, and reaps nothing).
+    pub init: bool,
+}
+
+impl Default for ContainerSection {
+    fn default() -> Self {
+        Self {
+            image: None,
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            network: Network::Host,
+            mounts: Vec::new(),
+            hostname: None,
+            init: true,
+        }
+    }
 }
 
 /// Network mode of a unit's container.

@@ -38,7 +38,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     (
         "container",
         &[
-            "image", "command", "env", "workdir", "user", "network", "hostname", "mounts",
+            "image", "command", "env", "workdir", "user", "network", "hostname", "mounts", "init",
         ],
     ),
     (
@@ -769,6 +769,7 @@ fn parse_container(
                 s.hostname = Some(hostname);
             }
             "mounts" => s.mounts = parse_mounts(&f)?,
+            "init" => s.init = f.boolean()?,
             _ => return Err(ctx.unknown_key("container", &f.dotted, key, keys_of("container"))),
         }
     }

@@ -307,8 +307,9 @@ fn loopback_up() -> Step {
 }
 
 /// Default dispositions and an empty mask: the caller may ignore or block signals (an event
-/// loop blocks SIGCHLD; Rust ignores SIGPIPE), and both survive execve.
-pub(crate) fn reset_signals() {
+/// loop blocks SIGCHLD; Rust ignores SIGPIPE), and both survive execve. Async-signal-safe:
+/// for use between fork and exec, also by launchers outside this crate.
+pub fn reset_signals() {
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;

@@ -31,6 +31,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
+pub use child::reset_signals;
 pub use user::lookup_user;
 
 /// What to run in a container and how to isolate it.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use flotilla_init::api::{self, dbus};
 use flotilla_init::event_loop;
-use flotilla_init::launcher::HostLauncher;
+use flotilla_init::launcher::{ContainerLauncher, HostLauncher, Launcher};
 use flotilla_init::logs::LogConfig;
 use flotilla_init::manager::{Config, Manager};
 use flotilla_init::scope::ScopeRoot;
@@ -44,9 +44,22 @@ struct Args {
     /// Log lines kept in memory per unit.
     #[arg(long, value_name = "N", default_value_t = 200)]
     log_tail: usize,
+    /// How units run: `container` (own namespaces and cgroup; the default) or `host` (plain
+    /// processes in their own cgroup, for hosts without namespaces and for comparisons).
+    #[arg(long, value_enum, default_value = "container")]
+    launcher: LauncherKind,
     /// Load and serve the units but start none of them.
     #[arg(long)]
     no_start: bool,
+}
+
+/// Which [`flotilla_init::launcher::Launcher`] to use.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LauncherKind {
+    /// Every unit in a container.
+    Container,
+    /// Plain host processes.
+    Host,
 }
 
 fn raise_fd_limit() {
@@ -88,7 +101,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let (handle, queue) = api::channel().context("creating the API queue")?;
     let (events_tx, events_rx) = mpsc::channel();
-    let mut manager = Manager::new(cfg, Box::new(HostLauncher), scopes, Some(events_tx));
+    let launcher: Box<dyn Launcher> = match args.launcher {
+        LauncherKind::Container => Box::new(ContainerLauncher::new()),
+        LauncherKind::Host => Box::new(HostLauncher),
+    };
+    let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
     let server = dbus::serve(&args.api, handle, events_rx)
         .with_context(|| format!("serving the control API on {}", args.api.display()))?;
     log::info!(

@@ -38,7 +38,7 @@ impl Machine {
         let unit_dir = dir.path().join("units");
         fs::create_dir_all(&unit_dir).unwrap();
         for (name, text) in units {
-            let text = text.replace("$DIR", dir.path().to_str().unwrap());
+            let text = with_dir_mount(text).replace("$DIR", dir.path().to_str().unwrap());
             fs::write(unit_dir.join(format!("{name}.toml")), text).unwrap();
         }
         let state = dir.path().join("state");
@@ -143,6 +143,19 @@ impl Machine {
         self.wait_until(&format!("{} to exist", path.display()), || path.exists());
     }
 
+    /// Host pids in the unit's cgroup.
+    pub fn unit_pids(&self, name: &str) -> Vec<i32> {
+        let procs = Path::new("/sys/fs/cgroup/unified")
+            .join(&self.cgroup)
+            .join(format!("{name}.unit"))
+            .join("cgroup.procs");
+        fs::read_to_string(procs)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
     pub fn logs(&self, name: &str) -> String {
         self.ok(&["logs", name, "-n", "1000"])
     }
@@ -186,6 +199,19 @@ impl Drop for Machine {
         }
         let _ = fs::remove_dir(&root);
     }
+}
+
+/// Every test unit gets the test's directory as a writable mount: a unit without an image
+/// runs over the host's root, read-only, with only its declared mounts writable.
+pub fn with_dir_mount(text: &str) -> String {
+    if text.contains("mounts") {
+        return text.to_string();
+    }
+    text.replacen(
+        "[container]\n",
+        "[container]\nmounts = [{ host = \"$DIR\", path = \"$DIR\" }]\n",
+        1,
+    )
 }
 
 /// True while a process with this pid exists (and is not a zombie).
