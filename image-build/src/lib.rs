@@ -1,0 +1,602 @@
+//! Builds Flotilla container images from a TOML spec: a root filesystem from debootstrap,
+//! a few Debian packages, or a directory; then a deterministic layer tar (cached), an OCI
+//! image layout, and an import into the local image store.
+
+pub mod apt;
+pub mod rootfs;
+pub mod spec;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_container::image::{
+    write_oci_layout, ImageError, ImageInfo, ImageStore, ImportEvent, RuntimeConfig,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::Digest as _;
+
+pub use spec::{Source, Spec};
+
+/// Default cache directory (layer tars, work directories).
+pub const DEFAULT_CACHE: &str = "/var/cache/flotilla";
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The spec is invalid.
+    #[error("spec {}: {detail}", path.display())]
+    Spec {
+        /// Spec file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A filesystem operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: String,
+        /// On what.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external command failed.
+    #[error("{command} failed ({status}){}", tail_text(.tail, .log))]
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status or spawn error.
+        status: String,
+        /// Last lines of its output.
+        tail: Vec<String>,
+        /// Full log, if kept.
+        log: Option<PathBuf>,
+    },
+    /// Writing the layout or importing failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Invalid options.
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn tail_text(tail: &[String], log: &Option<PathBuf>) -> String {
+    let mut s = String::new();
+    if !tail.is_empty() {
+        s.push_str(":\n  ");
+        s.push_str(&tail.join("\n  "));
+    }
+    if let Some(l) = log {
+        s.push_str(&format!("\n(full log: {})", l.display()));
+    }
+    s
+}
+
+fn io_err(action: &str, path: &Path, e: std::io::Error) -> BuildError {
+    BuildError::Io {
+        action: action.to_string(),
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Options of one build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The spec file.
+    pub spec: PathBuf,
+    /// Image store to import into.
+    pub store: PathBuf,
+    /// Write the OCI layout here (else a temporary directory).
+    pub oci_out: Option<PathBuf>,
+    /// Skip the import.
+    pub no_import: bool,
+    /// Cache directory.
+    pub cache: PathBuf,
+    /// Show spinners and bars (on a terminal).
+    pub progress: bool,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// `name:tag`.
+    pub reference: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// The layer came from the cache.
+    pub cached: bool,
+    /// The layer tar (in the cache, or a temporary file already deleted when not cached).
+    pub layer_tar: PathBuf,
+    /// Size of the layer tar in bytes.
+    pub layer_bytes: u64,
+    /// The imported image, unless `no_import`.
+    pub imported: Option<ImageInfo>,
+}
+
+/// Prints step lines and runs spinners.
+struct Steps {
+    n: usize,
+    total: usize,
+    progress: bool,
+}
+
+impl Steps {
+    fn line(&mut self, text: &str) {
+        self.n += 1;
+        println!("[{}/{}] {text}", self.n, self.total);
+        let _ = std::io::stdout().flush();
+    }
+    /// A note under the current step, above any spinner.
+    fn note(&self, pb: &ProgressBar, text: &str) {
+        if pb.is_hidden() {
+            println!("      {text}");
+        } else {
+            pb.println(format!("      {text}"));
+        }
+    }
+    fn spinner(&self, msg: &str) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(
+            ProgressStyle::with_template("      {spinner} [{elapsed}] {wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        pb.set_message(msg.to_string());
+        pb.enable_steady_tick(Duration::from_millis(120));
+        pb
+    }
+}
+
+/// Runs a command; its output goes to `log` (and the last line to the spinner).
+fn run(cmd: &mut Command, pb: &ProgressBar, log: &Path) -> Result<(), BuildError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let mut logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| io_err("open log", log, e))?;
+    let _ = writeln!(logf, "$ {shown}");
+    let err_log = logf.try_clone().map_err(|e| io_err("open log", log, e))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(err_log))
+        .spawn()
+        .map_err(|e| BuildError::Command {
+            command: shown.clone(),
+            status: format!("cannot start: {e}"),
+            tail: vec![],
+            log: None,
+        })?;
+    let mut tail: Vec<String> = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = writeln!(logf, "{line}");
+            pb.set_message(line.clone());
+            tail.push(line);
+            if tail.len() > 200 {
+                tail.drain(..100);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| io_err("wait for", Path::new(&shown), e))?;
+    if status.success() {
+        return Ok(());
+    }
+    // stderr went to the log: show its end.
+    let all = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<String> = all.lines().map(str::to_string).collect();
+    let tail = lines
+        .get(lines.len().saturating_sub(12)..)
+        .unwrap_or_default()
+        .to_vec();
+    Err(BuildError::Command {
+        command: shown,
+        status: status.to_string(),
+        tail,
+        log: Some(log.to_path_buf()),
+    })
+}
+
+/// Finds a program in PATH, or in /usr/sbin and /sbin (root's tools when PATH lacks them).
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Installs a Debian package on the host with apt-get (updating the lists once on failure).
+fn apt_install(package: &str, pb: &ProgressBar, log: &Path) -> Result<(), BuildError> {
+    let install = || {
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    if run(&mut install(), pb, log).is_ok() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").arg("update"), pb, log)?;
+    run(&mut install(), pb, log)
+}
+
+/// Cache key: the canonical spec, the suite, and the contents of copied files.
+fn cache_key(spec: &Spec, suite: &str, spec_dir: &Path) -> Result<String, BuildError> {
+    let mut h = sha2::Sha256::new();
+    let canonical = serde_json::to_vec(spec).map_err(|e| BuildError::Usage(e.to_string()))?;
+    h.update(b"flotilla-image-build v1\0");
+    h.update(&canonical);
+    h.update(b"\0suite\0");
+    h.update(suite.as_bytes());
+    h.update(rootfs::source_date_epoch().to_string().as_bytes());
+    for f in &spec.files {
+        let p = spec_dir.join(&f.src);
+        let bytes = std::fs::read(&p).map_err(|e| io_err("read [[files]] src", &p, e))?;
+        h.update(b"\0file\0");
+        h.update(f.src.as_os_str().as_encoded_bytes());
+        h.update(&bytes);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Puts the spec's extra files and symlinks into `root`.
+fn add_extras(spec: &Spec, spec_dir: &Path, root: &Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    for f in &spec.files {
+        let src = spec_dir.join(&f.src);
+        let dest = root.join(f.dest.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+        }
+        let _ = std::fs::remove_file(&dest);
+        std::fs::copy(&src, &dest).map_err(|e| io_err("copy [[files]] src", &src, e))?;
+        let mode = f
+            .mode
+            .as_deref()
+            .map(spec::parse_mode)
+            .transpose()
+            .map_err(BuildError::Usage)?
+            .unwrap_or(0o644);
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io_err("chmod", &dest, e))?;
+    }
+    for s in &spec.symlinks {
+        make_link(root, &s.path, &s.target, true)?;
+    }
+    Ok(())
+}
+
+fn make_link(root: &Path, path: &str, target: &str, replace: bool) -> Result<bool, BuildError> {
+    let link = root.join(path.trim_start_matches('/'));
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+    }
+    if link.symlink_metadata().is_ok() {
+        if !replace {
+            return Ok(false);
+        }
+        std::fs::remove_file(&link).map_err(|e| io_err("replace", &link, e))?;
+    }
+    std::os::unix::fs::symlink(target, &link).map_err(|e| io_err("create symlink", &link, e))?;
+    Ok(true)
+}
+
+/// Creates `/bin/busybox` applet links listed by the image's own busybox.
+fn busybox_links(root: &Path) -> Result<usize, BuildError> {
+    let bb = root.join("bin/busybox");
+    let out = Command::new(&bb)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| io_err("run (busybox_links needs bin/busybox)", &bb, e))?;
+    if !out.status.success() {
+        return Err(BuildError::Command {
+            command: format!("{} --list-full", bb.display()),
+            status: out.status.to_string(),
+            tail: vec![String::from_utf8_lossy(&out.stderr).into_owned()],
+            log: None,
+        });
+    }
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let applet = line.trim();
+        if applet.is_empty() || applet.split('/').any(|c| c == "..") || applet == "bin/busybox" {
+            continue;
+        }
+        if make_link(root, applet, "/bin/busybox", false)? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Copies a directory tree (preserving modes, ownership, symlinks) with `cp -a`.
+fn copy_tree(src: &Path, dst: &Path, pb: &ProgressBar, log: &Path) -> Result<(), BuildError> {
+    let mut from = src.as_os_str().to_owned();
+    from.push("/.");
+    run(Command::new("cp").arg("-a").arg(from).arg(dst), pb, log)
+}
+
+/// Builds the image of `opts.spec`.
+pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+    let started = Instant::now();
+    let spec = Spec::load(&opts.spec)?;
+    let spec_dir = opts
+        .spec
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    if opts.no_import && opts.oci_out.is_none() {
+        return Err(BuildError::Usage(
+            "--no-import without --oci-out would build nothing to keep: give --oci-out DIR".into(),
+        ));
+    }
+    let reference = spec.reference();
+    let suite = match &spec.source {
+        Source::Debootstrap { suite: Some(s), .. } => s.clone(),
+        _ => apt::host_codename().unwrap_or_else(|| "stable".into()),
+    };
+    let total = 4 + usize::from(!opts.no_import);
+    let mut steps = Steps {
+        n: 0,
+        total,
+        progress: opts.progress,
+    };
+
+    let layers_dir = opts.cache.join("layers");
+    let work_dir = opts.cache.join("work");
+    for d in [&layers_dir, &work_dir] {
+        std::fs::create_dir_all(d).map_err(|e| io_err("create cache directory", d, e))?;
+    }
+    let cacheable = !matches!(spec.source, Source::Directory { .. });
+    let key = cache_key(&spec, &suite, &spec_dir)?;
+    let cached_tar = layers_dir.join(format!("{key}.tar"));
+    let work = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&work_dir)
+        .map_err(|e| io_err("create work directory in", &work_dir, e))?;
+    let log = work.path().join("build.log");
+    let root = work.path().join("rootfs");
+    std::fs::create_dir(&root).map_err(|e| io_err("create", &root, e))?;
+
+    let (layer_tar, cached) = if cacheable && cached_tar.is_file() {
+        steps.line(&format!(
+            "{}: root filesystem: cached",
+            describe(&spec.source, &suite)
+        ));
+        steps.line("clean + extras: cached");
+        steps.line(&format!("layer tar: cached ({})", cached_tar.display()));
+        (cached_tar.clone(), true)
+    } else {
+        // 1. Root filesystem.
+        steps.line(&describe(&spec.source, &suite));
+        let pb = steps.spinner("starting");
+        match &spec.source {
+            Source::Debootstrap {
+                variant, packages, ..
+            } => {
+                let program = match find_program("debootstrap") {
+                    Some(p) => p,
+                    None => {
+                        steps.note(&pb, "debootstrap is not installed: installing the Debian package `debootstrap` with apt-get");
+                        apt_install("debootstrap", &pb, &log)?;
+                        find_program("debootstrap").unwrap_or_else(|| PathBuf::from("debootstrap"))
+                    }
+                };
+                let mut cmd = Command::new(program);
+                cmd.arg(format!(
+                    "--variant={}",
+                    variant.as_deref().unwrap_or("minbase")
+                ));
+                if !packages.is_empty() {
+                    cmd.arg(format!("--include={}", packages.join(",")));
+                }
+                cmd.arg(&suite).arg(&root);
+                if let Some(m) = apt::pick_mirror(&apt::host_sources(), &suite) {
+                    cmd.arg(m);
+                }
+                run(&mut cmd, &pb, &log)?;
+            }
+            Source::Packages { packages } => {
+                let debs = work.path().join("debs");
+                std::fs::create_dir(&debs).map_err(|e| io_err("create", &debs, e))?;
+                let dl = || {
+                    let mut c = Command::new("apt-get");
+                    c.arg("download").args(packages).current_dir(&debs);
+                    c
+                };
+                if run(&mut dl(), &pb, &log).is_err() {
+                    steps.note(
+                        &pb,
+                        "apt-get download failed: running apt-get update once and retrying",
+                    );
+                    run(Command::new("apt-get").arg("update"), &pb, &log)?;
+                    run(&mut dl(), &pb, &log)?;
+                }
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&debs)
+                    .map_err(|e| io_err("list", &debs, e))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+                    .collect();
+                files.sort();
+                for deb in &files {
+                    run(
+                        Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
+                        &pb,
+                        &log,
+                    )?;
+                }
+            }
+            Source::Directory { path } => {
+                let src = spec_dir.join(path);
+                if !src.is_dir() {
+                    return Err(BuildError::Spec {
+                        path: opts.spec.clone(),
+                        detail: format!("source path {} is not a directory", src.display()),
+                    });
+                }
+                copy_tree(&src, &root, &pb, &log)?;
+            }
+        }
+        pb.finish_and_clear();
+
+        // 2. Clean + extras.
+        let removed = if matches!(spec.source, Source::Debootstrap { .. }) {
+            rootfs::clean(&root)?
+        } else {
+            0
+        };
+        add_extras(&spec, &spec_dir, &root)?;
+        let links = if spec.busybox_links {
+            busybox_links(&root)?
+        } else {
+            0
+        };
+        steps.line(&format!(
+            "clean + extras: {removed} cache/log entries removed, {} files, {} symlinks, {links} busybox links",
+            spec.files.len(),
+            spec.symlinks.len()
+        ));
+
+        // 3. Deterministic tar.
+        let epoch = rootfs::source_date_epoch();
+        steps.line(&format!("layer tar (sorted, mtime <= {epoch})"));
+        let pb = steps.spinner("writing layer tar");
+        let tmp_tar = work.path().join("layer.tar");
+        let count = rootfs::write_tar(&root, &tmp_tar, epoch)?;
+        pb.finish_and_clear();
+        let target = if cacheable {
+            std::fs::rename(&tmp_tar, &cached_tar)
+                .map_err(|e| io_err("store in cache", &cached_tar, e))?;
+            cached_tar.clone()
+        } else {
+            tmp_tar
+        };
+        println!("      {count} entries");
+        (target, false)
+    };
+    let layer_bytes = std::fs::metadata(&layer_tar)
+        .map_err(|e| io_err("stat", &layer_tar, e))?
+        .len();
+
+    // 4. OCI layout.
+    let oci_dir = match &opts.oci_out {
+        Some(d) => d.clone(),
+        None => work.path().join("oci"),
+    };
+    steps.line(&format!(
+        "OCI layout {} ({})",
+        oci_dir.display(),
+        human(layer_bytes)
+    ));
+    let pb = steps.spinner("compressing layer");
+    let config = RuntimeConfig {
+        env: spec.config.env.clone(),
+        entrypoint: spec.config.entrypoint.clone(),
+        cmd: spec.config.cmd.clone(),
+        working_dir: spec.config.working_dir.clone(),
+        user: spec.config.user.clone(),
+    };
+    let digest = write_oci_layout(
+        &oci_dir,
+        std::slice::from_ref(&layer_tar),
+        &config,
+        &reference,
+    )?;
+    pb.finish_and_clear();
+    println!("      {digest}");
+
+    // 5. Import.
+    let imported = if opts.no_import {
+        None
+    } else {
+        steps.line(&format!("import {reference} into {}", opts.store.display()));
+        let store = ImageStore::open(&opts.store)?;
+        let pb = if opts.progress {
+            let pb = ProgressBar::new(1);
+            pb.set_style(
+                ProgressStyle::with_template("      {bar:30} {pos}/{len} layers {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let info = store.import_oci_layout(&oci_dir, Some(&reference), &mut |e| match e {
+            ImportEvent::Layer {
+                index,
+                count,
+                bytes,
+                ..
+            } => {
+                pb.set_length(count as u64);
+                pb.set_position(index as u64 + 1);
+                pb.set_message(human(bytes));
+            }
+            ImportEvent::Done => pb.finish_and_clear(),
+        })?;
+        Some(info)
+    };
+    println!(
+        "{reference} {digest} ({}, {:.1}s{})",
+        human(layer_bytes),
+        started.elapsed().as_secs_f64(),
+        if cached { ", cached" } else { "" }
+    );
+    Ok(BuildOutcome {
+        reference,
+        digest,
+        cached,
+        layer_tar,
+        layer_bytes,
+        imported,
+    })
+}
+
+fn describe(source: &Source, suite: &str) -> String {
+    match source {
+        Source::Debootstrap {
+            variant, packages, ..
+        } => format!(
+            "debootstrap {suite} {} (+{} packages)",
+            variant.as_deref().unwrap_or("minbase"),
+            packages.len()
+        ),
+        Source::Packages { packages } => {
+            format!("apt-get download + dpkg-deb -x: {}", packages.join(" "))
+        }
+        Source::Directory { path } => format!("copy directory {}", path.display()),
+    }
+}
+
+/// Bytes in a human unit.
+pub fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
