@@ -11,3 +11,4 @@ pub mod launcher;
 pub mod logs;
 pub mod manager;
 pub mod scope;
+pub mod toolbox;

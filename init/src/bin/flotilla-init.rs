@@ -32,6 +32,9 @@ struct Args {
     /// Control socket (peer-to-peer D-Bus).
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     api: PathBuf,
+    /// Image store that units' `image` keys are resolved in.
+    #[arg(long, value_name = "DIR", default_value = flotilla_container::image::DEFAULT_STORE)]
+    images: PathBuf,
     /// Name of the cgroup created below this process's cgroup for the units.
     #[arg(long, value_name = "NAME")]
     cgroup: Option<String>,
@@ -102,7 +105,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (handle, queue) = api::channel().context("creating the API queue")?;
     let (events_tx, events_rx) = mpsc::channel();
     let launcher: Box<dyn Launcher> = match args.launcher {
-        LauncherKind::Container => Box::new(ContainerLauncher::new()),
+        LauncherKind::Container => Box::new(ContainerLauncher::new(
+            &args.images,
+            &args.state.join("containers"),
+        )),
         LauncherKind::Host => Box::new(HostLauncher),
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));

@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+use flotilla_container::image;
 use flotilla_init::api::client::Client;
 use flotilla_init::api::{LogEntry, UnitInfo, DEFAULT_SOCKET};
+use flotilla_init::toolbox;
+use flotilla_units::Network;
 use serde_json::{json, Value};
 
 /// Control the units of a Flotilla machine.
@@ -83,6 +86,69 @@ enum Command {
         #[arg(long)]
         restart_changed: bool,
     },
+    /// Run a one-off container in the foreground with this terminal (the toolbox); exits
+    /// with the command's status. Needs no running manager.
+    Run(RunArgs),
+    /// Manage the local image store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Image to run (`name`, `name:tag` or `sha256:PREFIX`).
+    #[arg(long)]
+    image: String,
+    /// Bind mount `HOST:CONTAINER[:ro]` (repeatable).
+    #[arg(long = "bind", value_name = "HOST:CTR[:ro]")]
+    binds: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Environment variable `KEY=VALUE` (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Run as `user`, `user:group` or `uid[:gid]` [default: the sudo caller, else root].
+    #[arg(long)]
+    user: Option<String>,
+    /// Network: host, none or private.
+    #[arg(long, default_value = "host")]
+    network: String,
+    /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// The command and its arguments [default: the image's entrypoint and cmd].
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// List the images (NAME TAG DIGEST SIZE LAYERS CREATED).
+    List {
+        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
+    /// Import an OCI image layout (a directory, or a tar of one as `docker save` writes).
+    Import {
+        /// The layout directory or tar.
+        path: PathBuf,
+        /// `name[:tag]` [default: the layout's ref name annotation].
+        #[arg(long)]
+        name: Option<String>,
+        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
+    /// Remove an image (its layers go once no image uses them).
+    Rm {
+        /// `name`, `name:tag` or `sha256:PREFIX`.
+        reference: String,
+        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,7 +207,132 @@ fn socket_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
+fn store_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            std::env::var_os("FLOTILLA_IMAGES")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(image::DEFAULT_STORE))
+}
+
+/// `unitctl run`: the toolbox. Returns the command's exit status.
+fn toolbox_run(args: RunArgs) -> Result<u8> {
+    let binds = args
+        .binds
+        .iter()
+        .map(|b| toolbox::parse_bind(b).map_err(|e| anyhow!(e)))
+        .collect::<Result<Vec<_>>>()?;
+    let env = args
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("invalid --env {kv:?}: use KEY=VALUE"))
+        })
+        .collect::<Result<_>>()?;
+    let network = match args.network.as_str() {
+        "host" => Network::Host,
+        "none" => Network::None,
+        "private" => Network::Private,
+        other => bail!("invalid --network {other:?}: use host, none or private"),
+    };
+    let opts = toolbox::RunOptions {
+        image: args.image,
+        store: store_path(args.store),
+        binds,
+        workdir: args.workdir,
+        env,
+        user: args.user,
+        network,
+        command: args.command,
+    };
+    let code = toolbox::run(&opts)?;
+    Ok(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+/// `unitctl image ...`: works on the store directly, no manager needed.
+fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<u8> {
+    match cmd {
+        ImageCommand::List { store } => {
+            let store = image::ImageStore::open(&store_path(store))?;
+            let images = store.list()?;
+            if json {
+                print_json(out, &serde_json::to_value(&images)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20} {:<10} {:<19} {:>10} {:>6}  CREATED",
+                    "NAME", "TAG", "DIGEST", "SIZE", "LAYERS"
+                )?;
+                for i in &images {
+                    let short: String = i.digest.chars().take(19).collect();
+                    writeln!(
+                        out,
+                        "{:<20} {:<10} {:<19} {:>10} {:>6}  {}",
+                        i.name,
+                        i.tag,
+                        short,
+                        human_size(i.size),
+                        i.layers,
+                        i.created.as_deref().unwrap_or("-")
+                    )?;
+                }
+            }
+        }
+        ImageCommand::Import { path, name, store } => {
+            let store = image::ImageStore::open(&store_path(store))?;
+            let mut progress = |ev: image::ImportEvent| {
+                if let image::ImportEvent::Layer {
+                    index,
+                    count,
+                    digest,
+                    bytes,
+                } = ev
+                {
+                    eprintln!("layer {}/{count} {digest} {}", index + 1, human_size(bytes));
+                }
+            };
+            let info = store.import_oci_layout(&path, name.as_deref(), &mut progress)?;
+            if json {
+                print_json(out, &serde_json::to_value(&info)?)?;
+            } else {
+                writeln!(out, "imported {}:{} {}", info.name, info.tag, info.digest)?;
+            }
+        }
+        ImageCommand::Rm { reference, store } => {
+            image::ImageStore::open(&store_path(store))?.remove(&reference)?;
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// `run` and `image` are answered before connecting; reaching the manager with them is a bug.
+fn unreachable_local() -> Result<()> {
+    bail!("internal error: a local command was sent to the manager")
+}
+
+fn human_size(bytes: u64) -> String {
+    let mut v = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return format!("{v:.1} {unit}");
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
 fn run(cli: Cli) -> Result<u8> {
+    // Commands that need no manager.
+    let cli = match cli.command {
+        Command::Run(args) => return toolbox_run(args),
+        Command::Image(cmd) => return image_command(cmd, cli.json, &mut io::stdout().lock()),
+        _ => cli,
+    };
     let socket = socket_path(&cli);
     // Read local input before connecting so that a bad file is reported as such.
     let load_text = match &cli.command {
@@ -210,6 +401,7 @@ fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Remove { name } => client.remove_unit(&name)?,
+        Command::Run(_) | Command::Image(_) => unreachable_local()?,
         Command::Reload { restart_changed } => {
             let report = client.reload(restart_changed)?;
             if json {

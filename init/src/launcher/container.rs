@@ -1,11 +1,15 @@
-//! Every unit as a container: a unit's `[container]` section becomes a
-//! [`ContainerSpec`] for the runtime.
+//! Every unit as a container: a unit's `[container]` section becomes a [`ContainerSpec`]
+//! for the runtime. The toolbox (`unitctl run`) describes its one-off container as a unit
+//! too, so both take this one path.
 //!
 //! A unit without `image` still gets its own namespaces and cgroup, with the host's root
-//! mounted read-only as its root and only its declared mounts writable.
+//! mounted read-only as its root and only its declared mounts writable. A unit with an
+//! image runs on the image's layers (overlayfs) with a fresh upper dir on every start.
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 
+use flotilla_container::image::{ImageError, ImageStore, ResolvedImage};
 use flotilla_container::runtime::{self, BindMount, ContainerSpec, RootFs, Stdio};
 use flotilla_units::{Network, Unit};
 use nix::unistd::Pid;
@@ -14,60 +18,102 @@ use super::{LaunchError, LaunchIo, Launcher, DEFAULT_PATH};
 use crate::scope::Scope;
 
 /// Runs units through the container runtime.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ContainerLauncher {
     /// The root a unit without an image runs on (read-only): `/` normally.
     host_root: PathBuf,
-}
-
-impl Default for ContainerLauncher {
-    fn default() -> Self {
-        Self {
-            host_root: PathBuf::from("/"),
-        }
-    }
+    /// The image store, or why it could not be opened (reported by units that need it).
+    store: Result<ImageStore, String>,
+    /// Per-container state (overlay upper and work dirs): `STATE/containers/NAME`.
+    state_dir: PathBuf,
 }
 
 impl ContainerLauncher {
-    /// A launcher for units without image over `/`.
-    pub fn new() -> Self {
-        Self::default()
+    /// A launcher over the image store at `images`, keeping container state in `state_dir`.
+    pub fn new(images: &Path, state_dir: &Path) -> Self {
+        let store = ImageStore::open(images).map_err(|e| e.to_string());
+        if let Err(e) = &store {
+            log::warn!("{e}; units with an image will fail until this is fixed");
+        }
+        Self {
+            host_root: PathBuf::from("/"),
+            store,
+            state_dir: state_dir.to_path_buf(),
+        }
     }
 
-    /// The root filesystem of `unit` and the `/etc` to resolve its user in.
-    fn root(&self, unit: &Unit) -> Result<(RootFs, PathBuf), LaunchError> {
-        match &unit.container.image {
-            None => Ok((
+    /// The image store, if it opened.
+    pub fn store(&self) -> Result<&ImageStore, LaunchError> {
+        self.store
+            .as_ref()
+            .map_err(|e| LaunchError::Unsupported(e.clone()))
+    }
+
+    /// The directory for `name`'s overlay upper and work dirs.
+    pub fn container_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
+    /// The runtime's description of `unit`. `fresh`: start from an empty upper dir.
+    pub fn spec(&self, unit: &Unit, fresh: bool) -> Result<ContainerSpec, LaunchError> {
+        let c = &unit.container;
+        let image = match &c.image {
+            Some(reference) => Some(self.store()?.resolve(reference).map_err(image_err)?),
+            None => None,
+        };
+        let (root, etc) = match &image {
+            None => (
                 RootFs::HostReadOnly {
                     path: self.host_root.clone(),
                 },
                 self.host_root.join("etc"),
-            )),
-            Some(image) => Err(LaunchError::Unsupported(format!(
-                "image {image}: the image store is not wired into the manager yet; \
-                 remove `image` to run {} over the host's root, read-only",
+            ),
+            Some(img) => {
+                let dir = self.container_dir(&unit.name);
+                if fresh && dir.exists() {
+                    fs::remove_dir_all(&dir).map_err(|source| LaunchError::Spawn {
+                        program: format!("(clearing {})", dir.display()),
+                        source,
+                    })?;
+                }
+                (
+                    RootFs::Overlay {
+                        layers: img.layers.clone(),
+                        state_dir: dir,
+                        read_only: false,
+                    },
+                    image_etc(img),
+                )
+            }
+        };
+        let config = image.as_ref().map(|i| &i.config);
+        let args = if c.command.is_empty() {
+            config
+                .map(|cfg| cfg.entrypoint.iter().chain(&cfg.cmd).cloned().collect())
+                .unwrap_or_default()
+        } else {
+            c.command.clone()
+        };
+        if args.is_empty() {
+            return Err(LaunchError::Unsupported(format!(
+                "{}: no command, and the image has no entrypoint or cmd",
                 unit.name
-            ))),
+            )));
         }
-    }
-
-    /// The runtime's description of `unit`.
-    pub fn spec(&self, unit: &Unit) -> Result<ContainerSpec, LaunchError> {
-        let c = &unit.container;
-        let (root, etc) = self.root(unit)?;
-        let mut spec = ContainerSpec::new(unit.name.clone(), root, c.command.clone());
-        spec.env = vec![
-            ("PATH".to_string(), DEFAULT_PATH.to_string()),
-            ("FLOTILLA_UNIT".to_string(), unit.name.clone()),
-        ];
-        for (k, v) in &c.env {
-            spec.env.retain(|(old, _)| old != k);
-            spec.env.push((k.clone(), v.clone()));
+        let mut spec = ContainerSpec::new(unit.name.clone(), root, args);
+        spec.env = merge_env(
+            config.map(|cfg| cfg.env.as_slice()).unwrap_or_default(),
+            &unit.name,
+            c.env.iter(),
+        );
+        if let Some(dir) = c
+            .workdir
+            .clone()
+            .or_else(|| config.and_then(|cfg| cfg.working_dir.clone().map(PathBuf::from)))
+        {
+            spec.cwd = dir;
         }
-        if let Some(dir) = &c.workdir {
-            spec.cwd = dir.clone();
-        }
-        if let Some(user) = &c.user {
+        if let Some(user) = c.user.as_ref().or(config.and_then(|cfg| cfg.user.as_ref())) {
             spec.user = runtime::lookup_user(&etc, user)?;
         }
         spec.hostname = c.hostname.clone();
@@ -90,9 +136,50 @@ impl ContainerLauncher {
     }
 }
 
+fn image_err(e: ImageError) -> LaunchError {
+    LaunchError::Unsupported(e.to_string())
+}
+
+/// The `/etc` of the topmost layer that has a passwd file (where a user name resolves).
+fn image_etc(img: &ResolvedImage) -> PathBuf {
+    img.layers
+        .iter()
+        .rev()
+        .map(|l| l.join("etc"))
+        .find(|etc| etc.join("passwd").exists())
+        .unwrap_or_else(|| PathBuf::from("/nonexistent/etc"))
+}
+
+/// The environment: the image's, then `PATH` if it has none, `FLOTILLA_UNIT`, then the
+/// unit's own (a later name replaces an earlier one).
+fn merge_env<'a>(
+    image: &[String],
+    unit: &str,
+    own: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(old, _)| old != k);
+        env.push((k.to_string(), v.to_string()));
+    };
+    for kv in image {
+        if let Some((k, v)) = kv.split_once('=') {
+            set(k, v);
+        }
+    }
+    if !image.iter().any(|kv| kv.starts_with("PATH=")) {
+        set("PATH", DEFAULT_PATH);
+    }
+    set("FLOTILLA_UNIT", unit);
+    for (k, v) in own {
+        set(k, v);
+    }
+    env
+}
+
 impl Launcher for ContainerLauncher {
     fn launch(&mut self, unit: &Unit, scope: &Scope, io: LaunchIo) -> Result<Pid, LaunchError> {
-        let spec = self.spec(unit)?;
+        let spec = self.spec(unit, true)?;
         let entry = scope.entry()?;
         let stdio = Stdio {
             stdin: None,
@@ -101,5 +188,27 @@ impl Launcher for ContainerLauncher {
         };
         let spawned = runtime::spawn(&spec, stdio, entry.procs())?;
         Ok(spawned.pid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_layers_image_then_unit() {
+        let image = vec!["PATH=/img/bin".to_string(), "LANG=C".to_string()];
+        let own = [("LANG".to_string(), "en".to_string())];
+        let env = merge_env(&image, "web", own.iter().map(|(k, v)| (k, v)));
+        assert_eq!(
+            env,
+            [
+                ("PATH".to_string(), "/img/bin".to_string()),
+                ("FLOTILLA_UNIT".to_string(), "web".to_string()),
+                ("LANG".to_string(), "en".to_string()),
+            ]
+        );
+        let env = merge_env(&[], "x", std::iter::empty());
+        assert_eq!(env.first().map(|(k, _)| k.as_str()), Some("PATH"));
     }
 }

@@ -1,0 +1,155 @@
+//! The toolbox: a one-off container in the foreground with the caller's stdio, like CoreOS's
+//! `toolbox` (`unitctl run --image gcc --bind $PWD:/src --workdir /src -- make`). It needs no
+//! running manager: the request is described as an ad-hoc [`Unit`] and goes through the same
+//! [`ContainerLauncher::spec`] path as managed units.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use flotilla_container::runtime::{self, Stdio};
+use flotilla_units::{ContainerSection, FleetSection, Mount, Network, ServiceSection, Unit};
+
+use crate::launcher::{ContainerLauncher, LaunchError};
+
+/// What `unitctl run` was asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Image reference in the store.
+    pub image: String,
+    /// Image store.
+    pub store: PathBuf,
+    /// `HOST:CONTAINER[:ro]` bind mounts, already split.
+    pub binds: Vec<Mount>,
+    /// Working directory inside.
+    pub workdir: Option<PathBuf>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// `user`, `uid[:gid]`; `None`: the invoking user (`SUDO_UID`/`SUDO_GID` under sudo), else root.
+    pub user: Option<String>,
+    /// Network mode (the host's by default, like CoreOS's toolbox).
+    pub network: Network,
+    /// The command; empty runs the image's entrypoint and cmd.
+    pub command: Vec<String>,
+}
+
+/// Parse `HOST:CONTAINER[:ro|:rw]`; the host path is made absolute against the current dir.
+pub fn parse_bind(spec: &str) -> Result<Mount, String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, path, read_only) = match parts.as_slice() {
+        [h, p] => (*h, *p, false),
+        [h, p, "ro"] => (*h, *p, true),
+        [h, p, "rw"] => (*h, *p, false),
+        _ => {
+            return Err(format!(
+                "invalid --bind {spec:?}: use HOST:CONTAINER or HOST:CONTAINER:ro"
+            ))
+        }
+    };
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(format!(
+            "invalid --bind {spec:?}: the container path must be absolute"
+        ));
+    }
+    let host = std::path::absolute(host).map_err(|e| format!("--bind {spec:?}: {e}"))?;
+    Ok(Mount {
+        host,
+        path,
+        read_only,
+    })
+}
+
+/// The user the toolbox runs as when none is given: the one who invoked sudo, so files it
+/// creates in bound directories belong to the caller.
+fn default_user() -> Option<String> {
+    let uid = std::env::var("SUDO_UID").ok()?;
+    let gid = std::env::var("SUDO_GID").unwrap_or_else(|_| uid.clone());
+    Some(format!("{uid}:{gid}"))
+}
+
+/// The ad-hoc unit describing the request.
+pub fn unit_for(opts: &RunOptions) -> Unit {
+    let name = format!("toolbox-{}", std::process::id());
+    Unit {
+        name: name.clone(),
+        path: None,
+        source: String::new(),
+        unit: Default::default(),
+        container: ContainerSection {
+            image: Some(opts.image.clone()),
+            command: opts.command.clone(),
+            env: opts.env.clone(),
+            workdir: opts.workdir.clone(),
+            user: opts.user.clone().or_else(default_user),
+            network: opts.network,
+            mounts: opts.binds.clone(),
+            hostname: Some("toolbox".into()),
+            init: true,
+        },
+        service: ServiceSection::default(),
+        fleet: FleetSection::default(),
+    }
+}
+
+fn dup(fd: impl AsFd) -> Result<OwnedFd, LaunchError> {
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| LaunchError::Spawn {
+            program: "(duplicating stdio)".into(),
+            source,
+        })
+}
+
+/// Run the container in the foreground with this process's stdio; returns the command's
+/// exit status (128+N when killed by signal N).
+pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("flotilla-toolbox-")
+        .tempdir_in(scratch_dir())
+        .map_err(|source| LaunchError::Spawn {
+            program: "(creating the container's scratch directory)".into(),
+            source,
+        })?;
+    let launcher = ContainerLauncher::new(&opts.store, scratch.path());
+    let unit = unit_for(opts);
+    let mut spec = launcher.spec(&unit, true)?;
+    spec.terminal = std::io::stdin().is_terminal();
+    let stdio = Stdio {
+        stdin: Some(dup(std::io::stdin())?),
+        stdout: Some(dup(std::io::stdout())?),
+        stderr: Some(dup(std::io::stderr())?),
+    };
+    Ok(runtime::run(&spec, stdio, None)?)
+}
+
+/// Where the toolbox's overlay upper dir goes: `/var/tmp` (disk-backed) when it exists.
+fn scratch_dir() -> &'static Path {
+    let var_tmp = Path::new("/var/tmp");
+    if var_tmp.is_dir() {
+        var_tmp
+    } else {
+        Path::new("/tmp")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn binds_parse() {
+        let m = parse_bind("/src:/work:ro").unwrap();
+        assert_eq!(
+            (m.host, m.path, m.read_only),
+            ("/src".into(), "/work".into(), true)
+        );
+        let m = parse_bind("rel:/w").unwrap();
+        assert!(m.host.is_absolute() && !m.read_only);
+        assert!(parse_bind("/a:rel").is_err());
+        assert!(parse_bind("/a").is_err());
+        assert!(parse_bind("/a:/b:rx").is_err());
+    }
+}

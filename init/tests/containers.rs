@@ -1,0 +1,235 @@
+//! Units with images and the toolbox, with real images built by `image-build` (busybox from
+//! Debian's busybox-static; gcc by debootstrap, cached under /var/cache/flotilla).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use common::Machine;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// One store shared by the tests of this file, with busybox and gcc built once.
+fn store() -> &'static Path {
+    static STORE: OnceLock<PathBuf> = OnceLock::new();
+    STORE.get_or_init(|| {
+        // Fixed and reused across runs (imports are idempotent): the gcc image is 330 MB.
+        let dir = PathBuf::from("/var/tmp/flotilla-test-images");
+        for spec in ["busybox", "gcc"] {
+            let opts = image_build::BuildOptions {
+                spec: repo().join(format!("image-build/specs/{spec}.toml")),
+                store: dir.clone(),
+                oci_out: None,
+                no_import: false,
+                cache: PathBuf::from(image_build::DEFAULT_CACHE),
+                progress: false,
+            };
+            image_build::build(&opts).unwrap_or_else(|e| panic!("building {spec}: {e}"));
+        }
+        dir
+    })
+}
+
+fn unitctl(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn store_arg() -> String {
+    store().to_str().unwrap().to_string()
+}
+
+#[test]
+fn toolbox_builds_hello_with_gcc_owned_by_the_caller() {
+    let src = tempfile::tempdir().unwrap();
+    fs::write(
+        src.path().join("hello.c"),
+        "#include <stdio.h>\nint main(void) { puts(\"hello from flotilla\"); return 0; }\n",
+    )
+    .unwrap();
+    fs::write(
+        src.path().join("Makefile"),
+        "hello: hello.c\n\tgcc -O2 -o hello hello.c\n",
+    )
+    .unwrap();
+    // The caller, as sudo reports it: files the toolbox creates must belong to them.
+    fs::set_permissions(src.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let store = store_arg();
+    let bind = format!("{}:/src", src.path().display());
+    let out = unitctl(
+        &[
+            "run",
+            "--store",
+            &store,
+            "--image",
+            "gcc",
+            "--bind",
+            &bind,
+            "--workdir",
+            "/src",
+            "--",
+            "make",
+        ],
+        src.path(),
+        &[("SUDO_UID", "65534"), ("SUDO_GID", "65534")],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("gcc -O2 -o hello hello.c"), "{stdout}");
+    assert!(
+        out.stderr.is_empty(),
+        "the toolbox prints nothing of its own"
+    );
+    let hello = src.path().join("hello");
+    let meta = fs::metadata(&hello).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    let run = Command::new(&hello).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "hello from flotilla\n"
+    );
+}
+
+#[test]
+fn toolbox_propagates_exit_codes_and_signals() {
+    let store = store_arg();
+    let dir = std::env::temp_dir();
+    let code = |cmd: &str| {
+        unitctl(
+            &[
+                "run", "--store", &store, "--image", "busybox", "--", "sh", "-c", cmd,
+            ],
+            &dir,
+            &[],
+        )
+        .status
+        .code()
+    };
+    assert_eq!(code("exit 0"), Some(0));
+    assert_eq!(code("exit 7"), Some(7));
+    assert_eq!(code("kill -KILL $$"), Some(128 + 9));
+    let out = unitctl(
+        &["run", "--store", &store, "--image", "nosuch", "--", "true"],
+        &dir,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("unitctl: ") && err.contains("nosuch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn image_unit_writes_to_its_upper_dir_and_leaves_the_image_untouched() {
+    let images = store_arg();
+    let m = Machine::start_with(
+        &[(
+            "bb",
+            "[container]\nimage = \"busybox\"\ncommand = [\"/bin/sh\", \"-c\", \"echo changed > /bin/note; cat /bin/note; exec sleep 1000\"]\n",
+        )],
+        &["--images", &images],
+    );
+    m.wait_state("bb", "active");
+    m.wait_until("the unit's output", || {
+        m.logs("bb").contains("stdout changed")
+    });
+    let upper_note = fs::read_dir(m.state.join("containers/bb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/note"))
+        .find(|p| p.exists());
+    assert!(upper_note.is_some(), "the write must land in the upper dir");
+    let resolved = flotilla_container::image::ImageStore::open(store())
+        .unwrap()
+        .resolve("busybox")
+        .unwrap();
+    assert!(resolved.layers.iter().all(|l| !l.join("bin/note").exists()));
+    m.ok(&["stop", "bb"]);
+    assert_eq!(m.status("bb")["result"], "success");
+}
+
+#[test]
+fn unit_with_a_missing_image_fails_with_the_reason() {
+    let images = store_arg();
+    let m = Machine::start_with(
+        &[(
+            "ghost",
+            "[container]\nimage = \"no-such-image\"\ncommand = [\"/bin/true\"]\n",
+        )],
+        &["--images", &images],
+    );
+    let s = m.wait_state("ghost", "failed");
+    assert_eq!(s["result"], "spawn");
+    assert!(
+        s["message"].as_str().unwrap().contains("no-such-image"),
+        "{s}"
+    );
+}
+
+#[test]
+fn image_list_import_rm() {
+    // Export busybox's layer as a layout, import it under another name, list, remove.
+    let scratch = tempfile::tempdir().unwrap();
+    let own_store = scratch.path().join("store");
+    let layout = scratch.path().join("layout");
+    let resolved = flotilla_container::image::ImageStore::open(store())
+        .unwrap()
+        .resolve("busybox")
+        .unwrap();
+    let tar = scratch.path().join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&resolved.layers[0])
+        .args(["-cf"])
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    flotilla_container::image::write_oci_layout(&layout, &[tar], &resolved.config, "mybox:1.0")
+        .unwrap();
+    let s = own_store.to_str().unwrap();
+    let dir = scratch.path();
+    let out = unitctl(
+        &["image", "import", layout.to_str().unwrap(), "--store", s],
+        dir,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported mybox:1.0 sha256:"));
+    let out = unitctl(&["--json", "image", "list", "--store", s], dir, &[]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "mybox");
+    assert_eq!(list[0]["tag"], "1.0");
+    let out = unitctl(&["image", "rm", "mybox:1.0", "--store", s], dir, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = unitctl(&["--json", "image", "list", "--store", s], dir, &[]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+}
