@@ -189,6 +189,10 @@ impl Launcher for ContainerLauncher {
         let spawned = runtime::spawn(&spec, stdio, entry.procs())?;
         Ok(spawned.pid)
     }
+
+    fn terminate_main_only(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

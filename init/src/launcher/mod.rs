@@ -56,4 +56,12 @@ pub trait Launcher {
     /// Start `unit`'s command inside `scope`; returns the main pid. The process must not
     /// inherit any descriptor other than stdin (`/dev/null`) and `io`.
     fn launch(&mut self, unit: &Unit, scope: &Scope, io: LaunchIo) -> Result<Pid, LaunchError>;
+
+    /// Where a stop's SIGTERM goes: the main process only (a container's pid 1, which
+    /// forwards it and whose exit ends the whole pid namespace), or every process of the
+    /// scope (plain host processes, like systemd's `KillMode=control-group`). SIGKILL
+    /// escalation always goes to the whole scope.
+    fn terminate_main_only(&self) -> bool {
+        false
+    }
 }

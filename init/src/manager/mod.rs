@@ -831,8 +831,16 @@ impl Manager {
         let Some(slot) = self.slots.get_mut(name) else {
             return false;
         };
-        if let Some(scope) = &slot.scope {
-            scope.signal(Signal::SIGTERM);
+        match (
+            self.launcher.terminate_main_only(),
+            slot.main_pid,
+            &slot.scope,
+        ) {
+            (true, Some(pid), _) => {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            }
+            (_, _, Some(scope)) => scope.signal(Signal::SIGTERM),
+            _ => {}
         }
         slot.kill_at = Some(later(now, timeout));
         slot.deadline = slot.kill_at;
