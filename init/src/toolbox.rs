@@ -87,6 +87,8 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
             mounts: opts.binds.clone(),
             hostname: Some("toolbox".into()),
             init: true,
+            capabilities: None,
+            read_only: false,
         },
         service: ServiceSection::default(),
         fleet: FleetSection::default(),

@@ -233,3 +233,30 @@ fn image_list_import_rm() {
     let out = unitctl(&["--json", "image", "list", "--store", s], dir, &[]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
+
+#[test]
+fn read_only_image_root_and_capabilities_from_the_unit() {
+    let images = store_arg();
+    let m = Machine::start_with(
+        &[(
+            "locked",
+            r#"
+[container]
+image = "busybox"
+read_only = true
+capabilities = ["CAP_KILL"]
+command = ["/bin/sh", "-c", "grep CapEff /proc/self/status; touch /bin/x 2>/dev/null || echo root-read-only; exec sleep 1000"]
+"#,
+        )],
+        &["--images", &images],
+    );
+    m.wait_until("the probe's output", || {
+        m.logs("locked").contains("root-read-only")
+    });
+    // CAP_KILL is bit 5.
+    assert!(
+        m.logs("locked").contains("CapEff:\t0000000000000020"),
+        "{}",
+        m.logs("locked")
+    );
+}

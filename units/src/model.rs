@@ -61,6 +61,10 @@ pub struct ContainerSection {
     /// signals to the command (default true: a command as pid 1 ignores SIGTERM unless it
     /// installs a handler, and reaps nothing).
     pub init: bool,
+    /// The capabilities the container keeps; `None`: the runtime's default set (like runc's).
+    pub capabilities: Option<Vec<String>>,
+    /// Mount the image's root read-only (no upper dir); declared mounts stay writable.
+    pub read_only: bool,
 }
 
 impl Default for ContainerSection {
@@ -75,6 +79,8 @@ impl Default for ContainerSection {
             mounts: Vec::new(),
             hostname: None,
             init: true,
+            capabilities: None,
+            read_only: false,
         }
     }
 }

@@ -770,6 +770,27 @@ fn parse_container(
             }
             "mounts" => s.mounts = parse_mounts(&f)?,
             "init" => s.init = f.boolean()?,
+            "read_only" => s.read_only = f.boolean()?,
+            "capabilities" => {
+                let mut caps = Vec::new();
+                for (cap, span) in f.strings("[\"CAP_NET_BIND_SERVICE\"]")? {
+                    let bare = cap.strip_prefix("CAP_").unwrap_or(&cap);
+                    if bare.is_empty() || !bare.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                    {
+                        return Err(f.err_at(
+                            span,
+                            format!("invalid capability {cap:?}"),
+                            Some(
+                                "use capability names as in capabilities(7), e.g. \
+                                 \"CAP_NET_BIND_SERVICE\" or \"NET_ADMIN\""
+                                    .into(),
+                            ),
+                        ));
+                    }
+                    caps.push(cap);
+                }
+                s.capabilities = Some(caps);
+            }
             _ => return Err(ctx.unknown_key("container", &f.dotted, key, keys_of("container"))),
         }
     }

@@ -59,6 +59,9 @@ workdir = "/srv"
 user = "www-data:www-data"
 network = "private"
 hostname = "web-1"
+init = false
+capabilities = ["CAP_NET_BIND_SERVICE", "KILL"]
+read_only = true
 mounts = [
     { host = "/var/lib/web", path = "/data" },
     { host = "/etc/web", path = "/etc/web", read_only = true },
@@ -104,6 +107,11 @@ replaces = ["old-web"]
     assert_eq!(c.user.as_deref(), Some("www-data:www-data"));
     assert_eq!(c.network, Network::Private);
     assert_eq!(c.hostname.as_deref(), Some("web-1"));
+    assert!(!c.init && c.read_only);
+    assert_eq!(
+        c.capabilities,
+        Some(vec!["CAP_NET_BIND_SERVICE".to_string(), "KILL".to_string()])
+    );
     assert_eq!(
         c.mounts,
         vec![
@@ -437,6 +445,14 @@ fn invalid_files() {
             Some("container.user"),
             "invalid user \"a:b:c\": more than one `:`",
             Some("\"user:group\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"CAP_KILL\", \"net admin\"]\n",
+            3,
+            29,
+            Some("container.capabilities"),
+            "invalid capability \"net admin\"",
+            Some("capabilities(7)"),
         ),
         (
             "[container]\ncommand = [\"/bin/true\"]\nhostname = \"web_1\"\n",

@@ -237,6 +237,7 @@ fn container_main(plan: &Plan, err: RawFd) -> Step<std::convert::Infallible> {
     rootfs::mask_paths(root.as_fd())?;
     rootfs::readonly_paths(root.as_fd())?;
     rootfs::bind_mounts(root.as_fd(), &plan.binds)?;
+    rootfs::seal_root(root.as_fd(), plan)?;
     rootfs::pivot(root.as_fd(), &plan.root_mountpoint)?;
     drop(root);
     rustix::system::sethostname(plan.hostname.as_bytes()).step("set the hostname")?;

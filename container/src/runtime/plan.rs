@@ -326,11 +326,6 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
             }
             let mountpoint = state_dir.join("rootfs");
             create_dir(&mountpoint)?;
-            if *read_only && layers.len() == 1 {
-                // overlayfs needs two lower dirs without an upper one: bind the single layer.
-                let source = layers.first().cloned().unwrap_or_default();
-                return Ok((RootPlan::Bind { source }, mountpoint, false));
-            }
             // overlayfs wants the top layer first.
             let lower = layers
                 .iter()
@@ -338,18 +333,18 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
                 .map(|l| check_overlay_path(l))
                 .collect::<Result<Vec<_>, _>>()?
                 .join(":");
-            let mut options = format!("lowerdir={lower}");
-            if !*read_only {
-                let upper = state_dir.join("upper");
-                let work = state_dir.join("work");
-                create_dir(&upper)?;
-                create_dir(&work)?;
-                options.push_str(&format!(
-                    ",upperdir={},workdir={}",
-                    check_overlay_path(&upper)?,
-                    check_overlay_path(&work)?
-                ));
-            }
+            // Always an upper dir: a read-only root is mounted writable so that missing mount
+            // points can be made (in the container's state, never in the image), then
+            // remounted read-only once every mount is in place (as runc does).
+            let upper = state_dir.join("upper");
+            let work = state_dir.join("work");
+            create_dir(&upper)?;
+            create_dir(&work)?;
+            let options = format!(
+                "lowerdir={lower},upperdir={},workdir={}",
+                check_overlay_path(&upper)?,
+                check_overlay_path(&work)?
+            );
             if options.len() >= 4000 {
                 return Err(invalid(
                     "too many layers: the overlay options exceed a page",

@@ -77,14 +77,15 @@ pub(crate) fn mount_root(plan: &Plan) -> Step<OwnedFd> {
     let target = &plan.root_mountpoint;
     let target_str = target.to_string_lossy();
     match &plan.root {
-        RootPlan::Overlay { options, read_only } => {
-            let flags = if *read_only {
-                MountFlags::RDONLY
-            } else {
-                MountFlags::empty()
-            };
-            mount("overlay", &target_str, "overlay", flags, options)
-                .step_at("mount the overlay root", target)?;
+        RootPlan::Overlay { options, .. } => {
+            mount(
+                "overlay",
+                &target_str,
+                "overlay",
+                MountFlags::empty(),
+                options,
+            )
+            .step_at("mount the overlay root", target)?;
         }
         RootPlan::Bind { source } => {
             rustix::mount::mount_bind(source.as_path(), target.as_path())
@@ -94,6 +95,18 @@ pub(crate) fn mount_root(plan: &Plan) -> Step<OwnedFd> {
         }
     }
     open_host_dir(target)
+}
+
+/// After every mount is in place: make a read-only overlay root read-only. (A host root
+/// bind is read-only from the start: a mount point made there would land on the host.)
+pub(crate) fn seal_root(root: BorrowedFd<'_>, plan: &Plan) -> Step {
+    if let RootPlan::Overlay {
+        read_only: true, ..
+    } = &plan.root
+    {
+        remount_readonly(root).step_at("remount the root read-only", &plan.root_mountpoint)?;
+    }
+    Ok(())
 }
 
 fn open_host_dir(path: &Path) -> Step<OwnedFd> {

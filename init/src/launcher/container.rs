@@ -80,7 +80,7 @@ impl ContainerLauncher {
                     RootFs::Overlay {
                         layers: img.layers.clone(),
                         state_dir: dir,
-                        read_only: false,
+                        read_only: c.read_only,
                     },
                     image_etc(img),
                 )
@@ -118,6 +118,7 @@ impl ContainerLauncher {
         }
         spec.hostname = c.hostname.clone();
         spec.init = c.init;
+        spec.capabilities = c.capabilities.clone();
         spec.network = match c.network {
             Network::Host => runtime::Network::Host,
             Network::None => runtime::Network::None,
