@@ -56,6 +56,7 @@ fn have(cmd: &str) -> bool {
 /// An OCI bundle over a copy of the busybox layer, for runc and crun.
 fn bundle(layer: &Path, dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
+    fs::create_dir_all(dir).unwrap();
     let st = Command::new("cp")
         .arg("-a")
         .arg(layer)

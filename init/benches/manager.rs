@@ -68,8 +68,9 @@ fn active_count(api: &std::path::Path) -> Option<usize> {
     )
 }
 
-/// Start a manager over `n` units; returns (start-until-active, stop-all, RSS with n units).
-fn ours(n: usize) -> (Duration, Duration, u64) {
+/// Start a manager over `n` units with `launcher` (`host` or `container`); returns
+/// (start-until-active, stop-all, RSS with n units).
+fn ours(n: usize, launcher: &str) -> (Duration, Duration, u64) {
     let dir = tempfile::tempdir().unwrap();
     let units = dir.path().join("units");
     fs::create_dir_all(&units).unwrap();
@@ -89,6 +90,7 @@ fn ours(n: usize) -> (Duration, Duration, u64) {
         .arg(dir.path().join("state"))
         .arg("--api")
         .arg(&api)
+        .args(["--launcher", launcher])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -121,37 +123,40 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
     eprintln!("starting and stopping {n} units (sleep 1000), ours then the floor ...");
-    let (_, _, idle) = ours(0);
-    let (os, ot, rss) = ours(n);
+    let (_, _, idle) = ours(0, "host");
+    let (os, ot, rss) = ours(n, "host");
+    let (cs, ct, crss) = ours(n, "container");
     let (fs_, ft) = floor(n);
     println!("\n{n} units running `sleep 1000`");
     println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "", "flotilla", "floor", "ratio"
+        "{:<34} {:>14} {:>14} {:>10} {:>8}",
+        "", "flotilla host", "flotilla ctr", "floor", "host/floor"
     );
+    let row = |what: &str, a: Duration, b: Duration, f: Duration| {
+        println!(
+            "{:<34} {:>12.0}ms {:>12.0}ms {:>8.0}ms {:>10.2}",
+            what,
+            ms(a),
+            ms(b),
+            ms(f),
+            ms(a) / ms(f)
+        );
+    };
+    row("start all until active", os, cs, fs_);
+    row("stop all (SIGTERM, reap)", ot, ct, ft);
     println!(
-        "{:<34} {:>10.0}ms {:>10.0}ms {:>8.2}",
-        "start all until active",
-        ms(os),
-        ms(fs_),
-        ms(os) / ms(fs_)
-    );
-    println!(
-        "{:<34} {:>10.0}ms {:>10.0}ms {:>8.2}",
-        "stop all (SIGTERM, reap)",
-        ms(ot),
-        ms(ft),
-        ms(ot) / ms(ft)
-    );
-    println!(
-        "{:<34} {:>10.1}MiB",
+        "{:<34} {:>12.1}MiB {:>12.1}MiB",
         format!("manager RSS with {n} units"),
-        rss as f64 / 1024.0
+        rss as f64 / 1024.0,
+        crss as f64 / 1024.0
     );
     println!(
-        "{:<34} {:>10.1}MiB",
+        "{:<34} {:>12.1}MiB",
         "manager RSS with 0 units",
         idle as f64 / 1024.0
     );
-    println!("targets: start ratio <= 1.5, RSS <= 8 MiB");
+    println!(
+        "host = --launcher host (plain processes, own cgroup each); ctr = every unit a container"
+    );
+    println!("targets: start ratio (host/floor) <= 1.5, RSS <= 8 MiB");
 }
