@@ -54,10 +54,25 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 UTC timestamp with microseconds for `us` since the epoch.
-pub fn format_time(us: u64) -> String {
+/// How finely [`format_time`] prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// `2026-11-24T10:00:00Z`
+    Seconds,
+    /// `2026-11-24T10:00:00.123Z`
+    Millis,
+    /// `2026-11-24T10:00:00.123456Z`
+    Micros,
+}
+
+/// RFC 3339 UTC timestamp for `us` microseconds since the epoch.
+pub fn format_time(us: u64, precision: Precision) -> String {
     let t = UNIX_EPOCH + std::time::Duration::from_micros(us);
-    humantime::format_rfc3339_micros(t).to_string()
+    match precision {
+        Precision::Seconds => humantime::format_rfc3339_seconds(t).to_string(),
+        Precision::Millis => humantime::format_rfc3339_millis(t).to_string(),
+        Precision::Micros => humantime::format_rfc3339_micros(t).to_string(),
+    }
 }
 
 /// One unit's log.
@@ -131,7 +146,12 @@ impl UnitLog {
     }
 
     fn write_file(&mut self, cfg: &LogConfig, dir: &Path, e: &LogEntry) -> io::Result<()> {
-        let text = format!("{} {} {}\n", format_time(e.time_us), e.stream, e.line);
+        let text = format!(
+            "{} {} {}\n",
+            format_time(e.time_us, Precision::Micros),
+            e.stream,
+            e.line
+        );
         if self.file.is_some() && self.file_size + text.len() as u64 > cfg.max_file_size {
             self.file = None;
             rotate(&Self::path(dir, &self.name), cfg.keep_files)?;

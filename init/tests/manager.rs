@@ -52,8 +52,10 @@ command = ["/bin/sh", "-c", "touch $DIR/must-not-run; exec sleep 1000"]
         ),
     ]);
     m.wait_state("app", "active");
-    m.wait_file(&m.path("app-saw"));
-    assert_eq!(fs::read_to_string(m.path("app-saw")).unwrap(), "ready\n");
+    // `app` copies what `setup` wrote; started too early it would copy nothing, for good.
+    m.wait_until("app to see setup's file", || {
+        fs::read_to_string(m.path("app-saw")).unwrap_or_default() == "ready\n"
+    });
     let setup = m.status("setup");
     assert_eq!(setup["state"], "active");
     assert_eq!(setup["sub_state"], "exited");

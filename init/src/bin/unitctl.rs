@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use flotilla_container::image;
 use flotilla_init::api::client::Client;
 use flotilla_init::api::{LogEntry, UnitInfo, DEFAULT_SOCKET};
+use flotilla_init::logs::{format_time, Precision};
 use flotilla_init::toolbox;
 use flotilla_units::Network;
 use serde_json::{json, Value};
@@ -719,26 +720,12 @@ fn wait(
 
 /// Format microseconds since the epoch as RFC 3339 UTC, with or without milliseconds.
 fn rfc3339(us: u64, millis: bool) -> String {
-    let secs = us / 1_000_000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (non-negative here).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    if millis {
-        let ms = us % 1_000_000 / 1000;
-        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
+    let precision = if millis {
+        Precision::Millis
     } else {
-        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
-    }
+        Precision::Seconds
+    };
+    format_time(us, precision)
 }
 
 #[cfg(test)]
