@@ -118,6 +118,18 @@ pub struct BuildOutcome {
     pub imported: Option<ImageInfo>,
 }
 
+/// The manifest digest of a complete OCI layout at `dir` (from its `index.json`), if any.
+fn layout_digest(dir: &Path) -> Option<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).ok()?).ok()?;
+    index
+        .get("manifests")?
+        .get(0)?
+        .get("digest")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// Prints step lines and runs spinners.
 struct Steps {
     n: usize,
@@ -497,17 +509,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
         .map_err(|e| io_err("stat", &layer_tar, e))?
         .len();
 
-    // 4. OCI layout.
-    let oci_dir = match &opts.oci_out {
-        Some(d) => d.clone(),
-        None => work.path().join("oci"),
-    };
-    steps.line(&format!(
-        "OCI layout {} ({})",
-        oci_dir.display(),
-        human(layer_bytes)
-    ));
-    let pb = steps.spinner("compressing layer");
+    // 4. OCI layout. Compressing a big layer is most of a rebuild, so a cacheable build
+    // keeps its layout under CACHE/layouts/<key> and a cached rebuild reuses it.
+    let cached_layout = layers_dir
+        .parent()
+        .unwrap_or(&opts.cache)
+        .join("layouts")
+        .join(&key);
     let config = RuntimeConfig {
         env: spec.config.env.clone(),
         entrypoint: spec.config.entrypoint.clone(),
@@ -515,13 +523,47 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
         working_dir: spec.config.working_dir.clone(),
         user: spec.config.user.clone(),
     };
-    let digest = write_oci_layout(
-        &oci_dir,
-        std::slice::from_ref(&layer_tar),
-        &config,
-        &reference,
-    )?;
-    pb.finish_and_clear();
+    let reuse = cacheable && cached && opts.oci_out.is_none();
+    let (oci_dir, digest) = match layout_digest(&cached_layout).filter(|_| reuse) {
+        Some(digest) => {
+            steps.line(&format!("OCI layout: cached ({})", cached_layout.display()));
+            (cached_layout, digest)
+        }
+        None => {
+            let oci_dir = match &opts.oci_out {
+                Some(d) => d.clone(),
+                None => work.path().join("oci"),
+            };
+            steps.line(&format!(
+                "OCI layout {} ({})",
+                oci_dir.display(),
+                human(layer_bytes)
+            ));
+            let pb = steps.spinner("compressing layer");
+            let digest = write_oci_layout(
+                &oci_dir,
+                std::slice::from_ref(&layer_tar),
+                &config,
+                &reference,
+            )?;
+            pb.finish_and_clear();
+            if cacheable && opts.oci_out.is_none() {
+                // Best effort: a failure only costs the next rebuild its shortcut.
+                let _ = std::fs::remove_dir_all(&cached_layout);
+                let kept = cached_layout
+                    .parent()
+                    .map(std::fs::create_dir_all)
+                    .transpose()
+                    .and_then(|_| std::fs::rename(&oci_dir, &cached_layout));
+                match kept {
+                    Ok(()) => (cached_layout, digest),
+                    Err(_) => (oci_dir, digest),
+                }
+            } else {
+                (oci_dir, digest)
+            }
+        }
+    };
     println!("      {digest}");
 
     // 5. Import.

@@ -150,4 +150,22 @@ fn busybox_spec_end_to_end_and_cached_rebuild() {
     assert!(second.cached);
     assert_eq!(second.digest, first.digest);
     assert_eq!(store.list().unwrap().len(), 1);
+
+    // Without --oci-out the layout itself is cached: a third build writes it once, a fourth
+    // reuses it (no re-compression) and imports the same image into a fresh store.
+    let mut o = opts(&spec, t.path());
+    o.oci_out = None;
+    let third = build(&o).unwrap();
+    assert_eq!(third.digest, first.digest);
+    let layouts = t.path().join("cache/layouts");
+    let kept: Vec<_> = std::fs::read_dir(&layouts).unwrap().flatten().collect();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].path().join("index.json").is_file());
+    o.store = t.path().join("store2");
+    let fourth = build(&o).unwrap();
+    assert_eq!(fourth.digest, first.digest);
+    let store2 = ImageStore::open(&t.path().join("store2")).unwrap();
+    assert!(store2.resolve("busybox").unwrap().layers[0]
+        .join("bin/busybox")
+        .is_file());
 }
