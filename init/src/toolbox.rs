@@ -89,6 +89,8 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
             init: true,
             capabilities: None,
             read_only: false,
+            rlimits: Vec::new(),
+            user_namespace: None,
         },
         service: ServiceSection::default(),
         fleet: FleetSection::default(),

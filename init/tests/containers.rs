@@ -260,3 +260,40 @@ command = ["/bin/sh", "-c", "grep CapEff /proc/self/status; touch /bin/x 2>/dev/
         m.logs("locked")
     );
 }
+
+#[test]
+fn rlimits_and_user_namespace_from_the_unit() {
+    let images = store_arg();
+    let m = Machine::start_with(
+        &[(
+            "mapped",
+            r#"
+[container]
+image = "busybox"
+rlimits = { nofile = [100, 200] }
+user_namespace = { host_id = 200000, size = 65536 }
+command = ["/bin/sh", "-c", "echo soft=$(ulimit -n) hard=$(ulimit -Hn); echo map=$(cat /proc/self/uid_map); exec sleep 1000"]
+"#,
+        )],
+        &["--images", &images],
+    );
+    m.wait_until("the probe's output", || m.logs("mapped").contains("map="));
+    let logs = m.logs("mapped");
+    assert!(logs.contains("soft=100 hard=200"), "{logs}");
+    let map: Vec<String> = logs
+        .split("map=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .take(3)
+        .map(str::to_string)
+        .collect();
+    assert_eq!(map, ["0", "200000", "65536"], "{logs}");
+    // Seen from the host, the container's root is the mapped id.
+    let pid = m.status("mapped")["pid"].as_i64().unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t200000")),
+        "{status}"
+    );
+}

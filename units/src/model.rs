@@ -65,6 +65,33 @@ pub struct ContainerSection {
     pub capabilities: Option<Vec<String>>,
     /// Mount the image's root read-only (no upper dir); declared mounts stay writable.
     pub read_only: bool,
+    /// Resource limits (setrlimit) for the command.
+    pub rlimits: Vec<Rlimit>,
+    /// Run in a user namespace with this id mapping (uids and gids alike).
+    pub user_namespace: Option<IdMap>,
+}
+
+/// One resource limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE` style name.
+    pub name: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// A user-namespace id mapping: container ids `container_id..+size` are host ids
+/// `host_id..+size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    /// First id inside the container.
+    pub container_id: u32,
+    /// First id on the host.
+    pub host_id: u32,
+    /// Number of ids.
+    pub size: u32,
 }
 
 impl Default for ContainerSection {
@@ -81,6 +108,8 @@ impl Default for ContainerSection {
             init: true,
             capabilities: None,
             read_only: false,
+            rlimits: Vec::new(),
+            user_namespace: None,
         }
     }
 }

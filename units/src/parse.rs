@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use crate::error::UnitError;
 use crate::model::{
-    ContainerSection, FleetSection, MetadataRule, Mount, Network, RestartPolicy, ServiceSection,
-    ServiceType, Unit, UnitSection,
+    ContainerSection, FleetSection, IdMap, MetadataRule, Mount, Network, RestartPolicy, Rlimit,
+    ServiceSection, ServiceType, Unit, UnitSection,
 };
 use crate::specifier::Specifiers;
 use crate::values;
@@ -70,6 +70,26 @@ const SECTIONS: &[(&str, &[&str])] = &[
 ];
 
 const MOUNT_KEYS: &[&str] = &["host", "path", "read_only"];
+const IDMAP_KEYS: &[&str] = &["container_id", "host_id", "size"];
+/// Resource limit names (setrlimit(2)), lower case without `RLIMIT_`.
+const RLIMIT_NAMES: &[&str] = &[
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
 
 /// Common names from other formats, mapped to ours.
 const ALIASES: &[(&str, &str)] = &[
@@ -771,6 +791,8 @@ fn parse_container(
             "mounts" => s.mounts = parse_mounts(&f)?,
             "init" => s.init = f.boolean()?,
             "read_only" => s.read_only = f.boolean()?,
+            "rlimits" => s.rlimits = parse_rlimits(&f)?,
+            "user_namespace" => s.user_namespace = Some(parse_idmap(&f)?),
             "capabilities" => {
                 let mut caps = Vec::new();
                 for (cap, span) in f.strings("[\"CAP_NET_BIND_SERVICE\"]")? {
@@ -879,6 +901,97 @@ fn parse_env(f: &Field<'_, '_, '_, '_>) -> Result<BTreeMap<String, String>, Unit
         env.insert(k.to_string(), v);
     }
     Ok(env)
+}
+
+/// `rlimits = { nofile = 4096, core = [0, 0] }`: a number (soft = hard) or `[soft, hard]`.
+fn parse_rlimits(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Rlimit>, UnitError> {
+    let example = "{ nofile = 4096, core = 0 }";
+    let DeValue::Table(table) = f.value.get_ref() else {
+        return Err(f.type_err("a table of limits", example));
+    };
+    let mut out = Vec::new();
+    for (k, field, key) in fields(f.ctx, &f.dotted, table, f.expand) {
+        let name = k.to_ascii_lowercase();
+        let name = name.strip_prefix("rlimit_").unwrap_or(&name).to_string();
+        if !RLIMIT_NAMES.contains(&name.as_str()) {
+            return Err(f
+                .ctx
+                .unknown_key("container.rlimits", &field.dotted, key, RLIMIT_NAMES));
+        }
+        let (soft, hard) = match field.value.get_ref() {
+            DeValue::Array(items) if items.len() == 2 => {
+                let at = |i: usize| {
+                    let item = items.get(i)?;
+                    int_value(item.get_ref()).and_then(|v| u64::try_from(v).ok())
+                };
+                match (at(0), at(1)) {
+                    (Some(a), Some(b)) if a <= b => (a, b),
+                    _ => {
+                        return Err(field.err(
+                            format!("invalid limit for {name}"),
+                            Some("use [soft, hard] with soft <= hard, e.g. [1024, 4096]".into()),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                let v = field.integer(0, "4096")?;
+                (v, v)
+            }
+        };
+        out.push(Rlimit {
+            name: format!("RLIMIT_{}", name.to_ascii_uppercase()),
+            soft,
+            hard,
+        });
+    }
+    Ok(out)
+}
+
+/// `user_namespace = { host_id = 100000, size = 65536 }` (`container_id` defaults to 0).
+fn parse_idmap(f: &Field<'_, '_, '_, '_>) -> Result<IdMap, UnitError> {
+    let example = "{ host_id = 100000, size = 65536 }";
+    let DeValue::Table(table) = f.value.get_ref() else {
+        return Err(f.type_err("a table", example));
+    };
+    let (mut container_id, mut host_id, mut size) = (0u64, None, None);
+    for (k, field, key) in fields(f.ctx, &f.dotted, table, f.expand) {
+        match k {
+            "container_id" => container_id = field.integer(0, "0")?,
+            "host_id" => host_id = Some(field.integer(1, "100000")?),
+            "size" => size = Some(field.integer(1, "65536")?),
+            _ => {
+                return Err(f.ctx.unknown_key(
+                    "container.user_namespace",
+                    &field.dotted,
+                    key,
+                    IDMAP_KEYS,
+                ))
+            }
+        }
+    }
+    let (Some(host_id), Some(size)) = (host_id, size) else {
+        return Err(f.err(
+            "user_namespace needs `host_id` and `size`".into(),
+            Some(format!("e.g. user_namespace = {example}")),
+        ));
+    };
+    let id = |v: u64| u32::try_from(v).ok();
+    match (id(container_id), id(host_id), id(size)) {
+        (Some(container_id), Some(host_id), Some(size))
+            if u64::from(host_id) + u64::from(size) <= u64::from(u32::MAX) =>
+        {
+            Ok(IdMap {
+                container_id,
+                host_id,
+                size,
+            })
+        }
+        _ => Err(f.err(
+            "user_namespace ids must fit in 32 bits".into(),
+            Some(format!("e.g. user_namespace = {example}")),
+        )),
+    }
 }
 
 fn parse_mounts(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Mount>, UnitError> {

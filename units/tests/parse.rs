@@ -62,6 +62,8 @@ hostname = "web-1"
 init = false
 capabilities = ["CAP_NET_BIND_SERVICE", "KILL"]
 read_only = true
+rlimits = { nofile = [1024, 4096], RLIMIT_CORE = 0 }
+user_namespace = { host_id = 100000, size = 65536 }
 mounts = [
     { host = "/var/lib/web", path = "/data" },
     { host = "/etc/web", path = "/etc/web", read_only = true },
@@ -108,6 +110,29 @@ replaces = ["old-web"]
     assert_eq!(c.network, Network::Private);
     assert_eq!(c.hostname.as_deref(), Some("web-1"));
     assert!(!c.init && c.read_only);
+    assert_eq!(
+        c.rlimits,
+        vec![
+            Rlimit {
+                name: "RLIMIT_NOFILE".into(),
+                soft: 1024,
+                hard: 4096
+            },
+            Rlimit {
+                name: "RLIMIT_CORE".into(),
+                soft: 0,
+                hard: 0
+            },
+        ]
+    );
+    assert_eq!(
+        c.user_namespace,
+        Some(IdMap {
+            container_id: 0,
+            host_id: 100000,
+            size: 65536
+        })
+    );
     assert_eq!(
         c.capabilities,
         Some(vec!["CAP_NET_BIND_SERVICE".to_string(), "KILL".to_string()])
@@ -445,6 +470,30 @@ fn invalid_files() {
             Some("container.user"),
             "invalid user \"a:b:c\": more than one `:`",
             Some("\"user:group\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nrlimits = { nofiles = 10 }\n",
+            3,
+            13,
+            Some("container.rlimits.nofiles"),
+            "unknown key `nofiles` in container.rlimits",
+            Some("`nofile`"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nrlimits = { nofile = [10, 5] }\n",
+            3,
+            22,
+            Some("container.rlimits.nofile"),
+            "invalid limit for nofile",
+            Some("soft <= hard"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nuser_namespace = { host_id = 1000 }\n",
+            3,
+            18,
+            Some("container.user_namespace"),
+            "user_namespace needs `host_id` and `size`",
+            Some("size = 65536"),
         ),
         (
             "[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"CAP_KILL\", \"net admin\"]\n",

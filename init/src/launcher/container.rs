@@ -119,6 +119,20 @@ impl ContainerLauncher {
         spec.hostname = c.hostname.clone();
         spec.init = c.init;
         spec.capabilities = c.capabilities.clone();
+        spec.rlimits = c
+            .rlimits
+            .iter()
+            .map(|r| runtime::Rlimit {
+                resource: r.name.clone(),
+                soft: r.soft,
+                hard: r.hard,
+            })
+            .collect();
+        spec.user_namespace = c.user_namespace.map(|m| runtime::IdMapping {
+            container_id: m.container_id,
+            host_id: m.host_id,
+            size: m.size,
+        });
         spec.network = match c.network {
             Network::Host => runtime::Network::Host,
             Network::None => runtime::Network::None,
