@@ -20,11 +20,12 @@ const TOKEN_API: u64 = u64::MAX - 1;
 
 /// Signals the loop handles; they must be blocked in every thread (call [`block_signals`]
 /// before starting any thread).
-pub const SIGNALS: [Signal; 4] = [
+pub const SIGNALS: [Signal; 5] = [
     Signal::SIGCHLD,
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
+    Signal::SIGUSR2,
 ];
 
 /// Errors that end the loop (setup failures only; nothing in the loop itself is fatal).
@@ -58,12 +59,18 @@ pub fn block_signals() -> Result<SigSet, LoopError> {
 /// What the loop reports when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// A shutdown was asked for (SIGTERM/SIGINT) and every unit has stopped.
-    Shutdown,
+    /// A shutdown was asked for by this signal (SIGTERM, SIGINT or SIGUSR2) and every unit
+    /// has stopped.
+    Shutdown(Signal),
 }
 
-/// Run until the manager has shut down.
-pub fn run(manager: &mut Manager, api: Option<&ApiQueue>) -> Result<Exit, LoopError> {
+/// Run until the manager has shut down. With `boot_started`, print the boot marker
+/// (`flotilla: boot complete in <ms> ms, <n> units active`) once the first start settles.
+pub fn run(
+    manager: &mut Manager,
+    api: Option<&ApiQueue>,
+    boot_started: Option<Instant>,
+) -> Result<Exit, LoopError> {
     let mask = block_signals()?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(setup("signalfd"))?;
@@ -82,11 +89,22 @@ pub fn run(manager: &mut Manager, api: Option<&ApiQueue>) -> Result<Exit, LoopEr
     // Children may have exited before the signalfd existed.
     reap(manager);
     let mut events = vec![EpollEvent::empty(); 256];
+    let mut marker = boot_started;
+    let mut shutdown_by: Option<Signal> = None;
     loop {
         let deadline = manager.tick(Instant::now());
         register_pipes(&epoll, manager);
+        if let Some(t0) = marker.filter(|_| manager.settled()) {
+            marker = None;
+            // The one line the QEMU harness parses, straight to the console.
+            println!(
+                "flotilla: boot complete in {} ms, {} units active",
+                t0.elapsed().as_millis(),
+                manager.active_count()
+            );
+        }
         if manager.shutdown_complete() {
-            return Ok(Exit::Shutdown);
+            return Ok(Exit::Shutdown(shutdown_by.unwrap_or(Signal::SIGTERM)));
         }
         let timeout = match deadline {
             None => EpollTimeout::NONE,
@@ -109,7 +127,11 @@ pub fn run(manager: &mut Manager, api: Option<&ApiQueue>) -> Result<Exit, LoopEr
         };
         for ev in events.iter().take(n) {
             match ev.data() {
-                TOKEN_SIGNAL => on_signals(&sfd, manager),
+                TOKEN_SIGNAL => {
+                    if let Some(sig) = on_signals(&sfd, manager) {
+                        shutdown_by.get_or_insert(sig);
+                    }
+                }
                 TOKEN_API => {
                     if let Some(q) = api {
                         for env in q.drain() {
@@ -134,14 +156,17 @@ fn register_pipes(epoll: &Epoll, manager: &mut Manager) {
     }
 }
 
-fn on_signals(sfd: &SignalFd, manager: &mut Manager) {
+/// Handle pending signals; returns the first one that asked for a shutdown.
+fn on_signals(sfd: &SignalFd, manager: &mut Manager) -> Option<Signal> {
+    let mut shutdown = None;
     loop {
         match sfd.read_signal() {
             Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => reap(manager),
-                Ok(Signal::SIGTERM | Signal::SIGINT) => {
-                    log::info!("stopping all units");
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT | Signal::SIGUSR2)) => {
+                    log::info!("{sig}: stopping all units");
                     manager.shutdown();
+                    shutdown.get_or_insert(sig);
                 }
                 Ok(Signal::SIGHUP) => {
                     let r = manager.reload(false);
@@ -166,6 +191,7 @@ fn on_signals(sfd: &SignalFd, manager: &mut Manager) {
             }
         }
     }
+    shutdown
 }
 
 /// Reap every exited child, units' main processes and re-parented orphans alike.

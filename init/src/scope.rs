@@ -57,9 +57,10 @@ pub enum ScopeRoot {
     ProcessGroup,
 }
 
-/// Find the cgroup v2 mount point from `/proc/self/mountinfo` text.
+/// Find the cgroup v2 mount point from `/proc/self/mountinfo` text: the last one listed,
+/// since a later mount (PID 1's, over a fresh /sys) hides earlier ones.
 pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
+    mountinfo.lines().rev().find_map(|line| {
         // Fields: ... mount_point ... " - " fstype source options
         let (pre, post) = line.split_once(" - ")?;
         if post.split_whitespace().next()? != "cgroup2" {
@@ -387,6 +388,11 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_mount("25 30 0:22 / /x rw - tmpfs tmpfs rw\n"), None);
+        let hidden = format!("{mi}50 25 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(
+            cgroup2_mount(&hidden),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]

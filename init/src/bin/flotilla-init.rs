@@ -1,19 +1,23 @@
-//! `flotilla-init`: the unit manager. As PID 1 it will also set up the machine (see the
-//! host-image work); as any other process it is a supervisor: a child subreaper that only
-//! manages units.
+//! `flotilla-init`: the unit manager. As PID 1 it also sets the machine up first (API
+//! filesystems, kernel modules) and takes it down last (SIGTERM/SIGINT reboot, SIGUSR2
+//! powers off); as any other process it is a supervisor: a child subreaper that only
+//! manages units, and exits 0 once they are stopped.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
 use flotilla_init::api::{self, dbus};
-use flotilla_init::event_loop;
+use flotilla_init::boot::{self, Action};
+use flotilla_init::event_loop::{self, Exit};
 use flotilla_init::launcher::{ContainerLauncher, HostLauncher, Launcher};
 use flotilla_init::logs::LogConfig;
 use flotilla_init::manager::{Config, Manager};
 use flotilla_init::scope::ScopeRoot;
+use nix::sys::signal::Signal;
 
 /// Flotilla's init and unit manager.
 #[derive(Debug, Parser)]
@@ -51,6 +55,9 @@ struct Args {
     /// processes in their own cgroup, for hosts without namespaces and for comparisons).
     #[arg(long, value_enum, default_value = "container")]
     launcher: LauncherKind,
+    /// Kernel modules PID 1 loads, one `.ko` path per line, dependencies first.
+    #[arg(long, value_name = "PATH", default_value = "/etc/flotilla/modules")]
+    modules: PathBuf,
     /// Load and serve the units but start none of them.
     #[arg(long)]
     no_start: bool,
@@ -74,18 +81,17 @@ fn raise_fd_limit() {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    if std::process::id() == 1 {
-        log::warn!(
-            "running as PID 1: machine setup is not part of this build; managing units only"
-        );
-    }
+fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     raise_fd_limit();
 
-    let cgroup = args
-        .cgroup
-        .unwrap_or_else(|| format!("flotilla-{}", std::process::id()));
+    let cgroup = args.cgroup.unwrap_or_else(|| {
+        if pid1 {
+            "flotilla".to_string()
+        } else {
+            format!("flotilla-{}", std::process::id())
+        }
+    });
     let (scopes, degraded) = ScopeRoot::create(&cgroup);
     if let Some(why) = degraded {
         log::warn!(
@@ -122,29 +128,58 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_start {
         manager.start_all();
     }
-    let result = event_loop::run(&mut manager, Some(&queue));
+    let marker = pid1.then_some(started);
+    let result = event_loop::run(&mut manager, Some(&queue), marker);
     manager.cleanup();
     drop(server);
-    result.context("event loop")?;
-    log::info!("all units stopped; exiting");
-    Ok(())
+    let Exit::Shutdown(signal) = result.context("event loop")?;
+    log::info!("all units stopped");
+    Ok(signal)
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     // Before any thread exists: signals are read from a signalfd, never delivered.
     if let Err(e) = event_loop::block_signals() {
         eprintln!("flotilla-init: {e}");
-        return ExitCode::FAILURE;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e:#}");
-            ExitCode::FAILURE
+    let pid1 = std::process::id() == 1;
+    // PID 1 must not exit on a bad argument (the kernel passes unknown command-line words
+    // on to init): fall back to the defaults instead.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if pid1 => {
+            log::warn!("ignoring the arguments: {e}");
+            Args::parse_from(["flotilla-init"])
         }
+        Err(e) => e.exit(),
+    };
+    if pid1 {
+        log::info!("flotilla-init {} as PID 1", env!("CARGO_PKG_VERSION"));
+        boot::setup(&args.modules);
+    }
+    // A panic must not take PID 1 down with it: catch it and shut down in order.
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(args, pid1, started)));
+    let signal = match outcome {
+        Ok(Ok(sig)) => Some(sig),
+        Ok(Err(e)) => {
+            log::error!("{e:#}");
+            None
+        }
+        Err(_) => {
+            log::error!("the manager panicked; shutting down");
+            None
+        }
+    };
+    if pid1 {
+        boot::finish(signal.map_or(Action::Reboot, Action::for_signal));
+    }
+    match signal {
+        Some(_) => ExitCode::SUCCESS,
+        None => ExitCode::FAILURE,
     }
 }

@@ -1117,6 +1117,26 @@ impl Manager {
         self.scopes.remove();
     }
 
+    /// True when no start is pending: every unit queued to start has started, finished or
+    /// failed (a unit waiting to be restarted counts as settled).
+    pub fn settled(&self) -> bool {
+        self.slots.values().all(|s| {
+            s.job != Some(Job::Start)
+                && !matches!(
+                    (s.active, s.sub),
+                    (Active::Activating, Sub::Waiting | Sub::Start)
+                )
+        })
+    }
+
+    /// Number of units in state `active`.
+    pub fn active_count(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.active == Active::Active)
+            .count()
+    }
+
     /// Number of units known.
     pub fn len(&self) -> usize {
         self.slots.len()
