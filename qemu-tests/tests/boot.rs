@@ -121,3 +121,27 @@ fn qmp_quit_ends_qemu() {
     vm.qmp("quit").unwrap();
     assert!(vm.wait_exit(Duration::from_secs(30)).unwrap().is_some());
 }
+
+/// Builds flotilla-init statically (a release build: minutes on two cores, hence ignored;
+/// run with `cargo test -p qemu-tests -- --ignored`).
+#[test]
+#[ignore]
+fn static_init_binary_is_static() {
+    let bin = qemu_tests::static_init_binary().unwrap();
+    assert!(is_static_elf(&bin).unwrap());
+    // Once per process: the second call is the cached result.
+    assert_eq!(qemu_tests::static_init_binary().unwrap(), bin);
+    println!(
+        "{} ({} bytes)",
+        bin.display(),
+        std::fs::metadata(&bin).unwrap().len()
+    );
+}
+
+#[test]
+fn escapes_are_stripped() {
+    assert_eq!(
+        qemu_tests::strip_escapes("\u{1b}c\u{1b}[?7l\u{1b}[2Jflotilla-test: init reached"),
+        MARKER
+    );
+}
