@@ -1,8 +1,12 @@
 //! Builds Flotilla container images from a TOML spec: a root filesystem from debootstrap,
 //! a few Debian packages, or a directory; then a deterministic layer tar (cached), an OCI
-//! image layout, and an import into the local image store.
+//! image layout, and an import into the local image store. Also the bootable host image
+//! ([`os`]): a Debian kernel, a deterministic initramfs and the QEMU arguments to boot them.
 
 pub mod apt;
+pub mod initramfs;
+pub mod kernel;
+pub mod os;
 pub mod rootfs;
 pub mod spec;
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flotilla_container::image::DEFAULT_STORE;
+use image_build::os::{build_os, OsOptions};
 use image_build::{build, BuildOptions, DEFAULT_CACHE};
 
 /// Builds Flotilla images.
@@ -35,6 +36,20 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache: PathBuf,
     },
+    /// Build the bootable host image (kernel, initramfs, manifest.json) from a spec.
+    Os {
+        /// The spec file (TOML), e.g. image-build/specs/host.toml.
+        spec: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The init binary (overrides `[init] binary`).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Cache directory (the kernel goes to CACHE/kernel/).
+        #[arg(long, default_value = DEFAULT_CACHE)]
+        cache: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +71,22 @@ fn main() -> anyhow::Result<()> {
                 progress: std::io::stderr().is_terminal(),
             };
             build(&opts).with_context(|| format!("building {}", spec.display()))?;
+        }
+        Cmd::Os {
+            spec,
+            out,
+            init,
+            cache,
+        } => {
+            let opts = OsOptions {
+                spec: spec.clone(),
+                out,
+                init,
+                extra: Vec::new(),
+                cache,
+                progress: std::io::stderr().is_terminal(),
+            };
+            build_os(&opts).with_context(|| format!("building {}", spec.display()))?;
         }
     }
     Ok(())

@@ -1,0 +1,541 @@
+//! Boots Flotilla host images (built by `image-build os`) in QEMU and checks them from the
+//! outside: the serial console is captured into a buffer and a log file, QMP is on a Unix
+//! socket, and the VM is always killed when its [`Vm`] is dropped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What went wrong with a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A file or process operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: String,
+        /// On what.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image's manifest.json is missing or malformed.
+    #[error("manifest {}: {detail}", path.display())]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A pattern did not show up on the console in time.
+    #[error("{pattern:?} not on the console after {timeout:?}{}; console ends with:\n{tail}", if *exited { " (QEMU exited)" } else { "" })]
+    Timeout {
+        /// The pattern.
+        pattern: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// QEMU had exited.
+        exited: bool,
+        /// Last lines of the console.
+        tail: String,
+    },
+    /// A QMP exchange failed.
+    #[error("QMP: {0}")]
+    Qmp(String),
+    /// Building or checking a helper binary failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io_err(action: &str, path: &Path, e: std::io::Error) -> QemuError {
+    QemuError::Io {
+        action: action.to_string(),
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// Result of this crate.
+pub type Result<T, E = QemuError> = std::result::Result<T, E>;
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Environment variable: accelerator used instead of `tcg` (e.g. `kvm`).
+pub const ACCEL_ENV: &str = "FLOTILLA_QEMU_ACCEL";
+
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Makes sure a program exists, installing its Debian package with apt-get if not (said
+/// on stderr). Returns its path.
+pub fn ensure_program(program: &str, package: &str) -> Result<PathBuf> {
+    if let Some(p) = find_program(program) {
+        return Ok(p);
+    }
+    eprintln!("{program} is not installed: installing the Debian package {package} with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    let ok = install().is_ok_and(|s| s.success())
+        || (Command::new("apt-get")
+            .arg("update")
+            .status()
+            .is_ok_and(|s| s.success())
+            && install().is_ok_and(|s| s.success()));
+    if !ok {
+        return Err(QemuError::Setup(format!(
+            "apt-get install {package} failed"
+        )));
+    }
+    find_program(program)
+        .ok_or_else(|| QemuError::Setup(format!("{package} installed but no {program} found")))
+}
+
+/// The QEMU arguments of an image (its `manifest.json` `qemu.args`), with the accelerator
+/// replaced by `$FLOTILLA_QEMU_ACCEL` when that is set.
+pub fn manifest_args(image_dir: &Path) -> Result<Vec<String>> {
+    let path = image_dir.join("manifest.json");
+    let bad = |detail: String| QemuError::Manifest {
+        path: path.clone(),
+        detail,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut args: Vec<String> = v
+        .get("qemu")
+        .and_then(|q| q.get("args"))
+        .and_then(|a| a.as_array())
+        .ok_or_else(|| bad("no qemu.args".into()))?
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("{a} is not a string")))
+        })
+        .collect::<Result<_>>()?;
+    let accel = std::env::var(ACCEL_ENV).ok().filter(|a| !a.is_empty());
+    if let Some(accel) = accel {
+        match args.iter().position(|a| a == "-accel") {
+            Some(i) => {
+                if let Some(value) = args.get_mut(i + 1) {
+                    *value = accel;
+                }
+            }
+            None => args.extend(["-accel".to_string(), accel]),
+        }
+    } else if !args.iter().any(|a| a == "-accel") {
+        args.extend(["-accel".to_string(), "tcg".to_string()]);
+    }
+    Ok(args)
+}
+
+#[derive(Default)]
+struct Console {
+    text: Mutex<String>,
+    changed: Condvar,
+    closed: Mutex<bool>,
+}
+
+/// A running QEMU guest.
+pub struct Vm {
+    child: Mutex<Child>,
+    pid: u32,
+    console: Arc<Console>,
+    qmp: Mutex<Option<BufReader<UnixStream>>>,
+    qmp_path: PathBuf,
+    log: PathBuf,
+    started: Instant,
+    _dir: tempfile_dir::TempDir,
+}
+
+/// A tiny self-removing directory (the crate has no tempfile dependency outside tests).
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    /// Removed on drop.
+    pub struct TempDir(pub PathBuf);
+    impl TempDir {
+        /// Creates a fresh directory under the system temp dir.
+        pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("{prefix}{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p)?;
+            Ok(TempDir(p))
+        }
+        /// Its path.
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Vm {
+    /// Boots the image in `image_dir` (a directory written by `image-build os`) with its
+    /// manifest's QEMU arguments plus `extra_args`. The serial console (QEMU's stdout) is
+    /// captured into [`Vm::console`] and the log file [`Vm::log_path`]; QMP listens on a
+    /// Unix socket. QEMU is installed (Debian package `qemu-system-x86`) if missing.
+    pub fn boot(image_dir: &Path, extra_args: &[&str]) -> Result<Vm> {
+        let qemu = ensure_program(QEMU, "qemu-system-x86")?;
+        let args = manifest_args(image_dir)?;
+        let dir = tempfile_dir::TempDir::new("flotilla-vm-")
+            .map_err(|e| io_err("create", &std::env::temp_dir(), e))?;
+        let qmp_path = dir.path().join("qmp.sock");
+        let log = std::env::var_os("FLOTILLA_QEMU_LOG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| image_dir.to_path_buf())
+            .join(format!("console-{}.log", std::process::id()));
+        let mut logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| io_err("open", &log, e))?;
+        let mut cmd = Command::new(&qemu);
+        cmd.args(&args)
+            .args(extra_args)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .current_dir(image_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let _ = writeln!(logf, "$ {cmd:?}");
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| io_err("start", &qemu, e))?;
+        let pid = child.id();
+        let console = Arc::new(Console::default());
+        let streams: Vec<Box<dyn Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let n_streams = streams.len();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(n_streams));
+        for mut stream in streams {
+            let console = Arc::clone(&console);
+            let open = Arc::clone(&open);
+            let mut logf = logf.try_clone().map_err(|e| io_err("open", &log, e))?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let chunk = buf.get(..n).unwrap_or_default();
+                            let _ = logf.write_all(chunk);
+                            let text = String::from_utf8_lossy(chunk).replace('\r', "");
+                            if let Ok(mut t) = console.text.lock() {
+                                t.push_str(&text);
+                            }
+                            console.changed.notify_all();
+                        }
+                    }
+                }
+                if open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    if let Ok(mut c) = console.closed.lock() {
+                        *c = true;
+                    }
+                    console.changed.notify_all();
+                }
+            });
+        }
+        Ok(Vm {
+            child: Mutex::new(child),
+            pid,
+            console,
+            qmp: Mutex::new(None),
+            qmp_path,
+            log,
+            started,
+            _dir: dir,
+        })
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When QEMU was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The console log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Everything the console (and QEMU's stderr) printed so far.
+    pub fn console(&self) -> String {
+        self.console
+            .text
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    fn tail(&self) -> String {
+        let c = self.console();
+        let lines: Vec<&str> = c.lines().collect();
+        lines
+            .get(lines.len().saturating_sub(20)..)
+            .unwrap_or_default()
+            .join("\n")
+    }
+
+    /// Waits until a console line contains `pattern`; returns that line.
+    pub fn wait_for(&self, pattern: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self
+            .console
+            .text
+            .lock()
+            .map_err(|_| QemuError::Setup("console lock poisoned".into()))?;
+        loop {
+            if let Some(line) = guard.lines().find(|l| l.contains(pattern)) {
+                // Only a complete line counts (or the final text once the console closed).
+                let complete = guard.contains(&format!("{line}\n"));
+                let closed = self.console.closed.lock().map(|c| *c).unwrap_or(true);
+                if complete || closed {
+                    return Ok(strip_escapes(line));
+                }
+            }
+            let closed = self.console.closed.lock().map(|c| *c).unwrap_or(true);
+            let now = Instant::now();
+            if closed || now >= deadline {
+                drop(guard);
+                return Err(QemuError::Timeout {
+                    pattern: pattern.to_string(),
+                    timeout,
+                    exited: closed,
+                    tail: self.tail(),
+                });
+            }
+            let wait = (deadline - now).min(Duration::from_millis(500));
+            guard = self
+                .console
+                .changed
+                .wait_timeout(guard, wait)
+                .map_err(|_| QemuError::Setup("console lock poisoned".into()))?
+                .0;
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit on its own; `None` if it is still running.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self
+                .child
+                .lock()
+                .map_err(|_| QemuError::Setup("child lock poisoned".into()))?
+                .try_wait()
+                .map_err(|e| io_err("wait for", Path::new(QEMU), e))?;
+            if status.is_some() || Instant::now() >= deadline {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends one QMP command (e.g. `query-status`, `system_powerdown`, `quit`) and returns
+    /// its `return` value. The first call connects and negotiates capabilities.
+    pub fn qmp(&self, command: &str) -> Result<serde_json::Value> {
+        let mut guard = self
+            .qmp
+            .lock()
+            .map_err(|_| QemuError::Qmp("lock poisoned".into()))?;
+        if guard.is_none() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let stream = loop {
+                match UnixStream::connect(&self.qmp_path) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(io_err("connect to QMP", &self.qmp_path, e))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| io_err("configure", &self.qmp_path, e))?;
+            let mut conn = BufReader::new(stream);
+            read_message(&mut conn)?; // greeting
+            exchange(&mut conn, "qmp_capabilities")?;
+            *guard = Some(conn);
+        }
+        let conn = guard
+            .as_mut()
+            .ok_or_else(|| QemuError::Qmp("not connected".into()))?;
+        exchange(conn, command)
+    }
+}
+
+/// A console line without terminal escape sequences (SeaBIOS clears the screen).
+pub fn strip_escapes(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.next_if_eq(&'[').is_some() {
+            // CSI: parameters, then one final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+fn read_message(conn: &mut BufReader<UnixStream>) -> Result<serde_json::Value> {
+    let mut line = String::new();
+    let n = conn
+        .read_line(&mut line)
+        .map_err(|e| QemuError::Qmp(format!("read: {e}")))?;
+    if n == 0 {
+        return Err(QemuError::Qmp("connection closed".into()));
+    }
+    serde_json::from_str(&line).map_err(|e| QemuError::Qmp(format!("{e}: {line}")))
+}
+
+fn exchange(conn: &mut BufReader<UnixStream>, command: &str) -> Result<serde_json::Value> {
+    let request = serde_json::json!({ "execute": command });
+    let mut bytes = request.to_string().into_bytes();
+    bytes.push(b'\n');
+    conn.get_mut()
+        .write_all(&bytes)
+        .map_err(|e| QemuError::Qmp(format!("send {command}: {e}")))?;
+    loop {
+        let msg = read_message(conn)?;
+        if let Some(r) = msg.get("return") {
+            return Ok(r.clone());
+        }
+        if let Some(e) = msg.get("error") {
+            return Err(QemuError::Qmp(format!("{command}: {e}")));
+        }
+        // An asynchronous event: skip it.
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// Whether an ELF file is statically linked: no `PT_INTERP` program header.
+pub fn is_static_elf(path: &Path) -> Result<bool> {
+    let elf = std::fs::read(path).map_err(|e| io_err("read", path, e))?;
+    let bad = || QemuError::Setup(format!("{} is not an ELF64 file", path.display()));
+    if elf.get(0..5) != Some(b"\x7fELF\x02".as_slice()) {
+        return Err(bad());
+    }
+    let num = |o: usize, n: usize| -> Option<usize> {
+        let b = elf.get(o..o + n)?;
+        Some(b.iter().rev().fold(0usize, |a, &x| (a << 8) | x as usize))
+    };
+    let phoff = num(0x20, 8).ok_or_else(bad)?;
+    let phentsize = num(0x36, 2).ok_or_else(bad)?;
+    let phnum = num(0x38, 2).ok_or_else(bad)?;
+    for i in 0..phnum {
+        let ptype = num(phoff + i * phentsize, 4).ok_or_else(bad)?;
+        if ptype == 3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Builds `flotilla-init` statically (`-C target-feature=+crt-static`, target
+/// `x86_64-unknown-linux-gnu`, its own target directory `target/static` in the workspace),
+/// once per process, and checks that the result has no ELF interpreter.
+pub fn static_init_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_static_init().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(QemuError::Setup)
+}
+
+fn build_static_init() -> Result<PathBuf> {
+    let root = workspace_root();
+    let target_dir = std::env::var_os("FLOTILLA_STATIC_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/static"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "flotilla-init",
+            "--bin",
+            "flotilla-init",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(&root)
+        .status()
+        .map_err(|e| io_err("run cargo build in", &root, e))?;
+    if !status.success() {
+        return Err(QemuError::Setup(format!(
+            "static build of flotilla-init failed ({status})"
+        )));
+    }
+    let bin = target_dir.join("x86_64-unknown-linux-gnu/release/flotilla-init");
+    if !is_static_elf(&bin)? {
+        return Err(QemuError::Setup(format!(
+            "{} is dynamically linked (has an ELF interpreter)",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
