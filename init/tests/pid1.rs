@@ -29,7 +29,13 @@ fn boot(unit: &str) -> Pid1 {
         unit.replace("$DIR", dir.path().to_str().unwrap()),
     )
     .unwrap();
-    let cgroup = format!("flotilla-pid1-{}", std::process::id());
+    // One cgroup per boot: tests run in parallel, and a manager kills leftovers it finds
+    // in its units' cgroups.
+    let cgroup = format!(
+        "flotilla-pid1-{}-{}",
+        std::process::id(),
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let mut child = Command::new("unshare")
         .args([
             "--fork",
@@ -78,6 +84,20 @@ impl Pid1 {
             .unwrap_or_else(|_| panic!("no boot marker\n{}", self.console()));
         assert!(line.starts_with("flotilla: boot complete in "), "{line}");
         line
+    }
+
+    /// Wait until the unit has set its trap and said so (it is `active` as soon as it is
+    /// spawned, which can be before its shell ran a line).
+    fn wait_unit_up(&self) {
+        let start = Instant::now();
+        while !self.dir.path().join("up").exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the unit never came up\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The host pid of the namespace's PID 1 (unshare's child).
@@ -130,7 +150,7 @@ fn pid1_boots_and_reboots_on_sigterm() {
     ] {
         assert!(console.contains(step), "missing step {step:?}\n{console}");
     }
-    assert!(vm.dir.path().join("up").exists());
+    vm.wait_unit_up();
     kill(vm.init_pid(), Signal::SIGTERM).unwrap();
     let sig = vm.wait();
     let console = vm.console();
@@ -147,6 +167,7 @@ fn pid1_boots_and_reboots_on_sigterm() {
 fn pid1_powers_off_on_sigusr2() {
     let mut vm = boot(UNIT);
     vm.marker();
+    vm.wait_unit_up();
     kill(vm.init_pid(), Signal::SIGUSR2).unwrap();
     let sig = vm.wait();
     let console = vm.console();
