@@ -492,7 +492,7 @@ pub fn is_static_elf(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Builds `flotilla-init` statically (`-C target-feature=+crt-static`, target
+/// Builds `flotilla-init` statically (`-C target-feature=+crt-static -C strip=debuginfo`, target
 /// `x86_64-unknown-linux-gnu`, its own target directory `target/static` in the workspace),
 /// once per process, and checks that the result has no ELF interpreter.
 pub fn static_init_binary() -> Result<PathBuf> {
@@ -520,7 +520,10 @@ fn build_static_init() -> Result<PathBuf> {
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=debuginfo",
+        )
         .env("CARGO_TARGET_DIR", &target_dir)
         .current_dir(&root)
         .status()
