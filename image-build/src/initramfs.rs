@@ -109,6 +109,20 @@ fn header(
     Ok(())
 }
 
+/// One regular file: header, contents, padding.
+fn regular_file(
+    out: &mut Vec<u8>,
+    ino: u32,
+    mode: u32,
+    name: &str,
+    data: &[u8],
+) -> Result<(), BuildError> {
+    header(out, ino, 0o100000 | (mode & 0o7777), 1, data.len(), name)?;
+    out.extend_from_slice(data);
+    pad4(out);
+    Ok(())
+}
+
 fn pad4(out: &mut Vec<u8>) {
     while out.len() % 4 != 0 {
         out.push(0);
@@ -146,28 +160,10 @@ pub fn cpio_newc(entries: &[InitramfsEntry]) -> Result<Vec<u8>, BuildError> {
             }
             InitramfsEntry::File { source, mode, .. } => {
                 let data = std::fs::read(source).map_err(|e| io_err("read", source, e))?;
-                header(
-                    &mut out,
-                    ino,
-                    0o100000 | (mode & 0o7777),
-                    1,
-                    data.len(),
-                    name,
-                )?;
-                out.extend_from_slice(&data);
-                pad4(&mut out);
+                regular_file(&mut out, ino, *mode, name, &data)?;
             }
             InitramfsEntry::Bytes { data, mode, .. } => {
-                header(
-                    &mut out,
-                    ino,
-                    0o100000 | (mode & 0o7777),
-                    1,
-                    data.len(),
-                    name,
-                )?;
-                out.extend_from_slice(data);
-                pad4(&mut out);
+                regular_file(&mut out, ino, *mode, name, data)?;
             }
             InitramfsEntry::Symlink { target, .. } => {
                 header(&mut out, ino, 0o120777, 1, target.len(), name)?;
