@@ -1,9 +1,12 @@
 //! Builds Flotilla container images from a TOML spec: a root filesystem from debootstrap,
 //! a few Debian packages, or a directory; then a deterministic layer tar (cached), an OCI
 //! image layout, and an import into the local image store. Also the bootable host image
-//! ([`os`]): a Debian kernel, a deterministic initramfs and the QEMU arguments to boot them.
+//! ([`os`]): a Debian kernel, a deterministic initramfs, a read-only erofs root
+//! ([`hostroot`], [`disk`]), an empty ext4 `/var` and the QEMU arguments to boot them.
 
 pub mod apt;
+pub mod disk;
+pub mod hostroot;
 pub mod initramfs;
 pub mod kernel;
 pub mod os;
@@ -308,7 +311,9 @@ fn make_link(root: &Path, path: &str, target: &str, replace: bool) -> Result<boo
     Ok(true)
 }
 
-/// Creates `/bin/busybox` applet links listed by the image's own busybox.
+/// Creates a link to `/bin/busybox` for every applet `ROOT/bin/busybox --list-full` lists,
+/// keeping existing files; returns how many it made. Serves container images
+/// (`busybox_links = true`) and the host's root image (`[root] busybox = true`).
 fn busybox_links(root: &Path) -> Result<usize, BuildError> {
     let bb = root.join("bin/busybox");
     let out = Command::new(&bb)

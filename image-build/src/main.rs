@@ -36,16 +36,19 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache: PathBuf,
     },
-    /// Build the bootable host image (kernel, initramfs, manifest.json) from a spec.
+    /// Build the bootable host image (kernel, initramfs, root.img, var.img, manifest.json).
     Os {
         /// The spec file (TOML), e.g. image-build/specs/host.toml.
         spec: PathBuf,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// The init binary (overrides `[init] binary`).
+        /// The init binary (default: BIN_DIR/flotilla-init, or `[init] binary`).
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Directory of the static binaries `[root] binaries` (overrides `[root] bin_dir`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
         /// Cache directory (the kernel goes to CACHE/kernel/).
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache: PathBuf,
@@ -76,12 +79,14 @@ fn main() -> anyhow::Result<()> {
             spec,
             out,
             init,
+            bin_dir,
             cache,
         } => {
             let opts = OsOptions {
                 spec: spec.clone(),
                 out,
                 init,
+                bin_dir,
                 extra: Vec::new(),
                 cache,
                 progress: std::io::stderr().is_terminal(),

@@ -1,16 +1,22 @@
-//! `image-build os`: the bootable host image. This increment: the kernel, an initramfs
-//! (the init as `/init` plus the kernel modules it loads), and `manifest.json` with the
-//! artifacts' digests and the QEMU arguments that boot them.
+//! `image-build os`: the bootable host image. The kernel, an initramfs (the init as `/init`
+//! plus the kernel modules it loads), the read-only root image (erofs, see [`crate::hostroot`]
+//! for its layout), an empty `/var` disk (ext4), and `manifest.json` with the artifacts'
+//! digests and the QEMU arguments that boot them. Every output is reproducible.
 
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use crate::disk::{check_label, derived_uuid, mkfs_erofs, mkfs_ext4, parse_size};
+use crate::hostroot::{is_static_elf, stage_root, RootContent, RootFile, HOST_BUSYBOX};
 use crate::initramfs::{write_initramfs, InitramfsEntry};
 use crate::kernel::{fetch_kernel, module_closure, DEFAULT_KERNEL_PACKAGE};
-use crate::{human, io_err, BuildError, Steps};
+use crate::spec::{check_dest, parse_mode, FileSpec};
+use crate::{apt_install, find_program, human, io_err, rootfs, BuildError, Steps};
 
 /// The host image spec (TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +28,12 @@ pub struct OsSpec {
     /// The init.
     #[serde(default)]
     pub init: InitSpec,
+    /// The read-only root image.
+    #[serde(default)]
+    pub root: RootSpec,
+    /// The `/var` disk.
+    #[serde(default)]
+    pub var: VarSpec,
 }
 
 /// `[kernel]`.
@@ -53,19 +65,132 @@ fn default_package() -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// A static init binary (relative to the spec file), becomes `/init`.
+    /// A static init binary (relative to the spec file), becomes `/init`. Without it (and
+    /// without `--init` or `--bin-dir`), `/init` is `BIN_DIR/flotilla-init`.
     #[serde(default)]
     pub binary: Option<PathBuf>,
+}
+
+/// Filesystem of the root image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootFormat {
+    /// erofs, made by `mkfs.erofs` (Debian `erofs-utils`).
+    #[default]
+    Erofs,
+}
+
+/// `[root]`: the read-only root image (`root.img`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootSpec {
+    /// Filesystem, `"erofs"`.
+    #[serde(default)]
+    pub format: RootFormat,
+    /// Volume label, default `flotilla-root`.
+    #[serde(default = "default_root_label")]
+    pub label: String,
+    /// Static binaries installed as `/usr/bin/<name>`, from the binaries directory.
+    #[serde(default)]
+    pub binaries: Vec<String>,
+    /// The binaries directory (relative to the spec file); `--bin-dir` overrides.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// Install the host's static busybox as `/bin/busybox`, with its applet links.
+    #[serde(default)]
+    pub busybox: bool,
+    /// Directory of baked-in units (relative to the spec file): its `*.toml` go to the
+    /// factory `/etc/flotilla/units`.
+    #[serde(default)]
+    pub units: Option<PathBuf>,
+    /// Default provisioning config (relative to the spec file), copied to
+    /// `/usr/lib/flotilla/provision.toml`.
+    #[serde(default)]
+    pub provision: Option<PathBuf>,
+    /// More files (`[[root.files]]`: `src` relative to the spec file, absolute `dest`, `mode`).
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+}
+
+impl Default for RootSpec {
+    fn default() -> Self {
+        Self {
+            format: RootFormat::Erofs,
+            label: default_root_label(),
+            binaries: Vec::new(),
+            bin_dir: None,
+            busybox: false,
+            units: None,
+            provision: None,
+            files: Vec::new(),
+        }
+    }
+}
+
+fn default_root_label() -> String {
+    ROOT_SERIAL.to_string()
+}
+
+/// `[var]`: the empty `/var` disk (`var.img`, ext4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VarSpec {
+    /// Size, e.g. `"1G"`, `"512M"` (1024-based), default `1G`. The file is sparse.
+    #[serde(default = "default_var_size")]
+    pub size: String,
+    /// Filesystem label, default `flotilla-var`.
+    #[serde(default = "default_var_label")]
+    pub label: String,
+}
+
+impl Default for VarSpec {
+    fn default() -> Self {
+        Self {
+            size: default_var_size(),
+            label: default_var_label(),
+        }
+    }
+}
+
+fn default_var_size() -> String {
+    "1G".into()
+}
+
+fn default_var_label() -> String {
+    VAR_SERIAL.to_string()
 }
 
 impl OsSpec {
     /// Reads and parses a spec file.
     pub fn load(path: &Path) -> Result<OsSpec, BuildError> {
         let text = std::fs::read_to_string(path).map_err(|e| io_err("read spec", path, e))?;
-        toml::from_str(&text).map_err(|e| BuildError::Spec {
+        let spec: OsSpec = toml::from_str(&text).map_err(|e| BuildError::Spec {
             path: path.to_path_buf(),
             detail: e.to_string(),
-        })
+        })?;
+        spec.validate().map_err(|detail| BuildError::Spec {
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        check_label(&self.root.label).map_err(|e| format!("[root] label: {e}"))?;
+        check_label(&self.var.label).map_err(|e| format!("[var] label: {e}"))?;
+        parse_size(&self.var.size).map_err(|e| format!("[var] size {:?}: {e}", self.var.size))?;
+        for b in &self.root.binaries {
+            if b.is_empty() || b == "." || b == ".." || b.contains('/') {
+                return Err(format!("[root] binaries: {b:?} is not a file name"));
+            }
+        }
+        for f in &self.root.files {
+            check_dest(&f.dest).map_err(|d| format!("[[root.files]] dest {:?}: {d}", f.dest))?;
+            if let Some(m) = &f.mode {
+                parse_mode(m).map_err(|d| format!("[[root.files]] mode {m:?}: {d}"))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -76,8 +201,10 @@ pub struct OsOptions {
     pub spec: PathBuf,
     /// Output directory.
     pub out: PathBuf,
-    /// Init binary, overriding `[init] binary`.
+    /// Init binary, overriding `[init] binary` and `BIN_DIR/flotilla-init`.
     pub init: Option<PathBuf>,
+    /// Directory of the static binaries (`[root] binaries`), overriding `[root] bin_dir`.
+    pub bin_dir: Option<PathBuf>,
     /// More initramfs entries (tests put a busybox here).
     pub extra: Vec<InitramfsEntry>,
     /// Cache directory (the kernel goes to `CACHE/kernel/`).
@@ -89,7 +216,7 @@ pub struct OsOptions {
 /// One file of the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
-    /// `vmlinuz`, `initramfs`.
+    /// `vmlinuz`, `initramfs`, `root`, `var`.
     pub name: String,
     /// Relative to the output directory.
     pub path: String,
@@ -123,13 +250,179 @@ pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// Where the init finds the list of modules to load (one `.ko` path per line, in order).
 pub const MODULES_LIST: &str = "/etc/flotilla/modules";
 
+/// The virtio serial of the root disk (the init finds it by this name).
+pub const ROOT_SERIAL: &str = "flotilla-root";
+
+/// The virtio serial of the `/var` disk.
+pub const VAR_SERIAL: &str = "flotilla-var";
+
+/// The init binary's name in the binaries directory.
+pub const INIT_BINARY: &str = "flotilla-init";
+
+/// How to build the static binaries `[root] bin_dir` of `specs/host.toml` points to.
+pub const STATIC_BUILD_HINT: &str = "CARGO_TARGET_DIR=target/static \
+     RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
+     --target x86_64-unknown-linux-gnu -p flotilla-init";
+
+/// Hex sha256 and size of a file, read in chunks (`var.img` is large and sparse).
 fn sha256_file(path: &Path) -> Result<(String, u64), BuildError> {
-    let bytes = std::fs::read(path).map_err(|e| io_err("read", path, e))?;
-    let digest = sha2::Sha256::digest(&bytes);
+    let mut f = std::fs::File::open(path).map_err(|e| io_err("read", path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io_err("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(buf.get(..n).unwrap_or_default());
+        size += n as u64;
+    }
     Ok((
-        digest.iter().map(|b| format!("{b:02x}")).collect(),
-        bytes.len() as u64,
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+        size,
     ))
+}
+
+/// Resolves the root image's inputs to host files, checking that they exist (before the
+/// kernel download, so that a missing binary fails fast).
+fn root_content(
+    spec: &OsSpec,
+    spec_path: &Path,
+    spec_dir: &Path,
+    bin_dir: Option<&Path>,
+) -> Result<RootContent, BuildError> {
+    let spec_err = |detail: String| BuildError::Spec {
+        path: spec_path.to_path_buf(),
+        detail,
+    };
+    let mut content = RootContent::default();
+    for name in &spec.root.binaries {
+        let dir = bin_dir.ok_or_else(|| {
+            spec_err(
+                "[root] binaries needs a binaries directory: [root] bin_dir or --bin-dir DIR"
+                    .into(),
+            )
+        })?;
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(BuildError::Usage(format!(
+                "binary {} does not exist: build the static binaries with\n  {STATIC_BUILD_HINT}\n\
+                 (from the workspace root), or give --bin-dir DIR",
+                path.display()
+            )));
+        }
+        if !is_static_elf(&path)? {
+            return Err(BuildError::Usage(format!(
+                "binary {} is dynamically linked, and the root image has no C library: build it with\n  {STATIC_BUILD_HINT}",
+                path.display()
+            )));
+        }
+        content.binaries.push((name.clone(), path));
+    }
+    if let Some(dir) = &spec.root.units {
+        let dir = spec_dir.join(dir);
+        let catalog = flotilla_units::Catalog::load_dirs(std::slice::from_ref(&dir));
+        if !catalog.errors.is_empty() {
+            let errors: Vec<String> = catalog.errors.iter().map(ToString::to_string).collect();
+            return Err(spec_err(format!(
+                "[root] units {}: invalid units:\n{}",
+                dir.display(),
+                errors.join("\n")
+            )));
+        }
+        // Exactly the files the catalog reads: `*.toml`, not hidden.
+        let mut units: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| io_err("list", &dir, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|e| e == "toml")
+                    && p.file_name()
+                        .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        units.sort();
+        content.units = units;
+    }
+    if let Some(p) = &spec.root.provision {
+        let p = spec_dir.join(p);
+        if !p.is_file() {
+            return Err(spec_err(format!(
+                "[root] provision {} does not exist",
+                p.display()
+            )));
+        }
+        content.provision = Some(p);
+    }
+    for f in &spec.root.files {
+        let source = spec_dir.join(&f.src);
+        if !source.is_file() {
+            return Err(spec_err(format!(
+                "[[root.files]] src {} does not exist",
+                source.display()
+            )));
+        }
+        let mode = f
+            .mode
+            .as_deref()
+            .map(parse_mode)
+            .transpose()
+            .map_err(spec_err)?
+            .unwrap_or(0o644);
+        content.files.push(RootFile {
+            source,
+            dest: f.dest.clone(),
+            mode,
+        });
+    }
+    Ok(content)
+}
+
+/// The host's static busybox, installing Debian's `busybox-static` if there is none.
+fn host_busybox(
+    steps: &Steps,
+    pb: &indicatif::ProgressBar,
+    log: &Path,
+) -> Result<PathBuf, BuildError> {
+    let path = PathBuf::from(HOST_BUSYBOX);
+    if !path.is_file() {
+        steps.note(
+            pb,
+            "busybox is not installed: installing the Debian package `busybox-static` with apt-get",
+        );
+        apt_install("busybox-static", pb, log)?;
+    }
+    if !is_static_elf(&path)? {
+        return Err(BuildError::Usage(format!(
+            "{HOST_BUSYBOX} is dynamically linked (Debian's `busybox`): install `busybox-static`"
+        )));
+    }
+    Ok(path)
+}
+
+/// A program, installing its Debian package with apt-get (said on the output) if missing.
+fn ensure_program(
+    program: &str,
+    package: &str,
+    steps: &Steps,
+    pb: &indicatif::ProgressBar,
+    log: &Path,
+) -> Result<PathBuf, BuildError> {
+    if let Some(p) = find_program(program) {
+        return Ok(p);
+    }
+    steps.note(
+        pb,
+        &format!(
+            "{program} is not installed: installing the Debian package `{package}` with apt-get"
+        ),
+    );
+    apt_install(package, pb, log)?;
+    find_program(program).ok_or_else(|| {
+        BuildError::Usage(format!("{package} is installed but there is no {program}"))
+    })
 }
 
 /// Builds the host image of `opts.spec` into `opts.out`.
@@ -140,25 +433,48 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let init = match (&opts.init, &spec.init.binary) {
-        (Some(p), _) => p.clone(),
-        (None, Some(p)) => spec_dir.join(p),
-        (None, None) => {
+    let bin_dir = opts
+        .bin_dir
+        .clone()
+        .or_else(|| spec.root.bin_dir.as_ref().map(|d| spec_dir.join(d)));
+    // --init, else --bin-dir's init, else [init] binary, else the spec's bin_dir's init.
+    let init = match (&opts.init, &opts.bin_dir, &spec.init.binary, &bin_dir) {
+        (Some(p), _, _, _) => p.clone(),
+        (None, Some(d), _, _) => d.join(INIT_BINARY),
+        (None, None, Some(p), _) => spec_dir.join(p),
+        (None, None, None, Some(d)) => d.join(INIT_BINARY),
+        (None, None, None, None) => {
             return Err(BuildError::Usage(
-                "no init: give [init] binary in the spec or --init PATH".into(),
+                "no init: give --init PATH, --bin-dir DIR, [init] binary or [root] bin_dir".into(),
             ))
         }
     };
     if !init.is_file() {
         return Err(BuildError::Usage(format!(
-            "init binary {} does not exist",
+            "init binary {} does not exist: build the static binaries with\n  {STATIC_BUILD_HINT}\n\
+             (from the workspace root), or give --init PATH or --bin-dir DIR",
             init.display()
         )));
     }
+    let root_content = root_content(&spec, &opts.spec, &spec_dir, bin_dir.as_deref())?;
+    let var_size = parse_size(&spec.var.size).map_err(|detail| BuildError::Spec {
+        path: opts.spec.clone(),
+        detail,
+    })?;
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err("create", &opts.out, e))?;
+    let work_dir = opts.cache.join("work");
+    std::fs::create_dir_all(&work_dir)
+        .map_err(|e| io_err("create cache directory", &work_dir, e))?;
+    let work = tempfile::Builder::new()
+        .prefix("os-")
+        .tempdir_in(&work_dir)
+        .map_err(|e| io_err("create work directory in", &work_dir, e))?;
+    let log = work.path().join("build.log");
+    let epoch = rootfs::source_date_epoch();
+    let canonical = serde_json::to_vec(&spec).map_err(|e| BuildError::Usage(e.to_string()))?;
     let mut steps = Steps {
         n: 0,
-        total: 4,
+        total: 6,
         progress: opts.progress,
     };
 
@@ -223,12 +539,102 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     write_initramfs(&initramfs, &entries)?;
     pb.finish_and_clear();
 
-    // 4. Manifest.
+    // 4. Root image.
+    let root = &spec.root;
+    steps.line(&format!(
+        "root.img: erofs \"{}\": binaries {}{}, units {}{}{}",
+        root.label,
+        root_content.binaries.len(),
+        if root.busybox { ", busybox" } else { "" },
+        root_content.units.len(),
+        if root_content.provision.is_some() {
+            ", provisioning"
+        } else {
+            ""
+        },
+        if root_content.files.is_empty() {
+            String::new()
+        } else {
+            format!(", extra files {}", root_content.files.len())
+        }
+    ));
+    let pb = steps.spinner("staging the root tree");
+    let mut root_content = root_content;
+    if root.busybox {
+        root_content.busybox = Some(host_busybox(&steps, &pb, &log)?);
+    }
+    let mkfs_erofs_bin = ensure_program("mkfs.erofs", "erofs-utils", &steps, &pb, &log)?;
+    let tree = work.path().join("root");
+    std::fs::create_dir(&tree).map_err(|e| io_err("create", &tree, e))?;
+    let staged = stage_root(&root_content, &tree)?;
+    pb.set_message("mkfs.erofs");
+    let root_img = opts.out.join("root.img");
+    let mut seed = b"flotilla root\0".to_vec();
+    seed.extend_from_slice(&canonical);
+    let root_uuid = derived_uuid(&seed);
+    mkfs_erofs(
+        &mkfs_erofs_bin,
+        &tree,
+        &root_img,
+        &root.label,
+        &root_uuid,
+        epoch,
+        &pb,
+        &log,
+    )?;
+    pb.finish_and_clear();
+    let root_size = std::fs::metadata(&root_img)
+        .map_err(|e| io_err("stat", &root_img, e))?
+        .len();
+    println!(
+        "      {} entries ({} busybox links), {}, UUID {root_uuid}",
+        staged.entries,
+        staged.busybox_links,
+        human(root_size)
+    );
+
+    // 5. /var disk.
+    steps.line(&format!(
+        "var.img: ext4 \"{}\", {} sparse",
+        spec.var.label, spec.var.size
+    ));
+    let pb = steps.spinner("mkfs.ext4");
+    let mkfs_ext4_bin = ensure_program("mkfs.ext4", "e2fsprogs", &steps, &pb, &log)?;
+    let var_img = opts.out.join("var.img");
+    let mut seed = b"flotilla var\0".to_vec();
+    seed.extend_from_slice(&canonical);
+    let var_uuid = derived_uuid(&seed);
+    mkfs_ext4(
+        &mkfs_ext4_bin,
+        &var_img,
+        var_size,
+        &spec.var.label,
+        &var_uuid,
+        epoch,
+        &pb,
+        &log,
+    )?;
+    pb.finish_and_clear();
+    let meta = std::fs::metadata(&var_img).map_err(|e| io_err("stat", &var_img, e))?;
+    println!(
+        "      {}, {} allocated, UUID {var_uuid}",
+        human(meta.len()),
+        human(meta.blocks() * 512)
+    );
+
+    // 6. Manifest.
     steps.line("manifest.json");
+    let pb = steps.spinner("sha256");
     let mut artifacts = Vec::new();
-    for (name, file) in [("vmlinuz", "vmlinuz"), ("initramfs", "initramfs.img")] {
+    for (name, file) in [
+        ("vmlinuz", "vmlinuz"),
+        ("initramfs", "initramfs.img"),
+        ("root", "root.img"),
+        ("var", "var.img"),
+    ] {
+        pb.set_message(format!("sha256 {file}"));
         let (sha256, size) = sha256_file(&opts.out.join(file))?;
-        println!("      {file}: sha256:{sha256} ({})", human(size));
+        steps.note(&pb, &format!("{file}: sha256:{sha256} ({})", human(size)));
         artifacts.push(Artifact {
             name: name.into(),
             path: file.into(),
@@ -236,7 +642,8 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
             size,
         });
     }
-    let args = [
+    pb.finish_and_clear();
+    let mut args = [
         "-kernel",
         "vmlinuz",
         "-initrd",
@@ -252,6 +659,20 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     ]
     .map(String::from)
     .to_vec();
+    // Entropy from the host: without it the guest's random pool takes seconds to initialize
+    // under TCG, and every getrandom(2) caller (D-Bus clients among them) waits for it.
+    args.extend(["-device".to_string(), "virtio-rng-pci".to_string()]);
+    // A virtio-blk device per disk, named by its serial (which `-drive if=virtio` cannot set).
+    args.extend([
+        "-drive".to_string(),
+        "if=none,id=root,format=raw,file=root.img,readonly=on".to_string(),
+        "-device".to_string(),
+        format!("virtio-blk-pci,drive=root,serial={ROOT_SERIAL}"),
+        "-drive".to_string(),
+        "if=none,id=var,format=raw,file=var.img".to_string(),
+        "-device".to_string(),
+        format!("virtio-blk-pci,drive=var,serial={VAR_SERIAL}"),
+    ]);
     let manifest = OsManifest {
         kernel: kernel.version.clone(),
         artifacts,

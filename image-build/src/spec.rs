@@ -167,7 +167,8 @@ impl Spec {
     }
 }
 
-fn check_dest(dest: &str) -> Result<(), String> {
+/// Checks an image path: absolute, no `..`, not `/` itself.
+pub(crate) fn check_dest(dest: &str) -> Result<(), String> {
     if !dest.starts_with('/') {
         return Err("must be absolute".into());
     }

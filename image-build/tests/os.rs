@@ -1,9 +1,15 @@
 //! `image-build os` end to end with the real kernel package (downloaded once into the
-//! cache): the module closure, and reproducibility (same inputs, same bytes).
+//! cache): the module closure, the root image's layout, the `/var` disk, and
+//! reproducibility (same inputs, same bytes). The static binaries are stand-ins: copies of
+//! the host's static busybox under their names.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use flotilla_units::{parse_unit, Network, RestartPolicy};
 
 fn cache() -> PathBuf {
     std::env::var_os("FLOTILLA_CACHE")
@@ -11,43 +17,106 @@ fn cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(image_build::DEFAULT_CACHE))
 }
 
-fn build(spec: &Path, init: &Path, out: &Path) -> std::process::Output {
+fn specs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("specs")
+}
+
+fn image_build(args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_image-build"))
         .arg("os")
-        .arg(spec)
-        .arg("--out")
-        .arg(out)
-        .arg("--init")
-        .arg(init)
+        .args(args)
         .arg("--cache")
         .arg(cache())
         .output()
         .unwrap()
 }
 
+fn build(spec: &Path, bin_dir: &Path, out: &Path) -> std::process::Output {
+    image_build(&[
+        spec.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--bin-dir".as_ref(),
+        bin_dir.as_os_str(),
+    ])
+}
+
+/// A binaries directory with static stand-ins for flotilla-init and unitctl.
+fn fake_bin_dir(dir: &Path) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.is_file(),
+        "the tests need the static busybox: apt-get install busybox-static"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["flotilla-init", "unitctl"] {
+        std::fs::copy(busybox, dir.join(name)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+fn program(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found"))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = fa.read(&mut ba).unwrap();
+        let mut nb = 0;
+        while nb < na {
+            let n = fb.read(&mut bb[nb..na]).unwrap();
+            if n == 0 {
+                return false;
+            }
+            nb += n;
+        }
+        if ba[..na] != bb[..na] {
+            return false;
+        }
+        if na == 0 {
+            return fb.read(&mut bb).unwrap() == 0;
+        }
+    }
+}
+
 #[test]
-fn host_spec_is_reproducible_and_has_the_module_closure() {
+fn host_spec_is_reproducible_with_root_and_var_images() {
     let t = tempfile::tempdir().unwrap();
-    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/host.toml");
-    let init = t.path().join("init");
-    std::fs::write(&init, b"\x7fELF not really an init").unwrap();
-    let a = build(&spec, &init, &t.path().join("a"));
+    let spec = specs().join("host.toml");
+    let bins = fake_bin_dir(&t.path().join("bin"));
+    let a = build(&spec, &bins, &t.path().join("a"));
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     let stdout = String::from_utf8_lossy(&a.stdout);
-    assert!(stdout.contains("vmlinuz: sha256:"), "{stdout}");
-    assert!(stdout.contains("initramfs.img: sha256:"), "{stdout}");
-    // Touch the init (new mtime): same bytes in, same bytes out.
+    for f in ["vmlinuz", "initramfs.img", "root.img", "var.img"] {
+        assert!(stdout.contains(&format!("{f}: sha256:")), "{stdout}");
+    }
+    // New mtimes on every input: same bytes in, same bytes out.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    std::fs::write(&init, b"\x7fELF not really an init").unwrap();
-    let b = build(&spec, &init, &t.path().join("b"));
+    let bins = fake_bin_dir(&t.path().join("bin2"));
+    let b = build(&spec, &bins, &t.path().join("b"));
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
-    for f in ["manifest.json", "initramfs.img", "vmlinuz"] {
-        assert_eq!(
-            std::fs::read(t.path().join("a").join(f)).unwrap(),
-            std::fs::read(t.path().join("b").join(f)).unwrap(),
+    for f in [
+        "manifest.json",
+        "initramfs.img",
+        "vmlinuz",
+        "root.img",
+        "var.img",
+    ] {
+        assert!(
+            same_file(&t.path().join("a").join(f), &t.path().join("b").join(f)),
             "{f} differs between two builds"
         );
     }
+
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(t.path().join("a/manifest.json")).unwrap()).unwrap();
     let args: Vec<&str> = m["qemu"]["args"]
@@ -61,7 +130,28 @@ fn host_spec_is_reproducible_and_has_the_module_closure() {
         ["-kernel", "vmlinuz", "-initrd", "initramfs.img"]
     );
     assert!(args.windows(2).any(|w| w == ["-accel", "tcg"]));
-    assert_eq!(m["artifacts"].as_array().unwrap().len(), 2);
+    for pair in [
+        [
+            "-drive",
+            "if=none,id=root,format=raw,file=root.img,readonly=on",
+        ],
+        ["-device", "virtio-blk-pci,drive=root,serial=flotilla-root"],
+        ["-drive", "if=none,id=var,format=raw,file=var.img"],
+        ["-device", "virtio-blk-pci,drive=var,serial=flotilla-var"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    let names: Vec<&str> = m["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vmlinuz", "initramfs", "root", "var"]);
+    assert_eq!(m["artifacts"][3]["size"].as_u64(), Some(1 << 30));
+
+    check_root_image(&t.path().join("a/root.img"), &t.path().join("bin"));
+    check_var_image(&t.path().join("a/var.img"));
 
     // The closure, from the cached kernel: dependencies before the modules needing them.
     let kernel = m["kernel"].as_str().unwrap();
@@ -87,6 +177,116 @@ fn host_spec_is_reproducible_and_has_the_module_closure() {
     assert!(pos("net_failover") < pos("virtio_net"), "{names:?}");
 }
 
+fn check_root_image(img: &Path, bins: &Path) {
+    assert_eq!(
+        image_build::disk::erofs_label(img).unwrap(),
+        "flotilla-root"
+    );
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let out = Command::new(program("fsck.erofs"))
+        .arg(format!("--extract={}", root.display()))
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap();
+    let link = |p: &str| std::fs::read_link(root.join(p)).unwrap();
+
+    for name in ["flotilla-init", "unitctl"] {
+        let p = format!("usr/bin/{name}");
+        assert_eq!(meta(&p).permissions().mode() & 0o7777, 0o755, "{p}");
+        assert_eq!(
+            std::fs::read(root.join(&p)).unwrap(),
+            std::fs::read(bins.join(name)).unwrap()
+        );
+    }
+    assert!(meta("bin/busybox").is_file());
+    assert_eq!(meta("bin/busybox").permissions().mode() & 0o7777, 0o755);
+    for applet in ["bin/sh", "bin/ls", "usr/sbin/httpd", "bin/date"] {
+        assert_eq!(link(applet), Path::new("/bin/busybox"), "{applet}");
+    }
+    assert!(read("usr/lib/os-release").contains("ID=flotilla\n"));
+    assert!(read("usr/lib/os-release").contains("NAME=\"Flotilla\"\n"));
+    let etc = "usr/share/factory/etc";
+    let passwd = read(&format!("{etc}/passwd"));
+    assert!(
+        passwd.starts_with("root:x:0:0:root:/root:/bin/sh\n"),
+        "{passwd}"
+    );
+    assert!(passwd.contains("nobody:x:65534:65534:"), "{passwd}");
+    let group = read(&format!("{etc}/group"));
+    assert!(group.contains("root:x:0:") && group.contains("nogroup:x:65534:"));
+    let hosts = read(&format!("{etc}/hosts"));
+    assert!(hosts.contains("127.0.0.1 localhost") && hosts.contains("::1 localhost"));
+    assert_eq!(
+        link(&format!("{etc}/os-release")),
+        Path::new("/usr/lib/os-release")
+    );
+    for unit in ["heartbeat.toml", "web.toml"] {
+        assert_eq!(
+            read(&format!("{etc}/flotilla/units/{unit}")),
+            std::fs::read_to_string(specs().join("host-units").join(unit)).unwrap()
+        );
+    }
+    assert_eq!(
+        read("usr/lib/flotilla/provision.toml"),
+        std::fs::read_to_string(specs().join("host-provision.toml")).unwrap()
+    );
+    assert!(read("usr/share/flotilla/www/index.html").contains("Flotilla host"));
+    for dir in [
+        "proc", "sys", "dev", "run", "var", "etc", "root", "mnt", "sysroot", "tmp",
+    ] {
+        let m = meta(dir);
+        assert!(m.is_dir(), "{dir}");
+        let mode = if dir == "tmp" { 0o1777 } else { 0o755 };
+        assert_eq!(m.permissions().mode() & 0o7777, mode, "{dir}");
+        assert_eq!(
+            std::fs::read_dir(root.join(dir)).unwrap().count(),
+            0,
+            "{dir}"
+        );
+    }
+    // Owned by root, one timestamp.
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (0, 0), "{}", p.display());
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.is_file() {
+                assert_eq!(m.mtime(), 1_704_067_200, "{}", p.display());
+            }
+        }
+    }
+}
+
+fn check_var_image(img: &Path) {
+    let out = Command::new(program("dumpe2fs"))
+        .arg("-h")
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Filesystem volume name:") && l.ends_with(" flotilla-var")),
+        "{text}"
+    );
+    let out = Command::new(program("e2fsck"))
+        .arg("-fn")
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Sparse: an empty 1 GiB filesystem allocates a few MB at most.
+    assert!(std::fs::metadata(img).unwrap().blocks() * 512 < 64 << 20);
+}
+
 #[test]
 fn missing_module_is_an_error() {
     let t = tempfile::tempdir().unwrap();
@@ -94,11 +294,130 @@ fn missing_module_is_an_error() {
     std::fs::write(&spec, "[kernel]\nmodules = [\"no_such_module\"]\n").unwrap();
     let init = t.path().join("init");
     std::fs::write(&init, b"x").unwrap();
-    let out = build(&spec, &init, &t.path().join("o"));
+    let out = image_build(&[
+        spec.as_os_str(),
+        "--out".as_ref(),
+        t.path().join("o").as_os_str(),
+        "--init".as_ref(),
+        init.as_os_str(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("no_such_module") && err.contains("neither a module nor built"),
         "{err}"
     );
+}
+
+#[test]
+fn missing_binary_is_a_clear_error() {
+    let t = tempfile::tempdir().unwrap();
+    let bins = t.path().join("bin");
+    std::fs::create_dir(&bins).unwrap();
+    std::fs::copy("/bin/busybox", bins.join("flotilla-init")).unwrap();
+    let out = build(&specs().join("host.toml"), &bins, &t.path().join("o"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let missing = bins.join("unitctl");
+    assert!(
+        err.contains(&format!("binary {} does not exist", missing.display()))
+            && err.contains("cargo build --release"),
+        "{err}"
+    );
+
+    // No flotilla-init at all: the initramfs' /init is missing, said the same way.
+    std::fs::remove_file(bins.join("flotilla-init")).unwrap();
+    let out = build(&specs().join("host.toml"), &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&bins.join("flotilla-init").display().to_string())
+            && err.contains("cargo build --release"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dynamic_binary_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let bins = fake_bin_dir(&t.path().join("bin"));
+    // The test binary itself is dynamically linked.
+    std::fs::copy(std::env::current_exe().unwrap(), bins.join("unitctl")).unwrap();
+    let out = build(&specs().join("host.toml"), &bins, &t.path().join("o"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dynamically linked"), "{err}");
+}
+
+#[test]
+fn bad_var_size_and_broken_units_are_spec_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let bins = fake_bin_dir(&t.path().join("bin"));
+    let spec = t.path().join("host.toml");
+    std::fs::write(&spec, "[var]\nsize = \"1.5Q\"\n").unwrap();
+    let out = build(&spec, &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[var] size \"1.5Q\""),
+        "{err}"
+    );
+
+    std::fs::create_dir(t.path().join("units")).unwrap();
+    std::fs::write(
+        t.path().join("units/bad.toml"),
+        "[container]\ncommand = []\n",
+    )
+    .unwrap();
+    std::fs::write(&spec, "[root]\nunits = \"units\"\n").unwrap();
+    let out = build(&spec, &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("invalid units") && err.contains("bad.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shipped_host_units_and_provisioning_are_valid() {
+    let dir = specs().join("host-units");
+    let load = |name: &str| {
+        let path = dir.join(format!("{name}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        parse_unit(name, Some(&path), &text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let heartbeat = load("heartbeat");
+    assert_eq!(heartbeat.container.image, None);
+    assert_eq!(heartbeat.service.restart, RestartPolicy::Always);
+    assert_eq!(heartbeat.container.command[0], "/bin/sh");
+    let web = load("web");
+    assert_eq!(web.container.image, None);
+    assert_eq!(web.container.network, Network::Host);
+    assert_eq!(
+        web.container.command,
+        [
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/usr/share/flotilla/www"
+        ]
+    );
+    let catalog = flotilla_units::Catalog::load_dirs(&[dir]);
+    assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
+    assert_eq!(catalog.units.len(), 2);
+
+    let text = std::fs::read_to_string(specs().join("host-provision.toml")).unwrap();
+    let p: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(p["hostname"].as_str(), Some("flotilla"));
+    assert_eq!(p["network"]["address"].as_str(), Some("10.0.2.15/24"));
+    assert_eq!(p["network"]["gateway"].as_str(), Some("10.0.2.2"));
+    assert_eq!(p["metadata"]["role"].as_str(), Some("demo"));
+    let units = p["units"].as_array().unwrap();
+    assert_eq!(units.len(), 1);
+    assert_eq!(units[0]["name"].as_str(), Some("hello.toml"));
+    let hello = parse_unit("hello", None, units[0]["contents"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(hello.unit.description.as_deref(), Some("provisioned hello"));
 }

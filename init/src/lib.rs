@@ -12,5 +12,6 @@ pub mod event_loop;
 pub mod launcher;
 pub mod logs;
 pub mod manager;
+pub mod provision;
 pub mod scope;
 pub mod toolbox;

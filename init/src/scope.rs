@@ -138,12 +138,16 @@ impl ScopeRoot {
                 match fs::create_dir(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        let leftover = Scope::Cgroup { path: path.clone() };
+                        let leftover = Scope::Cgroup {
+                            path: path.clone(),
+                            oom_base: 0,
+                        };
                         leftover.signal(Signal::SIGKILL);
                     }
                     Err(e) => return Err(cg_err(&path)(e)),
                 }
-                Ok(Scope::Cgroup { path })
+                let oom_base = oom_kills_in(&path);
+                Ok(Scope::Cgroup { path, oom_base })
             }
         }
     }
@@ -201,6 +205,16 @@ impl Limits {
     }
 }
 
+/// `oom_kill` from the `memory.events` of cgroup `path` (0 when there is none).
+fn oom_kills_in(path: &Path) -> u64 {
+    fs::read_to_string(path.join("memory.events"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The processes of one unit run.
 #[derive(Debug)]
 pub enum Scope {
@@ -208,6 +222,8 @@ pub enum Scope {
     Cgroup {
         /// Its directory.
         path: PathBuf,
+        /// `oom_kill` of its `memory.events` when this run began (the directory can outlive a run).
+        oom_base: u64,
     },
     /// The process group led by the main process (set once it is spawned).
     ProcessGroup {
@@ -246,7 +262,7 @@ impl Scope {
     /// Open what the child needs to join this scope; done before fork.
     pub fn entry(&self) -> Result<ScopeEntry, ScopeError> {
         match self {
-            Scope::Cgroup { path } => {
+            Scope::Cgroup { path, .. } => {
                 let procs = path.join("cgroup.procs");
                 let file = fs::OpenOptions::new()
                     .write(true)
@@ -268,7 +284,7 @@ impl Scope {
             return Ok(());
         };
         let path = match self {
-            Scope::Cgroup { path } => path,
+            Scope::Cgroup { path, .. } => path,
             Scope::ProcessGroup { .. } => {
                 return Err(ScopeError::NoController {
                     key,
@@ -291,6 +307,15 @@ impl Scope {
         Ok(())
     }
 
+    /// How many processes of this run the kernel's OOM killer ended (cgroup v2
+    /// `memory.events` `oom_kill`); 0 without a memory controller.
+    pub fn oom_kills(&self) -> u64 {
+        match self {
+            Scope::Cgroup { path, oom_base } => oom_kills_in(path).saturating_sub(*oom_base),
+            Scope::ProcessGroup { .. } => 0,
+        }
+    }
+
     /// Record the main pid (process-group scopes use it as the group id).
     pub fn started(&mut self, main: Pid) {
         if let Scope::ProcessGroup { pgid } = self {
@@ -301,7 +326,7 @@ impl Scope {
     /// Pids currently in the scope (best effort).
     pub fn members(&self) -> Vec<Pid> {
         match self {
-            Scope::Cgroup { path } => fs::read_to_string(path.join("cgroup.procs"))
+            Scope::Cgroup { path, .. } => fs::read_to_string(path.join("cgroup.procs"))
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|l| l.trim().parse::<i32>().ok())
@@ -321,7 +346,7 @@ impl Scope {
     /// True when no process is left in the scope.
     pub fn is_empty(&self) -> bool {
         match self {
-            Scope::Cgroup { path } => match fs::read_to_string(path.join("cgroup.events")) {
+            Scope::Cgroup { path, .. } => match fs::read_to_string(path.join("cgroup.events")) {
                 Ok(events) => events.lines().any(|l| l.trim() == "populated 0"),
                 Err(_) => self.members().is_empty(),
             },
@@ -332,7 +357,7 @@ impl Scope {
     /// Send `signal` to every process of the scope.
     pub fn signal(&self, signal: Signal) {
         match self {
-            Scope::Cgroup { path } => {
+            Scope::Cgroup { path, .. } => {
                 if signal == Signal::SIGKILL {
                     // cgroup.kill (Linux 5.14+) kills atomically, including processes forked meanwhile.
                     if let Ok(mut f) = fs::OpenOptions::new()
@@ -357,7 +382,7 @@ impl Scope {
 
     /// Remove the scope's cgroup once it is empty.
     pub fn remove(&self) {
-        if let Scope::Cgroup { path } = self {
+        if let Scope::Cgroup { path, .. } = self {
             let _ = fs::remove_dir(path);
         }
     }
@@ -366,7 +391,7 @@ impl Scope {
 impl std::fmt::Display for Scope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Scope::Cgroup { path } => write!(f, "cgroup {}", path.display()),
+            Scope::Cgroup { path, .. } => write!(f, "cgroup {}", path.display()),
             Scope::ProcessGroup { pgid } => match pgid {
                 Some(p) => write!(f, "process group {}", p.as_raw()),
                 None => write!(f, "process group (not started)"),

@@ -9,6 +9,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+mod shell;
+pub use shell::{CommandOutput, Shell};
+
 /// What went wrong with a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -142,6 +145,21 @@ pub fn manifest_args(image_dir: &Path) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// The guest terminal of the debug shell (a virtio console).
+pub const DEBUG_SHELL_TTY: &str = "hvc0";
+
+/// How to boot a VM beyond its manifest.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    /// More QEMU arguments (after the manifest's).
+    pub extra_args: Vec<String>,
+    /// More kernel command-line words (appended to the manifest's `-append`).
+    pub cmdline: Vec<String>,
+    /// Start the guest's debug shell (`flotilla.debug_shell=hvc0`) on a virtio console
+    /// whose other end [`Vm::shell`] connects to.
+    pub debug_shell: bool,
+}
+
 #[derive(Default)]
 struct Console {
     text: Mutex<String>,
@@ -156,6 +174,7 @@ pub struct Vm {
     console: Arc<Console>,
     qmp: Mutex<Option<BufReader<UnixStream>>>,
     qmp_path: PathBuf,
+    shell_path: PathBuf,
     log: PathBuf,
     started: Instant,
     _dir: tempfile_dir::TempDir,
@@ -195,15 +214,61 @@ impl Vm {
     /// captured into [`Vm::console`] and the log file [`Vm::log_path`]; QMP listens on a
     /// Unix socket. QEMU is installed (Debian package `qemu-system-x86`) if missing.
     pub fn boot(image_dir: &Path, extra_args: &[&str]) -> Result<Vm> {
+        Vm::boot_with(
+            image_dir,
+            &BootOptions {
+                extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+                ..BootOptions::default()
+            },
+        )
+    }
+
+    /// [`Vm::boot`] with [`BootOptions`]: extra kernel command-line words, and the debug
+    /// shell on a virtio console that [`Vm::shell`] connects to.
+    pub fn boot_with(image_dir: &Path, opts: &BootOptions) -> Result<Vm> {
         let qemu = ensure_program(QEMU, "qemu-system-x86")?;
-        let args = manifest_args(image_dir)?;
+        let mut args = manifest_args(image_dir)?;
         let dir = tempfile_dir::TempDir::new("flotilla-vm-")
             .map_err(|e| io_err("create", &std::env::temp_dir(), e))?;
         let qmp_path = dir.path().join("qmp.sock");
+        let shell_path = dir.path().join("shell.sock");
+        let mut cmdline: Vec<String> = opts.cmdline.clone();
+        if opts.debug_shell {
+            cmdline.push(format!("flotilla.debug_shell={DEBUG_SHELL_TTY}"));
+            args.extend([
+                "-device".to_string(),
+                "virtio-serial-pci".to_string(),
+                "-chardev".to_string(),
+                format!(
+                    "socket,id=dbg,path={},server=on,wait=off",
+                    shell_path.display()
+                ),
+                "-device".to_string(),
+                "virtconsole,chardev=dbg".to_string(),
+            ]);
+        }
+        if !cmdline.is_empty() {
+            match args.iter().position(|a| a == "-append") {
+                Some(i) => {
+                    if let Some(value) = args.get_mut(i + 1) {
+                        value.push(' ');
+                        value.push_str(&cmdline.join(" "));
+                    }
+                }
+                None => args.extend(["-append".to_string(), cmdline.join(" ")]),
+            }
+        }
+        args.extend(opts.extra_args.iter().cloned());
         let log = std::env::var_os("FLOTILLA_QEMU_LOG_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| image_dir.to_path_buf())
-            .join(format!("console-{}.log", std::process::id()));
+            .join(format!(
+                "console-{}.log",
+                dir.path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
         let mut logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -211,7 +276,6 @@ impl Vm {
             .map_err(|e| io_err("open", &log, e))?;
         let mut cmd = Command::new(&qemu);
         cmd.args(&args)
-            .args(extra_args)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
             .current_dir(image_dir)
@@ -272,6 +336,7 @@ impl Vm {
             console,
             qmp: Mutex::new(None),
             qmp_path,
+            shell_path,
             log,
             started,
             _dir: dir,
@@ -364,6 +429,12 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Connects to the guest's debug shell (boot with [`BootOptions::debug_shell`]) and
+    /// waits, up to `timeout`, until it answers.
+    pub fn shell(&self, timeout: Duration) -> Result<Shell> {
+        Shell::connect(&self.shell_path, timeout)
     }
 
     /// Sends one QMP command (e.g. `query-status`, `system_powerdown`, `quit`) and returns
@@ -492,10 +563,16 @@ pub fn is_static_elf(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Builds `flotilla-init` statically (`-C target-feature=+crt-static -C strip=debuginfo`, target
-/// `x86_64-unknown-linux-gnu`, its own target directory `target/static` in the workspace),
-/// once per process, and checks that the result has no ELF interpreter.
+/// The static `flotilla-init` of [`static_binaries`].
 pub fn static_init_binary() -> Result<PathBuf> {
+    Ok(static_binaries()?.join("flotilla-init"))
+}
+
+/// Builds `flotilla-init` and `unitctl` statically (`-C target-feature=+crt-static -C
+/// strip=debuginfo`, target `x86_64-unknown-linux-gnu`, its own target directory
+/// `target/static` in the workspace), once per process, and checks that neither has an ELF
+/// interpreter. Returns the directory holding both (`image-build os --bin-dir`).
+pub fn static_binaries() -> Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| build_static_init().map_err(|e| e.to_string()))
@@ -517,6 +594,8 @@ fn build_static_init() -> Result<PathBuf> {
             "flotilla-init",
             "--bin",
             "flotilla-init",
+            "--bin",
+            "unitctl",
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
@@ -533,12 +612,15 @@ fn build_static_init() -> Result<PathBuf> {
             "static build of flotilla-init failed ({status})"
         )));
     }
-    let bin = target_dir.join("x86_64-unknown-linux-gnu/release/flotilla-init");
-    if !is_static_elf(&bin)? {
-        return Err(QemuError::Setup(format!(
-            "{} is dynamically linked (has an ELF interpreter)",
-            bin.display()
-        )));
+    let dir = target_dir.join("x86_64-unknown-linux-gnu/release");
+    for name in ["flotilla-init", "unitctl"] {
+        let bin = dir.join(name);
+        if !is_static_elf(&bin)? {
+            return Err(QemuError::Setup(format!(
+                "{} is dynamically linked (has an ELF interpreter)",
+                bin.display()
+            )));
+        }
     }
-    Ok(bin)
+    Ok(dir)
 }

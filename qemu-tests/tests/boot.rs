@@ -1,6 +1,6 @@
 //! Boots the host kernel with a test initramfs built by `image_build::os` (the real kernel
-//! and module closure; `/init` is a busybox script, since flotilla-init's PID-1 mode lives
-//! on another branch) and checks it from the outside.
+//! and module closure; `/init` is a busybox script) and checks the harness itself: console,
+//! QMP, power-off, and that dropping a `Vm` kills QEMU.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::os::unix::fs::PermissionsExt;
@@ -48,6 +48,7 @@ fn build_test_image(dir: &Path, tail: &str) {
         spec: Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-build/specs/host.toml"),
         out,
         init: Some(init),
+        bin_dir: Some(qemu_tests::static_binaries().unwrap()),
         extra: vec![InitramfsEntry::File {
             path: "/bin/busybox".into(),
             source: busybox,

@@ -1,21 +1,17 @@
-//! The real thing under TCG: the Debian cloud kernel with a static `flotilla-init` as
-//! `/init`. It must mount, load its modules, start a unit as a container over the
-//! initramfs root (pivot_root fails there: the runtime's MS_MOVE + chroot path), and print
-//! the boot marker.
+//! The real host image under TCG: `image-build os image-build/specs/host.toml` with static
+//! `flotilla-init` and `unitctl`, booted with a provisioning config from fw_cfg and checked
+//! through the guest's debug shell (a virtio console) and the serial console.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use image_build::initramfs::InitramfsEntry;
 use image_build::os::{build_os, OsOptions};
-use qemu_tests::{ensure_program, static_init_binary, Vm};
+use qemu_tests::{static_binaries, BootOptions, Shell, Vm};
 
-const UNIT: &str = r#"[unit]
-description = "hello from a container in the VM"
-[container]
-command = ["/bin/busybox", "sh", "-c", "echo hello; exec /bin/busybox sleep 1000"]
-"#;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const CMD: Duration = Duration::from_secs(60);
+const MARKER: &str = "flotilla: boot complete in";
 
 fn cache() -> PathBuf {
     std::env::var_os("FLOTILLA_CACHE")
@@ -23,47 +19,106 @@ fn cache() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(image_build::DEFAULT_CACHE))
 }
 
-#[test]
-fn flotilla_init_boots_as_pid1_and_runs_a_unit() {
-    let t = tempfile::tempdir().unwrap();
-    let init = static_init_binary().unwrap();
-    let busybox =
-        std::fs::canonicalize(ensure_program("busybox", "busybox-static").unwrap()).unwrap();
-    let out = t.path().join("image");
+/// Builds the host image into `dir/image`.
+fn build_host_image(dir: &Path) -> PathBuf {
+    let out = dir.join("image");
     build_os(&OsOptions {
         spec: Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-build/specs/host.toml"),
         out: out.clone(),
-        init: Some(init),
-        extra: vec![
-            InitramfsEntry::File {
-                path: "/bin/busybox".into(),
-                source: busybox,
-                mode: 0o755,
-            },
-            InitramfsEntry::Bytes {
-                path: "/etc/flotilla/units/hello.toml".into(),
-                data: UNIT.as_bytes().to_vec(),
-                mode: 0o644,
-            },
-        ],
+        init: None,
+        bin_dir: Some(static_binaries().unwrap()),
+        extra: Vec::new(),
         cache: cache(),
         progress: false,
     })
     .unwrap();
-    let vm = Vm::boot(&out, &[]).unwrap();
+    out
+}
+
+/// Boots `image` with `config` as its fw_cfg provisioning config and the debug shell.
+fn boot(image: &Path, config: &str) -> Vm {
+    let path = image.join(format!(
+        "provision-{}.toml",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::write(&path, config).unwrap();
+    Vm::boot_with(
+        image,
+        &BootOptions {
+            extra_args: vec![
+                "-fw_cfg".into(),
+                format!("name=opt/org.flotilla/config,file={}", path.display()),
+            ],
+            debug_shell: true,
+            ..BootOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn wait_marker(vm: &Vm) -> String {
     let marker = vm
-        .wait_for("flotilla: boot complete in", Duration::from_secs(180))
+        .wait_for(MARKER, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
-    let console = vm.console();
     println!(
         "{marker} (QEMU start -> marker {:.2} s wall)",
         vm.started().elapsed().as_secs_f64()
     );
-    assert!(marker.ends_with(", 1 units active"), "{marker}\n{console}");
+    marker
+}
+
+fn shell(vm: &Vm) -> Shell {
+    vm.shell(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()))
+}
+
+/// Waits until `unitctl status UNIT` shows `what` (units start asynchronously).
+fn wait_status(sh: &mut Shell, unit: &str, what: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..60 {
+        last = sh
+            .run(&format!("unitctl status {unit}"), CMD)
+            .unwrap()
+            .output;
+        if last.contains(what) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("unitctl status {unit} never showed {what:?}; last:\n{last}");
+}
+
+const CONFIG: &str = r#"hostname = "vm-one"
+[metadata]
+role = "test"
+[[units]]
+name = "hello.toml"
+contents = """
+[unit]
+description = "provisioned hello"
+[container]
+command = ["/bin/sh", "-c", "echo hello from provisioning; exec sleep 100000"]
+"""
+"#;
+
+/// Boot to the marker; the provisioned unit runs in a container with its output visible;
+/// the root is the read-only erofs image, /var the ext4 disk, /etc rendered.
+#[test]
+fn provisioned_host_boots_and_runs_units() {
+    let t = tempfile::tempdir().unwrap();
+    let image = build_host_image(t.path());
+    let vm = boot(&image, CONFIG);
+    let marker = wait_marker(&vm);
+    let console = vm.console();
     for step in [
-        "mount proc on /proc",
-        "mount cgroup2 on /sys/fs/cgroup",
-        "load module",
+        "find the root disk flotilla-root",
+        "read-only on /sysroot",
+        "first boot: apply the provisioning config from FwCfg",
+        "switch root to /sysroot",
+        "hostname vm-one",
     ] {
         assert!(console.contains(step), "missing {step:?}\n{console}");
     }
@@ -71,5 +126,170 @@ fn flotilla_init_boots_as_pid1_and_runs_a_unit() {
         !console.contains("FAILED"),
         "a boot step failed:\n{console}"
     );
-    assert!(!console.contains("Kernel panic"), "{console}");
+    // Two baked-in units (heartbeat, web) and the provisioned one.
+    assert!(marker.ends_with(", 3 units active"), "{marker}\n{console}");
+
+    let mut sh = shell(&vm);
+    assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "vm-one");
+    wait_status(&mut sh, "hello", "active (running)");
+    let logs = sh.ok("unitctl logs hello", CMD).unwrap();
+    assert!(logs.contains("hello from provisioning"), "{logs}");
+    let list = sh.ok("unitctl list", CMD).unwrap();
+    for unit in ["hello", "heartbeat", "web"] {
+        assert!(list.contains(unit), "{list}");
+    }
+    let www = sh.ok("wget -qO- http://127.0.0.1:8080/", CMD).unwrap();
+    assert!(www.contains("Flotilla"), "{www}");
+
+    // Read-only root, writable /var, rendered /etc.
+    let ro = sh.run("touch /usr/bin/x", CMD).unwrap();
+    assert_ne!(ro.status, 0);
+    assert!(ro.output.contains("Read-only file system"), "{ro:?}");
+    let mounts = sh.ok("cat /proc/mounts", CMD).unwrap();
+    assert!(mounts.contains(" / erofs ro"), "{mounts}");
+    assert!(mounts.contains(" /var ext4 rw"), "{mounts}");
+    assert!(mounts.contains(" /etc tmpfs rw"), "{mounts}");
+    let id = sh.ok("cat /etc/machine-id", CMD).unwrap();
+    assert_eq!(id.trim().len(), 32, "{id}");
+    assert_eq!(sh.ok("cat /var/lib/flotilla/machine-id", CMD).unwrap(), id);
+    let meta = sh.ok("cat /etc/flotilla/metadata.toml", CMD).unwrap();
+    assert!(meta.contains("role = \"test\""), "{meta}");
+
+    // The ACPI power button: an orderly power-off, every unit stopped, QEMU exits.
+    vm.qmp("system_powerdown").unwrap();
+    let status = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+    let console = vm.console();
+    assert!(status.is_some(), "QEMU still running:\n{console}");
+    for line in ["power button pressed", "all units stopped", "Poweroff"] {
+        assert!(console.contains(line), "missing {line:?}:\n{console}");
+    }
+}
+
+/// A blank /var disk is formatted on first boot; what is written to /var survives a reboot;
+/// the machine id stays; provisioning is applied once (a new config on the second boot is
+/// ignored).
+#[test]
+fn var_persists_and_provisioning_applies_once() {
+    let t = tempfile::tempdir().unwrap();
+    let image = build_host_image(t.path());
+    // A blank disk instead of the built filesystem.
+    let var = image.join("var.img");
+    let size = std::fs::metadata(&var).unwrap().len();
+    std::fs::remove_file(&var).unwrap();
+    std::fs::File::create(&var).unwrap().set_len(size).unwrap();
+
+    let vm = boot(&image, "hostname = \"first\"\n");
+    wait_marker(&vm);
+    let console = vm.console();
+    assert!(console.contains("is blank: formatting it"), "{console}");
+    let mut sh = shell(&vm);
+    sh.ok("head -c 65536 /dev/urandom > /var/keep", CMD)
+        .unwrap();
+    let sum = sh.ok("sha256sum /var/keep", CMD).unwrap();
+    let id = sh.ok("cat /etc/machine-id", CMD).unwrap();
+    // An orderly reboot: busybox `reboot` sends SIGTERM to PID 1; QEMU runs -no-reboot, so
+    // the guest's reboot ends it.
+    sh.run("reboot", CMD).ok();
+    let status = vm.wait_exit(BOOT_TIMEOUT).unwrap();
+    assert!(status.is_some(), "QEMU still running:\n{}", vm.console());
+    let console = vm.console();
+    assert!(console.contains("all units stopped"), "{console}");
+    assert!(console.contains("Reboot"), "{console}");
+    drop(vm);
+
+    let vm = boot(&image, "hostname = \"second\"\n");
+    wait_marker(&vm);
+    let console = vm.console();
+    assert!(!console.contains("is blank"), "{console}");
+    assert!(!console.contains("first boot: apply"), "{console}");
+    let mut sh = shell(&vm);
+    assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "first");
+    assert_eq!(sh.ok("sha256sum /var/keep", CMD).unwrap(), sum);
+    assert_eq!(sh.ok("cat /etc/machine-id", CMD).unwrap(), id);
+}
+
+/// A broken config stops the boot with the config's line and column, applies nothing, and
+/// leaves an emergency shell; the next boot with a good config applies it.
+#[test]
+fn broken_provisioning_stops_the_boot_and_applies_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let image = build_host_image(t.path());
+    let broken = "hostname = \"bad\"\n[[units]]\nname = \"x.toml\"\ncontents = \"\"\"\n[container]\ncommand = []\n\"\"\"\n";
+    let vm = boot(&image, broken);
+    let line = vm
+        .wait_for("invalid provisioning config", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert!(
+        line.contains("fw_cfg:opt/org.flotilla/config:6:11: units/x.toml:"),
+        "{line}"
+    );
+    vm.wait_for("emergency shell on the console", CMD)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert!(!vm.console().contains(MARKER));
+    assert!(!vm.console().contains("Kernel panic"));
+    drop(vm);
+
+    let vm = boot(&image, "hostname = \"good\"\n");
+    wait_marker(&vm);
+    let mut sh = shell(&vm);
+    assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "good");
+}
+
+const LIMITS: &str = r#"[[units]]
+name = "hog.toml"
+contents = """
+[container]
+command = ["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]
+[service]
+memory_max = "32M"
+"""
+[[units]]
+name = "forkbomb.toml"
+contents = """
+[container]
+command = ["/bin/sh", "-c", "(while :; do sleep 1000 & done); echo fork bomb over; exec sleep 100000"]
+[service]
+pids_max = 16
+"""
+"#;
+
+/// cgroup v2 limits for real: a unit that allocates beyond `memory_max` is OOM-killed and
+/// reported `failed` with result `oom-kill`; `pids_max` caps a fork bomb.
+#[test]
+fn cgroup_limits_are_enforced() {
+    let t = tempfile::tempdir().unwrap();
+    let image = build_host_image(t.path());
+    let vm = boot(&image, LIMITS);
+    wait_marker(&vm);
+    let mut sh = shell(&vm);
+
+    let status = wait_status(&mut sh, "hog", "failed");
+    assert!(status.contains("oom-kill"), "{status}");
+    // The kernel's own word for it (the unit's cgroup is gone once it failed).
+    vm.wait_for("Memory cgroup out of memory", CMD).unwrap();
+
+    wait_status(&mut sh, "forkbomb", "active (running)");
+    let logs = (0..60)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(500));
+            sh.ok("unitctl logs forkbomb", CMD).unwrap()
+        })
+        .find(|l| l.contains("fork bomb over"))
+        .expect("the fork bomb never ended");
+    assert!(logs.contains("can't fork"), "{logs}");
+    let cg = "/sys/fs/cgroup/flotilla/forkbomb.unit";
+    let current: u32 = sh
+        .ok(&format!("cat {cg}/pids.current"), CMD)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(current <= 16, "pids.current {current}");
+    let events = sh.ok(&format!("cat {cg}/pids.events"), CMD).unwrap();
+    assert!(
+        events
+            .lines()
+            .any(|l| l.starts_with("max ") && l != "max 0"),
+        "{events}"
+    );
 }

@@ -159,7 +159,9 @@ fn main() -> ExitCode {
     };
     if pid1 {
         log::info!("flotilla-init {} as PID 1", env!("CARGO_PKG_VERSION"));
-        boot::setup(&args.modules);
+        if let Err(e) = boot::setup(&args.modules) {
+            boot::emergency(&e);
+        }
     }
     // A panic must not take PID 1 down with it: catch it and shut down in order.
     let outcome =

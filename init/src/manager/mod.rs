@@ -969,6 +969,7 @@ impl Manager {
             MANAGER_STREAM,
             &format!("Main process exited, {how}."),
         );
+        let oom_kills = slot.scope.as_ref().map_or(0, |s| s.oom_kills());
         // Whatever the main process left behind goes with it (systemd's KillMode=control-group).
         if let Some(scope) = &slot.scope {
             scope.signal(Signal::SIGKILL);
@@ -993,6 +994,13 @@ impl Manager {
             };
         let (outcome, message) = match (code, signal) {
             (Some(0), _) => (Outcome::Success, String::new()),
+            _ if oom_kills > 0 => (
+                Outcome::OomKill,
+                format!(
+                    "the kernel's OOM killer ended {oom_kills} process(es) of the unit: it reached \
+                     memory_max ({how})"
+                ),
+            ),
             (Some(c), _) => (
                 Outcome::ExitCode,
                 format!("main process exited with code {c}"),

@@ -97,6 +97,8 @@ pub enum Outcome {
     Timeout,
     /// The unit's cgroup or limits could not be set up.
     Resources,
+    /// The kernel's OOM killer ended a process of the unit (its `memory_max` was reached).
+    OomKill,
 }
 
 impl Outcome {
@@ -112,6 +114,7 @@ impl Outcome {
             Outcome::Spawn => "spawn",
             Outcome::Timeout => "timeout",
             Outcome::Resources => "resources",
+            Outcome::OomKill => "oom-kill",
         }
     }
 }

@@ -1,0 +1,457 @@
+//! Provisioning, Ignition-style: a TOML config that says what this machine is (hostname,
+//! network, fleet metadata, units to install). Applied once, on first boot, and recorded in
+//! `/var`; every later boot renders `/etc` from that record. Pure: parsing, validation and
+//! rendering; [`crate::boot`] reads the sources and writes the files.
+//!
+//! ```toml
+//! hostname = "node1"
+//! [network]              # eth0; loopback is always up
+//! address = "10.0.2.15/24"
+//! gateway = "10.0.2.2"
+//! [metadata]             # for fleet placement
+//! role = "web"
+//! [[units]]              # installed into /etc/flotilla/units
+//! name = "hello.toml"
+//! contents = """
+//! [container]
+//! command = ["/bin/echo", "hello"]
+//! """
+//! ```
+//!
+//! A config is valid as a whole or not at all: every unit is parsed with the unit format's
+//! own validation, and an error names the config, line and column (for a unit's error, the
+//! line inside the config where the unit's text sits).
+
+// Errors are the unit format's `UnitError` (a plain struct, as in the units crate); they
+// are rare, so the size of `Result<_, UnitError>` does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use flotilla_units::{parse_unit, split_instance, Template, UnitError};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A provisioning config that parsed and validated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// The machine's hostname; `None` keeps the kernel's default.
+    pub hostname: Option<String>,
+    /// A static IPv4 address on eth0.
+    pub network: Option<Network>,
+    /// Free-form key/value pairs for fleet's `machine_metadata`.
+    pub metadata: BTreeMap<String, String>,
+    /// Unit files to install, by file name (`web.toml`, `worker@.toml`).
+    pub units: Vec<(String, String)>,
+}
+
+/// `[network]`: a static IPv4 configuration of eth0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    /// The address.
+    pub address: Ipv4Addr,
+    /// The prefix length (`/24`).
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl Network {
+    /// The netmask of [`Network::prefix`].
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        Ipv4Addr::from(bits)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    hostname: Option<Spanned<String>>,
+    network: Option<RawNetwork>,
+    #[serde(default)]
+    metadata: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    units: Vec<RawUnit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    address: Spanned<String>,
+    gateway: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnit {
+    name: Spanned<String>,
+    contents: Spanned<String>,
+}
+
+/// The help line every syntax error carries.
+const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
+     (keys: hostname, [network] address gateway, [metadata], [[units]] name contents)";
+
+/// Parses and validates a provisioning config. `label` names it in errors (a path, or
+/// `fw_cfg:opt/org.flotilla/config`).
+pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        let err = UnitError::new(label, e.message().to_string()).with_help(FORMAT_HELP);
+        match e.span() {
+            Some(span) => err.at_offset(text, span.start),
+            None => err,
+        }
+    })?;
+    let at = |span: std::ops::Range<usize>, msg: String, help: &str| {
+        UnitError::new(label, msg)
+            .with_help(help)
+            .at_offset(text, span.start)
+    };
+
+    let hostname = match raw.hostname {
+        Some(h) => {
+            check_hostname(h.get_ref()).map_err(|why| {
+                at(
+                    h.span(),
+                    format!("invalid hostname {:?}: {why}", h.get_ref()),
+                    "use 1 to 64 characters: labels of letters, digits and `-`, separated by `.`",
+                )
+            })?;
+            Some(h.into_inner())
+        }
+        None => None,
+    };
+
+    let network = match raw.network {
+        Some(n) => {
+            let (address, prefix) = parse_cidr(n.address.get_ref()).ok_or_else(|| {
+                at(
+                    n.address.span(),
+                    format!("invalid address {:?}", n.address.get_ref()),
+                    "write an IPv4 address with its prefix length, e.g. \"10.0.2.15/24\"",
+                )
+            })?;
+            let gateway = match n.gateway {
+                Some(g) => Some(g.get_ref().parse::<Ipv4Addr>().map_err(|_| {
+                    at(
+                        g.span(),
+                        format!("invalid gateway {:?}", g.get_ref()),
+                        "write an IPv4 address, e.g. \"10.0.2.2\"",
+                    )
+                })?),
+                None => None,
+            };
+            Some(Network {
+                address,
+                prefix,
+                gateway,
+            })
+        }
+        None => None,
+    };
+
+    let mut metadata = BTreeMap::new();
+    for (k, v) in raw.metadata {
+        let key_ok = !k.get_ref().is_empty()
+            && k.get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !key_ok {
+            return Err(at(
+                k.span(),
+                format!("invalid metadata key {:?}", k.get_ref()),
+                "use letters, digits, `-`, `_` and `.`",
+            ));
+        }
+        metadata.insert(k.into_inner(), v);
+    }
+
+    let mut units: Vec<(String, String)> = Vec::new();
+    for u in raw.units {
+        let name = u.name.get_ref();
+        let Some(stem) = name.strip_suffix(".toml") else {
+            return Err(at(
+                u.name.span(),
+                format!("unit file name {name:?} does not end in .toml"),
+                "name it like a file in /etc/flotilla/units, e.g. \"web.toml\" or \"worker@.toml\"",
+            ));
+        };
+        if units.iter().any(|(n, _)| n == name) {
+            return Err(at(
+                u.name.span(),
+                format!("unit {name:?} is listed twice"),
+                "keep one [[units]] entry per file",
+            ));
+        }
+        check_unit(stem, name, u.contents.get_ref())
+            .map_err(|e| relocate(e, label, text, u.contents.span()))?;
+        units.push((name.clone(), u.contents.into_inner()));
+    }
+
+    Ok(Config {
+        hostname,
+        network,
+        metadata,
+        units,
+    })
+}
+
+/// Validates one unit's text with the unit format's own parser.
+fn check_unit(stem: &str, file: &str, contents: &str) -> Result<(), UnitError> {
+    match split_instance(stem) {
+        Some((prefix, "")) => Template::new(prefix, None, contents.to_string())
+            .map(|_| ())
+            .map_err(|e| UnitError {
+                file: file.into(),
+                ..e
+            }),
+        _ => parse_unit(stem, None, contents)
+            .map(|_| ())
+            .map_err(|e| UnitError {
+                file: file.into(),
+                ..e
+            }),
+    }
+}
+
+/// Moves a unit's error into the config's coordinates: `label:LINE:COL: units/NAME: ...`,
+/// where LINE is the config's line that holds the unit's offending line.
+fn relocate(e: UnitError, label: &str, text: &str, contents: std::ops::Range<usize>) -> UnitError {
+    let raw = text.get(contents.clone()).unwrap_or_default();
+    // Where the string's first character sits: after the opening delimiter, and after the
+    // newline a multi-line string trims.
+    let delim = ["\"\"\"", "'''", "\"", "'"]
+        .into_iter()
+        .find(|d| raw.starts_with(d))
+        .map_or(0, str::len);
+    let mut first = contents.start + delim;
+    if delim == 3 {
+        if text.get(first..first + 1) == Some("\n") {
+            first += 1;
+        } else if text.get(first..first + 2) == Some("\r\n") {
+            first += 2;
+        }
+    }
+    let start = UnitError::new(label, "").at_offset(text, first);
+    let (base_line, base_col) = (start.line.unwrap_or(1), start.column.unwrap_or(1));
+    let line = e.line.map(|l| base_line + l - 1);
+    let column = match (e.line, e.column) {
+        (Some(1), Some(c)) => Some(base_col + c - 1),
+        (_, c) => c,
+    };
+    UnitError {
+        file: label.to_string(),
+        line,
+        column,
+        message: format!("units/{}: {}", e.file, e.message),
+        ..e
+    }
+}
+
+/// A hostname as sethostname(2) and DNS accept: at most 64 bytes, labels of 1 to 63
+/// letters, digits and `-`, not starting or ending with `-`.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{} bytes (1 to 64 allowed)", name.len()));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("a label is empty or longer than 63 characters".into());
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!("the character {c:?} is not allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label must not start or end with `-`".into());
+        }
+    }
+    Ok(())
+}
+
+/// `10.0.2.15/24` → (address, 24).
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let prefix: u8 = len.parse().ok()?;
+    (prefix <= 32).then_some(())?;
+    Some((addr.parse().ok()?, prefix))
+}
+
+/// One file of the rendered `/etc`, relative to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcFile {
+    /// Path below `/etc`, e.g. `flotilla/units/web.toml`.
+    pub path: String,
+    /// Contents.
+    pub contents: String,
+}
+
+/// The files of `/etc` that come from the config and the machine id (on top of the image's
+/// factory `/etc`): `hostname`, `hosts`, `machine-id`, `flotilla/metadata.toml` and the units.
+pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
+    let file = |path: &str, contents: String| EtcFile {
+        path: path.to_string(),
+        contents,
+    };
+    let hostname = config.hostname.as_deref().unwrap_or("flotilla");
+    let mut files = vec![
+        file("hostname", format!("{hostname}\n")),
+        file(
+            "hosts",
+            format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n"),
+        ),
+        file("machine-id", format!("{machine_id}\n")),
+    ];
+    let mut meta = String::from("# fleet machine metadata, from provisioning\n");
+    for (k, v) in &config.metadata {
+        meta.push_str(&format!("{k} = {}\n", toml_string(v)));
+    }
+    files.push(file("flotilla/metadata.toml", meta));
+    for (name, contents) in &config.units {
+        files.push(file(&format!("flotilla/units/{name}"), contents.clone()));
+    }
+    files
+}
+
+/// A TOML basic string.
+fn toml_string(v: &str) -> String {
+    toml::Value::String(v.to_string()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    const GOOD: &str = r#"hostname = "node1"
+[network]
+address = "10.0.2.15/24"
+gateway = "10.0.2.2"
+[metadata]
+role = "web"
+disk = "ssd"
+[[units]]
+name = "hello.toml"
+contents = """
+[container]
+command = ["/bin/echo", "hello"]
+"""
+[[units]]
+name = "worker@.toml"
+contents = '''
+[container]
+command = ["/bin/echo", "%i"]
+'''
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse("cfg", GOOD).unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("node1"));
+        let n = c.network.unwrap();
+        assert_eq!(n.address, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(n.prefix, 24);
+        assert_eq!(n.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(c.metadata["role"], "web");
+        assert_eq!(c.units.len(), 2);
+        assert_eq!(c.units[1].0, "worker@.toml");
+    }
+
+    #[test]
+    fn empty_config_is_valid() {
+        assert_eq!(parse("cfg", "").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn netmask_edges() {
+        let n = |prefix| Network {
+            address: Ipv4Addr::UNSPECIFIED,
+            prefix,
+            gateway: None,
+        };
+        assert_eq!(n(0).netmask(), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(n(32).netmask(), Ipv4Addr::new(255, 255, 255, 255));
+        assert_eq!(n(20).netmask(), Ipv4Addr::new(255, 255, 240, 0));
+    }
+
+    /// Every error names the config with line and column.
+    #[test]
+    fn errors_are_located() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("hostnme = \"x\"\n", "cfg:1:1:", "unknown field"),
+            ("hostname = \"bad_name\"\n", "cfg:1:12:", "invalid hostname"),
+            (
+                "[network]\naddress = \"10.0.2.15\"\n",
+                "cfg:2:11:",
+                "invalid address",
+            ),
+            (
+                "[network]\naddress = \"10.0.2.15/24\"\ngateway = \"x\"\n",
+                "cfg:3:11:",
+                "invalid gateway",
+            ),
+            ("[metadata]\n\"a b\" = \"c\"\n", "cfg:2:1:", "invalid metadata key"),
+            (
+                "[[units]]\nname = \"web\"\ncontents = \"\"\n",
+                "cfg:2:8:",
+                "does not end in .toml",
+            ),
+            // The unit's own error, moved to the config's line 5 (the unit's line 2).
+            (
+                "[[units]]\nname = \"web.toml\"\ncontents = \"\"\"\n[container]\ncommand = []\n\"\"\"\n",
+                "cfg:5:11:",
+                "units/web.toml:",
+            ),
+        ];
+        for (text, at, what) in cases {
+            let e = parse("cfg", text).unwrap_err().to_string();
+            assert!(e.starts_with(at), "{text:?}: {e}");
+            assert!(e.contains(what), "{text:?}: {e}");
+            assert!(e.contains("help:"), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_units_are_refused() {
+        let t = "[[units]]\nname = \"a.toml\"\ncontents = \"[container]\\ncommand = ['x']\"\n\
+                 [[units]]\nname = \"a.toml\"\ncontents = \"\"\n";
+        let e = parse("cfg", t).unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn hostnames() {
+        for ok in ["a", "node-1", "a.b.c", &"x".repeat(63)] {
+            assert!(check_hostname(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a_b", &"x".repeat(65), "ü"] {
+            assert!(check_hostname(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_etc_files() {
+        let c = parse("cfg", GOOD).unwrap();
+        let files = render(&c, "0123456789abcdef0123456789abcdef");
+        let get = |p: &str| {
+            files
+                .iter()
+                .find(|f| f.path == p)
+                .map(|f| f.contents.clone())
+                .unwrap()
+        };
+        assert_eq!(get("hostname"), "node1\n");
+        assert!(get("hosts").contains("127.0.1.1\tnode1"));
+        assert_eq!(get("machine-id"), "0123456789abcdef0123456789abcdef\n");
+        assert!(get("flotilla/metadata.toml").contains("disk = \"ssd\"\nrole = \"web\"\n"));
+        assert!(get("flotilla/units/hello.toml").contains("/bin/echo"));
+        assert!(get("flotilla/units/worker@.toml").contains("%i"));
+    }
+}
