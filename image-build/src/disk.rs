@@ -87,30 +87,50 @@ pub fn derived_uuid(seed: &[u8]) -> String {
     )
 }
 
-/// The erofs image of `tree` at `out`: `mkfs.erofs -T EPOCH -U UUID --all-root -x -1`
-/// (fixed timestamps, UUID and ownership, no xattrs from the build host), uncompressed;
-/// then the volume label written into the superblock (mkfs.erofs 1.5 has no `-L`).
-#[allow(clippy::too_many_arguments)]
+/// How [`mkfs_erofs`] makes an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErofsOptions<'a> {
+    /// Volume label.
+    pub label: &'a str,
+    /// Filesystem UUID.
+    pub uuid: &'a str,
+    /// Every inode's time (`-T`).
+    pub epoch: u64,
+    /// `-z` algorithm (`lz4`, `lz4hc`), `None`: uncompressed.
+    pub compression: Option<&'a str>,
+    /// Keep the tree's owners and xattrs (image layers need theirs: overlay opaque
+    /// directories, file capabilities); else every file is root's and no xattr is stored.
+    pub keep_owners: bool,
+}
+
+/// The erofs image of `tree` at `out`: `mkfs.erofs -T EPOCH -U UUID` (fixed timestamps and
+/// UUID), with `--all-root -x -1` (owners root, no xattrs from the build host) unless
+/// `keep_owners`, `-zALGORITHM` if compressed; then the volume label written into the
+/// superblock (mkfs.erofs 1.5 has no `-L`).
 pub fn mkfs_erofs(
     program: &Path,
     tree: &Path,
     out: &Path,
-    label: &str,
-    uuid: &str,
-    epoch: u64,
+    opts: &ErofsOptions<'_>,
     pb: &ProgressBar,
     log: &Path,
 ) -> Result<(), BuildError> {
     remove_if_exists(out)?;
     let mut cmd = Command::new(program);
-    cmd.arg(format!("-T{epoch}"))
-        .arg(format!("-U{uuid}"))
-        .args(["--all-root", "-x", "-1", "--quiet"])
+    cmd.arg(format!("-T{}", opts.epoch))
+        .arg(format!("-U{}", opts.uuid));
+    if !opts.keep_owners {
+        cmd.args(["--all-root", "-x", "-1"]);
+    }
+    if let Some(algorithm) = opts.compression {
+        cmd.arg(format!("-z{algorithm}"));
+    }
+    cmd.arg("--quiet")
         .arg(out)
         .arg(tree)
-        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+        .env("SOURCE_DATE_EPOCH", opts.epoch.to_string());
     run(&mut cmd, pb, log)?;
-    set_erofs_label(out, label)
+    set_erofs_label(out, opts.label)
 }
 
 /// Writes `label` into an erofs image's superblock `volume_name` and updates the

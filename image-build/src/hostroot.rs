@@ -8,14 +8,19 @@
 //!   every boot: `passwd`, `group`, `hosts`, `os-release` (a link to `/usr/lib/os-release`),
 //!   `flotilla/units/*.toml` (the baked-in units);
 //! - `/usr/lib/flotilla/provision.toml`: the default provisioning config, if any;
+//! - `/usr/share/flotilla/images/`: the system image store (read-only at run time), if the
+//!   spec bakes images in;
 //! - empty mount points `/proc /sys /dev /run /var /etc /root /mnt /sysroot`, `/tmp` (1777).
 //!
 //! Every directory is 0755 (`/tmp` 1777), every file has the mode it is given here; owners
-//! and timestamps are set by `mkfs.erofs` (`--all-root`, `-T`).
+//! and timestamps are set by `mkfs.erofs` (`--all-root`, `-T`). The system store's own
+//! directories and files get 0755 and 0644; its extracted layers keep their modes and owners.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use flotilla_container::image::SYSTEM_STORE;
 
 use crate::{busybox_links, io_err, make_link, BuildError};
 
@@ -84,6 +89,9 @@ pub struct RootContent {
     pub provision: Option<PathBuf>,
     /// More files (`[[root.files]]`), installed last (they may replace generated ones).
     pub files: Vec<RootFile>,
+    /// An image store (a directory on the same filesystem as the tree), moved into place as
+    /// [`SYSTEM_STORE`].
+    pub system_store: Option<PathBuf>,
 }
 
 /// What [`stage_root`] put into the tree.
@@ -93,6 +101,8 @@ pub struct StageSummary {
     pub entries: usize,
     /// Busybox applet links created.
     pub busybox_links: usize,
+    /// Entries of the system store (included in `entries`).
+    pub store_entries: usize,
 }
 
 /// Whether `path` is a static ELF64 executable (no `PT_INTERP` program header; a static-pie
@@ -181,10 +191,21 @@ pub fn stage_root(content: &RootContent, root: &Path) -> Result<StageSummary, Bu
     } else {
         0
     };
+    let store_entries = match &content.system_store {
+        Some(store) => {
+            let dest = host_path(root, SYSTEM_STORE);
+            parent_dirs(&dest)?;
+            std::fs::rename(store, &dest)
+                .map_err(|e| io_err("move the image store to", &dest, e))?;
+            normalize_store(&dest)?
+        }
+        None => 0,
+    };
     let entries = normalize_dirs(root, Path::new(""))?;
     Ok(StageSummary {
         entries,
         busybox_links: links,
+        store_entries,
     })
 }
 
@@ -227,9 +248,13 @@ fn put_bytes(root: &Path, path: &str, data: &[u8], mode: u32) -> Result<(), Buil
 }
 
 /// Sets every directory under `root` to 0755 (`/tmp`: its [`ROOT_DIRS`] mode), whatever
-/// the umask made of it; returns the number of entries.
+/// the umask made of it, leaving the system store alone (see [`normalize_store`]); returns
+/// the number of entries.
 fn normalize_dirs(root: &Path, rel: &Path) -> Result<usize, BuildError> {
     let dir = root.join(rel);
+    if Path::new("/").join(rel) == Path::new(SYSTEM_STORE) {
+        return count_entries(&dir);
+    }
     let special = ROOT_DIRS
         .iter()
         .find(|(d, _)| Path::new(d) == rel)
@@ -246,6 +271,49 @@ fn normalize_dirs(root: &Path, rel: &Path) -> Result<usize, BuildError> {
         } else {
             n += 1;
         }
+    }
+    Ok(n)
+}
+
+/// Sets an image store's own directories to 0755 and its files (blobs, `images.json`,
+/// `lock`) to 0644, whatever the umask made of them; the extracted layers (`layers/*/`) keep
+/// the modes of their archives. Returns the number of entries, the store included.
+fn normalize_store(store: &Path) -> Result<usize, BuildError> {
+    let layers = store.join("layers");
+    let mut n = 1;
+    let mut dirs = vec![store.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        chmod(&dir, 0o755)?;
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))? {
+            let path = entry.map_err(|e| io_err("list", &dir, e))?.path();
+            let meta = path
+                .symlink_metadata()
+                .map_err(|e| io_err("stat", &path, e))?;
+            if dir == layers {
+                n += count_entries(&path)?;
+            } else if meta.is_dir() {
+                dirs.push(path);
+            } else {
+                n += 1;
+                chmod(&path, 0o644)?;
+            }
+        }
+        n += usize::from(dir != store);
+    }
+    Ok(n)
+}
+
+/// The number of entries of the tree at `path` (1 for anything but a directory).
+fn count_entries(path: &Path) -> Result<usize, BuildError> {
+    let meta = path
+        .symlink_metadata()
+        .map_err(|e| io_err("stat", path, e))?;
+    if !meta.is_dir() {
+        return Ok(1);
+    }
+    let mut n = 1;
+    for entry in std::fs::read_dir(path).map_err(|e| io_err("list", path, e))? {
+        n += count_entries(&entry.map_err(|e| io_err("list", path, e))?.path())?;
     }
     Ok(n)
 }

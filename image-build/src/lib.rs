@@ -142,21 +142,38 @@ struct Steps {
     n: usize,
     total: usize,
     progress: bool,
+    /// Put before every line: the steps of a build nested in another one are indented.
+    indent: &'static str,
 }
 
 impl Steps {
     fn line(&mut self, text: &str) {
         self.n += 1;
-        println!("[{}/{}] {text}", self.n, self.total);
+        println!("{}[{}/{}] {text}", self.indent, self.n, self.total);
         let _ = std::io::stdout().flush();
+    }
+    /// A line under the current step.
+    fn detail(&self, text: &str) {
+        println!("{}      {text}", self.indent);
     }
     /// A note under the current step, above any spinner.
     fn note(&self, pb: &ProgressBar, text: &str) {
         if pb.is_hidden() {
-            println!("      {text}");
+            self.detail(text);
         } else {
-            pb.println(format!("      {text}"));
+            pb.println(format!("{}      {text}", self.indent));
         }
+    }
+    fn bar(&self, template: &str) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::new(1);
+        pb.set_style(
+            ProgressStyle::with_template(&format!("{}      {template}", self.indent))
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
     }
     fn spinner(&self, msg: &str) -> ProgressBar {
         if !self.progress {
@@ -164,8 +181,11 @@ impl Steps {
         }
         let pb = ProgressBar::new_spinner();
         pb.set_style(
-            ProgressStyle::with_template("      {spinner} [{elapsed}] {wide_msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template(&format!(
+                "{}      {{spinner}} [{{elapsed}}] {{wide_msg}}",
+                self.indent
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         pb.set_message(msg.to_string());
         pb.enable_steady_tick(Duration::from_millis(120));
@@ -350,6 +370,11 @@ fn copy_tree(src: &Path, dst: &Path, pb: &ProgressBar, log: &Path) -> Result<(),
 
 /// Builds the image of `opts.spec`.
 pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+    build_indented(opts, "")
+}
+
+/// [`build`], its output lines indented by `indent` (a build inside `image-build os`).
+fn build_indented(opts: &BuildOptions, indent: &'static str) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
     let spec = Spec::load(&opts.spec)?;
     let spec_dir = opts
@@ -379,6 +404,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
         n: 0,
         total,
         progress: opts.progress,
+        indent,
     };
 
     let layers_dir = opts.cache.join("layers");
@@ -511,7 +537,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
         } else {
             tmp_tar
         };
-        println!("      {count} entries");
+        steps.detail(&format!("{count} entries"));
         (target, false)
     };
     let layer_bytes = std::fs::metadata(&layer_tar)
@@ -573,7 +599,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
             }
         }
     };
-    println!("      {digest}");
+    steps.detail(&digest);
 
     // 5. Import.
     let imported = if opts.no_import {
@@ -581,16 +607,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
     } else {
         steps.line(&format!("import {reference} into {}", opts.store.display()));
         let store = ImageStore::open(&opts.store)?;
-        let pb = if opts.progress {
-            let pb = ProgressBar::new(1);
-            pb.set_style(
-                ProgressStyle::with_template("      {bar:30} {pos}/{len} layers {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
+        let pb = steps.bar("{bar:30} {pos}/{len} layers {msg}");
         let info = store.import_oci_layout(&oci_dir, Some(&reference), &mut |e| match e {
             ImportEvent::Layer {
                 index,
@@ -607,7 +624,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
         Some(info)
     };
     println!(
-        "{reference} {digest} ({}, {:.1}s{})",
+        "{indent}{reference} {digest} ({}, {:.1}s{})",
         human(layer_bytes),
         started.elapsed().as_secs_f64(),
         if cached { ", cached" } else { "" }

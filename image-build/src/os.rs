@@ -11,12 +11,17 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::disk::{check_label, derived_uuid, mkfs_erofs, mkfs_ext4, parse_size};
+use flotilla_container::image::{ImageStore, SYSTEM_STORE};
+
+use crate::disk::{check_label, derived_uuid, mkfs_erofs, mkfs_ext4, parse_size, ErofsOptions};
 use crate::hostroot::{is_static_elf, stage_root, RootContent, RootFile, HOST_BUSYBOX};
 use crate::initramfs::{write_initramfs, InitramfsEntry};
 use crate::kernel::{fetch_kernel, module_closure, DEFAULT_KERNEL_PACKAGE};
-use crate::spec::{check_dest, parse_mode, FileSpec};
-use crate::{apt_install, find_program, human, io_err, rootfs, BuildError, Steps};
+use crate::spec::{check_dest, parse_mode, FileSpec, Spec};
+use crate::{
+    apt_install, build_indented, find_program, human, io_err, rootfs, BuildError, BuildOptions,
+    Steps,
+};
 
 /// The host image spec (TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +76,34 @@ pub struct InitSpec {
     pub binary: Option<PathBuf>,
 }
 
+/// Compression of the root image (`mkfs.erofs -zALGORITHM`; the kernel decompresses on read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootCompression {
+    /// Uncompressed.
+    #[default]
+    None,
+    /// LZ4.
+    Lz4,
+    /// LZ4HC: smaller than LZ4, slower to build, as fast to read.
+    Lz4hc,
+}
+
+impl RootCompression {
+    /// The `mkfs.erofs -z` algorithm, `None` when uncompressed.
+    pub fn algorithm(self) -> Option<&'static str> {
+        match self {
+            RootCompression::None => None,
+            RootCompression::Lz4 => Some("lz4"),
+            RootCompression::Lz4hc => Some("lz4hc"),
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        *self == RootCompression::None
+    }
+}
+
 /// Filesystem of the root image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +143,14 @@ pub struct RootSpec {
     /// More files (`[[root.files]]`: `src` relative to the spec file, absolute `dest`, `mode`).
     #[serde(default)]
     pub files: Vec<FileSpec>,
+    /// Container image specs (relative to the spec file) built like `image-build container`
+    /// (same cache) and imported into the read-only system store
+    /// ([`flotilla_container::image::SYSTEM_STORE`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<PathBuf>,
+    /// Compression of the image, default none.
+    #[serde(default, skip_serializing_if = "RootCompression::is_none")]
+    pub compression: RootCompression,
 }
 
 impl Default for RootSpec {
@@ -123,6 +164,8 @@ impl Default for RootSpec {
             units: None,
             provision: None,
             files: Vec::new(),
+            images: Vec::new(),
+            compression: RootCompression::None,
         }
     }
 }
@@ -186,6 +229,12 @@ impl OsSpec {
         }
         for f in &self.root.files {
             check_dest(&f.dest).map_err(|d| format!("[[root.files]] dest {:?}: {d}", f.dest))?;
+            if Path::new(&f.dest).starts_with(SYSTEM_STORE) {
+                return Err(format!(
+                    "[[root.files]] dest {:?}: inside the system image store {SYSTEM_STORE}",
+                    f.dest
+                ));
+            }
             if let Some(m) = &f.mode {
                 parse_mode(m).map_err(|d| format!("[[root.files]] mode {m:?}: {d}"))?;
             }
@@ -380,6 +429,38 @@ fn root_content(
     Ok(content)
 }
 
+/// The `[root] images` specs, loaded (so that a broken one fails before the kernel
+/// download): `(spec file, name:tag)`. Two specs naming the same image are an error.
+fn image_specs(
+    spec: &OsSpec,
+    spec_path: &Path,
+    spec_dir: &Path,
+) -> Result<Vec<(PathBuf, String)>, BuildError> {
+    let mut out: Vec<(PathBuf, String)> = Vec::new();
+    for p in &spec.root.images {
+        let path = spec_dir.join(p);
+        if !path.is_file() {
+            return Err(BuildError::Spec {
+                path: spec_path.to_path_buf(),
+                detail: format!("[root] images: {} does not exist", path.display()),
+            });
+        }
+        let reference = Spec::load(&path)?.reference();
+        if let Some((other, _)) = out.iter().find(|(_, r)| *r == reference) {
+            return Err(BuildError::Spec {
+                path: spec_path.to_path_buf(),
+                detail: format!(
+                    "[root] images: {} and {} both build {reference}",
+                    other.display(),
+                    path.display()
+                ),
+            });
+        }
+        out.push((path, reference));
+    }
+    Ok(out)
+}
+
 /// The host's static busybox, installing Debian's `busybox-static` if there is none.
 fn host_busybox(
     steps: &Steps,
@@ -457,6 +538,7 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         )));
     }
     let root_content = root_content(&spec, &opts.spec, &spec_dir, bin_dir.as_deref())?;
+    let images = image_specs(&spec, &opts.spec, &spec_dir)?;
     let var_size = parse_size(&spec.var.size).map_err(|detail| BuildError::Spec {
         path: opts.spec.clone(),
         detail,
@@ -474,8 +556,9 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let canonical = serde_json::to_vec(&spec).map_err(|e| BuildError::Usage(e.to_string()))?;
     let mut steps = Steps {
         n: 0,
-        total: 6,
+        total: 6 + usize::from(!images.is_empty()),
         progress: opts.progress,
+        indent: "",
     };
 
     // 1. Kernel.
@@ -483,12 +566,12 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let pb = steps.spinner("resolving");
     let (kernel, cached) = fetch_kernel(&opts.cache, &spec.kernel.package, &pb)?;
     pb.finish_and_clear();
-    println!(
-        "      {} {}{}",
+    steps.detail(&format!(
+        "{} {}{}",
         kernel.package,
         kernel.version,
         if cached { " (cached)" } else { "" }
-    );
+    ));
     let vmlinuz = opts.out.join("vmlinuz");
     std::fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(|e| io_err("copy", &kernel.vmlinuz, e))?;
 
@@ -539,11 +622,43 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     write_initramfs(&initramfs, &entries)?;
     pb.finish_and_clear();
 
-    // 4. Root image.
+    // 4. Images, built (or found in the cache) and imported into a store that becomes the
+    // system store of the root tree.
+    let mut root_content = root_content;
+    if !images.is_empty() {
+        let names: Vec<&str> = images.iter().map(|(_, r)| r.as_str()).collect();
+        steps.line(&format!("images: {} -> {SYSTEM_STORE}", names.join(", ")));
+        let store = work.path().join("system-store");
+        for (path, _) in &images {
+            steps.detail(&path.display().to_string());
+            let build = BuildOptions {
+                spec: path.clone(),
+                store: store.clone(),
+                oci_out: None,
+                no_import: false,
+                cache: opts.cache.clone(),
+                progress: opts.progress,
+            };
+            build_indented(&build, "      ")?;
+        }
+        // Read-only at run time: the extracted layers are all it needs.
+        let freed = ImageStore::open(&store)?.drop_layer_blobs()?;
+        steps.detail(&format!(
+            "compressed layer blobs dropped from the system store: {}",
+            human(freed)
+        ));
+        root_content.system_store = Some(store);
+    }
+
+    // 5. Root image.
     let root = &spec.root;
     steps.line(&format!(
-        "root.img: erofs \"{}\": binaries {}{}, units {}{}{}",
+        "root.img: erofs \"{}\"{}: binaries {}{}, units {}{}{}{}",
         root.label,
+        root.compression
+            .algorithm()
+            .map(|a| format!(" ({a})"))
+            .unwrap_or_default(),
         root_content.binaries.len(),
         if root.busybox { ", busybox" } else { "" },
         root_content.units.len(),
@@ -556,10 +671,14 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
             String::new()
         } else {
             format!(", extra files {}", root_content.files.len())
+        },
+        if images.is_empty() {
+            String::new()
+        } else {
+            format!(", images {}", images.len())
         }
     ));
     let pb = steps.spinner("staging the root tree");
-    let mut root_content = root_content;
     if root.busybox {
         root_content.busybox = Some(host_busybox(&steps, &pb, &log)?);
     }
@@ -572,28 +691,33 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let mut seed = b"flotilla root\0".to_vec();
     seed.extend_from_slice(&canonical);
     let root_uuid = derived_uuid(&seed);
-    mkfs_erofs(
-        &mkfs_erofs_bin,
-        &tree,
-        &root_img,
-        &root.label,
-        &root_uuid,
+    let erofs = ErofsOptions {
+        label: &root.label,
+        uuid: &root_uuid,
         epoch,
-        &pb,
-        &log,
-    )?;
+        compression: root.compression.algorithm(),
+        // The images' files keep their owners (the import ran as root, so everything else
+        // is root's too) and their xattrs.
+        keep_owners: root_content.system_store.is_some(),
+    };
+    mkfs_erofs(&mkfs_erofs_bin, &tree, &root_img, &erofs, &pb, &log)?;
     pb.finish_and_clear();
     let root_size = std::fs::metadata(&root_img)
         .map_err(|e| io_err("stat", &root_img, e))?
         .len();
-    println!(
-        "      {} entries ({} busybox links), {}, UUID {root_uuid}",
+    steps.detail(&format!(
+        "{} entries ({} busybox links{}), {}, UUID {root_uuid}",
         staged.entries,
         staged.busybox_links,
+        if staged.store_entries > 0 {
+            format!(", {} in the system store", staged.store_entries)
+        } else {
+            String::new()
+        },
         human(root_size)
-    );
+    ));
 
-    // 5. /var disk.
+    // 6. /var disk.
     steps.line(&format!(
         "var.img: ext4 \"{}\", {} sparse",
         spec.var.label, spec.var.size
@@ -616,13 +740,13 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     )?;
     pb.finish_and_clear();
     let meta = std::fs::metadata(&var_img).map_err(|e| io_err("stat", &var_img, e))?;
-    println!(
-        "      {}, {} allocated, UUID {var_uuid}",
+    steps.detail(&format!(
+        "{}, {} allocated, UUID {var_uuid}",
         human(meta.len()),
         human(meta.blocks() * 512)
-    );
+    ));
 
-    // 6. Manifest.
+    // 7. Manifest.
     steps.line("manifest.json");
     let pb = steps.spinner("sha256");
     let mut artifacts = Vec::new();
@@ -659,6 +783,8 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     ]
     .map(String::from)
     .to_vec();
+    // One NIC (eth0 in the guest) on QEMU's user network: 10.0.2.0/24, gateway 10.0.2.2.
+    args.extend(["-nic".to_string(), "user,model=virtio-net-pci".to_string()]);
     // Entropy from the host: without it the guest's random pool takes seconds to initialize
     // under TCG, and every getrandom(2) caller (D-Bus clients among them) waits for it.
     args.extend(["-device".to_string(), "virtio-rng-pci".to_string()]);

@@ -377,6 +377,89 @@ fn bad_var_size_and_broken_units_are_spec_errors() {
     );
 }
 
+/// `[root] images`: each spec is built through the container build (its cache) and
+/// imported into the read-only system store of the root image, reproducibly; the store in
+/// the image lists and resolves the image without its compressed layer blobs.
+#[test]
+fn baked_in_images_land_in_the_system_store_reproducibly() {
+    let t = tempfile::tempdir().unwrap();
+    let init = fake_bin_dir(&t.path().join("bin")).join("flotilla-init");
+    let spec = t.path().join("os.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "[root]\ncompression = \"lz4hc\"\nimages = [\"{}\"]\n",
+            specs().join("busybox.toml").display()
+        ),
+    )
+    .unwrap();
+    let os = |out: &str| {
+        image_build(&[
+            spec.as_os_str(),
+            "--out".as_ref(),
+            t.path().join(out).as_os_str(),
+            "--init".as_ref(),
+            init.as_os_str(),
+        ])
+    };
+    let a = os("a");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let stdout = String::from_utf8_lossy(&a.stdout);
+    assert!(
+        stdout.contains("images: busybox:latest -> /usr/share/flotilla/images"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(lz4hc)"), "{stdout}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(os("b").status.success());
+    assert!(same_file(
+        &t.path().join("a/root.img"),
+        &t.path().join("b/root.img")
+    ));
+
+    let root = t.path().join("root");
+    let out = Command::new(program("fsck.erofs"))
+        .arg(format!("--extract={}", root.display()))
+        .arg(t.path().join("a/root.img"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let system = root.join("usr/share/flotilla/images");
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    for dir in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+        assert_eq!(mode(&system.join(dir)), 0o755, "{dir}");
+    }
+    assert_eq!(mode(&system.join("images.json")), 0o644);
+    // Manifest and config only: the layer is there extracted.
+    assert_eq!(
+        std::fs::read_dir(system.join("blobs/sha256"))
+            .unwrap()
+            .count(),
+        2
+    );
+    let stores =
+        flotilla_container::image::ImageStores::open(&[t.path().join("writable"), system.clone()])
+            .unwrap();
+    let busybox = stores.resolve("busybox").unwrap();
+    assert!(busybox.layers[0].starts_with(&system));
+    assert!(busybox.layers[0].join("bin/busybox").is_file());
+    let listed = stores.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].store.as_path(), listed[0].writable),
+        (system.as_path(), false)
+    );
+
+    // A missing image spec fails before anything is built.
+    std::fs::write(&spec, "[root]\nimages = [\"nosuch.toml\"]\n").unwrap();
+    let o = os("c");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("[root] images") && err.contains("nosuch.toml"),
+        "{err}"
+    );
+}
+
 #[test]
 fn shipped_host_units_and_provisioning_are_valid() {
     let dir = specs().join("host-units");

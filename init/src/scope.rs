@@ -96,6 +96,25 @@ fn enable_controllers(dir: &Path) {
     }
 }
 
+/// Moves this process into the leaf cgroup `name` below the cgroup2 root (PID 1 does this
+/// with `init.scope`, as systemd, so that only leaves hold processes). Returns the leaf.
+pub fn move_self_to_leaf(name: &str) -> Result<PathBuf, ScopeError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mount = cgroup2_mount(&mountinfo).ok_or_else(|| ScopeError::Cgroup {
+        path: PathBuf::from("/sys/fs/cgroup"),
+        source: io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted"),
+    })?;
+    let leaf = mount.join(name);
+    match fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(cg_err(&leaf)(e)),
+    }
+    let procs = leaf.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string()).map_err(cg_err(&procs))?;
+    Ok(leaf)
+}
+
 impl ScopeRoot {
     /// Create `name` below this process's own cgroup v2, or fall back to process groups.
     ///

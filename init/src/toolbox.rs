@@ -18,8 +18,8 @@ use crate::launcher::{ContainerLauncher, LaunchError};
 pub struct RunOptions {
     /// Image reference in the store.
     pub image: String,
-    /// Image store.
-    pub store: PathBuf,
+    /// Image stores, searched in order (the first is the writable one).
+    pub stores: Vec<PathBuf>,
     /// `HOST:CONTAINER[:ro]` bind mounts, already split.
     pub binds: Vec<Mount>,
     /// Working directory inside.
@@ -125,7 +125,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
 }
 
 fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
-    let launcher = ContainerLauncher::new(&opts.store, scratch);
+    let launcher = ContainerLauncher::new(&opts.stores, scratch);
     let unit = unit_for(opts);
     let mut spec = launcher.spec(&unit, true)?;
     spec.terminal = std::io::stdin().is_terminal();

@@ -297,3 +297,68 @@ command = ["/bin/sh", "-c", "echo soft=$(ulimit -n) hard=$(ulimit -Hn); echo map
         "{status}"
     );
 }
+
+#[test]
+fn images_resolve_across_stores_and_only_the_first_is_written() {
+    // An empty writable store first, the shared store (busybox, gcc) second, as the system
+    // store of a host image is.
+    let scratch = tempfile::tempdir().unwrap();
+    let writable = scratch.path().join("store");
+    let (w, s) = (writable.to_str().unwrap(), store_arg());
+    let dir = scratch.path();
+
+    let out = unitctl(
+        &["--json", "image", "list", "--store", w, "--store", &s],
+        dir,
+        &[],
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let busybox = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "busybox")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(busybox["store"], s.as_str());
+    assert_eq!(busybox["writable"], false);
+    assert!(writable.join("tmp").is_dir(), "the first store is created");
+
+    // FLOTILLA_IMAGES: colon-separated, same order.
+    let both = format!("{w}:{s}");
+    let out = unitctl(&["image", "list"], dir, &[("FLOTILLA_IMAGES", &both)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().next().unwrap().ends_with("STORE"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("busybox ") && l.ends_with(s.as_str())),
+        "{text}"
+    );
+
+    // Removal only from the writable store.
+    let out = unitctl(
+        &["image", "rm", "busybox"],
+        dir,
+        &[("FLOTILLA_IMAGES", &both)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("read-only store") && err.contains(&s), "{err}");
+
+    // The toolbox and the manager find the image in the second store.
+    let out = unitctl(
+        &[
+            "run", "--store", w, "--store", &s, "--image", "busybox", "--", "echo", "found",
+        ],
+        dir,
+        &[],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "found\n");
+    let m = Machine::start_with(
+        &[(
+            "bb",
+            "[container]\nimage = \"busybox\"\ncommand = [\"/bin/sh\", \"-c\", \"echo from-second; exec sleep 1000\"]\n",
+        )],
+        &["--images", w, "--images", &s],
+    );
+    m.wait_until("the unit's output", || m.logs("bb").contains("from-second"));
+}

@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod images;
 mod shell;
 pub use shell::{CommandOutput, Shell};
 
@@ -155,6 +156,9 @@ pub struct BootOptions {
     pub extra_args: Vec<String>,
     /// More kernel command-line words (appended to the manifest's `-append`).
     pub cmdline: Vec<String>,
+    /// Host ports forwarded to guest ports over the manifest's user-mode NIC
+    /// (`hostfwd=tcp:127.0.0.1:HOST-:GUEST`), as (host, guest).
+    pub host_forwards: Vec<(u16, u16)>,
     /// Start the guest's debug shell (`flotilla.debug_shell=hvc0`) on a virtio console
     /// whose other end [`Vm::shell`] connects to.
     pub debug_shell: bool,
@@ -256,6 +260,18 @@ impl Vm {
                     }
                 }
                 None => args.extend(["-append".to_string(), cmdline.join(" ")]),
+            }
+        }
+        if !opts.host_forwards.is_empty() {
+            let nic = args
+                .iter_mut()
+                .find(|a| a.starts_with("user,") || a.as_str() == "user")
+                .ok_or_else(|| QemuError::Manifest {
+                    path: image_dir.join("manifest.json"),
+                    detail: "no user-mode NIC (-nic user,...) to forward ports over".into(),
+                })?;
+            for (host, guest) in &opts.host_forwards {
+                nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
             }
         }
         args.extend(opts.extra_args.iter().cloned());
@@ -440,6 +456,16 @@ impl Vm {
     /// Sends one QMP command (e.g. `query-status`, `system_powerdown`, `quit`) and returns
     /// its `return` value. The first call connects and negotiates capabilities.
     pub fn qmp(&self, command: &str) -> Result<serde_json::Value> {
+        self.qmp_with(command, serde_json::Value::Null)
+    }
+
+    /// [`Vm::qmp`] with `arguments` (an object; `Null` for none), e.g. `send-key` with
+    /// `{"keys": [...]}`.
+    pub fn qmp_with(
+        &self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value> {
         let mut guard = self
             .qmp
             .lock()
@@ -460,13 +486,13 @@ impl Vm {
                 .map_err(|e| io_err("configure", &self.qmp_path, e))?;
             let mut conn = BufReader::new(stream);
             read_message(&mut conn)?; // greeting
-            exchange(&mut conn, "qmp_capabilities")?;
+            exchange(&mut conn, "qmp_capabilities", serde_json::Value::Null)?;
             *guard = Some(conn);
         }
         let conn = guard
             .as_mut()
             .ok_or_else(|| QemuError::Qmp("not connected".into()))?;
-        exchange(conn, command)
+        exchange(conn, command, arguments)
     }
 }
 
@@ -504,8 +530,16 @@ fn read_message(conn: &mut BufReader<UnixStream>) -> Result<serde_json::Value> {
     serde_json::from_str(&line).map_err(|e| QemuError::Qmp(format!("{e}: {line}")))
 }
 
-fn exchange(conn: &mut BufReader<UnixStream>, command: &str) -> Result<serde_json::Value> {
-    let request = serde_json::json!({ "execute": command });
+fn exchange(
+    conn: &mut BufReader<UnixStream>,
+    command: &str,
+    arguments: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let request = if arguments.is_null() {
+        serde_json::json!({ "execute": command })
+    } else {
+        serde_json::json!({ "execute": command, "arguments": arguments })
+    };
     let mut bytes = request.to_string().into_bytes();
     bytes.push(b'\n');
     conn.get_mut()
@@ -532,6 +566,30 @@ impl Drop for Vm {
             let _ = child.wait();
         }
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for [`BootOptions::host_forwards`]).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| io_err("bind", Path::new("127.0.0.1:0"), e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| io_err("read the address of", Path::new("127.0.0.1:0"), e))
+}
+
+/// `GET path` from `127.0.0.1:port` (HTTP/1.0); the whole response, headers included.
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    let addr = format!("127.0.0.1:{port}");
+    let shown = Path::new(&addr);
+    let mut s = std::net::TcpStream::connect(&addr).map_err(|e| io_err("connect to", shown, e))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| io_err("configure", shown, e))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .map_err(|e| io_err("send to", shown, e))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| io_err("read from", shown, e))?;
+    Ok(out)
 }
 
 /// The workspace root (this crate's parent directory).

@@ -76,7 +76,13 @@ impl Shell {
         loop {
             if let Some(found) = find_marker(&self.buf, &tag) {
                 let (status, before, after) = found;
-                let output = self.buf.get(..before).unwrap_or_default().to_string();
+                // The newline that ended the previous marker's line may arrive late.
+                let output = self
+                    .buf
+                    .get(..before)
+                    .unwrap_or_default()
+                    .trim_start_matches('\n')
+                    .to_string();
                 self.buf = self.buf.get(after..).unwrap_or_default().to_string();
                 return Ok(CommandOutput { status, output });
             }

@@ -3,61 +3,17 @@
 //! QMP, power-off, and that dropping a `Vm` kills QEMU.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use image_build::initramfs::InitramfsEntry;
-use image_build::os::{build_os, OsOptions};
-use qemu_tests::{ensure_program, is_static_elf, Vm};
+use qemu_tests::{is_static_elf, Vm};
 
-const MARKER: &str = "flotilla-test: init reached";
+use qemu_tests::images::FLOOR_MARKER as MARKER;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn cache() -> PathBuf {
-    std::env::var_os("FLOTILLA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(image_build::DEFAULT_CACHE))
-}
-
-/// Builds kernel + initramfs into `dir` with `/init` = a busybox script ending in `tail`.
+/// Builds the floor image (busybox `/init` ending in `tail`) into `dir/image`.
 fn build_test_image(dir: &Path, tail: &str) {
-    let busybox = ensure_program("busybox", "busybox-static").unwrap();
-    let busybox = std::fs::canonicalize(busybox).unwrap();
-    assert!(
-        is_static_elf(&busybox).unwrap(),
-        "{} must be static (busybox-static)",
-        busybox.display()
-    );
-    let init = dir.join("test-init");
-    std::fs::write(
-        &init,
-        format!(
-            "#!/bin/busybox sh\n\
-             /bin/busybox mount -t proc proc /proc\n\
-             /bin/busybox echo \"{MARKER}\"\n\
-             /bin/busybox echo \"flotilla-test: uptime $(/bin/busybox cat /proc/uptime)\"\n\
-             /bin/busybox echo \"flotilla-test: modules $(/bin/busybox wc -l < /etc/flotilla/modules)\"\n\
-             {tail}\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = dir.join("image");
-    build_os(&OsOptions {
-        spec: Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-build/specs/host.toml"),
-        out,
-        init: Some(init),
-        bin_dir: Some(qemu_tests::static_binaries().unwrap()),
-        extra: vec![InitramfsEntry::File {
-            path: "/bin/busybox".into(),
-            source: busybox,
-            mode: 0o755,
-        }],
-        cache: cache(),
-        progress: false,
-    })
-    .unwrap();
+    qemu_tests::images::floor_image(&qemu_tests::images::host_spec(), dir, tail).unwrap();
 }
 
 #[test]

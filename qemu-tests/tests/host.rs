@@ -6,37 +6,26 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use image_build::os::{build_os, OsOptions};
-use qemu_tests::{static_binaries, BootOptions, Shell, Vm};
+use qemu_tests::{BootOptions, Shell, Vm};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+mod common;
+
+use common::{shell, wait_marker, BOOT_TIMEOUT, MARKER};
+
 const CMD: Duration = Duration::from_secs(60);
-const MARKER: &str = "flotilla: boot complete in";
-
-fn cache() -> PathBuf {
-    std::env::var_os("FLOTILLA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(image_build::DEFAULT_CACHE))
-}
 
 /// Builds the host image into `dir/image`.
 fn build_host_image(dir: &Path) -> PathBuf {
-    let out = dir.join("image");
-    build_os(&OsOptions {
-        spec: Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-build/specs/host.toml"),
-        out: out.clone(),
-        init: None,
-        bin_dir: Some(static_binaries().unwrap()),
-        extra: Vec::new(),
-        cache: cache(),
-        progress: false,
-    })
-    .unwrap();
-    out
+    common::build_image(&qemu_tests::images::host_spec(), dir)
 }
 
 /// Boots `image` with `config` as its fw_cfg provisioning config and the debug shell.
 fn boot(image: &Path, config: &str) -> Vm {
+    boot_forwarding(image, config, Vec::new())
+}
+
+/// [`boot`] with host ports forwarded to guest ports.
+fn boot_forwarding(image: &Path, config: &str, host_forwards: Vec<(u16, u16)>) -> Vm {
     let path = image.join(format!(
         "provision-{}.toml",
         std::time::SystemTime::now()
@@ -53,26 +42,11 @@ fn boot(image: &Path, config: &str) -> Vm {
                 format!("name=opt/org.flotilla/config,file={}", path.display()),
             ],
             debug_shell: true,
+            host_forwards,
             ..BootOptions::default()
         },
     )
     .unwrap()
-}
-
-fn wait_marker(vm: &Vm) -> String {
-    let marker = vm
-        .wait_for(MARKER, BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
-    println!(
-        "{marker} (QEMU start -> marker {:.2} s wall)",
-        vm.started().elapsed().as_secs_f64()
-    );
-    marker
-}
-
-fn shell(vm: &Vm) -> Shell {
-    vm.shell(Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()))
 }
 
 /// Waits until `unitctl status UNIT` shows `what` (units start asynchronously).
@@ -92,6 +66,9 @@ fn wait_status(sh: &mut Shell, unit: &str, what: &str) -> String {
 }
 
 const CONFIG: &str = r#"hostname = "vm-one"
+[network]
+address = "10.0.2.15/24"
+gateway = "10.0.2.2"
 [metadata]
 role = "test"
 [[units]]
@@ -110,7 +87,8 @@ command = ["/bin/sh", "-c", "echo hello from provisioning; exec sleep 100000"]
 fn provisioned_host_boots_and_runs_units() {
     let t = tempfile::tempdir().unwrap();
     let image = build_host_image(t.path());
-    let vm = boot(&image, CONFIG);
+    let port = qemu_tests::free_port().unwrap();
+    let vm = boot_forwarding(&image, CONFIG, vec![(port, 8080)]);
     let marker = wait_marker(&vm);
     let console = vm.console();
     for step in [
@@ -119,6 +97,7 @@ fn provisioned_host_boots_and_runs_units() {
         "first boot: apply the provisioning config from FwCfg",
         "switch root to /sysroot",
         "hostname vm-one",
+        "eth0 10.0.2.15/24 via 10.0.2.2",
     ] {
         assert!(console.contains(step), "missing {step:?}\n{console}");
     }
@@ -141,6 +120,18 @@ fn provisioned_host_boots_and_runs_units() {
     let www = sh.ok("wget -qO- http://127.0.0.1:8080/", CMD).unwrap();
     assert!(www.contains("Flotilla"), "{www}");
 
+    // The provisioned static address and route on eth0; the web unit answers the host
+    // through QEMU's port forward to that address.
+    let addr = sh.ok("ip -4 addr show eth0", CMD).unwrap();
+    assert!(addr.contains("inet 10.0.2.15/24"), "{addr}");
+    let route = sh.ok("ip route", CMD).unwrap();
+    assert!(route.contains("default via 10.0.2.2 dev eth0"), "{route}");
+    let page = qemu_tests::http_get(port, "/").unwrap();
+    assert!(
+        page.starts_with("HTTP/1.") && page.contains("Flotilla"),
+        "{page}"
+    );
+
     // Read-only root, writable /var, rendered /etc.
     let ro = sh.run("touch /usr/bin/x", CMD).unwrap();
     assert_ne!(ro.status, 0);
@@ -152,6 +143,18 @@ fn provisioned_host_boots_and_runs_units() {
     let id = sh.ok("cat /etc/machine-id", CMD).unwrap();
     assert_eq!(id.trim().len(), 32, "{id}");
     assert_eq!(sh.ok("cat /var/lib/flotilla/machine-id", CMD).unwrap(), id);
+    // PID 1 sits in a leaf cgroup of its own; the units under flotilla/.
+    assert_eq!(
+        sh.ok("cat /proc/1/cgroup", CMD).unwrap().trim(),
+        "0::/init.scope"
+    );
+    let cg = sh
+        .ok(
+            "cat /proc/$(unitctl status web | sed -n 's/.*Main PID: //p')/cgroup",
+            CMD,
+        )
+        .unwrap();
+    assert!(cg.trim().starts_with("0::/flotilla/web.unit"), "{cg}");
     let meta = sh.ok("cat /etc/flotilla/metadata.toml", CMD).unwrap();
     assert!(meta.contains("role = \"test\""), "{meta}");
 
@@ -187,12 +190,18 @@ fn var_persists_and_provisioning_applies_once() {
         .unwrap();
     let sum = sh.ok("sha256sum /var/keep", CMD).unwrap();
     let id = sh.ok("cat /etc/machine-id", CMD).unwrap();
-    // An orderly reboot: busybox `reboot` sends SIGTERM to PID 1; QEMU runs -no-reboot, so
-    // the guest's reboot ends it.
-    sh.run("reboot", CMD).ok();
+    // An orderly reboot by Ctrl-Alt-Del (the kernel sends SIGINT to PID 1); QEMU runs
+    // -no-reboot, so the guest's reboot ends it.
+    let keys: Vec<serde_json::Value> = ["ctrl", "alt", "delete"]
+        .iter()
+        .map(|k| serde_json::json!({ "type": "qcode", "data": k }))
+        .collect();
+    vm.qmp_with("send-key", serde_json::json!({ "keys": keys }))
+        .unwrap();
     let status = vm.wait_exit(BOOT_TIMEOUT).unwrap();
     assert!(status.is_some(), "QEMU still running:\n{}", vm.console());
     let console = vm.console();
+    assert!(console.contains("SIGINT"), "{console}");
     assert!(console.contains("all units stopped"), "{console}");
     assert!(console.contains("Reboot"), "{console}");
     drop(vm);
@@ -209,7 +218,8 @@ fn var_persists_and_provisioning_applies_once() {
 }
 
 /// A broken config stops the boot with the config's line and column, applies nothing, and
-/// leaves an emergency shell; the next boot with a good config applies it.
+/// leaves an emergency shell; the next boot with a good config (on the kernel command line)
+/// applies it.
 #[test]
 fn broken_provisioning_stops_the_boot_and_applies_nothing() {
     let t = tempfile::tempdir().unwrap();
@@ -229,8 +239,25 @@ fn broken_provisioning_stops_the_boot_and_applies_nothing() {
     assert!(!vm.console().contains("Kernel panic"));
     drop(vm);
 
-    let vm = boot(&image, "hostname = \"good\"\n");
+    // This time the config comes on the kernel command line (no fw_cfg).
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode("hostname = \"good\"\n");
+    let vm = Vm::boot_with(
+        &image,
+        &BootOptions {
+            cmdline: vec![format!("flotilla.config={b64}")],
+            debug_shell: true,
+            ..BootOptions::default()
+        },
+    )
+    .unwrap();
     wait_marker(&vm);
+    assert!(
+        vm.console()
+            .contains("first boot: apply the provisioning config from Cmdline"),
+        "{}",
+        vm.console()
+    );
     let mut sh = shell(&vm);
     assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "good");
 }

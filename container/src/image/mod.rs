@@ -9,12 +9,14 @@
 //! tmp/                   staging area of the import in progress
 //! ```
 //! Images come in as OCI image layouts ([`ImageStore::import_oci_layout`]); a container's
-//! root is an overlay of [`ResolvedImage::layers`]. Nothing here panics: the store is used
+//! root is an overlay of [`ResolvedImage::layers`]. [`ImageStores`] looks images up in
+//! several stores in order (the writable one, then the read-only [`SYSTEM_STORE`]). Nothing here panics: the store is used
 //! by PID 1.
 
 mod extract;
 mod layout;
 mod store;
+mod stores;
 
 use std::io;
 use std::path::PathBuf;
@@ -23,9 +25,17 @@ use serde::{Deserialize, Serialize};
 
 pub use layout::write_oci_layout;
 pub use store::ImageStore;
+pub use stores::{ImageStores, StoredImage};
 
-/// Default store root, shared by `unitctl image` and `image-build`.
+/// Default store root, shared by `unitctl image` and `image-build`: the writable store.
 pub const DEFAULT_STORE: &str = "/var/lib/flotilla/images";
+
+/// The system store: images baked into the host's read-only root image by `image-build os`.
+pub const SYSTEM_STORE: &str = "/usr/share/flotilla/images";
+
+/// The stores images are looked up in by default, in order: the writable store, then the
+/// system store (see [`ImageStores`]).
+pub const DEFAULT_STORES: [&str; 2] = [DEFAULT_STORE, SYSTEM_STORE];
 
 /// A stored image, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +176,19 @@ pub enum ImageError {
     /// No image matches.
     #[error("no image '{0}' in the store (see `unitctl image list`; import or build it first)")]
     NotFound(String),
+    /// The image to remove is only in a read-only store of an [`ImageStores`].
+    #[error("image '{reference}' is only in {}, a read-only store (only the first store, {}, is written to): it cannot be removed", store.display(), writable.display())]
+    ReadOnlyStore {
+        /// As given.
+        reference: String,
+        /// The read-only store that has it.
+        store: PathBuf,
+        /// The writable store.
+        writable: PathBuf,
+    },
+    /// An [`ImageStores`] was given no store directory.
+    #[error("no image store given")]
+    NoStore,
     /// A digest prefix matches several images.
     #[error("'{reference}' matches several images ({}): give more digest characters or name:tag", candidates.join(", "))]
     Ambiguous {

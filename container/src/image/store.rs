@@ -398,6 +398,32 @@ impl ImageStore {
         })
     }
 
+    /// Deletes the compressed layer blobs of every image, keeping the manifests, the configs
+    /// and the extracted layers: all that listing and resolving read. For a store about to
+    /// become read-only (the system store of a host image), where nothing else would use
+    /// them; an import of the same image brings them back. Returns the bytes freed.
+    pub fn drop_layer_blobs(&self) -> Result<u64, ImageError> {
+        let _lock = self.lock()?;
+        let db = self.read_db()?;
+        let mut freed = 0;
+        for digest in db.images.values() {
+            let (manifest, _) = self.load(digest)?;
+            for layer in manifest.layers() {
+                let path = blob_path(&self.root, layer.digest().as_ref())?;
+                match fs::symlink_metadata(&path) {
+                    Ok(meta) => {
+                        fs::remove_file(&path)
+                            .map_err(|e| ImageError::io("remove layer blob", &path, e))?;
+                        freed += meta.len();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(ImageError::io("stat", &path, e)),
+                }
+            }
+        }
+        Ok(freed)
+    }
+
     /// Removes a tag (`name[:tag]`), or every tag of an image (`sha256:<prefix>`), then
     /// deletes the blobs and layers no remaining image uses.
     pub fn remove(&self, reference: &str) -> Result<(), ImageError> {

@@ -36,9 +36,14 @@ struct Args {
     /// Control socket (peer-to-peer D-Bus).
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     api: PathBuf,
-    /// Image store that units' `image` keys are resolved in.
-    #[arg(long, value_name = "DIR", default_value = flotilla_container::image::DEFAULT_STORE)]
-    images: PathBuf,
+    /// Image store that units' `image` keys are resolved in (repeatable, searched in order;
+    /// the first is the writable one, a later one that does not exist is skipped).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_values = flotilla_container::image::DEFAULT_STORES
+    )]
+    images: Vec<PathBuf>,
     /// Name of the cgroup created below this process's cgroup for the units.
     #[arg(long, value_name = "NAME")]
     cgroup: Option<String>,
@@ -93,6 +98,13 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
         }
     });
     let (scopes, degraded) = ScopeRoot::create(&cgroup);
+    if pid1 {
+        // Only leaves hold processes: PID 1 goes to its own, next to the units' cgroup.
+        match flotilla_init::scope::move_self_to_leaf("init.scope") {
+            Ok(leaf) => log::info!("PID 1 moved to cgroup {}", leaf.display()),
+            Err(e) => log::warn!("PID 1 stays in the root cgroup: {e}"),
+        }
+    }
     if let Some(why) = degraded {
         log::warn!(
             "{why}: units are tracked by process group; a daemon that calls setsid escapes stop"
@@ -158,7 +170,13 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     if pid1 {
-        log::info!("flotilla-init {} as PID 1", env!("CARGO_PKG_VERSION"));
+        // CLOCK_BOOTTIME counts from the kernel's start: the kernel's share of the boot.
+        let kernel = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        log::info!(
+            "flotilla-init {} as PID 1, {} ms after the kernel started",
+            env!("CARGO_PKG_VERSION"),
+            kernel.tv_sec * 1000 + kernel.tv_nsec / 1_000_000
+        );
         if let Err(e) = boot::setup(&args.modules) {
             boot::emergency(&e);
         }

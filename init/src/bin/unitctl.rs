@@ -115,21 +115,54 @@ struct RunArgs {
     /// Network: host, none or private.
     #[arg(long, default_value = "host")]
     network: String,
-    /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
-    #[arg(long, value_name = "DIR")]
-    store: Option<PathBuf>,
+    #[command(flatten)]
+    stores: StoreArgs,
     /// The command and its arguments [default: the image's entrypoint and cmd].
     #[arg(last = true)]
     command: Vec<String>,
 }
 
+/// Where images are looked up.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// Image store (repeatable, searched in order; imports and removals go to the first)
+    /// [default: $FLOTILLA_IMAGES (colon-separated), else /var/lib/flotilla/images then
+    /// /usr/share/flotilla/images].
+    #[arg(long = "store", value_name = "DIR")]
+    roots: Vec<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The store roots: `--store`s, else `$FLOTILLA_IMAGES`, else the defaults.
+    fn roots(self) -> Vec<PathBuf> {
+        if !self.roots.is_empty() {
+            return self.roots;
+        }
+        let from_env: Vec<PathBuf> = std::env::var_os("FLOTILLA_IMAGES")
+            .map(|v| {
+                std::env::split_paths(&v)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !from_env.is_empty() {
+            return from_env;
+        }
+        image::DEFAULT_STORES.iter().map(PathBuf::from).collect()
+    }
+
+    /// The opened stores.
+    fn open(self) -> Result<image::ImageStores> {
+        Ok(image::ImageStores::open(&self.roots())?)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
-    /// List the images (NAME TAG DIGEST SIZE LAYERS CREATED).
+    /// List the images of every store (NAME TAG DIGEST SIZE LAYERS CREATED STORE).
     List {
-        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
-        #[arg(long, value_name = "DIR")]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        stores: StoreArgs,
     },
     /// Import an OCI image layout (a directory, or a tar of one as `docker save` writes).
     Import {
@@ -138,17 +171,16 @@ enum ImageCommand {
         /// `name[:tag]` [default: the layout's ref name annotation].
         #[arg(long)]
         name: Option<String>,
-        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
-        #[arg(long, value_name = "DIR")]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        stores: StoreArgs,
     },
-    /// Remove an image (its layers go once no image uses them).
+    /// Remove an image from the writable (first) store (its layers go once no image uses
+    /// them).
     Rm {
         /// `name`, `name:tag` or `sha256:PREFIX`.
         reference: String,
-        /// Image store [default: $FLOTILLA_IMAGES, else /var/lib/flotilla/images].
-        #[arg(long, value_name = "DIR")]
-        store: Option<PathBuf>,
+        #[command(flatten)]
+        stores: StoreArgs,
     },
 }
 
@@ -208,16 +240,6 @@ fn socket_path(cli: &Cli) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
-fn store_path(given: Option<PathBuf>) -> PathBuf {
-    given
-        .or_else(|| {
-            std::env::var_os("FLOTILLA_IMAGES")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from(image::DEFAULT_STORE))
-}
-
 /// `unitctl run`: the toolbox. Returns the command's exit status.
 fn toolbox_run(args: RunArgs) -> Result<u8> {
     let binds = args
@@ -242,7 +264,7 @@ fn toolbox_run(args: RunArgs) -> Result<u8> {
     };
     let opts = toolbox::RunOptions {
         image: args.image,
-        store: store_path(args.store),
+        stores: args.stores.roots(),
         binds,
         workdir: args.workdir,
         env,
@@ -257,34 +279,35 @@ fn toolbox_run(args: RunArgs) -> Result<u8> {
 /// `unitctl image ...`: works on the store directly, no manager needed.
 fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<u8> {
     match cmd {
-        ImageCommand::List { store } => {
-            let store = image::ImageStore::open(&store_path(store))?;
-            let images = store.list()?;
+        ImageCommand::List { stores } => {
+            let images = stores.open()?.list()?;
             if json {
                 print_json(out, &serde_json::to_value(&images)?)?;
             } else {
                 writeln!(
                     out,
-                    "{:<20} {:<10} {:<19} {:>10} {:>6}  CREATED",
-                    "NAME", "TAG", "DIGEST", "SIZE", "LAYERS"
+                    "{:<20} {:<10} {:<19} {:>10} {:>6}  {:<20}  STORE",
+                    "NAME", "TAG", "DIGEST", "SIZE", "LAYERS", "CREATED"
                 )?;
-                for i in &images {
+                for image::StoredImage { info: i, store, .. } in &images {
                     let short: String = i.digest.chars().take(19).collect();
                     writeln!(
                         out,
-                        "{:<20} {:<10} {:<19} {:>10} {:>6}  {}",
+                        "{:<20} {:<10} {:<19} {:>10} {:>6}  {:<20}  {}",
                         i.name,
                         i.tag,
                         short,
                         human_size(i.size),
                         i.layers,
-                        i.created.as_deref().unwrap_or("-")
+                        i.created.as_deref().unwrap_or("-"),
+                        store.display()
                     )?;
                 }
             }
         }
-        ImageCommand::Import { path, name, store } => {
-            let store = image::ImageStore::open(&store_path(store))?;
+        ImageCommand::Import { path, name, stores } => {
+            let stores = stores.open()?;
+            let store = stores.writable();
             let mut progress = |ev: image::ImportEvent| {
                 if let image::ImportEvent::Layer {
                     index,
@@ -303,8 +326,8 @@ fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<
                 writeln!(out, "imported {}:{} {}", info.name, info.tag, info.digest)?;
             }
         }
-        ImageCommand::Rm { reference, store } => {
-            image::ImageStore::open(&store_path(store))?.remove(&reference)?;
+        ImageCommand::Rm { reference, stores } => {
+            stores.open()?.remove(&reference)?;
         }
     }
     out.flush()?;

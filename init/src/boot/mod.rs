@@ -97,6 +97,10 @@ fn required<T, E: std::fmt::Display>(what: &str, f: impl FnOnce() -> Result<T, E
 /// Sets the machine up (see the module doc). `Err` means the boot cannot go on: call
 /// [`emergency`].
 pub fn setup(modules_list: &Path) -> Result<(), BootError> {
+    // Ctrl-Alt-Del becomes SIGINT to PID 1 (an orderly reboot) instead of an instant reset.
+    step("Ctrl-Alt-Del sends SIGINT", || {
+        nix::sys::reboot::set_cad_enabled(false)
+    });
     for m in mounts::API_MOUNTS {
         step(&format!("mount {} on {}", m.fstype, m.target), || {
             mounts::mount_one(m)
@@ -164,6 +168,7 @@ pub fn setup(modules_list: &Path) -> Result<(), BootError> {
         firstboot::render(&config, &machine_id, &sysroot::sysroot("etc"))
     })?;
 
+    step("free the initramfs", sysroot::free_initramfs);
     required("switch root to /sysroot", sysroot::switch_root)?;
     step("mount tmpfs on /tmp", || {
         mount(
@@ -180,8 +185,10 @@ pub fn setup(modules_list: &Path) -> Result<(), BootError> {
     if let Some(net) = &config.network {
         step(
             &format!(
-                "eth0 {}/{} gateway {:?}",
-                net.address, net.prefix, net.gateway
+                "eth0 {}/{}{}",
+                net.address,
+                net.prefix,
+                net.gateway.map(|g| format!(" via {g}")).unwrap_or_default()
             ),
             || net::configure("eth0", net),
         );

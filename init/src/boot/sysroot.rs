@@ -167,6 +167,49 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Frees the initramfs: deletes everything on the root filesystem when it is the
+/// initramfs (ramfs or tmpfs), without crossing into other filesystems (the moved API
+/// mounts, [`SYSROOT`]). Like busybox's switch_root: its memory is otherwise never returned.
+/// Returns how many entries were removed.
+pub fn free_initramfs() -> Result<usize, BootError> {
+    use rustix::fs::{stat, statfs};
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let root = Path::new("/");
+    let fs = statfs(root).map_err(errno("statfs", root))?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between architectures
+    let magic = fs.f_type as i64;
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return Err(BootError::Other(format!(
+            "/ is not an initramfs (filesystem magic {magic:#x}); nothing deleted"
+        )));
+    }
+    let dev = stat(root).map_err(errno("stat", root))?.st_dev;
+    remove_on_device(root, dev)
+}
+
+fn remove_on_device(dir: &Path, dev: u64) -> Result<usize, BootError> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).map_err(io("read", dir))? {
+        let path = entry.map_err(io("read", dir))?.path();
+        let meta = fs::symlink_metadata(&path).map_err(io("stat", &path))?;
+        if std::os::unix::fs::MetadataExt::dev(&meta) != dev {
+            continue; // another filesystem mounted here
+        }
+        if meta.is_dir() {
+            removed += remove_on_device(&path, dev)?;
+            // A directory that still holds a mount point stays.
+            if fs::remove_dir(&path).is_ok() {
+                removed += 1;
+            }
+        } else {
+            fs::remove_file(&path).map_err(io("remove", &path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Moves the API filesystems into [`SYSROOT`] and makes it the root (`MS_MOVE` + chroot).
 pub fn switch_root() -> Result<(), BootError> {
     for m in MOVED_MOUNTS {

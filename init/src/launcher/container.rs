@@ -9,7 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use flotilla_container::image::{ImageError, ImageStore, ResolvedImage};
+use flotilla_container::image::{ImageError, ImageStores, ResolvedImage};
 use flotilla_container::runtime::{self, BindMount, ContainerSpec, RootFs, Stdio};
 use flotilla_units::{Network, Unit};
 use nix::unistd::Pid;
@@ -22,29 +22,30 @@ use crate::scope::Scope;
 pub struct ContainerLauncher {
     /// The root a unit without an image runs on (read-only): `/` normally.
     host_root: PathBuf,
-    /// The image store, or why it could not be opened (reported by units that need it).
-    store: Result<ImageStore, String>,
+    /// The image stores, or why they could not be opened (reported by units that need them).
+    stores: Result<ImageStores, String>,
     /// Per-container state (overlay upper and work dirs): `STATE/containers/NAME`.
     state_dir: PathBuf,
 }
 
 impl ContainerLauncher {
-    /// A launcher over the image store at `images`, keeping container state in `state_dir`.
-    pub fn new(images: &Path, state_dir: &Path) -> Self {
-        let store = ImageStore::open(images).map_err(|e| e.to_string());
-        if let Err(e) = &store {
+    /// A launcher over the image stores at `images` (searched in order, see
+    /// [`ImageStores::open`]), keeping container state in `state_dir`.
+    pub fn new(images: &[PathBuf], state_dir: &Path) -> Self {
+        let stores = ImageStores::open(images).map_err(|e| e.to_string());
+        if let Err(e) = &stores {
             log::warn!("{e}; units with an image will fail until this is fixed");
         }
         Self {
             host_root: PathBuf::from("/"),
-            store,
+            stores,
             state_dir: state_dir.to_path_buf(),
         }
     }
 
-    /// The image store, if it opened.
-    pub fn store(&self) -> Result<&ImageStore, LaunchError> {
-        self.store
+    /// The image stores, if they opened.
+    pub fn stores(&self) -> Result<&ImageStores, LaunchError> {
+        self.stores
             .as_ref()
             .map_err(|e| LaunchError::Unsupported(e.clone()))
     }
@@ -58,7 +59,7 @@ impl ContainerLauncher {
     pub fn spec(&self, unit: &Unit, fresh: bool) -> Result<ContainerSpec, LaunchError> {
         let c = &unit.container;
         let image = match &c.image {
-            Some(reference) => Some(self.store()?.resolve(reference).map_err(image_err)?),
+            Some(reference) => Some(self.stores()?.resolve(reference).map_err(image_err)?),
             None => None,
         };
         let (root, etc) = match &image {

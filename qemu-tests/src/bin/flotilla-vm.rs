@@ -1,0 +1,315 @@
+//! `flotilla-vm`: boots a Flotilla host image (a directory written by `image-build os`) in
+//! QEMU under TCG, for people rather than tests.
+//!
+//! - `flotilla-vm demo DIR`: boots it, shows the boot steps, `unitctl list`, a unit's status
+//!   and logs, fetches the web unit's page from the host through a forwarded port, then
+//!   presses the ACPI power button and shows the orderly shutdown. `--keep` instead runs QEMU
+//!   in the foreground with its serial console on this terminal (Ctrl-A X quits).
+//! - `flotilla-vm bench DIR`: boots it several times and prints a table: QEMU start → boot
+//!   marker, the kernel's share, init's own share, PID 1's memory, the image sizes, side by
+//!   side with the floor (the same kernel and modules with a busybox `/init`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use qemu_tests::images::{floor_image, host_spec, FLOOR_MARKER};
+use qemu_tests::{free_port, http_get, manifest_args, BootOptions, Vm, QEMU};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const CMD: Duration = Duration::from_secs(60);
+const MARKER: &str = "flotilla: boot complete in";
+/// The port the image's web unit listens on.
+const WEB_PORT: u16 = 8080;
+
+/// Boots Flotilla host images in QEMU.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the image, show what runs in it, power it off.
+    Demo {
+        /// The image directory (image-build os --out DIR).
+        image: PathBuf,
+        /// Run QEMU in the foreground with the serial console on this terminal instead.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Boot the image several times and print the boot time table.
+    Bench {
+        /// The image directory (image-build os --out DIR).
+        image: PathBuf,
+        /// How many boots to measure.
+        #[arg(long, default_value_t = 5)]
+        boots: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Demo { image, keep: true } => keep(&image),
+        Cmd::Demo { image, keep: false } => demo(&image),
+        Cmd::Bench { image, boots } => bench(&image, boots),
+    }
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}
+
+fn boot(image: &Path, host_forwards: Vec<(u16, u16)>) -> anyhow::Result<Vm> {
+    Ok(Vm::boot_with(
+        image,
+        &BootOptions {
+            debug_shell: true,
+            host_forwards,
+            ..BootOptions::default()
+        },
+    )?)
+}
+
+fn wait_marker(vm: &Vm) -> anyhow::Result<String> {
+    vm.wait_for(MARKER, BOOT_TIMEOUT)
+        .with_context(|| format!("booting (console log: {})", vm.log_path().display()))
+}
+
+fn demo(image: &Path) -> anyhow::Result<()> {
+    let port = free_port()?;
+    step(&format!(
+        "booting {} under QEMU (TCG); the guest's port {WEB_PORT} is 127.0.0.1:{port} here",
+        image.display()
+    ));
+    let vm = boot(image, vec![(port, WEB_PORT)])?;
+    let marker = wait_marker(&vm)?;
+    let console = vm.console();
+    let steps: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains(" ms] ") || l.contains("as PID 1") || l.contains("machine id "))
+        .collect();
+    indent(&steps.join("\n"));
+    println!(
+        "    {marker}  (QEMU start -> marker {:.2} s wall)",
+        vm.started().elapsed().as_secs_f64()
+    );
+
+    let mut sh = vm.shell(CMD)?;
+    for (what, cmd) in [
+        ("the units (every one is a container)", "unitctl list"),
+        ("unitctl status web", "unitctl status web"),
+        (
+            "unitctl logs hello (provisioned on first boot)",
+            "unitctl logs hello",
+        ),
+        ("unitctl logs heartbeat -n 3", "unitctl logs heartbeat -n 3"),
+        (
+            "the root is read-only, /var is not",
+            "touch /usr/x; grep -E ' / | /var | /etc ' /proc/mounts",
+        ),
+    ] {
+        step(what);
+        indent(&sh.run(cmd, CMD)?.output);
+    }
+    step(&format!(
+        "from the host: GET http://127.0.0.1:{port}/ (the web unit)"
+    ));
+    match http_get(port, "/") {
+        Ok(page) => indent(page.lines().last().unwrap_or_default()),
+        Err(e) => println!("    (no answer: {e})"),
+    }
+
+    step("pressing the ACPI power button (QMP system_powerdown)");
+    let pressed = Instant::now();
+    vm.qmp("system_powerdown")?;
+    let status = vm.wait_exit(BOOT_TIMEOUT)?;
+    let console = vm.console();
+    let tail: Vec<&str> = console
+        .lines()
+        .skip_while(|l| !l.contains("power button pressed"))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    indent(&tail.join("\n"));
+    match status {
+        Some(s) => println!(
+            "    QEMU exited ({s}) {:.2} s after the button",
+            pressed.elapsed().as_secs_f64()
+        ),
+        None => bail!(
+            "the guest did not power off; console: {}",
+            vm.log_path().display()
+        ),
+    }
+    Ok(())
+}
+
+fn keep(image: &Path) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let mut args = manifest_args(image)?;
+    if let Some(nic) = args.iter_mut().find(|a| a.starts_with("user,")) {
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:{WEB_PORT}"));
+    }
+    println!(
+        "==> QEMU in the foreground: the serial console is this terminal; Ctrl-A X quits. \
+         The web unit: http://127.0.0.1:{port}/"
+    );
+    let status = Command::new(QEMU)
+        .args(&args)
+        .current_dir(image)
+        .status()
+        .with_context(|| format!("running {QEMU}"))?;
+    println!("QEMU exited: {status}");
+    Ok(())
+}
+
+/// One measured boot.
+struct Sample {
+    wall_ms: f64,
+    kernel_ms: f64,
+    init_ms: f64,
+    rss_kib: u64,
+    units: u32,
+}
+
+fn number_after(line: &str, key: &str) -> Option<f64> {
+    let rest = line.split(key).nth(1)?;
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits.parse().ok()
+}
+
+fn boot_once(image: &Path) -> anyhow::Result<Sample> {
+    let vm = boot(image, Vec::new())?;
+    let marker = wait_marker(&vm)?;
+    let wall_ms = vm.started().elapsed().as_secs_f64() * 1000.0;
+    let pid1 = vm.wait_for("as PID 1, ", CMD)?;
+    let kernel_ms = number_after(&pid1, "as PID 1, ").context("kernel time")?;
+    let init_ms = number_after(&marker, MARKER).context("init time")?;
+    let units = number_after(&marker, "ms, ").context("unit count")? as u32;
+    let mut sh = vm.shell(CMD)?;
+    let status = sh.ok("cat /proc/1/status", CMD)?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| number_after(l, "VmRSS:"))
+        .context("VmRSS of PID 1")? as u64;
+    vm.qmp("quit")?;
+    Ok(Sample {
+        wall_ms,
+        kernel_ms,
+        init_ms,
+        rss_kib,
+        units,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn size_of(image: &Path, file: &str) -> u64 {
+    std::fs::metadata(image.join(file)).map_or(0, |m| m.len())
+}
+
+fn bench(image: &Path, boots: usize) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    println!(
+        "{boots} boots of {} under TCG, each from a fresh /var (first boot)",
+        image.display()
+    );
+    println!(
+        "\n{:>4}  {:>12}  {:>10}  {:>10}  {:>12}  {:>5}",
+        "boot", "wall (ms)", "kernel", "init", "PID 1 RSS", "units"
+    );
+    let mut samples = Vec::new();
+    for n in 1..=boots {
+        // A fresh /var each time: copy the pristine disk sparsely next to the image.
+        let dir = scratch.join("image");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(image)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                let status = Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(entry.path())
+                    .arg(dir.join(entry.file_name()))
+                    .status()?;
+                if !status.success() {
+                    bail!("copying {} failed", entry.path().display());
+                }
+            }
+        }
+        let s = boot_once(&dir)?;
+        println!(
+            "{n:>4}  {:>12.0}  {:>10.0}  {:>10.0}  {:>8} KiB  {:>5}",
+            s.wall_ms, s.kernel_ms, s.init_ms, s.rss_kib, s.units
+        );
+        samples.push(s);
+    }
+
+    // The floor: the same kernel and modules, a busybox /init that powers off at once.
+    let floor_dir = floor_image(
+        &host_spec(),
+        &scratch.join("floor"),
+        "/bin/busybox poweroff -f",
+    )?;
+    let mut floor = Vec::new();
+    for _ in 0..boots.min(3) {
+        let vm = Vm::boot(&floor_dir, &[])?;
+        vm.wait_for(FLOOR_MARKER, BOOT_TIMEOUT)?;
+        floor.push(vm.started().elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let med = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let (initramfs, root) = (size_of(image, "initramfs.img"), size_of(image, "root.img"));
+    println!(
+        "\nmedians                                    flotilla    floor (busybox /init)   target"
+    );
+    println!(
+        "QEMU start -> marker (wall)              {:>8.0} ms  {:>8.0} ms",
+        med(|s| s.wall_ms),
+        median(floor.clone())
+    );
+    println!(
+        "kernel's share (start -> PID 1)          {:>8.0} ms",
+        med(|s| s.kernel_ms)
+    );
+    println!(
+        "init's own share (PID 1 -> marker)       {:>8.0} ms                          <= 150 ms ({} units)",
+        med(|s| s.init_ms),
+        samples.first().map_or(0, |s| s.units)
+    );
+    println!(
+        "PID 1 RSS after boot                     {:>8.1} MiB                         <= 8 MiB",
+        med(|s| s.rss_kib as f64) / 1024.0
+    );
+    println!(
+        "vmlinuz / initramfs / root.img           {:.1} / {:.1} / {:.1} MiB",
+        mib(size_of(image, "vmlinuz")),
+        mib(initramfs),
+        mib(root)
+    );
+    println!(
+        "initramfs + root.img                     {:>8.1} MiB                         <= 40 MiB",
+        mib(initramfs + root)
+    );
+    Ok(())
+}
