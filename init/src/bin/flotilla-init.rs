@@ -157,6 +157,7 @@ fn main() -> ExitCode {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        .format_timestamp_millis()
         .init();
     let pid1 = std::process::id() == 1;
     // PID 1 must not exit on a bad argument (the kernel passes unknown command-line words
