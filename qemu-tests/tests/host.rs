@@ -77,7 +77,7 @@ contents = """
 [unit]
 description = "provisioned hello"
 [container]
-command = ["/bin/sh", "-c", "echo hello from provisioning; exec sleep 100000"]
+command = ["/bin/sh", "-c", "echo hello from provisioning on $(cat /etc/hostname); exec sleep 100000"]
 """
 "#;
 
@@ -112,7 +112,8 @@ fn provisioned_host_boots_and_runs_units() {
     assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "vm-one");
     wait_status(&mut sh, "hello", "active (running)");
     let logs = sh.ok("unitctl logs hello", CMD).unwrap();
-    assert!(logs.contains("hello from provisioning"), "{logs}");
+    // A unit without an image sees the host's rendered /etc (bound over the root bind).
+    assert!(logs.contains("hello from provisioning on vm-one"), "{logs}");
     let list = sh.ok("unitctl list", CMD).unwrap();
     for unit in ["hello", "heartbeat", "web"] {
         assert!(list.contains(unit), "{list}");

@@ -63,6 +63,21 @@ fn remount_readonly(fd: BorrowedFd<'_>) -> rustix::io::Result<()> {
     rustix::mount::mount_remount(fd_path(fd), flags, c"")
 }
 
+/// Directories of a host root that are filesystems of their own yet part of the OS a
+/// container over that root must see (on a Flotilla host `/etc` is a tmpfs rendered at boot
+/// over an empty directory of the read-only image). The root bind does not carry submounts,
+/// so each of these is bound read-only on top when it is a separate filesystem.
+pub(crate) const HOST_ROOT_SUBMOUNTS: &[&str] = &["etc"];
+
+/// Whether `dir` is on another filesystem than `root` (a mount point below it).
+fn is_own_filesystem(root: &Path, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(root), std::fs::metadata(dir)) {
+        (Ok(r), Ok(d)) => r.dev() != d.dev(),
+        _ => false,
+    }
+}
+
 /// Step 1: stop mount events from propagating back to the host.
 pub(crate) fn make_root_private() -> Step {
     rustix::mount::mount_change(
@@ -92,6 +107,15 @@ pub(crate) fn mount_root(plan: &Plan) -> Step<OwnedFd> {
                 .step_at("bind-mount the root", source)?;
             let fd = open_host_dir(target)?;
             remount_readonly(fd.as_fd()).step_at("remount the root read-only", target)?;
+            for sub in HOST_ROOT_SUBMOUNTS {
+                let (from, to) = (source.join(sub), target.join(sub));
+                if is_own_filesystem(source, &from) && to.is_dir() {
+                    rustix::mount::mount_bind(from.as_path(), to.as_path())
+                        .step_at("bind-mount the host's directory", &from)?;
+                    let fd = open_host_dir(&to)?;
+                    remount_readonly(fd.as_fd()).step_at("remount read-only", &to)?;
+                }
+            }
         }
     }
     open_host_dir(target)
