@@ -1,0 +1,41 @@
+//! fleetd: the cluster half of Flotilla. Every machine runs one; together they spread units
+//! across machines with fleet's placement rules, over a shared registry.
+//!
+//! This crate holds, so far, the **registry**: the [`Registry`] trait and its two backends,
+//! [`EmbeddedRegistry`] (one machine, persisted in a directory, the default) and
+//! [`EtcdRegistry`] (etcd v3, for a cluster); and the engine's pure placement logic,
+//! [`scheduler`] (fleet's rules). The engine loop, the agent and the API come next and build
+//! on the trait only.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), flotilla_fleetd::RegistryError> {
+//! use std::time::Duration;
+//! use flotilla_fleetd::{body_hash, DesiredState, EmbeddedRegistry, Registry, UnitRecord};
+//!
+//! let registry = EmbeddedRegistry::open("/var/lib/flotilla/fleetd").await?;
+//! let hash = registry.put_body("[container]\ncommand = [\"/bin/true\"]\n").await?;
+//! registry
+//!     .put_unit(&UnitRecord { name: "web".into(), hash, desired: DesiredState::Launched })
+//!     .await?;
+//! let snapshot = registry.snapshot().await?;
+//! let mut watch = registry.watch(snapshot.revision + 1).await?;
+//! while let Some(event) = watch.next().await {
+//!     println!("{:?}", event?);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod embedded;
+pub mod error;
+pub mod etcd;
+pub mod model;
+pub mod registry;
+pub mod scheduler;
+
+pub use embedded::EmbeddedRegistry;
+pub use error::{RegistryError, Result};
+pub use etcd::{EtcdConfig, EtcdRegistry};
+pub use model::{
+    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, Revision, UnitRecord, UnitState,
+};
+pub use registry::{Campaign, Cas, Change, Event, Listing, Registry, Snapshot, Watch};

@@ -1,0 +1,700 @@
+//! The registry contract: every case runs against every backend (`tests/embedded.rs`,
+//! `tests/etcd.rs`) through `contract_tests!`. Cases assert behaviour, never time: waits are
+//! bounded by a generous [`WAIT`] and only fail a test that would otherwise hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_fleetd::{
+    body_hash, Campaign, Cas, Change, DesiredState, Event, LeaseId, Machine, Registry,
+    RegistryError, UnitRecord, UnitState, Watch,
+};
+
+/// The bound on every wait; reaching it fails the test.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A lease TTL for leases that are kept alive (renewed every 250 ms).
+pub const LONG_TTL: Duration = Duration::from_secs(5);
+
+/// What a case runs against.
+pub struct Env {
+    /// The registry under test.
+    pub registry: Arc<dyn Registry>,
+    /// A second handle on the same registry (a second etcd client; the same embedded one).
+    pub other: Arc<dyn Registry>,
+    /// A short TTL for leases that are meant to expire.
+    pub ttl: Duration,
+    /// Keeps the backend alive (temp dir, etcd process).
+    pub _guard: Box<dyn Any + Send + Sync>,
+}
+
+/// Runs every contract case as a test; `$setup` is an expression giving a future of [`Env`].
+#[macro_export]
+macro_rules! contract_tests {
+    ($setup:expr) => {
+        $crate::contract_tests!(@cases $setup;
+            units_and_bodies_round_trip,
+            desired_state_changes,
+            content_addressing,
+            machines_register_list_and_expire,
+            machine_id_held_by_another_lease,
+            assignment_cas_two_concurrent_assigners,
+            reassign_only_from_expected_machine,
+            leader_one_winner_then_takeover_after_expiry,
+            leader_resign,
+            watch_sees_changes_in_order_from_revision,
+            watch_from_zero_sees_only_new_changes,
+            reported_states_vanish_with_their_lease,
+            snapshot_is_one_consistent_read,
+            invalid_input_is_rejected,
+        );
+    };
+    (@cases $setup:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let env = $setup.await;
+                contract::$case(&env).await;
+            }
+        )*
+    };
+}
+
+// --- helpers ---------------------------------------------------------------------------------
+
+/// A task that keeps a lease alive until dropped.
+pub struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps `lease` alive every 250 ms until the returned guard is dropped.
+pub fn keep_alive(registry: &Arc<dyn Registry>, lease: LeaseId) -> KeepAlive {
+    let registry = registry.clone();
+    KeepAlive(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = registry.keep_alive(lease).await {
+                eprintln!("keep-alive of lease {lease} failed: {e}");
+            }
+        }
+    }))
+}
+
+/// The next event of a watch, failing the test on an error, an end or after [`WAIT`].
+pub async fn next_event(watch: &mut Watch) -> Event {
+    match tokio::time::timeout(WAIT, watch.next()).await {
+        Ok(Some(Ok(event))) => event,
+        Ok(Some(Err(e))) => panic!("watch failed: {e}"),
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no watch event within {WAIT:?}"),
+    }
+}
+
+/// Events up to and including the first one that matches `done`.
+pub async fn events_until(watch: &mut Watch, done: impl Fn(&Change) -> bool) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(watch).await;
+        let finished = done(&event.change);
+        events.push(event);
+        if finished {
+            return events;
+        }
+    }
+}
+
+/// Waits (watching from `from`) until `machine` is removed.
+pub async fn wait_machine_removed(registry: &Arc<dyn Registry>, from: u64, machine: &str) {
+    let mut watch = registry.watch(from).await.expect("watch");
+    events_until(
+        &mut watch,
+        |c| matches!(c, Change::MachineRemoved { id } if id == machine),
+    )
+    .await;
+}
+
+pub fn unit(name: &str, hash: &str, desired: DesiredState) -> UnitRecord {
+    UnitRecord {
+        name: name.to_string(),
+        hash: hash.to_string(),
+        desired,
+    }
+}
+
+pub fn machine(id: &str) -> Machine {
+    Machine {
+        id: id.to_string(),
+        address: format!("127.0.0.{}", id.len()),
+        metadata: BTreeMap::from([("region".to_string(), "test".to_string())]),
+    }
+}
+
+pub fn state(unit: &str, machine: &str) -> UnitState {
+    UnitState {
+        unit: unit.to_string(),
+        machine: machine.to_string(),
+        hash: None,
+        active: "active".to_string(),
+        sub: "running".to_string(),
+        pid: Some(42),
+        updated_at: 1_700_000_000_000,
+    }
+}
+
+/// Stores a body and a unit using it.
+pub async fn submit(r: &Arc<dyn Registry>, name: &str, desired: DesiredState) -> UnitRecord {
+    let hash = r
+        .put_body(&format!(
+            "# {name}\n[container]\ncommand = [\"/bin/true\"]\n"
+        ))
+        .await
+        .unwrap();
+    let record = unit(name, &hash, desired);
+    r.put_unit(&record).await.unwrap();
+    record
+}
+
+fn kinds(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match &e.change {
+            Change::UnitPut(u) => format!("unit+ {} {}", u.name, u.desired),
+            Change::UnitRemoved { name } => format!("unit- {name}"),
+            Change::BodyPut { .. } => "body+".to_string(),
+            Change::BodyRemoved { .. } => "body-".to_string(),
+            Change::MachinePut(m) => format!("machine+ {}", m.id),
+            Change::MachineRemoved { id } => format!("machine- {id}"),
+            Change::Assigned(a) => format!("assign {} {}", a.unit, a.machine),
+            Change::Unassigned { unit } => format!("unassign {unit}"),
+            Change::StatePut(s) => format!("state+ {} {}", s.unit, s.machine),
+            Change::StateRemoved { unit, machine } => format!("state- {unit} {machine}"),
+            Change::LeaderPut(l) => format!("leader+ {}", l.id),
+            Change::LeaderRemoved => "leader-".to_string(),
+        })
+        .collect()
+}
+
+// --- cases -------------------------------------------------------------------------------------
+
+pub async fn units_and_bodies_round_trip(env: &Env) {
+    let r = &env.registry;
+    let body = "[unit]\ndescription = \"Web — ünïcode\"\n[container]\ncommand = [\"/bin/true\"]\n";
+    let hash = r.put_body(body).await.unwrap();
+    assert_eq!(hash, body_hash(body));
+    assert_eq!(r.get_body(&hash).await.unwrap().as_deref(), Some(body));
+    assert_eq!(r.list_bodies().await.unwrap(), vec![hash.clone()]);
+
+    let web = unit("web", &hash, DesiredState::Launched);
+    r.put_unit(&web).await.unwrap();
+    let db = unit("db", &hash, DesiredState::Inactive);
+    r.put_unit(&db).await.unwrap();
+    assert_eq!(r.get_unit("web").await.unwrap(), Some(web.clone()));
+    assert_eq!(env.other.get_unit("web").await.unwrap(), Some(web.clone()));
+    let listed = r.list_units().await.unwrap();
+    assert_eq!(listed.items, vec![db.clone(), web.clone()]);
+    assert!(listed.revision > 0);
+
+    let missing = body_hash("not stored");
+    match r
+        .put_unit(&unit("ghost", &missing, DesiredState::Loaded))
+        .await
+    {
+        Err(RegistryError::MissingBody { name, hash }) => {
+            assert_eq!((name.as_str(), hash.as_str()), ("ghost", missing.as_str()));
+        }
+        other => panic!("expected MissingBody, got {other:?}"),
+    }
+    assert_eq!(r.get_unit("ghost").await.unwrap(), None);
+    assert_eq!(r.get_body(&missing).await.unwrap(), None);
+
+    assert!(r.remove_unit("web").await.unwrap());
+    assert!(!r.remove_unit("web").await.unwrap());
+    assert_eq!(r.get_unit("web").await.unwrap(), None);
+    assert_eq!(r.list_units().await.unwrap().items, vec![db]);
+
+    assert!(r.remove_body(&hash).await.unwrap());
+    assert!(!r.remove_body(&hash).await.unwrap());
+    assert_eq!(r.get_body(&hash).await.unwrap(), None);
+    assert!(r.list_bodies().await.unwrap().is_empty());
+}
+
+pub async fn desired_state_changes(env: &Env) {
+    let r = &env.registry;
+    submit(r, "web", DesiredState::Inactive).await;
+    let updated = r.set_desired("web", DesiredState::Loaded).await.unwrap();
+    assert_eq!(updated.desired, DesiredState::Loaded);
+    assert_eq!(
+        r.get_unit("web").await.unwrap().map(|u| u.desired),
+        Some(DesiredState::Loaded)
+    );
+    let updated = env
+        .other
+        .set_desired("web", DesiredState::Launched)
+        .await
+        .unwrap();
+    assert_eq!(updated.desired, DesiredState::Launched);
+    assert_eq!(
+        r.list_units().await.unwrap().items[0].desired,
+        DesiredState::Launched
+    );
+    r.set_desired("web", DesiredState::Inactive).await.unwrap();
+    assert_eq!(
+        r.get_unit("web").await.unwrap().map(|u| u.desired),
+        Some(DesiredState::Inactive)
+    );
+    match r.set_desired("nope", DesiredState::Launched).await {
+        Err(RegistryError::UnknownUnit { name }) => assert_eq!(name, "nope"),
+        other => panic!("expected UnknownUnit, got {other:?}"),
+    }
+}
+
+pub async fn content_addressing(env: &Env) {
+    let r = &env.registry;
+    let body = "[container]\ncommand = [\"/bin/sleep\", \"60\"]\n";
+    let first = r.put_body(body).await.unwrap();
+    let revision = r.snapshot().await.unwrap().revision;
+    let second = env.other.put_body(body).await.unwrap();
+    assert_eq!(first, second);
+    // Stored once: the second put wrote nothing.
+    assert_eq!(r.snapshot().await.unwrap().revision, revision);
+    assert_eq!(r.list_bodies().await.unwrap(), vec![first.clone()]);
+
+    r.put_unit(&unit("a", &first, DesiredState::Launched))
+        .await
+        .unwrap();
+    r.put_unit(&unit("b", &first, DesiredState::Launched))
+        .await
+        .unwrap();
+    let other_body = r
+        .put_body("[container]\ncommand = [\"/bin/false\"]\n")
+        .await
+        .unwrap();
+    assert_ne!(other_body, first);
+    let mut expected = vec![first.clone(), other_body];
+    expected.sort();
+    assert_eq!(r.list_bodies().await.unwrap(), expected);
+    let units = r.list_units().await.unwrap().items;
+    assert!(units.iter().all(|u| u.hash == first));
+}
+
+pub async fn machines_register_list_and_expire(env: &Env) {
+    let r = &env.registry;
+    let kept = r.grant_lease(LONG_TTL).await.unwrap();
+    let _keeper = keep_alive(r, kept);
+    let expiring = r.grant_lease(env.ttl).await.unwrap();
+    assert_ne!(kept, expiring);
+    r.register_machine(&machine("m1"), kept).await.unwrap();
+    env.other
+        .register_machine(&machine("m2"), expiring)
+        .await
+        .unwrap();
+    let listed = r.list_machines().await.unwrap();
+    assert_eq!(listed.items, vec![machine("m1"), machine("m2")]);
+    assert_eq!(r.get_machine("m2").await.unwrap(), Some(machine("m2")));
+
+    // Updating one's own record on the same lease is fine.
+    let mut moved = machine("m1");
+    moved.address = "127.0.0.9".to_string();
+    r.register_machine(&moved, kept).await.unwrap();
+    assert_eq!(r.get_machine("m1").await.unwrap(), Some(moved.clone()));
+
+    // m2's lease is not kept alive: it expires and m2 disappears; m1 stays.
+    wait_machine_removed(r, listed.revision + 1, "m2").await;
+    assert_eq!(r.list_machines().await.unwrap().items, vec![moved]);
+    assert_eq!(r.get_machine("m2").await.unwrap(), None);
+    match r.keep_alive(expiring).await {
+        Err(RegistryError::LeaseExpired { lease }) => assert_eq!(lease, expiring),
+        other => panic!("expected LeaseExpired, got {other:?}"),
+    }
+    assert!(matches!(
+        r.register_machine(&machine("m3"), expiring).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+
+    // Revoking ends it at once; revoking again is fine.
+    r.revoke_lease(kept).await.unwrap();
+    assert!(r.list_machines().await.unwrap().items.is_empty());
+    r.revoke_lease(kept).await.unwrap();
+}
+
+pub async fn machine_id_held_by_another_lease(env: &Env) {
+    let r = &env.registry;
+    let first = r.grant_lease(LONG_TTL).await.unwrap();
+    let second = r.grant_lease(LONG_TTL).await.unwrap();
+    r.register_machine(&machine("m1"), first).await.unwrap();
+    match env.other.register_machine(&machine("m1"), second).await {
+        Err(RegistryError::MachineIdTaken { id, holder }) => {
+            assert_eq!(id, "m1");
+            assert_eq!(holder, first);
+        }
+        other => panic!("expected MachineIdTaken, got {other:?}"),
+    }
+    // Once the holder's lease is gone, the id is free again.
+    r.revoke_lease(first).await.unwrap();
+    env.other
+        .register_machine(&machine("m1"), second)
+        .await
+        .unwrap();
+    r.revoke_lease(second).await.unwrap();
+}
+
+pub async fn assignment_cas_two_concurrent_assigners(env: &Env) {
+    let r = &env.registry;
+    let names: Vec<String> = (0..10).map(|i| format!("unit{i}")).collect();
+    for name in &names {
+        submit(r, name, DesiredState::Launched).await;
+    }
+    for name in &names {
+        let (a, b) = tokio::join!(
+            r.assign(name, "m1", None),
+            env.other.assign(name, "m2", None)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let winner = match (&a, &b) {
+            (Cas::Done, Cas::Conflict { current }) => {
+                assert_eq!(current.as_deref(), Some("m1"));
+                "m1"
+            }
+            (Cas::Conflict { current }, Cas::Done) => {
+                assert_eq!(current.as_deref(), Some("m2"));
+                "m2"
+            }
+            _ => panic!("exactly one assigner must win: {a:?} / {b:?}"),
+        };
+        assert_eq!(
+            r.get_assignment(name).await.unwrap().as_deref(),
+            Some(winner)
+        );
+    }
+    assert_eq!(r.list_assignments().await.unwrap().items.len(), names.len());
+
+    match r.assign("nope", "m1", None).await {
+        Err(RegistryError::UnknownUnit { name }) => assert_eq!(name, "nope"),
+        other => panic!("expected UnknownUnit, got {other:?}"),
+    }
+}
+
+pub async fn reassign_only_from_expected_machine(env: &Env) {
+    let r = &env.registry;
+    submit(r, "web", DesiredState::Launched).await;
+    assert_eq!(r.assign("web", "m1", None).await.unwrap(), Cas::Done);
+    let taken = Cas::Conflict {
+        current: Some("m1".to_string()),
+    };
+    assert_eq!(r.assign("web", "m2", None).await.unwrap(), taken);
+    assert_eq!(r.assign("web", "m2", Some("m3")).await.unwrap(), taken);
+    assert_eq!(r.assign("web", "m2", Some("m1")).await.unwrap(), Cas::Done);
+    assert_eq!(
+        r.get_assignment("web").await.unwrap().as_deref(),
+        Some("m2")
+    );
+
+    assert_eq!(
+        r.unassign("web", "m1").await.unwrap(),
+        Cas::Conflict {
+            current: Some("m2".to_string())
+        }
+    );
+    assert_eq!(r.unassign("web", "m2").await.unwrap(), Cas::Done);
+    assert_eq!(r.get_assignment("web").await.unwrap(), None);
+    assert_eq!(
+        r.assign("web", "m3", Some("m2")).await.unwrap(),
+        Cas::Conflict { current: None }
+    );
+    assert_eq!(
+        r.unassign("web", "m2").await.unwrap(),
+        Cas::Conflict { current: None }
+    );
+
+    // Removing a unit removes its assignment with it.
+    assert_eq!(r.assign("web", "m3", None).await.unwrap(), Cas::Done);
+    assert!(r.remove_unit("web").await.unwrap());
+    assert!(r.list_assignments().await.unwrap().items.is_empty());
+}
+
+pub async fn leader_one_winner_then_takeover_after_expiry(env: &Env) {
+    let r = &env.registry;
+    // Two candidates at once: exactly one leads, and the other is told who.
+    let l1 = r.grant_lease(LONG_TTL).await.unwrap();
+    let l2 = env.other.grant_lease(LONG_TTL).await.unwrap();
+    let (c1, c2) = tokio::join!(r.campaign("c1", l1), env.other.campaign("c2", l2));
+    let (winner, loser_saw) = match (c1.unwrap(), c2.unwrap()) {
+        (Campaign::Won(w), Campaign::Lost(l)) | (Campaign::Lost(l), Campaign::Won(w)) => (w, l),
+        other => panic!("exactly one candidate must win: {other:?}"),
+    };
+    assert_eq!(winner, loser_saw);
+    assert_eq!(r.leader().await.unwrap(), Some(winner.clone()));
+    // Campaigning again on the same lease keeps the same leadership.
+    let again = if winner.id == "c1" {
+        r.campaign("c1", l1).await
+    } else {
+        env.other.campaign("c2", l2).await
+    };
+    assert_eq!(again.unwrap(), Campaign::Won(winner.clone()));
+    r.revoke_lease(l1).await.unwrap();
+    r.revoke_lease(l2).await.unwrap();
+    assert_eq!(r.leader().await.unwrap(), None);
+
+    // "a" leads on a lease it does not renew; "b" waits. When the lease lapses, b wins.
+    let la = r.grant_lease(env.ttl).await.unwrap();
+    let lb = env.other.grant_lease(LONG_TTL).await.unwrap();
+    let _keep_b = keep_alive(&env.other, lb);
+    let a = match r.campaign("a", la).await.unwrap() {
+        Campaign::Won(l) => l,
+        lost => panic!("nobody leads, a must win: {lost:?}"),
+    };
+    assert!(a.term > winner.term, "{a:?} after {winner:?}");
+    assert_eq!(
+        env.other.campaign("b", lb).await.unwrap(),
+        Campaign::Lost(a.clone())
+    );
+    let mut watch = env.other.watch(a.term).await.unwrap();
+    events_until(&mut watch, |c| matches!(c, Change::LeaderRemoved)).await;
+    assert_eq!(r.leader().await.unwrap(), None);
+    match env.other.campaign("b", lb).await.unwrap() {
+        Campaign::Won(b) => {
+            assert_eq!((b.id.as_str(), b.lease), ("b", lb));
+            assert!(b.term > a.term, "{b:?} after {a:?}");
+            assert_eq!(r.leader().await.unwrap(), Some(b));
+        }
+        lost => panic!("the remaining candidate must win: {lost:?}"),
+    }
+    assert!(matches!(
+        r.keep_alive(la).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+    r.revoke_lease(lb).await.unwrap();
+}
+
+pub async fn leader_resign(env: &Env) {
+    let r = &env.registry;
+    let la = r.grant_lease(LONG_TTL).await.unwrap();
+    let lb = r.grant_lease(LONG_TTL).await.unwrap();
+    let won = match r.campaign("a", la).await.unwrap() {
+        Campaign::Won(l) => l,
+        lost => panic!("nobody leads yet: {lost:?}"),
+    };
+    assert_eq!((won.id.as_str(), won.lease), ("a", la));
+    assert!(matches!(
+        env.other.campaign("b", lb).await.unwrap(),
+        Campaign::Lost(l) if l == won
+    ));
+    // Only the holder, on its lease, can resign.
+    assert!(!r.resign("b", lb).await.unwrap());
+    assert!(!r.resign("a", lb).await.unwrap());
+    assert_eq!(r.leader().await.unwrap(), Some(won.clone()));
+    assert!(r.resign("a", la).await.unwrap());
+    assert_eq!(r.leader().await.unwrap(), None);
+    assert!(!r.resign("a", la).await.unwrap());
+    match env.other.campaign("b", lb).await.unwrap() {
+        Campaign::Won(l) => assert!(l.term > won.term),
+        lost => panic!("b must win after a resigned: {lost:?}"),
+    }
+    r.revoke_lease(la).await.unwrap();
+    r.revoke_lease(lb).await.unwrap();
+}
+
+pub async fn watch_sees_changes_in_order_from_revision(env: &Env) {
+    let r = &env.registry;
+    let start = r.snapshot().await.unwrap().revision + 1;
+
+    let web = submit(r, "web", DesiredState::Inactive).await;
+    r.assign("web", "m1", None).await.unwrap();
+    r.set_desired("web", DesiredState::Launched).await.unwrap();
+    let lease = r.grant_lease(LONG_TTL).await.unwrap();
+    r.register_machine(&machine("m1"), lease).await.unwrap();
+    r.report_state(&state("web", "m1"), lease).await.unwrap();
+    r.campaign("m1", lease).await.unwrap();
+    assert!(r.remove_unit("web").await.unwrap());
+    // Revoking a lease removes everything on it at once ...
+    r.revoke_lease(lease).await.unwrap();
+    // ... and so does an expiry.
+    let short = r.grant_lease(env.ttl).await.unwrap();
+    r.register_machine(&machine("m2"), short).await.unwrap();
+
+    let mut watch = env.other.watch(start).await.unwrap();
+    let events = events_until(
+        &mut watch,
+        |c| matches!(c, Change::MachineRemoved { id } if id == "m2"),
+    )
+    .await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "body+",
+            "unit+ web inactive",
+            "assign web m1",
+            "unit+ web launched",
+            "machine+ m1",
+            "state+ web m1",
+            "leader+ m1",
+            "unit- web",
+            "unassign web",
+            "leader-",
+            "machine- m1",
+            "state- web m1",
+            "machine+ m2",
+            "machine- m2",
+        ]
+    );
+    assert!(matches!(&events[0].change, Change::BodyPut { hash } if *hash == web.hash));
+    assert_eq!(events[1].change, Change::UnitPut(web.clone()));
+    assert_eq!(events[5].change, Change::StatePut(state("web", "m1")));
+    assert_eq!(events[0].revision, start);
+    // One revision per operation; removing a unit with its assignment is one revision, and
+    // so is ending a lease.
+    let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
+    let r0 = start;
+    assert_eq!(
+        revisions,
+        [
+            r0,
+            r0 + 1,
+            r0 + 2,
+            r0 + 3,
+            r0 + 4,
+            r0 + 5,
+            r0 + 6,
+            r0 + 7,
+            r0 + 7,
+            r0 + 8,
+            r0 + 8,
+            r0 + 8,
+            r0 + 9,
+            r0 + 10,
+        ]
+    );
+
+    // Watching from the middle starts exactly there.
+    let mut middle = r.watch(events[3].revision).await.unwrap();
+    assert_eq!(next_event(&mut middle).await, events[3]);
+    assert_eq!(next_event(&mut middle).await, events[4]);
+}
+
+pub async fn watch_from_zero_sees_only_new_changes(env: &Env) {
+    let r = &env.registry;
+    submit(r, "old", DesiredState::Launched).await;
+    let mut watch = r.watch(0).await.unwrap();
+    let mut other_watch = env.other.watch(0).await.unwrap();
+    r.set_desired("old", DesiredState::Loaded).await.unwrap();
+    for w in [&mut watch, &mut other_watch] {
+        let event = next_event(w).await;
+        assert!(
+            matches!(&event.change, Change::UnitPut(u) if u.name == "old" && u.desired == DesiredState::Loaded),
+            "{event:?}"
+        );
+    }
+    drop(other_watch);
+    // A dropped watch does not disturb the others.
+    r.set_desired("old", DesiredState::Inactive).await.unwrap();
+    let event = next_event(&mut watch).await;
+    assert!(matches!(&event.change, Change::UnitPut(u) if u.desired == DesiredState::Inactive));
+}
+
+pub async fn reported_states_vanish_with_their_lease(env: &Env) {
+    let r = &env.registry;
+    let kept = r.grant_lease(LONG_TTL).await.unwrap();
+    let _keeper = keep_alive(r, kept);
+    let expiring = r.grant_lease(env.ttl).await.unwrap();
+    r.register_machine(&machine("m1"), kept).await.unwrap();
+    r.register_machine(&machine("m2"), expiring).await.unwrap();
+    r.report_state(&state("web", "m1"), kept).await.unwrap();
+    env.other
+        .report_state(&state("web", "m2"), expiring)
+        .await
+        .unwrap();
+    let mut db = state("db", "m2");
+    db.active = "failed".to_string();
+    db.sub = "failed".to_string();
+    db.pid = None;
+    db.hash = Some(body_hash("db"));
+    r.report_state(&db, expiring).await.unwrap();
+    let listed = r.list_states().await.unwrap();
+    assert_eq!(
+        listed.items,
+        vec![db.clone(), state("web", "m1"), state("web", "m2")]
+    );
+
+    wait_machine_removed(r, listed.revision + 1, "m2").await;
+    assert_eq!(
+        r.list_states().await.unwrap().items,
+        vec![state("web", "m1")]
+    );
+    assert!(matches!(
+        r.report_state(&state("web", "m2"), expiring).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+
+    assert!(r.remove_state("web", "m1").await.unwrap());
+    assert!(!r.remove_state("web", "m1").await.unwrap());
+    r.report_state(&state("web", "m1"), kept).await.unwrap();
+    r.revoke_lease(kept).await.unwrap();
+    assert!(r.list_states().await.unwrap().items.is_empty());
+    assert!(r.list_machines().await.unwrap().items.is_empty());
+}
+
+pub async fn snapshot_is_one_consistent_read(env: &Env) {
+    let r = &env.registry;
+    let web = submit(r, "web", DesiredState::Launched).await;
+    let lease = r.grant_lease(LONG_TTL).await.unwrap();
+    r.register_machine(&machine("m1"), lease).await.unwrap();
+    r.assign("web", "m1", None).await.unwrap();
+    r.report_state(&state("web", "m1"), lease).await.unwrap();
+    let leader = match r.campaign("m1", lease).await.unwrap() {
+        Campaign::Won(l) => l,
+        lost => panic!("{lost:?}"),
+    };
+    let snapshot = env.other.snapshot().await.unwrap();
+    assert_eq!(snapshot.units, vec![web]);
+    assert_eq!(snapshot.machines, vec![machine("m1")]);
+    assert_eq!(snapshot.assignments.len(), 1);
+    assert_eq!(snapshot.assignments[0].machine, "m1");
+    assert_eq!(snapshot.states, vec![state("web", "m1")]);
+    assert_eq!(snapshot.leader, Some(leader));
+    // Nothing changed since: every read sees the same revision.
+    assert_eq!(r.list_units().await.unwrap().revision, snapshot.revision);
+    assert_eq!(r.list_machines().await.unwrap().revision, snapshot.revision);
+    r.revoke_lease(lease).await.unwrap();
+}
+
+pub async fn invalid_input_is_rejected(env: &Env) {
+    let r = &env.registry;
+    assert!(matches!(
+        r.grant_lease(Duration::ZERO).await,
+        Err(RegistryError::InvalidTtl { .. })
+    ));
+    for bad in ["", "a/b", "with space", "..", "tab\t"] {
+        match r.get_unit(bad).await {
+            Err(e @ RegistryError::InvalidName { .. }) => {
+                assert!(e.to_string().contains("unit name"), "{e}")
+            }
+            other => panic!("{bad:?} must be rejected, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        r.get_body("not-a-hash").await,
+        Err(RegistryError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        r.register_machine(&machine("a/b"), LeaseId(1)).await,
+        Err(RegistryError::InvalidName { .. })
+    ));
+    let missing = LeaseId(0x7777_0000);
+    assert!(matches!(
+        r.keep_alive(missing).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+    assert!(matches!(
+        r.register_machine(&machine("m1"), missing).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+    r.revoke_lease(missing).await.unwrap();
+}
