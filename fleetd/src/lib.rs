@@ -25,14 +25,18 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod etcd;
 pub mod model;
 pub mod registry;
 pub mod scheduler;
 
+pub use agent::{Agent, AgentError, InitApi, InitError};
 pub use embedded::EmbeddedRegistry;
+pub use engine::{Engine, EngineError, EngineStatus, DEFAULT_LEASE_TTL};
 pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 pub use model::{

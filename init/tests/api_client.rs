@@ -334,3 +334,45 @@ fn failing_start_is_visible() {
     assert_eq!(u.active_state, "failed");
     assert_eq!(u.result, "exit-code");
 }
+
+#[test]
+fn machine_id_is_the_hosts() {
+    let fake = Fake::start();
+    let c = Client::connect(&fake.socket).unwrap();
+    let expected = flotilla_init::api::read_machine_id(std::path::Path::new(
+        flotilla_init::api::MACHINE_ID_PATH,
+    ));
+    match (c.machine_id(), expected) {
+        (Ok(id), Ok(want)) => {
+            assert_eq!(id, want);
+            assert_eq!(id, id.trim());
+            assert!(!id.is_empty());
+        }
+        (Err(err), Err(want)) => {
+            assert_eq!(err.manager_error_name(), Some("org.flotilla.Error.Refused"));
+            assert_eq!(err.to_string(), want.to_string());
+        }
+        (got, want) => panic!("GetMachineId answered {got:?}, the file says {want:?}"),
+    }
+    // Answered by the server itself: the manager never sees it.
+    assert!(fake.model.lock().unwrap().seen.is_empty());
+}
+
+#[test]
+fn machine_id_is_trimmed_and_never_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("machine-id");
+    std::fs::write(&path, "  0123456789abcdef0123456789abcdef\n").unwrap();
+    assert_eq!(
+        flotilla_init::api::read_machine_id(&path).unwrap(),
+        "0123456789abcdef0123456789abcdef"
+    );
+    std::fs::write(&path, "\n").unwrap();
+    let err = flotilla_init::api::read_machine_id(&path).unwrap_err();
+    assert!(err.to_string().contains("is empty"), "{err}");
+    let err = flotilla_init::api::read_machine_id(&dir.path().join("none")).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read the machine id"),
+        "{err}"
+    );
+}

@@ -196,6 +196,11 @@ impl Client {
         self.call("CatUnit", &(name,))
     }
 
+    /// The host's machine id (`/etc/machine-id` as the manager reads it, trimmed).
+    pub fn machine_id(&self) -> Result<String, ClientError> {
+        self.call("GetMachineId", &())
+    }
+
     /// Subscribe to `UnitStateChanged` signals. Signals emitted after this returns are
     /// delivered; iterating blocks until the next one and ends when the connection closes.
     pub fn subscribe(&self) -> Result<StateChanges, ClientError> {

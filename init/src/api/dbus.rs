@@ -254,6 +254,13 @@ mod object {
             }
         }
 
+        /// The machine id of this host (`/etc/machine-id`, trimmed). Answered by the server
+        /// itself: it is not manager state.
+        async fn get_machine_id(&self) -> Result<String, MethodError> {
+            let path = std::path::Path::new(crate::api::MACHINE_ID_PATH);
+            Ok(blocking::unblock(move || crate::api::read_machine_id(path)).await?)
+        }
+
         /// A unit's active or sub state changed.
         #[zbus(signal)]
         pub(super) async fn unit_state_changed(

@@ -21,6 +21,27 @@ pub const OBJECT_PATH: &str = "/org/flotilla/Manager1";
 pub const INTERFACE: &str = "org.flotilla.Manager1";
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/flotilla/manager.sock";
+/// Where `GetMachineId` reads the machine id (rendered by the boot, see machine-id(5)).
+pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
+
+/// The machine id in the file at `path`: its text without surrounding whitespace. Fails
+/// with [`ApiError::Refused`] when the file cannot be read or holds nothing.
+pub fn read_machine_id(path: &std::path::Path) -> Result<String, ApiError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ApiError::Refused(format!(
+            "cannot read the machine id from {}: {e}; create it (32 hex digits, see machine-id(5))",
+            path.display()
+        ))
+    })?;
+    let id = text.trim();
+    if id.is_empty() {
+        return Err(ApiError::Refused(format!(
+            "{} is empty; write the machine id into it (32 hex digits, see machine-id(5))",
+            path.display()
+        )));
+    }
+    Ok(id.to_string())
+}
 
 /// The state of one unit as clients see it (systemd's vocabulary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]

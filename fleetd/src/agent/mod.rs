@@ -1,0 +1,692 @@
+//! The agent: what the cluster assigns to this machine runs in the local init.
+//!
+//! One [`Agent`] per machine. It keeps the machine present in the registry (a lease kept
+//! alive every TTL/3, the machine record on it), reads the registry once ([`Registry::snapshot`])
+//! and then follows it ([`Registry::watch`] from that revision + 1), and drives the local
+//! `flotilla-init` over its D-Bus API ([`InitApi`]) so that init runs exactly the units this
+//! machine should run:
+//!
+//! - units assigned to this machine, and global units whose rules fit it
+//!   ([`crate::scheduler::global_fits`]), each with desired state `loaded` (loaded into init,
+//!   not started) or `launched` (started);
+//! - units no longer wanted here (unassigned, removed, desired `inactive`) are stopped and
+//!   removed from init.
+//!
+//! Unit names in init are the plain unit names. The text loaded into init starts with a
+//! marker line, [`MARKER`] followed by the body hash: that is how the agent tells the units
+//! it loaded from the units the host runs from its own unit directories (which it never
+//! touches, even when a cluster unit has the same name), and which body each one runs. The
+//! agent keeps no state of its own: after a restart (of fleetd or of init) it re-derives
+//! what it loaded from init (`ListUnits`, `CatUnit`), and takes a unit that is already
+//! running as started, so a restart never starts or stops anything twice.
+//!
+//! States: after every action, and on init's `UnitStateChanged` signals, the unit's
+//! active/sub state and main pid are reported ([`Registry::report_state`]) on the machine's
+//! lease.
+//!
+//! When the registry is unreachable (keep-alive, watch or reads fail), nothing in init is
+//! touched: running units keep running (fleet's issue 1289), the agent logs it once, retries
+//! with a backoff (250 ms doubling up to 5 s), and once the registry answers it re-registers
+//! (a new lease if the old one expired) and reconciles from a fresh snapshot.
+
+mod init;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_init::api::UnitInfo;
+use flotilla_units::FleetSection;
+use tokio::sync::mpsc;
+
+use self::init::{spawn_signal_thread, InitSignal};
+pub use self::init::{InitApi, InitError};
+use crate::error::RegistryError;
+use crate::model::{DesiredState, LeaseId, Machine, UnitRecord, UnitState};
+use crate::registry::{Change, Event, Registry, Watch};
+use crate::scheduler::{global_fits, Candidate};
+
+/// The default lease TTL of a machine's presence.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
+
+/// The first line of every unit text the agent loads into init, followed by the body hash.
+pub const MARKER: &str =
+    "# flotilla-fleetd: loaded by the fleetd agent from the cluster registry; body ";
+
+/// The first retry delay after a registry error; doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest retry delay after a registry error.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often failed init actions are retried.
+const INIT_RETRY: Duration = Duration::from_secs(1);
+
+/// Why the agent could not run at all. Everything else (registry or init unreachable) is
+/// retried, not returned.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No machine id was given and the local init refused to tell it.
+    #[error("cannot get the machine id from the local init: {source}; pass the machine id explicitly (fleetd --machine-id ID)")]
+    MachineId {
+        /// Init's answer.
+        #[source]
+        source: InitError,
+    },
+    /// The thread that follows init's signals could not be started.
+    #[error("cannot start the thread that follows the local init's unit states: {0} (out of threads or memory?)")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The text loaded into init for a body: the marker line, then the body.
+pub fn marked_text(hash: &str, body: &str) -> String {
+    format!("{MARKER}{hash}\n{body}")
+}
+
+/// The body hash of a unit text the agent loaded, `None` for any other text.
+pub fn marked_hash(text: &str) -> Option<&str> {
+    let first = text.lines().next()?;
+    let hash = first.strip_prefix(MARKER)?.trim();
+    (!hash.is_empty()).then_some(hash)
+}
+
+/// What the agent last did with a unit it loaded into init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Applied {
+    /// The body hash loaded.
+    hash: String,
+    /// `Loaded` (loaded, not started) or `Launched` (started).
+    desired: DesiredState,
+}
+
+/// A unit body as the agent needs it: the text and its placement rules.
+#[derive(Debug, Clone)]
+struct Body {
+    text: String,
+    /// `None` when the body does not parse (init will refuse it, and it is not global).
+    fleet: Option<FleetSection>,
+}
+
+/// The agent of one machine. See the module documentation.
+pub struct Agent {
+    registry: Arc<dyn Registry>,
+    init: InitApi,
+    machine: Machine,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("registry", &self.registry.describe())
+            .field("init", &self.init)
+            .field("machine", &self.machine)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// An agent for `machine` (an empty `machine.id` means: ask the local init,
+    /// `GetMachineId`), on `registry`, driving the init at `init`, present with a lease of
+    /// `ttl` ([`DEFAULT_TTL`] is 5 s; at least 1 s).
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        init: InitApi,
+        machine: Machine,
+        ttl: Duration,
+    ) -> Agent {
+        Agent {
+            registry,
+            init,
+            machine,
+            ttl: ttl.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Runs until `shutdown` completes. Returns an error only when it cannot run at all (no
+    /// machine id); unreachable registries and inits are retried. On shutdown nothing is
+    /// stopped and the lease is left to expire, so a restarted agent takes over the running
+    /// units.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut machine = self.machine;
+        if machine.id.is_empty() {
+            let id = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                id = machine_id_from_init(&self.init) => id?,
+            };
+            machine.id = id;
+        }
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        spawn_signal_thread(self.init.socket().to_path_buf(), tx).map_err(AgentError::Thread)?;
+        let mut worker = Worker {
+            registry: self.registry,
+            init: self.init,
+            machine,
+            ttl: self.ttl,
+            lease: None,
+            units: BTreeMap::new(),
+            assignments: BTreeMap::new(),
+            bodies: HashMap::new(),
+            owned: BTreeMap::new(),
+            adopted: None,
+            reported: BTreeMap::new(),
+            warned: BTreeSet::new(),
+            init_dirty: false,
+        };
+        log::info!(
+            "fleetd agent for machine {} on {}, init at {}",
+            worker.machine.id,
+            worker.registry.describe(),
+            worker.init.socket().display()
+        );
+        let mut backoff = MIN_BACKOFF;
+        let mut degraded = false;
+        loop {
+            let established = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                r = worker.establish() => r,
+            };
+            let mut watch = match established {
+                Ok(watch) => watch,
+                Err(e) => {
+                    if !degraded {
+                        log::warn!(
+                            "registry unreachable or refusing ({e}); keeping the {} units this agent runs as they are, retrying",
+                            worker.owned.len()
+                        );
+                    } else {
+                        log::debug!("registry still unavailable: {e}");
+                    }
+                    degraded = true;
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            if degraded {
+                log::info!(
+                    "registry {} reachable again: machine {} registered, units reconciled",
+                    worker.registry.describe(),
+                    worker.machine.id
+                );
+            }
+            backoff = MIN_BACKOFF;
+            let period = (worker.ttl / 3).max(Duration::from_millis(100));
+            let mut keepalive =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut retry = tokio::time::interval(INIT_RETRY);
+            let failure: RegistryError = loop {
+                let step = tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = keepalive.tick() => worker.keep_alive().await,
+                    event = watch.next() => match event {
+                        Some(Ok(event)) => worker.on_event(event).await,
+                        Some(Err(e)) => Err(e),
+                        None => Err(RegistryError::WatchEnded { reason: "the watch stream closed".into() }),
+                    },
+                    Some(signal) = signals.recv() => worker.on_signal(signal).await,
+                    _ = retry.tick(), if worker.init_dirty => worker.reconcile().await,
+                };
+                if let Err(e) = step {
+                    break e;
+                }
+            };
+            log::warn!(
+                "registry error ({failure}); keeping the {} units this agent runs as they are, reconnecting",
+                worker.owned.len()
+            );
+            degraded = true;
+        }
+    }
+}
+
+/// Asks init for the machine id, waiting while init is unreachable.
+async fn machine_id_from_init(init: &InitApi) -> Result<String, AgentError> {
+    let mut delay = MIN_BACKOFF;
+    loop {
+        match init.machine_id().await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.manager_error_name().is_some() => {
+                return Err(AgentError::MachineId { source: e })
+            }
+            Err(e) => {
+                log::warn!("waiting for the local init to tell the machine id: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether init's state for a unit means it was started (and not stopped since).
+fn is_started(info: &UnitInfo) -> bool {
+    matches!(
+        info.active_state.as_str(),
+        "active" | "activating" | "reloading" | "failed"
+    ) || info.sub_state == "auto-restart"
+}
+
+/// The state of a unit as reported: (active, sub, pid, hash).
+type Reported = (String, String, Option<u32>, Option<String>);
+
+/// The agent's working state while it runs.
+struct Worker {
+    registry: Arc<dyn Registry>,
+    init: InitApi,
+    machine: Machine,
+    ttl: Duration,
+    /// The machine's lease, once granted (kept across registry outages while it lives).
+    lease: Option<LeaseId>,
+    /// The registry's units, by name (from the snapshot, then the watch).
+    units: BTreeMap<String, UnitRecord>,
+    /// Unit → machine.
+    assignments: BTreeMap<String, String>,
+    /// Bodies by hash, for the units above.
+    bodies: HashMap<String, Body>,
+    /// The units this agent loaded into init.
+    owned: BTreeMap<String, Applied>,
+    /// The init connection generation `owned` was derived at.
+    adopted: Option<u64>,
+    /// What was last reported per unit on the current lease.
+    reported: BTreeMap<String, Reported>,
+    /// Units already warned about (host name clash, invalid body), so logs do not repeat.
+    warned: BTreeSet<String>,
+    /// Some init action failed: retry the reconcile.
+    init_dirty: bool,
+}
+
+impl Worker {
+    /// Presence (lease, machine record), a fresh snapshot, a watch from it, a reconcile.
+    async fn establish(&mut self) -> Result<Watch, RegistryError> {
+        if let Some(lease) = self.lease {
+            match self.registry.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(RegistryError::LeaseExpired { .. }) => self.lease = None,
+                Err(e) => return Err(e),
+            }
+        }
+        let lease = match self.lease {
+            Some(lease) => lease,
+            None => {
+                let lease = self.registry.grant_lease(self.ttl).await?;
+                self.lease = Some(lease);
+                // Every state reported on the old lease is gone with it.
+                self.reported.clear();
+                lease
+            }
+        };
+        // A previous run's lease may still hold the id (MachineIdTaken): the caller retries
+        // with a backoff until it expires.
+        self.registry.register_machine(&self.machine, lease).await?;
+        let snapshot = self.registry.snapshot().await?;
+        let watch = self.registry.watch(snapshot.revision + 1).await?;
+        self.units = snapshot
+            .units
+            .into_iter()
+            .map(|u| (u.name.clone(), u))
+            .collect();
+        self.assignments = snapshot
+            .assignments
+            .into_iter()
+            .map(|a| (a.unit, a.machine))
+            .collect();
+        // Report every unit afresh: states may have vanished with a lease, or gone stale.
+        self.reported.clear();
+        self.reconcile().await?;
+        // States of this machine for units it no longer runs (e.g. left by a previous run).
+        for state in snapshot.states.iter() {
+            if state.machine == self.machine.id && !self.owned.contains_key(&state.unit) {
+                self.registry
+                    .remove_state(&state.unit, &self.machine.id)
+                    .await?;
+            }
+        }
+        Ok(watch)
+    }
+
+    async fn keep_alive(&mut self) -> Result<(), RegistryError> {
+        match self.lease {
+            Some(lease) => self.registry.keep_alive(lease).await,
+            None => Err(RegistryError::LeaseExpired { lease: LeaseId(0) }),
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) -> Result<(), RegistryError> {
+        match event.change {
+            Change::UnitPut(unit) => {
+                self.units.insert(unit.name.clone(), unit);
+            }
+            Change::UnitRemoved { name } => {
+                self.units.remove(&name);
+                self.assignments.remove(&name);
+            }
+            Change::Assigned(a) => {
+                self.assignments.insert(a.unit, a.machine);
+            }
+            Change::Unassigned { unit } => {
+                self.assignments.remove(&unit);
+            }
+            Change::MachineRemoved { id } if id == self.machine.id => {
+                // Our lease is gone: register again on a new one.
+                return Err(RegistryError::LeaseExpired {
+                    lease: self.lease.unwrap_or(LeaseId(0)),
+                });
+            }
+            Change::MachinePut(m) if m.id == self.machine.id => return Ok(()),
+            Change::StateRemoved { unit, machine } if machine == self.machine.id => {
+                self.reported.remove(&unit);
+                if self.owned.contains_key(&unit) {
+                    self.report(&unit).await?;
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+        self.reconcile().await
+    }
+
+    async fn on_signal(&mut self, signal: InitSignal) -> Result<(), RegistryError> {
+        match signal {
+            InitSignal::Changed(name) => {
+                if self.owned.contains_key(&name) {
+                    self.report(&name).await?;
+                }
+                Ok(())
+            }
+            InitSignal::Subscribed => {
+                // Init may have restarted: re-read what it runs.
+                self.adopted = None;
+                self.reconcile().await
+            }
+        }
+    }
+
+    /// Re-derives the units this agent loaded from init itself (their marker line).
+    async fn adopt(&mut self) -> Result<(), InitError> {
+        let generation = self.init.generation();
+        let units = self.init.list_units().await?;
+        let mut owned = BTreeMap::new();
+        for info in &units {
+            let text = match self.init.cat_unit(&info.name).await {
+                Ok(t) => t,
+                Err(e) if e.manager_error_name().is_some() => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(hash) = marked_hash(&text) {
+                let desired = if is_started(info) {
+                    DesiredState::Launched
+                } else {
+                    DesiredState::Loaded
+                };
+                owned.insert(
+                    info.name.clone(),
+                    Applied {
+                        hash: hash.to_string(),
+                        desired,
+                    },
+                );
+            }
+        }
+        if self.adopted.is_none() && !owned.is_empty() {
+            log::info!(
+                "adopted {} units init already runs for this agent: {}",
+                owned.len(),
+                owned.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        self.owned = owned;
+        // Any call above may have reconnected; then read again next time.
+        self.adopted = Some(generation.max(self.init.generation()));
+        Ok(())
+    }
+
+    /// The body for `hash`, fetched once. `None` if the registry has no such body.
+    async fn body(&mut self, hash: &str) -> Result<Option<Body>, RegistryError> {
+        if let Some(b) = self.bodies.get(hash) {
+            return Ok(Some(b.clone()));
+        }
+        let Some(text) = self.registry.get_body(hash).await? else {
+            return Ok(None);
+        };
+        let fleet = flotilla_units::parse_unit("fleet-unit", None, &text)
+            .ok()
+            .map(|u| u.fleet);
+        let body = Body { text, fleet };
+        self.bodies.insert(hash.to_string(), body.clone());
+        Ok(Some(body))
+    }
+
+    /// The units this machine should run, with their bodies.
+    async fn wanted(&mut self) -> Result<BTreeMap<String, (UnitRecord, Body)>, RegistryError> {
+        let records: Vec<UnitRecord> = self
+            .units
+            .values()
+            .filter(|u| u.desired != DesiredState::Inactive)
+            .cloned()
+            .collect();
+        let mut wanted = BTreeMap::new();
+        let mut running: Vec<Candidate> = Vec::new();
+        let mut globals = Vec::new();
+        for record in records {
+            let Some(body) = self.body(&record.hash).await? else {
+                log::warn!(
+                    "unit {} refers to body {}, which the registry does not have; skipping it",
+                    record.name,
+                    record.hash
+                );
+                continue;
+            };
+            let assigned_here = self.assignments.get(&record.name) == Some(&self.machine.id);
+            let global = body.fleet.as_ref().is_some_and(|f| f.global);
+            if assigned_here {
+                running.push(Candidate {
+                    name: record.name.clone(),
+                    fleet: body.fleet.clone().unwrap_or_default(),
+                });
+                wanted.insert(record.name.clone(), (record, body));
+            } else if global {
+                globals.push((record, body));
+            }
+        }
+        for (record, body) in globals {
+            let candidate = Candidate {
+                name: record.name.clone(),
+                fleet: body.fleet.clone().unwrap_or_default(),
+            };
+            let others: Vec<&Candidate> = running.iter().collect();
+            match global_fits(&candidate, &self.machine, &others) {
+                Ok(()) => {
+                    running.push(candidate);
+                    wanted.insert(record.name.clone(), (record, body));
+                }
+                Err(why) => log::debug!("global unit {} does not run here: {why}", record.name),
+            }
+        }
+        let hashes: BTreeSet<&str> = self.units.values().map(|u| u.hash.as_str()).collect();
+        self.bodies.retain(|h, _| hashes.contains(h.as_str()));
+        Ok(wanted)
+    }
+
+    /// Makes init run what this machine should run. Registry errors end it (the caller
+    /// reconnects); init errors are logged and retried later.
+    async fn reconcile(&mut self) -> Result<(), RegistryError> {
+        self.init_dirty = false;
+        if self.adopted != Some(self.init.generation()) {
+            if let Err(e) = self.adopt().await {
+                log::warn!("cannot read the units of the local init, retrying: {e}");
+                self.init_dirty = true;
+                return Ok(());
+            }
+        }
+        let wanted = self.wanted().await?;
+        let gone: Vec<String> = self
+            .owned
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            match self.init.remove_unit(&name).await {
+                Ok(()) => {}
+                Err(e) if e.is_no_such_unit() => {}
+                Err(e) => {
+                    log::warn!("cannot remove unit {name} from the local init: {e}");
+                    self.init_dirty = true;
+                    continue;
+                }
+            }
+            log::info!("unit {name} no longer runs on this machine: stopped and removed");
+            self.owned.remove(&name);
+            self.reported.remove(&name);
+            self.registry.remove_state(&name, &self.machine.id).await?;
+        }
+        for (name, (record, body)) in wanted {
+            if let Err(e) = self.apply(&record, &body).await {
+                log::warn!("unit {name}: {e}");
+                self.init_dirty = true;
+                continue;
+            }
+            if self.owned.contains_key(&name) {
+                self.report(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads, starts, restarts or stops one wanted unit as its record says.
+    async fn apply(&mut self, record: &UnitRecord, body: &Body) -> Result<(), InitError> {
+        let name = record.name.as_str();
+        let previous = self.owned.get(name).cloned();
+        let mut applied = match &previous {
+            Some(p) if p.hash == record.hash => p.clone(),
+            _ => {
+                if previous.is_none() && self.held_by_host(name).await? {
+                    return Ok(());
+                }
+                match self
+                    .init
+                    .load_unit(name, &marked_text(&record.hash, &body.text))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.is_invalid_unit() => {
+                        if self.warned.insert(format!("{name} {}", record.hash)) {
+                            log::error!("unit {name}: the local init refuses its body: {e}");
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+                log::info!("unit {name}: loaded body {}", record.hash);
+                let applied = Applied {
+                    hash: record.hash.clone(),
+                    desired: previous
+                        .as_ref()
+                        .map_or(DesiredState::Loaded, |p| p.desired),
+                };
+                self.owned.insert(name.to_string(), applied.clone());
+                applied
+            }
+        };
+        let body_changed = previous.is_some_and(|p| p.hash != record.hash);
+        match record.desired {
+            DesiredState::Launched if applied.desired != DesiredState::Launched => {
+                self.init.start_unit(name).await?;
+                log::info!("unit {name}: started");
+            }
+            DesiredState::Launched if body_changed => {
+                self.init.restart_unit(name).await?;
+                log::info!("unit {name}: restarted on its new body");
+            }
+            DesiredState::Loaded if applied.desired == DesiredState::Launched => {
+                self.init.stop_unit(name).await?;
+                log::info!("unit {name}: stopped (desired loaded)");
+            }
+            _ => {}
+        }
+        applied.desired = record.desired;
+        self.owned.insert(name.to_string(), applied);
+        Ok(())
+    }
+
+    /// Whether init has a unit `name` that this agent did not load (a host unit): then the
+    /// cluster unit is not run here, and the host unit is left alone.
+    async fn held_by_host(&mut self, name: &str) -> Result<bool, InitError> {
+        let text = match self.init.cat_unit(name).await {
+            Ok(text) => text,
+            Err(e) if e.is_no_such_unit() => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if marked_hash(&text).is_some() {
+            return Ok(false);
+        }
+        if self.warned.insert(name.to_string()) {
+            log::warn!(
+                "unit {name} is assigned to this machine, but the host runs a unit of that name from its own unit directory: leaving the host's unit alone, not running the cluster's"
+            );
+        }
+        Ok(true)
+    }
+
+    /// Reports the state init has for an owned unit, if it changed since the last report.
+    async fn report(&mut self, name: &str) -> Result<(), RegistryError> {
+        let (Some(lease), Some(applied)) = (self.lease, self.owned.get(name)) else {
+            return Ok(());
+        };
+        let hash = Some(applied.hash.clone());
+        let info = match self.init.get_unit(name).await {
+            Ok(info) => info,
+            Err(e) => {
+                log::debug!("cannot read the state of {name} from init: {e}");
+                self.init_dirty = true;
+                return Ok(());
+            }
+        };
+        let pid = (info.main_pid != 0).then_some(info.main_pid);
+        let now: Reported = (info.active_state, info.sub_state, pid, hash);
+        if self.reported.get(name) == Some(&now) {
+            return Ok(());
+        }
+        let state = UnitState {
+            unit: name.to_string(),
+            machine: self.machine.id.clone(),
+            hash: now.3.clone(),
+            active: now.0.clone(),
+            sub: now.1.clone(),
+            pid: now.2,
+            updated_at: now_ms(),
+        };
+        match self.registry.report_state(&state, lease).await {
+            Ok(()) => {
+                self.reported.insert(name.to_string(), now);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_round_trips() {
+        let text = marked_text("abc", "[container]\ncommand = [\"true\"]\n");
+        assert_eq!(marked_hash(&text), Some("abc"));
+        assert_eq!(marked_hash("[container]\ncommand = [\"true\"]\n"), None);
+        assert_eq!(marked_hash(""), None);
+        assert_eq!(marked_hash(MARKER), None);
+    }
+}

@@ -1,0 +1,738 @@
+//! The engine: fleet's leader-elected scheduler.
+//!
+//! Every fleetd runs an [`Engine`]; exactly one of them leads at a time (a lease-based
+//! election over [`Registry::campaign`]). The leader reads one [`Snapshot`], watches every
+//! change after it, keeps an in-memory model of units, machines and assignments up to date
+//! from the watch, and after each burst of relevant changes runs the pure
+//! [`scheduler::schedule`] and writes its decisions with compare-and-swap
+//! ([`Registry::assign`], [`Registry::unassign`]). It never reads the whole registry on a
+//! timer: only at the start of a leadership and after a watch error.
+//!
+//! Units that fit no machine are kept, with the reason, in an in-memory map that
+//! [`EngineStatus::unschedulable`] exposes (the API reads it through a cloned
+//! [`EngineStatus`]). Only the leader's map is filled; followers' maps are empty.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch as signal;
+use tokio::time::Instant;
+
+use crate::error::RegistryError;
+use crate::model::{DesiredState, LeaseId, Machine, UnitRecord};
+use crate::registry::{Campaign, Cas, Change, Event, Registry, Snapshot};
+use crate::scheduler::{self, Candidate, Decision};
+use flotilla_units::FleetSection;
+
+/// The default lease TTL of the engine's leadership (as fleet's and the machine presence's).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// The default debounce window: the changes of one burst within it give one scheduling pass.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The first delay before retrying after a registry error; doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest delay between retries after registry errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Why the engine stopped for good (it retries everything else).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The registry refused the engine's configuration (an invalid machine id or lease TTL):
+    /// retrying cannot help.
+    #[error("the engine of machine {machine:?} cannot run: {source}")]
+    Config {
+        /// The engine's machine id.
+        machine: String,
+        /// What the registry said.
+        #[source]
+        source: RegistryError,
+    },
+}
+
+/// What the engine shows to the rest of fleetd (the API): whether it leads and which units
+/// fit no machine, with why. Cheap to clone; all clones see the same state.
+#[derive(Clone, Debug, Default)]
+pub struct EngineStatus {
+    inner: Arc<Mutex<StatusInner>>,
+}
+
+#[derive(Debug, Default)]
+struct StatusInner {
+    leader: Option<(LeaseId, u64)>,
+    unschedulable: BTreeMap<String, String>,
+}
+
+impl EngineStatus {
+    fn lock(&self) -> MutexGuard<'_, StatusInner> {
+        // The state is plain data, always consistent: a panic elsewhere cannot corrupt it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this engine leads (schedules) now.
+    pub fn is_leader(&self) -> bool {
+        self.lock().leader.is_some()
+    }
+
+    /// The term (fencing token, see [`crate::Leader::term`]) of this engine's leadership, if
+    /// it leads.
+    pub fn term(&self) -> Option<u64> {
+        self.lock().leader.map(|(_, term)| term)
+    }
+
+    /// The units the last scheduling pass could not place, with the reason (unit name →
+    /// reason, e.g. `no machine fits (a: conflicts with web@1; ...)`, or a unit file error).
+    /// Empty unless this engine leads.
+    pub fn unschedulable(&self) -> BTreeMap<String, String> {
+        self.lock().unschedulable.clone()
+    }
+
+    /// Why `unit` could not be placed, if the last pass could not place it.
+    pub fn reason(&self, unit: &str) -> Option<String> {
+        self.lock().unschedulable.get(unit).cloned()
+    }
+
+    fn set_leader(&self, leader: Option<(LeaseId, u64)>) {
+        let mut inner = self.lock();
+        inner.leader = leader;
+        if leader.is_none() {
+            inner.unschedulable.clear();
+        }
+    }
+
+    fn set_unschedulable(&self, reasons: BTreeMap<String, String>) {
+        self.lock().unschedulable = reasons;
+    }
+}
+
+/// fleet's engine: campaigns for the leadership and, while it leads, schedules the cluster's
+/// units onto its machines. See the [module docs](self).
+pub struct Engine {
+    registry: Arc<dyn Registry>,
+    machine_id: String,
+    lease_ttl: Duration,
+    debounce: Duration,
+    status: EngineStatus,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("registry", &self.registry.describe())
+            .field("machine_id", &self.machine_id)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("debounce", &self.debounce)
+            .finish()
+    }
+}
+
+/// How a leadership or a wait for one ended.
+enum Ended {
+    /// The lease is gone (expired, revoked, or the registry stopped answering): get a new one.
+    LeaseLost,
+    /// The leader key changed (resigned, taken over): campaign again on the same lease.
+    LeaderChanged,
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Clears the leadership in an [`EngineStatus`] when dropped.
+struct ResetOnDrop(EngineStatus);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        self.0.set_leader(None);
+    }
+}
+
+/// Parsed `[fleet]` sections (or why not) by (unit name, body hash).
+type Parsed = BTreeMap<(String, String), Result<FleetSection, String>>;
+
+/// The engine's in-memory model of the registry, kept current from the watch.
+#[derive(Default)]
+struct Model {
+    units: BTreeMap<String, UnitRecord>,
+    machines: BTreeMap<String, Machine>,
+    assignments: BTreeMap<String, String>,
+    /// Parsed `[fleet]` sections by (unit name, body hash): a body never changes under its
+    /// hash, but specifiers (`%n`, `%i`) make its meaning depend on the unit's name.
+    parsed: Parsed,
+}
+
+impl Model {
+    fn from_snapshot(snapshot: Snapshot, parsed: Parsed) -> Model {
+        Model {
+            units: snapshot
+                .units
+                .into_iter()
+                .map(|u| (u.name.clone(), u))
+                .collect(),
+            machines: snapshot
+                .machines
+                .into_iter()
+                .map(|m| (m.id.clone(), m))
+                .collect(),
+            assignments: snapshot
+                .assignments
+                .into_iter()
+                .map(|a| (a.unit, a.machine))
+                .collect(),
+            parsed,
+        }
+    }
+
+    /// Applies one change; returns whether it matters for scheduling.
+    fn apply(&mut self, change: &Change) -> bool {
+        match change {
+            Change::UnitPut(unit) => {
+                let old = self.units.insert(unit.name.clone(), unit.clone());
+                old.as_ref() != Some(unit)
+            }
+            Change::UnitRemoved { name } => {
+                self.assignments.remove(name);
+                self.units.remove(name).is_some()
+            }
+            Change::MachinePut(machine) => {
+                let old = self.machines.insert(machine.id.clone(), machine.clone());
+                old.as_ref() != Some(machine)
+            }
+            Change::MachineRemoved { id } => self.machines.remove(id).is_some(),
+            Change::Assigned(a) => {
+                self.assignments.insert(a.unit.clone(), a.machine.clone())
+                    != Some(a.machine.clone())
+            }
+            Change::Unassigned { unit } => self.assignments.remove(unit).is_some(),
+            Change::BodyPut { hash } => {
+                // A body that was missing is back: parse it again.
+                let before = self.parsed.len();
+                self.parsed.retain(|(_, h), p| h != hash || p.is_ok());
+                self.parsed.len() != before
+            }
+            Change::BodyRemoved { .. }
+            | Change::StatePut(_)
+            | Change::StateRemoved { .. }
+            | Change::LeaderPut(_)
+            | Change::LeaderRemoved => false,
+        }
+    }
+}
+
+/// Whether an error means the engine cannot run at all (rather than "retry later").
+fn is_permanent(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::InvalidName { .. }
+            | RegistryError::InvalidTtl { .. }
+            | RegistryError::Config(_)
+    )
+}
+
+impl Engine {
+    /// An engine for machine `machine_id` on `registry`, campaigning with leases of
+    /// `lease_ttl` ([`DEFAULT_LEASE_TTL`] is fleet's default), kept alive every `lease_ttl / 3`.
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        machine_id: impl Into<String>,
+        lease_ttl: Duration,
+    ) -> Engine {
+        Engine {
+            registry,
+            machine_id: machine_id.into(),
+            lease_ttl,
+            debounce: DEFAULT_DEBOUNCE,
+            status: EngineStatus::default(),
+        }
+    }
+
+    /// Sets the debounce window ([`DEFAULT_DEBOUNCE`]): a scheduling pass runs this long
+    /// after the first relevant change of a burst, once for the whole burst.
+    pub fn with_debounce(mut self, debounce: Duration) -> Engine {
+        self.debounce = debounce;
+        self
+    }
+
+    /// A handle on the engine's state (leadership, unschedulable units) that stays valid
+    /// while and after the engine runs.
+    pub fn status(&self) -> EngineStatus {
+        self.status.clone()
+    }
+
+    /// The units the last scheduling pass could not place, with why (see
+    /// [`EngineStatus::unschedulable`]).
+    pub fn unschedulable(&self) -> BTreeMap<String, String> {
+        self.status.unschedulable()
+    }
+
+    /// Runs the engine until `shutdown` completes: campaigns, schedules while leading, and
+    /// campaigns again after losing the leadership or its lease. Registry errors are logged
+    /// and retried. On shutdown it resigns and revokes its lease, so another engine takes
+    /// over at once. Dropping the future instead leaves the lease to expire (after its TTL).
+    ///
+    /// Fails only if the registry rejects the engine's configuration (machine id, TTL).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), EngineError> {
+        // If this future is dropped mid-run, the status must not claim a leadership.
+        let _reset = ResetOnDrop(self.status.clone());
+        let current: Arc<Mutex<Option<LeaseId>>> = Arc::default();
+        let result = tokio::select! {
+            r = self.main_loop(current.clone()) => r,
+            () = shutdown => Ok(()),
+        };
+        let lease = *current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lease) = lease {
+            if self.status.is_leader() {
+                log::info!(
+                    "engine {}: shutting down, resigning the leadership",
+                    self.machine_id
+                );
+            }
+            if let Err(e) = self.registry.resign(&self.machine_id, lease).await {
+                log::warn!("engine {}: resign failed: {e}", self.machine_id);
+            }
+            if let Err(e) = self.registry.revoke_lease(lease).await {
+                log::warn!(
+                    "engine {}: revoking lease {lease} failed: {e}",
+                    self.machine_id
+                );
+            }
+        }
+        self.status.set_leader(None);
+        result
+    }
+
+    fn config_error(&self, source: RegistryError) -> EngineError {
+        EngineError::Config {
+            machine: self.machine_id.clone(),
+            source,
+        }
+    }
+
+    /// Grants leases and campaigns on them, forever.
+    async fn main_loop(&self, current: Arc<Mutex<Option<LeaseId>>>) -> Result<(), EngineError> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let lease = match self.registry.grant_lease(self.lease_ttl).await {
+                Ok(lease) => lease,
+                Err(e) if is_permanent(&e) => return Err(self.config_error(e)),
+                Err(e) => {
+                    log::warn!(
+                        "engine {}: cannot get a lease from {}: {e}; retrying in {backoff:?}",
+                        self.machine_id,
+                        self.registry.describe()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            backoff = MIN_BACKOFF;
+            *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+            let (lost_tx, lost_rx) = signal::channel(false);
+            let _keeper = AbortOnDrop(
+                tokio::spawn(keep_alive(
+                    self.registry.clone(),
+                    lease,
+                    self.lease_ttl / 3,
+                    self.machine_id.clone(),
+                    lost_tx,
+                ))
+                .abort_handle(),
+            );
+            self.on_lease(lease, lost_rx).await?;
+            // The lease is lost (or unusable): make sure it is gone before starting over, so
+            // that a leader key on it does not linger until its TTL if the registry answers.
+            if let Err(e) = self.registry.revoke_lease(lease).await {
+                log::debug!(
+                    "engine {}: revoking lost lease {lease}: {e}",
+                    self.machine_id
+                );
+            }
+            *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// Campaigns on `lease` until it is lost: leads when it wins, waits for the leader to go
+    /// when it loses.
+    async fn on_lease(
+        &self,
+        lease: LeaseId,
+        mut lost: signal::Receiver<bool>,
+    ) -> Result<(), EngineError> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if *lost.borrow() {
+                return Ok(());
+            }
+            // Watch before campaigning, so that a leader that goes right after we lost is seen.
+            let mut watch = match self.registry.watch(0).await {
+                Ok(w) => w,
+                Err(e) => {
+                    log::warn!("engine {}: cannot watch the registry: {e}", self.machine_id);
+                    if sleep_or_lost(backoff, &mut lost).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let ended = match self.registry.campaign(&self.machine_id, lease).await {
+                Ok(Campaign::Won(leader)) => {
+                    backoff = MIN_BACKOFF;
+                    drop(watch);
+                    log::info!(
+                        "engine {}: became the leader (term {}, lease {lease})",
+                        self.machine_id,
+                        leader.term
+                    );
+                    self.status.set_leader(Some((lease, leader.term)));
+                    let ended = self.lead(lease, &mut lost).await;
+                    self.status.set_leader(None);
+                    log::info!(
+                        "engine {}: no longer the leader ({})",
+                        self.machine_id,
+                        match ended {
+                            Ended::LeaseLost => "its lease was lost",
+                            Ended::LeaderChanged => "the leader key changed",
+                        }
+                    );
+                    ended
+                }
+                Ok(Campaign::Lost(leader)) => {
+                    backoff = MIN_BACKOFF;
+                    log::info!(
+                        "engine {}: {} leads (term {}); following",
+                        self.machine_id,
+                        leader.id,
+                        leader.term
+                    );
+                    // Wait for the leadership to end (resigned, its lease revoked or expired).
+                    loop {
+                        tokio::select! {
+                            () = until_lost(&mut lost) => break Ended::LeaseLost,
+                            event = watch.next() => match event {
+                                Some(Ok(Event { change: Change::LeaderRemoved, .. })) => {
+                                    log::info!(
+                                        "engine {}: leader {} is gone; campaigning",
+                                        self.machine_id,
+                                        leader.id
+                                    );
+                                    break Ended::LeaderChanged;
+                                }
+                                Some(Ok(_)) => {}
+                                Some(Err(e)) => {
+                                    log::warn!("engine {}: watch failed: {e}", self.machine_id);
+                                    break Ended::LeaderChanged;
+                                }
+                                None => break Ended::LeaderChanged,
+                            }
+                        }
+                    }
+                }
+                Err(e) if is_permanent(&e) => return Err(self.config_error(e)),
+                Err(RegistryError::LeaseExpired { .. }) => Ended::LeaseLost,
+                Err(e) => {
+                    log::warn!("engine {}: campaign failed: {e}", self.machine_id);
+                    if sleep_or_lost(backoff, &mut lost).await {
+                        return Ok(());
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            if let Ended::LeaseLost = ended {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Schedules while leading on `lease`; returns when the leadership ends.
+    async fn lead(&self, lease: LeaseId, lost: &mut signal::Receiver<bool>) -> Ended {
+        let mut backoff = MIN_BACKOFF;
+        let mut parsed = BTreeMap::new();
+        loop {
+            if *lost.borrow() {
+                return Ended::LeaseLost;
+            }
+            let snapshot = match self.registry.snapshot().await {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("engine {}: cannot read the registry: {e}", self.machine_id);
+                    if sleep_or_lost(backoff, lost).await {
+                        return Ended::LeaseLost;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            if !snapshot
+                .leader
+                .as_ref()
+                .is_some_and(|l| l.id == self.machine_id && l.lease == lease)
+            {
+                return Ended::LeaderChanged;
+            }
+            let from = snapshot.revision + 1;
+            let mut watch = match self.registry.watch(from).await {
+                Ok(w) => w,
+                Err(e) => {
+                    log::warn!("engine {}: cannot watch the registry: {e}", self.machine_id);
+                    if sleep_or_lost(backoff, lost).await {
+                        return Ended::LeaseLost;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let mut model = Model::from_snapshot(snapshot, std::mem::take(&mut parsed));
+            // The first pass runs at once; later ones after a debounce.
+            let mut due: Option<Instant> = Some(Instant::now());
+            let resnapshot = loop {
+                let wake = due.unwrap_or_else(Instant::now);
+                tokio::select! {
+                    biased;
+                    () = until_lost(lost) => return Ended::LeaseLost,
+                    event = watch.next() => match event {
+                        Some(Ok(event)) => {
+                            match &event.change {
+                                Change::LeaderRemoved => return Ended::LeaderChanged,
+                                Change::LeaderPut(l) if l.id != self.machine_id || l.lease != lease => {
+                                    return Ended::LeaderChanged
+                                }
+                                change => {
+                                    if model.apply(change) && due.is_none() {
+                                        due = Some(Instant::now() + self.debounce);
+                                    }
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            log::info!(
+                                "engine {}: watch ended ({e}); reading the registry again",
+                                self.machine_id
+                            );
+                            break false;
+                        }
+                        None => break false,
+                    },
+                    () = tokio::time::sleep_until(wake), if due.is_some() => {
+                        due = None;
+                        match self.pass(&mut model).await {
+                            Ok(true) => {
+                                // Someone else changed an assignment: its change is on the
+                                // watch; schedule again after it.
+                                due = Some(Instant::now() + self.debounce);
+                            }
+                            Ok(false) => backoff = MIN_BACKOFF,
+                            Err(e) => {
+                                log::warn!(
+                                    "engine {}: scheduling pass failed: {e}; retrying",
+                                    self.machine_id
+                                );
+                                break true;
+                            }
+                        }
+                    }
+                }
+            };
+            parsed = model.parsed;
+            if resnapshot && sleep_or_lost(backoff, lost).await {
+                return Ended::LeaseLost;
+            }
+            if resnapshot {
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    /// One scheduling pass over the model; writes the decisions. Returns whether a
+    /// compare-and-swap found the registry changed by someone else.
+    async fn pass(&self, model: &mut Model) -> Result<bool, RegistryError> {
+        // Parse the bodies not parsed yet; forget those no unit uses any more.
+        let wanted: Vec<&UnitRecord> = model
+            .units
+            .values()
+            .filter(|u| matches!(u.desired, DesiredState::Launched | DesiredState::Loaded))
+            .collect();
+        for unit in &wanted {
+            let key = (unit.name.clone(), unit.hash.clone());
+            if model.parsed.contains_key(&key) {
+                continue;
+            }
+            let parsed = match self.registry.get_body(&unit.hash).await? {
+                Some(body) => flotilla_units::parse_unit(&unit.name, None, &body)
+                    .map(|u| u.fleet)
+                    .map_err(|e| format!("the unit file does not parse: {e}")),
+                None => Err(format!("its body {} is not in the registry", unit.hash)),
+            };
+            model.parsed.insert(key, parsed);
+        }
+        let in_use: std::collections::BTreeSet<(&str, &str)> = model
+            .units
+            .values()
+            .map(|u| (u.name.as_str(), u.hash.as_str()))
+            .collect();
+        let mut parsed = std::mem::take(&mut model.parsed);
+        parsed.retain(|(name, hash), _| in_use.contains(&(name.as_str(), hash.as_str())));
+
+        let mut reasons = BTreeMap::new();
+        let mut units = Vec::new();
+        let mut globals = Vec::new();
+        for unit in wanted {
+            match parsed.get(&(unit.name.clone(), unit.hash.clone())) {
+                Some(Ok(fleet)) => {
+                    let candidate = Candidate {
+                        name: unit.name.clone(),
+                        fleet: fleet.clone(),
+                    };
+                    if fleet.global {
+                        globals.push(candidate);
+                    } else {
+                        units.push(candidate);
+                    }
+                }
+                Some(Err(reason)) => {
+                    reasons.insert(unit.name.clone(), reason.clone());
+                }
+                None => {}
+            }
+        }
+        model.parsed = parsed;
+        let machines: Vec<Machine> = model.machines.values().cloned().collect();
+        let decisions = scheduler::schedule(&machines, &units, &model.assignments, &globals);
+
+        let mut conflict = false;
+        for decision in decisions {
+            match decision {
+                Decision::Assign { unit, machine } => {
+                    let expected = model.assignments.get(&unit).cloned();
+                    if expected.as_deref() == Some(machine.as_str()) {
+                        continue;
+                    }
+                    match self
+                        .registry
+                        .assign(&unit, &machine, expected.as_deref())
+                        .await
+                    {
+                        Ok(Cas::Done) => {
+                            log::info!("engine {}: {unit} → {machine}", self.machine_id);
+                            model.assignments.insert(unit, machine);
+                        }
+                        Ok(Cas::Conflict { current }) => {
+                            conflict = true;
+                            log::info!(
+                                "engine {}: {unit} was assigned to {current:?} meanwhile",
+                                self.machine_id
+                            );
+                            set_assignment(&mut model.assignments, unit, current);
+                        }
+                        // Removed meanwhile: the watch brings its removal.
+                        Err(RegistryError::UnknownUnit { .. }) => conflict = true,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Decision::Unassign {
+                    unit,
+                    machine,
+                    reason,
+                } => match self.registry.unassign(&unit, &machine).await {
+                    Ok(Cas::Done) => {
+                        log::info!(
+                            "engine {}: {unit} taken off {machine}: {reason}",
+                            self.machine_id
+                        );
+                        model.assignments.remove(&unit);
+                    }
+                    Ok(Cas::Conflict { current }) => {
+                        conflict = true;
+                        set_assignment(&mut model.assignments, unit, current);
+                    }
+                    Err(RegistryError::UnknownUnit { .. }) => conflict = true,
+                    Err(e) => return Err(e),
+                },
+                Decision::Unschedulable { unit, reason } => {
+                    reasons.insert(unit, reason);
+                }
+            }
+        }
+        for (unit, reason) in &reasons {
+            if self.status.reason(unit).as_ref() != Some(reason) {
+                log::info!(
+                    "engine {}: {unit} cannot be placed: {reason}",
+                    self.machine_id
+                );
+            }
+        }
+        self.status.set_unschedulable(reasons);
+        Ok(conflict)
+    }
+}
+
+fn set_assignment(
+    assignments: &mut BTreeMap<String, String>,
+    unit: String,
+    current: Option<String>,
+) {
+    match current {
+        Some(machine) => {
+            assignments.insert(unit, machine);
+        }
+        None => {
+            assignments.remove(&unit);
+        }
+    }
+}
+
+/// Returns once the lease is reported lost (or its keeper is gone).
+async fn until_lost(lost: &mut signal::Receiver<bool>) {
+    let _ = lost.wait_for(|l| *l).await;
+}
+
+/// Sleeps `delay`, or less if the lease is lost meanwhile; returns whether it was lost.
+async fn sleep_or_lost(delay: Duration, lost: &mut signal::Receiver<bool>) -> bool {
+    let woken = tokio::select! {
+        () = until_lost(lost) => true,
+        () = tokio::time::sleep(delay) => false,
+    };
+    woken || *lost.borrow()
+}
+
+/// Keeps `lease` alive every `every`; on the first failure (the lease is gone, or the
+/// registry does not answer) reports it lost and ends: the engine must stop scheduling at
+/// once, as it cannot tell whether its leadership still holds.
+async fn keep_alive(
+    registry: Arc<dyn Registry>,
+    lease: LeaseId,
+    every: Duration,
+    machine_id: String,
+    lost: signal::Sender<bool>,
+) {
+    let every = every.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        // An answer that takes longer than the interval is as good as none.
+        match tokio::time::timeout(every, registry.keep_alive(lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::warn!("engine {machine_id}: lease {lease} lost: {e}");
+                let _ = lost.send(true);
+                return;
+            }
+            Err(_) => {
+                log::warn!(
+                    "engine {machine_id}: keeping lease {lease} alive took over {every:?}; \
+                     treating it as lost"
+                );
+                let _ = lost.send(true);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The agent against a real `flotilla-init` in supervisor mode (one per test, `--launcher
+//! host`, its own unit dir, state dir, API socket and cgroup), on the embedded registry, and
+//! on a real etcd for the outage case.
+//!
+//! The init binary is not a target of this crate, so `CARGO_BIN_EXE_flotilla-init` does not
+//! exist here: the tests use `target/<profile>/flotilla-init` next to the test binary's
+//! `deps/` directory (run `cargo build -p flotilla-init` first), or `FLOTILLA_INIT_BIN`.
+//! Waits are bounded by [`WAIT`] and only fail a test that would otherwise hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod etcd_server;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_server::EtcdServer;
+use flotilla_fleetd::{
+    Agent, DesiredState, EmbeddedRegistry, EtcdConfig, EtcdRegistry, InitApi, Machine, Registry,
+    UnitRecord, UnitState,
+};
+use flotilla_init::api::client::Client;
+use flotilla_init::api::UnitInfo;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The bound on every wait.
+const WAIT: Duration = Duration::from_secs(30);
+/// The agents' lease TTL.
+const TTL: Duration = Duration::from_secs(1);
+const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
+
+fn init_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("FLOTILLA_INIT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("flotilla-init");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p flotilla-init` first (or set FLOTILLA_INIT_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `flotilla-init` supervisor, killed on drop with everything in its cgroup.
+struct Init {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    cgroup: String,
+}
+
+impl Init {
+    /// Starts init over `units` (name, text) in its own unit directory.
+    fn start(units: &[(&str, &str)]) -> Init {
+        let dir = tempfile::tempdir().unwrap();
+        let unit_dir = dir.path().join("units");
+        fs::create_dir_all(&unit_dir).unwrap();
+        for (name, text) in units {
+            fs::write(unit_dir.join(format!("{name}.toml")), text).unwrap();
+        }
+        let socket = dir.path().join("manager.sock");
+        let cgroup = format!(
+            "flotilla-fleetd-test-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let child = Command::new(init_binary())
+            .arg("--units")
+            .arg(&unit_dir)
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .arg("--api")
+            .arg(&socket)
+            .args(["--launcher", "host", "--cgroup", &cgroup])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("init.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let init = Init {
+            child: Some(child),
+            dir,
+            socket,
+            cgroup,
+        };
+        let start = Instant::now();
+        while Client::connect(&init.socket)
+            .and_then(|c| c.list_units())
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < WAIT,
+                "init did not answer:\n{}",
+                init.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        init
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("init.log")).unwrap_or_default()
+    }
+
+    fn api(&self) -> InitApi {
+        InitApi::new(&self.socket)
+    }
+
+    /// The unit as init has it, `None` if init does not know it.
+    fn unit(&self, name: &str) -> Option<UnitInfo> {
+        Client::connect(&self.socket)
+            .unwrap()
+            .list_units()
+            .unwrap()
+            .into_iter()
+            .find(|u| u.name == name)
+    }
+
+    fn active_pid(&self, name: &str) -> Option<u32> {
+        self.unit(name)
+            .filter(|u| u.active_state == "active" && u.main_pid != 0)
+            .map(|u| u.main_pid)
+    }
+}
+
+impl Drop for Init {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let root = Path::new(root).join(&self.cgroup);
+            if let Ok(dir) = fs::read_dir(&root) {
+                for e in dir.flatten() {
+                    let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&root);
+        }
+    }
+}
+
+/// A running agent; `stop` ends it the way fleetd's shutdown would.
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the agent stops on shutdown")
+            .unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn machine(id: &str, metadata: &[(&str, &str)]) -> Machine {
+    Machine {
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn spawn(registry: &Arc<dyn Registry>, init: &Init, machine: Machine) -> Running {
+    let agent = Agent::new(registry.clone(), init.api(), machine, TTL);
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        agent
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        stop: Some(tx),
+        task,
+    }
+}
+
+async fn embedded() -> (Arc<dyn Registry>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let registry: Arc<dyn Registry> = Arc::new(EmbeddedRegistry::open(dir.path()).await.unwrap());
+    (registry, dir)
+}
+
+async fn submit(r: &Arc<dyn Registry>, name: &str, body: &str, desired: DesiredState) {
+    let hash = r.put_body(body).await.unwrap();
+    r.put_unit(&UnitRecord {
+        name: name.into(),
+        hash,
+        desired,
+    })
+    .await
+    .unwrap();
+}
+
+/// Polls `probe` until it gives `Some`, at most [`WAIT`].
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn state(r: &Arc<dyn Registry>, unit: &str, machine: &str) -> Option<UnitState> {
+    r.list_states()
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .find(|s| s.unit == unit && s.machine == machine)
+}
+
+/// Waits until `unit` runs in init, and returns its pid.
+async fn wait_running(init: &Init, unit: &str) -> u32 {
+    wait_for(&format!("{unit} to be active in init"), || async {
+        init.active_pid(unit)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigned_unit_runs_and_its_state_is_reported() {
+    let init = Init::start(&[]);
+    let (registry, _dir) = embedded().await;
+    // No id given: the agent asks init (GetMachineId).
+    let agent = spawn(&registry, &init, machine("", &[]));
+    let id = init.api().machine_id().await.unwrap();
+    wait_for("the machine to register", || async {
+        registry.get_machine(&id).await.unwrap()
+    })
+    .await;
+
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    registry.assign("web", &id, None).await.unwrap();
+    let pid = wait_running(&init, "web").await;
+    let reported = wait_for("web's state in the registry", || async {
+        state(&registry, "web", &id)
+            .await
+            .filter(|s| s.active == "active" && s.pid == Some(pid))
+    })
+    .await;
+    assert_eq!(reported.sub, "running");
+    assert_eq!(reported.hash, Some(flotilla_fleetd::body_hash(SLEEP)));
+    agent.stop().await;
+    // Shutting the agent down leaves the unit running.
+    assert_eq!(init.active_pid("web"), Some(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unassigned_unit_is_stopped_and_removed() {
+    let init = Init::start(&[]);
+    let (registry, _dir) = embedded().await;
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    let pid = wait_running(&init, "web").await;
+
+    registry.unassign("web", "m1").await.unwrap();
+    wait_for("web to be removed from init", || async {
+        init.unit("web").is_none().then_some(())
+    })
+    .await;
+    wait_for("web's process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await;
+    wait_for("web's state to be removed", || async {
+        state(&registry, "web", "m1").await.is_none().then_some(())
+    })
+    .await;
+
+    // Desired inactive also takes it away.
+    registry.assign("web", "m1", None).await.unwrap();
+    wait_running(&init, "web").await;
+    registry
+        .set_desired("web", DesiredState::Inactive)
+        .await
+        .unwrap();
+    wait_for("web to be removed from init", || async {
+        init.unit("web").is_none().then_some(())
+    })
+    .await;
+    agent.stop().await;
+}
+
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_loaded_is_loaded_not_started() {
+    let init = Init::start(&[]);
+    let (registry, _dir) = embedded().await;
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    submit(&registry, "web", SLEEP, DesiredState::Loaded).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    let reported = wait_for("web's loaded state", || async {
+        state(&registry, "web", "m1").await
+    })
+    .await;
+    assert_eq!((reported.active.as_str(), reported.pid), ("inactive", None));
+    let info = init.unit("web").unwrap();
+    assert_eq!(
+        (info.load_state.as_str(), info.active_state.as_str()),
+        ("loaded", "inactive")
+    );
+
+    // loaded → launched starts it; launched → loaded stops it and keeps it loaded.
+    registry
+        .set_desired("web", DesiredState::Launched)
+        .await
+        .unwrap();
+    wait_running(&init, "web").await;
+    registry
+        .set_desired("web", DesiredState::Loaded)
+        .await
+        .unwrap();
+    wait_for("web to stop and stay loaded", || async {
+        init.unit("web")
+            .filter(|u| u.active_state == "inactive")
+            .map(|_| ())
+    })
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_units_run_where_their_metadata_fits() {
+    let init = Init::start(&[]);
+    let (registry, _dir) = embedded().await;
+    let agent = spawn(&registry, &init, machine("m1", &[("role", "web")]));
+    let fits = format!("{SLEEP}[fleet]\nglobal = true\nmachine_metadata = [\"role=web\"]\n");
+    let other = format!("{SLEEP}[fleet]\nglobal = true\nmachine_metadata = [\"role=db\"]\n");
+    submit(&registry, "other", &other, DesiredState::Launched).await;
+    submit(&registry, "fits", &fits, DesiredState::Launched).await;
+    wait_running(&init, "fits").await;
+    wait_for("fits's state", || async {
+        state(&registry, "fits", "m1")
+            .await
+            .filter(|s| s.active == "active")
+    })
+    .await;
+    // Both were submitted before `fits` ran, and the agent handles changes in order.
+    assert!(init.unit("other").is_none());
+    assert!(state(&registry, "other", "m1").await.is_none());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_own_units_are_never_touched() {
+    let init = Init::start(&[("host", SLEEP)]);
+    let host_pid = wait_running(&init, "host").await;
+    let (registry, _dir) = embedded().await;
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    // A cluster unit of the same name, assigned here, then taken away; and another unit.
+    submit(
+        &registry,
+        "host",
+        "[container]\ncommand = [\"/bin/sleep\", \"2000\"]\n",
+        DesiredState::Launched,
+    )
+    .await;
+    registry.assign("host", "m1", None).await.unwrap();
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    wait_running(&init, "web").await;
+    registry.unassign("host", "m1").await.unwrap();
+    registry.unassign("web", "m1").await.unwrap();
+    wait_for("web to be removed", || async {
+        init.unit("web").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(init.active_pid("host"), Some(host_pid));
+    let text = Client::connect(&init.socket)
+        .unwrap()
+        .cat_unit("host")
+        .unwrap();
+    assert_eq!(text, SLEEP);
+    assert!(state(&registry, "host", "m1").await.is_none());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_neither_duplicates_nor_stops_units() {
+    let init = Init::start(&[]);
+    let (registry, _dir) = embedded().await;
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    submit(&registry, "idle", SLEEP, DesiredState::Loaded).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    registry.assign("idle", "m1", None).await.unwrap();
+    let pid = wait_running(&init, "web").await;
+    wait_for("idle's state", || async {
+        state(&registry, "idle", "m1").await
+    })
+    .await;
+    agent.stop().await;
+
+    // The old lease is still live: the new agent waits for it (MachineIdTaken), then takes
+    // over what init runs.
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    let reported = wait_for("the new agent to report web", || async {
+        registry.get_machine("m1").await.unwrap()?;
+        state(&registry, "web", "m1").await
+    })
+    .await;
+    assert_eq!(reported.pid, Some(pid));
+    assert_eq!(init.active_pid("web"), Some(pid));
+    assert_eq!(init.unit("web").unwrap().restarts, 0);
+    let idle = init.unit("idle").unwrap();
+    assert_eq!(idle.active_state, "inactive");
+    agent.stop().await;
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// The pid of the etcd listening on `endpoint` (found by its command line).
+fn etcd_pid(endpoint: &str) -> i32 {
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--listen-client-urls" && w[1] == endpoint.as_bytes())
+        {
+            return pid;
+        }
+    }
+    panic!("no etcd process listens on {endpoint}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_keep_running_while_etcd_is_unreachable() {
+    let etcd = EtcdServer::start().await;
+    let mut config = EtcdConfig::new(vec![etcd.endpoint.clone()]).with_prefix("/agent/");
+    config.connect_timeout = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(1);
+    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(config).await.unwrap());
+    let init = Init::start(&[]);
+    let agent = spawn(&registry, &init, machine("m1", &[]));
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    let pid = wait_running(&init, "web").await;
+    wait_for("web's state", || async {
+        state(&registry, "web", "m1").await
+    })
+    .await;
+
+    // Freeze etcd for a few TTLs: every request times out, the lease runs out.
+    let etcd_pid = rustix::process::Pid::from_raw(etcd_pid(&etcd.endpoint)).unwrap();
+    rustix::process::kill_process(etcd_pid, rustix::process::Signal::STOP).unwrap();
+    tokio::time::sleep(TTL * 4).await;
+    assert_eq!(init.active_pid("web"), Some(pid), "{}", init.log());
+    let resumed = now_ms();
+    rustix::process::kill_process(etcd_pid, rustix::process::Signal::CONT).unwrap();
+
+    // Back: the machine is registered again and web reported anew, same process.
+    let reported = wait_for("the agent to register and report again", || async {
+        registry.get_machine("m1").await.ok()??;
+        state(&registry, "web", "m1")
+            .await
+            .filter(|s| s.updated_at >= resumed)
+    })
+    .await;
+    assert_eq!(reported.pid, Some(pid));
+    assert_eq!(init.active_pid("web"), Some(pid));
+    agent.stop().await;
+}
