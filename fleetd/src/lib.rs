@@ -1,11 +1,11 @@
 //! fleetd: the cluster half of Flotilla. Every machine runs one; together they spread units
 //! across machines with fleet's placement rules, over a shared registry.
 //!
-//! This crate holds, so far, the **registry**: the [`Registry`] trait and its two backends,
+//! This crate holds the **registry**: the [`Registry`] trait and its two backends,
 //! [`EmbeddedRegistry`] (one machine, persisted in a directory, the default) and
-//! [`EtcdRegistry`] (etcd v3, for a cluster); and the engine's pure placement logic,
-//! [`scheduler`] (fleet's rules). The engine loop, the agent and the API come next and build
-//! on the trait only.
+//! [`EtcdRegistry`] (etcd v3, for a cluster); the engine's pure placement logic,
+//! [`scheduler`] (fleet's rules); the [`Engine`], the [`Agent`], and the HTTP/JSON [`api`]
+//! with its client. The binaries `fleetd` and `fleetctl` put them together.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), flotilla_fleetd::RegistryError> {
@@ -26,6 +26,7 @@
 //! ```
 
 pub mod agent;
+pub mod api;
 pub mod embedded;
 pub mod engine;
 pub mod error;

@@ -214,6 +214,21 @@ impl InitApi {
             .await
     }
 
+    /// The last `lines` captured output lines of a unit with a sequence number above
+    /// `after_seq` (`0`: the last `lines`).
+    pub async fn logs(
+        &self,
+        name: &str,
+        after_seq: u64,
+        lines: u32,
+    ) -> Result<Vec<flotilla_init::api::LogEntry>, InitError> {
+        let n = name.to_string();
+        self.call(format!("LogsAfter {name}"), move |c| {
+            c.logs_after(&n, after_seq, lines)
+        })
+        .await
+    }
+
     /// Stops and forgets a unit (its API-loaded file is deleted).
     pub async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
         let n = name.to_string();

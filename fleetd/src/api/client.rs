@@ -1,0 +1,268 @@
+//! A client of the fleetd API (what `fleetctl` uses): HTTP/1.1 over the Unix socket or TCP.
+
+use std::path::PathBuf;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{header, Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Changed, ErrorBody, PutUnit, UnitDetail, UnitView, PREFIX};
+use crate::model::{Machine, UnitState};
+
+/// Where the API is: a Unix socket path or a TCP `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix socket (`/run/flotilla/fleetd.sock`, or `unix:///path`).
+    Unix(PathBuf),
+    /// A TCP address (`http://host:port`).
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// Parses `PATH`, `unix://PATH` or `http://HOST:PORT[/]`.
+    pub fn parse(text: &str) -> Result<Endpoint, ClientError> {
+        if let Some(rest) = text.strip_prefix("http://") {
+            let host = rest.split('/').next().unwrap_or_default();
+            if host.is_empty() {
+                return Err(ClientError::BadEndpoint(text.to_string()));
+            }
+            return Ok(Endpoint::Tcp(host.to_string()));
+        }
+        if text.contains("://") && !text.starts_with("unix://") {
+            return Err(ClientError::BadEndpoint(text.to_string()));
+        }
+        let path = text.strip_prefix("unix://").unwrap_or(text);
+        if path.is_empty() {
+            return Err(ClientError::BadEndpoint(text.to_string()));
+        }
+        Ok(Endpoint::Unix(PathBuf::from(path)))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "http://{a}"),
+        }
+    }
+}
+
+/// What a call to the API can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint is neither a path nor `http://host:port`.
+    #[error("invalid endpoint {0:?}: give a socket path (/run/flotilla/fleetd.sock) or http://HOST:PORT")]
+    BadEndpoint(String),
+    /// Nothing answers at the endpoint.
+    #[error("cluster unreachable: cannot connect to {endpoint}: {source}")]
+    Unreachable {
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("cluster unreachable: the request to {endpoint} failed: {source}")]
+    Http {
+        /// The endpoint.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The API answered with an error.
+    #[error("{message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The API's `error` text.
+        message: String,
+    },
+    /// An answer that is not the expected JSON.
+    #[error("unexpected answer from {endpoint}: {reason}")]
+    Decode {
+        /// The endpoint.
+        endpoint: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// True for an API answer 404 (unknown unit).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Api { status: 404, .. })
+    }
+}
+
+/// A client of one fleetd API. Each call opens its own connection.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    endpoint: Endpoint,
+    token: Option<String>,
+}
+
+impl ApiClient {
+    /// A client of `endpoint` (see [`Endpoint::parse`]).
+    pub fn new(endpoint: &str) -> Result<ApiClient, ClientError> {
+        Ok(ApiClient {
+            endpoint: Endpoint::parse(endpoint)?,
+            token: None,
+        })
+    }
+
+    /// Sends `Authorization: Bearer <token>` (for a TCP endpoint).
+    pub fn with_token(mut self, token: impl Into<String>) -> ApiClient {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// `GET /fleet/v1/units`.
+    pub async fn list_units(&self) -> Result<Vec<UnitView>, ClientError> {
+        self.call(Method::GET, "/units", None::<&()>).await
+    }
+
+    /// `GET /fleet/v1/units/{name}`.
+    pub async fn get_unit(&self, name: &str) -> Result<UnitDetail, ClientError> {
+        self.call(Method::GET, &format!("/units/{name}"), None::<&()>)
+            .await
+    }
+
+    /// `PUT /fleet/v1/units/{name}`.
+    pub async fn put_unit(&self, name: &str, req: &PutUnit) -> Result<Changed, ClientError> {
+        self.call(Method::PUT, &format!("/units/{name}"), Some(req))
+            .await
+    }
+
+    /// `DELETE /fleet/v1/units/{name}`.
+    pub async fn delete_unit(&self, name: &str) -> Result<Changed, ClientError> {
+        self.call(Method::DELETE, &format!("/units/{name}"), None::<&()>)
+            .await
+    }
+
+    /// `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ`: the unit's output lines from
+    /// the init of the machine the endpoint runs on.
+    pub async fn journal(
+        &self,
+        name: &str,
+        lines: u32,
+        after: u64,
+    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/units/{name}/journal?lines={lines}&after={after}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `GET /fleet/v1/machines`.
+    pub async fn list_machines(&self) -> Result<Vec<Machine>, ClientError> {
+        self.call(Method::GET, "/machines", None::<&()>).await
+    }
+
+    /// `GET /fleet/v1/state`.
+    pub async fn list_state(&self) -> Result<Vec<UnitState>, ClientError> {
+        self.call(Method::GET, "/state", None::<&()>).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let endpoint = self.endpoint.to_string();
+        let decode = |reason: String| ClientError::Decode {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        let payload = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| decode(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let host = match &self.endpoint {
+            Endpoint::Unix(_) => "localhost".to_string(),
+            Endpoint::Tcp(a) => a.clone(),
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{PREFIX}{route}"))
+            .header(header::HOST, host)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(payload)))
+            .map_err(|e| decode(format!("cannot build the request: {e}")))?;
+        let unreachable = |source| ClientError::Unreachable {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let http = |source| ClientError::Http {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let response = match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(unreachable)?;
+                send(TokioIo::new(stream), request).await.map_err(http)?
+            }
+            Endpoint::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(unreachable)?;
+                send(TokioIo::new(stream), request).await.map_err(http)?
+            }
+        };
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http)?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| {
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim())
+                });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| decode(format!("{e}")))
+    }
+}
+
+async fn send<S>(
+    io: TokioIo<S>,
+    request: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    // The connection task drives the exchange, also while the caller reads the body.
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            log::debug!("api client connection: {e}");
+        }
+    });
+    sender.send_request(request).await
+}

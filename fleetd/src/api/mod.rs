@@ -1,0 +1,628 @@
+//! fleetd's HTTP/JSON API, modelled on fleet's v1 API, for `fleetctl` and scripts.
+//!
+//! Served with [axum] on a Unix socket (mode 0600: only root talks to it) and, optionally,
+//! on a TCP address that requires a bearer token. Routes:
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /fleet/v1/units` | every unit: [`UnitView`] |
+//! | `GET /fleet/v1/units/{name}` | one unit with its body: [`UnitDetail`] |
+//! | `PUT /fleet/v1/units/{name}` | [`PutUnit`]: create a unit or change its desired state |
+//! | `DELETE /fleet/v1/units/{name}` | remove a unit |
+//! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ` | the unit's output from this machine's init: [`flotilla_init::api::LogEntry`] |
+//! | `GET /fleet/v1/machines` | the live machines: [`crate::Machine`] |
+//! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
+//!
+//! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
+//! request (an invalid unit file, with its `file:line:col`), 401 without the token on TCP,
+//! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
+//! of a unit that runs on another machine), 503 when the registry or the local init fails. Every request that changes state is logged.
+
+pub mod client;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, RawQuery, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::InitApi;
+use crate::engine::EngineStatus;
+use crate::error::RegistryError;
+use crate::model::{body_hash, DesiredState, Machine, UnitRecord, UnitState};
+use crate::registry::Registry;
+
+pub use self::client::{ApiClient, ClientError};
+
+/// The default Unix socket of the API.
+pub const DEFAULT_SOCKET: &str = "/run/flotilla/fleetd.sock";
+
+/// The route prefix, as fleet has it.
+pub const PREFIX: &str = "/fleet/v1";
+
+/// The state of one unit on one machine, as its agent reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateView {
+    /// The machine that reports it.
+    pub machine: String,
+    /// Active state (`active`, `inactive`, `failed`, ...).
+    pub state: String,
+    /// Sub state (`running`, `dead`, ...).
+    pub sub: String,
+    /// The main pid, while there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The body hash the machine runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// A unit as `GET /fleet/v1/units` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitView {
+    /// The unit name.
+    pub name: String,
+    /// The desired state: `inactive`, `loaded` or `launched`.
+    pub desired: DesiredState,
+    /// The sha256 of its body.
+    pub hash: String,
+    /// The machine it is assigned to (none for global and unscheduled units).
+    pub machine: Option<String>,
+    /// The active state reported by that machine (`active`, `inactive`, `failed`, ...).
+    pub state: Option<String>,
+    /// The sub state reported by that machine (`running`, `dead`, ...).
+    pub sub: Option<String>,
+    /// The main pid reported by that machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Why the engine cannot place it, when this fleetd's engine leads and knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Every machine's reported state (several for global units).
+    #[serde(default)]
+    pub states: Vec<StateView>,
+}
+
+/// One unit with its body: `GET /fleet/v1/units/{name}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitDetail {
+    /// The unit as listed.
+    #[serde(flatten)]
+    pub unit: UnitView,
+    /// The unit file's text.
+    pub body: String,
+}
+
+/// The body of `PUT /fleet/v1/units/{name}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutUnit {
+    /// The desired state. Absent: `inactive` for a new unit, unchanged for an existing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<DesiredState>,
+    /// The unit file's text: required to create a unit; for an existing unit a different
+    /// body is refused (409) unless `replace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Replace the body of an existing unit.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The answer to `PUT` and `DELETE`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changed {
+    /// The unit record after the change (`None` after a delete).
+    pub unit: Option<UnitRecord>,
+    /// `created`, `replaced`, `updated`, `unchanged` or `deleted`.
+    pub result: String,
+}
+
+/// Every error answer: `{ "error": "..." }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong and what to do.
+    pub error: String,
+}
+
+/// Why a request failed; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A malformed request or an invalid unit file (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A TCP request without the right bearer token (401).
+    #[error("missing or wrong bearer token: send `Authorization: Bearer <token>` (the token fleetd reads from --token-file)")]
+    Unauthorized,
+    /// No such unit (404).
+    #[error("unit {0:?} is not in the cluster: submit it first (fleetctl submit {0}.toml)")]
+    UnknownUnit(String),
+    /// A different body for an existing unit without `replace` (409).
+    #[error("unit {name:?} already exists with a different body ({old}): pass replace (fleetctl --replace) to replace it")]
+    Conflict {
+        /// The unit.
+        name: String,
+        /// Its current body hash, shortened.
+        old: String,
+    },
+    /// The journal of a unit that does not run on this machine (409).
+    #[error("{0}")]
+    Elsewhere(String),
+    /// The local init failed (503).
+    #[error("the local init failed: {0}")]
+    Init(#[from] crate::agent::InitError),
+    /// The registry failed (503).
+    #[error("registry error: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::UnknownUnit(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } | ApiError::Elsewhere(_) => StatusCode::CONFLICT,
+            ApiError::Init(e) if e.is_no_such_unit() => StatusCode::NOT_FOUND,
+            ApiError::Init(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Registry(RegistryError::UnknownUnit { .. }) => StatusCode::NOT_FOUND,
+            ApiError::Registry(RegistryError::InvalidName { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            log::warn!("api: {self}");
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Errors of serving the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket or address could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// The socket path or TCP address.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving the API on {what} failed: {source}")]
+    Serve {
+        /// The socket path or TCP address.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    registry: Arc<dyn Registry>,
+    engine: Option<EngineStatus>,
+    token: Option<Arc<str>>,
+    local: Option<(String, InitApi)>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("registry", &self.registry.describe())
+            .field("engine", &self.engine.is_some())
+            .field("token", &self.token.is_some())
+            .field("local", &self.local.as_ref().map(|(id, _)| id))
+            .finish()
+    }
+}
+
+impl ApiState {
+    /// The API over `registry`; `engine` (the local engine's status) adds the reasons why
+    /// units cannot be placed while that engine leads.
+    pub fn new(registry: Arc<dyn Registry>, engine: Option<EngineStatus>) -> ApiState {
+        ApiState {
+            registry,
+            engine,
+            token: None,
+            local: None,
+        }
+    }
+
+    /// This machine's id and its init, for the journal of the units that run here.
+    pub fn with_local_init(mut self, machine_id: impl Into<String>, init: InitApi) -> ApiState {
+        self.local = Some((machine_id.into(), init));
+        self
+    }
+
+    /// Requires `Authorization: Bearer <token>` on every request (for TCP listeners).
+    pub fn with_token(mut self, token: impl Into<String>) -> ApiState {
+        self.token = Some(Arc::from(token.into()));
+        self
+    }
+}
+
+/// The API's routes over `state` (with the token check when `state` has a token).
+pub fn router(state: ApiState) -> Router {
+    let units = format!("{PREFIX}/units");
+    let unit = format!("{PREFIX}/units/{{name}}");
+    let mut router = Router::new()
+        .route(&units, get(list_units))
+        .route(&unit, get(get_unit).put(put_unit).delete(delete_unit))
+        .route(&format!("{PREFIX}/units/{{name}}/journal"), get(journal))
+        .route(&format!("{PREFIX}/machines"), get(list_machines))
+        .route(&format!("{PREFIX}/state"), get(list_state))
+        .fallback(not_found);
+    if state.token.is_some() {
+        router = router.layer(middleware::from_fn_with_state(state.clone(), require_token));
+    }
+    router.with_state(state)
+}
+
+/// Serves `router` on the Unix socket `path` (a stale socket file is replaced; the socket
+/// is mode 0600) until `shutdown` completes.
+pub async fn serve_unix(
+    path: &Path,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let what = path.display().to_string();
+    let bind_err = |source| ServeError::Bind {
+        what: what.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    log::info!("api: listening on {what}");
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| ServeError::Serve {
+            what: what.clone(),
+            source,
+        });
+    let _ = std::fs::remove_file(PathBuf::from(path));
+    result
+}
+
+/// Serves `router` on the TCP address `addr` until `shutdown` completes. Give it a router
+/// whose state has a token.
+pub async fn serve_tcp(
+    addr: &str,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: addr.to_string(),
+            source,
+        })?;
+    log::info!("api: listening on tcp {addr} (bearer token required)");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| ServeError::Serve {
+            what: addr.to_string(),
+            source,
+        })
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let Some(token) = state.token.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        next.run(request).await
+    } else {
+        log::warn!(
+            "api: refused {} {} without a valid token",
+            request.method(),
+            request.uri().path()
+        );
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Compares without an early exit, so the time does not tell how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: format!(
+                "no route {method} {}: see {PREFIX}/units, {PREFIX}/machines, {PREFIX}/state",
+                uri.path()
+            ),
+        }),
+    )
+        .into_response()
+}
+
+/// Builds the views of `units` from one snapshot.
+fn views(state: &ApiState, snapshot: &crate::registry::Snapshot) -> Vec<UnitView> {
+    let assigned: BTreeMap<&str, &str> = snapshot
+        .assignments
+        .iter()
+        .map(|a| (a.unit.as_str(), a.machine.as_str()))
+        .collect();
+    let mut states: BTreeMap<&str, Vec<&UnitState>> = BTreeMap::new();
+    for s in &snapshot.states {
+        states.entry(s.unit.as_str()).or_default().push(s);
+    }
+    let reasons = state
+        .engine
+        .as_ref()
+        .filter(|e| e.is_leader())
+        .map(EngineStatus::unschedulable)
+        .unwrap_or_default();
+    snapshot
+        .units
+        .iter()
+        .map(|u| {
+            let machine = assigned.get(u.name.as_str()).map(|m| m.to_string());
+            let all: Vec<StateView> = states
+                .get(u.name.as_str())
+                .map(|v| {
+                    v.iter()
+                        .map(|s| StateView {
+                            machine: s.machine.clone(),
+                            state: s.active.clone(),
+                            sub: s.sub.clone(),
+                            pid: s.pid,
+                            hash: s.hash.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let here = machine
+                .as_deref()
+                .and_then(|m| all.iter().find(|s| s.machine == m));
+            UnitView {
+                name: u.name.clone(),
+                desired: u.desired,
+                hash: u.hash.clone(),
+                state: here.map(|s| s.state.clone()),
+                sub: here.map(|s| s.sub.clone()),
+                pid: here.and_then(|s| s.pid),
+                machine,
+                reason: reasons.get(&u.name).cloned(),
+                states: all,
+            }
+        })
+        .collect()
+}
+
+async fn list_units(State(state): State<ApiState>) -> Result<Json<Vec<UnitView>>, ApiError> {
+    let snapshot = state.registry.snapshot().await?;
+    Ok(Json(views(&state, &snapshot)))
+}
+
+async fn get_unit(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<UnitDetail>, ApiError> {
+    let snapshot = state.registry.snapshot().await?;
+    let unit = views(&state, &snapshot)
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| ApiError::UnknownUnit(name.clone()))?;
+    let body = state.registry.get_body(&unit.hash).await?.ok_or_else(|| {
+        ApiError::Registry(RegistryError::MissingBody {
+            name: name.clone(),
+            hash: unit.hash.clone(),
+        })
+    })?;
+    Ok(Json(UnitDetail { unit, body }))
+}
+
+/// Checks a unit file the way init will: a bad file is a 400 with its `file:line:col`.
+fn validate(name: &str, body: &str) -> Result<(), ApiError> {
+    flotilla_units::check_name(name)
+        .map_err(|reason| ApiError::BadRequest(format!("invalid unit name {name:?}: {reason}")))?;
+    let label = format!("{name}.toml");
+    flotilla_units::parse_unit(name, Some(Path::new(&label)), body)
+        .map(|_| ())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+async fn put_unit(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<PutUnit>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "bad request body ({e}): send {{\"desired\": \"inactive|loaded|launched\", \"body\": \"<unit text>\"}}"
+        ))
+    })?;
+    let registry = &state.registry;
+    let existing = registry.get_unit(&name).await?;
+    let (record, result, status) = match (existing, req.body) {
+        (None, None) => return Err(ApiError::UnknownUnit(name)),
+        (None, Some(text)) => {
+            validate(&name, &text)?;
+            let hash = registry.put_body(&text).await?;
+            let record = UnitRecord {
+                name: name.clone(),
+                hash,
+                desired: req.desired.unwrap_or(DesiredState::Inactive),
+            };
+            registry.put_unit(&record).await?;
+            (record, "created", StatusCode::CREATED)
+        }
+        (Some(old), Some(text)) if body_hash(&text) != old.hash => {
+            if !req.replace {
+                return Err(ApiError::Conflict {
+                    name,
+                    old: old.hash.chars().take(12).collect(),
+                });
+            }
+            validate(&name, &text)?;
+            let hash = registry.put_body(&text).await?;
+            let record = UnitRecord {
+                name: name.clone(),
+                hash,
+                desired: req.desired.unwrap_or(old.desired),
+            };
+            registry.put_unit(&record).await?;
+            remove_unused_body(registry.as_ref(), &old.hash).await;
+            (record, "replaced", StatusCode::OK)
+        }
+        (Some(old), _) => match req.desired {
+            Some(desired) if desired != old.desired => {
+                let record = registry.set_desired(&name, desired).await?;
+                (record, "updated", StatusCode::OK)
+            }
+            _ => (old, "unchanged", StatusCode::OK),
+        },
+    };
+    log::info!(
+        "api: PUT {PREFIX}/units/{name}: {result}, desired {}, body {}",
+        record.desired,
+        record.hash.get(..12).unwrap_or(&record.hash)
+    );
+    Ok((
+        status,
+        Json(Changed {
+            unit: Some(record),
+            result: result.into(),
+        }),
+    )
+        .into_response())
+}
+
+/// Removes a body no unit refers to any more (best effort: a failure only leaves it behind).
+async fn remove_unused_body(registry: &dyn Registry, hash: &str) {
+    match registry.list_units().await {
+        Ok(units) if units.items.iter().all(|u| u.hash != hash) => {
+            if let Err(e) = registry.remove_body(hash).await {
+                log::warn!("api: could not remove the unused body {hash}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("api: could not check whether body {hash} is still used: {e}"),
+    }
+}
+
+async fn delete_unit(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Changed>, ApiError> {
+    let registry = &state.registry;
+    let Some(old) = registry.get_unit(&name).await? else {
+        return Err(ApiError::UnknownUnit(name));
+    };
+    if !registry.remove_unit(&name).await? {
+        return Err(ApiError::UnknownUnit(name));
+    }
+    remove_unused_body(registry.as_ref(), &old.hash).await;
+    log::info!("api: DELETE {PREFIX}/units/{name}: deleted");
+    Ok(Json(Changed {
+        unit: None,
+        result: "deleted".into(),
+    }))
+}
+
+async fn list_machines(State(state): State<ApiState>) -> Result<Json<Vec<Machine>>, ApiError> {
+    Ok(Json(state.registry.list_machines().await?.items))
+}
+
+async fn list_state(State(state): State<ApiState>) -> Result<Json<Vec<UnitState>>, ApiError> {
+    let snapshot = state.registry.snapshot().await?;
+    Ok(Json(snapshot.states))
+}
+
+/// The default number of journal lines, as fleet's `journal --lines`.
+pub const DEFAULT_JOURNAL_LINES: u32 = 10;
+
+async fn journal(
+    State(state): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<flotilla_init::api::LogEntry>>, ApiError> {
+    let (mut lines, mut after) = (DEFAULT_JOURNAL_LINES, 0u64);
+    for pair in query.as_deref().unwrap_or_default().split('&') {
+        let bad = || ApiError::BadRequest(format!("bad query {pair:?}: use lines=N&after=SEQ"));
+        match pair.split_once('=') {
+            Some(("lines", v)) => lines = v.parse().map_err(|_| bad())?,
+            Some(("after", v)) => after = v.parse().map_err(|_| bad())?,
+            _ if pair.is_empty() => {}
+            _ => return Err(bad()),
+        }
+    }
+    let snapshot = state.registry.snapshot().await?;
+    let unit = views(&state, &snapshot)
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or_else(|| ApiError::UnknownUnit(name.clone()))?;
+    let Some((here, init)) = &state.local else {
+        return Err(ApiError::Elsewhere(
+            "this fleetd serves no journal (it has no local init)".into(),
+        ));
+    };
+    let runs_here = match &unit.machine {
+        Some(m) => m == here,
+        None => unit.states.iter().any(|s| &s.machine == here),
+    };
+    if !runs_here {
+        let elsewhere: Vec<String> = match &unit.machine {
+            Some(m) => vec![m.clone()],
+            None => unit.states.iter().map(|s| s.machine.clone()).collect(),
+        };
+        let addresses: Vec<String> = elsewhere
+            .iter()
+            .map(|id| match snapshot.machines.iter().find(|m| &m.id == id) {
+                Some(m) if !m.address.is_empty() => format!("{id} ({})", m.address),
+                _ => id.clone(),
+            })
+            .collect();
+        return Err(ApiError::Elsewhere(if addresses.is_empty() {
+            format!("unit {name:?} runs on no machine: start it first (fleetctl start {name})")
+        } else {
+            format!(
+                "unit {name:?} runs on {}, not on this machine ({here}): its journal is there; ask that machine's fleetd (fleetctl --endpoint ...)",
+                addresses.join(", ")
+            )
+        }));
+    }
+    Ok(Json(init.logs(&name, after, lines).await?))
+}

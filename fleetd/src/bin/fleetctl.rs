@@ -1,0 +1,776 @@
+//! `fleetctl`: fleet's command line over fleetd's HTTP/JSON API.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use flotilla_fleetd::api::{self, ApiClient, ClientError, PutUnit, UnitView};
+use flotilla_fleetd::{DesiredState, Machine};
+
+/// fleetctl: submit units to the cluster and see where and how they run.
+#[derive(Debug, Parser)]
+#[command(name = "fleetctl", version)]
+struct Cli {
+    /// The fleetd API: a Unix socket path or http://HOST:PORT [default: $FLEETCTL_ENDPOINT,
+    /// else /run/flotilla/fleetd.sock].
+    #[arg(long, value_name = "PATH|URL", global = true)]
+    endpoint: Option<String>,
+    /// A file whose first line is the bearer token (for an http:// endpoint).
+    #[arg(long, value_name = "PATH", global = true)]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Clone, ClapArgs)]
+struct Block {
+    /// Return at once instead of waiting for the state to be reached.
+    #[arg(long)]
+    no_block: bool,
+    /// Give up waiting after this long (e.g. 30s, 2m); 0 waits forever, as fleet does.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = humantime::parse_duration)]
+    block_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// Submit unit files to the cluster (desired state `inactive`).
+    Submit {
+        /// Replace the body of units that exist with a different one.
+        #[arg(long)]
+        replace: bool,
+        /// Unit files (the unit is named after the file stem) or submitted unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Schedule units to machines and load them there, not started.
+    Load {
+        /// Replace the body of units that exist with a different one.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        block: Block,
+        /// Unit files or submitted unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Schedule units and start them (blocks until active).
+    Start {
+        /// Replace the body of units that exist with a different one.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        block: Block,
+        /// Unit files or submitted unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Stop units (they stay loaded on their machines).
+    Stop {
+        #[command(flatten)]
+        block: Block,
+        /// Unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Unload units from their machines (they stay submitted).
+    Unload {
+        #[command(flatten)]
+        block: Block,
+        /// Unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Remove units from the cluster (stopped and unloaded everywhere).
+    Destroy {
+        /// Unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// Stop units, then start them again.
+    Restart {
+        #[command(flatten)]
+        block: Block,
+        /// Unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// The units and their state on their machines (UNIT MACHINE ACTIVE SUB).
+    ListUnits {
+        /// JSON: name, machine, desired, state, sub, hash, reason, states.
+        #[arg(long)]
+        json: bool,
+        /// Do not shorten machine ids.
+        #[arg(long)]
+        full: bool,
+    },
+    /// The submitted units (UNIT HASH DSTATE STATE TARGET).
+    ListUnitFiles {
+        /// JSON: name, hash, desired, state, machine.
+        #[arg(long)]
+        json: bool,
+        /// Do not shorten hashes and machine ids.
+        #[arg(long)]
+        full: bool,
+    },
+    /// The machines of the cluster (MACHINE IP METADATA).
+    ListMachines {
+        /// JSON: id, address, metadata.
+        #[arg(long)]
+        json: bool,
+        /// Do not shorten machine ids.
+        #[arg(long)]
+        full: bool,
+    },
+    /// A unit's desired state, machine, state, and why it cannot be placed.
+    Status {
+        /// Unit names.
+        #[arg(required = true)]
+        units: Vec<String>,
+    },
+    /// A unit's output, from the init of the machine it runs on (ask that machine's fleetd).
+    Journal {
+        /// Keep printing new lines as they come.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many of the last lines to print.
+        #[arg(short = 'n', long, default_value_t = api::DEFAULT_JOURNAL_LINES)]
+        lines: u32,
+        /// The unit name.
+        unit: String,
+    },
+    /// Print a unit's file.
+    Cat {
+        /// The unit name.
+        unit: String,
+    },
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(1);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetctl: cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("fleetctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let endpoint = cli
+        .endpoint
+        .or_else(|| std::env::var("FLEETCTL_ENDPOINT").ok())
+        .unwrap_or_else(|| api::DEFAULT_SOCKET.to_string());
+    let mut client = ApiClient::new(&endpoint)?;
+    if let Some(path) = &cli.token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?;
+        client = client.with_token(text.lines().next().unwrap_or_default().trim());
+    }
+    let ctl = Ctl { client };
+    match cli.verb {
+        Verb::Submit { replace, units } => ctl.change(&units, replace, None, None).await,
+        Verb::Load {
+            replace,
+            block,
+            units,
+        } => {
+            ctl.change(&units, replace, Some(DesiredState::Loaded), Some(&block))
+                .await
+        }
+        Verb::Start {
+            replace,
+            block,
+            units,
+        } => {
+            ctl.change(&units, replace, Some(DesiredState::Launched), Some(&block))
+                .await
+        }
+        Verb::Stop { block, units } => {
+            ctl.change(
+                &names(&units)?,
+                false,
+                Some(DesiredState::Loaded),
+                Some(&block),
+            )
+            .await
+        }
+        Verb::Unload { block, units } => {
+            ctl.change(
+                &names(&units)?,
+                false,
+                Some(DesiredState::Inactive),
+                Some(&block),
+            )
+            .await
+        }
+        Verb::Destroy { units } => ctl.destroy(&names(&units)?).await,
+        Verb::Restart { block, units } => ctl.restart(&names(&units)?, &block).await,
+        Verb::ListUnits { json, full } => ctl.list_units(json, full).await,
+        Verb::ListUnitFiles { json, full } => ctl.list_unit_files(json, full).await,
+        Verb::ListMachines { json, full } => ctl.list_machines(json, full).await,
+        Verb::Status { units } => ctl.status(&names(&units)?).await,
+        Verb::Journal {
+            follow,
+            lines,
+            unit,
+        } => ctl.journal(&unit_name(&unit), lines, follow).await,
+        Verb::Cat { unit } => {
+            let detail = ctl.get(&unit_name(&unit)).await?;
+            print!("{}", detail.body);
+            if !detail.body.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `hello.toml` or `dir/hello.toml` → `hello`; names stay as they are.
+fn unit_name(arg: &str) -> String {
+    if arg.ends_with(".toml") || arg.contains('/') {
+        Path::new(arg)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| arg.to_string())
+    } else {
+        arg.to_string()
+    }
+}
+
+fn names(args: &[String]) -> Result<Vec<String>> {
+    Ok(args.iter().map(|a| unit_name(a)).collect())
+}
+
+/// A unit argument: a file to submit, or the name of a submitted unit.
+enum UnitArg {
+    File { name: String, body: String },
+    Name(String),
+}
+
+/// Reads and checks a unit argument; a file with an error fails with its `file:line:col`.
+fn unit_arg(arg: &str) -> Result<UnitArg> {
+    let path = Path::new(arg);
+    let is_file = path.is_file() || arg.ends_with(".toml") || arg.contains('/');
+    if !is_file {
+        return Ok(UnitArg::Name(arg.to_string()));
+    }
+    let body =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read unit file {arg}"))?;
+    let name = unit_name(arg);
+    flotilla_units::parse_unit(&name, Some(path), &body).map_err(|e| anyhow!("{e}"))?;
+    Ok(UnitArg::File { name, body })
+}
+
+/// The target a blocking verb waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Inactive,
+    Loaded,
+    Launched,
+}
+
+struct Ctl {
+    client: ApiClient,
+}
+
+fn unknown(e: ClientError, name: &str) -> anyhow::Error {
+    if e.is_not_found() {
+        anyhow!("unknown unit {name:?}: it is not in the cluster (fleetctl list-unit-files)")
+    } else {
+        anyhow::Error::from(e)
+    }
+}
+
+impl Ctl {
+    async fn get(&self, name: &str) -> Result<api::UnitDetail> {
+        self.client
+            .get_unit(name)
+            .await
+            .map_err(|e| unknown(e, name))
+    }
+
+    /// submit / load / start / stop / unload: puts each unit (with its body when given a
+    /// file), then waits for the target unless told not to.
+    async fn change(
+        &self,
+        args: &[String],
+        replace: bool,
+        desired: Option<DesiredState>,
+        block: Option<&Block>,
+    ) -> Result<()> {
+        // Check every file before changing anything.
+        let mut parsed = Vec::new();
+        for arg in args {
+            parsed.push(unit_arg(arg)?);
+        }
+        let mut names = Vec::new();
+        for unit in parsed {
+            let (name, body) = match unit {
+                UnitArg::File { name, body } => (name, Some(body)),
+                UnitArg::Name(name) => (name, None),
+            };
+            if desired.is_none() && body.is_none() {
+                // submit NAME: only check that it is there.
+                self.get(&name).await?;
+                continue;
+            }
+            let req = PutUnit {
+                desired,
+                body,
+                replace,
+            };
+            let changed = self
+                .client
+                .put_unit(&name, &req)
+                .await
+                .map_err(|e| unknown(e, &name))?;
+            if changed.result == "created" || changed.result == "replaced" {
+                println!("Unit {name} {}", changed.result);
+            }
+            names.push(name);
+        }
+        let (Some(desired), Some(block)) = (desired, block) else {
+            return Ok(());
+        };
+        let target = match desired {
+            DesiredState::Inactive => Target::Inactive,
+            DesiredState::Loaded => Target::Loaded,
+            DesiredState::Launched => Target::Launched,
+        };
+        if block.no_block {
+            for name in &names {
+                println!("Triggered unit {name} {desired}");
+            }
+            return Ok(());
+        }
+        self.wait(&names, target, block.block_timeout).await
+    }
+
+    /// Waits until every unit reaches `target`; fails on a timeout (with why) or a failed unit.
+    async fn wait(&self, names: &[String], target: Target, timeout: Duration) -> Result<()> {
+        let started = tokio::time::Instant::now();
+        let mut pending: Vec<String> = names.to_vec();
+        let mut said_why = BTreeMap::new();
+        loop {
+            let units = self.client.list_units().await?;
+            let machines = self.machines().await.unwrap_or_default();
+            let mut still = Vec::new();
+            for name in pending {
+                let Some(unit) = units.iter().find(|u| u.name == name) else {
+                    bail!("unit {name} disappeared from the cluster while waiting");
+                };
+                if reached(unit, target) {
+                    println!("{}", reached_message(unit, target, &machines));
+                    continue;
+                }
+                if target == Target::Launched {
+                    if let Some(s) = relevant(unit).into_iter().find(|s| s.state == "failed") {
+                        bail!(
+                            "unit {name} failed on machine {} ({}): see fleetctl status {name}",
+                            s.machine,
+                            s.sub
+                        );
+                    }
+                }
+                if let Some(reason) = &unit.reason {
+                    if said_why.get(&name) != Some(reason) {
+                        eprintln!("unit {name} cannot be placed yet: {reason}");
+                        said_why.insert(name.clone(), reason.clone());
+                    }
+                }
+                still.push(name);
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if !timeout.is_zero() && started.elapsed() >= timeout {
+                let mut why = Vec::new();
+                for name in &pending {
+                    let unit = units.iter().find(|u| &u.name == name);
+                    why.push(match unit {
+                        Some(u) => not_reached(u, target),
+                        None => format!("{name}: gone"),
+                    });
+                }
+                bail!(
+                    "gave up after {}: {}",
+                    humantime::format_duration(timeout),
+                    why.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn machines(&self) -> Result<BTreeMap<String, Machine>> {
+        Ok(self
+            .client
+            .list_machines()
+            .await?
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect())
+    }
+
+    async fn destroy(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            self.client
+                .delete_unit(name)
+                .await
+                .map_err(|e| unknown(e, name))?;
+            println!("Destroyed {name}");
+        }
+        Ok(())
+    }
+
+    async fn restart(&self, names: &[String], block: &Block) -> Result<()> {
+        for name in names {
+            self.get(name).await?;
+        }
+        let stop = Block {
+            no_block: false,
+            block_timeout: block.block_timeout,
+        };
+        self.change(names, false, Some(DesiredState::Loaded), Some(&stop))
+            .await?;
+        self.change(names, false, Some(DesiredState::Launched), Some(block))
+            .await
+    }
+
+    async fn journal(&self, name: &str, lines: u32, follow: bool) -> Result<()> {
+        use std::io::Write;
+        let mut after = 0;
+        let mut first = true;
+        loop {
+            let n = if first { lines } else { u32::MAX };
+            let entries = self
+                .client
+                .journal(name, n, after)
+                .await
+                .map_err(|e| unknown(e, name))?;
+            let mut out = std::io::stdout().lock();
+            for e in &entries {
+                let time = std::time::UNIX_EPOCH + Duration::from_micros(e.time_us);
+                writeln!(
+                    out,
+                    "{} {} {}",
+                    humantime::format_rfc3339_micros(time),
+                    e.stream,
+                    e.line
+                )?;
+                after = after.max(e.seq);
+            }
+            out.flush()?;
+            if !follow {
+                return Ok(());
+            }
+            first = false;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn list_units(&self, json: bool, full: bool) -> Result<()> {
+        let units = self.client.list_units().await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&units)?);
+            return Ok(());
+        }
+        let machines = self.machines().await?;
+        let mut rows = vec![row(["UNIT", "MACHINE", "ACTIVE", "SUB"])];
+        for u in &units {
+            if u.machine.is_none() && !u.states.is_empty() {
+                for s in &u.states {
+                    rows.push(row([
+                        &u.name,
+                        &machine_label(&s.machine, &machines, full),
+                        &s.state,
+                        &s.sub,
+                    ]));
+                }
+                continue;
+            }
+            let machine = u
+                .machine
+                .as_deref()
+                .map(|m| machine_label(m, &machines, full))
+                .unwrap_or_else(|| "-".into());
+            rows.push(row([
+                &u.name,
+                &machine,
+                u.state.as_deref().unwrap_or("-"),
+                u.sub.as_deref().unwrap_or("-"),
+            ]));
+        }
+        print_table(&rows);
+        Ok(())
+    }
+
+    async fn list_unit_files(&self, json: bool, full: bool) -> Result<()> {
+        let units = self.client.list_units().await?;
+        let files: Vec<serde_json::Value> = units
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "name": u.name,
+                    "hash": u.hash,
+                    "desired": u.desired,
+                    "state": current(u),
+                    "machine": u.machine,
+                })
+            })
+            .collect();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&files)?);
+            return Ok(());
+        }
+        let machines = self.machines().await?;
+        let mut rows = vec![row(["UNIT", "HASH", "DSTATE", "STATE", "TARGET"])];
+        for u in &units {
+            let hash = if full {
+                u.hash.clone()
+            } else {
+                u.hash.chars().take(7).collect()
+            };
+            let target = match &u.machine {
+                Some(m) => machine_label(m, &machines, full),
+                None if !u.states.is_empty() => "global".into(),
+                None => "-".into(),
+            };
+            rows.push(row([
+                &u.name,
+                &hash,
+                u.desired.as_str(),
+                current(u).as_str(),
+                &target,
+            ]));
+        }
+        print_table(&rows);
+        Ok(())
+    }
+
+    async fn list_machines(&self, json: bool, full: bool) -> Result<()> {
+        let machines = self.client.list_machines().await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&machines)?);
+            return Ok(());
+        }
+        let mut rows = vec![row(["MACHINE", "IP", "METADATA"])];
+        for m in &machines {
+            let metadata = if m.metadata.is_empty() {
+                "-".to_string()
+            } else {
+                m.metadata
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let address = if m.address.is_empty() {
+                "-"
+            } else {
+                &m.address
+            };
+            rows.push(row([&short_id(&m.id, full), address, &metadata]));
+        }
+        print_table(&rows);
+        Ok(())
+    }
+
+    async fn status(&self, names: &[String]) -> Result<()> {
+        let machines = self.machines().await.unwrap_or_default();
+        for (i, name) in names.iter().enumerate() {
+            let d = self.get(name).await?;
+            let u = &d.unit;
+            if i > 0 {
+                println!();
+            }
+            let dot = if u.state.as_deref() == Some("active") {
+                "●"
+            } else {
+                "○"
+            };
+            println!("{dot} {} - desired {}", u.name, u.desired);
+            println!("     Hash: {}", u.hash);
+            match &u.machine {
+                Some(m) => println!("  Machine: {}", machine_label(m, &machines, true)),
+                None if !u.states.is_empty() => println!("  Machine: global"),
+                None => println!("  Machine: - (not scheduled)"),
+            }
+            for s in relevant(u) {
+                let pid = s.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+                let stale = match &s.hash {
+                    Some(h) if h != &u.hash => " (runs an older body)",
+                    _ => "",
+                };
+                println!(
+                    "   Active: {} ({}) on {}{pid}{stale}",
+                    s.state,
+                    s.sub,
+                    short_id(&s.machine, false)
+                );
+            }
+            if let Some(reason) = &u.reason {
+                println!("   Reason: cannot be placed: {reason}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The states that count for a unit: its machine's, or every machine's for a global unit.
+fn relevant(u: &UnitView) -> Vec<&api::StateView> {
+    match &u.machine {
+        Some(m) => u.states.iter().filter(|s| &s.machine == m).collect(),
+        None => u.states.iter().collect(),
+    }
+}
+
+fn is_running_state(state: &str) -> bool {
+    matches!(
+        state,
+        "active" | "activating" | "deactivating" | "reloading"
+    )
+}
+
+fn current_body(u: &UnitView, s: &api::StateView) -> bool {
+    s.hash.as_deref().is_none_or(|h| h == u.hash)
+}
+
+fn reached(u: &UnitView, target: Target) -> bool {
+    let states = relevant(u);
+    match target {
+        Target::Inactive => u.machine.is_none() && u.states.is_empty(),
+        Target::Loaded => {
+            !states.is_empty()
+                && states
+                    .iter()
+                    .all(|s| current_body(u, s) && !is_running_state(&s.state))
+        }
+        Target::Launched => {
+            !states.is_empty()
+                && states
+                    .iter()
+                    .all(|s| current_body(u, s) && s.state == "active")
+        }
+    }
+}
+
+fn not_reached(u: &UnitView, target: Target) -> String {
+    let goal = match target {
+        Target::Inactive => "unloaded",
+        Target::Loaded => "loaded",
+        Target::Launched => "active",
+    };
+    if let Some(reason) = &u.reason {
+        return format!(
+            "unit {} is not {goal}: it cannot be placed: {reason}",
+            u.name
+        );
+    }
+    if u.machine.is_none() && u.states.is_empty() && target != Target::Inactive {
+        return format!(
+            "unit {} is not {goal}: no machine was assigned to it yet",
+            u.name
+        );
+    }
+    let states: Vec<String> = relevant(u)
+        .iter()
+        .map(|s| format!("{} ({}) on {}", s.state, s.sub, short_id(&s.machine, false)))
+        .collect();
+    if states.is_empty() {
+        format!("unit {} is not {goal}: no state reported yet", u.name)
+    } else {
+        format!("unit {} is not {goal}: {}", u.name, states.join(", "))
+    }
+}
+
+fn reached_message(u: &UnitView, target: Target, machines: &BTreeMap<String, Machine>) -> String {
+    let on = u
+        .machine
+        .as_deref()
+        .map(|m| format!(" on {}", machine_label(m, machines, false)))
+        .unwrap_or_default();
+    match target {
+        Target::Inactive => format!("Unit {} inactive", u.name),
+        Target::Loaded => format!("Unit {} loaded{on}", u.name),
+        Target::Launched => format!("Unit {} launched{on}", u.name),
+    }
+}
+
+/// fleet's STATE column: what the unit is on its machine.
+fn current(u: &UnitView) -> String {
+    let states = relevant(u);
+    if states.is_empty() {
+        "inactive".into()
+    } else if states.iter().any(|s| s.state == "active") {
+        "launched".into()
+    } else {
+        "loaded".into()
+    }
+}
+
+fn short_id(id: &str, full: bool) -> String {
+    if full || id.chars().count() <= 8 {
+        id.to_string()
+    } else {
+        format!("{}...", id.chars().take(8).collect::<String>())
+    }
+}
+
+fn machine_label(id: &str, machines: &BTreeMap<String, Machine>, full: bool) -> String {
+    match machines.get(id).map(|m| m.address.as_str()) {
+        Some(addr) if !addr.is_empty() => format!("{}/{addr}", short_id(id, full)),
+        _ => short_id(id, full),
+    }
+}
+
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = Vec::new();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            let w = c.chars().count();
+            match widths.get_mut(i) {
+                Some(cur) => *cur = (*cur).max(w),
+                None => widths.push(w),
+            }
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}

@@ -1,0 +1,296 @@
+//! `fleetd`: the cluster daemon of one machine. Runs the agent (what the cluster assigns to
+//! this machine runs in the local init), the engine (leader-elected scheduling) and the
+//! HTTP/JSON API, in one tokio runtime, over the embedded registry or etcd.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use flotilla_fleetd::api::{self, ApiState};
+use flotilla_fleetd::{
+    Agent, EmbeddedRegistry, Engine, EtcdConfig, EtcdRegistry, InitApi, Machine, Registry,
+};
+use tokio::sync::watch;
+
+/// Where the host's provisioning writes the machine's fleet metadata (`key = "value"` lines).
+const METADATA_FILE: &str = "/etc/flotilla/metadata.toml";
+
+/// fleetd: spreads units across machines with fleet's placement rules.
+#[derive(Debug, Parser)]
+#[command(name = "fleetd", version)]
+struct Args {
+    /// etcd endpoints, comma-separated (http://10.0.0.1:2379,...); without it, the embedded
+    /// registry in --state.
+    #[arg(long, value_delimiter = ',', value_name = "URL,...")]
+    etcd: Vec<String>,
+    /// The key prefix in etcd (starts and ends with `/`).
+    #[arg(long, value_name = "PREFIX", default_value = "/flotilla/")]
+    etcd_prefix: String,
+    /// The embedded registry's directory (without --etcd).
+    #[arg(long, value_name = "DIR", default_value = flotilla_fleetd::embedded::DEFAULT_DIR)]
+    state: PathBuf,
+    /// The local init's control socket.
+    #[arg(long, value_name = "PATH", default_value = flotilla_init::api::DEFAULT_SOCKET)]
+    init_api: PathBuf,
+    /// The API's Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    api: PathBuf,
+    /// Also serve the API on this TCP address (HOST:PORT); requires --token-file.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The bearer token TCP clients must send (the file's first line).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Machine metadata for placement, comma-separated (role=web,region=eu); without it,
+    /// /etc/flotilla/metadata.toml if it exists.
+    #[arg(long, value_delimiter = ',', value_name = "K=V,...")]
+    metadata: Vec<String>,
+    /// The machine id; without it, the local init's (GetMachineId).
+    #[arg(long, value_name = "ID")]
+    machine_id: Option<String>,
+    /// The address others reach this machine at (shown by list-machines); default: the host
+    /// part of --listen, else empty.
+    #[arg(long, value_name = "ADDR")]
+    address: Option<String>,
+    /// The lease TTL of this machine's presence and of the engine's leadership, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    ttl: u64,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("fleetd: {first} (see fleetd --help)");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetd: cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(args)) {
+        eprintln!("fleetd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Parses `k=v` pairs.
+fn parse_metadata(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in pairs.iter().filter(|p| !p.trim().is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("invalid --metadata {pair:?}: use key=value,key=value");
+        };
+        if k.trim().is_empty() {
+            bail!("invalid --metadata {pair:?}: the key is empty");
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// Reads the provisioning's metadata file: a TOML table of `key = "value"`.
+fn read_metadata_file(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    Ok(table
+        .into_iter()
+        .map(|(k, v)| match v {
+            toml::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect())
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.ttl == 0 {
+        bail!("invalid --ttl 0: the lease TTL is at least 1 second");
+    }
+    let ttl = Duration::from_secs(args.ttl);
+    let token = match (&args.listen, &args.token_file) {
+        (Some(_), None) => bail!(
+            "--listen needs --token-file: the TCP API requires a bearer token (write one, e.g. `head -c 32 /dev/urandom | base64 > /etc/flotilla/fleetd.token`)"
+        ),
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            if token.is_empty() {
+                bail!("the token file {} is empty", path.display());
+            }
+            Some(token)
+        }
+        (None, None) => None,
+    };
+    let metadata = if args.metadata.is_empty() {
+        read_metadata_file(Path::new(METADATA_FILE))?
+    } else {
+        parse_metadata(&args.metadata)?
+    };
+    let address = args.address.clone().unwrap_or_else(|| {
+        args.listen
+            .as_deref()
+            .and_then(|l| l.rsplit_once(':'))
+            .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
+            .unwrap_or_default()
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
+    // Installed before anything else, so an early SIGTERM is not the default (fatal) one.
+    let signals = wait_for_signal()?;
+    tokio::spawn(async move {
+        signals.await;
+        let _ = on_signal.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let registry: Arc<dyn Registry> = if args.etcd.is_empty() {
+        Arc::new(EmbeddedRegistry::open(&args.state).await?)
+    } else {
+        let config = EtcdConfig::new(args.etcd.clone()).with_prefix(args.etcd_prefix.clone());
+        Arc::new(EtcdRegistry::connect(config).await?)
+    };
+
+    let init = InitApi::new(&args.init_api);
+    let machine_id = match args.machine_id.clone() {
+        Some(id) => id,
+        None => {
+            tokio::select! {
+                id = machine_id_from_init(&init) => id,
+                () = stopped() => return Ok(()),
+            }
+        }
+    };
+    log::info!(
+        "fleetd: machine {machine_id} (address {address:?}, metadata {metadata:?}) on {}",
+        registry.describe()
+    );
+
+    let engine = Engine::new(registry.clone(), machine_id.clone(), ttl);
+    let api_state = ApiState::new(registry.clone(), Some(engine.status()))
+        .with_local_init(machine_id.clone(), init.clone());
+    let machine = Machine {
+        id: machine_id,
+        address,
+        metadata,
+    };
+    let agent = Agent::new(registry.clone(), init, machine, ttl);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let unix_router = api::router(api_state.clone());
+    let socket = args.api.clone();
+    let stop = stopped();
+    tasks.spawn(async move {
+        api::serve_unix(&socket, unix_router, stop)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    if let (Some(listen), Some(token)) = (args.listen.clone(), token) {
+        let router = api::router(api_state.with_token(token));
+        let stop = stopped();
+        tasks.spawn(async move {
+            api::serve_tcp(&listen, router, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    let stop = stopped();
+    tasks.spawn(async move { engine.run(stop).await.map_err(anyhow::Error::from) });
+    let stop = stopped();
+    tasks.spawn(async move { agent.run(stop).await.map_err(anyhow::Error::from) });
+
+    // Runs until the signal; a part that fails (the API cannot bind, the registry refuses
+    // the machine id) stops the others.
+    let mut first_error = None;
+    let mut deadline = None;
+    loop {
+        let joined = match deadline {
+            None => tasks.join_next().await,
+            Some(at) => match tokio::time::timeout_at(at, tasks.join_next()).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    log::warn!("fleetd: parts did not stop in time, aborting them");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            },
+        };
+        let Some(joined) = joined else { break };
+        let result = joined.map_err(|e| anyhow::anyhow!("a fleetd task panicked: {e}"));
+        if let Err(e) = result.and_then(|r| r) {
+            log::error!("fleetd: {e:#}");
+            first_error.get_or_insert(e);
+        }
+        if deadline.is_none() {
+            let _ = stop_tx.send(true);
+            deadline = Some(tokio::time::Instant::now() + ttl + Duration::from_secs(5));
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => {
+            log::info!("fleetd: stopped");
+            Ok(())
+        }
+    }
+}
+
+/// The machine id from the local init, retried (every second) until init answers.
+async fn machine_id_from_init(init: &InitApi) -> String {
+    let mut warned = false;
+    loop {
+        match init.machine_id().await {
+            Ok(id) => return id,
+            Err(e) => {
+                if !warned {
+                    log::warn!("fleetd: waiting for the local init to tell the machine id: {e}");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// A future that completes on SIGTERM or SIGINT; the handlers are installed at once.
+fn wait_for_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("fleetd: SIGTERM, stopping (units keep running)"),
+            _ = int.recv() => log::info!("fleetd: SIGINT, stopping (units keep running)"),
+        }
+    })
+}

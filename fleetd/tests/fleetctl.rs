@@ -1,0 +1,455 @@
+//! `fleetctl` against a real `fleetd` (embedded registry, 1 s TTL) driving a real
+//! `flotilla-init` supervisor (`--launcher host`), all as processes, on one machine.
+//!
+//! As in `agent.rs`, the init binary is not a target of this crate: run `cargo build -p
+//! flotilla-init` first (or set `FLOTILLA_INIT_BIN`). Waits are bounded by [`WAIT`] and only
+//! fail a test that would otherwise hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_fleetd::api::{ApiClient, ClientError, PutUnit};
+use flotilla_fleetd::DesiredState;
+use flotilla_init::api::client::Client;
+use flotilla_init::api::UnitInfo;
+use serde_json::Value;
+
+/// The bound on every wait.
+const WAIT: Duration = Duration::from_secs(30);
+const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
+
+fn init_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("FLOTILLA_INIT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("flotilla-init");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p flotilla-init` first (or set FLOTILLA_INIT_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < WAIT,
+            "gave up waiting for {what}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `flotilla-init` supervisor and a `fleetd` on it, killed on drop (with everything in
+/// init's cgroup).
+struct Cluster {
+    dir: tempfile::TempDir,
+    init: Option<Child>,
+    fleetd: Option<Child>,
+    init_socket: PathBuf,
+    api: PathBuf,
+    cgroup: String,
+}
+
+impl Cluster {
+    fn start(fleetd_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let unit_dir = dir.path().join("units");
+        fs::create_dir_all(&unit_dir).unwrap();
+        let init_socket = dir.path().join("manager.sock");
+        let cgroup = format!(
+            "flotilla-fleetctl-test-{}-{}",
+            std::process::id(),
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        let init = Command::new(init_binary())
+            .arg("--units")
+            .arg(&unit_dir)
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .arg("--api")
+            .arg(&init_socket)
+            .args(["--launcher", "host", "--cgroup", &cgroup])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("init.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let api = dir.path().join("fleetd.sock");
+        let mut cluster = Cluster {
+            init: Some(init),
+            fleetd: None,
+            init_socket,
+            api,
+            cgroup,
+            dir,
+        };
+        wait_until(
+            "init to answer",
+            || {
+                Client::connect(&cluster.init_socket)
+                    .and_then(|c| c.list_units())
+                    .is_ok()
+            },
+            || cluster.logs(),
+        );
+        let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+            .arg("--state")
+            .arg(cluster.dir.path().join("registry"))
+            .arg("--api")
+            .arg(&cluster.api)
+            .arg("--init-api")
+            .arg(&cluster.init_socket)
+            .args(["--ttl", "1", "--metadata", "role=test,region=eu"])
+            .args(fleetd_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(cluster.dir.path().join("fleetd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        cluster.fleetd = Some(fleetd);
+        wait_until(
+            "fleetd to list this machine",
+            || {
+                let out = cluster.fleetctl(&["list-machines", "--json"]);
+                out.status.success()
+                    && serde_json::from_slice::<Value>(&out.stdout)
+                        .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 1))
+            },
+            || cluster.logs(),
+        );
+        cluster
+    }
+
+    fn logs(&self) -> String {
+        let read = |f: &str| fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        format!(
+            "--- fleetd.log\n{}\n--- init.log\n{}",
+            read("fleetd.log"),
+            read("init.log")
+        )
+    }
+
+    fn fleetctl(&self, args: &[&str]) -> Output {
+        fleetctl(self.api.to_str().unwrap(), args)
+    }
+
+    /// `fleetctl ARGS`, which must succeed; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.fleetctl(args);
+        assert!(
+            out.status.success(),
+            "fleetctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn write(&self, file: &str, text: &str) -> String {
+        let path = self.dir.path().join(file);
+        fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    fn init_unit(&self, name: &str) -> Option<UnitInfo> {
+        Client::connect(&self.init_socket)
+            .unwrap()
+            .list_units()
+            .unwrap()
+            .into_iter()
+            .find(|u| u.name == name)
+    }
+
+    /// SIGTERM fleetd, which must exit 0.
+    fn terminate(&mut self) {
+        let mut fleetd = self.fleetd.take().unwrap();
+        let pid = rustix::process::Pid::from_raw(fleetd.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = fleetd.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > WAIT {
+                let _ = fleetd.kill();
+                panic!("fleetd did not exit on SIGTERM\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "fleetd exited {status}\n{}", self.logs());
+        assert!(self.logs().contains("stopped"), "{}", self.logs());
+    }
+
+    fn machine_id(&self) -> String {
+        Client::connect(&self.init_socket)
+            .unwrap()
+            .machine_id()
+            .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in [self.fleetd.take(), self.init.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let root = Path::new(root).join(&self.cgroup);
+            if let Ok(dir) = fs::read_dir(&root) {
+                for e in dir.flatten() {
+                    let _ = fs::write(e.path().join("cgroup.kill"), "1");
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&root);
+        }
+    }
+}
+
+fn fleetctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn units(cluster: &Cluster) -> Vec<Value> {
+    cluster
+        .json(&["list-units", "--json"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn start_list_stop_destroy() {
+    let mut c = Cluster::start(&[]);
+    let file = c.write("hello.toml", SLEEP);
+    let out = c.ok(&["start", "--block-timeout", "30s", &file]);
+    assert!(out.contains("hello"), "{out}");
+
+    // Blocking means: active when start returns.
+    let id = c.machine_id();
+    let list = units(&c);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "hello");
+    assert_eq!(list[0]["machine"], id.as_str());
+    assert_eq!(list[0]["desired"], "launched");
+    assert_eq!(list[0]["state"], "active");
+    let info = c.init_unit("hello").expect("hello is loaded into init");
+    assert_eq!(info.active_state, "active");
+    assert!(info.main_pid != 0);
+
+    let table = c.ok(&["list-units"]);
+    assert!(table.starts_with("UNIT"), "{table}");
+    assert!(
+        table.contains("hello") && table.contains("running"),
+        "{table}"
+    );
+    assert_eq!(c.ok(&["cat", "hello"]), SLEEP);
+    let echo = c.write(
+        "echo.toml",
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo one; echo two; exec sleep 1000\"]\n",
+    );
+    c.ok(&["start", "--block-timeout", "30s", &echo]);
+    wait_until(
+        "the journal to show two lines",
+        || {
+            let out = c.ok(&["journal", "-n", "1", "echo"]);
+            out.contains("two") && !out.contains("one")
+        },
+        || c.logs(),
+    );
+    assert!(c.ok(&["journal", "echo"]).contains("stdout one"));
+    c.ok(&["destroy", "echo"]);
+    wait_until(
+        "echo to be removed",
+        || c.init_unit("echo").is_none(),
+        || c.logs(),
+    );
+    let status = c.ok(&["status", "hello"]);
+    assert!(status.contains("desired launched"), "{status}");
+
+    // The machine: the id from init, the metadata from --metadata.
+    let machines = c.json(&["list-machines", "--json"]);
+    assert_eq!(machines[0]["id"], id.as_str());
+    assert_eq!(machines[0]["metadata"]["role"], "test");
+    assert_eq!(machines[0]["metadata"]["region"], "eu");
+    assert!(machines[0].get("address").is_some(), "{machines}");
+
+    c.ok(&["stop", "--block-timeout", "30s", "hello"]);
+    assert_eq!(c.init_unit("hello").unwrap().active_state, "inactive");
+    let list = units(&c);
+    assert_eq!(list[0]["desired"], "loaded");
+    assert_ne!(list[0]["state"], "active");
+
+    c.ok(&["destroy", "hello"]);
+    wait_until(
+        "hello to be removed from init",
+        || c.init_unit("hello").is_none(),
+        || c.logs(),
+    );
+    assert!(units(&c).is_empty());
+    let out = c.fleetctl(&["status", "hello"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown unit"),
+        "{out:?}"
+    );
+    c.terminate();
+}
+
+#[test]
+fn a_changed_body_needs_replace() {
+    let c = Cluster::start(&[]);
+    let dir = c.dir.path().join("v2");
+    fs::create_dir_all(&dir).unwrap();
+    let v1 = c.write("web.toml", SLEEP);
+    c.ok(&["submit", &v1]);
+    let v2 = dir.join("web.toml");
+    fs::write(&v2, SLEEP.replace("1000", "2000")).unwrap();
+    let out = c.fleetctl(&["submit", v2.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("different body") && err.contains("replace"),
+        "{err}"
+    );
+    c.ok(&["submit", "--replace", v2.to_str().unwrap()]);
+    assert!(c.ok(&["cat", "web"]).contains("2000"));
+    let files = c.json(&["list-unit-files", "--json"]);
+    assert_eq!(files[0]["desired"], "inactive");
+
+    // The API checks bodies itself: 400 with file:line:col.
+    let client = ApiClient::new(c.api.to_str().unwrap()).unwrap();
+    let put = PutUnit {
+        desired: Some(DesiredState::Launched),
+        body: Some("[container]\ncommand = 5\n".into()),
+        replace: false,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match runtime.block_on(client.put_unit("bad", &put)) {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(message.contains("bad.toml:2:"), "{message}");
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_bad_unit_file_fails_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    fs::write(&file, "[container]\ncommand = 5\n").unwrap();
+    // The file is checked before anything is sent: no cluster needed.
+    let out = fleetctl(
+        dir.path().join("none.sock").to_str().unwrap(),
+        &["start", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2:", file.display())),
+        "no file:line:col in {err}"
+    );
+}
+
+#[test]
+fn unsatisfiable_metadata_says_why() {
+    let c = Cluster::start(&[]);
+    let file = c.write(
+        "picky.toml",
+        &format!("{SLEEP}[fleet]\nmachine_metadata = [\"role=nope\"]\n"),
+    );
+    let out = c.fleetctl(&["start", "--block-timeout", "5s", &file]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be placed") && err.contains("role"),
+        "{err}\n{}",
+        c.logs()
+    );
+    assert!(c.init_unit("picky").is_none());
+}
+
+#[test]
+fn a_wrong_endpoint_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nobody.sock");
+    let out = fleetctl(socket.to_str().unwrap(), &["list-units"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cluster unreachable: cannot connect to {}",
+            socket.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn tcp_requires_the_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    fs::write(&token, "s3cret-token\n").unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let c = Cluster::start(&["--listen", &listen, "--token-file", token.to_str().unwrap()]);
+    let url = format!("http://{listen}");
+    let without = fleetctl(&url, &["list-machines"]);
+    assert_eq!(without.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(err.contains("bearer token"), "{err}\n{}", c.logs());
+    let wrong = token_dir.path().join("wrong");
+    fs::write(&wrong, "guess\n").unwrap();
+    let out = fleetctl(
+        &url,
+        &["--token-file", wrong.to_str().unwrap(), "list-machines"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = fleetctl(
+        &url,
+        &[
+            "--token-file",
+            token.to_str().unwrap(),
+            "list-machines",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}\n{}", c.logs());
+    let machines: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(machines[0]["address"], "127.0.0.1");
+}
