@@ -276,16 +276,9 @@ fn etcd_freeze_keeps_pids() {
 }
 
 /// Scenario 5: one machine's fleetd restarted (SIGTERM, then a new one): no unit is
-/// stopped, moved or started twice.
-///
-/// Ignored: it fails on a fleetd bug. The stopped fleetd leaves its machine lease to
-/// expire (by design, so that a restart adopts what runs), but the new fleetd cannot
-/// register its machine while that lease lives (`MachineIdTaken`, retried with a backoff),
-/// so the machine key vanishes for a moment; the leading engine takes that as a lost
-/// machine and moves its units, and the restarted agent then stops them. Run with
-/// `--ignored` to reproduce.
+/// stopped, moved or started twice. The new fleetd takes over the lease its previous run
+/// recorded in `--state` (`agent.lease`), so its machine never vanishes from the registry.
 #[test]
-#[ignore = "fleetd bug: a restarted fleetd's machine vanishes for a moment and its units move"]
 fn fleetd_restart_keeps_units() {
     let mut c = Cluster::start(&METADATA);
     let before = start_abc(&c);

@@ -33,6 +33,7 @@ mod init;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -112,6 +113,7 @@ pub struct Agent {
     init: InitApi,
     machine: Machine,
     ttl: Duration,
+    lease_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -140,7 +142,18 @@ impl Agent {
             init,
             machine,
             ttl: ttl.max(Duration::from_secs(1)),
+            lease_file: None,
         }
+    }
+
+    /// Keeps the machine's lease id in `path` (`<machine id> <lease id>`), so that a
+    /// restarted fleetd takes over the lease its previous run still holds instead of waiting
+    /// for it to expire: the machine never vanishes from the registry, and the engine never
+    /// moves its units. A lease recorded for another machine id is not reused.
+    #[must_use]
+    pub fn with_lease_file(mut self, path: impl Into<PathBuf>) -> Agent {
+        self.lease_file = Some(path.into());
+        self
     }
 
     /// Runs until `shutdown` completes. Returns an error only when it cannot run at all (no
@@ -165,6 +178,7 @@ impl Agent {
             machine,
             ttl: self.ttl,
             lease: None,
+            lease_file: self.lease_file,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -288,6 +302,8 @@ struct Worker {
     ttl: Duration,
     /// The machine's lease, once granted (kept across registry outages while it lives).
     lease: Option<LeaseId>,
+    /// Where the lease id is kept across restarts ([`Agent::with_lease_file`]).
+    lease_file: Option<PathBuf>,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -307,6 +323,32 @@ struct Worker {
 }
 
 impl Worker {
+    /// The lease recorded by a previous run for this machine id, if any.
+    fn saved_lease(&self) -> Option<LeaseId> {
+        let text = std::fs::read_to_string(self.lease_file.as_ref()?).ok()?;
+        let (id, lease) = text.trim().split_once(' ')?;
+        (id == self.machine.id).then_some(())?;
+        lease.parse().ok().map(LeaseId)
+    }
+
+    /// Records `lease` for the next run (best effort: without it a restart waits for the
+    /// old lease to expire).
+    fn save_lease(&self, lease: LeaseId) {
+        let Some(path) = &self.lease_file else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let text = format!("{} {}\n", self.machine.id, lease.0);
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            log::warn!("cannot record the lease in {}: {e}", path.display());
+        }
+    }
+
     /// Presence (lease, machine record), a fresh snapshot, a watch from it, a reconcile.
     async fn establish(&mut self) -> Result<Watch, RegistryError> {
         if let Some(lease) = self.lease {
@@ -316,11 +358,25 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
+        if self.lease.is_none() {
+            // A previous run's lease, if it still lives: take it over.
+            if let Some(saved) = self.saved_lease() {
+                match self.registry.keep_alive(saved).await {
+                    Ok(()) => {
+                        log::info!("taking over lease {saved} of the previous run");
+                        self.lease = Some(saved);
+                    }
+                    Err(RegistryError::LeaseExpired { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let lease = match self.lease {
             Some(lease) => lease,
             None => {
                 let lease = self.registry.grant_lease(self.ttl).await?;
                 self.lease = Some(lease);
+                self.save_lease(lease);
                 // Every state reported on the old lease is gone with it.
                 self.reported.clear();
                 lease

@@ -203,7 +203,8 @@ async fn run(args: Args) -> Result<()> {
         address,
         metadata,
     };
-    let agent = Agent::new(registry.clone(), init, machine, ttl);
+    let agent = Agent::new(registry.clone(), init, machine, ttl)
+        .with_lease_file(args.state.join("agent.lease"));
 
     let mut tasks = tokio::task::JoinSet::new();
     let unix_router = api::router(api_state.clone());
