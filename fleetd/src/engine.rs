@@ -166,6 +166,13 @@ struct Model {
     /// Parsed `[fleet]` sections by (unit name, body hash): a body never changes under its
     /// hash, but specifiers (`%n`, `%i`) make its meaning depend on the unit's name.
     parsed: Parsed,
+    /// Until then (two TTLs into a leadership term), units of a machine that is missing are
+    /// held where they are: a term often starts after a registry outage, when etcd expires
+    /// at once every lease whose keep-alive had not arrived, and those machines are only
+    /// re-registering.
+    grace_until: Option<Instant>,
+    /// The last pass held units (a pass is due when the grace ends).
+    held: bool,
 }
 
 impl Model {
@@ -187,6 +194,8 @@ impl Model {
                 .map(|a| (a.unit, a.machine))
                 .collect(),
             parsed,
+            grace_until: None,
+            held: false,
         }
     }
 
@@ -457,6 +466,7 @@ impl Engine {
     async fn lead(&self, lease: LeaseId, lost: &mut signal::Receiver<bool>) -> Ended {
         let mut backoff = MIN_BACKOFF;
         let mut parsed = BTreeMap::new();
+        let grace_until = Instant::now() + self.lease_ttl * 2;
         loop {
             if *lost.borrow() {
                 return Ended::LeaseLost;
@@ -492,6 +502,7 @@ impl Engine {
                 }
             };
             let mut model = Model::from_snapshot(snapshot, std::mem::take(&mut parsed));
+            model.grace_until = Some(grace_until);
             // The first pass runs at once; later ones after a debounce.
             let mut due: Option<Instant> = Some(Instant::now());
             let resnapshot = loop {
@@ -507,8 +518,11 @@ impl Engine {
                                     return Ended::LeaderChanged
                                 }
                                 change => {
-                                    if model.apply(change) && due.is_none() {
-                                        due = Some(Instant::now() + self.debounce);
+                                    if model.apply(change) {
+                                        // A pass soon (a pending one at the end of the
+                                        // grace period is brought forward).
+                                        let soon = Instant::now() + self.debounce;
+                                        due = Some(due.map_or(soon, |d| d.min(soon)));
                                     }
                                 }
                             }
@@ -530,7 +544,12 @@ impl Engine {
                                 // watch; schedule again after it.
                                 due = Some(Instant::now() + self.debounce);
                             }
-                            Ok(false) => backoff = MIN_BACKOFF,
+                            Ok(false) => {
+                                backoff = MIN_BACKOFF;
+                                if model.held {
+                                    due = model.grace_until;
+                                }
+                            }
                             Err(e) => {
                                 log::warn!(
                                     "engine {}: scheduling pass failed: {e}; retrying",
@@ -606,7 +625,27 @@ impl Engine {
         }
         model.parsed = parsed;
         let machines: Vec<Machine> = model.machines.values().cloned().collect();
-        let decisions = scheduler::schedule(&machines, &units, &model.assignments, &globals);
+        // In the grace period, units on missing machines are neither taken off nor placed.
+        let mut assigned = model.assignments.clone();
+        model.held = false;
+        if model.grace_until.is_some_and(|g| Instant::now() < g) {
+            let held: std::collections::BTreeSet<String> = assigned
+                .iter()
+                .filter(|(_, m)| !model.machines.contains_key(*m))
+                .map(|(u, _)| u.clone())
+                .collect();
+            if !held.is_empty() {
+                log::info!(
+                    "engine {}: holding {} unit(s) of missing machines for the grace period",
+                    self.machine_id,
+                    held.len()
+                );
+                model.held = true;
+                assigned.retain(|u, _| !held.contains(u));
+                units.retain(|c| !held.contains(&c.name));
+            }
+        }
+        let decisions = scheduler::schedule(&machines, &units, &assigned, &globals);
 
         let mut conflict = false;
         for decision in decisions {

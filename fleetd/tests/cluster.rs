@@ -256,14 +256,11 @@ fn etcd_outage_leaves_units_alone() {
     wait_placed(&c, &UNITS);
 }
 
-/// Scenario 4, strictly: the same pids after etcd was frozen for four TTLs.
-///
-/// Ignored: it fails now and then on a fleetd weakness. A frozen etcd's clock keeps
-/// running, so on SIGCONT it expires every machine lease whose keep-alive has not arrived
-/// yet; the machine keys vanish, and the leading engine moves their units to the machines
-/// that registered again first (seen: a and c moved to m2). Run with `--ignored`.
+/// Scenario 4, strictly: the same pids after etcd was frozen for four TTLs. A frozen etcd's
+/// clock keeps running, so on SIGCONT it expires every machine lease whose keep-alive has
+/// not arrived yet and the machine keys vanish; the engine's grace period at the start of
+/// a leadership term (two TTLs) holds their units until the agents have registered again.
 #[test]
-#[ignore = "fleetd weakness: after an etcd freeze, leases expire and units move (intermittent)"]
 fn etcd_freeze_keeps_pids() {
     let c = Cluster::start(&METADATA);
     let before = start_abc(&c);

@@ -26,7 +26,7 @@
 //!
 //! When the registry is unreachable (keep-alive, watch or reads fail), nothing in init is
 //! touched: running units keep running (fleet's issue 1289), the agent logs it once, retries
-//! with a backoff (250 ms doubling up to 5 s), and once the registry answers it re-registers
+//! with a backoff (250 ms doubling up to 5 s or half the TTL), and once the registry answers it re-registers
 //! (a new lease if the old one expired) and reconciles from a fresh snapshot.
 
 mod init;
@@ -217,7 +217,9 @@ impl Agent {
                         _ = &mut shutdown => return Ok(()),
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // Never slower than half a TTL: after an outage the engine waits for
+                    // re-registering machines for two TTLs only.
+                    backoff = (backoff * 2).min(MAX_BACKOFF).min(worker.ttl / 2);
                     continue;
                 }
             };
