@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod etcd_server;
+mod support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -29,29 +30,13 @@ use flotilla_init::api::UnitInfo;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use support::init_binary;
+
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
 /// The agents' lease TTL.
 const TTL: Duration = Duration::from_secs(1);
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
-
-fn init_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("FLOTILLA_INIT_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("flotilla-init");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p flotilla-init` first (or set FLOTILLA_INIT_BIN)",
-        bin.display()
-    );
-    bin
-}
 
 /// A `flotilla-init` supervisor, killed on drop with everything in its cgroup.
 struct Init {

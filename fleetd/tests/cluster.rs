@@ -11,6 +11,7 @@
 // `mod cluster;` would be ambiguous with this file's own name: name the path.
 #[path = "cluster/mod.rs"]
 mod harness;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

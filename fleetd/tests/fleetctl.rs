@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod support;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,27 +20,11 @@ use flotilla_init::api::client::Client;
 use flotilla_init::api::UnitInfo;
 use serde_json::Value;
 
+use support::init_binary;
+
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
-
-fn init_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("FLOTILLA_INIT_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("flotilla-init");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p flotilla-init` first (or set FLOTILLA_INIT_BIN)",
-        bin.display()
-    );
-    bin
-}
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> String) {
     let start = Instant::now();

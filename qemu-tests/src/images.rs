@@ -20,9 +20,14 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(image_build::DEFAULT_CACHE))
 }
 
+/// `image-build/specs/` in this workspace.
+pub fn specs_dir() -> PathBuf {
+    crate::workspace_root().join("image-build/specs")
+}
+
 /// `image-build/specs/host.toml` in this workspace.
 pub fn host_spec() -> PathBuf {
-    crate::workspace_root().join("image-build/specs/host.toml")
+    specs_dir().join("host.toml")
 }
 
 fn build(opts: &OsOptions) -> Result<PathBuf> {

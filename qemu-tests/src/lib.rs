@@ -471,16 +471,11 @@ impl Vm {
             .lock()
             .map_err(|_| QemuError::Qmp("lock poisoned".into()))?;
         if guard.is_none() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let stream = loop {
-                match UnixStream::connect(&self.qmp_path) {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(io_err("connect to QMP", &self.qmp_path, e))
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            };
+            let stream = connect_until(
+                &self.qmp_path,
+                Instant::now() + Duration::from_secs(30),
+                "connect to QMP",
+            )?;
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .map_err(|e| io_err("configure", &self.qmp_path, e))?;
@@ -493,6 +488,18 @@ impl Vm {
             .as_mut()
             .ok_or_else(|| QemuError::Qmp("not connected".into()))?;
         exchange(conn, command, arguments)
+    }
+}
+
+/// Connects to the Unix socket QEMU listens on (it may not exist yet), retrying until
+/// `deadline`.
+pub(crate) fn connect_until(path: &Path, deadline: Instant, what: &str) -> Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(io_err(what, path, e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
 

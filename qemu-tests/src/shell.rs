@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{io_err, QemuError, Result};
+use crate::{connect_until, QemuError, Result};
 
 /// A connected debug shell.
 pub struct Shell {
@@ -29,15 +29,7 @@ impl Shell {
     /// then turns echo off and empties the prompt.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Shell> {
         let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(io_err("connect to the debug shell", path, e))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
+        let stream = connect_until(path, deadline, "connect to the debug shell")?;
         let mut shell = Shell {
             stream,
             buf: String::new(),

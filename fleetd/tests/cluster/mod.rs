@@ -24,6 +24,7 @@
     dead_code
 )]
 
+use crate::support::init_binary;
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -43,24 +44,6 @@ pub const TTL_SECS: u64 = 2;
 
 /// Clusters started by this process so far: makes names and subnets unique.
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
-
-fn init_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("FLOTILLA_INIT_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("flotilla-init");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p flotilla-init` first (or set FLOTILLA_INIT_BIN)",
-        bin.display()
-    );
-    bin
-}
 
 /// Runs `ip ARGS`, which must succeed.
 fn ip(args: &[&str]) {

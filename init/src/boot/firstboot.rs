@@ -10,7 +10,7 @@ use base64::Engine as _;
 use super::cmdline::Cmdline;
 use super::machine::write_durably;
 use super::sysroot::sysroot;
-use super::BootError;
+use super::{io, BootError};
 use crate::provision::{self, Config};
 
 /// The record of the applied config, below the root.
@@ -79,11 +79,7 @@ fn find(cmdline: &Cmdline) -> Result<(String, String, Source), BootError> {
 /// same (Ignition's "once").
 pub fn record(text: &str) -> Result<(), BootError> {
     let path = sysroot(RECORD);
-    write_durably(&path, text.as_bytes()).map_err(|source| BootError::Io {
-        what: "record the provisioning config in".into(),
-        path,
-        source,
-    })
+    write_durably(&path, text.as_bytes()).map_err(io("record the provisioning config in", &path))
 }
 
 /// Writes the files the config renders into `etc` (the tmpfs `/etc`).
@@ -91,15 +87,10 @@ pub fn render(config: &Config, machine_id: &str, etc: &Path) -> Result<usize, Bo
     let files = provision::render(config, machine_id);
     for f in &files {
         let path = etc.join(&f.path);
-        let io = |source| BootError::Io {
-            what: "write".into(),
-            path: path.clone(),
-            source,
-        };
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io)?;
+            fs::create_dir_all(dir).map_err(io("create", dir))?;
         }
-        fs::write(&path, &f.contents).map_err(io)?;
+        fs::write(&path, &f.contents).map_err(io("write", &path))?;
     }
     Ok(files.len())
 }

@@ -72,6 +72,25 @@ pub enum BootError {
     Other(String),
 }
 
+/// `map_err` for a failed file operation: [`BootError::Io`] saying what was done on `path`.
+pub(crate) fn io<'a>(what: &str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BootError + 'a {
+    let what = what.to_string();
+    move |source| BootError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// [`io`] for rustix's errors.
+pub(crate) fn errno<'a>(
+    what: &str,
+    path: &'a Path,
+) -> impl FnOnce(rustix::io::Errno) -> BootError + 'a {
+    let f = io(what, path);
+    move |e| f(std::io::Error::from(e))
+}
+
 /// How long PID 1 waits for the root disk to show up after loading the drivers.
 pub const ROOT_WAIT: Duration = Duration::from_secs(10);
 /// How long it waits for the `/var` disk once the root disk is there.
@@ -149,11 +168,10 @@ pub fn setup(modules_list: &Path) -> Result<(), BootError> {
     let (machine_id, new_id) = required("machine id", || {
         machine::machine_id(Path::new(sysroot::SYSROOT))
     })
-    .map_err(|source| BootError::Io {
-        what: "keep the machine id in".into(),
-        path: sysroot::sysroot(machine::MACHINE_ID),
-        source,
-    })?;
+    .map_err(io(
+        "keep the machine id in",
+        &sysroot::sysroot(machine::MACHINE_ID),
+    ))?;
     log::info!(
         "machine id {machine_id}{}",
         if new_id { " (new: first boot)" } else { "" }

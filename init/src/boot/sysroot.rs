@@ -10,7 +10,7 @@ use std::process::Command;
 use rustix::mount::{mount, mount_move, MountFlags};
 
 use super::disks::Content;
-use super::BootError;
+use super::{errno, io, BootError};
 
 /// Where the real root is assembled before the switch.
 pub const SYSROOT: &str = "/sysroot";
@@ -21,20 +21,6 @@ pub const MOVED_MOUNTS: &[&str] = &["/dev", "/proc", "/sys", "/run"];
 /// How a blank `/var` disk is formatted on first boot: the image's busybox `mke2fs`
 /// (ext2, which the ext4 driver mounts), with the label as the last two arguments.
 pub const MKFS: &[&str] = &["bin/busybox", "mke2fs", "-q", "-L"];
-
-fn io<'a>(what: &str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BootError + 'a {
-    let what = what.to_string();
-    move |source| BootError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn errno<'a>(what: &str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -> BootError + 'a {
-    let f = io(what, path);
-    move |e| f(std::io::Error::from(e))
-}
 
 /// `/sysroot/REL`.
 pub fn sysroot(rel: &str) -> PathBuf {

@@ -16,7 +16,7 @@ pub const MARKER: &str = "flotilla: boot complete in";
 
 /// `image-build/specs/`.
 pub fn specs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../image-build/specs")
+    qemu_tests::images::specs_dir()
 }
 
 /// Writes `dir/host.toml`: `specs/host.toml` with its paths made absolute, then changed by
