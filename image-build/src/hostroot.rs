@@ -10,7 +10,8 @@
 //! - `/usr/lib/flotilla/provision.toml`: the default provisioning config, if any;
 //! - `/usr/share/flotilla/images/`: the system image store (read-only at run time), if the
 //!   spec bakes images in;
-//! - empty mount points `/proc /sys /dev /run /var /etc /root /mnt /sysroot`, `/tmp` (1777).
+//! - empty mount points `/proc /sys /dev /run /var /etc /root /mnt /sysroot`, `/tmp` (1777),
+//!   and the bind-mount paths of the baked image-less units (e.g. `/run/flotilla`).
 //!
 //! Every directory is 0755 (`/tmp` 1777), every file has the mode it is given here; owners
 //! and timestamps are set by `mkfs.erofs` (`--all-root`, `-T`). The system store's own
@@ -85,6 +86,9 @@ pub struct RootContent {
     pub busybox: Option<PathBuf>,
     /// Unit files: installed under [`FACTORY_UNITS`] with their file names, 0644.
     pub units: Vec<PathBuf>,
+    /// Empty directories (0755) for the bind mounts of image-less units, which run over this
+    /// read-only root and cannot create their mount points in it (absolute paths).
+    pub mount_points: Vec<String>,
     /// The provisioning config: installed as [`PROVISION`], 0644.
     pub provision: Option<PathBuf>,
     /// More files (`[[root.files]]`), installed last (they may replace generated ones).
@@ -142,6 +146,9 @@ pub fn is_static_elf(path: &Path) -> Result<bool, BuildError> {
 /// Builds the root tree in the empty directory `root`.
 pub fn stage_root(content: &RootContent, root: &Path) -> Result<StageSummary, BuildError> {
     for (dir, _) in ROOT_DIRS {
+        mkdir(root, dir)?;
+    }
+    for dir in &content.mount_points {
         mkdir(root, dir)?;
     }
     for (name, source) in &content.binaries {

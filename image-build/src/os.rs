@@ -311,7 +311,7 @@ pub const INIT_BINARY: &str = "flotilla-init";
 /// How to build the static binaries `[root] bin_dir` of `specs/host.toml` points to.
 pub const STATIC_BUILD_HINT: &str = "CARGO_TARGET_DIR=target/static \
      RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
-     --target x86_64-unknown-linux-gnu -p flotilla-init";
+     --target x86_64-unknown-linux-gnu -p flotilla-init -p flotilla-fleetd";
 
 /// Hex sha256 and size of a file, read in chunks (`var.img` is large and sparse).
 fn sha256_file(path: &Path) -> Result<(String, u64), BuildError> {
@@ -394,6 +394,18 @@ fn root_content(
             .collect();
         units.sort();
         content.units = units;
+        // A unit without an image runs over this read-only root: the paths it binds must
+        // exist here as mount points (on the host they sit under /run's and /var's mounts).
+        let mut points: Vec<String> = catalog
+            .units
+            .values()
+            .filter(|u| u.container.image.is_none())
+            .flat_map(|u| &u.container.mounts)
+            .map(|m| m.path.to_string_lossy().into_owned())
+            .collect();
+        points.sort();
+        points.dedup();
+        content.mount_points = points;
     }
     if let Some(p) = &spec.root.provision {
         let p = spec_dir.join(p);

@@ -49,7 +49,7 @@ fn fake_bin_dir(dir: &Path) -> PathBuf {
         "the tests need the static busybox: apt-get install busybox-static"
     );
     std::fs::create_dir_all(dir).unwrap();
-    for name in ["flotilla-init", "unitctl"] {
+    for name in ["flotilla-init", "unitctl", "fleetd", "fleetctl"] {
         std::fs::copy(busybox, dir.join(name)).unwrap();
     }
     dir.to_path_buf()
@@ -224,7 +224,7 @@ fn check_root_image(img: &Path, bins: &Path) {
         link(&format!("{etc}/os-release")),
         Path::new("/usr/lib/os-release")
     );
-    for unit in ["heartbeat.toml", "web.toml"] {
+    for unit in ["fleetd.toml", "heartbeat.toml", "web.toml"] {
         assert_eq!(
             read(&format!("{etc}/flotilla/units/{unit}")),
             std::fs::read_to_string(specs().join("host-units").join(unit)).unwrap()
@@ -242,11 +242,22 @@ fn check_root_image(img: &Path, bins: &Path) {
         assert!(m.is_dir(), "{dir}");
         let mode = if dir == "tmp" { 0o1777 } else { 0o755 };
         assert_eq!(m.permissions().mode() & 0o7777, mode, "{dir}");
-        assert_eq!(
-            std::fs::read_dir(root.join(dir)).unwrap().count(),
-            0,
-            "{dir}"
-        );
+        // /run and /var hold only the mount points of fleetd.toml's binds.
+        let expected: &[&str] = match dir {
+            "run" => &["flotilla"],
+            "var" => &["lib"],
+            _ => &[],
+        };
+        let mut names: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, expected, "{dir}");
+    }
+    for point in ["run/flotilla", "var/lib/flotilla/fleetd"] {
+        assert!(meta(point).is_dir(), "{point}");
+        assert_eq!(std::fs::read_dir(root.join(point)).unwrap().count(), 0);
     }
     // Owned by root, one timestamp.
     let mut stack = vec![root.clone()];
@@ -487,9 +498,27 @@ fn shipped_host_units_and_provisioning_are_valid() {
             "/usr/share/flotilla/www"
         ]
     );
+    // fleetd over the host's read-only root: the local init's socket and its state in /var.
+    let fleetd = load("fleetd");
+    assert_eq!(fleetd.container.image, None);
+    assert_eq!(fleetd.container.command, ["/usr/bin/fleetd"]);
+    assert_eq!(fleetd.container.network, Network::Host);
+    let paths: Vec<_> = fleetd
+        .container
+        .mounts
+        .iter()
+        .map(|m| (m.path.clone(), m.create))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("/run/flotilla".into(), false),
+            ("/var/lib/flotilla/fleetd".into(), true)
+        ]
+    );
     let catalog = flotilla_units::Catalog::load_dirs(&[dir]);
     assert!(catalog.errors.is_empty(), "{:?}", catalog.errors);
-    assert_eq!(catalog.units.len(), 2);
+    assert_eq!(catalog.units.len(), 3);
 
     let text = std::fs::read_to_string(specs().join("host-provision.toml")).unwrap();
     let p: toml::Value = toml::from_str(&text).unwrap();

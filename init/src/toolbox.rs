@@ -58,6 +58,7 @@ pub fn parse_bind(spec: &str) -> Result<Mount, String> {
         host,
         path,
         read_only,
+        create: false,
     })
 }
 

@@ -146,6 +146,16 @@ pub fn manifest_args(image_dir: &Path) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// The value of the manifest's user-mode `-nic` argument, for `purpose`.
+fn user_nic<'a>(args: &'a mut [String], image_dir: &Path, purpose: &str) -> Result<&'a mut String> {
+    args.iter_mut()
+        .find(|a| a.starts_with("user,") || a.as_str() == "user")
+        .ok_or_else(|| QemuError::Manifest {
+            path: image_dir.join("manifest.json"),
+            detail: format!("no user-mode NIC (-nic user,...) to {purpose}"),
+        })
+}
+
 /// The guest terminal of the debug shell (a virtio console).
 pub const DEBUG_SHELL_TTY: &str = "hvc0";
 
@@ -159,6 +169,10 @@ pub struct BootOptions {
     /// Host ports forwarded to guest ports over the manifest's user-mode NIC
     /// (`hostfwd=tcp:127.0.0.1:HOST-:GUEST`), as (host, guest).
     pub host_forwards: Vec<(u16, u16)>,
+    /// Replaces the manifest's user-mode NIC (`-nic user,...`): the value of `-nic`, e.g.
+    /// `tap,ifname=tap0,script=no,downscript=no,model=virtio-net-pci,mac=52:54:00:00:00:01`
+    /// to put the guest on a host bridge. Excludes `host_forwards`.
+    pub nic: Option<String>,
     /// Start the guest's debug shell (`flotilla.debug_shell=hvc0`) on a virtio console
     /// whose other end [`Vm::shell`] connects to.
     pub debug_shell: bool,
@@ -262,14 +276,11 @@ impl Vm {
                 None => args.extend(["-append".to_string(), cmdline.join(" ")]),
             }
         }
+        if let Some(replacement) = &opts.nic {
+            *user_nic(&mut args, image_dir, "replace")? = replacement.clone();
+        }
         if !opts.host_forwards.is_empty() {
-            let nic = args
-                .iter_mut()
-                .find(|a| a.starts_with("user,") || a.as_str() == "user")
-                .ok_or_else(|| QemuError::Manifest {
-                    path: image_dir.join("manifest.json"),
-                    detail: "no user-mode NIC (-nic user,...) to forward ports over".into(),
-                })?;
+            let nic = user_nic(&mut args, image_dir, "forward ports over")?;
             for (host, guest) in &opts.host_forwards {
                 nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
             }
@@ -633,10 +644,13 @@ pub fn static_init_binary() -> Result<PathBuf> {
     Ok(static_binaries()?.join("flotilla-init"))
 }
 
-/// Builds `flotilla-init` and `unitctl` statically (`-C target-feature=+crt-static -C
+/// The binaries [`static_binaries`] builds: the host image's `/usr/bin`.
+pub const STATIC_BINARIES: [&str; 4] = ["flotilla-init", "unitctl", "fleetd", "fleetctl"];
+
+/// Builds [`STATIC_BINARIES`] statically (`-C target-feature=+crt-static -C
 /// strip=debuginfo`, target `x86_64-unknown-linux-gnu`, its own target directory
-/// `target/static` in the workspace), once per process, and checks that neither has an ELF
-/// interpreter. Returns the directory holding both (`image-build os --bin-dir`).
+/// `target/static` in the workspace), once per process, and checks that none has an ELF
+/// interpreter. Returns the directory holding them (`image-build os --bin-dir`).
 pub fn static_binaries() -> Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
@@ -661,6 +675,12 @@ fn build_static_init() -> Result<PathBuf> {
             "flotilla-init",
             "--bin",
             "unitctl",
+            "-p",
+            "flotilla-fleetd",
+            "--bin",
+            "fleetd",
+            "--bin",
+            "fleetctl",
             "--target",
             "x86_64-unknown-linux-gnu",
         ])
@@ -674,11 +694,12 @@ fn build_static_init() -> Result<PathBuf> {
         .map_err(|e| io_err("run cargo build in", &root, e))?;
     if !status.success() {
         return Err(QemuError::Setup(format!(
-            "static build of flotilla-init failed ({status})"
+            "static build of {} failed ({status})",
+            STATIC_BINARIES.join(", ")
         )));
     }
     let dir = target_dir.join("x86_64-unknown-linux-gnu/release");
-    for name in ["flotilla-init", "unitctl"] {
+    for name in STATIC_BINARIES {
         let bin = dir.join(name);
         if !is_static_elf(&bin)? {
             return Err(QemuError::Setup(format!(

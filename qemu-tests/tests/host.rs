@@ -105,8 +105,8 @@ fn provisioned_host_boots_and_runs_units() {
         !console.contains("FAILED"),
         "a boot step failed:\n{console}"
     );
-    // Two baked-in units (heartbeat, web) and the provisioned one.
-    assert!(marker.ends_with(", 3 units active"), "{marker}\n{console}");
+    // Three baked-in units (fleetd, heartbeat, web) and the provisioned one.
+    assert!(marker.ends_with(", 4 units active"), "{marker}\n{console}");
 
     let mut sh = shell(&vm);
     assert_eq!(sh.ok("hostname", CMD).unwrap().trim(), "vm-one");
@@ -115,7 +115,7 @@ fn provisioned_host_boots_and_runs_units() {
     // A unit without an image sees the host's rendered /etc (bound over the root bind).
     assert!(logs.contains("hello from provisioning on vm-one"), "{logs}");
     let list = sh.ok("unitctl list", CMD).unwrap();
-    for unit in ["hello", "heartbeat", "web"] {
+    for unit in ["fleetd", "hello", "heartbeat", "web"] {
         assert!(list.contains(unit), "{list}");
     }
     let www = sh.ok("wget -qO- http://127.0.0.1:8080/", CMD).unwrap();
@@ -158,6 +158,36 @@ fn provisioned_host_boots_and_runs_units() {
     assert!(cg.trim().starts_with("0::/flotilla/web.unit"), "{cg}");
     let meta = sh.ok("cat /etc/flotilla/metadata.toml", CMD).unwrap();
     assert!(meta.contains("role = \"test\""), "{meta}");
+
+    // Out of the box, fleetd is a cluster of one on its embedded registry in /var: this
+    // machine (init's id, provisioned metadata), and a unit started with fleetctl runs in
+    // this init as a container.
+    let mut machines = String::new();
+    for _ in 0..60 {
+        machines = sh.run("fleetctl list-machines --json", CMD).unwrap().output;
+        if machines.contains(id.trim()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let machines: serde_json::Value = serde_json::from_str(&machines).unwrap();
+    assert_eq!(machines.as_array().unwrap().len(), 1, "{machines:#}");
+    assert_eq!(machines[0]["id"], id.trim(), "{machines:#}");
+    assert_eq!(machines[0]["metadata"]["role"], "test", "{machines:#}");
+    sh.ok(
+        "printf '[container]\\ncommand = [\"/bin/sleep\", \"100000\"]\\n[fleet]\\nmachine_metadata = [\"role=test\"]\\n' > /tmp/nap.toml",
+        CMD,
+    )
+    .unwrap();
+    sh.ok("fleetctl start --block-timeout 60s /tmp/nap.toml", CMD)
+        .unwrap();
+    wait_status(&mut sh, "nap", "active (running)");
+    let units = sh.ok("fleetctl list-units", CMD).unwrap();
+    assert!(units.contains("nap") && units.contains("active"), "{units}");
+    assert!(
+        sh.ok("ls /var/lib/flotilla/fleetd", CMD).unwrap().trim() != "",
+        "the embedded registry is not in /var"
+    );
 
     // The ACPI power button: an orderly power-off, every unit stopped, QEMU exits.
     vm.qmp("system_powerdown").unwrap();

@@ -135,6 +135,10 @@ pub struct Mount {
     pub path: PathBuf,
     /// Mount read-only.
     pub read_only: bool,
+    /// Create the host directory (and its parents, mode 0755) if it does not exist, as
+    /// Kubernetes' `hostPath` type `DirectoryOrCreate`; otherwise a missing host path fails
+    /// the start.
+    pub create: bool,
 }
 
 /// How the manager treats the main process.

@@ -69,7 +69,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
 ];
 
-const MOUNT_KEYS: &[&str] = &["host", "path", "read_only"];
+const MOUNT_KEYS: &[&str] = &["host", "path", "read_only", "create"];
 const IDMAP_KEYS: &[&str] = &["container_id", "host_id", "size"];
 /// Resource limit names (setrlimit(2)), lower case without `RLIMIT_`.
 const RLIMIT_NAMES: &[&str] = &[
@@ -1013,7 +1013,7 @@ fn parse_mounts(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Mount>, UnitError> {
             };
             return Err(e.type_err("a list of tables", example));
         };
-        let (mut host, mut path, mut read_only) = (None, None, false);
+        let (mut host, mut path, mut read_only, mut create) = (None, None, false, false);
         for (k, field, key) in fields(f.ctx, &dotted, table, f.expand) {
             match k {
                 "host" => host = Some(field.abs_path("\"/var/lib/web\"")?),
@@ -1028,6 +1028,7 @@ fn parse_mounts(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Mount>, UnitError> {
                     path = Some(p);
                 }
                 "read_only" => read_only = field.boolean()?,
+                "create" => create = field.boolean()?,
                 _ => {
                     return Err(f.ctx.unknown_key(
                         &format!("container.mounts[{i}]"),
@@ -1055,6 +1056,7 @@ fn parse_mounts(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Mount>, UnitError> {
             host,
             path,
             read_only,
+            create,
         });
     }
     Ok(mounts)

@@ -65,7 +65,7 @@ read_only = true
 rlimits = { nofile = [1024, 4096], RLIMIT_CORE = 0 }
 user_namespace = { host_id = 100000, size = 65536 }
 mounts = [
-    { host = "/var/lib/web", path = "/data" },
+    { host = "/var/lib/web", path = "/data", create = true },
     { host = "/etc/web", path = "/etc/web", read_only = true },
 ]
 
@@ -143,12 +143,14 @@ replaces = ["old-web"]
             Mount {
                 host: "/var/lib/web".into(),
                 path: "/data".into(),
-                read_only: false
+                read_only: false,
+                create: true
             },
             Mount {
                 host: "/etc/web".into(),
                 path: "/etc/web".into(),
-                read_only: true
+                read_only: true,
+                create: false
             },
         ]
     );

@@ -139,6 +139,12 @@ impl ContainerLauncher {
             Network::None => runtime::Network::None,
             Network::Private => runtime::Network::Private,
         };
+        for m in c.mounts.iter().filter(|m| m.create && !m.host.exists()) {
+            fs::create_dir_all(&m.host).map_err(|source| LaunchError::Spawn {
+                program: format!("(creating the mount source {})", m.host.display()),
+                source,
+            })?;
+        }
         spec.mounts = c
             .mounts
             .iter()

@@ -2,7 +2,7 @@
 //! QEMU under TCG, for people rather than tests.
 //!
 //! - `flotilla-vm demo DIR`: boots it, shows the boot steps, `unitctl list`, a unit's status
-//!   and logs, fetches the web unit's page from the host through a forwarded port, then
+//!   and logs, a unit started through fleetd with `fleetctl`, fetches the web unit's page from the host through a forwarded port, then
 //!   presses the ACPI power button and shows the orderly shutdown. `--keep` instead runs QEMU
 //!   in the foreground with its serial console on this terminal (Ctrl-A X quits).
 //! - `flotilla-vm bench DIR`: boots it several times and prints a table: QEMU start → boot
@@ -114,6 +114,15 @@ fn demo(image: &Path) -> anyhow::Result<()> {
             "unitctl logs hello",
         ),
         ("unitctl logs heartbeat -n 3", "unitctl logs heartbeat -n 3"),
+        (
+            "fleetctl start: a unit through fleetd (a cluster of one, embedded registry in /var)",
+            "printf '[container]\\ncommand = [\"/bin/sh\", \"-c\", \"echo scheduled by fleetd; exec sleep 100000\"]\\n' \
+             > /tmp/greeter.toml && fleetctl start --block-timeout 60s /tmp/greeter.toml",
+        ),
+        (
+            "fleetctl list-machines; fleetctl list-units",
+            "fleetctl list-machines; echo; fleetctl list-units",
+        ),
         (
             "the root is read-only, /var is not",
             "touch /usr/x; grep -E ' / | /var | /etc ' /proc/mounts",
