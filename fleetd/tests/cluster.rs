@@ -16,7 +16,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, TTL_SECS};
+use harness::{Cluster, Node, TTL_SECS};
 
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"100000\"]\n";
 
@@ -87,7 +87,7 @@ fn ttl(n: u64) -> Duration {
 }
 
 /// Scenarios 1, 2 and 7 on one cluster: lifecycle; five mutually conflicting units;
-/// metadata AND/OR, machine_of and replaces.
+/// metadata AND/OR, machine_of, replaces and one-way conflicts.
 #[test]
 fn lifecycle_conflicts_and_placement_rules() {
     let c = Cluster::start(&METADATA);
@@ -195,6 +195,37 @@ fn lifecycle_conflicts_and_placement_rules() {
         new.len() == 1 && old.len() == 1 && new[0].0 == before && old[0].0 != before
     });
     wait_placed(&c, &["old", "new"]);
+    c.ok(&["destroy", "old", "new"]);
+
+    // A one-way conflict holds both ways. `picky` (on m3) conflicts with `plain`, which says
+    // nothing of picky: plain, fit for m1 and m3, still keeps off m3. And `shy`, declaring a
+    // conflict with the running `bold` (on m3), keeps off m3 too. Three ballast units on m1
+    // make m3 the least loaded of the two, so only the conflicts keep them off it.
+    let on_m1 = body("machine_metadata = [\"role=web\", \"region=eu\"]");
+    let mut args = vec!["start".to_string(), "--block-timeout".into(), "60s".into()];
+    args.extend((1..=3).map(|i| c.write(&format!("ballast@{i}.toml"), &on_m1)));
+    c.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_placed(&c, &["ballast@1", "ballast@2", "ballast@3"]);
+    let picky = c.write(
+        "picky.toml",
+        &body("conflicts = [\"plain\"]\nmachine_metadata = [\"region=us\"]"),
+    );
+    let bold = c.write("bold.toml", &body("machine_metadata = [\"region=us\"]"));
+    c.ok(&["start", "--block-timeout", "60s", &picky, &bold]);
+    let placed = wait_placed(&c, &["picky", "bold"]);
+    assert_eq!(
+        (placed["picky"].0.as_str(), placed["bold"].0.as_str()),
+        ("m3", "m3")
+    );
+    let plain = c.write("plain.toml", &body("machine_metadata = [\"role=web\"]"));
+    let shy = c.write(
+        "shy.toml",
+        &body("conflicts = [\"bold\"]\nmachine_metadata = [\"role=web\"]"),
+    );
+    c.ok(&["start", "--block-timeout", "60s", &plain, &shy]);
+    let placed = wait_placed(&c, &["plain", "shy"]);
+    assert_eq!(placed["plain"].0, "m1", "plain went next to picky");
+    assert_eq!(placed["shy"].0, "m1", "shy went next to bold");
 }
 
 /// Scenario 3: a machine is lost (its fleetd, init and units killed): its units become
@@ -337,4 +368,155 @@ fn global_units_and_a_late_machine() {
             })
         })
     });
+}
+
+/// The machine ids `list-machines` shows on `node`'s fleetd, `None` if it failed.
+fn machines_on(c: &Cluster, node: &Node) -> Option<BTreeSet<String>> {
+    let out = c.fleetctl_on(node, &["list-machines", "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.as_array()?
+        .iter()
+        .map(|m| m["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Whether `list-units` on `node`'s fleetd shows `unit` assigned to `machine` and active.
+fn listed_active_on(c: &Cluster, node: &Node, unit: &str, machine: &str) -> bool {
+    c.units_on(node).is_some_and(|l| {
+        l.iter()
+            .any(|u| u["name"] == unit && u["machine"] == machine && u["state"] == "active")
+    })
+}
+
+/// Cuts the link of the machine that runs all of `units` (its veth down; its init and
+/// fleetd keep running), waits until every unit is active once on the other machines while
+/// the cut machine keeps its own copies with the same pids (etcd unreachable never stops
+/// running units: fleet's issue 1289), restores the link and waits until the machine has
+/// registered again and its agent has stopped and removed its stale copies. Then every
+/// unit runs exactly once, where the engine moved it, and stays there. Returns where.
+fn cut_and_heal(c: &Cluster, units: &[&str]) -> BTreeMap<String, (String, u32)> {
+    let before = wait_placed(c, units);
+    let cut_id = before[units[0]].0.clone();
+    assert!(
+        before.values().all(|(m, _)| *m == cut_id),
+        "{units:?} do not run on one machine: {before:?}"
+    );
+    let i = c.nodes.iter().position(|n| n.id == cut_id).unwrap();
+    let cut = &c.nodes[i];
+    // Where fleetctl goes while the link is down: a machine that still reaches etcd.
+    let witness = c.nodes.iter().find(|n| n.id != cut_id).unwrap();
+    let survivors: BTreeSet<String> = c
+        .nodes
+        .iter()
+        .filter(|n| n.id != cut_id)
+        .map(|n| n.id.clone())
+        .collect();
+
+    c.cut_link(i);
+    let cut_copies_run = || {
+        for (unit, (_, pid)) in &before {
+            assert_eq!(
+                cut.active_pid(unit),
+                Some(*pid),
+                "the cut machine's copy of {unit} was touched while etcd was unreachable\n{}",
+                c.logs()
+            );
+        }
+    };
+    let mut moved = BTreeMap::new();
+    c.wait(
+        &format!("{units:?} to become active on other machines"),
+        || {
+            cut_copies_run();
+            if machines_on(c, witness).as_ref() != Some(&survivors) {
+                return false;
+            }
+            moved.clear();
+            for unit in units {
+                let elsewhere: Vec<(String, u32)> = c
+                    .running(unit)
+                    .into_iter()
+                    .filter(|(m, _)| *m != cut_id)
+                    .collect();
+                assert!(
+                    elsewhere.len() <= 1,
+                    "{unit} runs twice elsewhere: {elsewhere:?}"
+                );
+                match elsewhere.into_iter().next() {
+                    Some((m, pid)) if listed_active_on(c, witness, unit, &m) => {
+                        moved.insert(unit.to_string(), (m, pid));
+                    }
+                    _ => return false,
+                }
+            }
+            true
+        },
+    );
+    // Both sides stay as they are while the link is down.
+    let start = Instant::now();
+    while start.elapsed() < ttl(2) {
+        cut_copies_run();
+        for (unit, copy) in &moved {
+            assert!(
+                c.running(unit).contains(copy),
+                "the moved copy of {unit} was touched\n{}",
+                c.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    c.restore_link(i);
+    let all: BTreeSet<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
+    c.wait(
+        "the cut machine to register again and stop its stale copies",
+        || {
+            machines_on(c, cut).as_ref() == Some(&all)
+                && cut
+                    .init_units()
+                    .is_some_and(|us| us.iter().all(|u| !units.contains(&u.name.as_str())))
+                && moved.iter().all(|(unit, copy)| {
+                    c.running(unit) == vec![copy.clone()] && listed_active_on(c, cut, unit, &copy.0)
+                })
+        },
+    );
+    c.wait_machines(3);
+    // And the engine leaves them where it moved them.
+    hold(c, &moved, ttl(3));
+    assert_eq!(wait_placed(c, units), moved);
+    moved
+}
+
+/// Issue 5: the link of the machine running a unit is cut. Its lease expires and the unit
+/// becomes active on another machine, while the cut machine keeps its copy running; once
+/// the link is back, the machine registers again (three machines listed) and its agent
+/// stops its now unassigned copy: the unit runs exactly once. See [`cut_and_heal`].
+#[test]
+fn link_cut_moves_units_and_heals() {
+    let c = Cluster::start(&METADATA);
+    let file = c.write("mover.toml", SLEEP);
+    c.ok(&["start", "--block-timeout", "60s", &file]);
+    let after = cut_and_heal(&c, &["mover"]);
+    assert_eq!(after.len(), 1);
+}
+
+/// Issue 5: a unit with `machine_of` another, and the link of their machine is cut: both
+/// move, together, to one other machine; after the link is back each runs exactly once
+/// there. See [`cut_and_heal`].
+#[test]
+fn link_cut_moves_machine_of_together() {
+    let c = Cluster::start(&METADATA);
+    let target = c.write("target.toml", SLEEP);
+    let follower = c.write("follower.toml", &body("machine_of = [\"target\"]"));
+    c.ok(&["start", "--block-timeout", "60s", &target, &follower]);
+    let after = cut_and_heal(&c, &["target", "follower"]);
+    assert_eq!(
+        after["follower"].0,
+        after["target"].0,
+        "follower did not follow target: {after:?}\n{}",
+        c.logs()
+    );
 }

@@ -439,3 +439,105 @@ fn tcp_requires_the_token() {
     let machines: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(machines[0]["address"], "127.0.0.1");
 }
+
+/// The counter of a `journal` line printed by the ticker unit (`... stdout tick N`).
+fn tick(line: &str) -> Option<u64> {
+    let (_, n) = line.trim_end().rsplit_once(" tick ")?;
+    n.parse().ok()
+}
+
+/// The ticker's newest counter in init's own log (0 before its first line).
+fn last_tick(c: &Cluster) -> u64 {
+    Client::connect(&c.init_socket)
+        .unwrap()
+        .logs("ticker", 1000)
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.line.strip_prefix("tick ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Kills a child process on drop (a failing test leaves no `journal -f` behind).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `journal -n 2` prints exactly the unit's last two lines; `journal -f` keeps printing
+/// the lines the unit writes after it started, each once, in order.
+#[test]
+fn journal_tails_and_follows() {
+    let c = Cluster::start(&[]);
+    let file = c.write(
+        "ticker.toml",
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.3; done\"]\n",
+    );
+    c.ok(&["start", "--block-timeout", "30s", &file]);
+    wait_until(
+        "the ticker to print 3 lines",
+        || last_tick(&c) >= 3,
+        || c.logs(),
+    );
+
+    // -n 2: two lines, consecutive, and the newest one at the time of the call.
+    let before = last_tick(&c);
+    let out = c.ok(&["journal", "-n", "2", "ticker"]);
+    let after = last_tick(&c);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let ticks: Vec<u64> = lines.iter().map(|l| tick(l).expect(l)).collect();
+    assert_eq!(ticks[1], ticks[0] + 1, "{out}");
+    assert!(
+        (before..=after).contains(&ticks[1]),
+        "journal -n 2 printed {ticks:?}, the newest line was tick {before} before and tick {after} after\n{out}"
+    );
+
+    // -f: lines written after the command started arrive while it runs.
+    let started = last_tick(&c);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .arg("--endpoint")
+            .arg(&c.api)
+            .args(["journal", "-f", "ticker"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    let mut seen: Vec<u64> = Vec::new();
+    while seen.iter().filter(|&&t| t > started).count() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line.unwrap(),
+            Err(e) => panic!(
+                "journal -f printed {seen:?} and then nothing ({e}); the ticker was at {started} when it started\n{}",
+                c.logs()
+            ),
+        };
+        if let Some(t) = tick(&line) {
+            assert!(
+                seen.last().is_none_or(|&l| t > l),
+                "journal -f printed tick {t} after {seen:?}"
+            );
+            seen.push(t);
+        }
+    }
+    drop(child);
+}

@@ -10,6 +10,10 @@
 //! gateway = "10.0.2.2"
 //! [metadata]             # for fleet placement
 //! role = "web"
+//! [fleet]                # fleetd: the cluster's etcd (without it, the embedded registry)
+//! etcd = ["http://10.0.2.2:2379"]
+//! ttl = 5                # presence lease, seconds (default 5)
+//! address = "10.0.2.15"  # shown by list-machines (default: [network] address)
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -44,6 +48,21 @@ pub struct Config {
     pub metadata: BTreeMap<String, String>,
     /// Unit files to install, by file name (`web.toml`, `worker@.toml`).
     pub units: Vec<(String, String)>,
+    /// `[fleet]`: how this machine's fleetd joins its cluster.
+    pub fleet: Fleet,
+}
+
+/// `[fleet]`: fleetd's settings, rendered as `/etc/flotilla/fleetd.toml` (fleetd's flags
+/// override them).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fleet {
+    /// etcd client URLs; empty: the embedded registry (a cluster of one).
+    pub etcd: Vec<String>,
+    /// The presence lease TTL in seconds; `None`: fleetd's default.
+    pub ttl: Option<u64>,
+    /// The address other machines and `list-machines` show; `None`: the `[network]`
+    /// address, if any.
+    pub address: Option<String>,
 }
 
 /// `[network]`: a static IPv4 configuration of eth0.
@@ -76,6 +95,16 @@ struct Raw {
     metadata: BTreeMap<Spanned<String>, String>,
     #[serde(default)]
     units: Vec<RawUnit>,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    #[serde(default)]
+    etcd: Vec<Spanned<String>>,
+    ttl: Option<Spanned<i64>>,
+    address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +123,8 @@ struct RawUnit {
 
 /// The help line every syntax error carries.
 const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
-     (keys: hostname, [network] address gateway, [metadata], [[units]] name contents)";
+     (keys: hostname, [network] address gateway, [metadata], [[units]] name contents, \
+     [fleet] etcd ttl address)";
 
 /// Parses and validates a provisioning config. `label` names it in errors (a path, or
 /// `fw_cfg:opt/org.flotilla/config`).
@@ -192,11 +222,64 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         units.push((name.clone(), u.contents.into_inner()));
     }
 
+    let fleet = match raw.fleet {
+        Some(f) => {
+            let mut etcd = Vec::new();
+            for url in f.etcd {
+                let u = url.get_ref();
+                let host = u
+                    .strip_prefix("http://")
+                    .or_else(|| u.strip_prefix("https://"))
+                    .filter(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+                if host.is_none() {
+                    return Err(at(
+                        url.span(),
+                        format!("invalid etcd endpoint {u:?}"),
+                        "write etcd's client URL, e.g. \"http://10.0.2.2:2379\"",
+                    ));
+                }
+                etcd.push(url.into_inner());
+            }
+            let ttl = match f.ttl {
+                Some(t) => Some(
+                    u64::try_from(*t.get_ref())
+                        .ok()
+                        .filter(|t| (1..=3600).contains(t))
+                        .ok_or_else(|| {
+                            at(
+                                t.span(),
+                                format!("invalid ttl {}", t.get_ref()),
+                                "the lease TTL is 1 to 3600 seconds, e.g. ttl = 5",
+                            )
+                        })?,
+                ),
+                None => None,
+            };
+            let address = match f.address {
+                Some(a)
+                    if a.get_ref().trim().is_empty()
+                        || a.get_ref().contains(char::is_whitespace) =>
+                {
+                    return Err(at(
+                        a.span(),
+                        format!("invalid address {:?}", a.get_ref()),
+                        "write the address others reach this machine at, e.g. \"10.0.2.15\"",
+                    ))
+                }
+                Some(a) => Some(a.into_inner()),
+                None => None,
+            };
+            Fleet { etcd, ttl, address }
+        }
+        None => Fleet::default(),
+    };
+
     Ok(Config {
         hostname,
         network,
         metadata,
         units,
+        fleet,
     })
 }
 
@@ -293,7 +376,8 @@ pub struct EtcFile {
 }
 
 /// The files of `/etc` that come from the config and the machine id (on top of the image's
-/// factory `/etc`): `hostname`, `hosts`, `machine-id`, `flotilla/metadata.toml` and the units.
+/// factory `/etc`): `hostname`, `hosts`, `machine-id`, `flotilla/metadata.toml`,
+/// `flotilla/fleetd.toml` and the units.
 pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
     let file = |path: &str, contents: String| EtcFile {
         path: path.to_string(),
@@ -313,6 +397,23 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
         meta.push_str(&format!("{k} = {}\n", toml_string(v)));
     }
     files.push(file("flotilla/metadata.toml", meta));
+    let mut fleetd = String::from("# fleetd's settings, from provisioning ([fleet])\n");
+    if !config.fleet.etcd.is_empty() {
+        let urls: Vec<String> = config.fleet.etcd.iter().map(|u| toml_string(u)).collect();
+        fleetd.push_str(&format!("etcd = [{}]\n", urls.join(", ")));
+    }
+    if let Some(ttl) = config.fleet.ttl {
+        fleetd.push_str(&format!("ttl = {ttl}\n"));
+    }
+    let address = config
+        .fleet
+        .address
+        .clone()
+        .or_else(|| config.network.map(|n| n.address.to_string()));
+    if let Some(address) = address {
+        fleetd.push_str(&format!("address = {}\n", toml_string(&address)));
+    }
+    files.push(file("flotilla/fleetd.toml", fleetd));
     for (name, contents) in &config.units {
         files.push(file(&format!("flotilla/units/{name}"), contents.clone()));
     }
@@ -364,6 +465,31 @@ command = ["/bin/echo", "%i"]
         assert_eq!(c.units[1].0, "worker@.toml");
     }
 
+    /// `[fleet]` becomes /etc/flotilla/fleetd.toml; the address defaults to eth0's.
+    #[test]
+    fn fleet_settings_render_fleetd_toml() {
+        let text = format!(
+            "{GOOD}[fleet]\netcd = [\"http://10.0.2.2:2379\", \"https://e2:2379\"]\nttl = 3\n"
+        );
+        // The rendered /etc/flotilla/fleetd.toml, parsed.
+        let fleetd_toml = |c: &Config| -> toml::Table {
+            let files = render(c, "id");
+            let file = files.iter().find(|f| f.path == "flotilla/fleetd.toml");
+            toml::from_str(&file.unwrap().contents).unwrap()
+        };
+        let c = parse("cfg", &text).unwrap();
+        assert_eq!(c.fleet.etcd, ["http://10.0.2.2:2379", "https://e2:2379"]);
+        assert_eq!(c.fleet.ttl, Some(3));
+        let table = fleetd_toml(&c);
+        assert_eq!(table["etcd"].as_array().unwrap().len(), 2, "{table}");
+        assert_eq!(table["ttl"].as_integer(), Some(3));
+        assert_eq!(table["address"].as_str(), Some("10.0.2.15"));
+        let c = parse("cfg", "[fleet]\naddress = \"node1.example\"\n").unwrap();
+        let table = fleetd_toml(&c);
+        assert_eq!(table.get("etcd"), None);
+        assert_eq!(table["address"].as_str(), Some("node1.example"));
+    }
+
     #[test]
     fn empty_config_is_valid() {
         assert_eq!(parse("cfg", "").unwrap(), Config::default());
@@ -398,6 +524,14 @@ command = ["/bin/echo", "%i"]
                 "invalid gateway",
             ),
             ("[metadata]\n\"a b\" = \"c\"\n", "cfg:2:1:", "invalid metadata key"),
+            (
+                "[fleet]\netcd = [\"http://a:1\", \"10.0.0.1:2379\"]\n",
+                "cfg:2:23:",
+                "invalid etcd endpoint",
+            ),
+            ("[fleet]\nttl = 0\n", "cfg:2:7:", "invalid ttl"),
+            ("[fleet]\naddress = \"\"\n", "cfg:2:11:", "invalid address"),
+            ("[fleet]\netcd = \"http://a:1\"\n", "cfg:2:8:", "invalid type"),
             (
                 "[[units]]\nname = \"web\"\ncontents = \"\"\n",
                 "cfg:2:8:",

@@ -93,28 +93,26 @@ pub fn floor_image(spec: &Path, out: &Path, tail: &str) -> Result<PathBuf> {
 
 /// Makes `dest` one machine's copy of the image in `image_dir`, for booting several VMs of
 /// one image at once (QEMU locks each writable disk): the kernel, initramfs, read-only
-/// root and manifest are symlinked, `var.img` is copied (sparse, as built: blank, so each
-/// machine formats and provisions its own `/var` on first boot). Returns `dest`.
+/// root and manifest are symlinked, and `var.img` is a blank sparse file of the image's
+/// size, which the init formats on first boot (a copy of the image's own `var.img` would
+/// carry the machine id and provisioning of any boot it has seen). Whatever was at `dest`
+/// is replaced. Returns `dest`.
 pub fn machine_copy(image_dir: &Path, dest: &Path) -> Result<PathBuf> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| io_err("remove", dest, e))?;
+    }
     std::fs::create_dir_all(dest).map_err(|e| io_err("create", dest, e))?;
     for name in ["vmlinuz", "initramfs.img", "root.img", "manifest.json"] {
         let (src, link) = (image_dir.join(name), dest.join(name));
         let src = std::fs::canonicalize(&src).map_err(|e| io_err("resolve", &src, e))?;
         std::os::unix::fs::symlink(&src, &link).map_err(|e| io_err("symlink", &link, e))?;
     }
-    let (src, copy) = (image_dir.join("var.img"), dest.join("var.img"));
-    let status = std::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&src)
-        .arg(&copy)
-        .status()
-        .map_err(|e| io_err("run cp for", &src, e))?;
-    if !status.success() {
-        return Err(QemuError::Setup(format!(
-            "cp --sparse=always {} {} failed ({status})",
-            src.display(),
-            copy.display()
-        )));
-    }
+    let (src, var) = (image_dir.join("var.img"), dest.join("var.img"));
+    let size = std::fs::metadata(&src)
+        .map_err(|e| io_err("stat", &src, e))?
+        .len();
+    std::fs::File::create(&var)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| io_err("create", &var, e))?;
     Ok(dest.to_path_buf())
 }

@@ -17,13 +17,32 @@ use tokio::sync::watch;
 
 /// Where the host's provisioning writes the machine's fleet metadata (`key = "value"` lines).
 const METADATA_FILE: &str = "/etc/flotilla/metadata.toml";
+/// Where the host's provisioning (`[fleet]`) writes fleetd's settings.
+const CONFIG_FILE: &str = "/etc/flotilla/fleetd.toml";
+/// The lease TTL without --ttl or a `ttl` in the config file, in seconds.
+const DEFAULT_TTL: u64 = 5;
+
+/// The config file: defaults for the flags of the same names (`etcd = ["http://..."]`,
+/// `ttl = 5`, `address = "10.0.0.11"`); a flag given on the command line wins.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    etcd: Vec<String>,
+    ttl: Option<u64>,
+    address: Option<String>,
+}
 
 /// fleetd: spreads units across machines with fleet's placement rules.
 #[derive(Debug, Parser)]
 #[command(name = "fleetd", version)]
 struct Args {
-    /// etcd endpoints, comma-separated (http://10.0.0.1:2379,...); without it, the embedded
-    /// registry in --state.
+    /// Settings file (written by provisioning's `[fleet]`): `etcd`, `ttl`, `address`, the
+    /// defaults of those flags. A missing file is no error.
+    #[arg(long, value_name = "PATH", default_value = CONFIG_FILE)]
+    config: PathBuf,
+    /// etcd endpoints, comma-separated (http://10.0.0.1:2379,...); without it (and without
+    /// `etcd` in --config), the embedded registry in --state.
     #[arg(long, value_delimiter = ',', value_name = "URL,...")]
     etcd: Vec<String>,
     /// The key prefix in etcd (starts and ends with `/`).
@@ -55,9 +74,10 @@ struct Args {
     /// part of --listen, else empty.
     #[arg(long, value_name = "ADDR")]
     address: Option<String>,
-    /// The lease TTL of this machine's presence and of the engine's leadership, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 5)]
-    ttl: u64,
+    /// The lease TTL of this machine's presence and of the engine's leadership, in seconds
+    /// (default: `ttl` in --config, else 5).
+    #[arg(long, value_name = "SECS")]
+    ttl: Option<u64>,
 }
 
 fn main() {
@@ -124,11 +144,32 @@ fn read_metadata_file(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
-async fn run(args: Args) -> Result<()> {
-    if args.ttl == 0 {
-        bail!("invalid --ttl 0: the lease TTL is at least 1 second");
+/// Reads the config file (none: no settings).
+fn read_config_file(path: &Path) -> Result<FileConfig> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileConfig::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    toml::from_str(&text).with_context(|| {
+        format!(
+            "invalid {} (keys: etcd = [\"http://HOST:2379\", ...], ttl = SECS, address = \"ADDR\")",
+            path.display()
+        )
+    })
+}
+
+async fn run(mut args: Args) -> Result<()> {
+    let file = read_config_file(&args.config)?;
+    if args.etcd.is_empty() {
+        args.etcd = file.etcd;
     }
-    let ttl = Duration::from_secs(args.ttl);
+    args.address = args.address.or(file.address);
+    let ttl_secs = args.ttl.or(file.ttl).unwrap_or(DEFAULT_TTL);
+    if ttl_secs == 0 {
+        bail!("invalid ttl 0: the lease TTL is at least 1 second");
+    }
+    let ttl = Duration::from_secs(ttl_secs);
     let token = match (&args.listen, &args.token_file) {
         (Some(_), None) => bail!(
             "--listen needs --token-file: the TCP API requires a bearer token (write one, e.g. `head -c 32 /dev/urandom | base64 > /etc/flotilla/fleetd.token`)"
@@ -294,4 +335,35 @@ fn wait_for_signal() -> Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => log::info!("fleetd: SIGINT, stopping (units keep running)"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn config_file_gives_defaults_and_may_be_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = read_config_file(&dir.path().join("fleetd.toml")).unwrap();
+        assert!(none.etcd.is_empty() && none.ttl.is_none() && none.address.is_none());
+
+        let path = dir.path().join("fleetd.toml");
+        std::fs::write(
+            &path,
+            "# from provisioning\netcd = [\"http://10.0.0.1:2379\"]\nttl = 3\naddress = \"10.0.0.11\"\n",
+        )
+        .unwrap();
+        let file = read_config_file(&path).unwrap();
+        assert_eq!(file.etcd, ["http://10.0.0.1:2379"]);
+        assert_eq!(file.ttl, Some(3));
+        assert_eq!(file.address.as_deref(), Some("10.0.0.11"));
+
+        std::fs::write(&path, "etcd_servers = []\n").unwrap();
+        let err = format!("{:#}", read_config_file(&path).unwrap_err());
+        assert!(
+            err.contains("unknown field") && err.contains("keys: etcd"),
+            "{err}"
+        );
+    }
 }

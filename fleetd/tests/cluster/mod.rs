@@ -596,6 +596,18 @@ impl Cluster {
         assert!(status.success(), "fleetd {} exited {status}", node.id);
         node.start_fleetd(&etcd);
     }
+
+    /// Cuts machine `i` off the network: its host-side veth goes down, so the machine's
+    /// fleetd reaches neither etcd nor the other machines (its packets are dropped, not
+    /// refused), while its init and fleetd keep running. Undo with [`Cluster::restore_link`].
+    pub fn cut_link(&self, i: usize) {
+        ip(&["link", "set", &self.nodes[i].veth, "down"]);
+    }
+
+    /// Brings machine `i`'s link back after [`Cluster::cut_link`].
+    pub fn restore_link(&self, i: usize) {
+        ip(&["link", "set", &self.nodes[i].veth, "up"]);
+    }
 }
 
 impl Drop for Cluster {

@@ -5,6 +5,9 @@
 //!   and logs, a unit started through fleetd with `fleetctl`, fetches the web unit's page from the host through a forwarded port, then
 //!   presses the ACPI power button and shows the orderly shutdown. `--keep` instead runs QEMU
 //!   in the foreground with its serial console on this terminal (Ctrl-A X quits).
+//! - `flotilla-vm cluster DIR`: three VMs of it on a host bridge with etcd on the host, each
+//!   provisioned with `[fleet] etcd`; starts a global unit and a service with `fleetctl`,
+//!   powers the service's VM off and shows the service move to another machine.
 //! - `flotilla-vm bench DIR`: boots it several times and prints a table: QEMU start → boot
 //!   marker, the kernel's share, init's own share, PID 1's memory, the image sizes, side by
 //!   side with the floor (the same kernel and modules with a busybox `/init`).
@@ -42,6 +45,12 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Boot three VMs of the image on a host bridge with etcd, start a global unit and a
+    /// service with fleetctl, power the service's VM off and show the service move.
+    Cluster {
+        /// The image directory (image-build os --out DIR).
+        image: PathBuf,
+    },
     /// Boot the image several times and print the boot time table.
     Bench {
         /// The image directory (image-build os --out DIR).
@@ -56,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Demo { image, keep: true } => keep(&image),
         Cmd::Demo { image, keep: false } => demo(&image),
+        Cmd::Cluster { image } => cluster(&image),
         Cmd::Bench { image, boots } => bench(&image, boots),
     }
 }
@@ -159,6 +169,141 @@ fn demo(image: &Path) -> anyhow::Result<()> {
             "the guest did not power off; console: {}",
             vm.log_path().display()
         ),
+    }
+    Ok(())
+}
+
+/// The lease TTL of the cluster demo's machines, in seconds.
+const CLUSTER_TTL: u64 = 3;
+
+fn cluster(image: &Path) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("flotilla-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = cluster_in(image, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn cluster_in(image: &Path, scratch: &Path) -> anyhow::Result<()> {
+    use qemu_tests::cluster::{active_units, machines, poll, write_file, ClusterNet};
+    let net = ClusterNet::new(scratch, 3)?;
+    step(&format!(
+        "host bridge {}/24 with etcd at {}; booting vm1 (role=edge), vm2 and vm3 (role=worker), \
+         each provisioned with [fleet] etcd = [\"{}\"]",
+        net.host_ip(),
+        net.endpoint(),
+        net.endpoint()
+    ));
+    // The VMs boot from copies next to the image, in the scratch directory.
+    let base = scratch.join("image");
+    std::fs::create_dir_all(&base)?;
+    for name in [
+        "vmlinuz",
+        "initramfs.img",
+        "root.img",
+        "var.img",
+        "manifest.json",
+    ] {
+        std::os::unix::fs::symlink(std::fs::canonicalize(image.join(name))?, base.join(name))?;
+    }
+    let roles = ["edge", "worker", "worker"];
+    let mut vms = Vec::new();
+    for (i, role) in roles.iter().enumerate() {
+        vms.push(net.boot(&base, i + 1, role, CLUSTER_TTL)?);
+    }
+    for (i, vm) in vms.iter().enumerate() {
+        println!("    vm{}: {}", i + 1, wait_marker(vm)?);
+    }
+    let mut shells = Vec::new();
+    for vm in &vms {
+        shells.push(vm.shell(CMD)?);
+    }
+    let Some(sh) = shells.first_mut() else {
+        bail!("no VM");
+    };
+    poll(
+        "3 machines",
+        BOOT_TIMEOUT,
+        || machines(sh),
+        |m| m.len() == 3,
+    )?;
+    step("vm1$ fleetctl list-machines");
+    indent(&sh.run("fleetctl list-machines", CMD)?.output);
+
+    write_file(sh, "/tmp/everywhere.toml", qemu_tests::cluster::GLOBAL_UNIT)?;
+    write_file(sh, "/tmp/svc.toml", qemu_tests::cluster::SERVICE_UNIT)?;
+    step("vm1$ cat /tmp/svc.toml");
+    indent(&sh.run("cat /tmp/svc.toml", CMD)?.output);
+    step("vm1$ fleetctl start /tmp/everywhere.toml /tmp/svc.toml  (everywhere: global = true)");
+    indent(
+        &sh.run(
+            "fleetctl start --block-timeout 120s /tmp/everywhere.toml /tmp/svc.toml",
+            BOOT_TIMEOUT,
+        )?
+        .output,
+    );
+    let placed = poll(
+        "everywhere on 3 machines and svc on one",
+        BOOT_TIMEOUT,
+        || active_units(sh),
+        |a| {
+            a.iter().filter(|(u, _)| u == "everywhere").count() == 3
+                && a.iter().any(|(u, _)| u == "svc")
+        },
+    )?;
+    step("vm1$ fleetctl list-units");
+    indent(&sh.run("fleetctl list-units", CMD)?.output);
+
+    let svc_machine = placed
+        .iter()
+        .find(|(u, _)| u == "svc")
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    let mut host = None;
+    for (i, s) in shells.iter_mut().enumerate() {
+        if s.ok("cat /etc/machine-id", CMD)?.trim() == svc_machine {
+            host = Some(i);
+        }
+    }
+    let Some(host) = host else {
+        bail!("svc runs on {svc_machine}, which is none of the VMs");
+    };
+    step(&format!(
+        "vm{}$ unitctl logs svc  (a container in that VM's init)",
+        host + 1
+    ));
+    if let Some(s) = shells.get_mut(host) {
+        indent(&s.run("unitctl logs svc", CMD)?.output);
+    }
+    step(&format!(
+        "pressing vm{}'s ACPI power button: an orderly shutdown, then its lease expires ({CLUSTER_TTL} s TTL)",
+        host + 1
+    ));
+    let off = Instant::now();
+    if let Some(vm) = vms.get(host) {
+        vm.qmp("system_powerdown")?;
+        vm.wait_exit(BOOT_TIMEOUT)?;
+    }
+    let Some(sh) = shells.first_mut() else {
+        bail!("no VM");
+    };
+    poll(
+        "svc active on another machine",
+        BOOT_TIMEOUT,
+        || active_units(sh),
+        |a| a.iter().any(|(u, m)| u == "svc" && *m != svc_machine),
+    )?;
+    println!(
+        "    svc active elsewhere {:.1} s after the button",
+        off.elapsed().as_secs_f64()
+    );
+    step("vm1$ fleetctl list-machines; fleetctl list-units");
+    indent(
+        &sh.run("fleetctl list-machines; echo; fleetctl list-units", CMD)?
+            .output,
+    );
+    for vm in &vms {
+        let _ = vm.qmp("quit");
     }
     Ok(())
 }

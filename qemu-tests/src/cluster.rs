@@ -1,0 +1,299 @@
+//! A fleet cluster of host-image VMs on one host: a Linux bridge with one tap per VM, etcd
+//! (Debian's etcd-server) listening on the bridge's address, and per VM a copy of the image
+//! ([`crate::images::machine_copy`]) booted with a provisioning config that gives it an
+//! address on the bridge, metadata, and `[fleet] etcd` naming that etcd. Used by
+//! `tests/cluster.rs` and `flotilla-vm cluster`. Needs root and iproute2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{
+    ensure_program, free_port, http_get, io_err, BootOptions, QemuError, Result, Shell, Vm,
+};
+
+/// How long etcd may take to answer after it starts.
+const ETCD_READY: Duration = Duration::from_secs(60);
+/// The bound on one command in a guest's shell.
+const SHELL_COMMAND: Duration = Duration::from_secs(60);
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| io_err("run", Path::new("ip"), e))?;
+    if !out.status.success() {
+        return Err(QemuError::Setup(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The host side of a VM cluster: a bridge, a tap per VM, and etcd on the bridge's
+/// address; all of it removed (etcd killed) on drop.
+pub struct ClusterNet {
+    bridge: String,
+    taps: Vec<String>,
+    /// `10.x.y` of the bridge's /24.
+    subnet: String,
+    etcd: Option<Child>,
+    etcd_log: PathBuf,
+    endpoint: String,
+}
+
+impl ClusterNet {
+    /// Creates the bridge (`10.201-202.x.1/24`, apart from fleetd's namespace clusters in
+    /// 10.100-199) with `vms` taps, and starts etcd in `dir` (its data and log). etcd is
+    /// `$FLOTILLA_ETCD` or `etcd` (installed from Debian's etcd-server if missing).
+    pub fn new(dir: &Path, vms: usize) -> Result<ClusterNet> {
+        let pid = std::process::id();
+        let tag = format!("{:x}", pid % 0xfffff);
+        let mut net = ClusterNet {
+            bridge: format!("fqb{tag}"),
+            taps: Vec::new(),
+            subnet: format!("10.{}.{}", 201 + pid % 2, (pid / 2) % 250),
+            etcd: None,
+            etcd_log: dir.join("etcd.log"),
+            endpoint: String::new(),
+        };
+        ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+        let cidr = format!("{}/24", net.host_ip());
+        ip(&["addr", "add", &cidr, "dev", &net.bridge])?;
+        ip(&["link", "set", &net.bridge, "up"])?;
+        for n in 1..=vms {
+            let tap = format!("fqt{tag}-{n}");
+            ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+            net.taps.push(tap.clone());
+            ip(&["link", "set", &tap, "master", &net.bridge, "up"])?;
+        }
+        net.start_etcd(dir)?;
+        Ok(net)
+    }
+
+    /// The host's address on the bridge: etcd's, and the VMs' gateway.
+    pub fn host_ip(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+
+    /// VM `n`'s address (1-based).
+    pub fn vm_ip(&self, n: usize) -> String {
+        format!("{}.{}", self.subnet, 10 + n)
+    }
+
+    /// etcd's client URL on the bridge.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// etcd's log so far.
+    pub fn etcd_log(&self) -> String {
+        std::fs::read_to_string(&self.etcd_log).unwrap_or_default()
+    }
+
+    fn start_etcd(&mut self, dir: &Path) -> Result<()> {
+        let bin = match std::env::var_os("FLOTILLA_ETCD") {
+            Some(bin) => PathBuf::from(bin),
+            None => ensure_program("etcd", "etcd-server")?,
+        };
+        let (client, peer) = (free_port()?, free_port()?);
+        self.endpoint = format!("http://{}:{client}", self.host_ip());
+        let listen = format!("{},http://127.0.0.1:{client}", self.endpoint);
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(&self.etcd_log)
+            .map_err(|e| io_err("create", &self.etcd_log, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| io_err("open", &self.etcd_log, e))?;
+        let child = Command::new(&bin)
+            .args(["--name", "vms"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--listen-client-urls", &listen])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("vms={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| io_err("start", &bin, e))?;
+        self.etcd = Some(child);
+        let start = Instant::now();
+        while !http_get(client, "/health").is_ok_and(|r| r.contains("\"true\"")) {
+            if start.elapsed() > ETCD_READY {
+                return Err(QemuError::Setup(format!(
+                    "etcd did not become healthy in {ETCD_READY:?}:\n{}",
+                    self.etcd_log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// VM `n`'s `-nic`: its tap, with a MAC of its own (QEMU's default is the same for all).
+    pub fn nic(&self, n: usize) -> Result<String> {
+        let tap = n
+            .checked_sub(1)
+            .and_then(|i| self.taps.get(i))
+            .ok_or_else(|| QemuError::Setup(format!("no tap for VM {n}")))?;
+        Ok(format!(
+            "tap,ifname={tap},script=no,downscript=no,model=virtio-net-pci,mac=52:54:00:f1:00:{n:02x}"
+        ))
+    }
+
+    /// VM `n`'s provisioning: hostname `vm<n>`, its address with the host as gateway,
+    /// `role` metadata, and `[fleet]`: this etcd and the lease TTL (the image's fleetd unit
+    /// reads them from /etc/flotilla/fleetd.toml; list-machines shows eth0's address).
+    pub fn provisioning(&self, n: usize, role: &str, ttl_secs: u64) -> String {
+        format!(
+            r#"hostname = "vm{n}"
+[network]
+address = "{ip}/24"
+gateway = "{gw}"
+[metadata]
+role = "{role}"
+[fleet]
+etcd = ["{endpoint}"]
+ttl = {ttl_secs}
+"#,
+            ip = self.vm_ip(n),
+            gw = self.host_ip(),
+            endpoint = self.endpoint,
+        )
+    }
+
+    /// Boots VM `n` from its own copy of `image` (made beside it, `vmN/`) on this network
+    /// with [`ClusterNet::provisioning`] on fw_cfg and the debug shell.
+    pub fn boot(&self, image: &Path, n: usize, role: &str, ttl_secs: u64) -> Result<Vm> {
+        let copy = image.with_file_name(format!("vm{n}"));
+        let copy = crate::images::machine_copy(image, &copy)?;
+        let config = copy.join("provision.toml");
+        std::fs::write(&config, self.provisioning(n, role, ttl_secs))
+            .map_err(|e| io_err("write", &config, e))?;
+        Vm::boot_with(
+            &copy,
+            &BootOptions {
+                extra_args: vec![
+                    "-fw_cfg".into(),
+                    format!("name=opt/org.flotilla/config,file={}", config.display()),
+                ],
+                nic: Some(self.nic(n)?),
+                debug_shell: true,
+                ..BootOptions::default()
+            },
+        )
+    }
+}
+
+impl Drop for ClusterNet {
+    fn drop(&mut self) {
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+        }
+        for dev in self.taps.iter().chain([&self.bridge]) {
+            let _ = Command::new("ip")
+                .args(["link", "del", dev])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// `fleetctl VERB --json` in a guest, parsed; `None` while it fails (no leader yet, etcd
+/// not reached yet, ...).
+pub fn fleetctl_json(sh: &mut Shell, verb: &str) -> Result<Option<serde_json::Value>> {
+    let out = sh.run(&format!("fleetctl {verb} --json"), SHELL_COMMAND)?;
+    Ok((out.status == 0)
+        .then(|| serde_json::from_str(&out.output).ok())
+        .flatten())
+}
+
+/// The `(unit, machine id)` pairs `list-units` shows `active`, sorted (a global unit has a
+/// state per machine).
+pub fn active_units(sh: &mut Shell) -> Result<Vec<(String, String)>> {
+    let Some(serde_json::Value::Array(units)) = fleetctl_json(sh, "list-units")? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for u in &units {
+        let name = u["name"].as_str().unwrap_or_default();
+        for s in u["states"].as_array().into_iter().flatten() {
+            if s["state"] == "active" {
+                let machine = s["machine"].as_str().unwrap_or_default();
+                out.push((name.to_string(), machine.to_string()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The machine ids `list-machines` shows, by address.
+pub fn machines(sh: &mut Shell) -> Result<Vec<(String, String)>> {
+    let Some(serde_json::Value::Array(list)) = fleetctl_json(sh, "list-machines")? else {
+        return Ok(Vec::new());
+    };
+    let field = |m: &serde_json::Value, k: &str| m[k].as_str().unwrap_or_default().to_string();
+    let mut out: Vec<(String, String)> = list
+        .iter()
+        .map(|m| (field(m, "address"), field(m, "id")))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Asks `probe` every second until `done` holds for its answer, for at most `timeout`;
+/// the error names `what` and the last answer.
+pub fn poll<T: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T>,
+    done: impl Fn(&T) -> bool,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        let v = probe()?;
+        if done(&v) {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            return Err(QemuError::Setup(format!(
+                "gave up after {timeout:?} waiting for {what}; last: {v:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Writes `text` to `path` in a guest (a here-document through its shell).
+pub fn write_file(sh: &mut Shell, path: &str, text: &str) -> Result<()> {
+    sh.ok(&format!("cat > {path} <<'EOF'\n{text}EOF"), SHELL_COMMAND)?;
+    Ok(())
+}
+
+/// A global unit: on every machine.
+pub const GLOBAL_UNIT: &str = r#"[unit]
+description = "on every machine"
+[container]
+command = ["/bin/sh", "-c", "echo global unit up on $(cat /etc/hostname); exec sleep 100000"]
+[fleet]
+global = true
+"#;
+
+/// A service for one machine with `role = worker`, restarted when it exits.
+pub const SERVICE_UNIT: &str = r#"[unit]
+description = "one instance, on a worker"
+[container]
+command = ["/bin/sh", "-c", "echo service up on $(cat /etc/hostname); exec sleep 100000"]
+[service]
+restart = "always"
+[fleet]
+machine_metadata = ["role=worker"]
+"#;
