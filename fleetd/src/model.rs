@@ -85,6 +85,10 @@ pub struct Machine {
     /// Metadata used by `machine_metadata` placement rules, e.g. `region=us-east`.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// The URL of this machine's TCP API (`fleetd --listen`), where the other fleetds relay
+    /// requests only this machine can answer (a unit's journal); `None` without `--listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// A scheduling decision: unit → the machine it runs on.

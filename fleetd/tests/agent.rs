@@ -172,6 +172,7 @@ fn machine(id: &str, metadata: &[(&str, &str)]) -> Machine {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        api: None,
     }
 }
 

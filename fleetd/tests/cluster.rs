@@ -16,7 +16,8 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, Node, TTL_SECS};
+use harness::{Cluster, Node, FLEETD_PORT, TTL_SECS};
+use serde_json::Value;
 
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"100000\"]\n";
 
@@ -518,5 +519,74 @@ fn link_cut_moves_machine_of_together() {
         after["target"].0,
         "follower did not follow target: {after:?}\n{}",
         c.logs()
+    );
+}
+
+/// `fleetctl journal` works from any machine: a fleetd relays the request to the TCP API of
+/// the machine that runs the unit (each fleetd publishes its API URL with its machine and
+/// holds the cluster's token); for a global unit `--machine` picks the copy, and without it
+/// the journal is ambiguous unless a copy runs on the machine asked.
+#[test]
+fn journal_is_relayed_from_any_machine() {
+    let c = Cluster::start(&METADATA);
+    let talker = c.write(
+        "talker.toml",
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from the talker; exec sleep 100000\"]\n[fleet]\nmachine_metadata = [\"region=us\"]\n",
+    );
+    let chorus = c.write(
+        "chorus.toml",
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo chorus line; exec sleep 100000\"]\n[fleet]\nglobal = true\nmachine_metadata = [\"role=web\"]\n",
+    );
+    c.ok(&["start", "--block-timeout", "60s", &talker, &chorus]);
+    assert_eq!(wait_placed(&c, &["talker"])["talker"].0, "m3");
+    let (m1, m2, m3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    // Every machine lists the others' API URLs.
+    let machines = c.ok_on(m2, &["list-machines", "--json"]);
+    let machines: Value = serde_json::from_str(&machines).unwrap();
+    for node in &c.nodes {
+        let m = machines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == node.id.as_str())
+            .unwrap();
+        assert_eq!(m["api"], format!("http://{}:{FLEETD_PORT}", node.ip));
+    }
+    // talker runs on m3: asked on m1 (and on m2), the journal comes from m3's init.
+    for node in [m1, m2, m3] {
+        c.wait(&format!("talker's journal through {}", node.id), || {
+            c.fleetctl_on(node, &["journal", "talker"])
+                .status
+                .success()
+                .then(|| c.ok_on(node, &["journal", "talker"]))
+                .is_some_and(|out| out.contains("hello from the talker"))
+        });
+    }
+    // chorus runs on m1 and m3. On m2, which runs no copy, it is ambiguous...
+    c.wait("chorus on m1 and m3", || c.running("chorus").len() == 2);
+    let out = c.fleetctl_on(m2, &["journal", "chorus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("several machines") && err.contains("--machine"),
+        "{err}"
+    );
+    // ... and --machine picks a copy, relayed; on m1 its own copy needs no choice.
+    for (node, args) in [
+        (m2, vec!["journal", "--machine", "m3", "chorus"]),
+        (m2, vec!["journal", "--machine", "m1", "chorus"]),
+        (m1, vec!["journal", "chorus"]),
+    ] {
+        c.wait(&format!("{args:?} on {}", node.id), || {
+            let out = c.fleetctl_on(node, &args);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("chorus line")
+        });
+    }
+    let out = c.fleetctl_on(m1, &["journal", "--machine", "m2", "chorus"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not run on a machine \"m2\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -122,6 +122,7 @@ async fn add_machine(r: &Arc<dyn Registry>, id: &str) -> (LeaseId, Alive) {
         id: id.to_string(),
         address: format!("10.0.0.{}", id.len()),
         metadata: BTreeMap::new(),
+        api: None,
     };
     r.register_machine(&machine, lease).await.unwrap();
     let keeper = r.clone();

@@ -14,6 +14,8 @@
 //! etcd = ["http://10.0.2.2:2379"]
 //! ttl = 5                # presence lease, seconds (default 5)
 //! address = "10.0.2.15"  # shown by list-machines (default: [network] address)
+//! listen = "0.0.0.0:4002" # fleetd's TCP API, which the other fleetds relay to
+//! token = "s3cret"       # the cluster's shared API token (required with listen)
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -63,6 +65,10 @@ pub struct Fleet {
     /// The address other machines and `list-machines` show; `None`: the `[network]`
     /// address, if any.
     pub address: Option<String>,
+    /// fleetd's TCP API (`HOST:PORT`), for fleetctl from afar and for the other fleetds.
+    pub listen: Option<String>,
+    /// The cluster's shared API token (rendered as `/etc/flotilla/fleetd.token`, 0600).
+    pub token: Option<String>,
 }
 
 /// `[network]`: a static IPv4 configuration of eth0.
@@ -105,6 +111,8 @@ struct RawFleet {
     etcd: Vec<Spanned<String>>,
     ttl: Option<Spanned<i64>>,
     address: Option<Spanned<String>>,
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -124,7 +132,7 @@ struct RawUnit {
 /// The help line every syntax error carries.
 const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
      (keys: hostname, [network] address gateway, [metadata], [[units]] name contents, \
-     [fleet] etcd ttl address)";
+     [fleet] etcd ttl address listen token)";
 
 /// Parses and validates a provisioning config. `label` names it in errors (a path, or
 /// `fw_cfg:opt/org.flotilla/config`).
@@ -269,7 +277,48 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
                 Some(a) => Some(a.into_inner()),
                 None => None,
             };
-            Fleet { etcd, ttl, address }
+            let listen = match f.listen {
+                Some(l) => {
+                    let ok = l
+                        .get_ref()
+                        .rsplit_once(':')
+                        .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|p| p > 0));
+                    if !ok {
+                        return Err(at(
+                            l.span(),
+                            format!("invalid listen {:?}", l.get_ref()),
+                            "write HOST:PORT, e.g. \"0.0.0.0:4002\"",
+                        ));
+                    }
+                    Some(l)
+                }
+                None => None,
+            };
+            let token = match f.token {
+                Some(t) if t.get_ref().is_empty() || t.get_ref().contains(char::is_whitespace) => {
+                    return Err(at(
+                        t.span(),
+                        "invalid token: empty or with whitespace".into(),
+                        "use one word shared by the cluster's machines, e.g. from `head -c 32 /dev/urandom | base64`",
+                    ))
+                }
+                Some(t) => Some(t.into_inner()),
+                None => None,
+            };
+            if let (Some(l), None) = (&listen, &token) {
+                return Err(at(
+                    l.span(),
+                    "listen needs a token: the TCP API requires one".into(),
+                    "add token = \"...\" (the same on every machine of the cluster)",
+                ));
+            }
+            Fleet {
+                etcd,
+                ttl,
+                address,
+                listen: listen.map(Spanned::into_inner),
+                token,
+            }
         }
         None => Fleet::default(),
     };
@@ -373,6 +422,8 @@ pub struct EtcFile {
     pub path: String,
     /// Contents.
     pub contents: String,
+    /// Permission bits.
+    pub mode: u32,
 }
 
 /// The files of `/etc` that come from the config and the machine id (on top of the image's
@@ -382,6 +433,7 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
     let file = |path: &str, contents: String| EtcFile {
         path: path.to_string(),
         contents,
+        mode: 0o644,
     };
     let hostname = config.hostname.as_deref().unwrap_or("flotilla");
     let mut files = vec![
@@ -413,12 +465,25 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
     if let Some(address) = address {
         fleetd.push_str(&format!("address = {}\n", toml_string(&address)));
     }
+    if let Some(listen) = &config.fleet.listen {
+        fleetd.push_str(&format!("listen = {}\n", toml_string(listen)));
+    }
+    if let Some(token) = &config.fleet.token {
+        fleetd.push_str(&format!("token_file = {}\n", toml_string(FLEETD_TOKEN)));
+        files.push(EtcFile {
+            mode: 0o600,
+            ..file("flotilla/fleetd.token", format!("{token}\n"))
+        });
+    }
     files.push(file("flotilla/fleetd.toml", fleetd));
     for (name, contents) in &config.units {
         files.push(file(&format!("flotilla/units/{name}"), contents.clone()));
     }
     files
 }
+
+/// Where [`render`] puts `[fleet] token` (for fleetd's `token_file`).
+pub const FLEETD_TOKEN: &str = "/etc/flotilla/fleetd.token";
 
 /// A TOML basic string.
 fn toml_string(v: &str) -> String {
@@ -488,6 +553,26 @@ command = ["/bin/echo", "%i"]
         let table = fleetd_toml(&c);
         assert_eq!(table.get("etcd"), None);
         assert_eq!(table["address"].as_str(), Some("node1.example"));
+        assert_eq!(table.get("listen"), None);
+        // The TCP API and the cluster's token: the token in a file of its own, 0600.
+        let c = parse(
+            "cfg",
+            "[fleet]\nlisten = \"0.0.0.0:4002\"\ntoken = \"s3cret\"\n",
+        )
+        .unwrap();
+        let table = fleetd_toml(&c);
+        assert_eq!(table["listen"].as_str(), Some("0.0.0.0:4002"));
+        assert_eq!(table["token_file"].as_str(), Some(FLEETD_TOKEN));
+        let files = render(&c, "id");
+        let token = files
+            .iter()
+            .find(|f| f.path == "flotilla/fleetd.token")
+            .unwrap();
+        assert_eq!((token.contents.as_str(), token.mode), ("s3cret\n", 0o600));
+        assert!(files
+            .iter()
+            .filter(|f| f.path != "flotilla/fleetd.token")
+            .all(|f| f.mode == 0o644));
     }
 
     #[test]
@@ -530,6 +615,13 @@ command = ["/bin/echo", "%i"]
                 "invalid etcd endpoint",
             ),
             ("[fleet]\nttl = 0\n", "cfg:2:7:", "invalid ttl"),
+            ("[fleet]\nlisten = \"0.0.0.0\"\n", "cfg:2:10:", "invalid listen"),
+            (
+                "[fleet]\nlisten = \"0.0.0.0:4002\"\n",
+                "cfg:2:10:",
+                "listen needs a token",
+            ),
+            ("[fleet]\ntoken = \"a b\"\n", "cfg:2:9:", "invalid token"),
             ("[fleet]\naddress = \"\"\n", "cfg:2:11:", "invalid address"),
             ("[fleet]\netcd = \"http://a:1\"\n", "cfg:2:8:", "invalid type"),
             (

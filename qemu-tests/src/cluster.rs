@@ -14,6 +14,8 @@ use crate::{
 
 /// How long etcd may take to answer after it starts.
 const ETCD_READY: Duration = Duration::from_secs(60);
+/// The port of every VM's fleetd TCP API (`[fleet] listen`).
+pub const FLEETD_PORT: u16 = 4002;
 /// The bound on one command in a guest's shell.
 const SHELL_COMMAND: Duration = Duration::from_secs(60);
 
@@ -148,8 +150,9 @@ impl ClusterNet {
     }
 
     /// VM `n`'s provisioning: hostname `vm<n>`, its address with the host as gateway,
-    /// `role` metadata, and `[fleet]`: this etcd and the lease TTL (the image's fleetd unit
-    /// reads them from /etc/flotilla/fleetd.toml; list-machines shows eth0's address).
+    /// `role` metadata, and `[fleet]`: this etcd, the lease TTL, fleetd's TCP API on port
+    /// [`FLEETD_PORT`] with a token shared by the cluster (the image's fleetd unit reads
+    /// them from /etc/flotilla/fleetd.toml; list-machines shows eth0's address).
     pub fn provisioning(&self, n: usize, role: &str, ttl_secs: u64) -> String {
         format!(
             r#"hostname = "vm{n}"
@@ -161,10 +164,13 @@ role = "{role}"
 [fleet]
 etcd = ["{endpoint}"]
 ttl = {ttl_secs}
+listen = "0.0.0.0:{FLEETD_PORT}"
+token = "{token}"
 "#,
             ip = self.vm_ip(n),
             gw = self.host_ip(),
             endpoint = self.endpoint,
+            token = self.bridge,
         )
     }
 

@@ -112,6 +112,12 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     assert!(status.contains("active (running)"), "{status}");
     let logs = shells[host].ok("unitctl logs svc", CMD).unwrap();
     assert!(logs.contains("service up"), "{logs}");
+    // Its journal from the edge machine: vm1's fleetd relays to the worker's.
+    let journal = shells[0].ok("fleetctl journal svc", CMD).unwrap();
+    assert!(
+        journal.contains(&format!("service up on vm{}", host + 1)),
+        "{journal}"
+    );
     for sh in shells.iter_mut() {
         let status = sh.ok("unitctl status everywhere", CMD).unwrap();
         assert!(status.contains("active (running)"), "{status}");

@@ -166,6 +166,42 @@ impl ApiClient {
         .await
     }
 
+    /// [`ApiClient::journal`] of the copy on `machine` (an id or a prefix of one, for a
+    /// global unit).
+    pub async fn journal_on(
+        &self,
+        name: &str,
+        lines: u32,
+        after: u64,
+        machine: &str,
+    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/units/{name}/journal?lines={lines}&after={after}&machine={machine}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// [`ApiClient::journal_on`] as one fleetd asks another on behalf of a client: the
+    /// other answers from its own init or fails, never relaying again.
+    pub async fn journal_relayed(
+        &self,
+        name: &str,
+        lines: u32,
+        after: u64,
+        machine: &str,
+    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!(
+                "/units/{name}/journal?lines={lines}&after={after}&machine={machine}&relayed=1"
+            ),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `GET /fleet/v1/machines`.
     pub async fn list_machines(&self) -> Result<Vec<Machine>, ClientError> {
         self.call(Method::GET, "/machines", None::<&()>).await

@@ -9,14 +9,15 @@
 //! | `GET /fleet/v1/units/{name}` | one unit with its body: [`UnitDetail`] |
 //! | `PUT /fleet/v1/units/{name}` | [`PutUnit`]: create a unit or change its desired state |
 //! | `DELETE /fleet/v1/units/{name}` | remove a unit |
-//! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ` | the unit's output from this machine's init: [`flotilla_init::api::LogEntry`] |
+//! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ&machine=ID` | the unit's output from the init of the machine it runs on (relayed to that machine's TCP API when it is another): [`flotilla_init::api::LogEntry`] |
 //! | `GET /fleet/v1/machines` | the live machines: [`crate::Machine`] |
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
 //! request (an invalid unit file, with its `file:line:col`), 401 without the token on TCP,
 //! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
-//! of a unit that runs on another machine), 503 when the registry or the local init fails. Every request that changes state is logged.
+//! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
+//! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
 
 pub mod client;
 
@@ -153,6 +154,9 @@ pub enum ApiError {
     /// The journal of a unit that does not run on this machine (409).
     #[error("{0}")]
     Elsewhere(String),
+    /// Relaying to the machine that runs the unit failed (502).
+    #[error("{0}")]
+    Relay(String),
     /// The local init failed (503).
     #[error("the local init failed: {0}")]
     Init(#[from] crate::agent::InitError),
@@ -169,6 +173,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::UnknownUnit(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } | ApiError::Elsewhere(_) => StatusCode::CONFLICT,
+            ApiError::Relay(_) => StatusCode::BAD_GATEWAY,
             ApiError::Init(e) if e.is_no_such_unit() => StatusCode::NOT_FOUND,
             ApiError::Init(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Registry(RegistryError::UnknownUnit { .. }) => StatusCode::NOT_FOUND,
@@ -223,6 +228,7 @@ pub struct ApiState {
     registry: Arc<dyn Registry>,
     engine: Option<EngineStatus>,
     token: Option<Arc<str>>,
+    relay_token: Option<Arc<str>>,
     local: Option<(String, InitApi)>,
 }
 
@@ -232,6 +238,7 @@ impl std::fmt::Debug for ApiState {
             .field("registry", &self.registry.describe())
             .field("engine", &self.engine.is_some())
             .field("token", &self.token.is_some())
+            .field("relay_token", &self.relay_token.is_some())
             .field("local", &self.local.as_ref().map(|(id, _)| id))
             .finish()
     }
@@ -245,6 +252,7 @@ impl ApiState {
             registry,
             engine,
             token: None,
+            relay_token: None,
             local: None,
         }
     }
@@ -252,6 +260,13 @@ impl ApiState {
     /// This machine's id and its init, for the journal of the units that run here.
     pub fn with_local_init(mut self, machine_id: impl Into<String>, init: InitApi) -> ApiState {
         self.local = Some((machine_id.into(), init));
+        self
+    }
+
+    /// Relays what only another machine can answer (a unit's journal) to that machine's TCP
+    /// API ([`crate::Machine::api`]), authenticated with `token` (the cluster's shared one).
+    pub fn with_relay_token(mut self, token: impl Into<String>) -> ApiState {
+        self.relay_token = Some(Arc::from(token.into()));
         self
     }
 
@@ -580,11 +595,18 @@ async fn journal(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<flotilla_init::api::LogEntry>>, ApiError> {
     let (mut lines, mut after) = (DEFAULT_JOURNAL_LINES, 0u64);
+    let (mut machine, mut relayed) = (None, false);
     for pair in query.as_deref().unwrap_or_default().split('&') {
-        let bad = || ApiError::BadRequest(format!("bad query {pair:?}: use lines=N&after=SEQ"));
+        let bad = || {
+            ApiError::BadRequest(format!(
+                "bad query {pair:?}: use lines=N&after=SEQ&machine=ID"
+            ))
+        };
         match pair.split_once('=') {
             Some(("lines", v)) => lines = v.parse().map_err(|_| bad())?,
             Some(("after", v)) => after = v.parse().map_err(|_| bad())?,
+            Some(("machine", v)) if !v.is_empty() => machine = Some(v.to_string()),
+            Some(("relayed", "1")) => relayed = true,
             _ if pair.is_empty() => {}
             _ => return Err(bad()),
         }
@@ -594,35 +616,72 @@ async fn journal(
         .into_iter()
         .find(|u| u.name == name)
         .ok_or_else(|| ApiError::UnknownUnit(name.clone()))?;
-    let Some((here, init)) = &state.local else {
-        return Err(ApiError::Elsewhere(
-            "this fleetd serves no journal (it has no local init)".into(),
+    // The machines the unit runs on (several for a global unit), narrowed by `machine=`.
+    let mut on: Vec<String> = match &unit.machine {
+        Some(m) => vec![m.clone()],
+        None => unit.states.iter().map(|s| s.machine.clone()).collect(),
+    };
+    if let Some(wanted) = &machine {
+        on.retain(|m| m == wanted || m.starts_with(wanted.as_str()));
+    }
+    let here = state.local.as_ref().map(|(id, _)| id.as_str());
+    if let (Some((id, init)), true) = (&state.local, on.len() == 1 || machine.is_none()) {
+        if on.iter().any(|m| m == id) {
+            return Ok(Json(init.logs(&name, after, lines).await?));
+        }
+    }
+    let describe = |id: &String| match snapshot.machines.iter().find(|m| &m.id == id) {
+        Some(m) if !m.address.is_empty() => format!("{id} ({})", m.address),
+        _ => id.clone(),
+    };
+    let target = match on.as_slice() {
+        [] if machine.is_some() => {
+            return Err(ApiError::Elsewhere(format!(
+                "unit {name:?} does not run on a machine {:?}",
+                machine.unwrap_or_default()
+            )))
+        }
+        [] => {
+            return Err(ApiError::Elsewhere(format!(
+                "unit {name:?} runs on no machine: start it first (fleetctl start {name})"
+            )))
+        }
+        [one] => one,
+        several => {
+            let list: Vec<String> = several.iter().map(describe).collect();
+            return Err(ApiError::Elsewhere(format!(
+                "unit {name:?} runs on several machines: {}; pick one (fleetctl journal --machine ID {name})",
+                list.join(", ")
+            )));
+        }
+    };
+    let peer = snapshot.machines.iter().find(|m| &m.id == target);
+    let elsewhere = |why: &str| {
+        ApiError::Elsewhere(format!(
+            "unit {name:?} runs on {}, not on this machine{}: {why}",
+            describe(target),
+            here.map(|h| format!(" ({h})")).unwrap_or_default()
+        ))
+    };
+    let (Some(url), Some(token)) = (peer.and_then(|m| m.api.as_deref()), &state.relay_token) else {
+        return Err(elsewhere(
+            "its journal is there, and this fleetd cannot relay to it (both need --listen and the cluster's --token-file); ask that machine's fleetd (fleetctl --endpoint ...)",
         ));
     };
-    let runs_here = match &unit.machine {
-        Some(m) => m == here,
-        None => unit.states.iter().any(|s| &s.machine == here),
-    };
-    if !runs_here {
-        let elsewhere: Vec<String> = match &unit.machine {
-            Some(m) => vec![m.clone()],
-            None => unit.states.iter().map(|s| s.machine.clone()).collect(),
-        };
-        let addresses: Vec<String> = elsewhere
-            .iter()
-            .map(|id| match snapshot.machines.iter().find(|m| &m.id == id) {
-                Some(m) if !m.address.is_empty() => format!("{id} ({})", m.address),
-                _ => id.clone(),
-            })
-            .collect();
-        return Err(ApiError::Elsewhere(if addresses.is_empty() {
-            format!("unit {name:?} runs on no machine: start it first (fleetctl start {name})")
-        } else {
-            format!(
-                "unit {name:?} runs on {}, not on this machine ({here}): its journal is there; ask that machine's fleetd (fleetctl --endpoint ...)",
-                addresses.join(", ")
-            )
-        }));
+    if relayed {
+        return Err(elsewhere("not relayed twice"));
     }
-    Ok(Json(init.logs(&name, after, lines).await?))
+    let client = client::ApiClient::new(url)
+        .map_err(|e| ApiError::Relay(format!("machine {target}'s API {url:?}: {e}")))?
+        .with_token(token.to_string());
+    client
+        .journal_relayed(&name, lines, after, target)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            ApiError::Relay(format!(
+                "unit {name:?} runs on {}; relaying to its fleetd at {url} failed: {e}",
+                describe(target)
+            ))
+        })
 }

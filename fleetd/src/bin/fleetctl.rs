@@ -130,7 +130,8 @@ enum Verb {
         #[arg(required = true)]
         units: Vec<String>,
     },
-    /// A unit's output, from the init of the machine it runs on (ask that machine's fleetd).
+    /// A unit's output, from the init of the machine it runs on (relayed by this fleetd
+    /// when that is another machine).
     Journal {
         /// Keep printing new lines as they come.
         #[arg(short = 'f', long)]
@@ -138,6 +139,9 @@ enum Verb {
         /// How many of the last lines to print.
         #[arg(short = 'n', long, default_value_t = api::DEFAULT_JOURNAL_LINES)]
         lines: u32,
+        /// For a global unit: the machine (id or id prefix) whose copy to show.
+        #[arg(long, value_name = "ID")]
+        machine: Option<String>,
         /// The unit name.
         unit: String,
     },
@@ -233,8 +237,12 @@ async fn run(cli: Cli) -> Result<()> {
         Verb::Journal {
             follow,
             lines,
+            machine,
             unit,
-        } => ctl.journal(&unit_name(&unit), lines, follow).await,
+        } => {
+            ctl.journal(&unit_name(&unit), lines, machine.as_deref(), follow)
+                .await
+        }
         Verb::Cat { unit } => {
             let detail = ctl.get(&unit_name(&unit)).await?;
             print!("{}", detail.body);
@@ -459,17 +467,23 @@ impl Ctl {
             .await
     }
 
-    async fn journal(&self, name: &str, lines: u32, follow: bool) -> Result<()> {
+    async fn journal(
+        &self,
+        name: &str,
+        lines: u32,
+        machine: Option<&str>,
+        follow: bool,
+    ) -> Result<()> {
         use std::io::Write;
         let mut after = 0;
         let mut first = true;
         loop {
             let n = if first { lines } else { u32::MAX };
-            let entries = self
-                .client
-                .journal(name, n, after)
-                .await
-                .map_err(|e| unknown(e, name))?;
+            let entries = match machine {
+                Some(m) => self.client.journal_on(name, n, after, m).await,
+                None => self.client.journal(name, n, after).await,
+            }
+            .map_err(|e| unknown(e, name))?;
             let mut out = std::io::stdout().lock();
             for e in &entries {
                 let time = std::time::UNIX_EPOCH + Duration::from_micros(e.time_us);

@@ -23,7 +23,8 @@ const CONFIG_FILE: &str = "/etc/flotilla/fleetd.toml";
 const DEFAULT_TTL: u64 = 5;
 
 /// The config file: defaults for the flags of the same names (`etcd = ["http://..."]`,
-/// `ttl = 5`, `address = "10.0.0.11"`); a flag given on the command line wins.
+/// `ttl = 5`, `address = "10.0.0.11"`, `listen = "0.0.0.0:4002"`, `token_file = "..."`); a
+/// flag given on the command line wins.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -31,14 +32,16 @@ struct FileConfig {
     etcd: Vec<String>,
     ttl: Option<u64>,
     address: Option<String>,
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 /// fleetd: spreads units across machines with fleet's placement rules.
 #[derive(Debug, Parser)]
 #[command(name = "fleetd", version)]
 struct Args {
-    /// Settings file (written by provisioning's `[fleet]`): `etcd`, `ttl`, `address`, the
-    /// defaults of those flags. A missing file is no error.
+    /// Settings file (written by provisioning's `[fleet]`): `etcd`, `ttl`, `address`,
+    /// `listen`, `token_file`, the defaults of those flags. A missing file is no error.
     #[arg(long, value_name = "PATH", default_value = CONFIG_FILE)]
     config: PathBuf,
     /// etcd endpoints, comma-separated (http://10.0.0.1:2379,...); without it (and without
@@ -144,6 +147,35 @@ fn read_metadata_file(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// Whether a listen host means every address.
+fn is_wildcard(host: &str) -> bool {
+    host.is_empty() || host == "0.0.0.0" || host == "::"
+}
+
+/// The URL the other fleetds reach this one's TCP API at: `--listen`'s host, or `address`
+/// where that host is a wildcard (`0.0.0.0`, `[::]`).
+fn public_api_url(listen: &str, address: &str) -> Result<String> {
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        bail!("invalid --listen {listen:?}: use HOST:PORT, e.g. 0.0.0.0:4002");
+    };
+    let host = host.trim_matches(['[', ']']);
+    let host = if is_wildcard(host) {
+        if address.is_empty() {
+            bail!(
+                "--listen {listen} listens on every address: give --address (the one the other machines reach this one at)"
+            );
+        }
+        address
+    } else {
+        host
+    };
+    Ok(if host.contains(':') {
+        format!("http://[{host}]:{port}")
+    } else {
+        format!("http://{host}:{port}")
+    })
+}
+
 /// Reads the config file (none: no settings).
 fn read_config_file(path: &Path) -> Result<FileConfig> {
     let text = match std::fs::read_to_string(path) {
@@ -153,7 +185,8 @@ fn read_config_file(path: &Path) -> Result<FileConfig> {
     };
     toml::from_str(&text).with_context(|| {
         format!(
-            "invalid {} (keys: etcd = [\"http://HOST:2379\", ...], ttl = SECS, address = \"ADDR\")",
+            "invalid {} (keys: etcd = [\"http://HOST:2379\", ...], ttl = SECS, address = \"ADDR\", \
+             listen = \"HOST:PORT\", token_file = \"PATH\")",
             path.display()
         )
     })
@@ -165,6 +198,8 @@ async fn run(mut args: Args) -> Result<()> {
         args.etcd = file.etcd;
     }
     args.address = args.address.or(file.address);
+    args.listen = args.listen.or(file.listen);
+    args.token_file = args.token_file.or(file.token_file);
     let ttl_secs = args.ttl.or(file.ttl).unwrap_or(DEFAULT_TTL);
     if ttl_secs == 0 {
         bail!("invalid ttl 0: the lease TTL is at least 1 second");
@@ -194,9 +229,15 @@ async fn run(mut args: Args) -> Result<()> {
         args.listen
             .as_deref()
             .and_then(|l| l.rsplit_once(':'))
-            .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
+            .map(|(host, _)| host.trim_matches(['[', ']']))
+            .filter(|host| !is_wildcard(host))
             .unwrap_or_default()
+            .to_string()
     });
+    let api_url = match &args.listen {
+        Some(listen) => Some(public_api_url(listen, &address)?),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -237,12 +278,17 @@ async fn run(mut args: Args) -> Result<()> {
     );
 
     let engine = Engine::new(registry.clone(), machine_id.clone(), ttl);
-    let api_state = ApiState::new(registry.clone(), Some(engine.status()))
+    let mut api_state = ApiState::new(registry.clone(), Some(engine.status()))
         .with_local_init(machine_id.clone(), init.clone());
+    if let Some(token) = &token {
+        // The cluster shares one token: with it, this fleetd asks the others' TCP APIs.
+        api_state = api_state.with_relay_token(token.clone());
+    }
     let machine = Machine {
         id: machine_id,
         address,
         metadata,
+        api: api_url,
     };
     let agent = Agent::new(registry.clone(), init, machine, ttl)
         .with_lease_file(args.state.join("agent.lease"));
@@ -358,6 +404,20 @@ mod tests {
         assert_eq!(file.etcd, ["http://10.0.0.1:2379"]);
         assert_eq!(file.ttl, Some(3));
         assert_eq!(file.address.as_deref(), Some("10.0.0.11"));
+
+        assert_eq!(
+            public_api_url("0.0.0.0:4002", "10.0.0.11").unwrap(),
+            "http://10.0.0.11:4002"
+        );
+        assert_eq!(
+            public_api_url("10.0.0.12:4002", "").unwrap(),
+            "http://10.0.0.12:4002"
+        );
+        assert_eq!(
+            public_api_url("[::]:4002", "fd00::1").unwrap(),
+            "http://[fd00::1]:4002"
+        );
+        assert!(public_api_url("0.0.0.0:4002", "").is_err());
 
         std::fs::write(&path, "etcd_servers = []\n").unwrap();
         let err = format!("{:#}", read_config_file(&path).unwrap_err());

@@ -42,6 +42,11 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// The machines' lease TTL (`fleetd --ttl`), in seconds.
 pub const TTL_SECS: u64 = 2;
 
+/// The port of every fleetd's TCP API (on its machine's address).
+pub const FLEETD_PORT: u16 = 4002;
+/// The cluster's shared API token, in the cluster's directory.
+const TOKEN_FILE: &str = "fleetd.token";
+
 /// Clusters started by this process so far: makes names and subnets unique.
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 
@@ -323,6 +328,13 @@ impl Node {
             .arg(&self.init_socket)
             .arg("--api")
             .arg(&self.api)
+            // Every fleetd also serves the cluster's TCP API, with the shared token, so that
+            // each can relay to the others (the journal of a unit on another machine).
+            .args(["--listen", &format!("{}:{FLEETD_PORT}", self.ip)])
+            .arg("--token-file")
+            .arg(self.dir.with_file_name(TOKEN_FILE))
+            .arg("--config")
+            .arg(self.dir.join("no-fleetd.toml"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -356,6 +368,7 @@ impl Cluster {
         let tag = format!("{pid:x}{n:02x}");
         let bridge = format!("fb{tag}");
         let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(TOKEN_FILE), format!("cluster-{tag}\n")).unwrap();
         // The bridge first: etcd binds its address. Drop deletes whatever was created.
         let mut cluster = Cluster {
             etcd: Etcd {

@@ -82,6 +82,20 @@ pub fn record(text: &str) -> Result<(), BootError> {
     write_durably(&path, text.as_bytes()).map_err(io("record the provisioning config in", &path))
 }
 
+/// Writes `path` with `mode` (also when it exists: the mode is set again).
+fn write_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(data)
+}
+
 /// Writes the files the config renders into `etc` (the tmpfs `/etc`).
 pub fn render(config: &Config, machine_id: &str, etc: &Path) -> Result<usize, BootError> {
     let files = provision::render(config, machine_id);
@@ -90,7 +104,7 @@ pub fn render(config: &Config, machine_id: &str, etc: &Path) -> Result<usize, Bo
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io("create", dir))?;
         }
-        fs::write(&path, &f.contents).map_err(io("write", &path))?;
+        write_mode(&path, f.contents.as_bytes(), f.mode).map_err(io("write", &path))?;
     }
     Ok(files.len())
 }

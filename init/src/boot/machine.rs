@@ -50,11 +50,17 @@ fn random_bytes() -> io::Result<[u8; 16]> {
 /// Writes `data` to `path` so that a crash leaves either the old file or the new one:
 /// a temporary file, fsync, rename, fsync of the directory.
 pub fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(dir)?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }

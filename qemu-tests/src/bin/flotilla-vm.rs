@@ -275,6 +275,10 @@ fn cluster_in(image: &Path, scratch: &Path) -> anyhow::Result<()> {
     if let Some(s) = shells.get_mut(host) {
         indent(&s.run("unitctl logs svc", CMD)?.output);
     }
+    if let Some(s) = shells.first_mut() {
+        step("vm1$ fleetctl journal svc  (vm1's fleetd relays to that machine's)");
+        indent(&s.run("fleetctl journal svc", CMD)?.output);
+    }
     step(&format!(
         "pressing vm{}'s ACPI power button: an orderly shutdown, then its lease expires ({CLUSTER_TTL} s TTL)",
         host + 1
