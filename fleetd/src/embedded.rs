@@ -77,6 +77,9 @@ struct Data {
     /// unit → machine → state.
     states: BTreeMap<String, BTreeMap<String, Leased<UnitState>>>,
     leader: Option<Leader>,
+    /// The leader's published unschedulable reasons (unit → reason), on its lease.
+    #[serde(default)]
+    reasons: Option<Leased<BTreeMap<String, String>>>,
     /// lease → TTL in whole seconds.
     leases: BTreeMap<LeaseId, u64>,
 }
@@ -145,6 +148,9 @@ impl Tx {
         if self.data.leader.as_ref().is_some_and(|l| l.lease == lease) {
             self.data.leader = None;
             self.change(Change::LeaderRemoved);
+        }
+        if self.data.reasons.as_ref().is_some_and(|r| r.lease == lease) {
+            self.data.reasons = None;
         }
         let machines: Vec<String> = self
             .data
@@ -822,6 +828,34 @@ impl Registry for EmbeddedRegistry {
             tx.data.leader = Some(leader.clone());
             tx.change(Change::LeaderPut(leader.clone()));
             Ok(Campaign::Won(leader))
+        })
+    }
+
+    async fn put_reasons(
+        &self,
+        reasons: &BTreeMap<String, String>,
+        lease: LeaseId,
+    ) -> Result<bool> {
+        self.inner.mutate(|tx| {
+            if tx.data.leader.as_ref().is_none_or(|l| l.lease != lease) {
+                return Ok(false);
+            }
+            tx.data.reasons = Some(Leased {
+                value: reasons.clone(),
+                lease,
+            });
+            tx.dirty = true;
+            Ok(true)
+        })
+    }
+
+    async fn get_reasons(&self) -> Result<BTreeMap<String, String>> {
+        self.inner.read(|core| {
+            core.data
+                .reasons
+                .as_ref()
+                .map(|r| r.value.clone())
+                .unwrap_or_default()
         })
     }
 

@@ -166,10 +166,13 @@ struct Model {
     /// Parsed `[fleet]` sections by (unit name, body hash): a body never changes under its
     /// hash, but specifiers (`%n`, `%i`) make its meaning depend on the unit's name.
     parsed: Parsed,
-    /// Until then (two TTLs into a leadership term), units of a machine that is missing are
-    /// held where they are: a term often starts after a registry outage, when etcd expires
-    /// at once every lease whose keep-alive had not arrived, and those machines are only
-    /// re-registering.
+    /// Until then (two TTLs after the engine's lease was granted), units of a machine that
+    /// is missing are held where they are: a term often starts after a registry outage,
+    /// when etcd expires at once every lease whose keep-alive had not arrived, and those
+    /// machines are only re-registering. An outage longer than a third of the TTL also costs
+    /// the engine its own lease (its keep-alive times out), so a lease kept alive for two
+    /// TTLs means no outage that expired leases: then a missing machine is really gone and
+    /// its units move at once, also right after the leader's own machine was lost.
     grace_until: Option<Instant>,
     /// The last pass held units (a pass is due when the grace ends).
     held: bool,
@@ -342,6 +345,7 @@ impl Engine {
                     continue;
                 }
             };
+            let granted = Instant::now();
             backoff = MIN_BACKOFF;
             *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
             let (lost_tx, lost_rx) = signal::channel(false);
@@ -355,7 +359,7 @@ impl Engine {
                 ))
                 .abort_handle(),
             );
-            self.on_lease(lease, lost_rx).await?;
+            self.on_lease(lease, granted, lost_rx).await?;
             // The lease is lost (or unusable): make sure it is gone before starting over, so
             // that a leader key on it does not linger until its TTL if the registry answers.
             if let Err(e) = self.registry.revoke_lease(lease).await {
@@ -368,11 +372,12 @@ impl Engine {
         }
     }
 
-    /// Campaigns on `lease` until it is lost: leads when it wins, waits for the leader to go
-    /// when it loses.
+    /// Campaigns on `lease` (granted at `granted`) until it is lost: leads when it wins,
+    /// waits for the leader to go when it loses.
     async fn on_lease(
         &self,
         lease: LeaseId,
+        granted: Instant,
         mut lost: signal::Receiver<bool>,
     ) -> Result<(), EngineError> {
         let mut backoff = MIN_BACKOFF;
@@ -402,7 +407,7 @@ impl Engine {
                         leader.term
                     );
                     self.status.set_leader(Some((lease, leader.term)));
-                    let ended = self.lead(lease, &mut lost).await;
+                    let ended = self.lead(lease, granted, &mut lost).await;
                     self.status.set_leader(None);
                     log::info!(
                         "engine {}: no longer the leader ({})",
@@ -463,10 +468,19 @@ impl Engine {
     }
 
     /// Schedules while leading on `lease`; returns when the leadership ends.
-    async fn lead(&self, lease: LeaseId, lost: &mut signal::Receiver<bool>) -> Ended {
+    async fn lead(
+        &self,
+        lease: LeaseId,
+        granted: Instant,
+        lost: &mut signal::Receiver<bool>,
+    ) -> Ended {
         let mut backoff = MIN_BACKOFF;
         let mut parsed = BTreeMap::new();
-        let grace_until = Instant::now() + self.lease_ttl * 2;
+        // The reasons last published in the registry for every fleetd's API (None: not yet
+        // this term).
+        let mut published: Option<BTreeMap<String, String>> = None;
+        // See `Model::grace_until`: counted from the lease, not from the term.
+        let grace_until = granted + self.lease_ttl * 2;
         loop {
             if *lost.borrow() {
                 return Ended::LeaseLost;
@@ -538,7 +552,16 @@ impl Engine {
                     },
                     () = tokio::time::sleep_until(wake), if due.is_some() => {
                         due = None;
-                        match self.pass(&mut model).await {
+                        let result = self.pass(&mut model).await;
+                        if result.is_ok() {
+                            match self.publish_reasons(lease, &mut published).await {
+                                Ok(true) => {}
+                                Ok(false) => return Ended::LeaderChanged,
+                                // Retried after the next pass, which comes soon.
+                                Err(()) => due = Some(Instant::now() + MIN_BACKOFF),
+                            }
+                        }
+                        match result {
                             Ok(true) => {
                                 // Someone else changed an assignment: its change is on the
                                 // watch; schedule again after it.
@@ -571,6 +594,34 @@ impl Engine {
         }
     }
 
+    /// Publishes the last pass's unschedulable reasons in the registry when they differ from
+    /// `published` (what this term published last), so that every fleetd's API shows them.
+    /// `Ok(false)`: the registry says this lease no longer leads; `Err`: not written (logged).
+    async fn publish_reasons(
+        &self,
+        lease: LeaseId,
+        published: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<bool, ()> {
+        let reasons = self.status.unschedulable();
+        if published.as_ref() == Some(&reasons) {
+            return Ok(true);
+        }
+        match self.registry.put_reasons(&reasons, lease).await {
+            Ok(true) => {
+                *published = Some(reasons);
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                log::warn!(
+                    "engine {}: cannot publish the unschedulable reasons: {e}",
+                    self.machine_id
+                );
+                Err(())
+            }
+        }
+    }
+
     /// One scheduling pass over the model; writes the decisions. Returns whether a
     /// compare-and-swap found the registry changed by someone else.
     async fn pass(&self, model: &mut Model) -> Result<bool, RegistryError> {
@@ -580,13 +631,19 @@ impl Engine {
             .values()
             .filter(|u| matches!(u.desired, DesiredState::Launched | DesiredState::Loaded))
             .collect();
+        // Each body fetched once per pass, however many new units share it.
+        let mut bodies: BTreeMap<String, Option<String>> = BTreeMap::new();
         for unit in &wanted {
             let key = (unit.name.clone(), unit.hash.clone());
             if model.parsed.contains_key(&key) {
                 continue;
             }
-            let parsed = match self.registry.get_body(&unit.hash).await? {
-                Some(body) => flotilla_units::parse_unit(&unit.name, None, &body)
+            if !bodies.contains_key(&unit.hash) {
+                let body = self.registry.get_body(&unit.hash).await?;
+                bodies.insert(unit.hash.clone(), body);
+            }
+            let parsed = match bodies.get(&unit.hash).and_then(Option::as_ref) {
+                Some(body) => flotilla_units::parse_unit(&unit.name, None, body)
                     .map(|u| u.fleet)
                     .map_err(|e| format!("the unit file does not parse: {e}")),
                 None => Err(format!("its body {} is not in the registry", unit.hash)),
@@ -647,58 +704,88 @@ impl Engine {
         }
         let decisions = scheduler::schedule(&machines, &units, &assigned, &globals);
 
-        let mut conflict = false;
+        // Unassignments first, then assignments (a replaced unit leaves its machine before
+        // the replacing one is put there); within each phase the writes go out concurrently
+        // (etcd commits concurrent proposals together), up to WRITES_IN_FLIGHT at a time.
+        let mut unassigns = Vec::new();
+        let mut assigns = Vec::new();
         for decision in decisions {
             match decision {
-                Decision::Assign { unit, machine } => {
-                    let expected = model.assignments.get(&unit).cloned();
-                    if expected.as_deref() == Some(machine.as_str()) {
-                        continue;
-                    }
-                    match self
-                        .registry
-                        .assign(&unit, &machine, expected.as_deref())
-                        .await
-                    {
-                        Ok(Cas::Done) => {
-                            log::info!("engine {}: {unit} → {machine}", self.machine_id);
-                            model.assignments.insert(unit, machine);
-                        }
-                        Ok(Cas::Conflict { current }) => {
-                            conflict = true;
-                            log::info!(
-                                "engine {}: {unit} was assigned to {current:?} meanwhile",
-                                self.machine_id
-                            );
-                            set_assignment(&mut model.assignments, unit, current);
-                        }
-                        // Removed meanwhile: the watch brings its removal.
-                        Err(RegistryError::UnknownUnit { .. }) => conflict = true,
-                        Err(e) => return Err(e),
-                    }
-                }
+                Decision::Assign { unit, machine } => assigns.push((unit, machine)),
                 Decision::Unassign {
                     unit,
                     machine,
                     reason,
-                } => match self.registry.unassign(&unit, &machine).await {
-                    Ok(Cas::Done) => {
-                        log::info!(
-                            "engine {}: {unit} taken off {machine}: {reason}",
-                            self.machine_id
-                        );
-                        model.assignments.remove(&unit);
-                    }
-                    Ok(Cas::Conflict { current }) => {
-                        conflict = true;
-                        set_assignment(&mut model.assignments, unit, current);
-                    }
-                    Err(RegistryError::UnknownUnit { .. }) => conflict = true,
-                    Err(e) => return Err(e),
-                },
+                } => unassigns.push((unit, machine, reason)),
                 Decision::Unschedulable { unit, reason } => {
                     reasons.insert(unit, reason);
                 }
+            }
+        }
+        let mut conflict = false;
+        let writes = unassigns
+            .into_iter()
+            .map(|(unit, machine, reason)| Write {
+                unit,
+                machine,
+                expected: None,
+                reason: Some(reason),
+            })
+            .collect();
+        for (write, result) in self.write_all(writes).await {
+            let Write {
+                unit,
+                machine,
+                reason,
+                ..
+            } = write;
+            match result {
+                Ok(Cas::Done) => {
+                    log::info!(
+                        "engine {}: {unit} taken off {machine}: {}",
+                        self.machine_id,
+                        reason.unwrap_or_default()
+                    );
+                    model.assignments.remove(&unit);
+                }
+                Ok(Cas::Conflict { current }) => {
+                    conflict = true;
+                    set_assignment(&mut model.assignments, unit, current);
+                }
+                Err(RegistryError::UnknownUnit { .. }) => conflict = true,
+                Err(e) => return Err(e),
+            }
+        }
+        let writes = assigns
+            .into_iter()
+            .filter_map(|(unit, machine)| {
+                let expected = model.assignments.get(&unit).cloned();
+                (expected.as_deref() != Some(machine.as_str())).then_some(Write {
+                    unit,
+                    machine,
+                    expected: Some(expected),
+                    reason: None,
+                })
+            })
+            .collect();
+        for (write, result) in self.write_all(writes).await {
+            let Write { unit, machine, .. } = write;
+            match result {
+                Ok(Cas::Done) => {
+                    log::info!("engine {}: {unit} → {machine}", self.machine_id);
+                    model.assignments.insert(unit, machine);
+                }
+                Ok(Cas::Conflict { current }) => {
+                    conflict = true;
+                    log::info!(
+                        "engine {}: {unit} was assigned to {current:?} meanwhile",
+                        self.machine_id
+                    );
+                    set_assignment(&mut model.assignments, unit, current);
+                }
+                // Removed meanwhile: the watch brings its removal.
+                Err(RegistryError::UnknownUnit { .. }) => conflict = true,
+                Err(e) => return Err(e),
             }
         }
         for (unit, reason) in &reasons {
@@ -711,6 +798,58 @@ impl Engine {
         }
         self.status.set_unschedulable(reasons);
         Ok(conflict)
+    }
+}
+
+/// One compare-and-swap of a pass: `assign(unit, machine, expected)` when `expected` is
+/// set, else `unassign(unit, machine)`.
+struct Write {
+    unit: String,
+    machine: String,
+    /// `Some(current assignment)` for an assign; `None` for an unassign.
+    expected: Option<Option<String>>,
+    /// Why the unit is taken off (unassign only), for the log.
+    reason: Option<String>,
+}
+
+/// How many compare-and-swaps a pass keeps in flight at once.
+const WRITES_IN_FLIGHT: usize = 64;
+
+impl Engine {
+    /// Sends `writes` concurrently (at most [`WRITES_IN_FLIGHT`] at a time); returns each
+    /// with its result, in the given order (a write whose task was cancelled, which only
+    /// happens when the runtime shuts down, is left out).
+    async fn write_all(&self, writes: Vec<Write>) -> Vec<(Write, Result<Cas, RegistryError>)> {
+        let mut out = Vec::with_capacity(writes.len());
+        let mut writes = writes.into_iter().peekable();
+        while writes.peek().is_some() {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, write) in writes.by_ref().take(WRITES_IN_FLIGHT).enumerate() {
+                let registry = self.registry.clone();
+                tasks.spawn(async move {
+                    let result = match &write.expected {
+                        Some(expected) => {
+                            registry
+                                .assign(&write.unit, &write.machine, expected.as_deref())
+                                .await
+                        }
+                        None => registry.unassign(&write.unit, &write.machine).await,
+                    };
+                    (i, write, result)
+                });
+            }
+            let mut chunk = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok(done) => chunk.push(done),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => log::warn!("engine {}: a write was cancelled: {e}", self.machine_id),
+                }
+            }
+            chunk.sort_by_key(|(i, _, _)| *i);
+            out.extend(chunk.into_iter().map(|(_, w, r)| (w, r)));
+        }
+        out
     }
 }
 

@@ -9,11 +9,14 @@
 //! {prefix}assignments/{unit}       machine id, plain text; written by txn (compare value/version)
 //! {prefix}states/{unit}/{machine}  UnitState as JSON, on the reporting machine's lease
 //! {prefix}leader                   {"id","lease"} as JSON, on the leader's lease; created by txn
+//! {prefix}reasons                  unit → why it cannot be placed, JSON, on the leader's lease;
+//!                                  written by txn only while that lease holds the leader key
 //! ```
 //!
 //! Every read returns the store revision it saw; [`EtcdRegistry::watch`] watches the whole
 //! prefix from a revision, so readers pick up exactly where their read ended.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -124,6 +127,10 @@ impl Keys {
     fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }
+
+    fn reasons(&self) -> String {
+        format!("{}reasons", self.prefix)
+    }
 }
 
 /// What a key under the prefix is.
@@ -135,6 +142,7 @@ enum KeyKind<'a> {
     Assignment(&'a str),
     State(&'a str, &'a str),
     Leader,
+    Reasons,
 }
 
 impl Keys {
@@ -142,6 +150,9 @@ impl Keys {
         let rest = key.strip_prefix(self.prefix.as_str())?;
         if rest == "leader" {
             return Some(KeyKind::Leader);
+        }
+        if rest == "reasons" {
+            return Some(KeyKind::Reasons);
         }
         let (kind, name) = rest.split_once('/')?;
         match kind {
@@ -360,6 +371,8 @@ impl EtcdRegistry {
             },
             (KeyKind::Leader, true) => Change::LeaderPut(self.decode_leader(kv)?),
             (KeyKind::Leader, false) => Change::LeaderRemoved,
+            // Read on demand (`get_reasons`), never watched.
+            (KeyKind::Reasons, _) => return Ok(None),
         };
         Ok(Some(Event { revision, change }))
     }
@@ -811,6 +824,42 @@ impl Registry for EtcdRegistry {
         })
     }
 
+    async fn put_reasons(
+        &self,
+        reasons: &BTreeMap<String, String>,
+        lease: LeaseId,
+    ) -> Result<bool> {
+        let value = self.encode(reasons, "unschedulable reasons")?;
+        let txn = Txn::new()
+            .when([Compare::lease(
+                self.keys.leader(),
+                CompareOp::Equal,
+                lease.0,
+            )])
+            .and_then([TxnOp::put(
+                self.keys.reasons(),
+                value,
+                Some(PutOptions::new().with_lease(lease.0)),
+            )]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(self.lease_err("publish the unschedulable reasons", lease))?;
+        Ok(response.succeeded())
+    }
+
+    async fn get_reasons(&self) -> Result<BTreeMap<String, String>> {
+        match self
+            .get_one(self.keys.reasons(), "get the unschedulable reasons")
+            .await?
+        {
+            Some(kv) => self.decode(&kv),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
     async fn leader(&self) -> Result<Option<Leader>> {
         self.get_one(self.keys.leader(), "get leader")
             .await?
@@ -974,6 +1023,7 @@ mod tests {
             Some(KeyKind::State("web", "m1"))
         );
         assert_eq!(keys.parse(&keys.leader()), Some(KeyKind::Leader));
+        assert_eq!(keys.parse(&keys.reasons()), Some(KeyKind::Reasons));
         assert_eq!(keys.parse("/t/other/x"), None);
         assert_eq!(keys.parse("/u/units/web"), None);
     }

@@ -3,6 +3,7 @@
 //! (one machine, in-process, persisted in a directory) and [`crate::EtcdRegistry`] (etcd v3).
 //! Both pass the same contract tests (`tests/contract/`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -166,6 +167,15 @@ impl Watch {
             WatchRx::Unbounded(rx) => rx.recv().await,
         }
     }
+
+    /// The next event if one has already arrived, without waiting: `None` when there is
+    /// none yet (or the watch has ended; [`Watch::next`] tells which).
+    pub fn try_next(&mut self) -> Option<Result<Event>> {
+        match &mut self.rx {
+            WatchRx::Bounded(rx) => rx.try_recv().ok(),
+            WatchRx::Unbounded(rx) => rx.try_recv().ok(),
+        }
+    }
 }
 
 impl Drop for Watch {
@@ -296,6 +306,16 @@ pub trait Registry: Send + Sync {
 
     /// Gives up the leadership if `id` on `lease` still holds it. Returns whether it did.
     async fn resign(&self, id: &str, lease: LeaseId) -> Result<bool>;
+
+    /// Publishes why units cannot be placed (unit → reason), replacing what was published,
+    /// attached to `lease`, and only while `lease` holds the leadership (so the reasons
+    /// vanish with their leader and a deposed one cannot overwrite its successor's). Returns
+    /// whether it was written. Makes no watch event.
+    async fn put_reasons(&self, reasons: &BTreeMap<String, String>, lease: LeaseId)
+        -> Result<bool>;
+
+    /// What the leader last published with [`Registry::put_reasons`] (empty when nothing).
+    async fn get_reasons(&self) -> Result<BTreeMap<String, String>>;
 
     // --- consistent reads and watches -----------------------------------------------------------------
 

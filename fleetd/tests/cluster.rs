@@ -152,18 +152,19 @@ fn lifecycle_conflicts_and_placement_rules() {
         assert!(c.running(unit).is_empty(), "{unit} runs and has a reason");
         assert!(reason.contains("conflicts with conflict@"), "{reason}");
     }
-    // `status` on the leader's fleetd prints the reason too.
+    // Every machine's fleetd knows the reasons (the leader publishes them in the
+    // registry): `status` and `list-units` on each, the followers included.
     let (unit, reason) = reasons.iter().next().unwrap();
-    let leader = c
-        .nodes
-        .iter()
-        .find(|n| {
-            c.units_on(n)
-                .is_some_and(|l| l.iter().any(|u| u["reason"].is_string()))
-        })
-        .unwrap();
-    let status = c.ok_on(leader, &["status", unit]);
-    assert!(status.contains(reason.as_str()), "{status}");
+    for node in &c.nodes {
+        c.wait(&format!("the reason on {}", node.id), || {
+            c.units_on(node).is_some_and(|l| {
+                l.iter()
+                    .any(|u| u["name"] == unit.as_str() && u["reason"] == reason.as_str())
+            })
+        });
+        let status = c.ok_on(node, &["status", unit]);
+        assert!(status.contains(reason.as_str()), "{}: {status}", node.id);
+    }
     let mut args = vec!["destroy"];
     args.extend(names.iter().map(String::as_str));
     c.ok(&args);

@@ -61,6 +61,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often failed init actions are retried.
 const INIT_RETRY: Duration = Duration::from_secs(1);
+/// The most registry events applied before one reconcile of init.
+const MAX_BATCH: usize = 1024;
 
 /// Why the agent could not run at all. Everything else (registry or init unreachable) is
 /// retried, not returned.
@@ -240,7 +242,7 @@ impl Agent {
                     _ = &mut shutdown => return Ok(()),
                     _ = keepalive.tick() => worker.keep_alive().await,
                     event = watch.next() => match event {
-                        Some(Ok(event)) => worker.on_event(event).await,
+                        Some(Ok(event)) => worker.on_events(event, &mut watch).await,
                         Some(Err(e)) => Err(e),
                         None => Err(RegistryError::WatchEnded { reason: "the watch stream closed".into() }),
                     },
@@ -420,7 +422,27 @@ impl Worker {
         }
     }
 
-    async fn on_event(&mut self, event: Event) -> Result<(), RegistryError> {
+    /// Applies `first` and the events that have already arrived after it (at most
+    /// [`MAX_BATCH`]), then reconciles once if any of them asks for it: a burst of changes
+    /// (units submitted by the hundred) costs one reconcile, not one per event.
+    async fn on_events(&mut self, first: Event, watch: &mut Watch) -> Result<(), RegistryError> {
+        let mut dirty = self.note(first).await?;
+        for _ in 0..MAX_BATCH {
+            match watch.try_next() {
+                Some(Ok(event)) => dirty |= self.note(event).await?,
+                // The caller reconnects, and reconciles from a fresh snapshot.
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        if dirty {
+            self.reconcile().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one event to the agent's view; returns whether init must be reconciled.
+    async fn note(&mut self, event: Event) -> Result<bool, RegistryError> {
         match event.change {
             Change::UnitPut(unit) => {
                 self.units.insert(unit.name.clone(), unit);
@@ -441,17 +463,17 @@ impl Worker {
                     lease: self.lease.unwrap_or(LeaseId(0)),
                 });
             }
-            Change::MachinePut(m) if m.id == self.machine.id => return Ok(()),
+            Change::MachinePut(m) if m.id == self.machine.id => return Ok(false),
             Change::StateRemoved { unit, machine } if machine == self.machine.id => {
                 self.reported.remove(&unit);
                 if self.owned.contains_key(&unit) {
                     self.report(&unit).await?;
                 }
-                return Ok(());
+                return Ok(false);
             }
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
-        self.reconcile().await
+        Ok(true)
     }
 
     async fn on_signal(&mut self, signal: InitSignal) -> Result<(), RegistryError> {
@@ -463,8 +485,10 @@ impl Worker {
                 Ok(())
             }
             InitSignal::Subscribed => {
-                // Init may have restarted: re-read what it runs.
+                // Init may have restarted: re-read what it runs, and report every state
+                // afresh (signals may have been missed while unsubscribed).
                 self.adopted = None;
+                self.reported.clear();
                 self.reconcile().await
             }
         }
@@ -610,12 +634,17 @@ impl Worker {
             self.registry.remove_state(&name, &self.machine.id).await?;
         }
         for (name, (record, body)) in wanted {
+            let before = self.owned.get(&name).cloned();
             if let Err(e) = self.apply(&record, &body).await {
                 log::warn!("unit {name}: {e}");
                 self.init_dirty = true;
                 continue;
             }
-            if self.owned.contains_key(&name) {
+            // Report what this reconcile changed and what is not reported on this lease
+            // yet; init's signals report every later change. (Asking init for every unit
+            // here made each registry event cost one call per unit this machine runs.)
+            let changed = self.owned.get(&name) != before.as_ref();
+            if self.owned.contains_key(&name) && (changed || !self.reported.contains_key(&name)) {
                 self.report(&name).await?;
             }
         }

@@ -82,7 +82,8 @@ pub struct UnitView {
     /// The main pid reported by that machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// Why the engine cannot place it, when this fleetd's engine leads and knows.
+    /// Why the engine cannot place it (the leading engine's reason, published in the
+    /// registry for every fleetd's API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Every machine's reported state (several for global units).
@@ -392,8 +393,20 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
         .into_response()
 }
 
-/// Builds the views of `units` from one snapshot.
-fn views(state: &ApiState, snapshot: &crate::registry::Snapshot) -> Vec<UnitView> {
+/// Why units cannot be placed: this fleetd's engine knows while it leads; otherwise what
+/// the leader published in the registry.
+async fn reasons(state: &ApiState) -> Result<BTreeMap<String, String>, ApiError> {
+    match state.engine.as_ref().filter(|e| e.is_leader()) {
+        Some(engine) => Ok(engine.unschedulable()),
+        None => Ok(state.registry.get_reasons().await?),
+    }
+}
+
+/// Builds the views of `units` from one snapshot, with `reasons` (see [`reasons`]).
+fn views(
+    snapshot: &crate::registry::Snapshot,
+    reasons: &BTreeMap<String, String>,
+) -> Vec<UnitView> {
     let assigned: BTreeMap<&str, &str> = snapshot
         .assignments
         .iter()
@@ -403,12 +416,6 @@ fn views(state: &ApiState, snapshot: &crate::registry::Snapshot) -> Vec<UnitView
     for s in &snapshot.states {
         states.entry(s.unit.as_str()).or_default().push(s);
     }
-    let reasons = state
-        .engine
-        .as_ref()
-        .filter(|e| e.is_leader())
-        .map(EngineStatus::unschedulable)
-        .unwrap_or_default();
     snapshot
         .units
         .iter()
@@ -448,7 +455,7 @@ fn views(state: &ApiState, snapshot: &crate::registry::Snapshot) -> Vec<UnitView
 
 async fn list_units(State(state): State<ApiState>) -> Result<Json<Vec<UnitView>>, ApiError> {
     let snapshot = state.registry.snapshot().await?;
-    Ok(Json(views(&state, &snapshot)))
+    Ok(Json(views(&snapshot, &reasons(&state).await?)))
 }
 
 async fn get_unit(
@@ -456,7 +463,7 @@ async fn get_unit(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<UnitDetail>, ApiError> {
     let snapshot = state.registry.snapshot().await?;
-    let unit = views(&state, &snapshot)
+    let unit = views(&snapshot, &reasons(&state).await?)
         .into_iter()
         .find(|u| u.name == name)
         .ok_or_else(|| ApiError::UnknownUnit(name.clone()))?;
@@ -612,7 +619,7 @@ async fn journal(
         }
     }
     let snapshot = state.registry.snapshot().await?;
-    let unit = views(&state, &snapshot)
+    let unit = views(&snapshot, &BTreeMap::new())
         .into_iter()
         .find(|u| u.name == name)
         .ok_or_else(|| ApiError::UnknownUnit(name.clone()))?;

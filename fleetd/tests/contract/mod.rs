@@ -46,6 +46,7 @@ macro_rules! contract_tests {
             reassign_only_from_expected_machine,
             leader_one_winner_then_takeover_after_expiry,
             leader_resign,
+            reasons_belong_to_the_leader,
             watch_sees_changes_in_order_from_revision,
             watch_from_zero_sees_only_new_changes,
             reported_states_vanish_with_their_lease,
@@ -500,6 +501,38 @@ pub async fn leader_resign(env: &Env) {
         lost => panic!("b must win after a resigned: {lost:?}"),
     }
     r.revoke_lease(la).await.unwrap();
+    r.revoke_lease(lb).await.unwrap();
+}
+
+/// The leader publishes why units cannot be placed; only the lease holding the leadership
+/// can write them, every handle reads them, and they go with the leader's lease.
+pub async fn reasons_belong_to_the_leader(env: &Env) {
+    let r = &env.registry;
+    assert!(r.get_reasons().await.unwrap().is_empty());
+    let la = r.grant_lease(LONG_TTL).await.unwrap();
+    let lb = r.grant_lease(LONG_TTL).await.unwrap();
+    let reasons = BTreeMap::from([(
+        "picky".to_string(),
+        "no machine fits (m1: metadata role=web is not one of db)".to_string(),
+    )]);
+    // Nobody leads yet: nothing is written.
+    assert!(!r.put_reasons(&reasons, la).await.unwrap());
+    assert!(matches!(
+        r.campaign("a", la).await.unwrap(),
+        Campaign::Won(_)
+    ));
+    assert!(r.put_reasons(&reasons, la).await.unwrap());
+    assert_eq!(env.other.get_reasons().await.unwrap(), reasons);
+    // Another lease cannot overwrite them.
+    assert!(!env.other.put_reasons(&BTreeMap::new(), lb).await.unwrap());
+    assert_eq!(r.get_reasons().await.unwrap(), reasons);
+    // Replaced whole by the leader; gone with its lease.
+    assert!(r.put_reasons(&BTreeMap::new(), la).await.unwrap());
+    assert!(env.other.get_reasons().await.unwrap().is_empty());
+    assert!(r.put_reasons(&reasons, la).await.unwrap());
+    r.revoke_lease(la).await.unwrap();
+    assert!(env.other.get_reasons().await.unwrap().is_empty());
+    assert_eq!(r.leader().await.unwrap(), None);
     r.revoke_lease(lb).await.unwrap();
 }
 
