@@ -91,6 +91,11 @@ impl ClusterNet {
         &self.endpoint
     }
 
+    /// The fleetd API token the VMs share (`[fleet] token`).
+    pub fn token(&self) -> String {
+        format!("token-{}", self.bridge)
+    }
+
     /// etcd's log so far.
     pub fn etcd_log(&self) -> String {
         std::fs::read_to_string(&self.etcd_log).unwrap_or_default()
@@ -170,7 +175,7 @@ token = "{token}"
             ip = self.vm_ip(n),
             gw = self.host_ip(),
             endpoint = self.endpoint,
-            token = self.bridge,
+            token = self.token(),
         )
     }
 

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use qemu_tests::cluster::{
-    active_units, fleetctl_json, machines, poll, write_file, ClusterNet, GLOBAL_UNIT, SERVICE_UNIT,
+    active_units, fleetctl_json, machines, poll, write_file, ClusterNet, FLEETD_PORT, GLOBAL_UNIT,
+    SERVICE_UNIT,
 };
 use qemu_tests::{Shell, Vm};
 
@@ -122,6 +123,35 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         let status = sh.ok("unitctl status everywhere", CMD).unwrap();
         assert!(status.contains("active (running)"), "{status}");
     }
+    // From the host, as an operator's workstation would: the static fleetctl against a VM's
+    // TCP API with the cluster's token; refused without it.
+    let fleetctl = qemu_tests::static_binaries().unwrap().join("fleetctl");
+    let token = t.path().join("token");
+    std::fs::write(&token, net.token()).unwrap();
+    let endpoint = format!("http://{}:{FLEETD_PORT}", net.vm_ip(2));
+    let out = std::process::Command::new(&fleetctl)
+        .args(["--endpoint", &endpoint, "--token-file"])
+        .arg(&token)
+        .args(["list-units", "--json"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{listed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        listed.contains("\"svc\"") && listed.contains("everywhere"),
+        "{listed}"
+    );
+    let out = std::process::Command::new(&fleetctl)
+        .args(["--endpoint", &endpoint, "list-units"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("token"), "{err}");
+
     let other = if host == 1 { 2 } else { 1 };
     let pids_before = [
         main_pid(&mut shells[0], "everywhere"),

@@ -151,19 +151,16 @@ impl ApiClient {
     }
 
     /// `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ`: the unit's output lines from
-    /// the init of the machine the endpoint runs on.
+    /// the init of the machine it runs on (relayed by the endpoint's fleetd when that is
+    /// another machine).
     pub async fn journal(
         &self,
         name: &str,
         lines: u32,
         after: u64,
     ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
-        self.call(
-            Method::GET,
-            &format!("/units/{name}/journal?lines={lines}&after={after}"),
-            None::<&()>,
-        )
-        .await
+        self.journal_query(name, &format!("lines={lines}&after={after}"))
+            .await
     }
 
     /// [`ApiClient::journal`] of the copy on `machine` (an id or a prefix of one, for a
@@ -175,10 +172,9 @@ impl ApiClient {
         after: u64,
         machine: &str,
     ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
-        self.call(
-            Method::GET,
-            &format!("/units/{name}/journal?lines={lines}&after={after}&machine={machine}"),
-            None::<&()>,
+        self.journal_query(
+            name,
+            &format!("lines={lines}&after={after}&machine={machine}"),
         )
         .await
     }
@@ -192,11 +188,21 @@ impl ApiClient {
         after: u64,
         machine: &str,
     ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+        self.journal_query(
+            name,
+            &format!("lines={lines}&after={after}&machine={machine}&relayed=1"),
+        )
+        .await
+    }
+
+    async fn journal_query(
+        &self,
+        name: &str,
+        query: &str,
+    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
         self.call(
             Method::GET,
-            &format!(
-                "/units/{name}/journal?lines={lines}&after={after}&machine={machine}&relayed=1"
-            ),
+            &format!("/units/{name}/journal?{query}"),
             None::<&()>,
         )
         .await
