@@ -262,7 +262,7 @@ fn machine_loss_moves_its_units() {
     hold(&c, &after, ttl(2));
 }
 
-/// Scenario 4: etcd killed for three TTLs and restarted on its data directory, then frozen
+/// Scenario 4: etcd killed for 30 s (unreachable) and restarted on its data directory, then frozen
 /// (SIGSTOP) for four TTLs: while etcd is away, running units keep running with the same
 /// pids; after the restart they still do; after the freeze every unit runs exactly once.
 ///
@@ -273,10 +273,11 @@ fn etcd_outage_leaves_units_alone() {
     let mut c = Cluster::start(&METADATA);
     let before = start_abc(&c);
 
-    // Killed and restarted on the same data directory: etcd renews every lease when it
-    // comes back (its leader promotion), so no machine is lost.
+    // Unreachable for 30 s (killed), then restarted on the same data directory: every unit
+    // keeps its process throughout, and etcd renews every lease when it comes back (its
+    // leader promotion), so no machine is lost.
     c.etcd.kill();
-    hold(&c, &before, ttl(3));
+    hold(&c, &before, Duration::from_secs(30));
     c.etcd.start();
     c.wait_machines(3);
     assert_eq!(wait_placed(&c, &UNITS), before);
@@ -292,8 +293,9 @@ fn etcd_outage_leaves_units_alone() {
 
 /// Scenario 4, strictly: the same pids after etcd was frozen for four TTLs. A frozen etcd's
 /// clock keeps running, so on SIGCONT it expires every machine lease whose keep-alive has
-/// not arrived yet and the machine keys vanish; the engine's grace period at the start of
-/// a leadership term (two TTLs) holds their units until the agents have registered again.
+/// not arrived yet and the machine keys vanish; the engine, whose own lease was lost in the
+/// outage, holds units of missing machines for two TTLs after its new lease is granted,
+/// until the agents have registered again.
 #[test]
 fn etcd_freeze_keeps_pids() {
     let c = Cluster::start(&METADATA);
