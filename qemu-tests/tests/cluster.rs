@@ -20,8 +20,10 @@ use common::{shell, wait_marker};
 const CMD: Duration = Duration::from_secs(60);
 /// The bound on a cluster-wide change (placement, reschedule) under TCG.
 const SETTLE: Duration = Duration::from_secs(180);
-/// The machines' lease TTL (provisioning's `[fleet] ttl`), in seconds.
-const TTL_SECS: u64 = 3;
+/// The machines' lease TTL (provisioning's `[fleet] ttl`), in seconds: long, so that a
+/// machine still listed right after its VM powered off would show that its fleetd did not
+/// leave the cluster on the way down (its lease would live on for seconds).
+const TTL_SECS: u64 = 20;
 
 /// The main pid of `unit` in this VM's init.
 fn main_pid(sh: &mut Shell, unit: &str) -> String {
@@ -36,8 +38,9 @@ fn main_pid(sh: &mut Shell, unit: &str) -> String {
 }
 
 /// Three VMs join one etcd; a global unit runs on all three and a service on one worker;
-/// the worker running the service is powered off (ACPI) and the service moves to the other
-/// worker, while the global unit keeps running, untouched, on the two machines left.
+/// the worker running the service is powered off (ACPI): its fleetd takes the machine out
+/// of the cluster on the way down, the service moves to the other worker, and the global
+/// unit keeps running, untouched, on the two machines left.
 #[test]
 fn three_vms_share_units_and_a_service_moves_on_power_off() {
     let t = tempfile::tempdir().unwrap();
@@ -166,6 +169,22 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         "vm{} still runs:\n{}",
         host + 1,
         vms[host].console()
+    );
+    // Its fleetd saw init `stopping` and left the cluster before the VM went down: the
+    // machine is gone at once, not a TTL later.
+    let left = fleetctl_json(&mut shells[0], "list-machines")
+        .unwrap()
+        .expect("list-machines answers");
+    let left: Vec<&str> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        !left.contains(&ids[host].as_str()),
+        "the powered-off machine is still listed: {left:?}"
     );
     let moved = poll(
         "svc active on the other worker",

@@ -166,6 +166,13 @@ impl InitApi {
         self.call("GetMachineId".into(), |c| c.machine_id()).await
     }
 
+    /// The manager's state (`GetSystemState`): `running`, or `stopping` once the host's
+    /// orderly shutdown is stopping its units.
+    pub async fn system_state(&self) -> Result<String, InitError> {
+        self.call("GetSystemState".into(), |c| c.system_state())
+            .await
+    }
+
     /// Every unit init knows.
     pub async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError> {
         self.call("ListUnits".into(), |c| c.list_units()).await

@@ -161,7 +161,9 @@ impl Agent {
     /// Runs until `shutdown` completes. Returns an error only when it cannot run at all (no
     /// machine id); unreachable registries and inits are retried. On shutdown nothing is
     /// stopped and the lease is left to expire, so a restarted agent takes over the running
-    /// units.
+    /// units; unless the host itself is going down (init's `GetSystemState` is `stopping`):
+    /// then the machine leaves the cluster at once (its lease revoked), so its units are
+    /// rescheduled now, not a TTL later.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut machine = self.machine;
@@ -200,7 +202,10 @@ impl Agent {
         let mut degraded = false;
         loop {
             let established = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    worker.on_shutdown().await;
+                    return Ok(());
+                }
                 r = worker.establish() => r,
             };
             let mut watch = match established {
@@ -216,9 +221,12 @@ impl Agent {
                     }
                     degraded = true;
                     tokio::select! {
-                        _ = &mut shutdown => return Ok(()),
-                        _ = tokio::time::sleep(backoff) => {}
+                            _ = &mut shutdown => {
+                        worker.on_shutdown().await;
+                        return Ok(());
                     }
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
                     // Never slower than half a TTL: after an outage the engine waits for
                     // re-registering machines for two TTLs only.
                     backoff = (backoff * 2).min(MAX_BACKOFF).min(worker.ttl / 2);
@@ -239,7 +247,10 @@ impl Agent {
             let mut retry = tokio::time::interval(INIT_RETRY);
             let failure: RegistryError = loop {
                 let step = tokio::select! {
-                    _ = &mut shutdown => return Ok(()),
+                    _ = &mut shutdown => {
+                    worker.on_shutdown().await;
+                    return Ok(());
+                }
                     _ = keepalive.tick() => worker.keep_alive().await,
                     event = watch.next() => match event {
                         Some(Ok(event)) => worker.on_events(event, &mut watch).await,
@@ -327,6 +338,49 @@ struct Worker {
 }
 
 impl Worker {
+    /// At shutdown: when init says the host is going down, revoke the machine's lease (its
+    /// record and states go with it, and the engine moves its units at once) and forget it
+    /// in the lease file. A fleetd stopped alone (restarted, upgraded) keeps the lease for
+    /// its next run. Bounded by one TTL; failures are logged.
+    async fn on_shutdown(&mut self) {
+        let Some(lease) = self.lease else { return };
+        let state = tokio::time::timeout(self.ttl, self.init.system_state()).await;
+        match state {
+            Ok(Ok(state)) if state == flotilla_init::api::SYSTEM_STOPPING => {}
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                log::info!(
+                    "cannot ask init whether the host is going down ({e}); keeping the lease"
+                );
+                return;
+            }
+            Err(_) => {
+                log::info!("init did not say whether the host is going down; keeping the lease");
+                return;
+            }
+        }
+        log::info!(
+            "the host is shutting down: machine {} leaves the cluster (lease {lease} revoked), its units move now",
+            self.machine.id
+        );
+        match tokio::time::timeout(self.ttl, self.registry.revoke_lease(lease)).await {
+            Ok(Ok(())) => {
+                self.lease = None;
+                if let Some(path) = &self.lease_file {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            Ok(Err(e)) => log::warn!(
+                "cannot revoke lease {lease}: {e}; it expires in {:?}",
+                self.ttl
+            ),
+            Err(_) => log::warn!(
+                "revoking lease {lease} timed out; it expires in {:?}",
+                self.ttl
+            ),
+        }
+    }
+
     /// The lease recorded by a previous run for this machine id, if any.
     fn saved_lease(&self) -> Option<LeaseId> {
         let text = std::fs::read_to_string(self.lease_file.as_ref()?).ok()?;

@@ -201,6 +201,12 @@ impl Client {
         self.call("GetMachineId", &())
     }
 
+    /// The manager's state: [`crate::api::SYSTEM_RUNNING`] or
+    /// [`crate::api::SYSTEM_STOPPING`] (an orderly shutdown is stopping the units).
+    pub fn system_state(&self) -> Result<String, ClientError> {
+        self.call("GetSystemState", &())
+    }
+
     /// Subscribe to `UnitStateChanged` signals. Signals emitted after this returns are
     /// delivered; iterating blocks until the next one and ends when the connection closes.
     pub fn subscribe(&self) -> Result<StateChanges, ClientError> {

@@ -254,6 +254,15 @@ mod object {
             }
         }
 
+        /// `running`, or `stopping` once an orderly shutdown is stopping the units (as
+        /// systemd's `SystemState`): a client stopped then knows the host is going down.
+        async fn get_system_state(&self) -> Result<String, MethodError> {
+            match self.call(Request::SystemState).await? {
+                Response::Text(t) => Ok(t),
+                other => Err(unexpected("GetSystemState", &other)),
+            }
+        }
+
         /// The machine id of this host (`/etc/machine-id`, trimmed). Answered by the server
         /// itself: it is not manager state.
         async fn get_machine_id(&self) -> Result<String, MethodError> {

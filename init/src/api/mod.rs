@@ -140,7 +140,15 @@ pub enum Request {
     },
     /// The unit file's text.
     CatUnit(String),
+    /// The manager's state, as systemd's `SystemState`: [`SYSTEM_RUNNING`] or, once an
+    /// orderly shutdown began, [`SYSTEM_STOPPING`].
+    SystemState,
 }
+
+/// [`Request::SystemState`] while units run normally.
+pub const SYSTEM_RUNNING: &str = "running";
+/// [`Request::SystemState`] once a shutdown (power-off, reboot, SIGTERM) is stopping units.
+pub const SYSTEM_STOPPING: &str = "stopping";
 
 /// The manager's answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +163,7 @@ pub enum Response {
     Reload(ReloadReport),
     /// Answer to `Logs`.
     Logs(Vec<LogEntry>),
-    /// Answer to `CatUnit`.
+    /// Answer to `CatUnit` and `SystemState`.
     Text(String),
 }
 

@@ -193,6 +193,14 @@ impl Manager {
                     .map(|u| Response::Text(u.source.clone()))
                     .ok_or(ApiError::NoSuchUnit(name))
             }
+            Request::SystemState => Ok(Response::Text(
+                if self.shutting_down {
+                    crate::api::SYSTEM_STOPPING
+                } else {
+                    crate::api::SYSTEM_RUNNING
+                }
+                .to_string(),
+            )),
         }
     }
 

@@ -121,6 +121,7 @@ impl Model {
         self.seen.push(request.clone());
         match request {
             Request::ListUnits => Ok(Response::Units(self.units.values().cloned().collect())),
+            Request::SystemState => Ok(Response::Text(flotilla_init::api::SYSTEM_RUNNING.into())),
             Request::GetUnit(name) => {
                 if let Some(i) = self.failing.iter().position(|n| *n == name) {
                     self.failing.remove(i);

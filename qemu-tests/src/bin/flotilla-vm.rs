@@ -280,7 +280,7 @@ fn cluster_in(image: &Path, scratch: &Path) -> anyhow::Result<()> {
         indent(&s.run("fleetctl journal svc", CMD)?.output);
     }
     step(&format!(
-        "pressing vm{}'s ACPI power button: an orderly shutdown, then its lease expires ({CLUSTER_TTL} s TTL)",
+        "pressing vm{}'s ACPI power button: an orderly shutdown; its fleetd sees init stopping and takes the machine out of the cluster",
         host + 1
     ));
     let off = Instant::now();
@@ -288,6 +288,11 @@ fn cluster_in(image: &Path, scratch: &Path) -> anyhow::Result<()> {
         vm.qmp("system_powerdown")?;
         vm.wait_exit(BOOT_TIMEOUT)?;
     }
+    println!(
+        "    vm{} powered off {:.1} s after the button",
+        host + 1,
+        off.elapsed().as_secs_f64()
+    );
     let Some(sh) = shells.first_mut() else {
         bail!("no VM");
     };
