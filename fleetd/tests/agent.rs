@@ -15,8 +15,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use flotilla_init::api::UnitInfo;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use support::init_binary;
+use support::{kill_cgroup, spawn_init};
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
@@ -61,19 +61,7 @@ impl Init {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let child = Command::new(init_binary())
-            .arg("--units")
-            .arg(&unit_dir)
-            .arg("--state")
-            .arg(dir.path().join("state"))
-            .arg("--api")
-            .arg(&socket)
-            .args(["--launcher", "host", "--cgroup", &cgroup])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("init.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_init(&[], dir.path(), &unit_dir, &socket, &cgroup);
         let init = Init {
             child: Some(child),
             dir,
@@ -126,17 +114,7 @@ impl Drop for Init {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-            let root = Path::new(root).join(&self.cgroup);
-            if let Ok(dir) = fs::read_dir(&root) {
-                for e in dir.flatten() {
-                    let _ = fs::write(e.path().join("cgroup.kill"), "1");
-                    std::thread::sleep(Duration::from_millis(20));
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
-            let _ = fs::remove_dir(&root);
-        }
+        kill_cgroup(&self.cgroup);
     }
 }
 

@@ -204,10 +204,7 @@ fn lifecycle_conflicts_and_placement_rules() {
     // conflict with the running `bold` (on m3), keeps off m3 too. Three ballast units on m1
     // make m3 the least loaded of the two, so only the conflicts keep them off it.
     let on_m1 = body("machine_metadata = [\"role=web\", \"region=eu\"]");
-    let mut args = vec!["start".to_string(), "--block-timeout".into(), "60s".into()];
-    args.extend((1..=3).map(|i| c.write(&format!("ballast@{i}.toml"), &on_m1)));
-    c.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    wait_placed(&c, &["ballast@1", "ballast@2", "ballast@3"]);
+    start_all(&c, &["ballast@1", "ballast@2", "ballast@3"], &on_m1);
     let picky = c.write(
         "picky.toml",
         &body("conflicts = [\"plain\"]\nmachine_metadata = [\"region=us\"]"),
@@ -235,15 +232,8 @@ fn lifecycle_conflicts_and_placement_rules() {
 #[test]
 fn machine_loss_moves_its_units() {
     let mut c = Cluster::start(&METADATA);
-    let files: Vec<String> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|u| c.write(&format!("{u}.toml"), SLEEP))
-        .collect();
-    let mut args = vec!["start", "--block-timeout", "60s"];
-    args.extend(files.iter().map(String::as_str));
-    c.ok(&args);
     let units = ["a", "b", "c", "d"];
-    let before = wait_placed(&c, &units);
+    let before = start_all(&c, &units, SLEEP);
     let lost = before["a"].0.clone();
     let i = c.nodes.iter().position(|n| n.id == lost).unwrap();
     c.kill_node(i);
@@ -327,14 +317,19 @@ const UNITS: [&str; 3] = ["a", "b", "c"];
 
 /// Starts units a, b and c (blocking) and returns where they run.
 fn start_abc(c: &Cluster) -> BTreeMap<String, (String, u32)> {
-    let files: Vec<String> = UNITS
+    start_all(c, &UNITS, SLEEP)
+}
+
+/// Writes `units`, each with `body`, starts them (blocking) and returns where they run.
+fn start_all(c: &Cluster, units: &[&str], body: &str) -> BTreeMap<String, (String, u32)> {
+    let files: Vec<String> = units
         .iter()
-        .map(|u| c.write(&format!("{u}.toml"), SLEEP))
+        .map(|u| c.write(&format!("{u}.toml"), body))
         .collect();
     let mut args = vec!["start", "--block-timeout", "60s"];
     args.extend(files.iter().map(String::as_str));
     c.ok(&args);
-    wait_placed(c, &UNITS)
+    wait_placed(c, units)
 }
 
 /// Scenario 6: a global unit runs on every machine, one with metadata on every matching

@@ -10,7 +10,7 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,22 +20,14 @@ use flotilla_init::api::client::Client;
 use flotilla_init::api::UnitInfo;
 use serde_json::Value;
 
-use support::init_binary;
+use support::{kill_cgroup, spawn_init};
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
 
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < WAIT,
-            "gave up waiting for {what}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_until(what: &str, cond: impl FnMut() -> bool, log: impl Fn() -> String) {
+    support::wait_until(what, WAIT, Duration::from_millis(100), cond, log);
 }
 
 /// A `flotilla-init` supervisor and a `fleetd` on it, killed on drop (with everything in
@@ -60,19 +52,7 @@ impl Cluster {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let init = Command::new(init_binary())
-            .arg("--units")
-            .arg(&unit_dir)
-            .arg("--state")
-            .arg(dir.path().join("state"))
-            .arg("--api")
-            .arg(&init_socket)
-            .args(["--launcher", "host", "--cgroup", &cgroup])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("init.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let init = spawn_init(&[], dir.path(), &unit_dir, &init_socket, &cgroup);
         let api = dir.path().join("fleetd.sock");
         let mut cluster = Cluster {
             init: Some(init),
@@ -199,17 +179,7 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-            let root = Path::new(root).join(&self.cgroup);
-            if let Ok(dir) = fs::read_dir(&root) {
-                for e in dir.flatten() {
-                    let _ = fs::write(e.path().join("cgroup.kill"), "1");
-                    std::thread::sleep(Duration::from_millis(20));
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
-            let _ = fs::remove_dir(&root);
-        }
+        kill_cgroup(&self.cgroup);
     }
 }
 

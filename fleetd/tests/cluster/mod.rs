@@ -24,10 +24,10 @@
     dead_code
 )]
 
-use crate::support::init_binary;
+use crate::support::{kill_cgroup, spawn_init};
 use std::fs;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -89,33 +89,9 @@ fn kill(child: Option<Child>) {
     }
 }
 
-/// Kills everything in cgroup `name` (what an init started) and removes the cgroups.
-fn kill_cgroup(name: &str) {
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let root = Path::new(root).join(name);
-        if let Ok(dir) = fs::read_dir(&root) {
-            for e in dir.flatten() {
-                let _ = fs::write(e.path().join("cgroup.kill"), "1");
-                std::thread::sleep(Duration::from_millis(20));
-                let _ = fs::remove_dir(e.path());
-            }
-        }
-        let _ = fs::write(root.join("cgroup.kill"), "1");
-        let _ = fs::remove_dir(&root);
-    }
-}
-
 /// Polls `cond` every 200 ms until it holds; panics with `what` and `logs()` after [`WAIT`].
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool, logs: impl Fn() -> String) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < WAIT,
-            "gave up waiting for {what}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool, logs: impl Fn() -> String) {
+    crate::support::wait_until(what, WAIT, Duration::from_millis(200), cond, logs);
 }
 
 /// The cluster's etcd: on the bridge address and loopback, with a data directory that
@@ -286,22 +262,12 @@ impl Node {
     fn start_init(&mut self) {
         let units = self.dir.join("units");
         fs::create_dir_all(&units).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .arg("--")
-            .arg(init_binary())
-            .arg("--units")
-            .arg(&units)
-            .arg("--state")
-            .arg(self.dir.join("state"))
-            .arg("--api")
-            .arg(&self.init_socket)
-            .args(["--launcher", "host", "--cgroup", &self.cgroup])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(self.dir.join("init.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let nsenter = [
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", self.netns),
+            "--".to_string(),
+        ];
+        let child = spawn_init(&nsenter, &self.dir, &units, &self.init_socket, &self.cgroup);
         self.init = Some(child);
         wait_until(
             &format!("{}'s init to answer", self.id),

@@ -1,4 +1,6 @@
 //! Shared by the fleetd tests that run a real `flotilla-init`.
+// Each test binary uses a part of this module.
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -21,4 +23,72 @@ pub fn init_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Starts a `flotilla-init` supervisor (host launcher) over `units`, its state in
+/// `dir/state`, its control socket at `socket`, its units in the cgroup `cgroup`, its log in
+/// `dir/init.log`; run under `wrapper` (e.g. `nsenter --net=... --`) when that is not empty.
+pub fn spawn_init(
+    wrapper: &[String],
+    dir: &Path,
+    units: &Path,
+    socket: &Path,
+    cgroup: &str,
+) -> std::process::Child {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args).arg(init_binary());
+            cmd
+        }
+        None => std::process::Command::new(init_binary()),
+    };
+    cmd.arg("--units")
+        .arg(units)
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--api")
+        .arg(socket)
+        .args(["--launcher", "host", "--cgroup", cgroup])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("init.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills everything in the cgroup `name` (what an init started) and removes the cgroups,
+/// on either cgroup2 mount.
+pub fn kill_cgroup(name: &str) {
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let root = Path::new(root).join(name);
+        if let Ok(dir) = std::fs::read_dir(&root) {
+            for e in dir.flatten() {
+                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        let _ = std::fs::write(root.join("cgroup.kill"), "1");
+        let _ = std::fs::remove_dir(&root);
+    }
+}
+
+/// Polls `cond` every `every` until it holds; panics with `what` and `logs()` after `bound`.
+pub fn wait_until(
+    what: &str,
+    bound: std::time::Duration,
+    every: std::time::Duration,
+    mut cond: impl FnMut() -> bool,
+    logs: impl Fn() -> String,
+) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < bound,
+            "gave up waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(every);
+    }
 }
