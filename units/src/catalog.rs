@@ -68,13 +68,10 @@ impl Catalog {
             }
         }
         for (name, path) in files {
-            let text = match std::fs::read_to_string(&path) {
+            let text = match crate::text::read_unit_file(&path) {
                 Ok(text) => text,
                 Err(e) => {
-                    catalog.errors.push(
-                        UnitError::new(path.display().to_string(), format!("cannot read: {e}"))
-                            .with_unit(&name),
-                    );
+                    catalog.errors.push(e.with_unit(&name));
                     continue;
                 }
             };

@@ -15,6 +15,7 @@ mod model;
 mod parse;
 mod specifier;
 mod template;
+mod text;
 mod values;
 
 pub use catalog::Catalog;
@@ -23,3 +24,4 @@ pub use graph::{format_cycle, order_predecessors, ordering_cycles, predecessor_m
 pub use model::*;
 pub use parse::{check_name, parse_unit, split_instance, API_FILE_LABEL, MAX_NAME_LEN};
 pub use template::Template;
+pub use text::{decode_unit_text, read_unit_file};

@@ -202,6 +202,11 @@ pub(crate) fn parse_checked(
             None => err,
         }
     })?;
+    crate::text::check_controls(text, doc.get_ref()).map_err(|(message, help, offset, key)| {
+        ctx.error(message, Some(key))
+            .at_offset(text, offset)
+            .with_help(help)
+    })?;
 
     let mut tables: BTreeMap<&str, (Range<usize>, &DeTable<'_>)> = BTreeMap::new();
     for (key, value) in entries(doc.get_ref()) {
@@ -484,10 +489,25 @@ impl<'v, 'i> Field<'_, '_, 'v, 'i> {
         if !self.expand {
             return Ok(text.to_string());
         }
-        self.ctx
+        let expanded = self
+            .ctx
             .spec
             .expand(text)
-            .map_err(|(message, help)| self.err_at(span, message, Some(help)))
+            .map_err(|(message, help)| self.err_at(span.clone(), message, Some(help)))?;
+        // The raw string was checked (crate::text); an expanded specifier (e.g. `%I`)
+        // must not bring in a control character either.
+        if let Some(c) = crate::text::first_control(&expanded, "").filter(|c| !text.contains(*c)) {
+            return Err(self.err_at(
+                span,
+                format!(
+                    "`{}` expands to a string with the control character {}",
+                    self.name,
+                    crate::text::describe_control(c)
+                ),
+                Some("check the value the specifiers in this string expand to".into()),
+            ));
+        }
+        Ok(expanded)
     }
 
     fn string(&self, example: &str) -> Result<String, UnitError> {

@@ -924,3 +924,127 @@ fn every_example_parses() {
     assert_eq!(worker.fleet.conflicts, vec!["worker@*"]);
     assert!(ordering_cycles(&catalog.units).is_empty());
 }
+
+/// A control character written as a TOML escape is valid TOML; the unit is refused at the
+/// escape's line and column, in every string that reaches the wire.
+#[test]
+fn control_characters_are_refused_where_they_are() {
+    let cases: &[(&str, usize, usize, &str)] = &[
+        (
+            "[unit]\ndescription = \"web\\u0000x\"\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            19,
+            "`description` contains the control character U+0000 (NUL)",
+        ),
+        (
+            "[unit]\ndescription = \"clear \\e[2J\"\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            22,
+            "`description` contains the control character U+001B (ESC)",
+        ),
+        (
+            "[unit]\ndescription = \"a\\rb\"\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            17,
+            "U+000D (CR)",
+        ),
+        (
+            "[unit]\ndescription = \"tab\\there\"\n[container]\ncommand = [\"/bin/true\"]\n",
+            2,
+            19,
+            "U+0009 (TAB)",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\", \"a\\u0000\"]\n",
+            2,
+            27,
+            "`command` contains the control character U+0000 (NUL)",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nenv = { K = \"\\u001b\" }\n",
+            3,
+            14,
+            "`K` contains the control character U+001B (ESC)",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nworkdir = \"/srv\\n\"\n",
+            3,
+            16,
+            "`workdir` contains the control character U+000A (LF)",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\nmounts = [{ host = \"/a\\u007f\", path = \"/b\" }]\n",
+            3,
+            23,
+            "`host` contains the control character U+007F (DEL)",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n[fleet]\nmachine_metadata = [\"region=\\u0085eu\"]\n",
+            4,
+            29,
+            "`machine_metadata` contains the control character U+0085",
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\n\"bad\\u0000key\" = 1\n",
+            3,
+            5,
+            "the key \"bad\\0key\" contains the control character U+0000 (NUL)",
+        ),
+    ];
+    for (text, line, column, message) in cases {
+        let e = parse(text).expect_err(text);
+        assert_eq!(
+            (e.line, e.column),
+            (Some(*line), Some(*column)),
+            "{text:?}: {e}"
+        );
+        assert!(e.message.contains(message), "{text:?}: {e}");
+        assert!(
+            e.help.as_deref().is_some_and(|h| h.contains("remove")),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains('\0'),
+            "the message itself must be clean: {e:?}"
+        );
+    }
+}
+
+/// Tab and newline are taken where they are legitimate: a script for `sh -c` and
+/// environment values (a PEM certificate). Nothing else, not even there.
+#[test]
+fn tab_and_newline_in_command_and_env_only() {
+    let unit = parse(
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"\"\"\necho a\n\techo b\n\"\"\"]\nenv = { PEM = \"-----BEGIN-----\\nAAA\\n\" }\n",
+    )
+    .unwrap();
+    assert_eq!(unit.container.command[2], "echo a\n\techo b\n");
+    assert_eq!(unit.container.env["PEM"], "-----BEGIN-----\nAAA\n");
+    let e = parse("[container]\ncommand = [\"/bin/sh\", \"-c\", \"a\\rb\"]\n").unwrap_err();
+    assert!(e.message.contains("U+000D (CR)"), "{e}");
+    assert_eq!((e.line, e.column), (Some(2), Some(31)));
+}
+
+/// Invalid UTF-8 in a unit file is reported at the line and column of its first bad byte.
+#[test]
+fn invalid_utf8_has_a_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.toml");
+    std::fs::write(
+        &path,
+        b"[unit]\ndescription = \"caf\xe9\"\n[container]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let e = read_unit_file(&path).unwrap_err();
+    assert_eq!((e.line, e.column), (Some(2), Some(19)), "{e}");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "{}:2:19: the file is not valid UTF-8: byte 0xe9",
+            path.display()
+        )),
+        "{e}"
+    );
+    let catalog = Catalog::load_dirs(&[dir.path().to_path_buf()]);
+    assert_eq!(catalog.errors.len(), 1, "{:?}", catalog.errors);
+    assert_eq!(catalog.errors[0].line, Some(2));
+}
