@@ -12,6 +12,7 @@ use oci_spec::image::{
     MediaType, Os, RootFsBuilder, ANNOTATION_REF_NAME,
 };
 
+use super::source::open_regular;
 use super::{sha256_hex, HashReader, HashWriter, ImageError, RuntimeConfig};
 
 /// JSON documents (index, manifest, config) larger than this are refused.
@@ -66,8 +67,7 @@ fn read_blob(root: &Path, desc: &Descriptor, what: &str) -> Result<Vec<u8>, Imag
             desc.size()
         )));
     }
-    let file =
-        File::open(&path).map_err(|e| ImageError::io(format!("open {what} blob"), &path, e))?;
+    let file = open_regular(&path, &format!("{what} blob"))?;
     let mut reader = HashReader::new(file.take(MAX_JSON + 1));
     let mut bytes = Vec::new();
     reader
@@ -91,12 +91,52 @@ fn read_blob(root: &Path, desc: &Descriptor, what: &str) -> Result<Vec<u8>, Imag
     Ok(bytes)
 }
 
-fn json_err(what: &str, path: &Path, e: impl std::fmt::Display) -> ImageError {
-    ImageError::Json {
-        what: what.to_string(),
-        path: path.to_path_buf(),
-        detail: e.to_string(),
+/// Parses the JSON document `what` (read from `path`) with serde_json itself, so a
+/// malformed one is reported with serde's line, column and what it expected (oci-spec's own
+/// readers only say `serde failed`).
+fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<T, ImageError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let full = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let message = full.strip_suffix(&suffix).unwrap_or(&full);
+        ImageError::Json {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            detail: format!(
+                "line {}, column {}: {message} (expected an OCI image-spec {what} document)",
+                e.line(),
+                e.column()
+            ),
+        }
+    })
+}
+
+/// Reads the layout's `index.json`: a regular file of at most [`MAX_JSON`] bytes.
+fn read_index(dir: &Path, index_path: &Path) -> Result<ImageIndex, ImageError> {
+    let file = match open_regular(index_path, "index") {
+        Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Err(ImageError::Layout(format!(
+                "{} is not an OCI image layout (no index.json); write one with `skopeo copy ... oci:DIR:TAG`, `docker save` (Docker >= 25) or image-build",
+                dir.display()
+            )))
+        }
+        other => other?,
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ImageError::io("read index", index_path, e))?;
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(ImageError::Layout(format!(
+            "{} is more than the {MAX_JSON} bytes allowed for a JSON document",
+            index_path.display()
+        )));
     }
+    parse_json("index", index_path, &bytes)
 }
 
 fn is_index(bytes: &[u8]) -> bool {
@@ -178,31 +218,21 @@ pub(crate) fn read_layout(
     want: Option<&(String, String)>,
 ) -> Result<SourceImage, ImageError> {
     let index_path = dir.join("index.json");
-    if !index_path.is_file() {
-        return Err(ImageError::Layout(format!(
-            "{} is not an OCI image layout (no index.json); write one with `skopeo copy ... oci:DIR:TAG`, `docker save` (Docker >= 25) or image-build",
-            dir.display()
-        )));
-    }
-    let index =
-        ImageIndex::from_file(&index_path).map_err(|e| json_err("index", &index_path, e))?;
+    let index = read_index(dir, &index_path)?;
     let mut desc = select(index.manifests(), want, &index_path)?.clone();
     let ref_name = ref_of(&desc);
     for _depth in 0..4 {
         let bytes = read_blob(dir, &desc, "manifest")?;
         let blob = blob_path(dir, desc.digest().as_ref())?;
         if is_index(&bytes) {
-            let nested = ImageIndex::from_reader(bytes.as_slice())
-                .map_err(|e| json_err("index", &blob, e))?;
+            let nested: ImageIndex = parse_json("index", &blob, &bytes)?;
             desc = select(nested.manifests(), want, &blob)?.clone();
             continue;
         }
-        let manifest = ImageManifest::from_reader(bytes.as_slice())
-            .map_err(|e| json_err("manifest", &blob, e))?;
+        let manifest: ImageManifest = parse_json("manifest", &blob, &bytes)?;
         let config_bytes = read_blob(dir, manifest.config(), "config")?;
         let config_path = blob_path(dir, manifest.config().digest().as_ref())?;
-        let config = ImageConfiguration::from_reader(config_bytes.as_slice())
-            .map_err(|e| json_err("image config", &config_path, e))?;
+        let config: ImageConfiguration = parse_json("image config", &config_path, &config_bytes)?;
         return Ok(SourceImage {
             manifest_digest: desc.digest().to_string(),
             manifest_bytes: bytes,

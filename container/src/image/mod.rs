@@ -15,6 +15,7 @@
 
 mod extract;
 mod layout;
+mod source;
 mod store;
 mod stores;
 
@@ -112,6 +113,17 @@ pub enum ImageError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// A file of a source layout is not a regular file (a FIFO, device, socket, symlink or
+    /// directory): reading it could block forever or never end, so it is refused unread.
+    #[error("refusing the {what} {}: it is {kind}, not a regular file; an OCI layout holds only regular files and directories (the layout is corrupt or hostile), nothing was imported", path.display())]
+    NotRegular {
+        /// Which file (`index`, `manifest blob`, `layer 1/3 blob`, `image archive`).
+        what: String,
+        /// Where.
+        path: PathBuf,
+        /// What it is instead, e.g. `a FIFO (named pipe)`.
+        kind: &'static str,
     },
     /// A JSON document (index, manifest, config, images.json) could not be read or written.
     #[error("invalid {what} {}: {detail}", path.display())]

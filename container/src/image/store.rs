@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extract::{self, Options};
 use super::layout::{self, blob_path, runtime_config};
+use super::source::open_regular;
 use super::{
     parse_reference, sha256_hex, HashReader, ImageError, ImageInfo, ImportEvent, ResolvedImage,
 };
@@ -173,6 +174,13 @@ impl ImageStore {
         let meta = fs::metadata(src).map_err(|e| ImageError::io("read image source", src, e))?;
         let dir = if meta.is_dir() {
             src.to_path_buf()
+        } else if !meta.is_file() {
+            // A FIFO or device given as the archive would block or never end.
+            return Err(ImageError::NotRegular {
+                what: "image archive".into(),
+                path: src.to_path_buf(),
+                kind: "not a regular file or directory (a FIFO, device or socket)",
+            });
         } else {
             let dir = stage.join("src");
             fs::create_dir(&dir).map_err(|e| ImageError::io("create", &dir, e))?;
@@ -552,7 +560,7 @@ fn copy_verified(
     size: u64,
     what: &str,
 ) -> Result<(), ImageError> {
-    let file = File::open(src).map_err(|e| ImageError::io(format!("open {what} blob"), src, e))?;
+    let file = open_regular(src, &format!("{what} blob"))?;
     let mut reader = HashReader::new(BufReader::with_capacity(1 << 20, file));
     let mut out = File::create(dst).map_err(|e| ImageError::io("create", dst, e))?;
     io::copy(&mut reader, &mut out)
@@ -577,7 +585,7 @@ fn copy_verified(
 
 /// Extracts a layer blob (gzip or plain tar) into `target`; returns the diff_id found.
 fn extract_layer(blob: &Path, target: &Path, digest: &str) -> Result<String, ImageError> {
-    let file = File::open(blob).map_err(|e| ImageError::io("open layer blob", blob, e))?;
+    let file = open_regular(blob, "layer blob")?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let head = sniff(&mut reader, blob)?;
     let opts = Options {
