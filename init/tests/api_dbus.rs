@@ -189,3 +189,76 @@ fn stale_socket_replaced_live_one_and_non_socket_refused() {
     let err = dbus::serve(&socket, handle, rx3).err().unwrap();
     assert!(err.to_string().contains("is not a socket"), "{err}");
 }
+
+/// Defence in depth: a unit whose description holds a NUL and an escape sequence (which
+/// the parser refuses, but say one got through), and a log line with a NUL (a unit may
+/// print anything) must not break the replies. D-Bus cannot carry a NUL: before, one such
+/// unit made `ListUnits` fail for every unit, with `org.freedesktop.zbus.Error`.
+#[test]
+fn one_bad_unit_does_not_break_listing_or_logs() {
+    let fake = Fake::start();
+    {
+        let mut model = fake.model.lock().unwrap();
+        model.units.insert(
+            "evil".into(),
+            api_common::unit("evil", "bad\0desc\u{1b}[2J", "active", "running"),
+        );
+        model.logs.get_mut("web").unwrap()[14].line = "nul\0here".into();
+    }
+    let out = dbus_send(
+        &fake.socket,
+        &["/org/flotilla/Manager1", "org.flotilla.Manager1.ListUnits"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ListUnits failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "\"web\"",
+        "\"evil\"",
+        "\"Web server\"",
+        "bad\u{FFFD}desc\u{FFFD}[2J",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    let out = dbus_send(
+        &fake.socket,
+        &[
+            "/org/flotilla/Manager1",
+            "org.flotilla.Manager1.GetUnit",
+            "string:evil",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let list = fake.unitctl(&["list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("web") && text.contains("evil"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "the escape reached the terminal: {text:?}"
+    );
+
+    let logs = fake.unitctl(&["logs", "web", "-n", "1"]);
+    assert!(
+        logs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("nul\u{FFFD}here"),
+        "{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
+}

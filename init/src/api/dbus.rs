@@ -118,7 +118,7 @@ enum MethodError {
 
 impl From<ApiError> for MethodError {
     fn from(e: ApiError) -> Self {
-        let message = e.to_string();
+        let message = super::wire::text(e.to_string());
         match e {
             ApiError::NoSuchUnit(_) => MethodError::NoSuchUnit(message),
             ApiError::InvalidUnit(_) => MethodError::InvalidUnit(message),
@@ -137,7 +137,7 @@ fn unexpected(method: &str, answer: &Response) -> MethodError {
 /// macro generates stays out of the public API.
 mod object {
     use super::{unexpected, MethodError};
-    use crate::api::{ApiHandle, LogEntry, ReloadReport, Request, Response, UnitInfo};
+    use crate::api::{wire, ApiHandle, LogEntry, ReloadReport, Request, Response, UnitInfo};
 
     /// The object served at [`OBJECT_PATH`]; forwards every call to the manager.
     pub(super) struct Manager1 {
@@ -153,7 +153,7 @@ mod object {
 
         async fn unit(&self, method: &str, request: Request) -> Result<(UnitInfo,), MethodError> {
             match self.call(request).await? {
-                Response::Unit(u) => Ok((u,)),
+                Response::Unit(u) => Ok((wire::unit(u),)),
                 other => Err(unexpected(method, &other)),
             }
         }
@@ -173,7 +173,7 @@ mod object {
                 })
                 .await?
             {
-                Response::Logs(l) => Ok(l),
+                Response::Logs(l) => Ok(wire::logs(l)),
                 other => Err(unexpected(method, &other)),
             }
         }
@@ -184,7 +184,7 @@ mod object {
         /// All known units.
         async fn list_units(&self) -> Result<Vec<UnitInfo>, MethodError> {
             match self.call(Request::ListUnits).await? {
-                Response::Units(u) => Ok(u),
+                Response::Units(u) => Ok(wire::units(u)),
                 other => Err(unexpected("ListUnits", &other)),
             }
         }
@@ -226,7 +226,13 @@ mod object {
         /// Re-read the unit directories.
         async fn reload(&self, restart_changed: bool) -> Result<(ReloadReport,), MethodError> {
             match self.call(Request::Reload { restart_changed }).await? {
-                Response::Reload(r) => Ok((r,)),
+                Response::Reload(r) => Ok((ReloadReport {
+                    added: wire::names(r.added),
+                    changed: wire::names(r.changed),
+                    removed: wire::names(r.removed),
+                    restarted: wire::names(r.restarted),
+                    errors: wire::names(r.errors),
+                },)),
                 other => Err(unexpected("Reload", &other)),
             }
         }
@@ -249,7 +255,7 @@ mod object {
         /// The unit file's text.
         async fn cat_unit(&self, name: String) -> Result<String, MethodError> {
             match self.call(Request::CatUnit(name)).await? {
-                Response::Text(t) => Ok(t),
+                Response::Text(t) => Ok(wire::text(t)),
                 other => Err(unexpected("CatUnit", &other)),
             }
         }
@@ -267,7 +273,8 @@ mod object {
         /// itself: it is not manager state.
         async fn get_machine_id(&self) -> Result<String, MethodError> {
             let path = std::path::Path::new(crate::api::MACHINE_ID_PATH);
-            Ok(blocking::unblock(move || crate::api::read_machine_id(path)).await?)
+            let id = blocking::unblock(move || crate::api::read_machine_id(path)).await?;
+            Ok(wire::text(id))
         }
 
         /// A unit's active or sub state changed.

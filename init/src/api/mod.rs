@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod dbus;
+pub mod wire;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};

@@ -361,8 +361,13 @@ fn run(cli: Cli) -> Result<u8> {
     // Read local input before connecting so that a bad file is reported as such.
     let load_text = match &cli.command {
         Command::Load { file, .. } => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?,
+            std::fs::read(file)
+                .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))
+                // Invalid UTF-8 is reported at its line and column, like any unit error.
+                .and_then(|bytes| {
+                    flotilla_units::decode_unit_text(&file.display().to_string(), bytes)
+                        .map_err(|e| anyhow!("{e}"))
+                })?,
         ),
         _ => None,
     };
