@@ -43,6 +43,12 @@ struct Cluster {
 
 impl Cluster {
     fn start(fleetd_args: &[&str]) -> Cluster {
+        Self::start_with_nofile(fleetd_args, None)
+    }
+
+    /// As [`Cluster::start`], with fleetd's RLIMIT_NOFILE set to `nofile` (soft and hard)
+    /// when given, as on a host whose init keeps the kernel's default of 1024.
+    fn start_with_nofile(fleetd_args: &[&str], nofile: Option<u64>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let unit_dir = dir.path().join("units");
         fs::create_dir_all(&unit_dir).unwrap();
@@ -71,7 +77,17 @@ impl Cluster {
             },
             || cluster.logs(),
         );
-        let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        let mut command = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_fleetd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
+        };
+        let fleetd = command
             .arg("--state")
             .arg(cluster.dir.path().join("registry"))
             .arg("--api")
@@ -510,4 +526,196 @@ fn journal_tails_and_follows() {
         }
     }
     drop(child);
+}
+
+/// A free loopback port and a token file for a TCP listener.
+fn tcp_setup() -> (String, tempfile::TempDir, PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    fs::write(&token, "s3cret-token\n").unwrap();
+    (format!("127.0.0.1:{port}"), token_dir, token)
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The attack: 1000 idle, unauthenticated TCP connections to a fleetd whose descriptor
+/// limit (768 here) is below that (before: all accepted until fleetd ran out of
+/// descriptors, and then the local Unix socket stopped answering too). Now at most the cap (256) are accepted, the
+/// rest wait in the kernel's backlog, and `fleetctl` over the Unix socket still answers.
+/// The timeouts are long here so that only the cap is tested.
+#[test]
+fn a_tcp_connection_flood_does_not_lock_out_the_unix_socket() {
+    let (listen, _token_dir, token) = tcp_setup();
+    let c = Cluster::start_with_nofile(
+        &[
+            "--listen",
+            &listen,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--listen-header-timeout",
+            "600",
+            "--listen-idle-timeout",
+            "600",
+        ],
+        Some(768),
+    );
+    let pid = c.fleetd.as_ref().unwrap().id();
+    let before = open_fds(pid);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    // Bounded: 1000 connections, each connect bounded; beyond the backlog one may time out.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            flood.push(s);
+        }
+    }
+    assert!(flood.len() >= 900, "only {} connections made", flood.len());
+    // Give fleetd the chance to accept all it will: wait until its count of descriptors
+    // has reached the cap and stays put for half a second (without a cap it grows to the
+    // flood's size or to its limit).
+    let cap = 256;
+    let mut last = 0;
+    wait_until(
+        "fleetd to stop accepting",
+        || {
+            let now = open_fds(pid);
+            let stable = now == last && now >= before + cap - 8;
+            last = now;
+            std::thread::sleep(Duration::from_millis(500));
+            stable
+        },
+        || c.logs(),
+    );
+    // The local socket answers while the flood holds.
+    for _ in 0..3 {
+        let out = c.fleetctl(&["list-machines", "--json"]);
+        assert!(
+            out.status.success(),
+            "the Unix socket did not answer under the flood: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.logs()
+        );
+    }
+    let fds = open_fds(pid);
+    assert!(
+        fds <= before + cap + 16,
+        "fleetd holds {fds} descriptors (had {before}; cap {cap})\n{}",
+        c.logs()
+    );
+    assert!(!c.logs().contains("accept failed"), "{}", c.logs());
+    assert!(
+        c.logs().contains("connections open, the cap"),
+        "{}",
+        c.logs()
+    );
+    // Once the flood goes, fleetd lets go of the connections and TCP serves again.
+    drop(flood);
+    wait_until(
+        "fleetd to close the flood's connections",
+        || open_fds(pid) <= before + 8,
+        || c.logs(),
+    );
+    let url = format!("http://{listen}");
+    wait_until(
+        "the TCP API to answer again",
+        || {
+            fleetctl(
+                &url,
+                &["--token-file", token.to_str().unwrap(), "list-machines"],
+            )
+            .status
+            .success()
+        },
+        || c.logs(),
+    );
+}
+
+/// Read from `s` until EOF or an error (the server closed it); false if it stayed open for
+/// the whole patience bound.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // e.g. an error response before the close
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true, // reset
+        }
+    }
+}
+
+/// A connection that sends nothing (or half a request head) is closed after the header
+/// timeout; the idle timeout is long here, so only the header timeout is tested.
+#[test]
+fn a_silent_tcp_connection_is_closed_after_the_header_timeout() {
+    let (listen, _token_dir, token) = tcp_setup();
+    let c = Cluster::start(&[
+        "--listen",
+        &listen,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--listen-header-timeout",
+        "2",
+        "--listen-idle-timeout",
+        "600",
+    ]);
+    let mut silent = std::net::TcpStream::connect(&listen).unwrap();
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent connection stayed open\n{}",
+        c.logs()
+    );
+    let mut half = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(&mut half, b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert!(
+        closed_by_server(&mut half),
+        "a half request head stayed open\n{}",
+        c.logs()
+    );
+}
+
+/// A request whose body is trickled and then stalls (a complete head, so the header timeout
+/// is over) is closed after the idle timeout.
+#[test]
+fn a_stalled_tcp_request_body_is_closed_after_the_idle_timeout() {
+    let (listen, _token_dir, token) = tcp_setup();
+    let c = Cluster::start(&[
+        "--listen",
+        &listen,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--listen-header-timeout",
+        "600",
+        "--listen-idle-timeout",
+        "2",
+    ]);
+    let mut s = std::net::TcpStream::connect(&listen).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"PUT /fleet/v1/units/web HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-token\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"desired\":",
+    )
+    .unwrap();
+    assert!(
+        closed_by_server(&mut s),
+        "a stalled request stayed open\n{}",
+        c.logs()
+    );
 }

@@ -20,6 +20,7 @@
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
 
 pub mod client;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,7 @@ use crate::model::{body_hash, DesiredState, Machine, UnitRecord, UnitState};
 use crate::registry::Registry;
 
 pub use self::client::{ApiClient, ClientError};
+pub use self::serve::ServeLimits;
 
 /// The default Unix socket of the API.
 pub const DEFAULT_SOCKET: &str = "/run/flotilla/fleetd.sock";
@@ -296,10 +298,11 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Serves `router` on the Unix socket `path` (a stale socket file is replaced; the socket
-/// is mode 0600) until `shutdown` completes.
+/// is mode 0600) within `limits` until `shutdown` completes.
 pub async fn serve_unix(
     path: &Path,
     router: Router,
+    limits: ServeLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -318,39 +321,38 @@ pub async fn serve_unix(
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    log::info!("api: listening on {what}");
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ServeError::Serve {
-            what: what.clone(),
-            source,
-        });
+    log::info!(
+        "api: listening on {what} (at most {} connections)",
+        limits.max_connections
+    );
+    serve::serve(listener, router, limits, &what, shutdown).await;
     let _ = std::fs::remove_file(PathBuf::from(path));
-    result
+    Ok(())
 }
 
-/// Serves `router` on the TCP address `addr` until `shutdown` completes. Give it a router
-/// whose state has a token.
+/// Serves `router` on the TCP address `addr` within `limits` until `shutdown` completes.
+/// Give it a router whose state has a token.
 pub async fn serve_tcp(
     addr: &str,
     router: Router,
+    limits: ServeLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = serve::bind_tcp(addr)
         .await
         .map_err(|source| ServeError::Bind {
             what: addr.to_string(),
             source,
         })?;
-    log::info!("api: listening on tcp {addr} (bearer token required)");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ServeError::Serve {
-            what: addr.to_string(),
-            source,
-        })
+    log::info!(
+        "api: listening on tcp {addr} (bearer token required; at most {} connections, \
+         {:?} for a request head, closed after {:?} idle)",
+        limits.max_connections,
+        limits.header_read_timeout,
+        limits.idle_timeout
+    );
+    serve::serve(listener, router, limits, addr, shutdown).await;
+    Ok(())
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {

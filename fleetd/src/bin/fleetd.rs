@@ -66,6 +66,19 @@ struct Args {
     /// The bearer token TCP clients must send (the file's first line).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
+    /// The most TCP connections served at once (more wait in the kernel's backlog).
+    #[arg(long, value_name = "N", default_value_t = api::ServeLimits::TCP.max_connections)]
+    listen_max_connections: usize,
+    /// Seconds a TCP connection has to send a complete request head.
+    #[arg(long, value_name = "SECS", default_value_t = api::ServeLimits::TCP.header_read_timeout.as_secs())]
+    listen_header_timeout: u64,
+    /// Seconds without a byte either way after which a TCP connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = api::ServeLimits::TCP.idle_timeout.as_secs())]
+    listen_idle_timeout: u64,
+    /// The most connections served at once on the Unix socket (its own cap: a full TCP
+    /// listener never locks out local clients).
+    #[arg(long, value_name = "N", default_value_t = api::ServeLimits::UNIX.max_connections)]
+    api_max_connections: usize,
     /// Machine metadata for placement, comma-separated (role=web,region=eu); without it,
     /// /etc/flotilla/metadata.toml if it exists.
     #[arg(long, value_delimiter = ',', value_name = "K=V,...")]
@@ -296,9 +309,18 @@ async fn run(mut args: Args) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     let unix_router = api::router(api_state.clone());
     let socket = args.api.clone();
+    let unix_limits = api::ServeLimits {
+        max_connections: args.api_max_connections.max(1),
+        ..api::ServeLimits::UNIX
+    };
+    let tcp_limits = api::ServeLimits {
+        max_connections: args.listen_max_connections.max(1),
+        header_read_timeout: Duration::from_secs(args.listen_header_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.listen_idle_timeout.max(1)),
+    };
     let stop = stopped();
     tasks.spawn(async move {
-        api::serve_unix(&socket, unix_router, stop)
+        api::serve_unix(&socket, unix_router, unix_limits, stop)
             .await
             .map_err(anyhow::Error::from)
     });
@@ -306,7 +328,7 @@ async fn run(mut args: Args) -> Result<()> {
         let router = api::router(api_state.with_token(token));
         let stop = stopped();
         tasks.spawn(async move {
-            api::serve_tcp(&listen, router, stop)
+            api::serve_tcp(&listen, router, tcp_limits, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
