@@ -554,6 +554,14 @@ impl Worker {
         let units = self.init.list_units().await?;
         let mut owned = BTreeMap::new();
         for info in &units {
+            // One bad entry must not stop the agent from reconciling the others.
+            if let Err(reason) = flotilla_units::check_name(&info.name) {
+                log::warn!(
+                    "the local init lists a unit with an invalid name {:?} ({reason}); skipping it",
+                    info.name
+                );
+                continue;
+            }
             let text = match self.init.cat_unit(&info.name).await {
                 Ok(t) => t,
                 Err(e) if e.manager_error_name().is_some() => continue,
