@@ -262,3 +262,94 @@ fn one_bad_unit_does_not_break_listing_or_logs() {
         String::from_utf8_lossy(&logs.stdout)
     );
 }
+
+/// A raw D-Bus method call (little endian) on `socket`: `member` with one string argument
+/// whose bytes are `arg` (which may hold a NUL or invalid UTF-8, as no stock client sends).
+/// Returns the raw bytes of the reply.
+fn raw_call(socket: &std::path::Path, member: &str, arg: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    fn pad(buf: &mut Vec<u8>, to: usize) {
+        while buf.len() % to != 0 {
+            buf.push(0);
+        }
+    }
+    fn string(buf: &mut Vec<u8>, s: &[u8]) {
+        pad(buf, 4);
+        buf.extend_from_slice(&u32::try_from(s.len()).unwrap().to_le_bytes());
+        buf.extend_from_slice(s);
+        buf.push(0);
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let uid: String = rustix::process::getuid()
+        .as_raw()
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    s.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes())
+        .unwrap();
+    let mut line = [0u8; 256];
+    let n = s.read(&mut line).unwrap();
+    assert!(
+        line[..n].starts_with(b"OK "),
+        "{:?}",
+        String::from_utf8_lossy(&line[..n])
+    );
+    s.write_all(b"BEGIN\r\n").unwrap();
+
+    let mut body = Vec::new();
+    string(&mut body, arg);
+    let mut fields = Vec::new();
+    for (code, sig, value) in [
+        (1u8, b'o', "/org/flotilla/Manager1"),
+        (2, b's', "org.flotilla.Manager1"),
+        (3, b's', member),
+    ] {
+        pad(&mut fields, 8);
+        fields.extend_from_slice(&[code, 1, sig, 0]);
+        string(&mut fields, value.as_bytes());
+    }
+    pad(&mut fields, 8);
+    fields.extend_from_slice(&[8, 1, b'g', 0, 1, b's', 0]);
+    let mut msg = vec![b'l', 1, 0, 1];
+    msg.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    msg.extend_from_slice(&7u32.to_le_bytes());
+    msg.extend_from_slice(&u32::try_from(fields.len()).unwrap().to_le_bytes());
+    msg.extend_from_slice(&fields);
+    pad(&mut msg, 8);
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = s.read(&mut reply).unwrap();
+    reply.truncate(n);
+    reply
+}
+
+/// A NUL byte or invalid UTF-8 inside a string argument (valid on the wire as bytes, invalid
+/// as a D-Bus string) is answered with a named error saying what to fix, not zbus's
+/// generic `org.freedesktop.zbus.Error`.
+#[test]
+fn a_nul_or_invalid_utf8_argument_gets_a_named_error() {
+    let fake = Fake::start();
+    for (arg, reason) in [
+        (&b"we\0b"[..], "interior null bytes"),
+        (&b"caf\xe9"[..], "utf-8"),
+    ] {
+        let reply = raw_call(&fake.socket, "GetUnit", arg);
+        let text = String::from_utf8_lossy(&reply).to_lowercase();
+        assert!(
+            text.contains("org.flotilla.error.invalidargument"),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("the unit name is not a valid d-bus string"),
+            "{text:?}"
+        );
+        assert!(text.contains(reason), "{text:?}");
+    }
+    // A good name over the same raw path still works (the client is sound).
+    let reply = raw_call(&fake.socket, "GetUnit", b"web");
+    assert!(String::from_utf8_lossy(&reply).contains("Web server"));
+}

@@ -114,6 +114,37 @@ enum MethodError {
     InvalidUnit(String),
     /// [`ApiError::Refused`].
     Refused(String),
+    /// An argument is not a valid D-Bus string (a NUL byte or invalid UTF-8 inside).
+    InvalidArgument(String),
+}
+
+/// A string argument whose decoding failure becomes a named error
+/// (`org.flotilla.Error.InvalidArgument`) instead of zbus's own `org.freedesktop.zbus.Error`:
+/// a raw client may send a NUL byte or invalid UTF-8 inside a D-Bus string.
+#[derive(Debug)]
+struct WireString(Result<String, String>);
+
+impl zbus::zvariant::Type for WireString {
+    const SIGNATURE: &'static zbus::zvariant::Signature = &zbus::zvariant::Signature::Str;
+}
+
+impl<'de> serde::Deserialize<'de> for WireString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(WireString(
+            <String as serde::Deserialize>::deserialize(d).map_err(|e| e.to_string()),
+        ))
+    }
+}
+
+impl WireString {
+    /// The string, or the named error for argument `what` (e.g. `the unit name`).
+    fn get(self, what: &str) -> Result<String, MethodError> {
+        self.0.map_err(|reason| {
+            MethodError::InvalidArgument(format!(
+                "{what} is not a valid D-Bus string ({reason}); send UTF-8 text without NUL bytes"
+            ))
+        })
+    }
 }
 
 impl From<ApiError> for MethodError {
@@ -136,7 +167,7 @@ fn unexpected(method: &str, answer: &Response) -> MethodError {
 /// The D-Bus object. A private module, so that the `Manager1Signals` trait the interface
 /// macro generates stays out of the public API.
 mod object {
-    use super::{unexpected, MethodError};
+    use super::{unexpected, MethodError, WireString};
     use crate::api::{wire, ApiHandle, LogEntry, ReloadReport, Request, Response, UnitInfo};
 
     /// The object served at [`OBJECT_PATH`]; forwards every call to the manager.
@@ -190,33 +221,44 @@ mod object {
         }
 
         /// One unit.
-        async fn get_unit(&self, name: String) -> Result<(UnitInfo,), MethodError> {
+        async fn get_unit(&self, name: WireString) -> Result<(UnitInfo,), MethodError> {
+            let name = name.get("the unit name")?;
             self.unit("GetUnit", Request::GetUnit(name)).await
         }
 
         /// Start a unit; answers with its state right after the start was queued.
-        async fn start_unit(&self, name: String) -> Result<(UnitInfo,), MethodError> {
+        async fn start_unit(&self, name: WireString) -> Result<(UnitInfo,), MethodError> {
+            let name = name.get("the unit name")?;
             self.unit("StartUnit", Request::StartUnit(name)).await
         }
 
         /// Stop a unit.
-        async fn stop_unit(&self, name: String) -> Result<(UnitInfo,), MethodError> {
+        async fn stop_unit(&self, name: WireString) -> Result<(UnitInfo,), MethodError> {
+            let name = name.get("the unit name")?;
             self.unit("StopUnit", Request::StopUnit(name)).await
         }
 
         /// Stop then start a unit.
-        async fn restart_unit(&self, name: String) -> Result<(UnitInfo,), MethodError> {
+        async fn restart_unit(&self, name: WireString) -> Result<(UnitInfo,), MethodError> {
+            let name = name.get("the unit name")?;
             self.unit("RestartUnit", Request::RestartUnit(name)).await
         }
 
         /// Add or replace a unit from its TOML text.
-        async fn load_unit(&self, name: String, toml: String) -> Result<(UnitInfo,), MethodError> {
+        async fn load_unit(
+            &self,
+            name: WireString,
+            toml: WireString,
+        ) -> Result<(UnitInfo,), MethodError> {
+            let name = name.get("the unit name")?;
+            let toml = toml.get("the unit text")?;
             self.unit("LoadUnit", Request::LoadUnit { name, toml })
                 .await
         }
 
         /// Stop and forget a unit.
-        async fn remove_unit(&self, name: String) -> Result<(), MethodError> {
+        async fn remove_unit(&self, name: WireString) -> Result<(), MethodError> {
+            let name = name.get("the unit name")?;
             match self.call(Request::RemoveUnit(name)).await? {
                 Response::Done => Ok(()),
                 other => Err(unexpected("RemoveUnit", &other)),
@@ -238,22 +280,25 @@ mod object {
         }
 
         /// The last `lines` captured output lines of a unit.
-        async fn logs(&self, name: String, lines: u32) -> Result<Vec<LogEntry>, MethodError> {
+        async fn logs(&self, name: WireString, lines: u32) -> Result<Vec<LogEntry>, MethodError> {
+            let name = name.get("the unit name")?;
             self.logs_request("Logs", name, 0, lines).await
         }
 
         /// The last `lines` captured output lines of a unit with `seq > after_seq`.
         async fn logs_after(
             &self,
-            name: String,
+            name: WireString,
             after_seq: u64,
             lines: u32,
         ) -> Result<Vec<LogEntry>, MethodError> {
+            let name = name.get("the unit name")?;
             self.logs_request("LogsAfter", name, after_seq, lines).await
         }
 
         /// The unit file's text.
-        async fn cat_unit(&self, name: String) -> Result<String, MethodError> {
+        async fn cat_unit(&self, name: WireString) -> Result<String, MethodError> {
+            let name = name.get("the unit name")?;
             match self.call(Request::CatUnit(name)).await? {
                 Response::Text(t) => Ok(wire::text(t)),
                 other => Err(unexpected("CatUnit", &other)),
