@@ -110,6 +110,8 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, LaunchError> {
 /// Run the container in the foreground with this process's stdio; returns the command's
 /// exit status (128+N when killed by signal N).
 pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
+    // The container's setup processes are forks of this one until they exec.
+    runtime::make_non_dumpable()?;
     let scratch = tempfile::Builder::new()
         .prefix("flotilla-toolbox-")
         .tempdir_in(scratch_dir())

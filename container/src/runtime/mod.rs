@@ -18,6 +18,7 @@ mod child;
 mod init;
 mod mounts;
 mod plan;
+mod reaper;
 mod report;
 mod rootfs;
 mod seccomp;
@@ -302,6 +303,16 @@ pub fn spawn(
     let result = child::start(&plan);
     plan.cleanup_after_start();
     result
+}
+
+/// Make the calling process non-dumpable (`PR_SET_DUMPABLE 0`): no core dumps, and neither
+/// `ptrace` nor `/proc/PID/mem`, `/proc/PID/environ` or `/proc/PID/maps` for processes
+/// without `CAP_SYS_PTRACE`. Programs that start containers and hold other units' secrets
+/// (the manager, the toolbox) call it once at start; the container's setup processes, forks
+/// of the caller, inherit it until their exec.
+pub fn make_non_dumpable() -> Result<(), ContainerError> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| ContainerError::setup("make this process non-dumpable (prctl)", None, e))
 }
 
 /// Signals [`run`] forwards to the container.

@@ -90,6 +90,8 @@ pub(crate) struct Plan {
     pub envp: Vec<CString>,
     pub cwd: PathBuf,
     pub init: bool,
+    /// With `init`: the memfd of `flotilla-reaper`, executed as the container's pid 1.
+    pub reaper: Option<RawFd>,
     pub terminal: bool,
     /// stdin, stdout, stderr.
     pub stdio: [OwnedFd; 3],
@@ -242,6 +244,11 @@ impl Plan {
             envp,
             cwd: spec.cwd.clone(),
             init: spec.init,
+            reaper: if spec.init {
+                Some(super::reaper::program_fd()?)
+            } else {
+                None
+            },
             terminal: spec.terminal,
             stdio,
             cgroup_procs,

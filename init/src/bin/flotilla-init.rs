@@ -160,6 +160,10 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let pid1 = std::process::id() == 1;
+    // Units must not read the manager's memory (other units' environment and output).
+    if let Err(e) = flotilla_container::runtime::make_non_dumpable() {
+        log::warn!("{e}");
+    }
     // PID 1 must not exit on a bad argument (the kernel passes unknown command-line words
     // on to init): fall back to the defaults instead.
     let args = match Args::try_parse() {
