@@ -390,6 +390,14 @@ fn attaching_new_rules_replaces_the_old_ones() {
         rand_tag()
     ));
     fs::create_dir(&cgroup).unwrap();
+    /// Removes the test's cgroup, also when an assertion fails.
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(self.0);
+        }
+    }
+    let _remove = Remove(&cgroup);
     let grant = [DeviceRule::new(
         DeviceKind::Block,
         Some(disk.major),
@@ -405,7 +413,6 @@ fn attaching_new_rules_replaces_the_old_ones() {
     let again = read_in_cgroup(&cgroup, &disk.dev);
     attach_device_filter(&cgroup, &[]).unwrap();
     let revoked = read_in_cgroup(&cgroup, &disk.dev);
-    fs::remove_dir(&cgroup).unwrap();
     assert!(denied.contains("Operation not permitted"), "{denied}");
     assert!(granted.contains(&disk.secret), "{granted}");
     assert!(again.contains(&disk.secret), "{again}");
