@@ -435,6 +435,42 @@ fn a_device_path_is_granted_and_made_available() {
     let [without, with] = [&logs[0], &logs[1]];
     assert!(without.contains("No such file"), "{without}");
     assert!(with.contains(&disk.secret), "{with}");
+    // A symlink names its node; the container sees it at the path given.
+    let link = format!("/dev/flotilla-test-{}", rand_tag());
+    std::os::unix::fs::symlink(&disk.dev, &link).unwrap();
+    struct Unlink<'a>(&'a str);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(&link);
+    let missing = format!("/dev/flotilla-missing-{}", rand_tag());
+    let (m, logs) = run_units(
+        &store,
+        &[
+            (
+                "linked",
+                unit(&read_script(&link), &format!("devices = [{link:?}]")),
+            ),
+            (
+                "missing",
+                unit(&script, &format!("devices = [{missing:?}]")),
+            ),
+        ],
+    );
+    assert!(logs[0].contains(&disk.secret), "{}", logs[0]);
+    let s = m.status("missing");
+    assert_eq!(
+        (&s["state"], &s["result"]),
+        (&"failed".into(), &"spawn".into()),
+        "{s}"
+    );
+    let message = s["message"].as_str().unwrap();
+    assert!(
+        message.contains(&missing) && message.contains("remove it from `devices`"),
+        "{s}"
+    );
 }
 
 fn unitctl_run(store: &Path, script: &str) -> Output {

@@ -61,8 +61,13 @@ impl DeviceRule {
     /// The rule for the host's device node at `path` (read and write, no `mknod`), from its
     /// type and numbers as they are now.
     pub fn for_node(path: &Path) -> Result<DeviceRule, ContainerError> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| ContainerError::setup("stat a device for the container", Some(path), e))?;
+        let meta = std::fs::metadata(path).map_err(|e| {
+            ContainerError::InvalidSpec(format!(
+                "device {}: {e}; the host has no such node: load its driver (or create the \
+                 node), or remove it from `devices`",
+                path.display()
+            ))
+        })?;
         let kind = if meta.file_type().is_char_device() {
             DeviceKind::Char
         } else if meta.file_type().is_block_device() {

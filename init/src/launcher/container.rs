@@ -157,9 +157,12 @@ impl ContainerLauncher {
         for device in &c.devices {
             match device {
                 Device::Path(path) => {
-                    spec.devices.push(runtime::DeviceRule::for_node(path)?);
+                    // A symlink (/dev/disk/by-id/...) names its node; the container sees the
+                    // node at the path the unit gave.
+                    let node = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                    spec.devices.push(runtime::DeviceRule::for_node(&node)?);
                     spec.mounts.push(BindMount {
-                        source: path.clone(),
+                        source: node,
                         destination: path.clone(),
                         read_only: false,
                     });
