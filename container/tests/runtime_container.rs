@@ -49,9 +49,9 @@ fn isolation() {
     assert_eq!(field(o, "keys="), Some("0"), "{o}");
     assert_eq!(field(o, "firmware="), Some("0"), "{o}");
     assert_eq!(field(o, "sysctl="), Some("readonly"), "{o}");
-    assert_eq!(field(o, "CapEff="), Some("00000000a80425fb"), "{o}");
-    assert_eq!(field(o, "CapPrm="), Some("00000000a80425fb"), "{o}");
-    assert_eq!(field(o, "CapBnd="), Some("00000000a80425fb"), "{o}");
+    assert_eq!(field(o, "CapEff="), Some("00000000a00405fb"), "{o}");
+    assert_eq!(field(o, "CapPrm="), Some("00000000a00405fb"), "{o}");
+    assert_eq!(field(o, "CapBnd="), Some("00000000a00405fb"), "{o}");
     assert_eq!(field(o, "NoNewPrivs="), Some("1"), "{o}");
     assert_eq!(field(o, "Seccomp="), Some("2"), "{o}");
     let fds: Vec<&str> = field(o, "fds=").unwrap().split_whitespace().collect();
@@ -494,12 +494,12 @@ fn user_and_rlimits() {
     assert_eq!(lines[..4], ["1000", "1001", "1001 20 30", "256"], "{out:?}");
     assert_eq!(
         field(&out.stdout, "CapEff="),
-        Some("00000000a80425fb"),
+        Some("00000000a00405fb"),
         "{out:?}"
     );
     assert_eq!(
         field(&out.stdout, "CapAmb="),
-        Some("00000000a80425fb"),
+        Some("00000000a00405fb"),
         "{out:?}"
     );
 }

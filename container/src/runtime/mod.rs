@@ -13,8 +13,10 @@
 //! [`seccomp`]) and execs. Any failure in the children comes back over a close-on-exec pipe
 //! ([`report`]) so [`spawn`] returns an error naming the step and the path.
 
+mod bpf;
 mod caps;
 mod child;
+mod devices;
 mod init;
 mod mounts;
 mod plan;
@@ -33,6 +35,10 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 pub use child::reset_signals;
+pub use devices::{
+    attach_device_filter, DeviceKind, DeviceRule, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE,
+    DEFAULT_DEVICES,
+};
 pub use user::lookup_user;
 
 /// What to run in a container and how to isolate it.
@@ -74,6 +80,9 @@ pub struct ContainerSpec {
     pub init: bool,
     /// Standard input is a terminal: make it the controlling terminal of the command.
     pub terminal: bool,
+    /// Devices allowed beyond [`DEFAULT_DEVICES`]. The caller enforces them with
+    /// [`attach_device_filter`] on the container's cgroup before [`spawn`].
+    pub devices: Vec<DeviceRule>,
 }
 
 impl ContainerSpec {
@@ -97,12 +106,13 @@ impl ContainerSpec {
             rlimits: Vec::new(),
             init: false,
             terminal: false,
+            devices: Vec::new(),
         }
     }
 }
 
-/// The capabilities a container keeps when [`ContainerSpec::capabilities`] is `None` (the same
-/// set as runc's and Docker's default).
+/// The capabilities a container keeps when [`ContainerSpec::capabilities`] is `None`: runc's
+/// and Docker's default set without `CAP_MKNOD` and `CAP_NET_RAW`.
 pub const DEFAULT_CAPABILITIES: &[&str] = caps::DEFAULT;
 
 /// The root filesystem of a container.
@@ -236,6 +246,25 @@ pub enum ContainerError {
     /// The container's processes ended without saying why.
     #[error("the container's setup process ended unexpectedly ({0})")]
     Lost(String),
+    /// The device filter could not be loaded or attached: the container must not run.
+    #[error(
+        "cannot enforce the device allow-list on cgroup {}: {step}: {source}{}; \
+         the container needs a cgroup v2 directory and a kernel with CONFIG_CGROUP_BPF \
+         (run it under a manager on cgroup v2, as root)",
+        cgroup.display(),
+        if log.is_empty() { String::new() } else { format!(" (verifier: {log})") }
+    )]
+    DeviceFilter {
+        /// What was being done.
+        step: &'static str,
+        /// The cgroup directory.
+        cgroup: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+        /// The verifier's log, when loading failed.
+        log: String,
+    },
     /// Resolving a user or group in the image failed.
     #[error("user {spec:?}: {message}")]
     User {

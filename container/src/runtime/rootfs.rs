@@ -280,7 +280,7 @@ pub(crate) fn standard_mounts(root: BorrowedFd<'_>, userns: bool) -> Step {
             (Err(e), _) => return Err(e).step_at(m.step_name(), shown(rel)),
         }
     }
-    device_nodes(root, userns)
+    device_nodes(root)
 }
 
 impl super::mounts::StandardMount {
@@ -297,31 +297,21 @@ impl super::mounts::StandardMount {
     }
 }
 
-fn device_nodes(root: BorrowedFd<'_>, userns: bool) -> Step {
+fn device_nodes(root: BorrowedFd<'_>) -> Step {
     let dev = open_in_root(root, Path::new("dev"), OFlags::DIRECTORY).step_at("open", "/dev")?;
-    for (name, major, minor) in DEVICE_NODES {
+    for name in DEVICE_NODES {
+        // The host's nodes are bound, never created: the device filter denies `mknod` in
+        // the container's cgroup (and a user namespace cannot mknod at all).
         let shown_path = Path::new("/dev").join(name);
-        if userns {
-            // mknod is not allowed in a user namespace: bind the host's node.
-            let file = rustix::fs::openat(
-                &dev,
-                *name,
-                OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-                Mode::from_raw_mode(0o666),
-            )
-            .step_at("create a device node placeholder", &shown_path)?;
-            rustix::mount::mount_bind(shown_path.as_path(), fd_path(file.as_fd()).as_str())
-                .step_at("bind-mount the host's device node", &shown_path)?;
-        } else {
-            rustix::fs::mknodat(
-                &dev,
-                *name,
-                FileType::CharacterDevice,
-                Mode::from_raw_mode(0o666),
-                rustix::fs::makedev(*major, *minor),
-            )
-            .step_at("create a device node (mknod)", &shown_path)?;
-        }
+        let file = rustix::fs::openat(
+            &dev,
+            *name,
+            OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::from_raw_mode(0o666),
+        )
+        .step_at("create a device node placeholder", &shown_path)?;
+        rustix::mount::mount_bind(shown_path.as_path(), fd_path(file.as_fd()).as_str())
+            .step_at("bind-mount the host's device node", &shown_path)?;
     }
     for (name, target) in DEVICE_SYMLINKS {
         rustix::fs::symlinkat(*target, &dev, *name)

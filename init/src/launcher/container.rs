@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use flotilla_container::image::{ImageError, ImageStores, ResolvedImage};
 use flotilla_container::runtime::{self, BindMount, ContainerSpec, RootFs, Stdio};
-use flotilla_units::{Network, Unit};
+use flotilla_units::{Device, DeviceKind, Network, Unit};
 use nix::unistd::Pid;
 
 use super::{LaunchError, LaunchIo, Launcher, DEFAULT_PATH};
@@ -154,8 +154,57 @@ impl ContainerLauncher {
                 read_only: m.read_only,
             })
             .collect();
+        for device in &c.devices {
+            match device {
+                Device::Path(path) => {
+                    // A symlink (/dev/disk/by-id/...) names its node; the container sees the
+                    // node at the path the unit gave.
+                    let node = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                    spec.devices.push(runtime::DeviceRule::for_node(&node)?);
+                    spec.mounts.push(BindMount {
+                        source: node,
+                        destination: path.clone(),
+                        read_only: false,
+                    });
+                }
+                Device::Rule(rule) => spec.devices.push(device_rule(rule)),
+            }
+        }
         Ok(spec)
     }
+}
+
+/// The runtime's form of a unit's device rule.
+fn device_rule(rule: &flotilla_units::DeviceRule) -> runtime::DeviceRule {
+    let kind = match rule.kind {
+        DeviceKind::Char => runtime::DeviceKind::Char,
+        DeviceKind::Block => runtime::DeviceKind::Block,
+    };
+    let access = [
+        (rule.read, runtime::ACCESS_READ),
+        (rule.write, runtime::ACCESS_WRITE),
+        (rule.mknod, runtime::ACCESS_MKNOD),
+    ]
+    .iter()
+    .filter(|(set, _)| *set)
+    .fold(0, |acc, (_, bit)| acc | bit);
+    runtime::DeviceRule::new(kind, rule.major, rule.minor, access)
+}
+
+/// Enforce the device allow-list of `spec` on `scope` before anything runs in it. A scope
+/// without a cgroup cannot be filtered: the container must not start then.
+pub(crate) fn filter_devices(spec: &ContainerSpec, scope: &Scope) -> Result<(), LaunchError> {
+    let Some(cgroup) = scope.cgroup_path() else {
+        return Err(LaunchError::Unsupported(format!(
+            "{}: cannot enforce the device allow-list: the container has no cgroup v2 of its \
+             own ({scope}); run the manager with a writable cgroup2 hierarchy (mounted, and \
+             `--cgroup` below a delegated directory), or use `--launcher host` for plain \
+             host processes",
+            spec.id
+        )));
+    };
+    runtime::attach_device_filter(cgroup, &spec.devices)?;
+    Ok(())
 }
 
 fn image_err(e: ImageError) -> LaunchError {
@@ -202,6 +251,7 @@ fn merge_env<'a>(
 impl Launcher for ContainerLauncher {
     fn launch(&mut self, unit: &Unit, scope: &Scope, io: LaunchIo) -> Result<Pid, LaunchError> {
         let spec = self.spec(unit, true)?;
+        filter_devices(&spec, scope)?;
         let entry = scope.entry()?;
         let stdio = Stdio {
             stdin: None,
