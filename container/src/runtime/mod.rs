@@ -15,6 +15,7 @@
 
 mod caps;
 mod child;
+mod hostpath;
 mod init;
 mod mounts;
 mod plan;
@@ -32,6 +33,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 pub use child::reset_signals;
+pub use hostpath::create_dir_all_nofollow;
 pub use user::lookup_user;
 
 /// What to run in a container and how to isolate it.
@@ -231,6 +233,27 @@ pub enum ContainerError {
         /// The system error.
         #[source]
         source: io::Error,
+    },
+    /// A host path (a bind mount source, a directory to create) has a symlink in it. Host
+    /// paths are resolved without following symlinks: a container that may write below a
+    /// bind source could otherwise plant one (`sub -> /`) and hand the host's root to the
+    /// next container that binds `sub`.
+    #[error(
+        "{what} {}: {} is a symlink (to {}); host paths are resolved without following \
+         symlinks: name the real path instead, or replace the symlink with a directory",
+        path.display(),
+        component.display(),
+        target.display()
+    )]
+    SymlinkInPath {
+        /// What the path is for.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// Its first component that is a symlink.
+        component: PathBuf,
+        /// Where that symlink points (as stored in it).
+        target: PathBuf,
     },
     /// The container's processes ended without saying why.
     #[error("the container's setup process ended unexpectedly ({0})")]

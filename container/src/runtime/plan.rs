@@ -7,12 +7,13 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use nix::sys::resource::Resource;
 use seccompiler::BpfProgram;
 
 use super::{
-    caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
+    caps, hostpath, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
 };
 
 /// `PATH` used when the spec's environment has none.
@@ -59,8 +60,12 @@ pub(crate) enum RootPlan {
 /// One checked bind mount.
 #[derive(Debug)]
 pub(crate) struct BindPlan {
-    /// Host path.
+    /// Host path (for messages: the mount is made from `tree`).
     pub source: PathBuf,
+    /// The source, opened without following symlinks and cloned into a detached mount tree
+    /// in the caller ([`super::hostpath::clone_source`]); moved onto the destination inside
+    /// the container's mount namespace.
+    pub tree: OwnedFd,
     /// Path relative to the container root (no leading `/`).
     pub destination: PathBuf,
     /// Read-only.
@@ -83,7 +88,7 @@ pub(crate) struct Plan {
     pub user: User,
     pub caps: u64,
     pub no_new_privileges: bool,
-    pub seccomp: Option<BpfProgram>,
+    pub seccomp: Option<Arc<BpfProgram>>,
     /// Paths to try with execve, in order.
     pub exe_candidates: Vec<CString>,
     pub argv: Vec<CString>,
@@ -155,7 +160,7 @@ impl Plan {
         }
         .map_err(invalid)?;
         let seccomp = if spec.seccomp {
-            Some(seccomp::compile(caps).map_err(invalid)?)
+            Some(seccomp::filter_for(caps).map_err(invalid)?)
         } else {
             None
         };
@@ -181,17 +186,17 @@ impl Plan {
             .mounts
             .iter()
             .map(|m| {
-                let meta = std::fs::metadata(&m.source)
-                    .map_err(|e| ContainerError::setup("bind mount source", Some(&m.source), e))?;
                 let destination = relative_in_container("mount destination", &m.destination)?;
                 if destination.as_os_str().is_empty() {
                     return Err(invalid("a bind mount cannot replace the root"));
                 }
+                let (tree, is_dir) = hostpath::clone_source(&m.source)?;
                 Ok(BindPlan {
                     source: m.source.clone(),
+                    tree,
                     destination,
                     read_only: m.read_only,
-                    is_dir: meta.is_dir(),
+                    is_dir,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
