@@ -803,3 +803,33 @@ fn seccomp_denies_namespaces_by_clone() {
         "clone(CLONE_NEWUSER) without the filter: {rc:?}"
     );
 }
+
+/// Image layers in a store only root may enter (`STORE/` 0700, `STORE/layers/` 0755) still
+/// make the root of a container in a user namespace, whose root (host uid 200000) could not
+/// walk that path: the layers are named relative to `STORE/layers`, entered by the caller.
+#[test]
+fn user_namespace_over_layers_in_a_private_store() {
+    if !can_run() {
+        return;
+    }
+    let root = TestRoot::new();
+    let store = root.dir.path().join("store");
+    std::fs::create_dir_all(store.join("layers")).unwrap();
+    let layer = store.join("layers/busybox");
+    std::fs::rename(&root.layer, &layer).unwrap();
+    std::fs::set_permissions(&store, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut spec = root.spec("id -u; echo hi > /x && cat /x");
+    spec.root = RootFs::Overlay {
+        layers: vec![layer],
+        state_dir: root.state.clone(),
+        read_only: false,
+    };
+    spec.user_namespace = Some(IdMapping {
+        container_id: 0,
+        host_id: 200000,
+        size: 65536,
+    });
+    let out = run_capture(&spec);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout, "0\nhi\n", "{out:?}");
+}
