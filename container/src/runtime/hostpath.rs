@@ -31,14 +31,13 @@ fn walk(what: &'static str, path: &Path, create: bool) -> Result<OwnedFd, Contai
         )));
     }
     // Errors name the whole path as given (the admin's words), not the component.
-    let setup = |e: Errno, _at: &Path| ContainerError::Setup {
+    let setup = |e: Errno| ContainerError::Setup {
         step: what,
         path: Some(path.to_path_buf()),
         source: e.into(),
     };
     let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let mut cur = rustix::fs::openat(CWD, "/", dir_flags, Mode::empty())
-        .map_err(|e| setup(e, Path::new("/")))?;
+    let mut cur = rustix::fs::openat(CWD, "/", dir_flags, Mode::empty()).map_err(setup)?;
     let mut shown = PathBuf::from("/");
     let comps: Vec<Component<'_>> = path.components().collect();
     let count = comps.len();
@@ -49,7 +48,7 @@ fn walk(what: &'static str, path: &Path, create: bool) -> Result<OwnedFd, Contai
             Component::ParentDir => {
                 // The real parent of an fd: no symlink is involved.
                 cur = rustix::fs::openat(&cur, "..", dir_flags | OFlags::NOFOLLOW, Mode::empty())
-                    .map_err(|e| setup(e, &shown))?;
+                    .map_err(setup)?;
                 shown.push("..");
                 continue;
             }
@@ -62,15 +61,14 @@ fn walk(what: &'static str, path: &Path, create: bool) -> Result<OwnedFd, Contai
                 match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(CREATED_DIR_MODE)) {
                     // EEXIST: made concurrently (or a dangling symlink): checked below.
                     Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(setup(e, &shown)),
+                    Err(e) => return Err(setup(e)),
                 }
-                rustix::fs::openat(&cur, name, flags, Mode::empty())
-                    .map_err(|e| setup(e, &shown))?
+                rustix::fs::openat(&cur, name, flags, Mode::empty()).map_err(setup)?
             }
-            Err(e) => return Err(setup(e, &shown)),
+            Err(e) => return Err(setup(e)),
             Ok(fd) => fd,
         };
-        let stat = rustix::fs::fstat(&next).map_err(|e| setup(e, &shown))?;
+        let stat = rustix::fs::fstat(&next).map_err(setup)?;
         match FileType::from_raw_mode(stat.st_mode) {
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(&cur, name, Vec::new())
@@ -86,7 +84,7 @@ fn walk(what: &'static str, path: &Path, create: bool) -> Result<OwnedFd, Contai
             FileType::Directory => {}
             // Only the last component may be something other than a directory.
             _ if !last => {
-                return Err(setup(Errno::NOTDIR, &shown));
+                return Err(setup(Errno::NOTDIR));
             }
             _ => {}
         }
