@@ -511,3 +511,50 @@ fn journal_tails_and_follows() {
     }
     drop(child);
 }
+
+/// Template instances `.`, `..` and the empty one are refused at submit: by `fleetctl`
+/// (checking the file, with its path) and by the API itself (400), so `%i` in a bind path can
+/// never name the directory holding every instance's.
+#[test]
+fn dot_and_empty_instances_are_refused() {
+    let c = Cluster::start(&[]);
+    for (file, needle) in [
+        ("data@..toml", "instance name `.` is not allowed"),
+        ("data@...toml", "instance name `..` is not allowed"),
+        ("data@.toml", "is a template, not a unit"),
+    ] {
+        let path = c.write(file, SLEEP);
+        let out = c.fleetctl(&["submit", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        assert!(err.contains(needle) && err.contains(&path), "{file}: {err}");
+    }
+    let client = ApiClient::new(c.api.to_str().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, needle) in [
+        ("data@.", "instance name `.` is not allowed"),
+        ("data@..", "instance name `..` is not allowed"),
+        ("data@", "is a template, not a unit"),
+    ] {
+        let put = PutUnit {
+            desired: Some(DesiredState::Launched),
+            body: Some(SLEEP.into()),
+            replace: false,
+        };
+        match runtime.block_on(client.put_unit(name, &put)) {
+            Err(ClientError::Api { status, message }) => {
+                assert_eq!(status, 400, "{name}: {message}");
+                assert!(message.contains(needle), "{name}: {message}");
+            }
+            other => panic!("{name}: expected a 400, got {other:?}"),
+        }
+    }
+    assert!(c
+        .json(&["list-unit-files", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

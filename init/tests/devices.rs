@@ -1,7 +1,7 @@
 //! The device allow-list (a cgroup device program on every container's cgroup) and the
 //! default capability set without `MKNOD` and `NET_RAW`, tested by performing the attacks:
 //! reading a host disk (a loop device over a file holding a secret) through a node made with
-//! `mknod` or shipped in an image layer, and opening a packet socket on the host network.
+//! `mknod` or reached through a bind mount (the store turns nodes in image layers into empty files), and opening a packet socket on the host network.
 //! Each attack runs with the other protections out of the way (the capability kept, a
 //! node that needs none), and each grant shows the test can see the difference.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -87,8 +87,8 @@ const APPLETS: &[&str] = &[
     "wc",
 ];
 
-/// The image store of this file: `devimg`, busybox plus `/disk`, a block device node (mode
-/// 0666) with the numbers of `disk`'s loop device, as an image layer would ship it.
+/// The image store of this file: `devimg`, busybox, and beside it a block device node (mode
+/// 0666) with the numbers of `disk`'s loop device, which every unit gets at `/disk`.
 fn store(disk: &Disk) -> Store {
     let tmp = tempfile::Builder::new()
         .prefix("flotilla-devimg-")
@@ -110,15 +110,20 @@ fn store(disk: &Disk) -> Store {
     )
     .unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
+    // The image ships a plain `/disk` (the store turns device nodes in layers into empty
+    // files); the node itself comes from the host through a bind mount, the one way a unit
+    // still meets a node it did not make.
+    fs::write(root.join("disk"), "").unwrap();
+    let node = dir.join("disk-node");
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        root.join("disk"),
+        &node,
         rustix::fs::FileType::BlockDevice,
         rustix::fs::Mode::from_raw_mode(0o666),
         rustix::fs::makedev(disk.major, disk.minor),
     )
     .unwrap();
-    fs::set_permissions(root.join("disk"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions(&node, fs::Permissions::from_mode(0o666)).unwrap();
     let tar = dir.join("layer.tar");
     let st = Command::new("tar")
         .arg("-C")
@@ -141,13 +146,19 @@ fn store(disk: &Disk) -> Store {
         .unwrap()
         .import_oci_layout(&layout, Some("devimg"), &mut |_| {})
         .unwrap();
-    Store { _tmp: tmp, store }
+    Store {
+        _tmp: tmp,
+        store,
+        node,
+    }
 }
 
 /// An image store in a temporary directory, removed on drop.
 struct Store {
     _tmp: tempfile::TempDir,
     store: PathBuf,
+    /// A block device node (mode 0666) with the loop device's numbers, bound at `/disk`.
+    node: PathBuf,
 }
 
 impl std::ops::Deref for Store {
@@ -168,11 +179,13 @@ fn busybox() -> &'static Path {
     })
 }
 
-/// A unit of `devimg` running `script`, with extra `[container]` lines.
-fn unit(script: &str, extra: &str) -> String {
+/// A unit of `devimg` running `script` with the node at `/disk`, with extra `[container]`
+/// lines.
+fn unit(store: &Store, script: &str, extra: &str) -> String {
     format!(
-        "[container]\nimage = \"devimg\"\nmounts = []\n{extra}\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\n\
-         [service]\ntype = \"oneshot\"\n"
+        "[container]\nimage = \"devimg\"\nmounts = [{{ host = {:?}, path = \"/disk\" }}]\n{extra}\n\
+         command = [\"/bin/sh\", \"-c\", {script:?}]\n[service]\ntype = \"oneshot\"\n",
+        store.node.to_str().unwrap()
     )
 }
 
@@ -210,11 +223,12 @@ fn mknod_of_a_host_disk_is_denied_even_with_cap_mknod() {
     let (_m, logs) = run_units(
         &store,
         &[
-            ("attack", unit(&script, caps)),
+            ("attack", unit(&store, &script, caps)),
             // mknod granted for these numbers, but not read: the open is refused.
             (
                 "mknod-only",
                 unit(
+                    &store,
                     &script,
                     &format!("{caps}\ndevices = [{:?}]", disk.rule("m")),
                 ),
@@ -223,6 +237,7 @@ fn mknod_of_a_host_disk_is_denied_even_with_cap_mknod() {
             (
                 "granted",
                 unit(
+                    &store,
                     &script,
                     &format!("{caps}\ndevices = [{:?}]", disk.rule("rm")),
                 ),
@@ -244,7 +259,7 @@ fn mknod_of_a_host_disk_is_denied_even_with_cap_mknod() {
 }
 
 #[test]
-fn a_device_node_shipped_in_the_image_cannot_be_opened() {
+fn a_device_node_reached_through_a_bind_mount_cannot_be_opened() {
     let disk = Disk::new();
     let store = store(&disk);
     let script = format!("id -u; {}", read_script("/disk"));
@@ -254,10 +269,11 @@ fn a_device_node_shipped_in_the_image_cannot_be_opened() {
     let (_m, logs) = run_units(
         &store,
         &[
-            ("shipped", unit(&script, plain)),
+            ("shipped", unit(&store, &script, plain)),
             (
                 "shipped-granted",
                 unit(
+                    &store,
                     &script,
                     &format!("{plain}\ndevices = [{:?}]", disk.rule("r")),
                 ),
@@ -283,7 +299,7 @@ fn the_standard_nodes_and_whiteouts_still_work_under_the_filter() {
                   echo zero=$(head -c 3 /dev/zero | wc -c) urandom=$(head -c 5 /dev/urandom | wc -c); \
                   echo x > /dev/full || echo full-refused; \
                   (exec 3<>/dev/ptmx) && echo ptmx-ok; echo done";
-    let (_m, logs) = run_units(&store, &[("plain", unit(script, ""))]);
+    let (_m, logs) = run_units(&store, &[("plain", unit(&store, script, ""))]);
     let log = &logs[0];
     for want in [
         "rm-ok",
@@ -302,7 +318,7 @@ fn a_restarted_unit_gets_its_current_rules() {
     let disk = Disk::new();
     let store = store(&disk);
     let script = read_script("/disk");
-    let (m, logs) = run_units(&store, &[("grow", unit(&script, ""))]);
+    let (m, logs) = run_units(&store, &[("grow", unit(&store, &script, ""))]);
     assert!(logs[0].contains("Operation not permitted"), "{}", logs[0]);
     // A oneshot that exited 0 stays active (exited).
     let runs = |n: usize| {
@@ -333,7 +349,11 @@ fn a_restarted_unit_gets_its_current_rules() {
     // (programs attached together must all allow).
     fs::write(
         m.units.join("grow.toml"),
-        unit(&script, &format!("devices = [{:?}]", disk.rule("r"))),
+        unit(
+            &store,
+            &script,
+            &format!("devices = [{:?}]", disk.rule("r")),
+        ),
     )
     .unwrap();
     m.ok(&["reload"]);
@@ -428,8 +448,11 @@ fn a_device_path_is_granted_and_made_available() {
     let (_m, logs) = run_units(
         &store,
         &[
-            ("without", unit(&script, "")),
-            ("with", unit(&script, &format!("devices = [{dev:?}]"))),
+            ("without", unit(&store, &script, "")),
+            (
+                "with",
+                unit(&store, &script, &format!("devices = [{dev:?}]")),
+            ),
         ],
     );
     let [without, with] = [&logs[0], &logs[1]];
@@ -451,11 +474,15 @@ fn a_device_path_is_granted_and_made_available() {
         &[
             (
                 "linked",
-                unit(&read_script(&link), &format!("devices = [{link:?}]")),
+                unit(
+                    &store,
+                    &read_script(&link),
+                    &format!("devices = [{link:?}]"),
+                ),
             ),
             (
                 "missing",
-                unit(&script, &format!("devices = [{missing:?}]")),
+                unit(&store, &script, &format!("devices = [{missing:?}]")),
             ),
         ],
     );
@@ -473,7 +500,7 @@ fn a_device_path_is_granted_and_made_available() {
     );
 }
 
-fn unitctl_run(store: &Path, script: &str) -> Output {
+fn unitctl_run(store: &Store, script: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_unitctl"))
         .args([
             "run",
@@ -481,6 +508,8 @@ fn unitctl_run(store: &Path, script: &str) -> Output {
             store.to_str().unwrap(),
             "--image",
             "devimg",
+            "--bind",
+            &format!("{}:/disk", store.node.display()),
         ])
         .args(["--", "/bin/sh", "-c", script])
         .stdin(Stdio::null())
@@ -625,10 +654,14 @@ fn packet_sockets_on_the_host_network_need_net_raw() {
     let (_m, logs) = run_units(
         &store,
         &[
-            ("sniffer", unit(script, "network = \"host\"")),
+            ("sniffer", unit(&store, script, "network = \"host\"")),
             (
                 "pinger",
-                unit(script, "network = \"host\"\ncapabilities = [\"NET_RAW\"]"),
+                unit(
+                    &store,
+                    script,
+                    "network = \"host\"\ncapabilities = [\"NET_RAW\"]",
+                ),
             ),
         ],
     );

@@ -118,7 +118,9 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Checks a unit name: 1 to 200 characters from `[A-Za-z0-9_.:-]` plus at most one `@`,
-/// not starting with `.`, `-` or `@`. Template names (`foo@`) pass. Returns the reason on error.
+/// not starting with `.`, `-` or `@`; an instance is never `.` or `..` (and `/` is not an
+/// allowed character), so `%i` in a path stays one path component. Template names (`foo@`)
+/// pass. Returns the reason on error.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
@@ -140,6 +142,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
     if name.matches('@').count() > 1 {
         return Err("a name may contain at most one `@`".into());
+    }
+    if let Some((prefix, instance @ ("." | ".."))) = split_instance(name) {
+        return Err(format!(
+            "the instance name `{instance}` is not allowed: `%i` in a path would name a \
+             directory outside the instance's own (e.g. the parent of every `{prefix}@*`); \
+             name the instance with a letter or digit, e.g. `{prefix}@1`"
+        ));
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use nix::unistd::{ForkResult, Pid};
 use rustix::pipe::{pipe_with, PipeFlags};
 use rustix::thread::UnshareFlags;
 
-use super::plan::Plan;
+use super::plan::{Plan, RootPlan};
 use super::report::{self, exit_now, fail_and_exit, Context, Failure, Step};
 use super::{caps, init, rootfs, seccomp, ContainerError, Network, Spawned};
 
@@ -168,6 +168,16 @@ fn setup_stdio(plan: &Plan) -> Step {
 
 fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
     setup_stdio(plan)?;
+    // While still host root: the layers' directory becomes the cwd, which the new mount
+    // namespace carries over, so pid 1 names the layers relative to it (see
+    // `plan::lower_dirs`).
+    if let RootPlan::Overlay {
+        layer_dir: Some(dir),
+        ..
+    } = &plan.root
+    {
+        rustix::process::fchdir(dir).step("chdir to the image layers' directory")?;
+    }
     if let Some(fd) = plan.cgroup_procs {
         rustix::io::write(borrow(fd), b"0").step("join the cgroup (write 0 to cgroup.procs)")?;
     }

@@ -17,6 +17,7 @@ mod bpf;
 mod caps;
 mod child;
 mod devices;
+mod hostpath;
 mod init;
 mod mounts;
 mod plan;
@@ -39,6 +40,7 @@ pub use devices::{
     attach_device_filter, DeviceKind, DeviceRule, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE,
     DEFAULT_DEVICES,
 };
+pub use hostpath::create_dir_all_nofollow;
 pub use user::lookup_user;
 
 /// What to run in a container and how to isolate it.
@@ -242,6 +244,27 @@ pub enum ContainerError {
         /// The system error.
         #[source]
         source: io::Error,
+    },
+    /// A host path (a bind mount source, a directory to create) has a symlink in it. Host
+    /// paths are resolved without following symlinks: a container that may write below a
+    /// bind source could otherwise plant one (`sub -> /`) and hand the host's root to the
+    /// next container that binds `sub`.
+    #[error(
+        "{what} {}: {} is a symlink (to {}); host paths are resolved without following \
+         symlinks: name the real path instead, or replace the symlink with a directory",
+        path.display(),
+        component.display(),
+        target.display()
+    )]
+    SymlinkInPath {
+        /// What the path is for.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// Its first component that is a symlink.
+        component: PathBuf,
+        /// Where that symlink points (as stored in it).
+        target: PathBuf,
     },
     /// The container's processes ended without saying why.
     #[error("the container's setup process ended unexpectedly ({0})")]

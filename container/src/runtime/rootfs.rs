@@ -369,7 +369,8 @@ pub(crate) fn readonly_paths(root: BorrowedFd<'_>) -> Step {
     Ok(())
 }
 
-/// Step 6: the spec's bind mounts, destinations resolved inside the root.
+/// Step 6: the spec's bind mounts, destinations resolved inside the root; each source is the
+/// detached clone the caller made without following symlinks.
 pub(crate) fn bind_mounts(root: BorrowedFd<'_>, binds: &[BindPlan]) -> Step {
     for b in binds {
         let target = if b.is_dir {
@@ -377,11 +378,18 @@ pub(crate) fn bind_mounts(root: BorrowedFd<'_>, binds: &[BindPlan]) -> Step {
         } else {
             ensure_file(root, &b.destination)?
         };
-        rustix::mount::mount_bind_recursive(b.source.as_path(), fd_path(target.as_fd()).as_str())
-            .step_at("bind-mount", &b.source)?;
+        super::hostpath::attach(&b.tree, &target)
+            .step_at("bind-mount (move_mount of the source's clone)", &b.source)?;
+        let fd = open_in_root(root, &b.destination, OFlags::empty())
+            .step_at("open a bind mount", shown(&b.destination))?;
+        // The clone keeps the source's propagation (a shared host mount would make it a
+        // peer): make it private like every other mount of the container.
+        rustix::mount::mount_change(
+            fd_path(fd.as_fd()).as_str(),
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+        .step_at("make a bind mount private", shown(&b.destination))?;
         if b.read_only {
-            let fd = open_in_root(root, &b.destination, OFlags::empty())
-                .step_at("open a bind mount", shown(&b.destination))?;
             remount_readonly(fd.as_fd())
                 .step_at("remount a bind mount read-only", shown(&b.destination))?;
         }

@@ -139,11 +139,10 @@ impl ContainerLauncher {
             Network::None => runtime::Network::None,
             Network::Private => runtime::Network::Private,
         };
-        for m in c.mounts.iter().filter(|m| m.create && !m.host.exists()) {
-            fs::create_dir_all(&m.host).map_err(|source| LaunchError::Spawn {
-                program: format!("(creating the mount source {})", m.host.display()),
-                source,
-            })?;
+        for m in c.mounts.iter().filter(|m| m.create) {
+            // Never through a symlink: a container that can write above this path could
+            // otherwise have us create (and then bind) a directory anywhere on the host.
+            runtime::create_dir_all_nofollow(&m.host)?;
         }
         spec.mounts = c
             .mounts
