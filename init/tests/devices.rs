@@ -1,7 +1,8 @@
 //! The device allow-list (a cgroup device program on every container's cgroup) and the
 //! default capability set without `MKNOD` and `NET_RAW`, tested by performing the attacks:
 //! reading a host disk (a loop device over a file holding a secret) through a node made with
-//! `mknod` or reached through a bind mount (the store turns nodes in image layers into empty files), and opening a packet socket on the host network.
+//! `mknod` or reached through a bind mount (the store turns nodes in image layers into empty
+//! files), and opening a packet socket on the host network.
 //! Each attack runs with the other protections out of the way (the capability kept, a
 //! node that needs none), and each grant shows the test can see the difference.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -369,9 +370,11 @@ fn quick_restarts_reuse_the_cgroup_and_its_filter() {
     // Restarted before the leftover cgroup is removed: the same program is attached to it
     // already.
     let text = format!(
-        "[container]\nimage = \"devimg\"\nmounts = []\ncommand = [\"/bin/sh\", \"-c\", {:?}]\n\
+        "[container]\nimage = \"devimg\"\nmounts = [{{ host = {:?}, path = \"/disk\" }}]\n\
+         command = [\"/bin/sh\", \"-c\", {:?}]\n\
          [service]\nrestart = \"on-failure\"\nrestart_sec = \"1ms\"\nrestart_max_sec = \"1ms\"\n\
          start_limit_burst = 3\nstart_limit_interval = \"1h\"\n",
+        store.node.to_str().unwrap(),
         format!("{}; exit 1", read_script("/disk"))
     );
     let m = Machine::start_with(&[("again", &text)], &["--images", store.to_str().unwrap()]);
