@@ -65,8 +65,6 @@ pub(crate) struct BindPlan {
     pub destination: PathBuf,
     /// Read-only.
     pub read_only: bool,
-    /// The source is a directory (else a file: the mount point is a file).
-    pub is_dir: bool,
 }
 
 /// The prepared container.
@@ -181,8 +179,9 @@ impl Plan {
             .mounts
             .iter()
             .map(|m| {
-                let meta = std::fs::metadata(&m.source)
-                    .map_err(|e| ContainerError::setup("bind mount source", Some(&m.source), e))?;
+                // The source is not looked at here but by the container's setup process,
+                // which the caller's setup timeout bounds: on a hung filesystem even a stat
+                // hangs, and the caller (a process manager) must not.
                 let destination = relative_in_container("mount destination", &m.destination)?;
                 if destination.as_os_str().is_empty() {
                     return Err(invalid("a bind mount cannot replace the root"));
@@ -191,7 +190,6 @@ impl Plan {
                     source: m.source.clone(),
                     destination,
                     read_only: m.read_only,
-                    is_dir: meta.is_dir(),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -382,7 +382,11 @@ pub(crate) fn readonly_paths(root: BorrowedFd<'_>) -> Step {
 /// Step 6: the spec's bind mounts, destinations resolved inside the root.
 pub(crate) fn bind_mounts(root: BorrowedFd<'_>, binds: &[BindPlan]) -> Step {
     for b in binds {
-        let target = if b.is_dir {
+        // Looked up here, not by the caller: see `Plan::new`.
+        let is_dir = rustix::fs::stat(b.source.as_path())
+            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+            .step_at("bind mount source", &b.source)?;
+        let target = if is_dir {
             ensure_dir(root, &b.destination)?
         } else {
             ensure_file(root, &b.destination)?

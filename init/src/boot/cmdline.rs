@@ -6,6 +6,7 @@
 //! | `flotilla.var=NAME` | the `/var` disk's virtio serial or label (default `flotilla-var`) |
 //! | `flotilla.config=BASE64` | a provisioning config (TOML, base64), if there is no fw_cfg one |
 //! | `flotilla.debug_shell=TTY` | a root shell on `/dev/TTY` (e.g. `ttyS1`), for debugging and tests |
+//! | `flotilla.shutdown_timeout=DURATION` | how long a shutdown may take before every unit's processes are killed (default `90s`; `flotilla-init --shutdown-timeout`) |
 
 use std::collections::BTreeMap;
 
