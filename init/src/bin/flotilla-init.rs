@@ -101,25 +101,12 @@ fn raise_fd_limit() {
 }
 
 /// The shutdown deadline: the flag's, or as PID 1 `flotilla.shutdown_timeout=` from the
-/// kernel command line (a bad value is logged and ignored).
+/// kernel command line.
 fn shutdown_timeout(flag: Duration, pid1: bool) -> Duration {
-    if !pid1 {
-        return flag;
-    }
-    let cmdline = boot::cmdline::Cmdline::read();
-    match cmdline
-        .get("shutdown_timeout")
-        .map(flotilla_units::parse_duration)
-    {
-        Some(Ok(d)) => d,
-        Some(Err(e)) => {
-            log::warn!(
-                "ignoring flotilla.shutdown_timeout on the kernel command line: {e}; \
-                 using {flag:?} (write e.g. flotilla.shutdown_timeout=90s)"
-            );
-            flag
-        }
-        None => flag,
+    if pid1 {
+        boot::cmdline::Cmdline::read().duration_or("shutdown_timeout", flag)
+    } else {
+        flag
     }
 }
 
