@@ -240,6 +240,11 @@ mounts = [{ host = "$DIR/hung/data", path = "/mnt" }]
             && msg.contains("A mount may hang"),
         "{msg}"
     );
+    // The setup processes stuck on the hung filesystem were killed and reaped.
+    let children = format!("/proc/{0}/task/{0}/children", m.pid());
+    m.wait_until("the setup processes to be killed and reaped", || {
+        fs::read_to_string(&children).unwrap().trim().is_empty()
+    });
     // The manager is free: it lists, and starts another unit.
     let list = String::from_utf8(unitctl_answers(&m, &["list"]).stdout).unwrap();
     assert!(list.contains("hung") && list.contains("fine"), "{list}");

@@ -904,10 +904,15 @@ impl Manager {
             stdout: out_w,
             stderr: err_w,
         };
-        let pid = self
-            .launcher
-            .launch(unit, &scope, io)
-            .map_err(|e| spawn_err(e.to_string()))?;
+        let pid = match self.launcher.launch(unit, &scope, io) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // A setup given up on (timeout) may have left a process behind in the scope.
+                scope.signal(Signal::SIGKILL);
+                scope.remove();
+                return Err(spawn_err(e.to_string()));
+            }
+        };
         scope.started(pid);
         let pipe = |fd, stream| Pipe {
             fd,
