@@ -562,3 +562,31 @@ fn exec(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char])
     // SAFETY: argv and envp are NULL-terminated arrays of valid C strings that outlive the call.
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bytes_name_their_steps() {
+        for (i, step) in Progress::ALL.iter().enumerate() {
+            assert_eq!(*step as u8 as usize, i, "ALL is in byte order");
+            assert_eq!(Progress::from_byte(*step as u8), Some(*step));
+        }
+        assert_eq!(Progress::from_byte(200), None);
+    }
+
+    #[test]
+    fn a_silent_pipe_times_out_and_a_closed_one_does_not() {
+        let (r, w) = pipe().unwrap();
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(read_all_until(r.as_fd(), 4, soon), None);
+        rustix::io::write(&w, &[Progress::BindMounts as u8]).unwrap();
+        assert_eq!(last_progress(r.as_fd()), Some("bind-mounting the mounts"));
+        rustix::io::write(&w, b"ab").unwrap();
+        drop(w);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(read_all_until(r.as_fd(), 4, later), Some(b"ab".to_vec()));
+    }
+}
