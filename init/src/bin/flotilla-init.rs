@@ -170,7 +170,11 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     manager.cleanup();
     drop(server);
     let Exit::Shutdown(signal) = result.context("event loop")?;
-    log::info!("all units stopped");
+    if manager.shutdown_forced() {
+        log::warn!("shutdown deadline passed: the units still running were killed");
+    } else {
+        log::info!("all units stopped");
+    }
     Ok(signal)
 }
 
