@@ -216,6 +216,14 @@ command = ["/bin/true"]
 mounts = [{ host = "$DIR/hung/data", path = "/mnt" }]
 "#,
         ),
+        (
+            "hung-create",
+            r#"
+[container]
+command = ["/bin/true"]
+mounts = [{ host = "$DIR/hung/new", path = "/mnt", create = true }]
+"#,
+        ),
         ("fine", SLEEPER),
     ];
     let m = Machine::start_with(&units, &["--no-start", "--setup-timeout", "3s"]);
@@ -245,9 +253,24 @@ mounts = [{ host = "$DIR/hung/data", path = "/mnt" }]
     m.wait_until("the setup processes to be killed and reaped", || {
         fs::read_to_string(&children).unwrap().trim().is_empty()
     });
+    // A `create = true` source on the hung filesystem: even checking that it exists hangs.
+    let out = unitctl_within(&m, &["start", "hung-create"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let st = status(&m, "hung-create");
+    let msg = st["message"].as_str().unwrap();
+    assert!(
+        msg.contains("creating the mount source")
+            && msg.contains("did not finish within 3s")
+            && msg.contains("may hang"),
+        "{msg}"
+    );
     // The manager is free: it lists, and starts another unit.
     let list = String::from_utf8(unitctl_answers(&m, &["list"]).stdout).unwrap();
-    assert!(list.contains("hung") && list.contains("fine"), "{list}");
+    assert!(
+        list.contains("hung") && list.contains("hung-create") && list.contains("fine"),
+        "{list}"
+    );
     unitctl_answers(&m, &["start", "fine"]);
     m.wait_state("fine", "active");
 }

@@ -236,11 +236,8 @@ impl ContainerLauncher {
             Network::None => runtime::Network::None,
             Network::Private => runtime::Network::Private,
         };
-        for m in c.mounts.iter().filter(|m| m.create && !m.host.exists()) {
-            fs::create_dir_all(&m.host).map_err(|source| LaunchError::Spawn {
-                program: format!("(creating the mount source {})", m.host.display()),
-                source,
-            })?;
+        for m in c.mounts.iter().filter(|m| m.create) {
+            create_source_within(&m.host, self.setup_timeout)?;
         }
         spec.mounts = c
             .mounts
@@ -252,6 +249,38 @@ impl ContainerLauncher {
             })
             .collect();
         Ok(spec)
+    }
+}
+
+/// Create a `create = true` mount source if it is missing, on a helper thread waited for at
+/// most `limit`: on a hung filesystem even the existence check hangs, and the caller is the
+/// manager's event loop. A thread that never returns stays blocked in the kernel (it holds
+/// nothing the manager needs); the unit fails with a clear message.
+fn create_source_within(dir: &Path, limit: Duration) -> Result<(), LaunchError> {
+    let (tx, rx) = mpsc::channel();
+    let path = dir.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("mount-source".into())
+        .spawn(move || {
+            let result = if path.exists() {
+                Ok(())
+            } else {
+                fs::create_dir_all(&path)
+            };
+            let _ = tx.send(result);
+        });
+    let program = format!("(creating the mount source {})", dir.display());
+    if let Err(source) = spawned {
+        return Err(LaunchError::Spawn { program, source });
+    }
+    match rx.recv_timeout(limit) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(LaunchError::Spawn { program, source }),
+        Err(_) => Err(LaunchError::Unsupported(format!(
+            "creating the mount source {} did not finish within {limit:?}; its filesystem \
+             may hang (a network or FUSE mount): check it, or the unit's mounts",
+            dir.display()
+        ))),
     }
 }
 
