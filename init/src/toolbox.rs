@@ -130,7 +130,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
 }
 
 fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
-    let launcher = ContainerLauncher::new(&opts.stores, scratch);
+    let mut launcher = ContainerLauncher::new(&opts.stores, scratch);
     let unit = unit_for(opts);
     let mut spec = launcher.spec(&unit, true)?;
     spec.terminal = std::io::stdin().is_terminal();

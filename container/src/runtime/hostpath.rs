@@ -16,6 +16,7 @@ use rustix::fs::{FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
 use rustix::mount::{MoveMountFlags, OpenTreeFlags};
 
+use super::report::{Failure, Step};
 use super::ContainerError;
 
 /// Mode of the directories [`create_dir_all_nofollow`] makes.
@@ -113,6 +114,25 @@ pub(crate) fn clone_source(path: &Path) -> Result<(OwnedFd, bool), ContainerErro
     .map_err(|e| ContainerError::setup("clone the bind mount source (open_tree)", Some(path), e))?;
     Ok((tree, is_dir))
 }
+
+/// [`clone_source`] for the setup processes: its error as a [`Failure`] for the error pipe.
+/// A symlink is reported as [`SYMLINK_STEP`] on the symlink's path with `ELOOP`.
+pub(crate) fn clone_source_step(path: &Path) -> Step<(OwnedFd, bool)> {
+    clone_source(path).map_err(|e| match e {
+        ContainerError::SymlinkInPath { component, .. } => {
+            Failure::new(SYMLINK_STEP, Some(&component), libc::ELOOP)
+        }
+        ContainerError::Setup { step, source, .. } => {
+            Failure::new(step, Some(path), source.raw_os_error().unwrap_or(libc::EIO))
+        }
+        _ => Failure::new("bind mount source", Some(path), libc::EINVAL),
+    })
+}
+
+/// The step named when a bind mount source has a symlink in it.
+pub(crate) const SYMLINK_STEP: &str =
+    "bind mount source: this path is a symlink, and host paths are resolved without \
+     following symlinks (name the real path instead, or replace the symlink with a directory)";
 
 /// Attach a tree from [`clone_source`] on `target` (an `O_PATH` fd) in this mount namespace.
 pub(crate) fn attach(tree: &OwnedFd, target: &OwnedFd) -> rustix::io::Result<()> {

@@ -30,6 +30,7 @@ mod user;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -85,7 +86,14 @@ pub struct ContainerSpec {
     /// Devices allowed beyond [`DEFAULT_DEVICES`]. The caller enforces them with
     /// [`attach_device_filter`] on the container's cgroup before [`spawn`].
     pub devices: Vec<DeviceRule>,
+    /// How long [`spawn`] waits for the setup (namespaces, mounts, exec) to finish before it
+    /// kills the setup processes and fails with [`ContainerError::SetupTimeout`]: a mount on
+    /// a hung filesystem must not hang the caller ([`DEFAULT_SETUP_TIMEOUT`]).
+    pub setup_timeout: Duration,
 }
+
+/// How long a container's setup may take by default (see [`ContainerSpec::setup_timeout`]).
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ContainerSpec {
     /// A spec with the defaults: cwd `/`, root user, private network, default capabilities,
@@ -109,6 +117,7 @@ impl ContainerSpec {
             init: false,
             terminal: false,
             devices: Vec::new(),
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
         }
     }
 }
@@ -266,6 +275,20 @@ pub enum ContainerError {
         /// Where that symlink points (as stored in it).
         target: PathBuf,
     },
+    /// The setup did not finish within [`ContainerSpec::setup_timeout`]; its processes were
+    /// killed.
+    #[error(
+        "the container's setup did not finish within {timeout:?}{}; its processes were \
+         killed. A mount may hang (a hung network or FUSE filesystem under a bind mount's \
+         source or an image layer): check the unit's mounts",
+        at_step(step)
+    )]
+    SetupTimeout {
+        /// The limit that passed.
+        timeout: Duration,
+        /// The step the setup was at, when it had announced one.
+        step: Option<&'static str>,
+    },
     /// The container's processes ended without saying why.
     #[error("the container's setup process ended unexpectedly ({0})")]
     Lost(String),
@@ -296,6 +319,13 @@ pub enum ContainerError {
         /// What went wrong.
         message: String,
     },
+}
+
+fn at_step(step: &Option<&'static str>) -> String {
+    match step {
+        Some(s) => format!(" (it was {s})"),
+        None => String::new(),
+    }
 }
 
 fn show_path(path: &Option<PathBuf>) -> String {
@@ -352,7 +382,7 @@ pub fn spawn(
     cgroup_procs: Option<BorrowedFd<'_>>,
 ) -> Result<Spawned, ContainerError> {
     let plan = plan::Plan::new(spec, stdio, cgroup_procs.map(|fd| fd.as_raw_fd()))?;
-    let result = child::start(&plan);
+    let result = child::start(&plan, spec.setup_timeout);
     plan.cleanup_after_start();
     result
 }

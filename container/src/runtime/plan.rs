@@ -14,7 +14,7 @@ use rustix::fs::{Mode, OFlags};
 use seccompiler::BpfProgram;
 
 use super::{
-    caps, hostpath, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
+    caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
 };
 
 /// `PATH` used when the spec's environment has none.
@@ -65,18 +65,14 @@ pub(crate) enum RootPlan {
 /// One checked bind mount.
 #[derive(Debug)]
 pub(crate) struct BindPlan {
-    /// Host path (for messages: the mount is made from `tree`).
+    /// Host path: opened without following symlinks and cloned into a detached mount tree
+    /// by the intermediate process ([`super::hostpath::clone_source`]), then moved onto the
+    /// destination inside the container's mount namespace.
     pub source: PathBuf,
-    /// The source, opened without following symlinks and cloned into a detached mount tree
-    /// in the caller ([`super::hostpath::clone_source`]); moved onto the destination inside
-    /// the container's mount namespace.
-    pub tree: OwnedFd,
     /// Path relative to the container root (no leading `/`).
     pub destination: PathBuf,
     /// Read-only.
     pub read_only: bool,
-    /// The source is a directory (else a file: the mount point is a file).
-    pub is_dir: bool,
 }
 
 /// The prepared container.
@@ -193,17 +189,18 @@ impl Plan {
             .mounts
             .iter()
             .map(|m| {
+                // The source is not looked at here but by the intermediate setup process
+                // (`hostpath::clone_source`), which the caller's setup timeout bounds: on a
+                // hung filesystem even a lookup hangs, and the caller (a process manager)
+                // must not.
                 let destination = relative_in_container("mount destination", &m.destination)?;
                 if destination.as_os_str().is_empty() {
                     return Err(invalid("a bind mount cannot replace the root"));
                 }
-                let (tree, is_dir) = hostpath::clone_source(&m.source)?;
                 Ok(BindPlan {
                     source: m.source.clone(),
-                    tree,
                     destination,
                     read_only: m.read_only,
-                    is_dir,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -370,15 +370,20 @@ pub(crate) fn readonly_paths(root: BorrowedFd<'_>) -> Step {
 }
 
 /// Step 6: the spec's bind mounts, destinations resolved inside the root; each source is the
-/// detached clone the caller made without following symlinks.
-pub(crate) fn bind_mounts(root: BorrowedFd<'_>, binds: &[BindPlan]) -> Step {
-    for b in binds {
-        let target = if b.is_dir {
+/// detached clone (and whether it is a directory) that the intermediate process made without
+/// following symlinks, in the order of `binds`.
+pub(crate) fn bind_mounts(
+    root: BorrowedFd<'_>,
+    binds: &[BindPlan],
+    trees: &[(OwnedFd, bool)],
+) -> Step {
+    for (b, (tree, is_dir)) in binds.iter().zip(trees) {
+        let target = if *is_dir {
             ensure_dir(root, &b.destination)?
         } else {
             ensure_file(root, &b.destination)?
         };
-        super::hostpath::attach(&b.tree, &target)
+        super::hostpath::attach(tree, &target)
             .step_at("bind-mount (move_mount of the source's clone)", &b.source)?;
         let fd = open_in_root(root, &b.destination, OFlags::empty())
             .step_at("open a bind mount", shown(&b.destination))?;

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -66,6 +66,20 @@ struct Args {
     /// Load and serve the units but start none of them.
     #[arg(long)]
     no_start: bool,
+    /// How long a shutdown may take (`90s`, `500ms`, `2m`, or seconds): then every unit's
+    /// processes are killed and the shutdown goes on. As PID 1 the kernel command line's
+    /// `flotilla.shutdown_timeout=` overrides it.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = duration)]
+    shutdown_timeout: Duration,
+    /// How long a container's setup (namespaces, mounts, exec) may take before its
+    /// processes are killed and the unit fails: a hung mount must not hang the manager.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    setup_timeout: Duration,
+}
+
+/// A duration as unit files write it.
+fn duration(text: &str) -> Result<Duration, String> {
+    flotilla_units::parse_duration(text)
 }
 
 /// Which [`flotilla_init::launcher::Launcher`] to use.
@@ -83,6 +97,16 @@ fn raise_fd_limit() {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             log::warn!("cannot raise the open-file limit to {hard}: {e}");
         }
+    }
+}
+
+/// The shutdown deadline: the flag's, or as PID 1 `flotilla.shutdown_timeout=` from the
+/// kernel command line.
+fn shutdown_timeout(flag: Duration, pid1: bool) -> Duration {
+    if pid1 {
+        boot::cmdline::Cmdline::read().duration_or("shutdown_timeout", flag)
+    } else {
+        flag
     }
 }
 
@@ -119,14 +143,15 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
             keep_files: args.log_keep,
             tail_lines: args.log_tail,
         },
+        shutdown_timeout: shutdown_timeout(args.shutdown_timeout, pid1),
     };
     let (handle, queue) = api::channel().context("creating the API queue")?;
     let (events_tx, events_rx) = mpsc::channel();
     let launcher: Box<dyn Launcher> = match args.launcher {
-        LauncherKind::Container => Box::new(ContainerLauncher::new(
-            &args.images,
-            &args.state.join("containers"),
-        )),
+        LauncherKind::Container => Box::new(
+            ContainerLauncher::new(&args.images, &args.state.join("containers"))
+                .with_setup_timeout(args.setup_timeout),
+        ),
         LauncherKind::Host => Box::new(HostLauncher),
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
@@ -145,7 +170,11 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     manager.cleanup();
     drop(server);
     let Exit::Shutdown(signal) = result.context("event loop")?;
-    log::info!("all units stopped");
+    if manager.shutdown_forced() {
+        log::warn!("shutdown deadline passed: the units still running were killed");
+    } else {
+        log::info!("all units stopped");
+    }
     Ok(signal)
 }
 
