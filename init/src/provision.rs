@@ -469,6 +469,8 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
         fleetd.push_str(&format!("listen = {}\n", toml_string(listen)));
     }
     if let Some(token) = &config.fleet.token {
+        // The shared token is fleetd's plaintext mode, which it serves only when told so.
+        fleetd.push_str("insecure = true\n");
         fleetd.push_str(&format!("token_file = {}\n", toml_string(FLEETD_TOKEN)));
         files.push(EtcFile {
             mode: 0o600,
@@ -563,6 +565,7 @@ command = ["/bin/echo", "%i"]
         let table = fleetd_toml(&c);
         assert_eq!(table["listen"].as_str(), Some("0.0.0.0:4002"));
         assert_eq!(table["token_file"].as_str(), Some(FLEETD_TOKEN));
+        assert_eq!(table["insecure"].as_bool(), Some(true));
         let files = render(&c, "id");
         let token = files
             .iter()
