@@ -488,6 +488,7 @@ fn plaintext_listen_needs_insecure() {
     let tmp = tempfile::tempdir().unwrap();
     let token = tmp.path().join("token");
     fs::write(&token, "s3cret\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
     let fleetd = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_fleetd"))
             .arg("--config")
@@ -499,10 +500,37 @@ fn plaintext_listen_needs_insecure() {
             .args(["--machine-id", "m1"])
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap()
     };
-    let listen = format!("127.0.0.1:{}", free_port());
+    // fleetd must exit by itself; one that starts serving instead is killed and reported.
+    let refused = |args: &[&str]| {
+        let mut child = fleetd(args);
+        let mut exited = false;
+        wait_until(
+            "fleetd to refuse to start",
+            || {
+                exited = child.try_wait().unwrap().is_some();
+                exited || {
+                    let started = std::net::TcpStream::connect(&listen).is_ok();
+                    if started {
+                        let _ = child.kill();
+                    }
+                    started
+                }
+            },
+            String::new,
+        );
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            exited,
+            "fleetd {args:?} served the API instead of refusing: {}",
+            text(&out)
+        );
+        out
+    };
     let token = token.to_str().unwrap();
     for (args, says) in [
         (
@@ -522,7 +550,7 @@ fn plaintext_listen_needs_insecure() {
             "--insecure --listen needs --token-file",
         ),
     ] {
-        let out = fleetd(&args);
+        let out = refused(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
