@@ -240,8 +240,9 @@ impl Node {
             .arg(&node.api)
             .arg("--init-api")
             .arg(&init_socket)
+            // A missing file is fine; a test may write one first.
             .arg("--config")
-            .arg(dir.join("no-fleetd.toml"))
+            .arg(dir.join("fleetd.toml"))
             .args(["--ttl", "2", "--metadata", "role=test"])
             .args(fleetd_args)
             .env("RUST_LOG", "info")
@@ -328,9 +329,21 @@ fn operator_changes_units_reader_only_reads() {
     let bob = ca.issue("bob", "/O=flotilla/OU=reader/CN=bob", false);
     let intern = ca.issue("intern", "/O=flotilla/OU=intern/CN=carol", false);
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut args = tls_flags(&ca, &machine);
-    args.extend(["--listen".into(), listen.clone()]);
-    let node = Node::start(&tmp.path().join("m1"), &args, 1);
+    // The settings as provisioning writes them: fleetd.toml's listen and tls_* keys.
+    let dir = tmp.path().join("m1");
+    fs::create_dir_all(&dir).unwrap();
+    let setting = |p: &Path| toml::Value::String(p.to_string_lossy().into()).to_string();
+    fs::write(
+        dir.join("fleetd.toml"),
+        format!(
+            "listen = \"{listen}\"\ntls_ca = {}\ntls_cert = {}\ntls_key = {}\n",
+            setting(&ca.ca()),
+            setting(&machine.cert),
+            setting(&machine.key)
+        ),
+    )
+    .unwrap();
+    let node = Node::start(&dir, &[], 1);
     let url = format!("https://{listen}");
     let unit = tmp.path().join("web.toml");
     fs::write(&unit, SLEEP).unwrap();
