@@ -29,6 +29,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How long a client may take to finish the TLS handshake before its connection is closed.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many handshakes may be under way at once; a connection beyond that is closed at
+/// once (a flood of silent connections costs at most this many tasks for
+/// [`HANDSHAKE_TIMEOUT`]).
+pub const MAX_PENDING_HANDSHAKES: usize = 128;
 
 /// What a client certificate allows, from its subject's `OU` (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,7 +264,8 @@ pub struct Peer {
 
 /// A TCP listener whose connections have completed a mutual-TLS handshake. Handshakes run in
 /// their own tasks (at most [`HANDSHAKE_TIMEOUT`] each), so a slow or silent client holds
-/// up no one; a failed handshake is logged with the client's address and dropped.
+/// up no one, at most [`MAX_PENDING_HANDSHAKES`] at once; a failed handshake is logged with
+/// the client's address and dropped.
 #[derive(Debug)]
 pub struct TlsListener {
     ready: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, Peer)>,
@@ -283,6 +288,7 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         let accept_task = tokio::spawn(async move {
             loop {
                 let (tcp, addr) = match listener.accept().await {
@@ -296,8 +302,15 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                let Ok(permit) = pending.clone().try_acquire_owned() else {
+                    log::warn!(
+                        "api: refused a TLS connection from {addr}: {MAX_PENDING_HANDSHAKES} handshakes are already under way"
+                    );
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                         .await
                     {

@@ -712,3 +712,76 @@ async fn etcd_over_tls_and_the_journal_relay() {
     // m2 saw a TLS client: m1's certificate (no token is involved any more).
     drop(nodes);
 }
+
+/// A client that connects and never starts the handshake (slowloris) is dropped after the
+/// handshake timeout, while a real client is served meanwhile.
+#[test]
+fn a_silent_client_is_dropped() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "cluster");
+    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
+    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let listen = format!("127.0.0.1:{}", free_port());
+    // No init: the API answers from the registry alone.
+    let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        .arg("--config")
+        .arg(tmp.path().join("none.toml"))
+        .arg("--state")
+        .arg(tmp.path().join("registry"))
+        .arg("--api")
+        .arg(tmp.path().join("fleetd.sock"))
+        .arg("--init-api")
+        .arg(tmp.path().join("no-init.sock"))
+        .args(["--machine-id", "m1", "--listen", &listen])
+        .args(tls_flags(&ca, &machine))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(tmp.path().join("fleetd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _fleetd = KillOnDrop(fleetd);
+    let log = || fs::read_to_string(tmp.path().join("fleetd.log")).unwrap_or_default();
+    wait_until(
+        "fleetd to listen",
+        || std::net::TcpStream::connect(&listen).is_ok(),
+        log,
+    );
+    let mut silent = std::net::TcpStream::connect(&listen).unwrap();
+    // Meanwhile a real client is served.
+    let out = fleetctl(
+        &format!("https://{listen}"),
+        Some(&ca.ca()),
+        Some(&alice),
+        &["list-machines"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), log());
+    // The server closes the silent connection (bounded only so a failure cannot hang).
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    let read = silent.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the silent connection is still open: {read:?}\n{}",
+        log()
+    );
+    // The socket closes as the handshake is given up; the log line follows.
+    wait_until(
+        "fleetd to log the dropped handshake",
+        || log().contains("no handshake within"),
+        log,
+    );
+}
+
+/// A child process killed (and reaped) on drop, also when a test panics.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
