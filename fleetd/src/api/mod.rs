@@ -17,7 +17,8 @@
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
 //! request (an invalid unit file, with its `file:line:col`), 401 without the token on
-//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request, 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
+//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request,
+//! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
 //! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
 
@@ -761,17 +762,14 @@ async fn journal(
         ))
     };
     let url = peer.and_then(|m| m.api.as_deref());
-    let client = match url {
-        Some(url) if url.starts_with("https://") && state.relay_tls.is_some() => {
-            let config = state.relay_tls.clone();
-            client::ApiClient::new(url).map(|c| match config {
-                Some(config) => c.with_tls(config),
-                None => c,
-            })
+    // An https peer over mutual TLS with this machine's certificate; an http one (--insecure)
+    // with the cluster's token.
+    let client = match (url, &state.relay_tls, &state.relay_token) {
+        (Some(url), Some(tls), _) if url.starts_with("https://") => {
+            client::ApiClient::new(url).map(|c| c.with_tls(tls.clone()))
         }
-        Some(url) if url.starts_with("http://") && state.relay_token.is_some() => {
-            let token = state.relay_token.as_deref().unwrap_or_default();
-            client::ApiClient::new(url).map(|c| c.with_token(token))
+        (Some(url), _, Some(token)) if url.starts_with("http://") => {
+            client::ApiClient::new(url).map(|c| c.with_token(token.to_string()))
         }
         _ => {
             return Err(elsewhere(
