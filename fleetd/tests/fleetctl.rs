@@ -383,7 +383,13 @@ fn tcp_requires_the_token() {
     let token = token_dir.path().join("token");
     fs::write(&token, "s3cret-token\n").unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let c = Cluster::start(&["--listen", &listen, "--token-file", token.to_str().unwrap()]);
+    let c = Cluster::start(&[
+        "--listen",
+        &listen,
+        "--insecure",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
     let url = format!("http://{listen}");
     let without = fleetctl(&url, &["list-machines"]);
     assert_eq!(without.status.code(), Some(1));

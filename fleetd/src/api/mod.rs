@@ -1,7 +1,9 @@
 //! fleetd's HTTP/JSON API, modelled on fleet's v1 API, for `fleetctl` and scripts.
 //!
 //! Served with [axum] on a Unix socket (mode 0600: only root talks to it) and, optionally,
-//! on a TCP address that requires a bearer token. Routes:
+//! on a TCP address: over mutual TLS ([`serve_tls`]: the client certificate's role decides,
+//! see [`crate::tls`]), or, only when asked for (`fleetd --insecure`), in plaintext with a
+//! bearer token ([`serve_tcp`]). Routes:
 //!
 //! | route | what |
 //! |---|---|
@@ -14,7 +16,8 @@
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
-//! request (an invalid unit file, with its `file:line:col`), 401 without the token on TCP,
+//! request (an invalid unit file, with its `file:line:col`), 401 without the token on
+//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request,
 //! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
 //! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
@@ -25,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::{Path as UrlPath, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -38,6 +41,7 @@ use crate::engine::EngineStatus;
 use crate::error::RegistryError;
 use crate::model::{body_hash, DesiredState, Machine, UnitRecord, UnitState};
 use crate::registry::Registry;
+use crate::tls::{Peer, TlsListener};
 
 pub use self::client::{ApiClient, ClientError};
 
@@ -141,6 +145,9 @@ pub enum ApiError {
     /// A TCP request without the right bearer token (401).
     #[error("missing or wrong bearer token: send `Authorization: Bearer <token>` (the token fleetd reads from --token-file)")]
     Unauthorized,
+    /// A TLS client whose certificate's role does not allow the request (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such unit (404).
     #[error("unit {0:?} is not in the cluster: submit it first (fleetctl submit {0}.toml)")]
     UnknownUnit(String),
@@ -172,6 +179,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::UnknownUnit(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } | ApiError::Elsewhere(_) => StatusCode::CONFLICT,
             ApiError::Relay(_) => StatusCode::BAD_GATEWAY,
@@ -230,6 +238,8 @@ pub struct ApiState {
     engine: Option<EngineStatus>,
     token: Option<Arc<str>>,
     relay_token: Option<Arc<str>>,
+    relay_tls: Option<Arc<rustls::ClientConfig>>,
+    roles: bool,
     local: Option<(String, InitApi)>,
 }
 
@@ -240,6 +250,8 @@ impl std::fmt::Debug for ApiState {
             .field("engine", &self.engine.is_some())
             .field("token", &self.token.is_some())
             .field("relay_token", &self.relay_token.is_some())
+            .field("relay_tls", &self.relay_tls.is_some())
+            .field("roles", &self.roles)
             .field("local", &self.local.as_ref().map(|(id, _)| id))
             .finish()
     }
@@ -254,6 +266,8 @@ impl ApiState {
             engine,
             token: None,
             relay_token: None,
+            relay_tls: None,
+            roles: false,
             local: None,
         }
     }
@@ -271,6 +285,20 @@ impl ApiState {
         self
     }
 
+    /// Relays (see [`ApiState::with_relay_token`]) to the `https://` APIs of the other
+    /// machines over mutual TLS with `config` (this machine's certificate, the cluster CA).
+    pub fn with_relay_tls(mut self, config: Arc<rustls::ClientConfig>) -> ApiState {
+        self.relay_tls = Some(config);
+        self
+    }
+
+    /// Decides every request by the role of the client's TLS certificate (for
+    /// [`serve_tls`]): reads for every role, changes (PUT, DELETE) only for operators.
+    pub fn with_client_roles(mut self) -> ApiState {
+        self.roles = true;
+        self
+    }
+
     /// Requires `Authorization: Bearer <token>` on every request (for TCP listeners).
     pub fn with_token(mut self, token: impl Into<String>) -> ApiState {
         self.token = Some(Arc::from(token.into()));
@@ -278,7 +306,8 @@ impl ApiState {
     }
 }
 
-/// The API's routes over `state` (with the token check when `state` has a token).
+/// The API's routes over `state` (with the token check when `state` has a token, the role
+/// check when it has [`ApiState::with_client_roles`]).
 pub fn router(state: ApiState) -> Router {
     let units = format!("{PREFIX}/units");
     let unit = format!("{PREFIX}/units/{{name}}");
@@ -291,6 +320,9 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found);
     if state.token.is_some() {
         router = router.layer(middleware::from_fn_with_state(state.clone(), require_token));
+    }
+    if state.roles {
+        router = router.layer(middleware::from_fn(require_role));
     }
     router.with_state(state)
 }
@@ -351,6 +383,65 @@ pub async fn serve_tcp(
             what: addr.to_string(),
             source,
         })
+}
+
+/// Serves `router` over mutual TLS on `addr` until `shutdown` completes: only clients with a
+/// certificate from the cluster CA get past the handshake ([`crate::tls::server_config`]).
+/// Give it a router whose state has [`ApiState::with_client_roles`].
+pub async fn serve_tls(
+    addr: &str,
+    router: Router,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        what: addr.to_string(),
+        source,
+    };
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_err)?;
+    let listener = TlsListener::new(tcp, config).map_err(bind_err)?;
+    log::info!("api: listening on tcp {addr} (mutual TLS: a client certificate from the cluster CA required)");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|source| ServeError::Serve {
+        what: addr.to_string(),
+        source,
+    })
+}
+
+/// Lets a TLS client's request through when its certificate's role allows it: reads (GET,
+/// HEAD) for every role, changes for operators only.
+async fn require_role(request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|ConnectInfo(peer)| peer.clone());
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let refuse = |why: String| {
+        log::warn!("api: refused {method} {path}: {why}");
+        ApiError::Forbidden(why).into_response()
+    };
+    let Some(peer) = peer else {
+        return refuse("no client certificate on this connection".into());
+    };
+    let reading = method == Method::GET || method == Method::HEAD;
+    match peer.role {
+        None => refuse(format!(
+            "the client certificate ({}) names no role: issue it with OU=operator, OU=reader or OU=machine (see fleetd/README.md, \"Certificates\")",
+            peer.subject
+        )),
+        Some(role) if reading || role.may_change() => next.run(request).await,
+        Some(role) => refuse(format!(
+            "the client certificate ({}) is a {role} (OU={role}): it may list and read units, not change them; use an operator certificate (OU=operator)",
+            peer.subject
+        )),
+    }
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -670,17 +761,28 @@ async fn journal(
             here.map(|h| format!(" ({h})")).unwrap_or_default()
         ))
     };
-    let (Some(url), Some(token)) = (peer.and_then(|m| m.api.as_deref()), &state.relay_token) else {
-        return Err(elsewhere(
-            "its journal is there, and this fleetd cannot relay to it (both need --listen and the cluster's --token-file); ask that machine's fleetd (fleetctl --endpoint ...)",
-        ));
+    let url = peer.and_then(|m| m.api.as_deref());
+    // An https peer over mutual TLS with this machine's certificate; an http one (--insecure)
+    // with the cluster's token.
+    let client = match (url, &state.relay_tls, &state.relay_token) {
+        (Some(url), Some(tls), _) if url.starts_with("https://") => {
+            client::ApiClient::new(url).map(|c| c.with_tls(tls.clone()))
+        }
+        (Some(url), _, Some(token)) if url.starts_with("http://") => {
+            client::ApiClient::new(url).map(|c| c.with_token(token.to_string()))
+        }
+        _ => {
+            return Err(elsewhere(
+                "its journal is there, and this fleetd cannot relay to it (both need --listen, with the cluster's TLS certificates, or --insecure and the cluster's --token-file); ask that machine's fleetd (fleetctl --endpoint ...)",
+            ))
+        }
     };
+    let url = url.unwrap_or_default();
     if relayed {
         return Err(elsewhere("not relayed twice"));
     }
-    let client = client::ApiClient::new(url)
-        .map_err(|e| ApiError::Relay(format!("machine {target}'s API {url:?}: {e}")))?
-        .with_token(token.to_string());
+    let client =
+        client.map_err(|e| ApiError::Relay(format!("machine {target}'s API {url:?}: {e}")))?;
     client
         .journal_relayed(&name, lines, after, target)
         .await
