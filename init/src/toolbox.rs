@@ -92,6 +92,7 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
             read_only: false,
             rlimits: Vec::new(),
             user_namespace: None,
+            control_api: false,
         },
         service: ServiceSection::default(),
         fleet: FleetSection::default(),
