@@ -168,7 +168,12 @@ mod object {
 
         /// Run the blocking manager call on the `blocking` pool, off the connection's executor.
         async fn call(&self, request: Request) -> Result<Response, MethodError> {
-            self.admitted(&format!("{request:?}"))?;
+            if self.denied.is_some() {
+                // The request's name only (a LoadUnit would log the whole unit text).
+                let debug = format!("{request:?}");
+                let name = debug.split([' ', '(', '{']).next().unwrap_or_default();
+                self.admitted(name)?;
+            }
             let handle = self.handle.clone();
             Ok(blocking::unblock(move || handle.call(request)).await?)
         }
