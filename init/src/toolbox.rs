@@ -93,6 +93,7 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
             read_only: false,
             rlimits: Vec::new(),
             user_namespace: None,
+            control_api: false,
             devices: Vec::new(),
         },
         service: ServiceSection::default(),

@@ -69,6 +69,10 @@ pub struct ContainerSection {
     pub rlimits: Vec<Rlimit>,
     /// Run in a user namespace with this id mapping (uids and gids alike).
     pub user_namespace: Option<IdMap>,
+    /// `control_api`: the unit may use the control sockets (the manager's D-Bus API and
+    /// fleetd's Unix socket). Without it both refuse callers from the unit's cgroup, and the
+    /// manager refuses to start the unit with a bind mount that exposes a control socket.
+    pub control_api: bool,
     /// Devices the container may use beyond the standard `/dev` nodes.
     pub devices: Vec<Device>,
 }
@@ -148,6 +152,7 @@ impl Default for ContainerSection {
             read_only: false,
             rlimits: Vec::new(),
             user_namespace: None,
+            control_api: false,
             devices: Vec::new(),
         }
     }

@@ -38,7 +38,16 @@ const SECTIONS: &[(&str, &[&str])] = &[
     (
         "container",
         &[
-            "image", "command", "env", "workdir", "user", "network", "hostname", "mounts", "init",
+            "image",
+            "command",
+            "env",
+            "workdir",
+            "user",
+            "network",
+            "hostname",
+            "mounts",
+            "init",
+            "control_api",
         ],
     ),
     (
@@ -800,6 +809,7 @@ fn parse_container(
             "mounts" => s.mounts = parse_mounts(&f)?,
             "init" => s.init = f.boolean()?,
             "read_only" => s.read_only = f.boolean()?,
+            "control_api" => s.control_api = f.boolean()?,
             "rlimits" => s.rlimits = parse_rlimits(&f)?,
             "user_namespace" => s.user_namespace = Some(parse_idmap(&f)?),
             "devices" => s.devices = parse_devices(&f)?,

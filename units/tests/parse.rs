@@ -42,6 +42,18 @@ fn minimal_unit_gets_defaults() {
 }
 
 #[test]
+fn control_api_is_off_unless_granted() {
+    assert!(!parse(MINIMAL).unwrap().container.control_api);
+    let granted = parse("[container]\ncommand = [\"/bin/true\"]\ncontrol_api = true\n").unwrap();
+    assert!(granted.container.control_api);
+    let typo = parse("[container]\ncommand = [\"/bin/true\"]\ncontrol_apis = true\n").unwrap_err();
+    assert!(
+        typo.to_string().contains("did you mean `control_api`?"),
+        "{typo}"
+    );
+}
+
+#[test]
 fn every_key() {
     let text = r#"
 [unit]
@@ -664,6 +676,14 @@ fn invalid_files() {
             Some("container.mounts[0].read_only"),
             "`read_only` must be true or false, not a string",
             None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ncontrol_api = \"yes\"\n",
+            3,
+            15,
+            Some("container.control_api"),
+            "`control_api` must be true or false, not a string",
+            Some("control_api = true"),
         ),
         // Service values.
         (

@@ -3,7 +3,9 @@
 //! Served with [axum] on a Unix socket (mode 0600: only root talks to it) and, optionally,
 //! on a TCP address: over mutual TLS ([`serve_tls`]: the client certificate's role decides,
 //! see [`crate::tls`]), or, only when asked for (`fleetd --insecure`), in plaintext with a
-//! bearer token ([`serve_tcp`]). Routes:
+//! bearer token ([`serve_tcp`]). On the Unix socket a caller inside a unit is served only if
+//! that unit is granted the control API (`[container] control_api = true`): [`PeerGate`],
+//! with the rules of [`flotilla_init::api::access`]. Routes:
 //!
 //! | route | what |
 //! |---|---|
@@ -17,7 +19,8 @@
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
 //! request (an invalid unit file, with its `file:line:col`), 401 without the token on
-//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request,
+//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request
+//! or a caller in a unit without the control API grant (on the Unix socket),
 //! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
 //! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
@@ -28,13 +31,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path as UrlPath, RawQuery, Request, State};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path as UrlPath, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+
+use flotilla_init::api::access;
+use flotilla_init::api::peer::{self, PeerCred};
 
 use crate::agent::InitApi;
 use crate::engine::EngineStatus;
@@ -145,7 +152,8 @@ pub enum ApiError {
     /// A TCP request without the right bearer token (401).
     #[error("missing or wrong bearer token: send `Authorization: Bearer <token>` (the token fleetd reads from --token-file)")]
     Unauthorized,
-    /// A TLS client whose certificate's role does not allow the request (403).
+    /// A TLS client whose certificate's role does not allow the request, or a caller on the
+    /// Unix socket that runs in a unit not granted the control API (403).
     #[error("{0}")]
     Forbidden(String),
     /// No such unit (404).
@@ -327,11 +335,117 @@ pub fn router(state: ApiState) -> Router {
     router.with_state(state)
 }
 
+/// Who the caller on the Unix socket is: `SO_PEERCRED` and its cgroup, read at accept.
+#[derive(Clone, Debug)]
+pub struct UnixPeer {
+    /// The peer's credentials, or why they could not be read.
+    cred: Result<PeerCred, String>,
+    /// The peer's cgroup v2 path when its pid is visible (`Ok(None)`: no cgroup v2).
+    cgroup: Result<Option<String>, String>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for UnixPeer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        let cred = peer::peer_cred(stream.io()).map_err(|e| e.to_string());
+        let cgroup = match &cred {
+            Ok(PeerCred { pid: Some(pid), .. }) => {
+                peer::cgroup_of(*pid).map_err(|e| format!("reading /proc/{pid}/cgroup: {e}"))
+            }
+            _ => Ok(None),
+        };
+        UnixPeer { cred, cgroup }
+    }
+}
+
+/// Who may use the Unix socket. A caller whose pid fleetd can see is placed by its cgroup:
+/// in no unit's cgroup (`<name>.unit`), or in fleetd's own unit, it is served; in another
+/// unit it is served only if the local init says that unit runs with the control API grant.
+/// A caller fleetd cannot see (pid 0: another pid namespace, e.g. the host's `fleetctl`
+/// when fleetd runs as a unit) is served: the manager keeps units without the grant away
+/// from this socket (it refuses to start one whose bind mount exposes it, see
+/// [`flotilla_init::api::access`]).
+#[derive(Clone, Debug)]
+pub struct PeerGate {
+    init: Option<InitApi>,
+    /// fleetd's own cgroup (its callers in the same unit are itself or its children).
+    own_cgroup: Option<String>,
+    /// The socket it guards (named in refusals; set by [`serve_unix`]).
+    socket: PathBuf,
+}
+
+impl PeerGate {
+    /// A gate that asks `init` about callers in other units (without it they are refused).
+    pub fn new(init: Option<InitApi>) -> PeerGate {
+        PeerGate {
+            init,
+            own_cgroup: peer::cgroup_of(std::process::id() as i32).ok().flatten(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+
+    /// `Err(why)` when the caller must be refused.
+    async fn admit(&self, caller: &UnixPeer) -> Result<(), String> {
+        let cred = caller
+            .cred
+            .as_ref()
+            .map_err(|e| format!("access denied: cannot read the caller's credentials: {e}"))?;
+        let Some(pid) = cred.pid else {
+            return Ok(());
+        };
+        let cgroup = caller
+            .cgroup
+            .as_ref()
+            .map_err(|e| format!("access denied: cannot identify the caller (pid {pid}): {e}"))?;
+        let Some((unit_cgroup, unit)) = cgroup.as_deref().and_then(access::unit_in_cgroup) else {
+            return Ok(());
+        };
+        if self
+            .own_cgroup
+            .as_deref()
+            .is_some_and(|own| access::within(own, &unit_cgroup))
+        {
+            return Ok(());
+        }
+        let socket = self.socket.as_path();
+        let Some(init) = &self.init else {
+            return Err(access::unit_refusal(pid, &unit, socket));
+        };
+        match init.unit_control_api(&unit).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(access::unit_refusal(pid, &unit, socket)),
+            Err(e) => Err(format!(
+                "access denied: the caller (pid {pid}) runs in unit {unit}, and its control API \
+                 grant cannot be checked: {e}"
+            )),
+        }
+    }
+}
+
+async fn check_peer(
+    State(gate): State<PeerGate>,
+    ConnectInfo(caller): ConnectInfo<UnixPeer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match gate.admit(&caller).await {
+        Ok(()) => next.run(request).await,
+        Err(why) => {
+            log::warn!(
+                "api: refused {} {} on the Unix socket: {why}",
+                request.method(),
+                request.uri().path()
+            );
+            ApiError::Forbidden(why).into_response()
+        }
+    }
+}
+
 /// Serves `router` on the Unix socket `path` (a stale socket file is replaced; the socket
-/// is mode 0600) until `shutdown` completes.
+/// is mode 0600) until `shutdown` completes; `gate` decides which callers are served.
 pub async fn serve_unix(
     path: &Path,
     router: Router,
+    mut gate: PeerGate,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -351,13 +465,18 @@ pub async fn serve_unix(
     let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     log::info!("api: listening on {what}");
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ServeError::Serve {
-            what: what.clone(),
-            source,
-        });
+    gate.socket = path.to_path_buf();
+    let router = router.layer(middleware::from_fn_with_state(gate, check_peer));
+    let result = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<UnixPeer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|source| ServeError::Serve {
+        what: what.clone(),
+        source,
+    });
     let _ = std::fs::remove_file(PathBuf::from(path));
     result
 }

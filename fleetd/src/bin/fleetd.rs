@@ -357,6 +357,7 @@ async fn run(mut args: Args) -> Result<()> {
         metadata,
         api: api_url,
     };
+    let gate = api::PeerGate::new(Some(init.clone()));
     let agent = Agent::new(registry.clone(), init, machine, ttl)
         .with_lease_file(args.state.join("agent.lease"));
 
@@ -365,7 +366,7 @@ async fn run(mut args: Args) -> Result<()> {
     let socket = args.api.clone();
     let stop = stopped();
     tasks.spawn(async move {
-        api::serve_unix(&socket, unix_router, stop)
+        api::serve_unix(&socket, unix_router, gate, stop)
             .await
             .map_err(anyhow::Error::from)
     });

@@ -66,6 +66,16 @@ struct Args {
     /// Load and serve the units but start none of them.
     #[arg(long)]
     no_start: bool,
+    /// A control socket of another server (fleetd's) that units without `[container]
+    /// control_api = true` must not reach: the manager refuses to start such a unit if a
+    /// bind mount exposes the socket or a directory above it. Repeat for more; giving one
+    /// replaces the default.
+    #[arg(
+        long = "control-socket",
+        value_name = "PATH",
+        default_value = "/run/flotilla/fleetd.sock"
+    )]
+    control_sockets: Vec<PathBuf>,
     /// How long a shutdown may take (`90s`, `500ms`, `2m`, or seconds): then every unit's
     /// processes are killed and the shutdown goes on. As PID 1 the kernel command line's
     /// `flotilla.shutdown_timeout=` overrides it.
@@ -155,7 +165,8 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
         LauncherKind::Host => Box::new(HostLauncher),
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
-    let server = dbus::serve(&args.api, handle, events_rx)
+    manager.protect_control_sockets(&args.control_sockets);
+    let server = dbus::serve(&args.api, handle, events_rx, manager.unit_cgroups())
         .with_context(|| format!("serving the control API on {}", args.api.display()))?;
     log::info!(
         "managing {} units; control socket {}",

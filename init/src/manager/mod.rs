@@ -82,6 +82,8 @@ pub struct Manager {
     pipes: Vec<Option<Pipe>>,
     new_pipes: Vec<usize>,
     shutting_down: bool,
+    /// Control sockets an ungranted unit must not bind (as given and resolved).
+    control_sockets: Vec<PathBuf>,
     /// When the shutdown deadline passes (set by [`Manager::shutdown`]).
     shutdown_deadline: Option<Instant>,
     /// When the units left at the shutdown deadline were killed.
@@ -125,6 +127,7 @@ impl Manager {
             pipes: Vec::new(),
             new_pipes: Vec::new(),
             shutting_down: false,
+            control_sockets: Vec::new(),
             shutdown_deadline: None,
             forced_at: None,
         };
@@ -143,6 +146,51 @@ impl Manager {
             }
         }
         dirs
+    }
+
+    /// Refuse to start a unit without `[container] control_api = true` if one of its bind
+    /// mounts exposes one of `sockets` (the socket or a directory above it): such a unit could
+    /// reach a server that cannot identify it (fleetd in its own pid namespace). See
+    /// [`crate::api::access`].
+    pub fn protect_control_sockets(&mut self, sockets: &[PathBuf]) {
+        let mut all = Vec::new();
+        for s in sockets {
+            all.push(s.clone());
+            // The resolved form too: the socket's directory may be reached through a symlink.
+            if let (Some(dir), Some(file)) = (s.parent(), s.file_name()) {
+                if let Ok(real) = std::fs::canonicalize(dir) {
+                    all.push(real.join(file));
+                }
+            }
+        }
+        all.dedup();
+        self.control_sockets = all;
+    }
+
+    /// How callers on the control socket are mapped to units (by the units' cgroups).
+    pub fn unit_cgroups(&self) -> crate::api::access::UnitCgroups {
+        use crate::api::access::UnitCgroups;
+        match &self.scopes {
+            ScopeRoot::Cgroup(dir) => crate::api::peer::cgroup_path_of_dir(dir)
+                .map_or(UnitCgroups::None, UnitCgroups::Below),
+            ScopeRoot::ProcessGroup => UnitCgroups::None,
+        }
+    }
+
+    /// The refusal when an ungranted `unit` binds a path that exposes a control socket.
+    fn exposed_control_socket(&self, unit: &Unit) -> Option<String> {
+        if unit.container.control_api {
+            return None;
+        }
+        unit.container.mounts.iter().find_map(|m| {
+            let resolved = std::fs::canonicalize(&m.host).ok();
+            std::iter::once(m.host.as_path())
+                .chain(resolved.as_deref())
+                .find_map(|source| {
+                    crate::api::access::exposed_socket(source, &self.control_sockets)
+                })
+                .map(|socket| crate::api::access::bind_refusal(&unit.name, &m.host, socket))
+        })
     }
 
     /// Queue a start of every loaded unit (what happens at boot).
@@ -214,6 +262,11 @@ impl Manager {
                     .map(|u| Response::Text(u.source.clone()))
                     .ok_or(ApiError::NoSuchUnit(name))
             }
+            Request::ControlApiGranted(name) => Ok(Response::Granted(
+                self.slots
+                    .get(&name)
+                    .is_some_and(|s| s.scope.is_some() && s.control_api),
+            )),
             Request::SystemState => Ok(Response::Text(
                 if self.shutting_down {
                     crate::api::SYSTEM_STOPPING
@@ -839,6 +892,7 @@ impl Manager {
                 };
                 slot.main_pid = Some(pid);
                 slot.running_source = Some(source_hash(&unit.source));
+                slot.control_api = unit.container.control_api;
                 slot.scope = Some(scope);
                 slot.started_at = Some(now);
                 slot.exit_code = None;
@@ -884,6 +938,9 @@ impl Manager {
         &mut self,
         unit: &Unit,
     ) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), (Outcome, String)> {
+        if let Some(refusal) = self.exposed_control_socket(unit) {
+            return Err((Outcome::Spawn, refusal));
+        }
         let resources = |e: crate::scope::ScopeError| (Outcome::Resources, e.to_string());
         let mut scope = self.scopes.prepare(&unit.name).map_err(resources)?;
         if let Err(e) = scope.apply(&Limits::of(unit)) {
