@@ -100,3 +100,70 @@ fn a_unit_cannot_read_its_pid_1_and_pid_1_holds_nothing_of_the_manager() {
         "{exe:?}"
     );
 }
+
+/// A unit over the host's root (read-only, but whole) looks for the other units' secrets
+/// where the host keeps them: the manager's state directory (logs, API-loaded unit files,
+/// container state) and a secret file of the host's (as fleetd's TLS key): all hidden. The
+/// same script in a unit granted the control API (root-equivalent by design) finds them,
+/// so the search works.
+#[test]
+fn a_unit_over_the_host_root_cannot_read_other_units_state_or_the_hosts_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("fleetd.key");
+    fs::write(
+        &secret_file,
+        format!("-----BEGIN PRIVATE KEY----- {SECRET}\n"),
+    )
+    .unwrap();
+    let peek = |grant: &str| {
+        format!(
+            r#"
+[container]
+mounts = []
+{grant}
+command = ["/bin/sh", "-c", """
+echo found-in-state=$(grep -rls {SECRET} $DIR/state 2>/dev/null | wc -l)
+echo found-in-file=$(grep -c {SECRET} {file} 2>/dev/null)
+echo peek-done
+exec sleep 1000
+"""]
+"#,
+            file = secret_file.display()
+        )
+    };
+    let holder = holder();
+    let (attacker, granted) = (peek(""), peek("control_api = true"));
+    let m = Machine::start_with(
+        &[("holder", &holder)],
+        &["--secret-path", secret_file.to_str().unwrap()],
+    );
+    m.wait_state("holder", "active");
+    // The holder's output is in the manager's log files under the state dir by now.
+    m.wait_until("the holder's output", || m.logs("holder").contains(SECRET));
+    let state = m.path("state");
+    let on_disk = std::process::Command::new("grep")
+        .args(["-rls", SECRET])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        !on_disk.stdout.is_empty(),
+        "the secret is not under {state:?}"
+    );
+    for (name, text) in [("attacker", &attacker), ("granted", &granted)] {
+        let text = text.replace("$DIR", m.dir.path().to_str().unwrap());
+        let file = m.path(&format!("{name}.toml"));
+        fs::write(&file, text).unwrap();
+        m.ok(&["load", file.to_str().unwrap()]);
+        m.ok(&["start", name]);
+        m.wait_until(&format!("{name}'s output"), || {
+            m.logs(name).contains("peek-done")
+        });
+    }
+    let out = m.logs("attacker");
+    assert!(out.contains("found-in-state=0"), "{out}");
+    assert!(out.contains("found-in-file=0"), "{out}");
+    let out = m.logs("granted");
+    assert!(!out.contains("found-in-state=0"), "{out}");
+    assert!(out.contains("found-in-file=1"), "{out}");
+}

@@ -164,6 +164,25 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     let (ok, _, err) = as_client(Some(&reader), &["submit", evil.to_str().unwrap()]);
     assert!(!ok && err.contains("reader"), "{err}");
 
+    // The machine's TLS key (0600 in /etc/flotilla) is the host's: a unit over the host's
+    // root, even as uid 0, finds it hidden; only the granted fleetd unit reads it.
+    let on_host = shells[0]
+        .ok("grep -c PRIVATE /etc/flotilla/fleetd.key", CMD)
+        .unwrap();
+    assert!(on_host.trim().ends_with('1'), "{on_host}");
+    write_file(&mut shells[0], "/tmp/peek.toml", PEEK_UNIT).unwrap();
+    shells[0]
+        .ok("unitctl load /tmp/peek.toml && unitctl start peek", CMD)
+        .unwrap();
+    let peek = poll(
+        "the peek unit's output",
+        CMD,
+        || shells[0].ok("unitctl logs peek", CMD),
+        |out| out.contains("peek-done"),
+    )
+    .unwrap();
+    assert!(peek.contains("key-lines=0"), "{peek}");
+
     let other = if host == 1 { 2 } else { 1 };
     let pids_before = [
         main_pid(&mut shells[0], "everywhere"),
@@ -225,3 +244,10 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     ];
     assert_eq!(pids_before, pids_after, "the global unit was restarted");
 }
+
+/// An image-less unit looking for the machine's TLS key.
+const PEEK_UNIT: &str = r#"[container]
+command = ["/bin/sh", "-c", "echo key-lines=$(grep -c PRIVATE /etc/flotilla/fleetd.key); echo peek-done"]
+[service]
+type = "oneshot"
+"#;

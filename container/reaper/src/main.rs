@@ -1,11 +1,12 @@
-//! `flotilla-reaper PID`: pid 1 of a container that runs its command under an init.
+//! `flotilla-reaper PID [FD]`: pid 1 of a container that runs its command under an init.
 //!
 //! The runtime forks the command (`PID`) with the forwarded signals and SIGCHLD blocked, then
 //! executes this program in place of the container's pid 1, so that pid 1 holds nothing of the
 //! manager's memory. The blocked mask and any pending signal survive the exec: nothing is lost
 //! in between. This program:
 //! 1. marks itself non-dumpable (no ptrace, no `/proc/1/mem`, no `/proc/1/environ` for the
-//!    container's processes);
+//!    container's processes), then closes `FD`, the last write end of a pipe the command
+//!    waits on: the command runs only once pid 1 is non-dumpable;
 //! 2. takes the blocked signals with `sigtimedwait` (a blocked signal is queued even for a
 //!    namespace's init, which the kernel otherwise shields from signals it has no handler for);
 //! 3. forwards TERM, INT, HUP, QUIT, USR1 and USR2 to `PID`, reaps every child (orphans are
@@ -36,6 +37,7 @@ extern "C" {
     fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
     fn kill(pid: i32, sig: i32) -> i32;
     fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
+    fn close(fd: i32) -> i32;
 }
 
 const SIGHUP: i32 = 1;
@@ -87,11 +89,15 @@ fn exit_status(ended: &Ended) -> Option<u8> {
     }
 }
 
-/// The command's pid from the arguments (`flotilla-reaper PID`).
-fn parse_args(mut args: impl Iterator<Item = String>) -> Option<i32> {
+/// The command's pid and the ready fd from the arguments (`flotilla-reaper PID [FD]`).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Option<(i32, Option<i32>)> {
     let _program = args.next();
     let pid = args.next()?.parse::<i32>().ok().filter(|p| *p > 0)?;
-    args.next().is_none().then_some(pid)
+    let ready = match args.next() {
+        Some(fd) => Some(fd.parse::<i32>().ok().filter(|fd| *fd > 2)?),
+        None => None,
+    };
+    args.next().is_none().then_some((pid, ready))
 }
 
 fn signal_set() -> SigSet {
@@ -132,10 +138,15 @@ fn reap_all(command: i32) -> Option<u8> {
 fn main() -> ExitCode {
     // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's own dumpable flag.
     unsafe { prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    let Some(command) = parse_args(std::env::args()) else {
-        eprintln!("usage: flotilla-reaper PID (run by the container runtime, not by hand)");
+    let Some((command, ready)) = parse_args(std::env::args()) else {
+        eprintln!("usage: flotilla-reaper PID [FD] (run by the container runtime, not by hand)");
         return ExitCode::from(USAGE);
     };
+    if let Some(fd) = ready {
+        // The command waits for this: it runs only once this process is non-dumpable.
+        // SAFETY: closing the fd the runtime handed over; it is not used afterwards.
+        unsafe { close(fd) };
+    }
     let set = signal_set();
     // The runtime blocked these before forking the command; block them again in case this
     // program was started another way.
@@ -176,10 +187,15 @@ mod tests {
     #[test]
     fn parses_arguments() {
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(parse_args(args(&["r", "42"]).into_iter()), Some(42));
+        assert_eq!(parse_args(args(&["r", "42"]).into_iter()), Some((42, None)));
+        assert_eq!(
+            parse_args(args(&["r", "42", "5"]).into_iter()),
+            Some((42, Some(5)))
+        );
         assert_eq!(parse_args(args(&["r"]).into_iter()), None);
         assert_eq!(parse_args(args(&["r", "0"]).into_iter()), None);
         assert_eq!(parse_args(args(&["r", "x"]).into_iter()), None);
         assert_eq!(parse_args(args(&["r", "1", "2"]).into_iter()), None);
+        assert_eq!(parse_args(args(&["r", "1", "7", "8"]).into_iter()), None);
     }
 }

@@ -435,7 +435,7 @@ fn container_main(
     step(Progress::StandardMounts);
     rootfs::standard_mounts(root.as_fd(), userns)?;
     step(Progress::MaskPaths);
-    rootfs::mask_paths(root.as_fd())?;
+    rootfs::mask_paths(root.as_fd(), &plan.masked)?;
     step(Progress::ReadOnlyPaths);
     rootfs::readonly_paths(root.as_fd())?;
     step(Progress::BindMounts);

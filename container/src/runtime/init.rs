@@ -9,7 +9,7 @@
 //! shield from signals it has no handler for. [`wait_signal`] serves the foreground
 //! [`super::run`].
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::unistd::{ForkResult, Pid};
@@ -51,19 +51,43 @@ pub(crate) fn run_init(plan: &Plan, err: RawFd) -> Step<std::convert::Infallible
     // Block before the fork so that no signal is lost in between; the command unblocks.
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .step("block signals in the init")?;
+    // The command waits until the reaper has made itself non-dumpable (it closes `ready_w`,
+    // the last write end): between its exec and that prctl a fresh process is dumpable, and
+    // the command must not run in that window.
+    let (ready_r, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .step("create the init's ready pipe")?;
     // SAFETY: this process is single-threaded.
     let command = match unsafe { nix::unistd::fork() }.step("fork the command from the init")? {
-        ForkResult::Child => child_entry(err, || exec_command(plan)),
+        ForkResult::Child => child_entry(err, || {
+            drop(ready_w);
+            wait_for_eof(ready_r.as_fd());
+            drop(ready_r);
+            exec_command(plan)
+        }),
         ForkResult::Parent { child } => child,
     };
-    let failed = exec_reaper(plan, command);
+    drop(ready_r);
+    let failed = exec_reaper(plan, command, ready_w.as_raw_fd());
     // The command runs, but its init could not be set up: end it, report, exit.
     let _ = kill(command, Signal::SIGKILL);
     Err(failed)
 }
 
-/// `execveat(reaper, "", ["flotilla-reaper", PID], [], AT_EMPTY_PATH)`; returns only on failure.
-fn exec_reaper(plan: &Plan, command: Pid) -> Failure {
+/// Block until every write end of the pipe is closed (or reading fails).
+fn wait_for_eof(fd: BorrowedFd<'_>) {
+    let mut b = [0u8; 1];
+    loop {
+        match rustix::io::read(fd, &mut b) {
+            Ok(n) if n > 0 => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// `execveat(reaper, "", ["flotilla-reaper", PID, READY_FD], [], AT_EMPTY_PATH)`; returns
+/// only on failure. `ready`: kept open across the exec for the reaper to close.
+fn exec_reaper(plan: &Plan, command: Pid, ready: RawFd) -> Failure {
     let Some(program) = plan.reaper else {
         return Failure::new("start the container's init", None, libc::ENOEXEC);
     };
@@ -78,10 +102,22 @@ fn exec_reaper(plan: &Plan, command: Pid) -> Failure {
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    let Ok(pid) = std::ffi::CString::new(command.as_raw().to_string()) else {
+    // SAFETY: F_SETFD on an fd this process owns: only `ready` stays open across the exec.
+    if unsafe { libc::fcntl(ready, libc::F_SETFD, 0) } != 0 {
+        return Failure::new("keep the init's ready pipe open", None, libc::EBADF);
+    }
+    let (Ok(pid), Ok(ready)) = (
+        std::ffi::CString::new(command.as_raw().to_string()),
+        std::ffi::CString::new(ready.to_string()),
+    ) else {
         return Failure::new("start the container's init", None, libc::EINVAL);
     };
-    let argv = [REAPER_ARGV0.as_ptr(), pid.as_ptr(), std::ptr::null()];
+    let argv = [
+        REAPER_ARGV0.as_ptr(),
+        pid.as_ptr(),
+        ready.as_ptr(),
+        std::ptr::null(),
+    ];
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     // SAFETY: argv and envp are NULL-terminated arrays of valid C strings that outlive the
     // call; the path is the empty string with AT_EMPTY_PATH (execute the fd itself).

@@ -86,6 +86,10 @@ pub struct ContainerSpec {
     /// Devices allowed beyond [`DEFAULT_DEVICES`]. The caller enforces them with
     /// [`attach_device_filter`] on the container's cgroup before [`spawn`].
     pub devices: Vec<DeviceRule>,
+    /// More paths to hide inside the container, like the standard masked paths (`/dev/null`
+    /// bound over a file, an empty read-only tmpfs over a directory; missing ones skipped):
+    /// the host's secrets under a [`RootFs::HostReadOnly`] root. Absolute, in the container.
+    pub masked_paths: Vec<PathBuf>,
     /// How long [`spawn`] waits for the setup (namespaces, mounts, exec) to finish before it
     /// kills the setup processes and fails with [`ContainerError::SetupTimeout`]: a mount on
     /// a hung filesystem must not hang the caller ([`DEFAULT_SETUP_TIMEOUT`]).
@@ -117,6 +121,7 @@ impl ContainerSpec {
             init: false,
             terminal: false,
             devices: Vec::new(),
+            masked_paths: Vec::new(),
             setup_timeout: DEFAULT_SETUP_TIMEOUT,
         }
     }

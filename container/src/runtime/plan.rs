@@ -82,6 +82,8 @@ pub(crate) struct Plan {
     /// The mount point is a temporary directory to remove after the start.
     pub temporary_mountpoint: bool,
     pub binds: Vec<BindPlan>,
+    /// The spec's extra masked paths, relative to the container root.
+    pub masked: Vec<PathBuf>,
     pub hostname: String,
     pub network: Network,
     pub userns: Option<IdMapping>,
@@ -238,6 +240,11 @@ impl Plan {
             root_mountpoint,
             temporary_mountpoint,
             binds,
+            masked: spec
+                .masked_paths
+                .iter()
+                .map(|p| relative_in_container("masked path", p))
+                .collect::<Result<Vec<_>, _>>()?,
             hostname,
             network: spec.network,
             userns: spec.user_namespace,

@@ -322,9 +322,9 @@ fn device_nodes(root: BorrowedFd<'_>) -> Step {
 
 /// Step 4: hide [`MASKED_PATHS`]: `/dev/null` over files, an empty read-only tmpfs over
 /// directories.
-pub(crate) fn mask_paths(root: BorrowedFd<'_>) -> Step {
-    for p in MASKED_PATHS {
-        let rel = Path::new(p);
+pub(crate) fn mask_paths(root: BorrowedFd<'_>, extra: &[PathBuf]) -> Step {
+    let standard = MASKED_PATHS.iter().map(Path::new);
+    for rel in standard.chain(extra.iter().map(PathBuf::as_path)) {
         let fd = match open_in_root(root, rel, OFlags::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => continue,

@@ -3,7 +3,7 @@
 //! powers off); as any other process it is a supervisor: a child subreaper that only
 //! manages units, and exits 0 once they are stopped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -76,6 +76,20 @@ struct Args {
         default_value = "/run/flotilla/fleetd.sock"
     )]
     control_sockets: Vec<PathBuf>,
+    /// A host file or directory (a secret) to hide from units that run over the host's root
+    /// without `control_api = true`. Repeat for more; giving one replaces the defaults
+    /// (fleetd's token and TLS key, the provisioning record). The state directory's `logs`,
+    /// `units` and `containers` are always hidden.
+    #[arg(
+        long = "secret-path",
+        value_name = "PATH",
+        default_values = [
+            flotilla_init::provision::FLEETD_TOKEN,
+            flotilla_init::provision::FLEETD_KEY,
+            "/var/lib/flotilla/provision.toml",
+        ]
+    )]
+    secret_paths: Vec<PathBuf>,
     /// How long a shutdown may take (`90s`, `500ms`, `2m`, or seconds): then every unit's
     /// processes are killed and the shutdown goes on. As PID 1 the kernel command line's
     /// `flotilla.shutdown_timeout=` overrides it.
@@ -85,6 +99,16 @@ struct Args {
     /// processes are killed and the unit fails: a hung mount must not hang the manager.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
     setup_timeout: Duration,
+}
+
+/// What units over the host's root must not read: the given secrets, and the state
+/// directory's other units' logs, API-loaded unit files (their environment) and container
+/// state.
+fn secrets(state: &Path, given: &[PathBuf]) -> Vec<PathBuf> {
+    let state = std::path::absolute(state).unwrap_or_else(|_| state.to_path_buf());
+    let mut paths = given.to_vec();
+    paths.extend(["logs", "units", "containers"].map(|d| state.join(d)));
+    paths
 }
 
 /// A duration as unit files write it.
@@ -160,7 +184,8 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     let launcher: Box<dyn Launcher> = match args.launcher {
         LauncherKind::Container => Box::new(
             ContainerLauncher::new(&args.images, &args.state.join("containers"))
-                .with_setup_timeout(args.setup_timeout),
+                .with_setup_timeout(args.setup_timeout)
+                .with_secrets(secrets(&args.state, &args.secret_paths)),
         ),
         LauncherKind::Host => Box::new(HostLauncher),
     };

@@ -38,6 +38,8 @@ pub struct ContainerLauncher {
     setup_timeout: Duration,
     /// The deletion thread's queue, once started.
     trash: Option<Sender<PathBuf>>,
+    /// Host paths hidden from image-less units without the control API grant.
+    secrets: Vec<PathBuf>,
 }
 
 /// Where old container state dirs wait to be deleted, inside the containers dir (a rename
@@ -88,6 +90,7 @@ impl ContainerLauncher {
             state_dir: state_dir.to_path_buf(),
             setup_timeout: runtime::DEFAULT_SETUP_TIMEOUT,
             trash: None,
+            secrets: Vec::new(),
         };
         // Dirs whose deletion a crash or reboot interrupted.
         if let Ok(entries) = fs::read_dir(launcher.trash_dir()) {
@@ -101,6 +104,15 @@ impl ContainerLauncher {
     /// Give every container's setup at most `timeout` (see [`ContainerSpec::setup_timeout`]).
     pub fn with_setup_timeout(mut self, timeout: Duration) -> Self {
         self.setup_timeout = timeout;
+        self
+    }
+
+    /// Hide `paths` (host files and directories: secrets, other units' state) from units
+    /// that run over the host's root without the control API grant: they would be readable
+    /// there, read-only but whole, even when mode 0600, to a unit running as root. A unit
+    /// that needs one binds it explicitly (binds come after masks).
+    pub fn with_secrets(mut self, paths: Vec<PathBuf>) -> Self {
+        self.secrets = paths;
         self
     }
 
@@ -197,7 +209,11 @@ impl ContainerLauncher {
                 unit.name
             )));
         }
+        let host_root = matches!(root, RootFs::HostReadOnly { .. });
         let mut spec = ContainerSpec::new(unit.name.clone(), root, args);
+        if host_root && !c.control_api {
+            spec.masked_paths = self.secrets.clone();
+        }
         spec.setup_timeout = self.setup_timeout;
         spec.env = merge_env(
             config.map(|cfg| cfg.env.as_slice()).unwrap_or_default(),
