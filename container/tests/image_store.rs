@@ -356,3 +356,113 @@ fn concurrent_imports_keep_images_json_whole() {
         assert!(f.store.resolve(&format!("img{i}")).is_ok());
     }
 }
+
+/// `setpriv` to nobody (65534, no groups) running `args`: did it succeed, and its stderr.
+fn as_nobody(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) is needed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The store root is private to root (0700): created so, and tightened when a store left
+/// 0755 is opened again. A local user (nobody) can then neither run nor even stat a
+/// setuid-root file of a layer, though the file keeps its mode for use in containers.
+#[test]
+fn store_is_private_to_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // A parent every user may traverse, so only the store's own mode is tested.
+    let t = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(
+        t.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let root = t.path().join("store");
+    let store = ImageStore::open(&root).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&root), 0o700, "a fresh store");
+
+    let layer = tar_of(&[
+        Ent::Dir(b"usr/bin"),
+        Ent::FileMode(b"usr/bin/rootshell", b"#!/bin/sh\nid\n", 0o4755, 0, 0),
+    ]);
+    let out = t.path().join("layout");
+    layout_of(&t.path().join("work"), &out, &[layer], &config(), "suid:1");
+    store.import_oci_layout(&out, None, &mut |_| {}).unwrap();
+    let img = store.resolve("suid:1").unwrap();
+    let suid = img.layers[0].join("usr/bin/rootshell");
+    assert_eq!(mode(&suid), 0o4755, "set-id bits are kept for containers");
+    let suid = suid.to_str().unwrap();
+
+    let (ok, err) = as_nobody(&["stat", suid]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_nobody(&[suid]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+
+    // An existing store opened loose (an older Flotilla made it 0755) is tightened.
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (ok, err) = as_nobody(&["stat", suid]);
+    assert!(
+        ok,
+        "the test needs a reachable file when the store is 0755: {err}"
+    );
+    ImageStore::open(&root).unwrap();
+    assert_eq!(
+        mode(&root),
+        0o700,
+        "a loosened store is tightened when opened"
+    );
+    let (ok, err) = as_nobody(&["stat", suid]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+}
+
+/// Character and block devices in a layer (a `/dev/mem`, a 0666 disk) are extracted as empty
+/// regular files: no node in the store leads to host hardware, whoever reaches it. The
+/// overlay whiteout format (character device 0:0) is kept.
+#[test]
+fn device_nodes_become_empty_files() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let f = fixture();
+    let layer = tar_of(&[
+        Ent::Dir(b"dev"),
+        Ent::Device(b"dev/mem", true, 1, 1, 0o666),
+        Ent::Device(b"dev/sda", false, 8, 0, 0o4666),
+        Ent::Device(b"gone", true, 0, 0, 0o600),
+    ]);
+    let (layout, _) = f.layout("d", &[layer], "dev:1");
+    f.store
+        .import_oci_layout(&layout, None, &mut |_| {})
+        .unwrap();
+    let img = f.store.resolve("dev:1").unwrap();
+    for node in ["dev/mem", "dev/sda"] {
+        let m = std::fs::symlink_metadata(img.layers[0].join(node)).unwrap();
+        assert!(m.file_type().is_file(), "{node}: {:?}", m.file_type());
+        assert_eq!(m.len(), 0, "{node}");
+        assert_eq!(
+            m.mode() & 0o7777,
+            0o644,
+            "{node}: no write for others, no set-id"
+        );
+    }
+    let wh = std::fs::symlink_metadata(img.layers[0].join("gone")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+}

@@ -52,6 +52,9 @@ pub struct EtcdConfig {
     pub connect_timeout: Duration,
     /// How long a single request may take.
     pub request_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA etcd's certificate chains to, and the
+    /// client certificate and key etcd's `--client-cert-auth` asks for.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl EtcdConfig {
@@ -62,7 +65,14 @@ impl EtcdConfig {
             prefix: DEFAULT_PREFIX.to_string(),
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            tls: None,
         }
+    }
+
+    /// The same over TLS with `files` (see [`EtcdConfig::tls`]).
+    pub fn with_tls(mut self, files: crate::tls::TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
     }
 
     /// The same with another key prefix.
@@ -196,6 +206,35 @@ fn lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// etcd-client's TLS options from PEM files.
+fn etcd_tls(files: &crate::tls::TlsFiles) -> Result<etcd_client::TlsOptions> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            RegistryError::Config(format!(
+                "cannot read the etcd {what} {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let mut tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("CA", &files.ca)?));
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read("client certificate", cert)?,
+                read("client key", key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(RegistryError::Config(
+                "an etcd client certificate needs its key and the other way round: give both (--etcd-cert, --etcd-key)".into(),
+            ))
+        }
+    }
+    Ok(tls)
+}
+
 impl EtcdRegistry {
     /// Sets up a client for `config`. Connections are made lazily: this succeeds while etcd
     /// is unreachable, and each operation then fails with an error naming the endpoints.
@@ -212,9 +251,16 @@ impl EtcdRegistry {
             )));
         }
         let endpoints = config.endpoints.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout);
+        if let Some(files) = &config.tls {
+            options = options.with_tls(etcd_tls(files)?);
+        } else if let Some(https) = config.endpoints.iter().find(|e| e.starts_with("https://")) {
+            return Err(RegistryError::Config(format!(
+                "etcd endpoint {https} is TLS: give the CA and a client certificate and key (fleetd --etcd-ca, --etcd-cert, --etcd-key)"
+            )));
+        }
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(|source| RegistryError::Etcd {

@@ -34,6 +34,7 @@ pub mod etcd;
 pub mod model;
 pub mod registry;
 pub mod scheduler;
+pub mod tls;
 
 pub use agent::{Agent, AgentError, InitApi, InitError};
 pub use embedded::EmbeddedRegistry;

@@ -399,7 +399,13 @@ fn tcp_requires_the_token() {
     let token = token_dir.path().join("token");
     fs::write(&token, "s3cret-token\n").unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let c = Cluster::start(&["--listen", &listen, "--token-file", token.to_str().unwrap()]);
+    let c = Cluster::start(&[
+        "--listen",
+        &listen,
+        "--insecure",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
     let url = format!("http://{listen}");
     let without = fleetctl(&url, &["list-machines"]);
     assert_eq!(without.status.code(), Some(1));
@@ -557,6 +563,7 @@ fn a_tcp_connection_flood_does_not_lock_out_the_unix_socket() {
         &[
             "--listen",
             &listen,
+            "--insecure",
             "--token-file",
             token.to_str().unwrap(),
             "--listen-header-timeout",
@@ -668,6 +675,7 @@ fn a_silent_tcp_connection_is_closed_after_the_header_timeout() {
     let c = Cluster::start(&[
         "--listen",
         &listen,
+        "--insecure",
         "--token-file",
         token.to_str().unwrap(),
         "--listen-header-timeout",
@@ -699,6 +707,7 @@ fn a_stalled_tcp_request_body_is_closed_after_the_idle_timeout() {
     let c = Cluster::start(&[
         "--listen",
         &listen,
+        "--insecure",
         "--token-file",
         token.to_str().unwrap(),
         "--listen-header-timeout",
@@ -718,4 +727,120 @@ fn a_stalled_tcp_request_body_is_closed_after_the_idle_timeout() {
         "a stalled request stayed open\n{}",
         c.logs()
     );
+}
+
+/// Template instances `.`, `..` and the empty one are refused at submit: by `fleetctl`
+/// (checking the file, with its path) and by the API itself (400), so `%i` in a bind path can
+/// never name the directory holding every instance's.
+#[test]
+fn dot_and_empty_instances_are_refused() {
+    let c = Cluster::start(&[]);
+    for (file, needle) in [
+        ("data@..toml", "instance name `.` is not allowed"),
+        ("data@...toml", "instance name `..` is not allowed"),
+        ("data@.toml", "is a template, not a unit"),
+    ] {
+        let path = c.write(file, SLEEP);
+        let out = c.fleetctl(&["submit", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{file}: {err}");
+        assert!(err.contains(needle) && err.contains(&path), "{file}: {err}");
+    }
+    let client = ApiClient::new(c.api.to_str().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (name, needle) in [
+        ("data@.", "instance name `.` is not allowed"),
+        ("data@..", "instance name `..` is not allowed"),
+        ("data@", "is a template, not a unit"),
+    ] {
+        let put = PutUnit {
+            desired: Some(DesiredState::Launched),
+            body: Some(SLEEP.into()),
+            replace: false,
+        };
+        match runtime.block_on(client.put_unit(name, &put)) {
+            Err(ClientError::Api { status, message }) => {
+                assert_eq!(status, 400, "{name}: {message}");
+                assert!(message.contains(needle), "{name}: {message}");
+            }
+            other => panic!("{name}: expected a 400, got {other:?}"),
+        }
+    }
+    assert!(c
+        .json(&["list-unit-files", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// A unit on this machine runs `fleetctl` against fleetd's Unix socket to start a unit that
+/// binds the host's `/` read-write (issue 10). fleetd sees the caller's pid (init runs
+/// units in the host's pid namespace here), finds its cgroup `<root>/attacker.unit`, and
+/// asks init whether `attacker` is granted the control API. Then `curl` (a stock HTTP
+/// client) asks for the machines. Returns their output.
+fn fleetctl_from_a_unit(cluster: &Cluster, granted: bool) -> String {
+    let evil = cluster.write(
+        "evil.toml",
+        "[container]\ncontrol_api = true\ncommand = [\"/bin/sleep\", \"1000\"]\n\
+         mounts = [{ host = \"/\", path = \"/mnt\" }]\n",
+    );
+    let dir = cluster.dir.path().display().to_string();
+    let grant = if granted { "control_api = true\n" } else { "" };
+    let attacker = format!(
+        "[container]\n{grant}command = [\"/bin/sh\", \"-c\", \"{} --endpoint {} start --no-block {evil} \
+         > {dir}/attack.out 2>&1; echo rc=$? >> {dir}/attack.out; \
+         curl -s -w ' http=%%{{http_code}}' --unix-socket {api} http://fleetd/fleet/v1/machines \
+         >> {dir}/attack.out; touch {dir}/attack.done\"]\n\
+         [service]\ntype = \"oneshot\"\n",
+        env!("CARGO_BIN_EXE_fleetctl"),
+        cluster.api.display(),
+        api = cluster.api.display(),
+    );
+    let init = Client::connect(&cluster.init_socket).unwrap();
+    init.load_unit("attacker", &attacker).unwrap();
+    init.start_unit("attacker").unwrap();
+    let done = cluster.dir.path().join("attack.done");
+    wait_until(
+        "the attacker's fleetctl to finish",
+        || done.exists(),
+        || cluster.logs(),
+    );
+    fs::read_to_string(cluster.dir.path().join("attack.out")).unwrap()
+}
+
+#[test]
+fn a_unit_without_the_grant_is_refused_on_the_unix_socket() {
+    let cluster = Cluster::start(&[]);
+    let out = fleetctl_from_a_unit(&cluster, false);
+    assert!(!out.contains("rc=0"), "fleetctl succeeded:\n{out}");
+    assert!(
+        out.contains("http=403")
+            && out.contains("unit attacker, which is not granted the control API")
+            && out.contains("control_api = true"),
+        "the refusal does not say why and how to grant it:\n{out}\n{}",
+        cluster.logs()
+    );
+    // Nothing was submitted, and the refusal is logged.
+    assert!(units(&cluster).iter().all(|u| u["name"] != "evil"));
+    assert!(cluster.init_unit("evil").is_none());
+    assert!(cluster
+        .logs()
+        .contains("api: refused PUT /fleet/v1/units/evil"));
+    // Callers outside any unit (this test) are still served.
+    cluster.ok(&["list-machines"]);
+}
+
+#[test]
+fn a_unit_with_the_grant_drives_fleetd() {
+    let cluster = Cluster::start(&[]);
+    let out = fleetctl_from_a_unit(&cluster, true);
+    assert!(
+        out.contains("rc=0") && out.contains("http=200"),
+        "{out}\n{}",
+        cluster.logs()
+    );
+    assert!(units(&cluster).iter().any(|u| u["name"] == "evil"));
 }

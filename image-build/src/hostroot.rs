@@ -21,7 +21,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use flotilla_container::image::SYSTEM_STORE;
+use flotilla_container::image::{STORE_MODE, SYSTEM_STORE};
 
 use crate::{busybox_links, io_err, make_link, BuildError};
 
@@ -282,15 +282,17 @@ fn normalize_dirs(root: &Path, rel: &Path) -> Result<usize, BuildError> {
     Ok(n)
 }
 
-/// Sets an image store's own directories to 0755 and its files (blobs, `images.json`,
-/// `lock`) to 0644, whatever the umask made of them; the extracted layers (`layers/*/`) keep
+/// Sets an image store's root to 0700 ([`STORE_MODE`]), its other directories to 0755 and
+/// its files (blobs, `images.json`, `lock`) to 0644, whatever the umask made of them; the extracted layers (`layers/*/`) keep
 /// the modes of their archives. Returns the number of entries, the store included.
 fn normalize_store(store: &Path) -> Result<usize, BuildError> {
     let layers = store.join("layers");
     let mut n = 1;
     let mut dirs = vec![store.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        chmod(&dir, 0o755)?;
+        // The root private to root, as a writable store is (`STORE_MODE`): the layers keep
+        // set-id files that no other local user must reach.
+        chmod(&dir, if dir == store { STORE_MODE } else { 0o755 })?;
         for entry in std::fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))? {
             let path = entry.map_err(|e| io_err("list", &dir, e))?.path();
             let meta = path

@@ -437,7 +437,9 @@ fn baked_in_images_land_in_the_system_store_reproducibly() {
     assert!(out.status.success(), "{out:?}");
     let system = root.join("usr/share/flotilla/images");
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
-    for dir in ["", "blobs", "blobs/sha256", "layers", "tmp"] {
+    // The root private to root (set-id files in the layers), the rest as usual.
+    assert_eq!(mode(&system), 0o700);
+    for dir in ["blobs", "blobs/sha256", "layers", "tmp"] {
         assert_eq!(mode(&system.join(dir)), 0o755, "{dir}");
     }
     assert_eq!(mode(&system.join("images.json")), 0o644);

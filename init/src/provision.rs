@@ -15,7 +15,10 @@
 //! ttl = 5                # presence lease, seconds (default 5)
 //! address = "10.0.2.15"  # shown by list-machines (default: [network] address)
 //! listen = "0.0.0.0:4002" # fleetd's TCP API, which the other fleetds relay to
-//! token = "s3cret"       # the cluster's shared API token (required with listen)
+//! ca = """-----BEGIN CERTIFICATE-----..."""   # mutual TLS (with listen): the cluster CA,
+//! cert = """-----BEGIN CERTIFICATE-----...""" # this machine's certificate (OU=machine)
+//! key = """-----BEGIN PRIVATE KEY-----..."""  # and its key (-> 0600); also for https etcd
+//! # token = "s3cret"     # instead of ca/cert/key: plaintext with a shared token (insecure)
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -67,8 +70,23 @@ pub struct Fleet {
     pub address: Option<String>,
     /// fleetd's TCP API (`HOST:PORT`), for fleetctl from afar and for the other fleetds.
     pub listen: Option<String>,
-    /// The cluster's shared API token (rendered as `/etc/flotilla/fleetd.token`, 0600).
+    /// The cluster's shared API token (rendered as `/etc/flotilla/fleetd.token`, 0600):
+    /// fleetd's plaintext mode (`insecure = true`).
     pub token: Option<String>,
+    /// Mutual TLS for the TCP API, the journal relay and `https://` etcd endpoints.
+    pub tls: Option<FleetTls>,
+}
+
+/// `[fleet] ca`, `cert`, `key`: inline PEM, rendered as [`FLEETD_CA`], [`FLEETD_CERT`] and
+/// [`FLEETD_KEY`] (0600).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetTls {
+    /// The cluster CA's certificate.
+    pub ca: String,
+    /// This machine's certificate (`OU=machine`, subjectAltName = its address).
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
 }
 
 /// `[network]`: a static IPv4 configuration of eth0.
@@ -113,6 +131,9 @@ struct RawFleet {
     address: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -132,7 +153,7 @@ struct RawUnit {
 /// The help line every syntax error carries.
 const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
      (keys: hostname, [network] address gateway, [metadata], [[units]] name contents, \
-     [fleet] etcd ttl address listen token)";
+     [fleet] etcd ttl address listen token ca cert key)";
 
 /// Parses and validates a provisioning config. `label` names it in errors (a path, or
 /// `fw_cfg:opt/org.flotilla/config`).
@@ -294,6 +315,7 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
                 }
                 None => None,
             };
+            let token_span = f.token.as_ref().map(Spanned::span).unwrap_or_default();
             let token = match f.token {
                 Some(t) if t.get_ref().is_empty() || t.get_ref().contains(char::is_whitespace) => {
                     return Err(at(
@@ -305,12 +327,59 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
                 Some(t) => Some(t.into_inner()),
                 None => None,
             };
-            if let (Some(l), None) = (&listen, &token) {
-                return Err(at(
-                    l.span(),
-                    "listen needs a token: the TCP API requires one".into(),
-                    "add token = \"...\" (the same on every machine of the cluster)",
-                ));
+            let pem = |value: &Spanned<String>, name: &str, kind: &str| {
+                if value.get_ref().contains(&format!("-----BEGIN {kind}")) {
+                    Ok(())
+                } else {
+                    Err(at(
+                        value.span(),
+                        format!("invalid {name}: not a PEM {kind}"),
+                        &format!("paste the PEM text between triple quotes: {name} = \"\"\"-----BEGIN {kind}...\"\"\" (see fleetd/README.md, \"Certificates\")"),
+                    ))
+                }
+            };
+            let tls = match (f.ca, f.cert, f.key) {
+                (None, None, None) => None,
+                (Some(ca), Some(cert), Some(key)) => {
+                    pem(&ca, "ca", "CERTIFICATE")?;
+                    pem(&cert, "cert", "CERTIFICATE")?;
+                    pem(&key, "key", "PRIVATE KEY")?;
+                    Some(FleetTls {
+                        ca: ca.into_inner(),
+                        cert: cert.into_inner(),
+                        key: key.into_inner(),
+                    })
+                }
+                (ca, cert, key) => {
+                    let span = ca
+                        .as_ref()
+                        .or(cert.as_ref())
+                        .or(key.as_ref())
+                        .map(Spanned::span)
+                        .unwrap_or_default();
+                    return Err(at(
+                        span,
+                        "ca, cert and key go together: mutual TLS needs the cluster CA and this machine's certificate and key".into(),
+                        "give all three (inline PEM), or none",
+                    ));
+                }
+            };
+            match (&listen, &token, &tls) {
+                (Some(l), None, None) => {
+                    return Err(at(
+                        l.span(),
+                        "listen needs mutual TLS (ca, cert, key) or a token: the TCP API requires one".into(),
+                        "add ca, cert and key (inline PEM; see fleetd/README.md, \"Certificates\"), or, to serve plaintext, token = \"...\" (the same on every machine of the cluster)",
+                    ))
+                }
+                (_, Some(_), Some(_)) => {
+                    return Err(at(
+                        token_span.clone(),
+                        "token and ca/cert/key exclude each other: with TLS the certificates authenticate".into(),
+                        "drop token",
+                    ))
+                }
+                _ => {}
             }
             Fleet {
                 etcd,
@@ -318,6 +387,7 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
                 address,
                 listen: listen.map(Spanned::into_inner),
                 token,
+                tls,
             }
         }
         None => Fleet::default(),
@@ -468,7 +538,35 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
     if let Some(listen) = &config.fleet.listen {
         fleetd.push_str(&format!("listen = {}\n", toml_string(listen)));
     }
+    if let Some(tls) = &config.fleet.tls {
+        for (setting, path) in [
+            ("tls_ca", FLEETD_CA),
+            ("tls_cert", FLEETD_CERT),
+            ("tls_key", FLEETD_KEY),
+        ] {
+            fleetd.push_str(&format!("{setting} = {}\n", toml_string(path)));
+        }
+        if config.fleet.etcd.iter().any(|u| u.starts_with("https://")) {
+            // The machine certificate is also fleetd's etcd client certificate.
+            for (setting, path) in [
+                ("etcd_ca", FLEETD_CA),
+                ("etcd_cert", FLEETD_CERT),
+                ("etcd_key", FLEETD_KEY),
+            ] {
+                fleetd.push_str(&format!("{setting} = {}\n", toml_string(path)));
+            }
+        }
+        let name = |path: &str| path.trim_start_matches("/etc/").to_string();
+        files.push(file(&name(FLEETD_CA), tls.ca.clone()));
+        files.push(file(&name(FLEETD_CERT), tls.cert.clone()));
+        files.push(EtcFile {
+            mode: 0o600,
+            ..file(&name(FLEETD_KEY), tls.key.clone())
+        });
+    }
     if let Some(token) = &config.fleet.token {
+        // The shared token is fleetd's plaintext mode, which it serves only when told so.
+        fleetd.push_str("insecure = true\n");
         fleetd.push_str(&format!("token_file = {}\n", toml_string(FLEETD_TOKEN)));
         files.push(EtcFile {
             mode: 0o600,
@@ -484,6 +582,12 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
 
 /// Where [`render`] puts `[fleet] token` (for fleetd's `token_file`).
 pub const FLEETD_TOKEN: &str = "/etc/flotilla/fleetd.token";
+/// Where [`render`] puts `[fleet] ca` (for fleetd's `tls_ca`, `etcd_ca`).
+pub const FLEETD_CA: &str = "/etc/flotilla/fleet-ca.crt";
+/// Where [`render`] puts `[fleet] cert` (for fleetd's `tls_cert`, `etcd_cert`).
+pub const FLEETD_CERT: &str = "/etc/flotilla/fleetd.crt";
+/// Where [`render`] puts `[fleet] key`, mode 0600 (for fleetd's `tls_key`, `etcd_key`).
+pub const FLEETD_KEY: &str = "/etc/flotilla/fleetd.key";
 
 /// A TOML basic string.
 fn toml_string(v: &str) -> String {
@@ -563,6 +667,7 @@ command = ["/bin/echo", "%i"]
         let table = fleetd_toml(&c);
         assert_eq!(table["listen"].as_str(), Some("0.0.0.0:4002"));
         assert_eq!(table["token_file"].as_str(), Some(FLEETD_TOKEN));
+        assert_eq!(table["insecure"].as_bool(), Some(true));
         let files = render(&c, "id");
         let token = files
             .iter()
@@ -573,6 +678,72 @@ command = ["/bin/echo", "%i"]
             .iter()
             .filter(|f| f.path != "flotilla/fleetd.token")
             .all(|f| f.mode == 0o644));
+    }
+
+    /// `[fleet] ca/cert/key` become files (the key 0600) and fleetd's TLS settings; etcd's
+    /// too when an endpoint is https. Half of them, a token as well, or no PEM is refused.
+    #[test]
+    fn fleet_tls_renders_files_and_settings() {
+        let pem = "ca = \"\"\"\n-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n\"\"\"\n\
+                   cert = \"\"\"\n-----BEGIN CERTIFICATE-----\nME\n-----END CERTIFICATE-----\n\"\"\"\n\
+                   key = \"\"\"\n-----BEGIN PRIVATE KEY-----\nK\n-----END PRIVATE KEY-----\n\"\"\"\n";
+        let text = format!(
+            "[fleet]\netcd = [\"https://10.0.2.2:2379\"]\nlisten = \"0.0.0.0:4002\"\n{pem}"
+        );
+        let c = parse("cfg", &text).unwrap();
+        let files = render(&c, "id");
+        let get = |path: &str| files.iter().find(|f| f.path == path).unwrap();
+        let table: toml::Table = toml::from_str(&get("flotilla/fleetd.toml").contents).unwrap();
+        for (setting, path) in [
+            ("tls_ca", FLEETD_CA),
+            ("tls_cert", FLEETD_CERT),
+            ("tls_key", FLEETD_KEY),
+            ("etcd_ca", FLEETD_CA),
+            ("etcd_cert", FLEETD_CERT),
+            ("etcd_key", FLEETD_KEY),
+        ] {
+            assert_eq!(table[setting].as_str(), Some(path), "{table}");
+        }
+        assert_eq!(table.get("insecure"), None);
+        assert_eq!(table.get("token_file"), None);
+        let key = get("flotilla/fleetd.key");
+        assert_eq!(key.mode, 0o600);
+        assert!(key.contents.contains("BEGIN PRIVATE KEY"));
+        assert_eq!(get("flotilla/fleet-ca.crt").mode, 0o644);
+        assert!(get("flotilla/fleetd.crt").contents.contains("ME"));
+        // Plain etcd: no etcd TLS settings.
+        let c = parse("cfg", &format!("[fleet]\nlisten = \"0.0.0.0:4002\"\n{pem}")).unwrap();
+        let files = render(&c, "id");
+        let fleetd = files
+            .iter()
+            .find(|f| f.path == "flotilla/fleetd.toml")
+            .unwrap();
+        assert!(!fleetd.contents.contains("etcd_ca"), "{}", fleetd.contents);
+
+        for (bad, says) in [
+            (
+                "[fleet]\nlisten = \"0.0.0.0:4002\"\n".to_string(),
+                "listen needs mutual TLS (ca, cert, key) or a token",
+            ),
+            (
+                "[fleet]\nca = \"-----BEGIN CERTIFICATE-----\"\n".to_string(),
+                "ca, cert and key go together",
+            ),
+            (
+                format!("[fleet]\ntoken = \"t\"\n{pem}"),
+                "token and ca/cert/key exclude each other",
+            ),
+            (
+                format!(
+                    "[fleet]\n{}",
+                    pem.replace("BEGIN PRIVATE KEY", "BEGIN NOTHING")
+                ),
+                "invalid key: not a PEM PRIVATE KEY",
+            ),
+        ] {
+            let err = parse("cfg", &bad).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("cfg:"), "{bad}: {err}");
+        }
     }
 
     #[test]
@@ -619,7 +790,7 @@ command = ["/bin/echo", "%i"]
             (
                 "[fleet]\nlisten = \"0.0.0.0:4002\"\n",
                 "cfg:2:10:",
-                "listen needs a token",
+                "listen needs mutual TLS (ca, cert, key) or a token",
             ),
             ("[fleet]\ntoken = \"a b\"\n", "cfg:2:9:", "invalid token"),
             ("[fleet]\naddress = \"\"\n", "cfg:2:11:", "invalid address"),

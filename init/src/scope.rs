@@ -120,6 +120,12 @@ impl ScopeRoot {
     ///
     /// Returns the root and, when falling back, the reason (for the log).
     pub fn create(name: &str) -> (ScopeRoot, Option<String>) {
+        Self::create_with(name, true)
+    }
+
+    /// As [`ScopeRoot::create`]; `delegate`: enable the limit controllers for the children
+    /// (the manager; the toolbox sets no limits and leaves its parent's controllers alone).
+    pub fn create_with(name: &str, delegate: bool) -> (ScopeRoot, Option<String>) {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let Some(mount) = cgroup2_mount(&mountinfo) else {
             return (
@@ -136,8 +142,10 @@ impl ScopeRoot {
                 // Delegate the limit controllers down to the units' cgroups. This fails where
                 // the parent holds processes and is not the root (cgroup v2's no-internal-
                 // process rule); a unit asking for a limit then gets a precise error.
-                for d in [&parent, &dir] {
-                    enable_controllers(d);
+                if delegate {
+                    for d in [&parent, &dir] {
+                        enable_controllers(d);
+                    }
                 }
                 (ScopeRoot::Cgroup(dir), None)
             }
@@ -332,6 +340,14 @@ impl Scope {
         match self {
             Scope::Cgroup { path, oom_base } => oom_kills_in(path).saturating_sub(*oom_base),
             Scope::ProcessGroup { .. } => 0,
+        }
+    }
+
+    /// The scope's cgroup v2 directory; `None` for a process group.
+    pub fn cgroup_path(&self) -> Option<&Path> {
+        match self {
+            Scope::Cgroup { path, .. } => Some(path),
+            Scope::ProcessGroup { .. } => None,
         }
     }
 

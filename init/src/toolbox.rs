@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use flotilla_container::runtime::{self, Stdio};
 use flotilla_units::{ContainerSection, FleetSection, Mount, Network, ServiceSection, Unit};
 
-use crate::launcher::{ContainerLauncher, LaunchError};
+use crate::launcher::{filter_devices, ContainerLauncher, LaunchError};
+use crate::scope::{Scope, ScopeRoot};
 
 /// What `unitctl run` was asked for.
 #[derive(Debug, Clone)]
@@ -92,6 +93,8 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
             read_only: false,
             rlimits: Vec::new(),
             user_namespace: None,
+            control_api: false,
+            devices: Vec::new(),
         },
         service: ServiceSection::default(),
         fleet: FleetSection::default(),
@@ -110,6 +113,8 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, LaunchError> {
 /// Run the container in the foreground with this process's stdio; returns the command's
 /// exit status (128+N when killed by signal N).
 pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
+    // The container's setup processes are forks of this one until they exec.
+    runtime::make_non_dumpable()?;
     let scratch = tempfile::Builder::new()
         .prefix("flotilla-toolbox-")
         .tempdir_in(scratch_dir())
@@ -126,7 +131,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
 }
 
 fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
-    let launcher = ContainerLauncher::new(&opts.stores, scratch);
+    let mut launcher = ContainerLauncher::new(&opts.stores, scratch);
     let unit = unit_for(opts);
     let mut spec = launcher.spec(&unit, true)?;
     spec.terminal = std::io::stdin().is_terminal();
@@ -135,7 +140,38 @@ fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
         stdout: Some(dup(std::io::stdout())?),
         stderr: Some(dup(std::io::stderr())?),
     };
-    Ok(runtime::run(&spec, stdio, None)?)
+    // A transient cgroup of its own, below this process's, to hold the device filter.
+    let (root, fallback) = ScopeRoot::create_with(&unit.name, false);
+    if let Some(why) = fallback {
+        return Err(LaunchError::Unsupported(format!(
+            "the toolbox cannot enforce the device allow-list: {why}; it needs a writable \
+             cgroup v2 hierarchy (mount cgroup2, e.g. on /sys/fs/cgroup, and run as root)"
+        )));
+    }
+    let result = root
+        .prepare("toolbox")
+        .map_err(LaunchError::from)
+        .and_then(|scope| {
+            let result = filter_devices(&spec, &scope)
+                .and_then(|()| scope.entry().map_err(LaunchError::from))
+                .and_then(|entry| Ok(runtime::run(&spec, stdio, entry.procs())?));
+            remove_when_empty(&scope);
+            result
+        });
+    root.remove();
+    result
+}
+
+/// Kill what is left in the toolbox's cgroup and remove it once empty (the container's
+/// other processes die with its pid namespace; the wait is bounded).
+fn remove_when_empty(scope: &Scope) {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+    let start = std::time::Instant::now();
+    while !scope.is_empty() && start.elapsed() < PATIENCE {
+        scope.signal(nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    scope.remove();
 }
 
 /// Give this process a private mount namespace with a tmpfs on `dir`: the container's

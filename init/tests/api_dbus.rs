@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use api_common::{dbus_send, Fake};
+use flotilla_init::api::access::UnitCgroups;
 use flotilla_init::api::{self, dbus};
 
 #[test]
@@ -173,11 +174,13 @@ fn stale_socket_replaced_live_one_and_non_socket_refused() {
     assert!(socket.exists());
     let (handle, _queue) = api::channel().unwrap();
     let (_tx, rx) = std::sync::mpsc::channel();
-    let server = dbus::serve(&socket, handle.clone(), rx).unwrap();
+    let server = dbus::serve(&socket, handle.clone(), rx, UnitCgroups::None).unwrap();
 
     // A second server on the same live socket is refused.
     let (_tx2, rx2) = std::sync::mpsc::channel();
-    let err = dbus::serve(&socket, handle.clone(), rx2).err().unwrap();
+    let err = dbus::serve(&socket, handle.clone(), rx2, UnitCgroups::None)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("already listening"), "{err}");
 
     // Dropping the server removes the socket file.
@@ -186,7 +189,9 @@ fn stale_socket_replaced_live_one_and_non_socket_refused() {
 
     std::fs::write(&socket, "not a socket").unwrap();
     let (_tx3, rx3) = std::sync::mpsc::channel();
-    let err = dbus::serve(&socket, handle, rx3).err().unwrap();
+    let err = dbus::serve(&socket, handle, rx3, UnitCgroups::None)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("is not a socket"), "{err}");
 }
 

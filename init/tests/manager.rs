@@ -537,3 +537,92 @@ command = ["/bin/sh", "-c", "echo host=$(hostname) pid=$$ procs=$(ls /proc | gre
     assert_eq!(s["result"], "success", "{s}");
     assert!(m.unit_pids("boxed").is_empty());
 }
+
+/// `data@.` would make `%i` in `host = "$DIR/data/%i"` name `$DIR/data` itself (every
+/// instance's directory), `data@..` the directory above. Both, and the empty `data@`, are
+/// refused by `unitctl start` and `unitctl load`; a unit file named `data@..toml` is a load
+/// error naming its file. A real instance still starts.
+#[test]
+fn dot_and_empty_instances_are_refused() {
+    let m = Machine::start(&[(
+        "data@",
+        "[container]\nmounts = [{ host = \"$DIR/data/%i\", path = \"$DIR/data/%i\", create = true }]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    )]);
+    let refused = |args: &[&str], needle: &str| {
+        let out = m.unitctl(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {needle:?} not in {err}");
+    };
+    refused(&["start", "data@."], "instance name `.` is not allowed");
+    refused(&["start", "data@.."], "instance name `..` is not allowed");
+    refused(&["start", "data@"], "empty instance name");
+    assert!(
+        !m.path("data").exists(),
+        "nothing may be created for a refused instance"
+    );
+    let file = m.path("inst.toml");
+    fs::write(&file, "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n").unwrap();
+    let file = file.to_str().unwrap();
+    refused(
+        &["load", file, "--name", "data@."],
+        "instance name `.` is not allowed",
+    );
+    refused(
+        &["load", file, "--name", "data@.."],
+        "instance name `..` is not allowed",
+    );
+    // A unit file whose name is the instance `data@.`.
+    fs::write(
+        m.units.join("data@..toml"),
+        "[container]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let out = m.unitctl(&["reload"]);
+    let err =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("data@..toml") && err.contains("instance name `.` is not allowed"),
+        "{err}"
+    );
+    fs::remove_file(m.units.join("data@..toml")).unwrap();
+
+    m.ok(&["start", "data@1"]);
+    assert_eq!(m.state("data@1"), "active");
+    assert!(m.path("data/1").is_dir());
+}
+
+/// `create = true` through a symlink: one unit (writing a directory it binds) plants
+/// `link -> /`; a unit whose mount source is `link/NAME` with `create = true` must not make
+/// `/NAME` on the host. The start fails, naming the path and the symlink.
+#[test]
+fn create_through_a_planted_symlink_is_refused() {
+    let marker = format!("flotilla-test-planted-{}", std::process::id());
+    // --no-start: the victim must not make its directory before the symlink is planted.
+    let m = Machine::start_with(&[
+        (
+            "attacker",
+            "[container]\nmounts = [{ host = \"$DIR/shared\", path = \"$DIR/shared\", create = true }]\ncommand = [\"/bin/sh\", \"-c\", \"ln -s / $DIR/shared/link; echo ln=$?; exec sleep 1000\"]\n",
+        ),
+        (
+            "victim",
+            &format!("[container]\nmounts = [{{ host = \"$DIR/shared/link/{marker}\", path = \"$DIR\", create = true }}]\ncommand = [\"/bin/sleep\", \"1000\"]\n"),
+        ),
+    ], &["--no-start"]);
+    m.ok(&["start", "attacker"]);
+    let link = m.path("shared/link");
+    m.wait_until("the attacker's ln", || m.logs("attacker").contains("ln="));
+    assert!(link.is_symlink(), "{}", m.logs("attacker"));
+    let _ = m.unitctl(&["start", "victim"]);
+    let s = m.wait_state("victim", "failed");
+    let msg = s["message"].as_str().unwrap();
+    assert!(
+        msg.contains(link.to_str().unwrap()) && msg.contains("is a symlink (to /)"),
+        "{s}"
+    );
+    assert!(
+        !std::path::Path::new("/").join(&marker).exists(),
+        "a directory was created through the symlink on the host"
+    );
+}

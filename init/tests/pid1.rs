@@ -21,14 +21,26 @@ struct Pid1 {
 }
 
 fn boot(unit: &str) -> Pid1 {
+    boot_with(unit, &[])
+}
+
+/// [`boot`] with extra flotilla-init arguments.
+fn boot_with(unit: &str, extra: &[&str]) -> Pid1 {
+    boot_units(&[("svc", unit)], extra)
+}
+
+/// [`boot_with`] with these units (name, toml).
+fn boot_units(unit_files: &[(&str, &str)], extra: &[&str]) -> Pid1 {
     let dir = tempfile::tempdir().unwrap();
     let units = dir.path().join("units");
     fs::create_dir_all(&units).unwrap();
-    fs::write(
-        units.join("svc.toml"),
-        unit.replace("$DIR", dir.path().to_str().unwrap()),
-    )
-    .unwrap();
+    for (name, unit) in unit_files {
+        fs::write(
+            units.join(format!("{name}.toml")),
+            unit.replace("$DIR", dir.path().to_str().unwrap()),
+        )
+        .unwrap();
+    }
     // One cgroup per boot: tests run in parallel, and a manager kills leftovers it finds
     // in its units' cgroups.
     let cgroup = format!(
@@ -53,6 +65,7 @@ fn boot(unit: &str) -> Pid1 {
         .arg("--api")
         .arg(dir.path().join("api.sock"))
         .args(["--cgroup", &cgroup])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(fs::File::create(dir.path().join("console.log")).unwrap())
@@ -179,4 +192,70 @@ fn pid1_powers_off_on_sigusr2() {
 
 fn libc_sighup() -> i32 {
     Signal::SIGHUP as i32
+}
+
+#[test]
+fn pid1_powers_off_at_the_shutdown_deadline_despite_a_unit_ignoring_sigterm() {
+    // The unit ignores SIGTERM and may take an hour to stop; the shutdown may take 2 s.
+    let unit = r#"
+[container]
+command = ["/bin/sh", "-c", "trap '' TERM; echo up > $DIR/up; while true; do sleep 0.05; done"]
+mounts = [{ host = "$DIR", path = "$DIR" }]
+[service]
+stop_timeout = "1h"
+"#;
+    let mut vm = boot_with(unit, &["--shutdown-timeout", "2s"]);
+    vm.marker();
+    vm.wait_unit_up();
+    kill(vm.init_pid(), Signal::SIGUSR2).unwrap();
+    let sig = vm.wait();
+    let console = vm.console();
+    assert!(
+        console.contains("shutdown deadline (2s) passed with 1 unit(s) still running (svc)"),
+        "{console}"
+    );
+    assert!(console.contains("Poweroff"), "{console}");
+    assert_eq!(sig, Some(Signal::SIGINT as i32), "{console}");
+}
+
+#[test]
+fn pid1_reboots_when_running_units_form_an_ordering_cycle() {
+    let peer = r#"
+[unit]
+after = ["svc"]
+[container]
+command = ["/bin/sh", "-c", "exec sleep 1000"]
+"#;
+    // A deadline beyond the test's patience: only breaking the cycle lets the reboot happen.
+    let mut vm = boot_units(
+        &[("svc", UNIT), ("peer", peer)],
+        &["--shutdown-timeout", "1h"],
+    );
+    let marker = vm.marker();
+    assert!(marker.ends_with(", 2 units active"), "{marker}");
+    vm.wait_unit_up();
+    // Close the cycle while both run (svc after peer) and reload (SIGHUP).
+    let dir = vm.dir.path().to_str().unwrap().to_string();
+    let svc = format!("[unit]\nafter = [\"peer\"]\n{}", UNIT.replace("$DIR", &dir));
+    fs::write(vm.dir.path().join("units/svc.toml"), svc).unwrap();
+    kill(vm.init_pid(), Signal::SIGHUP).unwrap();
+    let start = Instant::now();
+    while !vm.console().contains("reloaded: 0 added, 1 changed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no reload\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(vm.init_pid(), Signal::SIGTERM).unwrap();
+    let sig = vm.wait();
+    let console = vm.console();
+    assert!(
+        console.contains("stops ignore that svc is ordered after peer"),
+        "{console}"
+    );
+    assert!(vm.dir.path().join("stopped").exists(), "{console}");
+    assert!(console.contains("Reboot"), "{console}");
+    assert_eq!(sig, Some(libc_sighup()), "{console}");
 }

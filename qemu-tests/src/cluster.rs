@@ -3,11 +3,17 @@
 //! ([`crate::images::machine_copy`]) booted with a provisioning config that gives it an
 //! address on the bridge, metadata, and `[fleet] etcd` naming that etcd. Used by
 //! `tests/cluster.rs` and `flotilla-vm cluster`. Needs root and iproute2.
+//!
+//! Everything is mutual TLS, as a real cluster's should be: a cluster CA ([`crate::pki`])
+//! issues etcd's certificate, one machine certificate per VM (`OU=machine`, its address in
+//! the subjectAltName; provisioned inline as `[fleet] ca`, `cert`, `key`) and an operator's
+//! for the host; etcd runs with `--client-cert-auth`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::pki::{pem, Ca, Cert, Usage};
 use crate::{
     ensure_program, free_port, http_get, io_err, BootOptions, QemuError, Result, Shell, Vm,
 };
@@ -45,6 +51,8 @@ pub struct ClusterNet {
     etcd: Option<Child>,
     etcd_log: PathBuf,
     endpoint: String,
+    ca: Ca,
+    operator: Cert,
 }
 
 impl ClusterNet {
@@ -61,7 +69,13 @@ impl ClusterNet {
             etcd: None,
             etcd_log: dir.join("etcd.log"),
             endpoint: String::new(),
+            ca: Ca::new(dir)?,
+            operator: Cert {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
         };
+        net.operator = net.ca.issue("operator", "operator", Usage::Client)?;
         ip(&["link", "add", &net.bridge, "type", "bridge"])?;
         let cidr = format!("{}/24", net.host_ip());
         ip(&["addr", "add", &cidr, "dev", &net.bridge])?;
@@ -91,9 +105,20 @@ impl ClusterNet {
         &self.endpoint
     }
 
-    /// The fleetd API token the VMs share (`[fleet] token`).
-    pub fn token(&self) -> String {
-        format!("token-{}", self.bridge)
+    /// The cluster CA's certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.ca.cert()
+    }
+
+    /// An operator's client certificate (`OU=operator`), for `fleetctl --ca --cert --key`
+    /// from the host.
+    pub fn operator(&self) -> &Cert {
+        &self.operator
+    }
+
+    /// Issues another certificate of the cluster CA (e.g. a reader's).
+    pub fn issue(&self, name: &str, role: &str) -> Result<Cert> {
+        self.ca.issue(name, role, Usage::Client)
     }
 
     /// etcd's log so far.
@@ -106,9 +131,12 @@ impl ClusterNet {
             Some(bin) => PathBuf::from(bin),
             None => ensure_program("etcd", "etcd-server")?,
         };
-        let (client, peer) = (free_port()?, free_port()?);
-        self.endpoint = format!("http://{}:{client}", self.host_ip());
-        let listen = format!("{},http://127.0.0.1:{client}", self.endpoint);
+        let (client, peer, metrics) = (free_port()?, free_port()?, free_port()?);
+        let server = self
+            .ca
+            .issue("etcd", "etcd", Usage::Node(&self.host_ip()))?;
+        self.endpoint = format!("https://{}:{client}", self.host_ip());
+        let listen = format!("{},https://127.0.0.1:{client}", self.endpoint);
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(&self.etcd_log)
             .map_err(|e| io_err("create", &self.etcd_log, e))?;
@@ -124,6 +152,18 @@ impl ClusterNet {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("vms={peer_url}")])
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(self.ca.cert())
+            .arg("--cert-file")
+            .arg(&server.cert)
+            .arg("--key-file")
+            .arg(&server.key)
+            // Health over plain HTTP on loopback only: the client port wants a certificate.
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{metrics}"),
+            ])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -131,7 +171,7 @@ impl ClusterNet {
             .map_err(|e| io_err("start", &bin, e))?;
         self.etcd = Some(child);
         let start = Instant::now();
-        while !http_get(client, "/health").is_ok_and(|r| r.contains("\"true\"")) {
+        while !http_get(metrics, "/health").is_ok_and(|r| r.contains("\"true\"")) {
             if start.elapsed() > ETCD_READY {
                 return Err(QemuError::Setup(format!(
                     "etcd did not become healthy in {ETCD_READY:?}:\n{}",
@@ -156,10 +196,14 @@ impl ClusterNet {
 
     /// VM `n`'s provisioning: hostname `vm<n>`, its address with the host as gateway,
     /// `role` metadata, and `[fleet]`: this etcd, the lease TTL, fleetd's TCP API on port
-    /// [`FLEETD_PORT`] with a token shared by the cluster (the image's fleetd unit reads
-    /// them from /etc/flotilla/fleetd.toml; list-machines shows eth0's address).
-    pub fn provisioning(&self, n: usize, role: &str, ttl_secs: u64) -> String {
-        format!(
+    /// [`FLEETD_PORT`] over mutual TLS with the VM's own machine certificate, also its etcd
+    /// client certificate (the image's fleetd unit reads them from /etc/flotilla; list-machines
+    /// shows eth0's address).
+    pub fn provisioning(&self, n: usize, role: &str, ttl_secs: u64) -> Result<String> {
+        let machine = self
+            .ca
+            .issue(&format!("vm{n}"), "machine", Usage::Node(&self.vm_ip(n)))?;
+        Ok(format!(
             r#"hostname = "vm{n}"
 [network]
 address = "{ip}/24"
@@ -170,13 +214,20 @@ role = "{role}"
 etcd = ["{endpoint}"]
 ttl = {ttl_secs}
 listen = "0.0.0.0:{FLEETD_PORT}"
-token = "{token}"
+ca = """
+{ca}"""
+cert = """
+{cert}"""
+key = """
+{key}"""
 "#,
             ip = self.vm_ip(n),
             gw = self.host_ip(),
             endpoint = self.endpoint,
-            token = self.token(),
-        )
+            ca = pem(&self.ca.cert())?,
+            cert = pem(&machine.cert)?,
+            key = pem(&machine.key)?,
+        ))
     }
 
     /// Boots VM `n` from its own copy of `image` (made beside it, `vmN/`) on this network
@@ -185,7 +236,7 @@ token = "{token}"
         let copy = image.with_file_name(format!("vm{n}"));
         let copy = crate::images::machine_copy(image, &copy)?;
         let config = copy.join("provision.toml");
-        std::fs::write(&config, self.provisioning(n, role, ttl_secs))
+        std::fs::write(&config, self.provisioning(n, role, ttl_secs)?)
             .map_err(|e| io_err("write", &config, e))?;
         Vm::boot_with(
             &copy,

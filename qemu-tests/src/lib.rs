@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod images;
+pub mod pki;
 mod shell;
 pub use shell::{CommandOutput, Shell};
 

@@ -2,7 +2,10 @@
 //! is a tap on one host bridge, etcd (Debian's etcd-server) runs on the host at the bridge's
 //! address, and each VM is provisioned (fw_cfg) with its address, metadata and `[fleet] etcd`
 //! naming that etcd (the image's own fleetd unit reads it). Checked through the guests' debug
-//! shells with the image's own `fleetctl` and `unitctl`, the way an operator would.
+//! shells with the image's own `fleetctl` and `unitctl`, the way an operator would. All of
+//! it over mutual TLS: etcd checks the machines' certificates, the fleetds relay journals to
+//! each other with them, and the host's fleetctl needs an operator's certificate to change
+//! anything.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::Duration;
@@ -127,33 +130,58 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         assert!(status.contains("active (running)"), "{status}");
     }
     // From the host, as an operator's workstation would: the static fleetctl against a VM's
-    // TCP API with the cluster's token; refused without it.
+    // TCP API over mutual TLS with an operator's certificate; refused without one, and a
+    // reader's may list but not submit.
     let fleetctl = qemu_tests::static_binaries().unwrap().join("fleetctl");
-    let token = t.path().join("token");
-    std::fs::write(&token, net.token()).unwrap();
-    let endpoint = format!("http://{}:{FLEETD_PORT}", net.vm_ip(2));
-    let out = std::process::Command::new(&fleetctl)
-        .args(["--endpoint", &endpoint, "--token-file"])
-        .arg(&token)
-        .args(["list-units", "--json"])
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{listed}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let endpoint = format!("https://{}:{FLEETD_PORT}", net.vm_ip(2));
+    let ca = net.ca_cert();
+    let as_client = |cert: Option<&qemu_tests::pki::Cert>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(&fleetctl);
+        cmd.args(["--endpoint", &endpoint, "--ca"]).arg(&ca);
+        if let Some(c) = cert {
+            cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+        }
+        let out = cmd.args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, listed, err) = as_client(Some(net.operator()), &["list-units", "--json"]);
+    assert!(ok, "{listed}{err}");
     assert!(
         listed.contains("\"svc\"") && listed.contains("everywhere"),
         "{listed}"
     );
-    let out = std::process::Command::new(&fleetctl)
-        .args(["--endpoint", &endpoint, "list-units"])
-        .output()
+    let (ok, _, err) = as_client(None, &["list-units"]);
+    assert!(!ok && err.contains("TLS"), "{err}");
+    let reader = net.issue("reader", "reader").unwrap();
+    let (ok, listed, err) = as_client(Some(&reader), &["list-units"]);
+    assert!(ok && listed.contains("svc"), "{listed}{err}");
+    let evil = t.path().join("evil.toml");
+    std::fs::write(&evil, "[container]\ncommand = [\"/bin/true\"]\n").unwrap();
+    let (ok, _, err) = as_client(Some(&reader), &["submit", evil.to_str().unwrap()]);
+    assert!(!ok && err.contains("reader"), "{err}");
+
+    // The machine's TLS key (0600 in /etc/flotilla) is the host's: a unit over the host's
+    // root, even as uid 0, finds it hidden; only the granted fleetd unit reads it.
+    let on_host = shells[0]
+        .ok("grep -c PRIVATE /etc/flotilla/fleetd.key", CMD)
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("token"), "{err}");
+    assert!(on_host.trim().ends_with('1'), "{on_host}");
+    write_file(&mut shells[0], "/tmp/peek.toml", PEEK_UNIT).unwrap();
+    shells[0]
+        .ok("unitctl load /tmp/peek.toml && unitctl start peek", CMD)
+        .unwrap();
+    let peek = poll(
+        "the peek unit's output",
+        CMD,
+        || shells[0].ok("unitctl logs peek", CMD),
+        |out| out.contains("peek-done"),
+    )
+    .unwrap();
+    assert!(peek.contains("key-lines=0"), "{peek}");
 
     let other = if host == 1 { 2 } else { 1 };
     let pids_before = [
@@ -216,3 +244,10 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     ];
     assert_eq!(pids_before, pids_after, "the global unit was restarted");
 }
+
+/// An image-less unit looking for the machine's TLS key.
+const PEEK_UNIT: &str = r#"[container]
+command = ["/bin/sh", "-c", "echo key-lines=$(grep -c PRIVATE /etc/flotilla/fleetd.key); echo peek-done"]
+[service]
+type = "oneshot"
+"#;

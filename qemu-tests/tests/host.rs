@@ -189,6 +189,21 @@ fn provisioned_host_boots_and_runs_units() {
         "the embedded registry is not in /var"
     );
 
+    // The control API (issue 10): fleetd, granted `control_api`, drove init above; a unit
+    // without the grant that binds fleetd's socket directory is not started (fleetd, in its
+    // own pid namespace, could not tell its calls from the host's).
+    sh.ok(
+        "printf '[container]\\ncommand = [\"/bin/sleep\", \"100000\"]\\nmounts = [{ host = \"/run/flotilla\", path = \"/run/flotilla\" }]\\n' > /tmp/peek.toml && unitctl load /tmp/peek.toml",
+        CMD,
+    )
+    .unwrap();
+    let _ = sh.run("unitctl start peek", CMD).unwrap();
+    let peek = wait_status(&mut sh, "peek", "failed");
+    assert!(
+        peek.contains("exposes the control socket /run/flotilla/fleetd.sock"),
+        "{peek}"
+    );
+
     // The ACPI power button: an orderly power-off, every unit stopped, QEMU exits.
     vm.qmp("system_powerdown").unwrap();
     let status = vm.wait_exit(BOOT_TIMEOUT).unwrap();

@@ -111,9 +111,7 @@ impl Catalog {
             return Some(Ok(unit.clone()));
         }
         let (prefix, instance) = split_instance(name)?;
-        if instance.is_empty() {
-            return None;
-        }
+        // An empty instance (`tpl@`) reaches `instantiate`, which refuses it with a message.
         self.templates
             .get(prefix)
             .map(|template| template.instantiate(instance))

@@ -127,6 +127,56 @@ fn shortest_cycle(
     None
 }
 
+/// A "waits for" graph: unit -> the units it starts after (see [`predecessor_map`]).
+pub type OrderGraph = BTreeMap<String, BTreeSet<String>>;
+
+/// A "waits for" graph (as [`predecessor_map`] gives it) made acyclic, and the edges left
+/// out to make it so, each `(a, b)` meaning "a is ordered after b" was ignored.
+///
+/// A depth-first walk from every name in name order, neighbours in name order, drops each
+/// edge that leads back to a unit still on the walk's path (and a unit ordered after
+/// itself). The same graph always loses the same edges. The manager orders stops by the
+/// result, so units in an ordering cycle never wait on each other.
+pub fn break_cycles(graph: &OrderGraph) -> (OrderGraph, Vec<(String, String)>) {
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mark {
+        OnPath,
+        Done,
+    }
+    let empty = BTreeSet::new();
+    let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
+    let mut kept: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for root in graph.keys() {
+        if marks.contains_key(root.as_str()) {
+            continue;
+        }
+        marks.insert(root, Mark::OnPath);
+        let mut stack = vec![(root.as_str(), graph.get(root).unwrap_or(&empty).iter())];
+        while let Some((node, next)) = stack.last_mut() {
+            let node: &str = node;
+            match next.next() {
+                Some(to) => match marks.get(to.as_str()) {
+                    Some(Mark::OnPath) => dropped.push((node.to_string(), to.clone())),
+                    Some(Mark::Done) => {
+                        kept.entry(node.to_string()).or_default().insert(to.clone());
+                    }
+                    None => {
+                        kept.entry(node.to_string()).or_default().insert(to.clone());
+                        marks.insert(to, Mark::OnPath);
+                        stack.push((to.as_str(), graph.get(to).unwrap_or(&empty).iter()));
+                    }
+                },
+                None => {
+                    marks.insert(node, Mark::Done);
+                    stack.pop();
+                }
+            }
+        }
+    }
+    (kept, dropped)
+}
+
 /// `"a -> b -> c -> a"`.
 pub fn format_cycle(cycle: &[String]) -> String {
     cycle.join(" -> ")

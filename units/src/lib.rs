@@ -20,8 +20,9 @@ mod values;
 
 pub use catalog::Catalog;
 pub use error::UnitError;
-pub use graph::{format_cycle, order_predecessors, ordering_cycles, predecessor_map};
+pub use graph::{break_cycles, format_cycle, order_predecessors, ordering_cycles, predecessor_map};
 pub use model::*;
 pub use parse::{check_name, parse_unit, split_instance, API_FILE_LABEL, MAX_NAME_LEN};
 pub use template::Template;
 pub use text::{decode_unit_text, read_unit_file};
+pub use values::parse_duration;

@@ -69,6 +69,48 @@ pub struct ContainerSection {
     pub rlimits: Vec<Rlimit>,
     /// Run in a user namespace with this id mapping (uids and gids alike).
     pub user_namespace: Option<IdMap>,
+    /// `control_api`: the unit may use the control sockets (the manager's D-Bus API and
+    /// fleetd's Unix socket). Without it both refuse callers from the unit's cgroup, and the
+    /// manager refuses to start the unit with a bind mount that exposes a control socket.
+    pub control_api: bool,
+    /// Devices the container may use beyond the standard `/dev` nodes.
+    pub devices: Vec<Device>,
+}
+
+/// A device a unit asks for (`[container] devices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// A host device node (absolute path under `/dev`): allowed read-write and made available
+    /// at the same path in the container (like `docker run --device`).
+    Path(PathBuf),
+    /// An allow rule `c|b MAJOR|*:MINOR|* [r][w][m]` (like Docker's `--device-cgroup-rule`).
+    Rule(DeviceRule),
+}
+
+/// Character or block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// `c`
+    Char,
+    /// `b`
+    Block,
+}
+
+/// An allow rule for devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRule {
+    /// Character or block.
+    pub kind: DeviceKind,
+    /// Major number; `None` (`*`): any.
+    pub major: Option<u32>,
+    /// Minor number; `None` (`*`): any.
+    pub minor: Option<u32>,
+    /// `r`: open for reading.
+    pub read: bool,
+    /// `w`: open for writing.
+    pub write: bool,
+    /// `m`: create nodes (mknod; the container also needs `MKNOD` in `capabilities`).
+    pub mknod: bool,
 }
 
 /// One resource limit.
@@ -110,6 +152,8 @@ impl Default for ContainerSection {
             read_only: false,
             rlimits: Vec::new(),
             user_namespace: None,
+            control_api: false,
+            devices: Vec::new(),
         }
     }
 }

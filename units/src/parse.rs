@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use crate::error::UnitError;
 use crate::model::{
-    ContainerSection, FleetSection, IdMap, MetadataRule, Mount, Network, RestartPolicy, Rlimit,
-    ServiceSection, ServiceType, Unit, UnitSection,
+    ContainerSection, Device, DeviceKind, DeviceRule, FleetSection, IdMap, MetadataRule, Mount,
+    Network, RestartPolicy, Rlimit, ServiceSection, ServiceType, Unit, UnitSection,
 };
 use crate::specifier::Specifiers;
 use crate::values;
@@ -38,7 +38,16 @@ const SECTIONS: &[(&str, &[&str])] = &[
     (
         "container",
         &[
-            "image", "command", "env", "workdir", "user", "network", "hostname", "mounts", "init",
+            "image",
+            "command",
+            "env",
+            "workdir",
+            "user",
+            "network",
+            "hostname",
+            "mounts",
+            "init",
+            "control_api",
         ],
     ),
     (
@@ -118,7 +127,9 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Checks a unit name: 1 to 200 characters from `[A-Za-z0-9_.:-]` plus at most one `@`,
-/// not starting with `.`, `-` or `@`. Template names (`foo@`) pass. Returns the reason on error.
+/// not starting with `.`, `-` or `@`; an instance is never `.` or `..` (and `/` is not an
+/// allowed character), so `%i` in a path stays one path component. Template names (`foo@`)
+/// pass. Returns the reason on error.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
@@ -140,6 +151,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
     if name.matches('@').count() > 1 {
         return Err("a name may contain at most one `@`".into());
+    }
+    if let Some((prefix, instance @ ("." | ".."))) = split_instance(name) {
+        return Err(format!(
+            "the instance name `{instance}` is not allowed: `%i` in a path would name a \
+             directory outside the instance's own (e.g. the parent of every `{prefix}@*`); \
+             name the instance with a letter or digit, e.g. `{prefix}@1`"
+        ));
     }
     Ok(())
 }
@@ -811,8 +829,10 @@ fn parse_container(
             "mounts" => s.mounts = parse_mounts(&f)?,
             "init" => s.init = f.boolean()?,
             "read_only" => s.read_only = f.boolean()?,
+            "control_api" => s.control_api = f.boolean()?,
             "rlimits" => s.rlimits = parse_rlimits(&f)?,
             "user_namespace" => s.user_namespace = Some(parse_idmap(&f)?),
+            "devices" => s.devices = parse_devices(&f)?,
             "capabilities" => {
                 let mut caps = Vec::new();
                 for (cap, span) in f.strings("[\"CAP_NET_BIND_SERVICE\"]")? {
@@ -1012,6 +1032,119 @@ fn parse_idmap(f: &Field<'_, '_, '_, '_>) -> Result<IdMap, UnitError> {
             Some(format!("e.g. user_namespace = {example}")),
         )),
     }
+}
+
+/// Largest device numbers the kernel's `dev_t` holds (12-bit major, 20-bit minor).
+const MAX_MAJOR: u32 = (1 << 12) - 1;
+const MAX_MINOR: u32 = (1 << 20) - 1;
+
+/// `devices = ["/dev/fuse", "c 10:229 rw"]`: host device paths under `/dev`, or allow rules
+/// `c|b MAJOR|*:MINOR|* [r][w][m]`.
+fn parse_devices(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Device>, UnitError> {
+    let example = "[\"/dev/fuse\", \"c 10:229 rw\"]";
+    let mut devices = Vec::new();
+    for (text, span) in f.strings(example)? {
+        let device = if text.starts_with('/') {
+            check_device_path(&text).map(|()| Device::Path(PathBuf::from(&text)))
+        } else {
+            parse_device_rule(&text).map(Device::Rule)
+        };
+        let device = device.map_err(|(message, help)| {
+            f.err_at(
+                span.clone(),
+                format!("invalid device {text:?}: {message}"),
+                Some(help),
+            )
+        })?;
+        if devices.contains(&device) {
+            return Err(f.err_at(
+                span,
+                format!("device {text:?} is listed twice"),
+                Some("list each device once".into()),
+            ));
+        }
+        devices.push(device);
+    }
+    Ok(devices)
+}
+
+fn check_device_path(text: &str) -> Result<(), (String, String)> {
+    let path = Path::new(text);
+    let clean = path
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !clean || !path.starts_with("/dev") || path == Path::new("/dev") {
+        return Err((
+            "a device path must name a node under /dev, without `.` or `..`".into(),
+            "e.g. devices = [\"/dev/fuse\"], or a rule such as \"c 10:229 rw\"".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `c|b MAJOR|*:MINOR|* [r][w][m]`.
+fn parse_device_rule(text: &str) -> Result<DeviceRule, (String, String)> {
+    let help = || {
+        "write a device path under /dev (\"/dev/fuse\") or a rule `TYPE MAJOR:MINOR ACCESS`: \
+         TYPE c (char) or b (block), MAJOR and MINOR numbers or *, ACCESS some of r, w, m \
+         (e.g. \"c 10:229 rw\", \"b 7:* r\")"
+            .to_string()
+    };
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [kind, numbers, access] = parts.as_slice() else {
+        return Err(("expected three fields".into(), help()));
+    };
+    let kind = match *kind {
+        "c" => DeviceKind::Char,
+        "b" => DeviceKind::Block,
+        "a" => {
+            return Err((
+                "type `a` (all devices) is not allowed".into(),
+                "name the devices: c or b with their numbers, e.g. \"c 10:229 rw\"".into(),
+            ))
+        }
+        other => return Err((format!("unknown device type {other:?}"), help())),
+    };
+    let Some((major, minor)) = numbers.split_once(':') else {
+        return Err((format!("{numbers:?} is not MAJOR:MINOR"), help()));
+    };
+    let number = |s: &str, max: u32, what: &str| -> Result<Option<u32>, (String, String)> {
+        if s == "*" {
+            return Ok(None);
+        }
+        match s.parse::<u32>() {
+            Ok(n) if n <= max && s.chars().all(|c| c.is_ascii_digit()) => Ok(Some(n)),
+            _ => Err((
+                format!("{what} {s:?} must be * or a number up to {max}"),
+                help(),
+            )),
+        }
+    };
+    let (major, minor) = (
+        number(major, MAX_MAJOR, "major")?,
+        number(minor, MAX_MINOR, "minor")?,
+    );
+    let (mut read, mut write, mut mknod) = (false, false, false);
+    for c in access.chars() {
+        let flag = match c {
+            'r' => &mut read,
+            'w' => &mut write,
+            'm' => &mut mknod,
+            _ => return Err((format!("unknown access {c:?} in {access:?}"), help())),
+        };
+        if *flag {
+            return Err((format!("access {c:?} is repeated in {access:?}"), help()));
+        }
+        *flag = true;
+    }
+    Ok(DeviceRule {
+        kind,
+        major,
+        minor,
+        read,
+        write,
+        mknod,
+    })
 }
 
 fn parse_mounts(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Mount>, UnitError> {

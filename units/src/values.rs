@@ -34,7 +34,7 @@ pub(crate) fn duration_from_secs(secs: f64) -> Result<Duration, String> {
 
 /// Parses `"500ms"`, `"2s"`, `"1.5s"`, `"1m30s"`, `"1h"` or a bare number of seconds (`"5"`).
 /// Components may be separated by spaces.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration".into());

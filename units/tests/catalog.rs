@@ -194,7 +194,36 @@ fn resolve_prefers_concrete_units_then_templates() {
 
     assert!(catalog.resolve("nothing").is_none());
     assert!(catalog.resolve("other@1").is_none());
-    assert!(catalog.resolve("worker@").is_none());
+    let err = catalog.resolve("worker@").unwrap().unwrap_err();
+    assert!(err.message.contains("empty instance name"), "{err}");
     let err = catalog.resolve("worker@a b").unwrap().unwrap_err();
     assert!(err.message.contains("invalid instance name"), "{err}");
+}
+
+/// `%i` in a bind path must stay one component: `.` would bind the parent of every instance's
+/// directory, `..` the one above it. Both are refused as instance names everywhere.
+#[test]
+fn dot_instances_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "worker@.toml", WORKER);
+    // A unit file named `worker@..toml` is the instance `worker@.`.
+    write(dir.path(), "worker@..toml", &unit_text("dot"));
+    let catalog = Catalog::load_dirs(&[dir.path().into()]);
+    assert_eq!(catalog.errors.len(), 1, "{:?}", catalog.errors);
+    let e = &catalog.errors[0];
+    assert!(
+        e.message.contains("instance name `.` is not allowed"),
+        "{e}"
+    );
+    assert!(e.file.ends_with("worker@..toml"), "{e}");
+    for bad in ["worker@.", "worker@.."] {
+        let err = catalog.resolve(bad).unwrap().unwrap_err();
+        assert!(err.message.contains("is not allowed"), "{bad}: {err}");
+        assert!(err.to_string().contains("worker@1"), "{bad}: {err}");
+        assert!(flotilla_units::check_name(bad).is_err(), "{bad}");
+        assert!(flotilla_units::parse_unit(bad, None, &unit_text("x")).is_err());
+    }
+    // Still fine: dots inside an instance name.
+    assert!(catalog.resolve("worker@a.b").unwrap().is_ok());
+    assert!(catalog.resolve("worker@...").unwrap().is_ok());
 }

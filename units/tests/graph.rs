@@ -140,3 +140,62 @@ fn format() {
     assert_eq!(format_cycle(&c), "a -> b -> c -> a");
     assert_eq!(format_cycle(&[]), "");
 }
+
+/// Is `graph` free of cycles? (Kahn: repeatedly remove nodes without predecessors left.)
+fn acyclic(graph: &BTreeMap<String, BTreeSet<String>>) -> bool {
+    let mut g = graph.clone();
+    loop {
+        let free: Vec<String> = g
+            .iter()
+            .filter(|(_, preds)| preds.iter().all(|p| !g.contains_key(p)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if free.is_empty() {
+            return g.is_empty();
+        }
+        for n in free {
+            g.remove(&n);
+        }
+    }
+}
+
+#[test]
+fn break_cycles_drops_the_closing_edges_deterministically() {
+    let map = units(&[
+        ("a", &["b"], &[], &[]),
+        ("b", &["a"], &[], &[]),
+        ("c", &["d"], &[], &[]),
+        ("d", &["e"], &[], &[]),
+        ("e", &["c"], &[], &[]),
+        ("f", &["a", "c"], &[], &[]),
+    ]);
+    let graph = predecessor_map(&map);
+    let (kept, dropped) = break_cycles(&graph);
+    // Walked from a: a -> b kept, b -> a closes the cycle; from c: c -> d -> e, e -> c closes it.
+    assert_eq!(
+        dropped,
+        vec![
+            ("b".to_string(), "a".to_string()),
+            ("e".to_string(), "c".to_string())
+        ]
+    );
+    assert!(acyclic(&kept));
+    assert!(!acyclic(&graph));
+    // Edges outside cycles all stay.
+    assert_eq!(kept["f"], set(&["a", "c"]));
+    assert_eq!(kept["a"], set(&["b"]));
+    // Same input, same answer.
+    assert_eq!(break_cycles(&graph), (kept, dropped));
+}
+
+#[test]
+fn break_cycles_drops_a_self_loop_and_keeps_an_acyclic_graph() {
+    let map = with_self_loop(units(&[("a", &[], &[], &[]), ("b", &["a"], &[], &[])]), "a");
+    let (kept, dropped) = break_cycles(&predecessor_map(&map));
+    assert_eq!(dropped, vec![("a".to_string(), "a".to_string())]);
+    assert_eq!(kept["b"], set(&["a"]));
+    let plain = predecessor_map(&units(&[("x", &["y"], &[], &[]), ("y", &[], &["z"], &[])]));
+    let (kept, dropped) = break_cycles(&plain);
+    assert!(dropped.is_empty());
+    assert_eq!(kept, plain);
+}

@@ -42,6 +42,18 @@ fn minimal_unit_gets_defaults() {
 }
 
 #[test]
+fn control_api_is_off_unless_granted() {
+    assert!(!parse(MINIMAL).unwrap().container.control_api);
+    let granted = parse("[container]\ncommand = [\"/bin/true\"]\ncontrol_api = true\n").unwrap();
+    assert!(granted.container.control_api);
+    let typo = parse("[container]\ncommand = [\"/bin/true\"]\ncontrol_apis = true\n").unwrap_err();
+    assert!(
+        typo.to_string().contains("did you mean `control_api`?"),
+        "{typo}"
+    );
+}
+
+#[test]
 fn every_key() {
     let text = r#"
 [unit]
@@ -255,6 +267,38 @@ fn valid_container_forms() {
         let text = format!("[container]\ncommand = [\"/bin/true\"]\nnetwork = \"{word}\"\n");
         assert_eq!(parse(&text).unwrap().container.network, want);
     }
+    let text = "[container]\ncommand = [\"/bin/true\"]\n\
+                devices = [\"/dev/fuse\", \"c 10:229 rw\", \"b *:* m\", \"c 136:* r\"]\n";
+    assert_eq!(
+        parse(text).unwrap().container.devices,
+        [
+            Device::Path("/dev/fuse".into()),
+            Device::Rule(DeviceRule {
+                kind: DeviceKind::Char,
+                major: Some(10),
+                minor: Some(229),
+                read: true,
+                write: true,
+                mknod: false,
+            }),
+            Device::Rule(DeviceRule {
+                kind: DeviceKind::Block,
+                major: None,
+                minor: None,
+                read: false,
+                write: false,
+                mknod: true,
+            }),
+            Device::Rule(DeviceRule {
+                kind: DeviceKind::Char,
+                major: Some(136),
+                minor: None,
+                read: true,
+                write: false,
+                mknod: false,
+            }),
+        ]
+    );
     // Array-of-tables and sub-table syntax work too.
     let text = "[container]\ncommand = [\"/bin/true\"]\n[container.env]\nA = \"1\"\n\
                 [[container.mounts]]\nhost = \"/a\"\npath = \"/b\"\n";
@@ -506,6 +550,78 @@ fn invalid_files() {
             Some("capabilities(7)"),
         ),
         (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"/dev/fuse\", \"x 1:2 r\"]\n",
+            3,
+            25,
+            Some("container.devices"),
+            "invalid device \"x 1:2 r\": unknown device type \"x\"",
+            Some("\"c 10:229 rw\""),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"c 10:229 rwx\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "unknown access 'x'",
+            Some("some of r, w, m"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"b 7 r\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "\"7\" is not MAJOR:MINOR",
+            Some("TYPE MAJOR:MINOR ACCESS"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"c 4096:1 r\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "major \"4096\" must be * or a number up to 4095",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"a *:* rwm\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "type `a` (all devices) is not allowed",
+            Some("name the devices"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"/dev/../etc/shadow\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "must name a node under /dev",
+            Some("/dev/fuse"),
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"/etc/passwd\"]\n",
+            3,
+            12,
+            Some("container.devices"),
+            "must name a node under /dev",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"c 1:3 rw\", \"c 1:3  rw\"]\n",
+            3,
+            24,
+            Some("container.devices"),
+            "is listed twice",
+            None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ndevices = \"/dev/fuse\"\n",
+            3,
+            11,
+            Some("container.devices"),
+            "must be a list of strings",
+            None,
+        ),
+        (
             "[container]\ncommand = [\"/bin/true\"]\nhostname = \"web_1\"\n",
             3,
             12,
@@ -560,6 +676,14 @@ fn invalid_files() {
             Some("container.mounts[0].read_only"),
             "`read_only` must be true or false, not a string",
             None,
+        ),
+        (
+            "[container]\ncommand = [\"/bin/true\"]\ncontrol_api = \"yes\"\n",
+            3,
+            15,
+            Some("container.control_api"),
+            "`control_api` must be true or false, not a string",
+            Some("control_api = true"),
         ),
         // Service values.
         (

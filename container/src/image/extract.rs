@@ -9,6 +9,8 @@
 //! - the final component is created with `O_CREAT | O_EXCL | O_NOFOLLOW` (files),
 //!   `mkdirat`, `symlinkat` (target text stored as is, never followed), `mknodat`, or
 //!   `linkat` without `AT_SYMLINK_FOLLOW` to a target resolved the same way;
+//! - character and block devices become empty regular files (see [`device_placeholder`]);
+//!   FIFOs and 0:0 character devices (overlayfs whiteouts) are kept;
 //! - OCI whiteouts become overlayfs whiteouts: `.wh.NAME` → character device 0:0 `NAME`,
 //!   `.wh..wh..opq` → xattr `trusted.overlay.opaque=y` on the directory (as containerd's
 //!   overlay snapshotter does).
@@ -453,9 +455,12 @@ fn extract_entry<R: Read>(
                 .map_err(|e| ctx.refuse(format!("invalid device minor: {e}")))?
                 .unwrap_or(0);
             let ft = match kind {
-                EntryType::Char => FileType::CharacterDevice,
-                EntryType::Block => FileType::BlockDevice,
-                _ => FileType::Fifo,
+                EntryType::Fifo => FileType::Fifo,
+                // 0:0 is overlayfs's whiteout format (a layer exported from an overlay).
+                EntryType::Char if (major, minor) == (0, 0) => FileType::CharacterDevice,
+                _ => {
+                    return device_placeholder(&dir, name, &meta, major, minor, ctx, opts);
+                }
             };
             remove_existing(&dir, name, ctx)?;
             mknodat(
@@ -471,6 +476,45 @@ fn extract_entry<R: Read>(
         }
         other => Err(ctx.refuse(format!("unsupported tar entry type {other:?}"))),
     }
+}
+
+/// A character or block device from a layer becomes an empty regular file (mode at most
+/// 0644, never set-id): an image never needs a real device node (a container's `/dev` is
+/// made by the runtime and its devices by the cgroup allow-list), and a real node in the
+/// store would be a way to the host's hardware for anyone who could reach it (an
+/// `/dev/mem`, a 0666 disk). Rootless extraction (containers/storage) does the same.
+fn device_placeholder(
+    dir: &OwnedFd,
+    name: &[u8],
+    meta: &Meta,
+    major: u32,
+    minor: u32,
+    ctx: &Ctx,
+    opts: Options,
+) -> Result<Option<DirTime>, ImageError> {
+    log::info!(
+        "layer {}: device node {} ({major}:{minor}) extracted as an empty file",
+        ctx.layer,
+        ctx.entry
+    );
+    remove_existing(dir, name, ctx)?;
+    let fd = openat(
+        dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ctx.io("create a placeholder for a device node", e))?;
+    let meta = Meta {
+        mode: meta.mode & 0o644,
+        uid: meta.uid,
+        gid: meta.gid,
+        mtime: meta.mtime,
+        xattrs: meta.xattrs.clone(),
+    };
+    apply_fd(&fd, &meta, ctx, opts)?;
+    futimens(&fd, &times(meta.mtime)).map_err(|e| ctx.io("set times", e))?;
+    Ok(None)
 }
 
 #[cfg(test)]

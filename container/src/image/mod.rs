@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use layout::write_oci_layout;
-pub use store::ImageStore;
+pub use store::{ImageStore, STORE_MODE};
 pub use stores::{ImageStores, StoredImage};
 
 /// Default store root, shared by `unitctl image` and `image-build`: the writable store.

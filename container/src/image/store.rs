@@ -31,6 +31,51 @@ pub struct ImageStore {
     root: PathBuf,
 }
 
+/// Mode of an image store's root: only its owner (root) may enter it.
+pub const STORE_MODE: u32 = 0o700;
+
+/// Create `root` (and missing parents, with the usual mode) as a [`STORE_MODE`] directory, or
+/// tighten an existing one to it.
+fn create_private_dir(root: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = root.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| ImageError::io("create store directory", parent, e))?;
+    }
+    match fs::DirBuilder::new().mode(STORE_MODE).create(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ImageError::io("create store directory", root, e)),
+    }
+    let meta = fs::metadata(root).map_err(|e| ImageError::io("stat store directory", root, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode == STORE_MODE {
+        return Ok(());
+    }
+    match fs::set_permissions(root, fs::Permissions::from_mode(STORE_MODE)) {
+        Ok(()) => {
+            log::warn!(
+                "image store {}: mode was {mode:o}, open to other users; made it {STORE_MODE:o}",
+                root.display()
+            );
+            Ok(())
+        }
+        // A read-only store (baked into the host image) is made private when built.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            log::warn!(
+                "image store {}: mode {mode:o} on a read-only filesystem cannot be tightened to {STORE_MODE:o}; rebuild it 0700",
+                root.display()
+            );
+            Ok(())
+        }
+        Err(e) => Err(ImageError::io(
+            "make the store private (chmod 0700)",
+            root,
+            e,
+        )),
+    }
+}
+
 /// Held while the store is being changed; dropping it releases the flock.
 struct StoreLock {
     _file: File,
@@ -43,9 +88,15 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 impl ImageStore {
     /// Opens (creating its directories if needed) the store rooted at `root`.
+    ///
+    /// The root is private to its owner ([`STORE_MODE`], 0700): created so, and an existing
+    /// store with a looser mode is tightened here. Layers keep their files' set-id bits (an
+    /// image's `su` must work in its container) and a host user who could reach them could
+    /// run them; through a 0700 root no user but root can. A store on a read-only
+    /// filesystem (the system store) cannot be tightened here: it is made 0700 when built.
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
+        create_private_dir(root)?;
         for dir in [
-            root.to_path_buf(),
             root.join("blobs").join("sha256"),
             root.join("layers"),
             root.join("tmp"),

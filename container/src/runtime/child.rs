@@ -6,15 +6,16 @@
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 use rustix::pipe::{pipe_with, PipeFlags};
 use rustix::thread::UnshareFlags;
 
-use super::plan::Plan;
+use super::plan::{Plan, RootPlan};
 use super::report::{self, exit_now, fail_and_exit, Context, Failure, Step};
-use super::{caps, init, rootfs, seccomp, ContainerError, Network, Spawned};
+use super::{caps, hostpath, init, rootfs, seccomp, ContainerError, Network, Spawned};
 
 /// The fds the children write to.
 #[derive(Clone, Copy)]
@@ -25,17 +26,105 @@ struct ChildFds {
     pid: RawFd,
     /// User namespace sync: child -> parent ("unshared"), parent -> child ("mapped").
     sync: Option<(RawFd, RawFd)>,
+    /// Progress pipe (close-on-exec): one [`Progress`] byte before each setup step.
+    progress: RawFd,
+}
+
+/// The setup steps the children announce on the progress pipe, one byte each, so that the
+/// caller can say where a setup that does not finish in time was stuck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Progress {
+    JoinCgroup,
+    UserNamespace,
+    Namespaces,
+    PrivateMounts,
+    Loopback,
+    RootFs,
+    StandardMounts,
+    MaskPaths,
+    ReadOnlyPaths,
+    BindMounts,
+    SealRoot,
+    Pivot,
+    Identity,
+    Exec,
+}
+
+impl Progress {
+    /// Every step, in the order of their byte values.
+    const ALL: [Progress; 14] = [
+        Progress::JoinCgroup,
+        Progress::UserNamespace,
+        Progress::Namespaces,
+        Progress::PrivateMounts,
+        Progress::Loopback,
+        Progress::RootFs,
+        Progress::StandardMounts,
+        Progress::MaskPaths,
+        Progress::ReadOnlyPaths,
+        Progress::BindMounts,
+        Progress::SealRoot,
+        Progress::Pivot,
+        Progress::Identity,
+        Progress::Exec,
+    ];
+
+    fn text(self) -> &'static str {
+        match self {
+            Progress::JoinCgroup => "joining the cgroup",
+            Progress::UserNamespace => "creating the user namespace",
+            Progress::Namespaces => "creating the namespaces",
+            Progress::PrivateMounts => "making the mounts private",
+            Progress::Loopback => "bringing lo up",
+            Progress::RootFs => "mounting the root filesystem",
+            Progress::StandardMounts => "mounting /proc, /dev and /sys",
+            Progress::MaskPaths => "masking paths",
+            Progress::ReadOnlyPaths => "making paths read-only",
+            Progress::BindMounts => "bind-mounting the mounts",
+            Progress::SealRoot => "sealing the root",
+            Progress::Pivot => "pivoting into the root",
+            Progress::Identity => "setting hostname, limits, seccomp, capabilities and user",
+            Progress::Exec => "executing the command",
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Progress> {
+        Progress::ALL.get(usize::from(b)).copied()
+    }
+}
+
+/// Tell the caller which step comes next (best effort: the pipe never fills, ~16 bytes).
+fn announce(fd: RawFd, step: Progress) {
+    let _ = rustix::io::write(borrow(fd), &[step as u8]);
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ContainerError> {
     pipe_with(PipeFlags::CLOEXEC).map_err(|e| ContainerError::setup("create a pipe", None, e))
 }
 
-/// Read until EOF (or `limit` bytes).
-fn read_all(fd: BorrowedFd<'_>, limit: usize) -> Vec<u8> {
+/// Read until EOF (or `limit` bytes), giving up when `deadline` passes (`None`).
+fn read_all_until(fd: BorrowedFd<'_>, limit: usize, deadline: Instant) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut buf = [0u8; 512];
     while out.len() < limit {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let timeout = rustix::event::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut pfd = [rustix::event::PollFd::from_borrowed_fd(
+            fd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut pfd, Some(&timeout)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => break,
+        }
         match rustix::io::read(fd, &mut buf) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
@@ -43,7 +132,67 @@ fn read_all(fd: BorrowedFd<'_>, limit: usize) -> Vec<u8> {
             Err(_) => break,
         }
     }
-    out
+    Some(out)
+}
+
+/// The last step announced on the progress pipe (what is there now, without waiting).
+fn last_progress(fd: BorrowedFd<'_>) -> Option<&'static str> {
+    let mut last = None;
+    let mut buf = [0u8; 64];
+    loop {
+        let mut pfd = [rustix::event::PollFd::from_borrowed_fd(
+            fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut pfd, Some(&zero)) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+        match rustix::io::read(fd, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(b) = buf.get(..n).and_then(|b| b.last()) {
+                    last = Progress::from_byte(*b).or(last);
+                }
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+    }
+    last.map(Progress::text)
+}
+
+/// How long [`give_up`] waits for the killed setup processes to be reaped; one stuck in the
+/// kernel beyond that is left to the caller's own reaping (a process manager reaps all).
+const REAP_AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// Setup did not finish by the deadline: kill its processes, reap them if they end soon, and
+/// name the step they were at.
+fn give_up(pids: &[Pid], progress: BorrowedFd<'_>, timeout: Duration) -> ContainerError {
+    let step = last_progress(progress);
+    for pid in pids {
+        let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let end = Instant::now() + REAP_AFTER_KILL;
+    let mut left: Vec<Pid> = pids.to_vec();
+    while !left.is_empty() && Instant::now() < end {
+        left.retain(|pid| {
+            matches!(
+                waitpid(*pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR)
+            )
+        });
+        if !left.is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    ContainerError::SetupTimeout { timeout, step }
 }
 
 fn reap(pid: Pid) -> Option<WaitStatus> {
@@ -56,10 +205,15 @@ fn reap(pid: Pid) -> Option<WaitStatus> {
     }
 }
 
-/// Fork the container's processes and wait until the command runs or setup failed.
-pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
+/// Fork the container's processes and wait until the command runs or setup failed, at most
+/// `timeout`: then the setup processes are killed and the error names the step they were at.
+pub(crate) fn start(plan: &Plan, timeout: Duration) -> Result<Spawned, ContainerError> {
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
+    let (progress_r, progress_w) = pipe()?;
     let sync = match plan.userns {
         Some(_) => Some((pipe()?, pipe()?)),
         None => None,
@@ -70,6 +224,7 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
         sync: sync
             .as_ref()
             .map(|((_, up_w), (down_r, _))| (up_w.as_raw_fd(), down_r.as_raw_fd())),
+        progress: progress_w.as_raw_fd(),
     };
     // SAFETY: the child only runs this module's code, which does not touch locks other
     // threads may hold (no stdio, no env access); glibc's fork keeps malloc usable.
@@ -80,12 +235,16 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
     };
     drop(err_w);
     drop(pid_w);
+    drop(progress_w);
     let mut map_error = None;
     if let (Some(((up_r, up_w), (down_r, down_w))), Some(m)) = (sync, plan.userns) {
         drop(up_w);
         drop(down_r);
+        let Some(unshared) = read_all_until(up_r.as_fd(), 1, deadline) else {
+            return Err(give_up(&[c1], progress_r.as_fd(), timeout));
+        };
         // One byte: the child has unshared its user namespace. EOF: it failed (reported below).
-        if read_all(up_r.as_fd(), 1).len() == 1 {
+        if unshared.len() == 1 {
             map_error = write_id_maps(c1, &m).err();
             if map_error.is_none() {
                 // The child sees EOF instead if this fails, and stops.
@@ -94,12 +253,19 @@ pub(crate) fn start(plan: &Plan) -> Result<Spawned, ContainerError> {
         }
         drop(down_w);
     }
-    let pid_bytes = read_all(pid_r.as_fd(), 4);
+    let Some(pid_bytes) = read_all_until(pid_r.as_fd(), 4, deadline) else {
+        return Err(give_up(&[c1], progress_r.as_fd(), timeout));
+    };
+    // The intermediate process exits right after sending the pid (or failing).
     let c1_status = reap(c1);
-    let report = read_all(err_r.as_fd(), 4096);
     let pid = <[u8; 4]>::try_from(pid_bytes.as_slice())
         .ok()
         .map(|b| Pid::from_raw(i32::from_le_bytes(b)));
+    // The error pipe closes when the command's exec succeeds, or carries why setup failed.
+    let Some(report) = read_all_until(err_r.as_fd(), 4096, deadline) else {
+        let pids: Vec<Pid> = pid.into_iter().collect();
+        return Err(give_up(&pids, progress_r.as_fd(), timeout));
+    };
     if report.is_empty() && map_error.is_none() {
         if let Some(pid) = pid {
             return Ok(Spawned { pid });
@@ -168,10 +334,31 @@ fn setup_stdio(plan: &Plan) -> Step {
 
 fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
     setup_stdio(plan)?;
+    // While still host root: the layers' directory becomes the cwd, which the new mount
+    // namespace carries over, so pid 1 names the layers relative to it (see
+    // `plan::lower_dirs`).
+    if let RootPlan::Overlay {
+        layer_dir: Some(dir),
+        ..
+    } = &plan.root
+    {
+        rustix::process::fchdir(dir).step("chdir to the image layers' directory")?;
+    }
+    announce(fds.progress, Progress::JoinCgroup);
     if let Some(fd) = plan.cgroup_procs {
         rustix::io::write(borrow(fd), b"0").step("join the cgroup (write 0 to cgroup.procs)")?;
     }
+    // Still in the caller's namespaces and as host root (open_tree needs CAP_SYS_ADMIN over
+    // the source's mount namespace), but bounded by the caller's setup timeout: a source on
+    // a hung filesystem hangs this process, never the caller.
+    announce(fds.progress, Progress::BindMounts);
+    let trees = plan
+        .binds
+        .iter()
+        .map(|b| hostpath::clone_source_step(&b.source))
+        .collect::<Step<Vec<_>>>()?;
     if let Some((up_w, down_r)) = fds.sync {
+        announce(fds.progress, Progress::UserNamespace);
         // SAFETY: this forked process is single-threaded.
         unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) }
             .step("create the user namespace (unshare CLONE_NEWUSER)")?;
@@ -193,6 +380,7 @@ fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
     if plan.network != Network::Host {
         flags |= UnshareFlags::NEWNET;
     }
+    announce(fds.progress, Progress::Namespaces);
     // SAFETY: this forked process is single-threaded.
     unsafe { rustix::thread::unshare_unsafe(flags) }.step("create the namespaces (unshare)")?;
     // SAFETY: a fork-like clone (no new stack, no shared VM) of a single-threaded process.
@@ -210,7 +398,9 @@ fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
         return Err(std::io::Error::last_os_error()).step("clone the container's pid 1");
     }
     if pid == 0 {
-        child_entry(fds.err, || container_main(plan, fds.err));
+        child_entry(fds.err, || {
+            container_main(plan, &trees, fds.err, fds.progress)
+        });
     }
     let pid = i32::try_from(pid).unwrap_or_default();
     rustix::io::write(borrow(fds.pid), &pid.to_le_bytes()).step("send the container's pid")?;
@@ -225,21 +415,37 @@ fn root_gid() -> rustix::process::Gid {
 }
 
 /// Pid 1 of the container: build the root, set identity and limits, drop privileges, exec.
-fn container_main(plan: &Plan, err: RawFd) -> Step<std::convert::Infallible> {
+fn container_main(
+    plan: &Plan,
+    trees: &[(OwnedFd, bool)],
+    err: RawFd,
+    progress: RawFd,
+) -> Step<std::convert::Infallible> {
+    let step = |p| announce(progress, p);
     rustix::process::umask(rustix::fs::Mode::empty());
+    step(Progress::PrivateMounts);
     rootfs::make_root_private()?;
     if plan.network != Network::Host {
+        step(Progress::Loopback);
         loopback_up()?;
     }
     let userns = plan.userns.is_some();
+    step(Progress::RootFs);
     let root = rootfs::mount_root(plan)?;
+    step(Progress::StandardMounts);
     rootfs::standard_mounts(root.as_fd(), userns)?;
-    rootfs::mask_paths(root.as_fd())?;
+    step(Progress::MaskPaths);
+    rootfs::mask_paths(root.as_fd(), &plan.masked)?;
+    step(Progress::ReadOnlyPaths);
     rootfs::readonly_paths(root.as_fd())?;
-    rootfs::bind_mounts(root.as_fd(), &plan.binds)?;
+    step(Progress::BindMounts);
+    rootfs::bind_mounts(root.as_fd(), &plan.binds, trees)?;
+    step(Progress::SealRoot);
     rootfs::seal_root(root.as_fd(), plan)?;
+    step(Progress::Pivot);
     rootfs::pivot(root.as_fd(), &plan.root_mountpoint)?;
     drop(root);
+    step(Progress::Identity);
     rustix::system::sethostname(plan.hostname.as_bytes()).step("set the hostname")?;
     for (resource, soft, hard) in &plan.rlimits {
         nix::sys::resource::setrlimit(*resource, *soft, *hard).step("set a resource limit")?;
@@ -257,6 +463,7 @@ fn container_main(plan: &Plan, err: RawFd) -> Step<std::convert::Infallible> {
             seccomp::install(filter)?;
         }
     }
+    step(Progress::Exec);
     if plan.init {
         init::run_init(plan, err)
     } else {
@@ -380,4 +587,32 @@ fn null_terminated(list: &[std::ffi::CString]) -> Vec<*const libc::c_char> {
 fn exec(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) {
     // SAFETY: argv and envp are NULL-terminated arrays of valid C strings that outlive the call.
     unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bytes_name_their_steps() {
+        for (i, step) in Progress::ALL.iter().enumerate() {
+            assert_eq!(*step as u8 as usize, i, "ALL is in byte order");
+            assert_eq!(Progress::from_byte(*step as u8), Some(*step));
+        }
+        assert_eq!(Progress::from_byte(200), None);
+    }
+
+    #[test]
+    fn a_silent_pipe_times_out_and_a_closed_one_does_not() {
+        let (r, w) = pipe().unwrap();
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(read_all_until(r.as_fd(), 4, soon), None);
+        rustix::io::write(&w, &[Progress::BindMounts as u8]).unwrap();
+        assert_eq!(last_progress(r.as_fd()), Some("bind-mounting the mounts"));
+        rustix::io::write(&w, b"ab").unwrap();
+        drop(w);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(read_all_until(r.as_fd(), 4, later), Some(b"ab".to_vec()));
+    }
 }

@@ -13,11 +13,15 @@
 //! [`seccomp`]) and execs. Any failure in the children comes back over a close-on-exec pipe
 //! ([`report`]) so [`spawn`] returns an error naming the step and the path.
 
+mod bpf;
 mod caps;
 mod child;
+mod devices;
+mod hostpath;
 mod init;
 mod mounts;
 mod plan;
+mod reaper;
 mod report;
 mod rootfs;
 mod seccomp;
@@ -26,12 +30,18 @@ mod user;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
 pub use child::reset_signals;
+pub use devices::{
+    attach_device_filter, DeviceKind, DeviceRule, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE,
+    DEFAULT_DEVICES,
+};
+pub use hostpath::create_dir_all_nofollow;
 pub use user::lookup_user;
 
 /// What to run in a container and how to isolate it.
@@ -73,7 +83,21 @@ pub struct ContainerSpec {
     pub init: bool,
     /// Standard input is a terminal: make it the controlling terminal of the command.
     pub terminal: bool,
+    /// Devices allowed beyond [`DEFAULT_DEVICES`]. The caller enforces them with
+    /// [`attach_device_filter`] on the container's cgroup before [`spawn`].
+    pub devices: Vec<DeviceRule>,
+    /// More paths to hide inside the container, like the standard masked paths (`/dev/null`
+    /// bound over a file, an empty read-only tmpfs over a directory; missing ones skipped):
+    /// the host's secrets under a [`RootFs::HostReadOnly`] root. Absolute, in the container.
+    pub masked_paths: Vec<PathBuf>,
+    /// How long [`spawn`] waits for the setup (namespaces, mounts, exec) to finish before it
+    /// kills the setup processes and fails with [`ContainerError::SetupTimeout`]: a mount on
+    /// a hung filesystem must not hang the caller ([`DEFAULT_SETUP_TIMEOUT`]).
+    pub setup_timeout: Duration,
 }
+
+/// How long a container's setup may take by default (see [`ContainerSpec::setup_timeout`]).
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ContainerSpec {
     /// A spec with the defaults: cwd `/`, root user, private network, default capabilities,
@@ -96,12 +120,15 @@ impl ContainerSpec {
             rlimits: Vec::new(),
             init: false,
             terminal: false,
+            devices: Vec::new(),
+            masked_paths: Vec::new(),
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
         }
     }
 }
 
-/// The capabilities a container keeps when [`ContainerSpec::capabilities`] is `None` (the same
-/// set as runc's and Docker's default).
+/// The capabilities a container keeps when [`ContainerSpec::capabilities`] is `None`: runc's
+/// and Docker's default set without `CAP_MKNOD` and `CAP_NET_RAW`.
 pub const DEFAULT_CAPABILITIES: &[&str] = caps::DEFAULT;
 
 /// The root filesystem of a container.
@@ -232,9 +259,63 @@ pub enum ContainerError {
         #[source]
         source: io::Error,
     },
+    /// A host path (a bind mount source, a directory to create) has a symlink in it. Host
+    /// paths are resolved without following symlinks: a container that may write below a
+    /// bind source could otherwise plant one (`sub -> /`) and hand the host's root to the
+    /// next container that binds `sub`.
+    #[error(
+        "{what} {}: {} is a symlink (to {}); host paths are resolved without following \
+         symlinks: name the real path instead, or replace the symlink with a directory",
+        path.display(),
+        component.display(),
+        target.display()
+    )]
+    SymlinkInPath {
+        /// What the path is for.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// Its first component that is a symlink.
+        component: PathBuf,
+        /// Where that symlink points (as stored in it).
+        target: PathBuf,
+    },
+    /// The setup did not finish within [`ContainerSpec::setup_timeout`]; its processes were
+    /// killed.
+    #[error(
+        "the container's setup did not finish within {timeout:?}{}; its processes were \
+         killed. A mount may hang (a hung network or FUSE filesystem under a bind mount's \
+         source or an image layer): check the unit's mounts",
+        at_step(step)
+    )]
+    SetupTimeout {
+        /// The limit that passed.
+        timeout: Duration,
+        /// The step the setup was at, when it had announced one.
+        step: Option<&'static str>,
+    },
     /// The container's processes ended without saying why.
     #[error("the container's setup process ended unexpectedly ({0})")]
     Lost(String),
+    /// The device filter could not be loaded or attached: the container must not run.
+    #[error(
+        "cannot enforce the device allow-list on cgroup {}: {step}: {source}{}; \
+         the container needs a cgroup v2 directory and a kernel with CONFIG_CGROUP_BPF \
+         (run it under a manager on cgroup v2, as root)",
+        cgroup.display(),
+        if log.is_empty() { String::new() } else { format!(" (verifier: {log})") }
+    )]
+    DeviceFilter {
+        /// What was being done.
+        step: &'static str,
+        /// The cgroup directory.
+        cgroup: PathBuf,
+        /// The system error.
+        #[source]
+        source: io::Error,
+        /// The verifier's log, when loading failed.
+        log: String,
+    },
     /// Resolving a user or group in the image failed.
     #[error("user {spec:?}: {message}")]
     User {
@@ -243,6 +324,13 @@ pub enum ContainerError {
         /// What went wrong.
         message: String,
     },
+}
+
+fn at_step(step: &Option<&'static str>) -> String {
+    match step {
+        Some(s) => format!(" (it was {s})"),
+        None => String::new(),
+    }
 }
 
 fn show_path(path: &Option<PathBuf>) -> String {
@@ -299,9 +387,19 @@ pub fn spawn(
     cgroup_procs: Option<BorrowedFd<'_>>,
 ) -> Result<Spawned, ContainerError> {
     let plan = plan::Plan::new(spec, stdio, cgroup_procs.map(|fd| fd.as_raw_fd()))?;
-    let result = child::start(&plan);
+    let result = child::start(&plan, spec.setup_timeout);
     plan.cleanup_after_start();
     result
+}
+
+/// Make the calling process non-dumpable (`PR_SET_DUMPABLE 0`): no core dumps, and neither
+/// `ptrace` nor `/proc/PID/mem`, `/proc/PID/environ` or `/proc/PID/maps` for processes
+/// without `CAP_SYS_PTRACE`. Programs that start containers and hold other units' secrets
+/// (the manager, the toolbox) call it once at start; the container's setup processes, forks
+/// of the caller, inherit it until their exec.
+pub fn make_non_dumpable() -> Result<(), ContainerError> {
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| ContainerError::setup("make this process non-dumpable (prctl)", None, e))
 }
 
 /// Signals [`run`] forwards to the container.

@@ -107,16 +107,9 @@ pub(crate) const STANDARD_MOUNTS: &[StandardMount] = &[
     },
 ];
 
-/// Character devices created in the container's `/dev`: name, major, minor (mode 0666).
-/// Inside a user namespace (no `mknod`), the host's nodes are bind-mounted instead.
-pub(crate) const DEVICE_NODES: &[(&str, u32, u32)] = &[
-    ("null", 1, 3),
-    ("zero", 1, 5),
-    ("full", 1, 7),
-    ("random", 1, 8),
-    ("urandom", 1, 9),
-    ("tty", 5, 0),
-];
+/// Character devices in the container's `/dev` (bound from the host's `/dev`; the device
+/// filter allows them, see [`super::devices::DEFAULT_DEVICES`]).
+pub(crate) const DEVICE_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Symlinks in the container's `/dev`: name, target.
 pub(crate) const DEVICE_SYMLINKS: &[(&str, &str)] = &[

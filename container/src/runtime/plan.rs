@@ -7,8 +7,10 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use nix::sys::resource::Resource;
+use rustix::fs::{Mode, OFlags};
 use seccompiler::BpfProgram;
 
 use super::{
@@ -48,6 +50,10 @@ pub(crate) enum RootPlan {
         options: String,
         /// Mounted read-only.
         read_only: bool,
+        /// The directory holding every layer, opened by the caller, when they share one:
+        /// `lowerdir` then names the layers relative to it, and the container's processes
+        /// start there (see [`lower_dirs`]).
+        layer_dir: Option<OwnedFd>,
     },
     /// A read-only bind mount of this directory.
     Bind {
@@ -59,14 +65,14 @@ pub(crate) enum RootPlan {
 /// One checked bind mount.
 #[derive(Debug)]
 pub(crate) struct BindPlan {
-    /// Host path.
+    /// Host path: opened without following symlinks and cloned into a detached mount tree
+    /// by the intermediate process ([`super::hostpath::clone_source`]), then moved onto the
+    /// destination inside the container's mount namespace.
     pub source: PathBuf,
     /// Path relative to the container root (no leading `/`).
     pub destination: PathBuf,
     /// Read-only.
     pub read_only: bool,
-    /// The source is a directory (else a file: the mount point is a file).
-    pub is_dir: bool,
 }
 
 /// The prepared container.
@@ -76,6 +82,8 @@ pub(crate) struct Plan {
     /// The mount point is a temporary directory to remove after the start.
     pub temporary_mountpoint: bool,
     pub binds: Vec<BindPlan>,
+    /// The spec's extra masked paths, relative to the container root.
+    pub masked: Vec<PathBuf>,
     pub hostname: String,
     pub network: Network,
     pub userns: Option<IdMapping>,
@@ -83,13 +91,15 @@ pub(crate) struct Plan {
     pub user: User,
     pub caps: u64,
     pub no_new_privileges: bool,
-    pub seccomp: Option<BpfProgram>,
+    pub seccomp: Option<Arc<BpfProgram>>,
     /// Paths to try with execve, in order.
     pub exe_candidates: Vec<CString>,
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
     pub cwd: PathBuf,
     pub init: bool,
+    /// With `init`: the memfd of `flotilla-reaper`, executed as the container's pid 1.
+    pub reaper: Option<RawFd>,
     pub terminal: bool,
     /// stdin, stdout, stderr.
     pub stdio: [OwnedFd; 3],
@@ -155,7 +165,7 @@ impl Plan {
         }
         .map_err(invalid)?;
         let seccomp = if spec.seccomp {
-            Some(seccomp::compile(caps).map_err(invalid)?)
+            Some(seccomp::filter_for(caps).map_err(invalid)?)
         } else {
             None
         };
@@ -181,8 +191,10 @@ impl Plan {
             .mounts
             .iter()
             .map(|m| {
-                let meta = std::fs::metadata(&m.source)
-                    .map_err(|e| ContainerError::setup("bind mount source", Some(&m.source), e))?;
+                // The source is not looked at here but by the intermediate setup process
+                // (`hostpath::clone_source`), which the caller's setup timeout bounds: on a
+                // hung filesystem even a lookup hangs, and the caller (a process manager)
+                // must not.
                 let destination = relative_in_container("mount destination", &m.destination)?;
                 if destination.as_os_str().is_empty() {
                     return Err(invalid("a bind mount cannot replace the root"));
@@ -191,7 +203,6 @@ impl Plan {
                     source: m.source.clone(),
                     destination,
                     read_only: m.read_only,
-                    is_dir: meta.is_dir(),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -229,6 +240,11 @@ impl Plan {
             root_mountpoint,
             temporary_mountpoint,
             binds,
+            masked: spec
+                .masked_paths
+                .iter()
+                .map(|p| relative_in_container("masked path", p))
+                .collect::<Result<Vec<_>, _>>()?,
             hostname,
             network: spec.network,
             userns: spec.user_namespace,
@@ -242,6 +258,11 @@ impl Plan {
             envp,
             cwd: spec.cwd.clone(),
             init: spec.init,
+            reaper: if spec.init {
+                Some(super::reaper::program_fd()?)
+            } else {
+                None
+            },
             terminal: spec.terminal,
             stdio,
             cgroup_procs,
@@ -305,6 +326,50 @@ fn check_overlay_path(p: &Path) -> Result<String, ContainerError> {
     Ok(s.to_owned())
 }
 
+/// overlayfs `lowerdir` for `layers` (lowest first), top layer first. When the layers share a
+/// parent directory (a store's `layers/`), it is opened here and the layers are named
+/// relative to it: the intermediate process `fchdir`s there while still host root, the cwd
+/// follows it into the new mount namespace, and overlayfs resolves the names from there. So
+/// the root of a container in a user namespace (a host uid that may not enter the private
+/// store, 0700) never walks the store's path. Otherwise: absolute paths.
+fn lower_dirs(layers: &[PathBuf]) -> Result<(Option<OwnedFd>, String), ContainerError> {
+    let parent = layers.first().and_then(|l| l.parent());
+    let shared = parent.filter(|p| layers.iter().all(|l| l.parent() == Some(*p)));
+    let Some(dir) = shared else {
+        let lower = layers
+            .iter()
+            .rev()
+            .map(|l| check_overlay_path(l))
+            .collect::<Result<Vec<_>, _>>()?
+            .join(":");
+        return Ok((None, lower));
+    };
+    check_overlay_path(dir)?;
+    let names = layers
+        .iter()
+        .rev()
+        .map(|l| {
+            let name = l.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.is_empty() || name.starts_with('.') {
+                return Err(invalid(format!(
+                    "layer path {} must end in a plain directory name",
+                    l.display()
+                )));
+            }
+            // The whole path passed check_overlay_path's character rules with the parent.
+            check_overlay_path(l).map(|_| name.to_owned())
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .join(":");
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ContainerError::setup("open the image layers' directory", Some(dir), e))?;
+    Ok((Some(fd), names))
+}
+
 fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), ContainerError> {
     match &spec.root {
         RootFs::Overlay {
@@ -326,13 +391,7 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
             }
             let mountpoint = state_dir.join("rootfs");
             create_dir(&mountpoint)?;
-            // overlayfs wants the top layer first.
-            let lower = layers
-                .iter()
-                .rev()
-                .map(|l| check_overlay_path(l))
-                .collect::<Result<Vec<_>, _>>()?
-                .join(":");
+            let (layer_dir, lower) = lower_dirs(layers)?;
             // Always an upper dir: a read-only root is mounted writable so that missing mount
             // points can be made (in the container's state, never in the image), then
             // remounted read-only once every mount is in place (as runc does).
@@ -354,6 +413,7 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
                 RootPlan::Overlay {
                     options,
                     read_only: *read_only,
+                    layer_dir,
                 },
                 mountpoint,
                 false,

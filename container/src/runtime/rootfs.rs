@@ -280,7 +280,7 @@ pub(crate) fn standard_mounts(root: BorrowedFd<'_>, userns: bool) -> Step {
             (Err(e), _) => return Err(e).step_at(m.step_name(), shown(rel)),
         }
     }
-    device_nodes(root, userns)
+    device_nodes(root)
 }
 
 impl super::mounts::StandardMount {
@@ -297,31 +297,21 @@ impl super::mounts::StandardMount {
     }
 }
 
-fn device_nodes(root: BorrowedFd<'_>, userns: bool) -> Step {
+fn device_nodes(root: BorrowedFd<'_>) -> Step {
     let dev = open_in_root(root, Path::new("dev"), OFlags::DIRECTORY).step_at("open", "/dev")?;
-    for (name, major, minor) in DEVICE_NODES {
+    for name in DEVICE_NODES {
+        // The host's nodes are bound, never created: the device filter denies `mknod` in
+        // the container's cgroup (and a user namespace cannot mknod at all).
         let shown_path = Path::new("/dev").join(name);
-        if userns {
-            // mknod is not allowed in a user namespace: bind the host's node.
-            let file = rustix::fs::openat(
-                &dev,
-                *name,
-                OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-                Mode::from_raw_mode(0o666),
-            )
-            .step_at("create a device node placeholder", &shown_path)?;
-            rustix::mount::mount_bind(shown_path.as_path(), fd_path(file.as_fd()).as_str())
-                .step_at("bind-mount the host's device node", &shown_path)?;
-        } else {
-            rustix::fs::mknodat(
-                &dev,
-                *name,
-                FileType::CharacterDevice,
-                Mode::from_raw_mode(0o666),
-                rustix::fs::makedev(*major, *minor),
-            )
-            .step_at("create a device node (mknod)", &shown_path)?;
-        }
+        let file = rustix::fs::openat(
+            &dev,
+            *name,
+            OFlags::CREATE | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::from_raw_mode(0o666),
+        )
+        .step_at("create a device node placeholder", &shown_path)?;
+        rustix::mount::mount_bind(shown_path.as_path(), fd_path(file.as_fd()).as_str())
+            .step_at("bind-mount the host's device node", &shown_path)?;
     }
     for (name, target) in DEVICE_SYMLINKS {
         rustix::fs::symlinkat(*target, &dev, *name)
@@ -332,9 +322,9 @@ fn device_nodes(root: BorrowedFd<'_>, userns: bool) -> Step {
 
 /// Step 4: hide [`MASKED_PATHS`]: `/dev/null` over files, an empty read-only tmpfs over
 /// directories.
-pub(crate) fn mask_paths(root: BorrowedFd<'_>) -> Step {
-    for p in MASKED_PATHS {
-        let rel = Path::new(p);
+pub(crate) fn mask_paths(root: BorrowedFd<'_>, extra: &[PathBuf]) -> Step {
+    let standard = MASKED_PATHS.iter().map(Path::new);
+    for rel in standard.chain(extra.iter().map(PathBuf::as_path)) {
         let fd = match open_in_root(root, rel, OFlags::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => continue,
@@ -379,19 +369,32 @@ pub(crate) fn readonly_paths(root: BorrowedFd<'_>) -> Step {
     Ok(())
 }
 
-/// Step 6: the spec's bind mounts, destinations resolved inside the root.
-pub(crate) fn bind_mounts(root: BorrowedFd<'_>, binds: &[BindPlan]) -> Step {
-    for b in binds {
-        let target = if b.is_dir {
+/// Step 6: the spec's bind mounts, destinations resolved inside the root; each source is the
+/// detached clone (and whether it is a directory) that the intermediate process made without
+/// following symlinks, in the order of `binds`.
+pub(crate) fn bind_mounts(
+    root: BorrowedFd<'_>,
+    binds: &[BindPlan],
+    trees: &[(OwnedFd, bool)],
+) -> Step {
+    for (b, (tree, is_dir)) in binds.iter().zip(trees) {
+        let target = if *is_dir {
             ensure_dir(root, &b.destination)?
         } else {
             ensure_file(root, &b.destination)?
         };
-        rustix::mount::mount_bind_recursive(b.source.as_path(), fd_path(target.as_fd()).as_str())
-            .step_at("bind-mount", &b.source)?;
+        super::hostpath::attach(tree, &target)
+            .step_at("bind-mount (move_mount of the source's clone)", &b.source)?;
+        let fd = open_in_root(root, &b.destination, OFlags::empty())
+            .step_at("open a bind mount", shown(&b.destination))?;
+        // The clone keeps the source's propagation (a shared host mount would make it a
+        // peer): make it private like every other mount of the container.
+        rustix::mount::mount_change(
+            fd_path(fd.as_fd()).as_str(),
+            MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+        )
+        .step_at("make a bind mount private", shown(&b.destination))?;
         if b.read_only {
-            let fd = open_in_root(root, &b.destination, OFlags::empty())
-                .step_at("open a bind mount", shown(&b.destination))?;
             remount_readonly(fd.as_fd())
                 .step_at("remount a bind mount read-only", shown(&b.destination))?;
         }

@@ -1,17 +1,35 @@
 //! The default seccomp filter: a deny-list answering `EPERM`, modeled on the syscalls Docker's
-//! default profile blocks. Compiled to BPF in the parent with `seccompiler` (arch check
-//! included); installed in the child with `seccomp(2)` directly, because
-//! `seccompiler::apply_filter` would also force `no_new_privs`.
+//! default profile blocks. Compiled to BPF in the parent with `seccompiler`, once per
+//! distinct filter (it depends only on whether `CAP_SYS_ADMIN` is kept) and cached;
+//! installed in the child with `seccomp(2)` directly, because `seccompiler::apply_filter`
+//! would also force `no_new_privs`.
+//!
+//! A deny-list must also close the other doors into the same syscalls. On x86_64 a
+//! hand-written prefix ([`abi_prefix`]) runs before seccompiler's program:
+//! - any architecture other than the native one (the i386 ABI: `int 0x80`, whose syscall
+//!   numbers differ) kills the process, as seccompiler's own arch check does;
+//! - x32 syscalls arrive with the native `AUDIT_ARCH_X86_64` and bit 30 set in the number
+//!   (`0x40000000 | nr`): seccompiler's rules match exact numbers, so without the prefix
+//!   they would fall through to the default allow. Every x32 syscall answers `EPERM`.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
 
 use super::report::{Context, Step};
 
 /// Always denied: kernel modules, kexec, reboot, swap, clock setting, BPF, perf, keyrings,
-/// userfaultfd, handle-based opens, accounting, quotas, syslog, vhangup, raw port access.
+/// userfaultfd, handle-based opens, accounting, quotas, syslog, vhangup, raw port access,
+/// and io_uring (its rings perform operations seccomp never sees; Docker and containerd
+/// block it too).
 const DENIED: &[libc::c_long] = &[
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
     libc::SYS_init_module,
@@ -62,6 +80,102 @@ const DENIED_WITHOUT_SYS_ADMIN: &[libc::c_long] = &[
     libc::SYS_setns,
 ];
 
+/// `clone` flags that create namespaces: `clone` with any of them is denied unless
+/// `CAP_SYS_ADMIN` is kept (the `unshare` of [`DENIED_WITHOUT_SYS_ADMIN`] by another door;
+/// `CLONE_NEWUSER` needs no capability at all).
+const CLONE_NAMESPACE_FLAGS: &[libc::c_int] = &[
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// Bit 30 of the syscall number: the x32 ABI.
+#[cfg(target_arch = "x86_64")]
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// `AUDIT_ARCH_X86_64`: `EM_X86_64` (62), 64-bit, little-endian.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+
+/// Offsets in `struct seccomp_data`.
+#[cfg(target_arch = "x86_64")]
+const DATA_NR: u32 = 0;
+#[cfg(target_arch = "x86_64")]
+const DATA_ARCH: u32 = 4;
+
+#[cfg(target_arch = "x86_64")]
+fn stmt(code: u32, k: u32) -> sock_filter {
+    sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn jump(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// Instructions run before seccompiler's program (see the module doc): a foreign ABI is
+/// killed, x32 numbers answer `EPERM`; without `CAP_SYS_ADMIN`, `clone3` answers `ENOSYS`
+/// (its flags are behind a pointer a filter cannot read; libc then falls back to `clone`,
+/// whose flags are checked), as in Docker's profile.
+#[cfg(target_arch = "x86_64")]
+fn abi_prefix(admin: bool) -> Vec<sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ERRNO,
+        SECCOMP_RET_KILL_PROCESS,
+    };
+    let mut p = vec![
+        stmt(BPF_LD | BPF_W | BPF_ABS, DATA_ARCH),
+        // Native: skip the kill.
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD | BPF_W | BPF_ABS, DATA_NR),
+        // x32: fall into the EPERM; else skip it.
+        jump(BPF_JMP | BPF_JSET | BPF_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | libc::EPERM as u32),
+    ];
+    if !admin {
+        p.extend([
+            jump(BPF_JMP | BPF_JEQ | BPF_K, libc::SYS_clone3 as u32, 0, 1),
+            stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        ]);
+    }
+    p
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn abi_prefix(_admin: bool) -> Vec<sock_filter> {
+    // seccompiler's arch check already kills compat (32-bit) syscalls; no x32 here.
+    Vec::new()
+}
+
+/// The filter compiled for capability sets without `CAP_SYS_ADMIN`.
+static WITHOUT_ADMIN: OnceLock<Result<Arc<BpfProgram>, String>> = OnceLock::new();
+/// The filter compiled for capability sets with `CAP_SYS_ADMIN`.
+static WITH_ADMIN: OnceLock<Result<Arc<BpfProgram>, String>> = OnceLock::new();
+
+/// The default filter for a container keeping `keep_caps`: compiled on first use for that
+/// kind of capability set (the filter depends only on `CAP_SYS_ADMIN`), then shared.
+pub(crate) fn filter_for(keep_caps: u64) -> Result<Arc<BpfProgram>, String> {
+    let admin = keep_caps & super::caps::SYS_ADMIN_BIT != 0;
+    let cell = if admin { &WITH_ADMIN } else { &WITHOUT_ADMIN };
+    cell.get_or_init(|| compile(keep_caps).map(Arc::new))
+        .clone()
+}
+
 /// Compile the default filter for this architecture.
 pub(crate) fn compile(keep_caps: u64) -> Result<BpfProgram, String> {
     let mut rules = BTreeMap::new();
@@ -70,6 +184,24 @@ pub(crate) fn compile(keep_caps: u64) -> Result<BpfProgram, String> {
     for nr in DENIED.iter().chain(extra) {
         // An empty rule list matches the syscall unconditionally.
         rules.insert(*nr, Vec::new());
+    }
+    if !admin {
+        // One rule per flag: rules of a syscall match when any of them does.
+        let clone_rules = CLONE_NAMESPACE_FLAGS
+            .iter()
+            .map(|flag| {
+                let flag = u64::from(flag.unsigned_abs());
+                SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Qword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )
+                .and_then(|c| SeccompRule::new(vec![c]))
+                .map_err(|e| format!("seccomp: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_clone, clone_rules);
     }
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| format!("seccomp: unsupported architecture: {e}"))?;
@@ -80,7 +212,10 @@ pub(crate) fn compile(keep_caps: u64) -> Result<BpfProgram, String> {
         arch,
     )
     .map_err(|e| format!("seccomp: {e}"))?;
-    BpfProgram::try_from(filter).map_err(|e| format!("seccomp: {e}"))
+    let program = BpfProgram::try_from(filter).map_err(|e| format!("seccomp: {e}"))?;
+    let mut full = abi_prefix(admin);
+    full.extend(program);
+    Ok(full)
 }
 
 /// Install the filter on this process (needs `no_new_privs` or `CAP_SYS_ADMIN`).
@@ -118,5 +253,20 @@ mod tests {
         let without = compile(0).unwrap();
         let with = compile(super::super::caps::SYS_ADMIN_BIT).unwrap();
         assert!(without.len() > with.len());
+    }
+
+    #[test]
+    fn compiled_once_per_kind_of_capability_set() {
+        let admin = super::super::caps::SYS_ADMIN_BIT;
+        let a = filter_for(0).unwrap();
+        let b = filter_for(1 << 5).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "same filter for sets without SYS_ADMIN"
+        );
+        let c = filter_for(admin).unwrap();
+        let d = filter_for(admin | 1).unwrap();
+        assert!(Arc::ptr_eq(&c, &d));
+        assert!(!Arc::ptr_eq(&a, &c));
     }
 }

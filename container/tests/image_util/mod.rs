@@ -22,6 +22,8 @@ pub enum Ent<'a> {
     Hardlink(&'a [u8], &'a [u8]),
     /// A PAX `path` record (may contain anything), then a regular file.
     PaxPath(&'a [u8]),
+    /// A character (`true`) or block device: path, major, minor, mode.
+    Device(&'a [u8], bool, u32, u32, u32),
 }
 
 fn header(kind: EntryType, path: &[u8], link: &[u8], mode: u32, size: u64) -> Header {
@@ -72,6 +74,18 @@ pub fn tar_of(entries: &[Ent]) -> Vec<u8> {
             Ent::Hardlink(p, t) => b
                 .append(&header(EntryType::Link, p, t, 0o644, 0), &[][..])
                 .unwrap(),
+            Ent::Device(p, chr, major, minor, mode) => {
+                let kind = if *chr {
+                    EntryType::Char
+                } else {
+                    EntryType::Block
+                };
+                let mut h = header(kind, p, b"", *mode, 0);
+                h.set_device_major(*major).unwrap();
+                h.set_device_minor(*minor).unwrap();
+                h.set_cksum();
+                b.append(&h, &[][..]).unwrap()
+            }
             Ent::PaxPath(p) => {
                 let mut rec = Vec::new();
                 let body_len = b" path=".len() + p.len() + 1;

@@ -185,6 +185,16 @@ impl InitApi {
             .await
     }
 
+    /// Whether unit `name` runs with the control API grant (`GetUnitControlApi`): what the
+    /// API asks about a caller it finds in another unit's cgroup.
+    pub async fn unit_control_api(&self, name: &str) -> Result<bool, InitError> {
+        let n = name.to_string();
+        self.call(format!("GetUnitControlApi {name}"), move |c| {
+            c.unit_control_api(&n)
+        })
+        .await
+    }
+
     /// The text of a unit's file.
     pub async fn cat_unit(&self, name: &str) -> Result<String, InitError> {
         let n = name.to_string();

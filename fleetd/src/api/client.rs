@@ -1,6 +1,8 @@
-//! A client of the fleetd API (what `fleetctl` uses): HTTP/1.1 over the Unix socket or TCP.
+//! A client of the fleetd API (what `fleetctl` uses): HTTP/1.1 over the Unix socket, TCP,
+//! or TCP with mutual TLS.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -17,19 +19,27 @@ use crate::model::{Machine, UnitState};
 pub enum Endpoint {
     /// A Unix socket (`/run/flotilla/fleetd.sock`, or `unix:///path`).
     Unix(PathBuf),
-    /// A TCP address (`http://host:port`).
+    /// A TCP address (`http://host:port`): plaintext, for a fleetd run with `--insecure`.
     Tcp(String),
+    /// A TLS address (`https://host:port`): the server's certificate must chain to the
+    /// client's CA and name `host` ([`ApiClient::with_tls`]).
+    Tls(String),
 }
 
 impl Endpoint {
-    /// Parses `PATH`, `unix://PATH` or `http://HOST:PORT[/]`.
+    /// Parses `PATH`, `unix://PATH`, `http://HOST:PORT[/]` or `https://HOST:PORT[/]`.
     pub fn parse(text: &str) -> Result<Endpoint, ClientError> {
-        if let Some(rest) = text.strip_prefix("http://") {
-            let host = rest.split('/').next().unwrap_or_default();
-            if host.is_empty() {
-                return Err(ClientError::BadEndpoint(text.to_string()));
+        for (scheme, make) in [
+            ("http://", Endpoint::Tcp as fn(String) -> Endpoint),
+            ("https://", Endpoint::Tls),
+        ] {
+            if let Some(rest) = text.strip_prefix(scheme) {
+                let host = rest.split('/').next().unwrap_or_default();
+                if host.is_empty() {
+                    return Err(ClientError::BadEndpoint(text.to_string()));
+                }
+                return Ok(make(host.to_string()));
             }
-            return Ok(Endpoint::Tcp(host.to_string()));
         }
         if text.contains("://") && !text.starts_with("unix://") {
             return Err(ClientError::BadEndpoint(text.to_string()));
@@ -47,6 +57,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "http://{a}"),
+            Endpoint::Tls(a) => write!(f, "https://{a}"),
         }
     }
 }
@@ -55,8 +66,11 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The endpoint is neither a path nor `http://host:port`.
-    #[error("invalid endpoint {0:?}: give a socket path (/run/flotilla/fleetd.sock) or http://HOST:PORT")]
+    #[error("invalid endpoint {0:?}: give a socket path (/run/flotilla/fleetd.sock), https://HOST:PORT or http://HOST:PORT")]
     BadEndpoint(String),
+    /// An `https://` endpoint without TLS settings.
+    #[error("the endpoint {0} is TLS: give the cluster CA (fleetctl --ca FILE, or FLEETCTL_CA) and, to be let in, a client certificate and key (--cert, --key)")]
+    NoTls(String),
     /// Nothing answers at the endpoint.
     #[error("cluster unreachable: cannot connect to {endpoint}: {source}")]
     Unreachable {
@@ -74,6 +88,18 @@ pub enum ClientError {
         /// The cause.
         #[source]
         source: hyper::Error,
+    },
+    /// The TLS handshake with an `https://` endpoint failed: one side refused the other's
+    /// certificate.
+    #[error("TLS with {endpoint} failed: {reason}; {hint}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// rustls' reason (`received fatal alert: CertificateRequired`, `invalid peer
+        /// certificate: UnknownIssuer`, ...).
+        reason: String,
+        /// What to do.
+        hint: &'static str,
     },
     /// The API answered with an error.
     #[error("{message}")]
@@ -105,6 +131,7 @@ impl ClientError {
 pub struct ApiClient {
     endpoint: Endpoint,
     token: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ApiClient {
@@ -113,12 +140,20 @@ impl ApiClient {
         Ok(ApiClient {
             endpoint: Endpoint::parse(endpoint)?,
             token: None,
+            tls: None,
         })
     }
 
     /// Sends `Authorization: Bearer <token>` (for a TCP endpoint).
     pub fn with_token(mut self, token: impl Into<String>) -> ApiClient {
         self.token = Some(token.into());
+        self
+    }
+
+    /// Talks TLS with `config` to an `https://` endpoint (see [`crate::tls::client_config`]:
+    /// the cluster CA and this client's certificate).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> ApiClient {
+        self.tls = Some(config);
         self
     }
 
@@ -235,7 +270,7 @@ impl ApiClient {
         };
         let host = match &self.endpoint {
             Endpoint::Unix(_) => "localhost".to_string(),
-            Endpoint::Tcp(a) => a.clone(),
+            Endpoint::Tcp(a) | Endpoint::Tls(a) => a.clone(),
         };
         let mut request = Request::builder()
             .method(method)
@@ -269,6 +304,36 @@ impl ApiClient {
                     .map_err(unreachable)?;
                 send(TokioIo::new(stream), request).await.map_err(http)?
             }
+            Endpoint::Tls(addr) => {
+                let Some(config) = &self.tls else {
+                    return Err(ClientError::NoTls(endpoint.clone()));
+                };
+                let stream = match crate::tls::connect(config.clone(), addr).await {
+                    Ok(stream) => stream,
+                    Err(e) if e.to_string().contains("invalid peer certificate") => {
+                        return Err(ClientError::Tls {
+                            endpoint: endpoint.clone(),
+                            reason: e.to_string(),
+                            hint: "the server's certificate is not from the CA given with --ca, or does not name the host of the endpoint (its subjectAltName)",
+                        })
+                    }
+                    Err(e) => return Err(unreachable(e)),
+                };
+                // In TLS 1.3 the server checks the client's certificate after the client's
+                // side of the handshake: a refusal shows as an alert on the first exchange.
+                send(TokioIo::new(stream), request).await.map_err(|e| {
+                    let chain = error_chain(&e);
+                    if chain.contains("alert") {
+                        ClientError::Tls {
+                            endpoint: endpoint.clone(),
+                            reason: chain,
+                            hint: "the fleetd refused this client: give a certificate and key issued by the cluster CA (--cert, --key)",
+                        }
+                    } else {
+                        http(e)
+                    }
+                })?
+            }
         };
         let status = response.status();
         let bytes = response
@@ -290,6 +355,20 @@ impl ApiClient {
         }
         serde_json::from_slice(&bytes).map_err(|e| decode(format!("{e}")))
     }
+}
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 async fn send<S>(

@@ -1,7 +1,11 @@
 //! fleetd's HTTP/JSON API, modelled on fleet's v1 API, for `fleetctl` and scripts.
 //!
 //! Served with [axum] on a Unix socket (mode 0600: only root talks to it) and, optionally,
-//! on a TCP address that requires a bearer token. Routes:
+//! on a TCP address: over mutual TLS ([`serve_tls`]: the client certificate's role decides,
+//! see [`crate::tls`]), or, only when asked for (`fleetd --insecure`), in plaintext with a
+//! bearer token ([`serve_tcp`]). On the Unix socket a caller inside a unit is served only if
+//! that unit is granted the control API (`[container] control_api = true`): [`PeerGate`],
+//! with the rules of [`flotilla_init::api::access`]. Routes:
 //!
 //! | route | what |
 //! |---|---|
@@ -14,7 +18,9 @@
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
-//! request (an invalid unit file, with its `file:line:col`), 401 without the token on TCP,
+//! request (an invalid unit file, with its `file:line:col`), 401 without the token on
+//! plaintext TCP, 403 for a TLS client whose certificate's role does not allow the request
+//! or a caller in a unit without the control API grant (on the Unix socket),
 //! 404 for an unknown unit, 409 for a different body without `replace` (and for the journal
 //! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
@@ -26,6 +32,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::extract::ConnectInfo;
 use axum::extract::{Path as UrlPath, RawQuery, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -34,11 +41,15 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use flotilla_init::api::access;
+use flotilla_init::api::peer::{self, PeerCred};
+
 use crate::agent::InitApi;
 use crate::engine::EngineStatus;
 use crate::error::RegistryError;
 use crate::model::{body_hash, DesiredState, Machine, UnitRecord, UnitState};
 use crate::registry::Registry;
+use crate::tls::{Peer, TlsListener};
 
 pub use self::client::{ApiClient, ClientError};
 pub use self::serve::ServeLimits;
@@ -143,6 +154,10 @@ pub enum ApiError {
     /// A TCP request without the right bearer token (401).
     #[error("missing or wrong bearer token: send `Authorization: Bearer <token>` (the token fleetd reads from --token-file)")]
     Unauthorized,
+    /// A TLS client whose certificate's role does not allow the request, or a caller on the
+    /// Unix socket that runs in a unit not granted the control API (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such unit (404).
     #[error("unit {0:?} is not in the cluster: submit it first (fleetctl submit {0}.toml)")]
     UnknownUnit(String),
@@ -174,6 +189,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::UnknownUnit(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } | ApiError::Elsewhere(_) => StatusCode::CONFLICT,
             ApiError::Relay(_) => StatusCode::BAD_GATEWAY,
@@ -232,6 +248,8 @@ pub struct ApiState {
     engine: Option<EngineStatus>,
     token: Option<Arc<str>>,
     relay_token: Option<Arc<str>>,
+    relay_tls: Option<Arc<rustls::ClientConfig>>,
+    roles: bool,
     local: Option<(String, InitApi)>,
 }
 
@@ -242,6 +260,8 @@ impl std::fmt::Debug for ApiState {
             .field("engine", &self.engine.is_some())
             .field("token", &self.token.is_some())
             .field("relay_token", &self.relay_token.is_some())
+            .field("relay_tls", &self.relay_tls.is_some())
+            .field("roles", &self.roles)
             .field("local", &self.local.as_ref().map(|(id, _)| id))
             .finish()
     }
@@ -256,6 +276,8 @@ impl ApiState {
             engine,
             token: None,
             relay_token: None,
+            relay_tls: None,
+            roles: false,
             local: None,
         }
     }
@@ -273,6 +295,20 @@ impl ApiState {
         self
     }
 
+    /// Relays (see [`ApiState::with_relay_token`]) to the `https://` APIs of the other
+    /// machines over mutual TLS with `config` (this machine's certificate, the cluster CA).
+    pub fn with_relay_tls(mut self, config: Arc<rustls::ClientConfig>) -> ApiState {
+        self.relay_tls = Some(config);
+        self
+    }
+
+    /// Decides every request by the role of the client's TLS certificate (for
+    /// [`serve_tls`]): reads for every role, changes (PUT, DELETE) only for operators.
+    pub fn with_client_roles(mut self) -> ApiState {
+        self.roles = true;
+        self
+    }
+
     /// Requires `Authorization: Bearer <token>` on every request (for TCP listeners).
     pub fn with_token(mut self, token: impl Into<String>) -> ApiState {
         self.token = Some(Arc::from(token.into()));
@@ -280,7 +316,8 @@ impl ApiState {
     }
 }
 
-/// The API's routes over `state` (with the token check when `state` has a token).
+/// The API's routes over `state` (with the token check when `state` has a token, the role
+/// check when it has [`ApiState::with_client_roles`]).
 pub fn router(state: ApiState) -> Router {
     let units = format!("{PREFIX}/units");
     let unit = format!("{PREFIX}/units/{{name}}");
@@ -294,15 +331,127 @@ pub fn router(state: ApiState) -> Router {
     if state.token.is_some() {
         router = router.layer(middleware::from_fn_with_state(state.clone(), require_token));
     }
+    if state.roles {
+        router = router.layer(middleware::from_fn(require_role));
+    }
     router.with_state(state)
 }
 
+/// Who the caller on the Unix socket is: `SO_PEERCRED` and its cgroup, read at accept.
+#[derive(Clone, Debug)]
+pub struct UnixPeer {
+    /// The peer's credentials, or why they could not be read.
+    cred: Result<PeerCred, String>,
+    /// The peer's cgroup v2 path when its pid is visible (`Ok(None)`: no cgroup v2).
+    cgroup: Result<Option<String>, String>,
+}
+
+impl UnixPeer {
+    /// Who is on the other end of `stream`: its credentials and, when its pid is visible, its
+    /// cgroup.
+    pub(crate) fn of(stream: &tokio::net::UnixStream) -> Self {
+        let cred = peer::peer_cred(stream).map_err(|e| e.to_string());
+        let cgroup = match &cred {
+            Ok(PeerCred { pid: Some(pid), .. }) => {
+                peer::cgroup_of(*pid).map_err(|e| format!("reading /proc/{pid}/cgroup: {e}"))
+            }
+            _ => Ok(None),
+        };
+        UnixPeer { cred, cgroup }
+    }
+}
+
+/// Who may use the Unix socket. A caller whose pid fleetd can see is placed by its cgroup:
+/// in no unit's cgroup (`<name>.unit`), or in fleetd's own unit, it is served; in another
+/// unit it is served only if the local init says that unit runs with the control API grant.
+/// A caller fleetd cannot see (pid 0: another pid namespace, e.g. the host's `fleetctl`
+/// when fleetd runs as a unit) is served: the manager keeps units without the grant away
+/// from this socket (it refuses to start one whose bind mount exposes it, see
+/// [`flotilla_init::api::access`]).
+#[derive(Clone, Debug)]
+pub struct PeerGate {
+    init: Option<InitApi>,
+    /// fleetd's own cgroup (its callers in the same unit are itself or its children).
+    own_cgroup: Option<String>,
+    /// The socket it guards (named in refusals; set by [`serve_unix`]).
+    socket: PathBuf,
+}
+
+impl PeerGate {
+    /// A gate that asks `init` about callers in other units (without it they are refused).
+    pub fn new(init: Option<InitApi>) -> PeerGate {
+        PeerGate {
+            init,
+            own_cgroup: peer::cgroup_of(std::process::id() as i32).ok().flatten(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+
+    /// `Err(why)` when the caller must be refused.
+    async fn admit(&self, caller: &UnixPeer) -> Result<(), String> {
+        let cred = caller
+            .cred
+            .as_ref()
+            .map_err(|e| format!("access denied: cannot read the caller's credentials: {e}"))?;
+        let Some(pid) = cred.pid else {
+            return Ok(());
+        };
+        let cgroup = caller
+            .cgroup
+            .as_ref()
+            .map_err(|e| format!("access denied: cannot identify the caller (pid {pid}): {e}"))?;
+        let Some((unit_cgroup, unit)) = cgroup.as_deref().and_then(access::unit_in_cgroup) else {
+            return Ok(());
+        };
+        if self
+            .own_cgroup
+            .as_deref()
+            .is_some_and(|own| access::within(own, &unit_cgroup))
+        {
+            return Ok(());
+        }
+        let socket = self.socket.as_path();
+        let Some(init) = &self.init else {
+            return Err(access::unit_refusal(pid, &unit, socket));
+        };
+        match init.unit_control_api(&unit).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(access::unit_refusal(pid, &unit, socket)),
+            Err(e) => Err(format!(
+                "access denied: the caller (pid {pid}) runs in unit {unit}, and its control API \
+                 grant cannot be checked: {e}"
+            )),
+        }
+    }
+}
+
+async fn check_peer(
+    State(gate): State<PeerGate>,
+    ConnectInfo(caller): ConnectInfo<UnixPeer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match gate.admit(&caller).await {
+        Ok(()) => next.run(request).await,
+        Err(why) => {
+            log::warn!(
+                "api: refused {} {} on the Unix socket: {why}",
+                request.method(),
+                request.uri().path()
+            );
+            ApiError::Forbidden(why).into_response()
+        }
+    }
+}
+
 /// Serves `router` on the Unix socket `path` (a stale socket file is replaced; the socket
-/// is mode 0600) within `limits` until `shutdown` completes.
+/// is mode 0600) within `limits` until `shutdown` completes; `gate` decides which callers are
+/// served.
 pub async fn serve_unix(
     path: &Path,
     router: Router,
     limits: ServeLimits,
+    mut gate: PeerGate,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -325,6 +474,8 @@ pub async fn serve_unix(
         "api: listening on {what} (at most {} connections)",
         limits.max_connections
     );
+    gate.socket = path.to_path_buf();
+    let router = router.layer(middleware::from_fn_with_state(gate, check_peer));
     serve::serve(listener, router, limits, &what, shutdown).await;
     let _ = std::fs::remove_file(PathBuf::from(path));
     Ok(())
@@ -353,6 +504,62 @@ pub async fn serve_tcp(
     );
     serve::serve(listener, router, limits, addr, shutdown).await;
     Ok(())
+}
+
+/// Serves `router` over mutual TLS on `addr` until `shutdown` completes: only clients with a
+/// certificate from the cluster CA get past the handshake ([`crate::tls::server_config`]).
+/// Give it a router whose state has [`ApiState::with_client_roles`].
+pub async fn serve_tls(
+    addr: &str,
+    router: Router,
+    config: Arc<rustls::ServerConfig>,
+    limits: ServeLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        what: addr.to_string(),
+        source,
+    };
+    let tcp = serve::bind_tcp(addr).await.map_err(bind_err)?;
+    let listener = TlsListener::new(tcp, config).map_err(bind_err)?;
+    log::info!(
+        "api: listening on tcp {addr} (mutual TLS: a client certificate from the cluster CA \
+         required; at most {} connections, {:?} for a request head, closed after {:?} idle)",
+        limits.max_connections,
+        limits.header_read_timeout,
+        limits.idle_timeout
+    );
+    serve::serve(listener, router, limits, addr, shutdown).await;
+    Ok(())
+}
+
+/// Lets a TLS client's request through when its certificate's role allows it: reads (GET,
+/// HEAD) for every role, changes for operators only.
+async fn require_role(request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|ConnectInfo(peer)| peer.clone());
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let refuse = |why: String| {
+        log::warn!("api: refused {method} {path}: {why}");
+        ApiError::Forbidden(why).into_response()
+    };
+    let Some(peer) = peer else {
+        return refuse("no client certificate on this connection".into());
+    };
+    let reading = method == Method::GET || method == Method::HEAD;
+    match peer.role {
+        None => refuse(format!(
+            "the client certificate ({}) names no role: issue it with OU=operator, OU=reader or OU=machine (see fleetd/README.md, \"Certificates\")",
+            peer.subject
+        )),
+        Some(role) if reading || role.may_change() => next.run(request).await,
+        Some(role) => refuse(format!(
+            "the client certificate ({}) is a {role} (OU={role}): it may list and read units, not change them; use an operator certificate (OU=operator)",
+            peer.subject
+        )),
+    }
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -672,17 +879,28 @@ async fn journal(
             here.map(|h| format!(" ({h})")).unwrap_or_default()
         ))
     };
-    let (Some(url), Some(token)) = (peer.and_then(|m| m.api.as_deref()), &state.relay_token) else {
-        return Err(elsewhere(
-            "its journal is there, and this fleetd cannot relay to it (both need --listen and the cluster's --token-file); ask that machine's fleetd (fleetctl --endpoint ...)",
-        ));
+    let url = peer.and_then(|m| m.api.as_deref());
+    // An https peer over mutual TLS with this machine's certificate; an http one (--insecure)
+    // with the cluster's token.
+    let client = match (url, &state.relay_tls, &state.relay_token) {
+        (Some(url), Some(tls), _) if url.starts_with("https://") => {
+            client::ApiClient::new(url).map(|c| c.with_tls(tls.clone()))
+        }
+        (Some(url), _, Some(token)) if url.starts_with("http://") => {
+            client::ApiClient::new(url).map(|c| c.with_token(token.to_string()))
+        }
+        _ => {
+            return Err(elsewhere(
+                "its journal is there, and this fleetd cannot relay to it (both need --listen, with the cluster's TLS certificates, or --insecure and the cluster's --token-file); ask that machine's fleetd (fleetctl --endpoint ...)",
+            ))
+        }
     };
+    let url = url.unwrap_or_default();
     if relayed {
         return Err(elsewhere("not relayed twice"));
     }
-    let client = client::ApiClient::new(url)
-        .map_err(|e| ApiError::Relay(format!("machine {target}'s API {url:?}: {e}")))?
-        .with_token(token.to_string());
+    let client =
+        client.map_err(|e| ApiError::Relay(format!("machine {target}'s API {url:?}: {e}")))?;
     client
         .journal_relayed(&name, lines, after, target)
         .await

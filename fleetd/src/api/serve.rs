@@ -78,28 +78,44 @@ pub(crate) async fn bind_tcp(addr: &str) -> io::Result<tokio::net::TcpListener> 
     socket.listen(TCP_BACKLOG)
 }
 
-/// A listener the accept loop can serve: tokio's TCP and Unix listeners.
+/// A listener the accept loop can serve: tokio's TCP and Unix listeners, and the mutual-TLS
+/// listener ([`crate::tls::TlsListener`]).
 pub(crate) trait Accept: Send + 'static {
     /// The accepted stream.
     type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// What the handlers learn of the peer, as axum's `ConnectInfo<Info>`.
+    type Info: Clone + Send + Sync + 'static;
     /// Accepts one connection.
-    fn accept_one(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    fn accept_one(&mut self)
+        -> impl Future<Output = io::Result<(Self::Stream, Self::Info)>> + Send;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
-        let (stream, _) = self.accept().await?;
+    type Info = std::net::SocketAddr;
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, Self::Info)> {
+        let (stream, addr) = self.accept().await?;
         // Small JSON answers: send them at once.
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok((stream, addr))
     }
 }
 
 impl Accept for tokio::net::UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
-        Ok(self.accept().await?.0)
+    type Info = super::UnixPeer;
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, Self::Info)> {
+        let (stream, _) = self.accept().await?;
+        let peer = super::UnixPeer::of(&stream);
+        Ok((stream, peer))
+    }
+}
+
+impl Accept for crate::tls::TlsListener {
+    type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Info = crate::tls::Peer;
+    async fn accept_one(&mut self) -> io::Result<(Self::Stream, Self::Info)> {
+        self.next().await
     }
 }
 
@@ -107,7 +123,7 @@ impl Accept for tokio::net::UnixListener {
 /// accepting, lets requests in flight finish (idle connections close at once) and returns
 /// when every connection is gone.
 pub(crate) async fn serve<L: Accept>(
-    listener: L,
+    mut listener: L,
     router: Router,
     limits: ServeLimits,
     what: &str,
@@ -134,10 +150,10 @@ pub(crate) async fn serve<L: Accept>(
         } else if permits.available_permits() > 0 {
             warned_full = false;
         }
-        let stream = tokio::select! {
+        let (stream, info) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept_one() => match accepted {
-                Ok(s) => s,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on a full table.
                     log::warn!("api: {what}: accept failed: {e}; retrying in 100 ms");
@@ -146,7 +162,12 @@ pub(crate) async fn serve<L: Accept>(
                 }
             },
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Per connection, as `axum::serve` gives it: `ConnectInfo` in every request.
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(info))),
+        );
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;

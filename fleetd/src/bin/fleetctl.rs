@@ -13,10 +13,22 @@ use flotilla_fleetd::{DesiredState, Machine};
 #[derive(Debug, Parser)]
 #[command(name = "fleetctl", version)]
 struct Cli {
-    /// The fleetd API: a Unix socket path or http://HOST:PORT [default: $FLEETCTL_ENDPOINT,
-    /// else /run/flotilla/fleetd.sock].
+    /// The fleetd API: a Unix socket path, https://HOST:PORT (mutual TLS: --ca, --cert,
+    /// --key) or http://HOST:PORT (a fleetd run with --insecure: --token-file) [default:
+    /// $FLEETCTL_ENDPOINT, else /run/flotilla/fleetd.sock].
     #[arg(long, value_name = "PATH|URL", global = true)]
     endpoint: Option<String>,
+    /// The cluster CA (PEM) the https:// endpoint's certificate must chain to [default:
+    /// $FLEETCTL_CA].
+    #[arg(long, value_name = "PATH", global = true)]
+    ca: Option<PathBuf>,
+    /// Your client certificate (PEM, issued by the cluster CA; OU=operator may change
+    /// units, OU=reader may read) [default: $FLEETCTL_CERT].
+    #[arg(long, value_name = "PATH", global = true)]
+    cert: Option<PathBuf>,
+    /// The key of --cert (PEM) [default: $FLEETCTL_KEY].
+    #[arg(long, value_name = "PATH", global = true)]
+    key: Option<PathBuf>,
     /// A file whose first line is the bearer token (for an http:// endpoint).
     #[arg(long, value_name = "PATH", global = true)]
     token_file: Option<PathBuf>,
@@ -190,6 +202,25 @@ async fn run(cli: Cli) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the token file {}", path.display()))?;
         client = client.with_token(text.lines().next().unwrap_or_default().trim());
+    }
+    let from_env = |flag: Option<PathBuf>, var: &str| {
+        flag.or_else(|| std::env::var_os(var).map(PathBuf::from))
+    };
+    let ca = from_env(cli.ca, "FLEETCTL_CA");
+    let (cert, key) = (
+        from_env(cli.cert, "FLEETCTL_CERT"),
+        from_env(cli.key, "FLEETCTL_KEY"),
+    );
+    match (ca, matches!(client.endpoint(), api::client::Endpoint::Tls(_))) {
+        (Some(ca), true) => {
+            let files = flotilla_fleetd::tls::TlsFiles { ca, cert, key };
+            client = client.with_tls(flotilla_fleetd::tls::client_config(&files)?);
+        }
+        (None, true) => bail!(
+            "the endpoint {endpoint} is TLS: give the cluster CA (--ca FILE or FLEETCTL_CA) and your certificate and key (--cert, --key or FLEETCTL_CERT, FLEETCTL_KEY)"
+        ),
+        // The TLS settings (perhaps from the environment) do not apply to a socket or http://.
+        (_, false) => {}
     }
     let ctl = Ctl { client };
     match cli.verb {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use flotilla_fleetd::api::{self, ApiState};
+use flotilla_fleetd::tls::{self, TlsFiles};
 use flotilla_fleetd::{
     Agent, EmbeddedRegistry, Engine, EtcdConfig, EtcdRegistry, InitApi, Machine, Registry,
 };
@@ -23,8 +24,9 @@ const CONFIG_FILE: &str = "/etc/flotilla/fleetd.toml";
 const DEFAULT_TTL: u64 = 5;
 
 /// The config file: defaults for the flags of the same names (`etcd = ["http://..."]`,
-/// `ttl = 5`, `address = "10.0.0.11"`, `listen = "0.0.0.0:4002"`, `token_file = "..."`); a
-/// flag given on the command line wins.
+/// `ttl = 5`, `address = "10.0.0.11"`, `listen = "0.0.0.0:4002"`, `token_file = "..."`,
+/// `insecure = true`, `tls_ca`/`tls_cert`/`tls_key`, `etcd_ca`/`etcd_cert`/`etcd_key` =
+/// "PATH"); a flag given on the command line wins.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -34,6 +36,14 @@ struct FileConfig {
     address: Option<String>,
     listen: Option<String>,
     token_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
 }
 
 /// fleetd: spreads units across machines with fleet's placement rules.
@@ -41,7 +51,8 @@ struct FileConfig {
 #[command(name = "fleetd", version)]
 struct Args {
     /// Settings file (written by provisioning's `[fleet]`): `etcd`, `ttl`, `address`,
-    /// `listen`, `token_file`, the defaults of those flags. A missing file is no error.
+    /// `listen`, `token_file`, `insecure`, `tls_ca`, `tls_cert`, `tls_key`, `etcd_ca`,
+    /// `etcd_cert`, `etcd_key`, the defaults of those flags. A missing file is no error.
     #[arg(long, value_name = "PATH", default_value = CONFIG_FILE)]
     config: PathBuf,
     /// etcd endpoints, comma-separated (http://10.0.0.1:2379,...); without it (and without
@@ -60,10 +71,28 @@ struct Args {
     /// The API's Unix socket (mode 0600).
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     api: PathBuf,
-    /// Also serve the API on this TCP address (HOST:PORT); requires --token-file.
+    /// Also serve the API on this TCP address (HOST:PORT), over mutual TLS: requires
+    /// --tls-ca, --tls-cert and --tls-key (or, in plaintext, --insecure and --token-file).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// The bearer token TCP clients must send (the file's first line).
+    /// The cluster CA (PEM): TCP API clients and the other fleetds must show a certificate
+    /// it issued (OU=operator may change units; OU=reader and OU=machine may read).
+    #[arg(long, value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
+    /// This machine's certificate (PEM, OU=machine, subjectAltName = the address others
+    /// reach it at): the TCP API's server certificate and the client certificate this fleetd
+    /// relays with.
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// INSECURE: serve --listen in plaintext HTTP, authenticated only by the shared bearer
+    /// token of --token-file (anyone on the network path can read it and the API's answers).
+    /// Without it, --listen needs the --tls-* files.
+    #[arg(long)]
+    insecure: bool,
+    /// With --insecure: the bearer token TCP clients must send (the file's first line).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
     /// The most TCP connections served at once (more wait in the kernel's backlog).
@@ -79,6 +108,15 @@ struct Args {
     /// listener never locks out local clients).
     #[arg(long, value_name = "N", default_value_t = api::ServeLimits::UNIX.max_connections)]
     api_max_connections: usize,
+    /// The CA of etcd's certificate (PEM), for https:// --etcd endpoints.
+    #[arg(long, value_name = "PATH")]
+    etcd_ca: Option<PathBuf>,
+    /// The client certificate fleetd shows etcd (PEM; etcd --client-cert-auth).
+    #[arg(long, value_name = "PATH")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "PATH")]
+    etcd_key: Option<PathBuf>,
     /// Machine metadata for placement, comma-separated (role=web,region=eu); without it,
     /// /etc/flotilla/metadata.toml if it exists.
     #[arg(long, value_delimiter = ',', value_name = "K=V,...")]
@@ -166,8 +204,9 @@ fn is_wildcard(host: &str) -> bool {
 }
 
 /// The URL the other fleetds reach this one's TCP API at: `--listen`'s host, or `address`
-/// where that host is a wildcard (`0.0.0.0`, `[::]`).
-fn public_api_url(listen: &str, address: &str) -> Result<String> {
+/// where that host is a wildcard (`0.0.0.0`, `[::]`); `https` over TLS, else `http`.
+fn public_api_url(listen: &str, address: &str, tls: bool) -> Result<String> {
+    let scheme = if tls { "https" } else { "http" };
     let Some((host, port)) = listen.rsplit_once(':') else {
         bail!("invalid --listen {listen:?}: use HOST:PORT, e.g. 0.0.0.0:4002");
     };
@@ -183,9 +222,9 @@ fn public_api_url(listen: &str, address: &str) -> Result<String> {
         host
     };
     Ok(if host.contains(':') {
-        format!("http://[{host}]:{port}")
+        format!("{scheme}://[{host}]:{port}")
     } else {
-        format!("http://{host}:{port}")
+        format!("{scheme}://{host}:{port}")
     })
 }
 
@@ -199,7 +238,8 @@ fn read_config_file(path: &Path) -> Result<FileConfig> {
     toml::from_str(&text).with_context(|| {
         format!(
             "invalid {} (keys: etcd = [\"http://HOST:2379\", ...], ttl = SECS, address = \"ADDR\", \
-             listen = \"HOST:PORT\", token_file = \"PATH\")",
+             listen = \"HOST:PORT\", tls_ca, tls_cert, tls_key = \"PATH\", insecure = true, \
+             token_file = \"PATH\", etcd_ca, etcd_cert, etcd_key = \"PATH\")",
             path.display()
         )
     })
@@ -213,14 +253,26 @@ async fn run(mut args: Args) -> Result<()> {
     args.address = args.address.or(file.address);
     args.listen = args.listen.or(file.listen);
     args.token_file = args.token_file.or(file.token_file);
+    args.insecure |= file.insecure;
+    args.tls_ca = args.tls_ca.or(file.tls_ca);
+    args.tls_cert = args.tls_cert.or(file.tls_cert);
+    args.tls_key = args.tls_key.or(file.tls_key);
+    args.etcd_ca = args.etcd_ca.or(file.etcd_ca);
+    args.etcd_cert = args.etcd_cert.or(file.etcd_cert);
+    args.etcd_key = args.etcd_key.or(file.etcd_key);
     let ttl_secs = args.ttl.or(file.ttl).unwrap_or(DEFAULT_TTL);
     if ttl_secs == 0 {
         bail!("invalid ttl 0: the lease TTL is at least 1 second");
     }
     let ttl = Duration::from_secs(ttl_secs);
+    let tls_files = api_tls_files(&args)?;
     let token = match (&args.listen, &args.token_file) {
+        (Some(_), _) if tls_files.is_some() => None,
+        (Some(listen), _) if !args.insecure => bail!(
+            "refusing to serve the API on plaintext TCP {listen}: give --tls-ca, --tls-cert and --tls-key (mutual TLS with the cluster CA; see fleetd/README.md, \"Certificates\"), or --insecure --token-file PATH to accept plaintext HTTP with a bearer token"
+        ),
         (Some(_), None) => bail!(
-            "--listen needs --token-file: the TCP API requires a bearer token (write one, e.g. `head -c 32 /dev/urandom | base64 > /etc/flotilla/fleetd.token`)"
+            "--insecure --listen needs --token-file: the plaintext TCP API requires a bearer token (write one, e.g. `head -c 32 /dev/urandom | base64 > /etc/flotilla/fleetd.token`)"
         ),
         (_, Some(path)) => {
             let text = std::fs::read_to_string(path)
@@ -248,7 +300,15 @@ async fn run(mut args: Args) -> Result<()> {
             .to_string()
     });
     let api_url = match &args.listen {
-        Some(listen) => Some(public_api_url(listen, &address)?),
+        Some(listen) => Some(public_api_url(listen, &address, tls_files.is_some())?),
+        None => None,
+    };
+    // Read now, so a bad file stops fleetd at startup with its name.
+    let tls_configs = match &tls_files {
+        Some(files) => Some((
+            tls::server_config(files).context("the TCP API's TLS (--tls-*)")?,
+            tls::client_config(files).context("the relay's TLS (--tls-*)")?,
+        )),
         None => None,
     };
 
@@ -271,7 +331,10 @@ async fn run(mut args: Args) -> Result<()> {
     let registry: Arc<dyn Registry> = if args.etcd.is_empty() {
         Arc::new(EmbeddedRegistry::open(&args.state).await?)
     } else {
-        let config = EtcdConfig::new(args.etcd.clone()).with_prefix(args.etcd_prefix.clone());
+        let mut config = EtcdConfig::new(args.etcd.clone()).with_prefix(args.etcd_prefix.clone());
+        if let Some(files) = etcd_tls_files(&args)? {
+            config = config.with_tls(files);
+        }
         Arc::new(EtcdRegistry::connect(config).await?)
     };
 
@@ -297,12 +360,17 @@ async fn run(mut args: Args) -> Result<()> {
         // The cluster shares one token: with it, this fleetd asks the others' TCP APIs.
         api_state = api_state.with_relay_token(token.clone());
     }
+    if let Some((_, client)) = &tls_configs {
+        // This machine's certificate lets it read the others' TCP APIs (a journal relay).
+        api_state = api_state.with_relay_tls(client.clone());
+    }
     let machine = Machine {
         id: machine_id,
         address,
         metadata,
         api: api_url,
     };
+    let gate = api::PeerGate::new(Some(init.clone()));
     let agent = Agent::new(registry.clone(), init, machine, ttl)
         .with_lease_file(args.state.join("agent.lease"));
 
@@ -320,18 +388,31 @@ async fn run(mut args: Args) -> Result<()> {
     };
     let stop = stopped();
     tasks.spawn(async move {
-        api::serve_unix(&socket, unix_router, unix_limits, stop)
+        api::serve_unix(&socket, unix_router, unix_limits, gate, stop)
             .await
             .map_err(anyhow::Error::from)
     });
-    if let (Some(listen), Some(token)) = (args.listen.clone(), token) {
-        let router = api::router(api_state.with_token(token));
-        let stop = stopped();
-        tasks.spawn(async move {
-            api::serve_tcp(&listen, router, tcp_limits, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        });
+    match (args.listen.clone(), token, tls_configs) {
+        (Some(listen), _, Some((server, _))) => {
+            let router = api::router(api_state.with_client_roles());
+            let stop = stopped();
+            tasks.spawn(async move {
+                api::serve_tls(&listen, router, server, tcp_limits, stop)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        (Some(listen), Some(token), None) => {
+            log::warn!("api: --insecure: serving {listen} in plaintext HTTP, authenticated by the shared bearer token only");
+            let router = api::router(api_state.with_token(token));
+            let stop = stopped();
+            tasks.spawn(async move {
+                api::serve_tcp(&listen, router, tcp_limits, stop)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        _ => {}
     }
     let stop = stopped();
     tasks.spawn(async move { engine.run(stop).await.map_err(anyhow::Error::from) });
@@ -372,6 +453,43 @@ async fn run(mut args: Args) -> Result<()> {
             log::info!("fleetd: stopped");
             Ok(())
         }
+    }
+}
+
+/// The TCP API's TLS files: all three of --tls-ca, --tls-cert, --tls-key, or none.
+fn api_tls_files(args: &Args) -> Result<Option<TlsFiles>> {
+    match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => {
+            if args.insecure {
+                bail!("--insecure and --tls-* exclude each other: drop --insecure to serve the API over mutual TLS");
+            }
+            if args.token_file.is_some() {
+                bail!("--token-file is for --insecure plaintext: over TLS the client certificate authenticates; drop --token-file");
+            }
+            Ok(Some(TlsFiles {
+                ca: ca.clone(),
+                cert: Some(cert.clone()),
+                key: Some(key.clone()),
+            }))
+        }
+        _ => bail!("mutual TLS needs all of --tls-ca (the cluster CA), --tls-cert and --tls-key (this machine's certificate and key)"),
+    }
+}
+
+/// etcd's TLS files: --etcd-ca, with --etcd-cert and --etcd-key (both or neither).
+fn etcd_tls_files(args: &Args) -> Result<Option<TlsFiles>> {
+    match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (None, None, None) => Ok(None),
+        (Some(ca), cert, key) if cert.is_some() == key.is_some() => Ok(Some(TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, _, _) => {
+            bail!("--etcd-cert and --etcd-key need --etcd-ca (the CA of etcd's certificate)")
+        }
+        _ => bail!("--etcd-cert and --etcd-key go together: give both"),
     }
 }
 
@@ -428,18 +546,18 @@ mod tests {
         assert_eq!(file.address.as_deref(), Some("10.0.0.11"));
 
         assert_eq!(
-            public_api_url("0.0.0.0:4002", "10.0.0.11").unwrap(),
+            public_api_url("0.0.0.0:4002", "10.0.0.11", false).unwrap(),
             "http://10.0.0.11:4002"
         );
         assert_eq!(
-            public_api_url("10.0.0.12:4002", "").unwrap(),
-            "http://10.0.0.12:4002"
+            public_api_url("10.0.0.12:4002", "", true).unwrap(),
+            "https://10.0.0.12:4002"
         );
         assert_eq!(
-            public_api_url("[::]:4002", "fd00::1").unwrap(),
+            public_api_url("[::]:4002", "fd00::1", false).unwrap(),
             "http://[fd00::1]:4002"
         );
-        assert!(public_api_url("0.0.0.0:4002", "").is_err());
+        assert!(public_api_url("0.0.0.0:4002", "", true).is_err());
 
         std::fs::write(&path, "etcd_servers = []\n").unwrap();
         let err = format!("{:#}", read_config_file(&path).unwrap_err());

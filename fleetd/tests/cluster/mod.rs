@@ -297,7 +297,7 @@ impl Node {
             // Every fleetd also serves the cluster's TCP API, with the shared token, so that
             // each can relay to the others (the journal of a unit on another machine).
             .args(["--listen", &format!("{}:{FLEETD_PORT}", self.ip)])
-            .arg("--token-file")
+            .args(["--insecure", "--token-file"])
             .arg(self.dir.with_file_name(TOKEN_FILE))
             .arg("--config")
             .arg(self.dir.join("no-fleetd.toml"))

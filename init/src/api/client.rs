@@ -207,6 +207,12 @@ impl Client {
         self.call("GetSystemState", &())
     }
 
+    /// Whether unit `name` runs with the control API grant (`[container] control_api`, as
+    /// it was when it was last started); false when it does not run.
+    pub fn unit_control_api(&self, name: &str) -> Result<bool, ClientError> {
+        self.call("GetUnitControlApi", &(name,))
+    }
+
     /// Subscribe to `UnitStateChanged` signals. Signals emitted after this returns are
     /// delivered; iterating blocks until the next one and ends when the connection closes.
     pub fn subscribe(&self) -> Result<StateChanges, ClientError> {

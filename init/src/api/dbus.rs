@@ -3,7 +3,10 @@
 //! Like systemd's private socket there is no bus daemon: every client connects straight to
 //! the socket, authenticates (SASL EXTERNAL) and talks to the one object
 //! [`OBJECT_PATH`](super::OBJECT_PATH). Only root and the uid the manager runs as may connect
-//! (checked with `SO_PEERCRED` before the handshake; the socket is also mode 0600).
+//! (checked with `SO_PEERCRED` before the handshake; the socket is also mode 0600). A caller
+//! inside a unit is served only if the unit is granted the control API (`[container]
+//! control_api = true`); any other caller from a unit gets `org.flotilla.Error.AccessDenied`
+//! on every method and no signals (the rules: [`super::access`]).
 //!
 //! Threads: one accepts connections; one per connection performs the handshake and then waits
 //! for the connection to close (zbus runs each connection's own executor thread); one turns
@@ -30,8 +33,10 @@ use zbus::blocking::connection::Builder;
 use zbus::blocking::Connection;
 use zbus::Guid;
 
+use super::access::{self, Placement, UnitCgroups};
+use super::peer::{self, PeerCred};
 use super::OBJECT_PATH;
-use super::{ApiError, ApiHandle, Event, Response};
+use super::{ApiError, ApiHandle, Event, Request, Response};
 
 /// Why the D-Bus server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +121,9 @@ enum MethodError {
     Refused(String),
     /// An argument is not a valid D-Bus string (a NUL byte or invalid UTF-8 inside).
     InvalidArgument(String),
+    /// The caller runs in a unit that is not granted the control API (or cannot be
+    /// identified); see [`super::access`].
+    AccessDenied(String),
 }
 
 /// A string argument whose decoding failure becomes a named error
@@ -173,11 +181,30 @@ mod object {
     /// The object served at [`OBJECT_PATH`]; forwards every call to the manager.
     pub(super) struct Manager1 {
         pub(super) handle: ApiHandle,
+        /// Why this connection's caller is refused, if it is (answered to every method).
+        pub(super) denied: Option<String>,
     }
 
     impl Manager1 {
+        /// Refuse the call if the caller was refused at connect time.
+        fn admitted(&self, method: &str) -> Result<(), MethodError> {
+            match &self.denied {
+                None => Ok(()),
+                Some(why) => {
+                    log::warn!("control API: refused {method}: {why}");
+                    Err(MethodError::AccessDenied(why.clone()))
+                }
+            }
+        }
+
         /// Run the blocking manager call on the `blocking` pool, off the connection's executor.
         async fn call(&self, request: Request) -> Result<Response, MethodError> {
+            if self.denied.is_some() {
+                // The request's name only (a LoadUnit would log the whole unit text).
+                let debug = format!("{request:?}");
+                let name = debug.split([' ', '(', '{']).next().unwrap_or_default();
+                self.admitted(name)?;
+            }
             let handle = self.handle.clone();
             Ok(blocking::unblock(move || handle.call(request)).await?)
         }
@@ -317,9 +344,20 @@ mod object {
         /// The machine id of this host (`/etc/machine-id`, trimmed). Answered by the server
         /// itself: it is not manager state.
         async fn get_machine_id(&self) -> Result<String, MethodError> {
+            self.admitted("GetMachineId")?;
             let path = std::path::Path::new(crate::api::MACHINE_ID_PATH);
             let id = blocking::unblock(move || crate::api::read_machine_id(path)).await?;
             Ok(wire::text(id))
+        }
+
+        /// Whether unit `name` runs with the control API grant (`[container] control_api`, as
+        /// it was when the unit was last started); false when it does not run. fleetd asks
+        /// this about the callers it finds in a unit's cgroup.
+        async fn get_unit_control_api(&self, name: String) -> Result<bool, MethodError> {
+            match self.call(Request::ControlApiGranted(name)).await? {
+                Response::Granted(granted) => Ok(granted),
+                other => Err(unexpected("GetUnitControlApi", &other)),
+            }
         }
 
         /// A unit's active or sub state changed.
@@ -385,7 +423,8 @@ impl Drop for Server {
 }
 
 /// Listen on `socket` and serve `org.flotilla.Manager1`, forwarding calls to `handle` and
-/// turning `events` into `UnitStateChanged` signals.
+/// turning `events` into `UnitStateChanged` signals. Callers are mapped to units through
+/// `units` and refused unless their unit is granted the control API.
 ///
 /// Creates the parent directory (0755) if missing and replaces a stale socket file; refuses
 /// to replace a socket a live server still answers on, or a file that is not a socket.
@@ -393,6 +432,7 @@ pub fn serve(
     socket: &Path,
     handle: ApiHandle,
     events: Receiver<Event>,
+    units: UnitCgroups,
 ) -> Result<Server, DbusError> {
     let path = socket.to_path_buf();
     prepare_path(&path)?;
@@ -433,7 +473,7 @@ pub fn serve(
         let path = path.clone();
         thread::Builder::new()
             .name("api-accept".into())
-            .spawn(move || accept_loop(&listener, &path, &stop, handle, connections))
+            .spawn(move || accept_loop(&listener, &path, &stop, handle, &units, connections))
             .map_err(|e| spawn_error("accept", e))?
     };
     log::info!("control API listening on {}", path.display());
@@ -489,6 +529,7 @@ fn accept_loop(
     path: &Path,
     stop: &AtomicBool,
     handle: ApiHandle,
+    units: &UnitCgroups,
     connections: Connections,
 ) {
     let guid = Guid::generate();
@@ -509,13 +550,13 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        match rustix::net::sockopt::socket_peercred(&stream) {
-            Ok(cred) if cred.uid.is_root() || cred.uid == own_uid => {}
+        let cred = match peer::peer_cred(&stream) {
+            Ok(cred) if cred.uid == 0 || cred.uid == own_uid.as_raw() => cred,
             Ok(cred) => {
                 log::warn!(
                     "control API: refused a connection from uid {} (pid {}) on {}: only root and uid {} may connect",
-                    cred.uid.as_raw(),
-                    cred.pid.as_raw_nonzero(),
+                    cred.uid,
+                    cred.pid.unwrap_or(0),
                     path.display(),
                     own_uid.as_raw()
                 );
@@ -528,32 +569,102 @@ fn accept_loop(
                 );
                 continue;
             }
-        }
+        };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let guid = guid.clone();
         let handle = handle.clone();
         let connections = Arc::clone(&connections);
+        let caller = Caller {
+            cred,
+            units: units.clone(),
+            socket: path.to_path_buf(),
+        };
         let spawned = thread::Builder::new()
             .name(format!("api-conn-{id}"))
-            .spawn(move || serve_connection(id, stream, guid, handle, connections));
+            .spawn(move || serve_connection(id, stream, guid, handle, caller, connections));
         if let Err(e) = spawned {
             log::warn!("control API: cannot start a connection thread: {e}");
         }
     }
 }
 
-/// Handshake, register the connection for signals, and wait until the client goes away.
+/// A connected caller, before it is admitted.
+struct Caller {
+    cred: PeerCred,
+    units: UnitCgroups,
+    socket: PathBuf,
+}
+
+impl Caller {
+    /// `Err(why)` when the caller is inside a unit that is not granted the control API, or
+    /// cannot be attributed (the rules: [`access`]).
+    fn admit(&self, handle: &ApiHandle) -> Result<(), String> {
+        let Some(pid) = self.cred.pid else {
+            // A pid namespace this manager cannot see: not one of its units, which all live
+            // in pid namespaces below the manager's.
+            return Ok(());
+        };
+        let cannot = |what: String| {
+            format!(
+                "access denied: cannot identify the caller (pid {pid}) on {}: {what}",
+                self.socket.display()
+            )
+        };
+        match &self.units {
+            UnitCgroups::Below(root) => {
+                let cgroup = peer::cgroup_of(pid)
+                    .map_err(|e| cannot(format!("reading /proc/{pid}/cgroup: {e}")))?
+                    .ok_or_else(|| cannot("it is in no cgroup v2".into()))?;
+                match access::place(root, &cgroup) {
+                    Placement::Outside => Ok(()),
+                    Placement::Unknown => Err(cannot(format!(
+                        "its cgroup {cgroup} is below the units' cgroup {root} but in no unit's"
+                    ))),
+                    Placement::Unit(unit) => {
+                        match handle.call(Request::ControlApiGranted(unit.clone())) {
+                            Ok(Response::Granted(true)) => Ok(()),
+                            Ok(_) | Err(_) => Err(access::unit_refusal(pid, &unit, &self.socket)),
+                        }
+                    }
+                }
+            }
+            UnitCgroups::None => match peer::in_own_pid_namespace(pid) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(cannot(
+                    "it runs in another pid namespace, and without cgroup v2 the manager \
+                     cannot tell which unit it belongs to (run the manager with a writable \
+                     cgroup v2 hierarchy)"
+                        .into(),
+                )),
+                Err(e) => Err(cannot(format!("reading /proc/{pid}/ns/pid: {e}"))),
+            },
+        }
+    }
+}
+
+/// Admit the caller, handshake, register the connection for signals (admitted callers
+/// only), and wait until the client goes away.
 fn serve_connection(
     id: u64,
     stream: UnixStream,
     guid: Guid<'static>,
     handle: ApiHandle,
+    caller: Caller,
     connections: Connections,
 ) {
+    let denied = caller.admit(&handle).err();
+    if let Some(why) = &denied {
+        log::warn!(
+            "control API: refused the caller pid {} (uid {}): {why}",
+            caller.cred.pid.unwrap_or(0),
+            caller.cred.uid
+        );
+    }
+    let admitted = denied.is_none();
     let built = Builder::async_io_unix_stream(stream)
         .server(guid)
         .map(|b| b.p2p())
-        .and_then(|b| b.serve_at(OBJECT_PATH, Manager1 { handle }))
+        .and_then(|b| b.serve_at(OBJECT_PATH, Manager1 { handle, denied }))
         .and_then(|b| b.build());
     let conn = match built {
         Ok(c) => c,
@@ -562,7 +673,9 @@ fn serve_connection(
             return;
         }
     };
-    lock(&connections).push((id, conn.clone()));
+    if admitted {
+        lock(&connections).push((id, conn.clone()));
+    }
     conn.closed();
     lock(&connections).retain(|(i, _)| *i != id);
 }

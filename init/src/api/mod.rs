@@ -5,8 +5,10 @@
 //! publishes [`Event`]s that the server turns into D-Bus signals. This module is the one
 //! seam between transport and state: nothing here knows about D-Bus.
 
+pub mod access;
 pub mod client;
 pub mod dbus;
+pub mod peer;
 pub mod wire;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -144,6 +146,9 @@ pub enum Request {
     /// The manager's state, as systemd's `SystemState`: [`SYSTEM_RUNNING`] or, once an
     /// orderly shutdown began, [`SYSTEM_STOPPING`].
     SystemState,
+    /// Whether the unit runs with the control API grant (`[container] control_api`, as it
+    /// was when the unit was last started); false when it does not run.
+    ControlApiGranted(String),
 }
 
 /// [`Request::SystemState`] while units run normally.
@@ -166,6 +171,8 @@ pub enum Response {
     Logs(Vec<LogEntry>),
     /// Answer to `CatUnit` and `SystemState`.
     Text(String),
+    /// Answer to `ControlApiGranted`.
+    Granted(bool),
 }
 
 /// Why a request was refused. Each maps to a D-Bus error name `org.flotilla.Error.<Variant>`.

@@ -3,10 +3,10 @@
 //! powers off); as any other process it is a supervisor: a child subreaper that only
 //! manages units, and exits 0 once they are stopped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -66,6 +66,54 @@ struct Args {
     /// Load and serve the units but start none of them.
     #[arg(long)]
     no_start: bool,
+    /// A control socket of another server (fleetd's) that units without `[container]
+    /// control_api = true` must not reach: the manager refuses to start such a unit if a
+    /// bind mount exposes the socket or a directory above it. Repeat for more; giving one
+    /// replaces the default.
+    #[arg(
+        long = "control-socket",
+        value_name = "PATH",
+        default_value = "/run/flotilla/fleetd.sock"
+    )]
+    control_sockets: Vec<PathBuf>,
+    /// A host file or directory (a secret) to hide from units that run over the host's root
+    /// without `control_api = true`. Repeat for more; giving one replaces the defaults
+    /// (fleetd's token and TLS key, the provisioning record). The state directory's `logs`,
+    /// `units` and `containers` are always hidden.
+    #[arg(
+        long = "secret-path",
+        value_name = "PATH",
+        default_values = [
+            flotilla_init::provision::FLEETD_TOKEN,
+            flotilla_init::provision::FLEETD_KEY,
+            "/var/lib/flotilla/provision.toml",
+        ]
+    )]
+    secret_paths: Vec<PathBuf>,
+    /// How long a shutdown may take (`90s`, `500ms`, `2m`, or seconds): then every unit's
+    /// processes are killed and the shutdown goes on. As PID 1 the kernel command line's
+    /// `flotilla.shutdown_timeout=` overrides it.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = duration)]
+    shutdown_timeout: Duration,
+    /// How long a container's setup (namespaces, mounts, exec) may take before its
+    /// processes are killed and the unit fails: a hung mount must not hang the manager.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    setup_timeout: Duration,
+}
+
+/// What units over the host's root must not read: the given secrets, and the state
+/// directory's other units' logs, API-loaded unit files (their environment) and container
+/// state.
+fn secrets(state: &Path, given: &[PathBuf]) -> Vec<PathBuf> {
+    let state = std::path::absolute(state).unwrap_or_else(|_| state.to_path_buf());
+    let mut paths = given.to_vec();
+    paths.extend(["logs", "units", "containers"].map(|d| state.join(d)));
+    paths
+}
+
+/// A duration as unit files write it.
+fn duration(text: &str) -> Result<Duration, String> {
+    flotilla_units::parse_duration(text)
 }
 
 /// Which [`flotilla_init::launcher::Launcher`] to use.
@@ -83,6 +131,16 @@ fn raise_fd_limit() {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             log::warn!("cannot raise the open-file limit to {hard}: {e}");
         }
+    }
+}
+
+/// The shutdown deadline: the flag's, or as PID 1 `flotilla.shutdown_timeout=` from the
+/// kernel command line.
+fn shutdown_timeout(flag: Duration, pid1: bool) -> Duration {
+    if pid1 {
+        boot::cmdline::Cmdline::read().duration_or("shutdown_timeout", flag)
+    } else {
+        flag
     }
 }
 
@@ -119,18 +177,21 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
             keep_files: args.log_keep,
             tail_lines: args.log_tail,
         },
+        shutdown_timeout: shutdown_timeout(args.shutdown_timeout, pid1),
     };
     let (handle, queue) = api::channel().context("creating the API queue")?;
     let (events_tx, events_rx) = mpsc::channel();
     let launcher: Box<dyn Launcher> = match args.launcher {
-        LauncherKind::Container => Box::new(ContainerLauncher::new(
-            &args.images,
-            &args.state.join("containers"),
-        )),
+        LauncherKind::Container => Box::new(
+            ContainerLauncher::new(&args.images, &args.state.join("containers"))
+                .with_setup_timeout(args.setup_timeout)
+                .with_secrets(secrets(&args.state, &args.secret_paths)),
+        ),
         LauncherKind::Host => Box::new(HostLauncher),
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
-    let server = dbus::serve(&args.api, handle, events_rx)
+    manager.protect_control_sockets(&args.control_sockets);
+    let server = dbus::serve(&args.api, handle, events_rx, manager.unit_cgroups())
         .with_context(|| format!("serving the control API on {}", args.api.display()))?;
     log::info!(
         "managing {} units; control socket {}",
@@ -145,7 +206,11 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     manager.cleanup();
     drop(server);
     let Exit::Shutdown(signal) = result.context("event loop")?;
-    log::info!("all units stopped");
+    if manager.shutdown_forced() {
+        log::warn!("shutdown deadline passed: the units still running were killed");
+    } else {
+        log::info!("all units stopped");
+    }
     Ok(signal)
 }
 
@@ -160,6 +225,10 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let pid1 = std::process::id() == 1;
+    // Units must not read the manager's memory (other units' environment and output).
+    if let Err(e) = flotilla_container::runtime::make_non_dumpable() {
+        log::warn!("{e}");
+    }
     // PID 1 must not exit on a bad argument (the kernel passes unknown command-line words
     // on to init): fall back to the defaults instead.
     let args = match Args::try_parse() {

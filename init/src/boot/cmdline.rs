@@ -6,6 +6,7 @@
 //! | `flotilla.var=NAME` | the `/var` disk's virtio serial or label (default `flotilla-var`) |
 //! | `flotilla.config=BASE64` | a provisioning config (TOML, base64), if there is no fw_cfg one |
 //! | `flotilla.debug_shell=TTY` | a root shell on `/dev/TTY` (e.g. `ttyS1`), for debugging and tests |
+//! | `flotilla.shutdown_timeout=DURATION` | how long a shutdown may take before every unit's processes are killed (default `90s`; `flotilla-init --shutdown-timeout`) |
 
 use std::collections::BTreeMap;
 
@@ -37,6 +38,22 @@ impl Cmdline {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
+
+    /// `flotilla.KEY` as a duration (`90s`, `500ms`, `2m`, or seconds), or `default` when it
+    /// is absent; a bad value is logged and `default` used (PID 1 must boot regardless).
+    pub fn duration_or(&self, key: &str, default: std::time::Duration) -> std::time::Duration {
+        match self.get(key).map(flotilla_units::parse_duration) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                log::warn!(
+                    "ignoring flotilla.{key} on the kernel command line: {e}; using \
+                     {default:?} (write e.g. flotilla.{key}=90s)"
+                );
+                default
+            }
+            None => default,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +69,15 @@ mod tests {
         assert_eq!(c.get("debug_shell"), Some("ttyS1"));
         assert_eq!(c.get("x"), Some(""));
         assert_eq!(c.get("console"), None);
+    }
+
+    #[test]
+    fn durations_fall_back_to_the_default() {
+        use std::time::Duration;
+        let c = Cmdline::parse("flotilla.shutdown_timeout=5s flotilla.bad=soon");
+        let d = Duration::from_secs(90);
+        assert_eq!(c.duration_or("shutdown_timeout", d), Duration::from_secs(5));
+        assert_eq!(c.duration_or("bad", d), d);
+        assert_eq!(c.duration_or("absent", d), d);
     }
 }

@@ -23,6 +23,7 @@ impl HostLauncher {
             (!c.mounts.is_empty(), "mounts"),
             (c.network != Network::Host, "network"),
             (c.hostname.is_some(), "hostname"),
+            (!c.devices.is_empty(), "devices"),
         ];
         let keys: Vec<&str> = unsupported
             .iter()
@@ -83,5 +84,21 @@ impl Launcher for HostLauncher {
         // The manager reaps with waitpid(-1); dropping `Child` neither waits nor kills.
         drop(child);
         Ok(Pid::from_raw(pid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn refuses_devices() {
+        let text = "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"/dev/fuse\"]\n";
+        let unit = flotilla_units::parse_unit("fuse", None, text).unwrap();
+        let err = HostLauncher::check_supported(&unit)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot honour devices"), "{err}");
     }
 }

@@ -30,6 +30,12 @@ pub use state::{Active, Job, Outcome, Slot, Sub};
 const SCOPE_POLL: Duration = Duration::from_millis(20);
 /// How often SIGKILL is repeated while a scope refuses to empty.
 const KILL_RETRY: Duration = Duration::from_secs(1);
+/// After the shutdown deadline killed what was left: how long to wait for those processes to
+/// end before the shutdown completes anyway (one stuck in the kernel cannot hold it up).
+const FORCE_GRACE: Duration = Duration::from_secs(5);
+/// How long a shutdown may take by default before every remaining process is killed
+/// (systemd's `DefaultTimeoutStopSec`).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Static settings of a manager.
 #[derive(Debug, Clone)]
@@ -40,6 +46,9 @@ pub struct Config {
     pub api_units_dir: Option<PathBuf>,
     /// Log settings.
     pub logs: LogConfig,
+    /// How long a shutdown may take: then every unit's processes are killed (the unit
+    /// cgroups' `cgroup.kill`) and the shutdown completes ([`DEFAULT_SHUTDOWN_TIMEOUT`]).
+    pub shutdown_timeout: Duration,
 }
 
 /// One output pipe being read.
@@ -60,6 +69,10 @@ pub struct Manager {
     preds: BTreeMap<String, BTreeSet<String>>,
     /// Units in an ordering cycle → the cycle, for the failure message.
     cycles: BTreeMap<String, String>,
+    /// `preds` without the edges that close ordering cycles: what stops wait on.
+    stop_preds: BTreeMap<String, BTreeSet<String>>,
+    /// The `(a, b)` "a after b" edges left out of `stop_preds` (logged when they change).
+    ignored_edges: Vec<(String, String)>,
     /// Templates of the last catalog, for instantiating on demand.
     catalog: Catalog,
     launcher: Box<dyn Launcher>,
@@ -69,6 +82,12 @@ pub struct Manager {
     pipes: Vec<Option<Pipe>>,
     new_pipes: Vec<usize>,
     shutting_down: bool,
+    /// Control sockets an ungranted unit must not bind (as given and resolved).
+    control_sockets: Vec<PathBuf>,
+    /// When the shutdown deadline passes (set by [`Manager::shutdown`]).
+    shutdown_deadline: Option<Instant>,
+    /// When the units left at the shutdown deadline were killed.
+    forced_at: Option<Instant>,
 }
 
 /// Fingerprint of a unit file's text (to tell which definition a process was started from).
@@ -98,6 +117,8 @@ impl Manager {
             slots: BTreeMap::new(),
             preds: BTreeMap::new(),
             cycles: BTreeMap::new(),
+            stop_preds: BTreeMap::new(),
+            ignored_edges: Vec::new(),
             catalog: Catalog::default(),
             launcher,
             scopes,
@@ -106,6 +127,9 @@ impl Manager {
             pipes: Vec::new(),
             new_pipes: Vec::new(),
             shutting_down: false,
+            control_sockets: Vec::new(),
+            shutdown_deadline: None,
+            forced_at: None,
         };
         let report = m.reload(false);
         for e in &report.errors {
@@ -122,6 +146,51 @@ impl Manager {
             }
         }
         dirs
+    }
+
+    /// Refuse to start a unit without `[container] control_api = true` if one of its bind
+    /// mounts exposes one of `sockets` (the socket or a directory above it): such a unit could
+    /// reach a server that cannot identify it (fleetd in its own pid namespace). See
+    /// [`crate::api::access`].
+    pub fn protect_control_sockets(&mut self, sockets: &[PathBuf]) {
+        let mut all = Vec::new();
+        for s in sockets {
+            all.push(s.clone());
+            // The resolved form too: the socket's directory may be reached through a symlink.
+            if let (Some(dir), Some(file)) = (s.parent(), s.file_name()) {
+                if let Ok(real) = std::fs::canonicalize(dir) {
+                    all.push(real.join(file));
+                }
+            }
+        }
+        all.dedup();
+        self.control_sockets = all;
+    }
+
+    /// How callers on the control socket are mapped to units (by the units' cgroups).
+    pub fn unit_cgroups(&self) -> crate::api::access::UnitCgroups {
+        use crate::api::access::UnitCgroups;
+        match &self.scopes {
+            ScopeRoot::Cgroup(dir) => crate::api::peer::cgroup_path_of_dir(dir)
+                .map_or(UnitCgroups::None, UnitCgroups::Below),
+            ScopeRoot::ProcessGroup => UnitCgroups::None,
+        }
+    }
+
+    /// The refusal when an ungranted `unit` binds a path that exposes a control socket.
+    fn exposed_control_socket(&self, unit: &Unit) -> Option<String> {
+        if unit.container.control_api {
+            return None;
+        }
+        unit.container.mounts.iter().find_map(|m| {
+            let resolved = std::fs::canonicalize(&m.host).ok();
+            std::iter::once(m.host.as_path())
+                .chain(resolved.as_deref())
+                .find_map(|source| {
+                    crate::api::access::exposed_socket(source, &self.control_sockets)
+                })
+                .map(|socket| crate::api::access::bind_refusal(&unit.name, &m.host, socket))
+        })
     }
 
     /// Queue a start of every loaded unit (what happens at boot).
@@ -193,6 +262,11 @@ impl Manager {
                     .map(|u| Response::Text(u.source.clone()))
                     .ok_or(ApiError::NoSuchUnit(name))
             }
+            Request::ControlApiGranted(name) => Ok(Response::Granted(
+                self.slots
+                    .get(&name)
+                    .is_some_and(|s| s.scope.is_some() && s.control_api),
+            )),
             Request::SystemState => Ok(Response::Text(
                 if self.shutting_down {
                     crate::api::SYSTEM_STOPPING
@@ -251,6 +325,21 @@ impl Manager {
                 self.cycles.insert(n.clone(), text.clone());
             }
         }
+        // Running units can form a cycle (a reload or LoadUnit added an edge): stops must
+        // not wait on each other around it, so they follow the graph without its closing
+        // edges, dropped the same way every time.
+        let (stop_preds, ignored) = flotilla_units::break_cycles(&self.preds);
+        if ignored != self.ignored_edges {
+            for (a, b) in &ignored {
+                let cycle = self.cycles.get(a).map_or("", String::as_str);
+                log::warn!(
+                    "ordering cycle {cycle}: stops ignore that {a} is ordered after {b} \
+                     ({b} may stop before {a}); remove one after/before to fix it"
+                );
+            }
+        }
+        self.stop_preds = stop_preds;
+        self.ignored_edges = ignored;
     }
 
     /// The client-visible record of a unit.
@@ -513,21 +602,78 @@ impl Manager {
         }
     }
 
-    /// Begin an orderly shutdown: stop every unit, refuse new starts.
+    /// Begin an orderly shutdown: stop every unit, refuse new starts. What is still running
+    /// when the configured `shutdown_timeout` has passed is killed.
     pub fn shutdown(&mut self) {
         if self.shutting_down {
             return;
         }
         self.shutting_down = true;
+        self.shutdown_deadline = Some(later(Instant::now(), self.cfg.shutdown_timeout));
         let names: Vec<String> = self.slots.keys().cloned().collect();
         for n in names {
             self.queue_stop(&n, Job::Stop);
         }
     }
 
-    /// True once a shutdown was asked for and every unit has stopped.
+    /// True once a shutdown was asked for and every unit has stopped, or the shutdown
+    /// deadline killed what was left and a short grace for those processes to end passed.
     pub fn shutdown_complete(&self) -> bool {
-        self.shutting_down && self.slots.values().all(|s| !s.has_processes())
+        self.shutting_down
+            && (self.slots.values().all(|s| !s.has_processes())
+                || self
+                    .forced_at
+                    .is_some_and(|t| Instant::now() >= later(t, FORCE_GRACE)))
+    }
+
+    /// True if the shutdown deadline passed and the units left were killed.
+    pub fn shutdown_forced(&self) -> bool {
+        self.forced_at.is_some()
+    }
+
+    /// The shutdown deadline passed: kill every process of every unit still running
+    /// (cgroup.kill), whatever order or stop_timeout it would wait for.
+    fn force_stop(&mut self, now: Instant) {
+        self.forced_at = Some(now);
+        let left: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.has_processes())
+            .map(|(n, _)| n.clone())
+            .collect();
+        log::error!(
+            "shutdown deadline ({:?}) passed with {} unit(s) still running ({}); killing \
+             them (a longer --shutdown-timeout gives units more time)",
+            self.cfg.shutdown_timeout,
+            left.len(),
+            left.join(", ")
+        );
+        for name in left {
+            let Some(slot) = self.slots.get_mut(&name) else {
+                continue;
+            };
+            slot.log.push(
+                &self.cfg.logs,
+                MANAGER_STREAM,
+                "Shutdown deadline passed; killing every process of the unit (SIGKILL).",
+            );
+            if let Some(scope) = &slot.scope {
+                scope.signal(Signal::SIGKILL);
+            }
+            if let Some(pid) = slot.main_pid {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+            slot.job = Some(Job::Stop);
+            slot.kill_at = Some(later(now, KILL_RETRY));
+            slot.deadline = Some(now);
+            Self::set_state(
+                &self.events,
+                &name,
+                slot,
+                Active::Deactivating,
+                Sub::StopSigkill,
+            );
+        }
     }
 
     // ----- the state machine -----
@@ -567,13 +713,24 @@ impl Manager {
 
     /// Advance every unit whose situation allows it; returns the next timer deadline.
     pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+        if self.forced_at.is_none() && self.shutdown_deadline.is_some_and(|d| d <= now) {
+            self.force_stop(now);
+        }
         // Starting one unit can unblock another: repeat until nothing moves.
         for _ in 0..64 {
             if !self.step(now) {
                 break;
             }
         }
-        self.slots.values().filter_map(|s| s.deadline).min()
+        let shutdown = match self.forced_at {
+            Some(t) => Some(later(t, FORCE_GRACE)),
+            None => self.shutdown_deadline,
+        };
+        self.slots
+            .values()
+            .filter_map(|s| s.deadline)
+            .chain(shutdown)
+            .min()
     }
 
     fn step(&mut self, now: Instant) -> bool {
@@ -735,6 +892,7 @@ impl Manager {
                 };
                 slot.main_pid = Some(pid);
                 slot.running_source = Some(source_hash(&unit.source));
+                slot.control_api = unit.container.control_api;
                 slot.scope = Some(scope);
                 slot.started_at = Some(now);
                 slot.exit_code = None;
@@ -780,6 +938,9 @@ impl Manager {
         &mut self,
         unit: &Unit,
     ) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), (Outcome, String)> {
+        if let Some(refusal) = self.exposed_control_socket(unit) {
+            return Err((Outcome::Spawn, refusal));
+        }
         let resources = |e: crate::scope::ScopeError| (Outcome::Resources, e.to_string());
         let mut scope = self.scopes.prepare(&unit.name).map_err(resources)?;
         if let Err(e) = scope.apply(&Limits::of(unit)) {
@@ -800,10 +961,15 @@ impl Manager {
             stdout: out_w,
             stderr: err_w,
         };
-        let pid = self
-            .launcher
-            .launch(unit, &scope, io)
-            .map_err(|e| spawn_err(e.to_string()))?;
+        let pid = match self.launcher.launch(unit, &scope, io) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // A setup given up on (timeout) may have left a process behind in the scope.
+                scope.signal(Signal::SIGKILL);
+                scope.remove();
+                return Err(spawn_err(e.to_string()));
+            }
+        };
         scope.started(pid);
         let pipe = |fd, stream| Pipe {
             fd,
@@ -820,8 +986,8 @@ impl Manager {
 
     /// A stop job whose ordering allows it sends SIGTERM; returns true if it moved.
     fn try_stop(&mut self, name: &str, now: Instant) -> bool {
-        // Units ordered after this one and also stopping go first.
-        let blocked = self.preds.iter().any(|(succ, preds)| {
+        // Units ordered after this one and also stopping go first (never around a cycle).
+        let blocked = self.stop_preds.iter().any(|(succ, preds)| {
             preds.contains(name)
                 && self.slots.get(succ).is_some_and(|s| {
                     matches!(s.job, Some(Job::Stop | Job::Restart)) && !s.is_down()
@@ -867,6 +1033,7 @@ impl Manager {
     fn continue_stop(&mut self, name: &str, now: Instant) -> bool {
         let cfg = self.cfg.logs.clone();
         let timeout = self.units.get(name).map(|u| u.service.stop_timeout);
+        let forced = self.forced_at.is_some();
         let Some(slot) = self.slots.get_mut(name) else {
             return false;
         };
@@ -880,7 +1047,10 @@ impl Manager {
             slot.kill_at = None;
             let restart = slot.job == Some(Job::Restart);
             slot.job = None;
-            if killed {
+            if killed && forced {
+                slot.outcome = Outcome::Timeout;
+                slot.message = "still running at the shutdown deadline; killed with SIGKILL".into();
+            } else if killed {
                 slot.outcome = Outcome::Timeout;
                 slot.message = format!(
                     "did not stop within stop_timeout {:?} after SIGTERM; killed with SIGKILL",

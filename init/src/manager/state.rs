@@ -155,6 +155,8 @@ pub struct Slot {
     pub start_times: VecDeque<Instant>,
     /// Fingerprint of the unit file text the current process was started from.
     pub running_source: Option<u64>,
+    /// The current run was started with `[container] control_api = true`.
+    pub control_api: bool,
     /// When the current run started.
     pub started_at: Option<Instant>,
     /// Timer: when the unit next needs looking at (restart, escalation, scope re-check).
@@ -190,6 +192,7 @@ impl Slot {
             backoff_step: 0,
             start_times: VecDeque::new(),
             running_source: None,
+            control_api: false,
             started_at: None,
             deadline: None,
             kill_at: None,

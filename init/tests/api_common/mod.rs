@@ -122,6 +122,7 @@ impl Model {
         match request {
             Request::ListUnits => Ok(Response::Units(self.units.values().cloned().collect())),
             Request::SystemState => Ok(Response::Text(flotilla_init::api::SYSTEM_RUNNING.into())),
+            Request::ControlApiGranted(_) => Ok(Response::Granted(false)),
             Request::GetUnit(name) => {
                 if let Some(i) = self.failing.iter().position(|n| *n == name) {
                     self.failing.remove(i);
@@ -251,7 +252,10 @@ impl Fake {
     pub fn start_at(dir: tempfile::TempDir, socket: PathBuf) -> Fake {
         let (handle, queue) = api::channel().unwrap();
         let (events, events_rx) = mpsc::channel();
-        let server = dbus::serve(&socket, handle, events_rx).unwrap();
+        // No caller of the fake is inside one of its (non-existent) units' cgroups.
+        let units =
+            api::access::UnitCgroups::Below(format!("flotilla-fake-{}", std::process::id()));
+        let server = dbus::serve(&socket, handle, events_rx, units).unwrap();
         let model = Arc::new(Mutex::new(Model::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let slow = Arc::new(Slow::default());

@@ -1,0 +1,45 @@
+/* Issues one raw system call the way an attacker would, bypassing libc, and prints the
+ * kernel's answer as "rc=N" (a negative errno on failure). Built static by the seccomp tests.
+ *   abi_probe native NR   -- `syscall` with NR (x86_64 ABI)
+ *   abi_probe x32 NR      -- `syscall` with 0x40000000|NR (the x32 ABI)
+ *   abi_probe i386 NR     -- `int $0x80` with NR (the i386 ABI)
+ *   abi_probe uring       -- io_uring_setup(1, &params) (x86_64 ABI)
+ *   abi_probe newuser     -- clone(CLONE_NEWUSER | SIGCHLD) (the child exits at once)
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static long raw_syscall(long nr, long a, long b) {
+    long rc;
+    __asm__ volatile("syscall" : "=a"(rc) : "a"(nr), "D"(a), "S"(b) : "rcx", "r11", "memory");
+    return rc;
+}
+
+static long raw_int80(long nr) {
+    long rc;
+    __asm__ volatile("int $0x80" : "=a"(rc) : "a"(nr) : "memory");
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    long rc;
+    if (strcmp(argv[1], "uring") == 0) {
+        static unsigned char params[120];
+        rc = raw_syscall(425, 1, (long)params);
+    } else if (strcmp(argv[1], "newuser") == 0) {
+        rc = raw_syscall(56, 0x10000000L | 17, 0);
+        if (rc == 0) raw_syscall(60, 0, 0); /* the child: exit */
+    } else if (argc == 3 && strcmp(argv[1], "native") == 0) {
+        rc = raw_syscall(atol(argv[2]), 0, 0);
+    } else if (argc == 3 && strcmp(argv[1], "x32") == 0) {
+        rc = raw_syscall(0x40000000L | atol(argv[2]), 0, 0);
+    } else if (argc == 3 && strcmp(argv[1], "i386") == 0) {
+        rc = raw_int80(atol(argv[2]));
+    } else {
+        return 2;
+    }
+    printf("rc=%ld\n", rc);
+    return 0;
+}

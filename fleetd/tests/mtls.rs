@@ -1,0 +1,787 @@
+//! The cluster boundary over mutual TLS, attacked the way an attacker would: real `fleetd`
+//! and `fleetctl` processes, a real `flotilla-init` supervisor per machine, a real etcd
+//! with `--client-cert-auth`, and certificates issued BY THE TEST with the `openssl` CLI
+//! (the same commands as fleetd/README.md, "Certificates").
+//!
+//! As in `fleetctl.rs`, the init binary is not a target of this crate: run `cargo build -p
+//! flotilla-init` first (or set `FLOTILLA_INIT_BIN`). Waits are bounded by [`WAIT`] and only
+//! fail a test that would otherwise hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod etcd_server;
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use flotilla_fleetd::tls::TlsFiles;
+use flotilla_fleetd::Registry;
+use flotilla_init::api::client::Client;
+use serde_json::Value;
+
+use etcd_server::{connect_tls, free_port, EtcdServer};
+use support::{kill_cgroup, spawn_init};
+
+/// The bound on every wait.
+const WAIT: Duration = Duration::from_secs(60);
+const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
+
+fn wait_until(what: &str, cond: impl FnMut() -> bool, log: impl Fn() -> String) {
+    support::wait_until(what, WAIT, Duration::from_millis(100), cond, log);
+}
+
+/// Runs `openssl ARGS` in `dir`; it must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): apt-get install openssl"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A certificate authority in a directory, issuing with the `openssl` CLI.
+struct Ca {
+    dir: PathBuf,
+    name: String,
+}
+
+/// A certificate and its key.
+#[derive(Clone)]
+struct Cert {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Ca {
+    /// A new CA `name` (files `name-ca.crt`, `name-ca.key` in `dir`).
+    fn new(dir: &Path, name: &str) -> Ca {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-nodes",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-days",
+                "3650",
+                "-subj",
+                &format!("/O=flotilla/CN={name} cluster CA"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{name}-ca.key"),
+                "-out",
+                &format!("{name}-ca.crt"),
+            ],
+        );
+        Ca {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join(format!("{}-ca.crt", self.name))
+    }
+
+    /// Issues `file.crt`/`file.key` for subject `subject` (e.g. `/O=flotilla/OU=reader/CN=bob`);
+    /// `machine`: also a server certificate for 127.0.0.1.
+    fn issue(&self, file: &str, subject: &str, machine: bool) -> Cert {
+        let ext = format!("{file}.ext");
+        let usage = if machine {
+            "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        } else {
+            "extendedKeyUsage=clientAuth\n"
+        };
+        fs::write(
+            self.dir.join(&ext),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{usage}"),
+        )
+        .unwrap();
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-new",
+                "-nodes",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-subj",
+                subject,
+                "-keyout",
+                &format!("{file}.key"),
+                "-out",
+                &format!("{file}.csr"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{file}.csr"),
+                "-CA",
+                &format!("{}-ca.crt", self.name),
+                "-CAkey",
+                &format!("{}-ca.key", self.name),
+                "-CAcreateserial",
+                "-days",
+                "365",
+                "-extfile",
+                &ext,
+                "-out",
+                &format!("{file}.crt"),
+            ],
+        );
+        Cert {
+            cert: self.dir.join(format!("{file}.crt")),
+            key: self.dir.join(format!("{file}.key")),
+        }
+    }
+
+    /// The TLS files of a side holding `cert`, trusting this CA.
+    fn files(&self, cert: &Cert) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca(),
+            cert: Some(cert.cert.clone()),
+            key: Some(cert.key.clone()),
+        }
+    }
+}
+
+/// `fleetctl --endpoint ENDPOINT [--ca CA --cert C --key K] ARGS`.
+fn fleetctl(endpoint: &str, ca: Option<&Path>, cert: Option<&Cert>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+    cmd.arg("--endpoint").arg(endpoint);
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    if let Some(c) = cert {
+        cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+    }
+    cmd.args(args)
+        .env_remove("FLEETCTL_CA")
+        .env_remove("FLEETCTL_CERT")
+        .env_remove("FLEETCTL_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One machine: a `flotilla-init` supervisor and a `fleetd` on it, killed on drop (with
+/// everything in init's cgroup).
+struct Node {
+    dir: PathBuf,
+    init: Option<Child>,
+    fleetd: Option<Child>,
+    api: PathBuf,
+    cgroup: String,
+}
+
+impl Node {
+    /// Starts init and fleetd (`fleetd_args` added) in `dir`; waits until fleetd's Unix
+    /// socket lists `machines` machines.
+    fn start(dir: &Path, fleetd_args: &[String], machines: usize) -> Node {
+        fs::create_dir_all(dir.join("units")).unwrap();
+        let init_socket = dir.join("manager.sock");
+        let cgroup = format!(
+            "flotilla-mtls-test-{}-{}",
+            std::process::id(),
+            dir.to_string_lossy().replace('/', "-")
+        );
+        let init = spawn_init(&[], dir, &dir.join("units"), &init_socket, &cgroup);
+        let mut node = Node {
+            dir: dir.to_path_buf(),
+            init: Some(init),
+            fleetd: None,
+            api: dir.join("fleetd.sock"),
+            cgroup,
+        };
+        wait_until(
+            "init to answer",
+            || {
+                Client::connect(&init_socket)
+                    .and_then(|c| c.list_units())
+                    .is_ok()
+            },
+            || node.logs(),
+        );
+        let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+            .arg("--state")
+            .arg(dir.join("registry"))
+            .arg("--api")
+            .arg(&node.api)
+            .arg("--init-api")
+            .arg(&init_socket)
+            // A missing file is fine; a test may write one first.
+            .arg("--config")
+            .arg(dir.join("fleetd.toml"))
+            .args(["--ttl", "2", "--metadata", "role=test"])
+            .args(fleetd_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("fleetd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        node.fleetd = Some(fleetd);
+        let socket = node.api.to_str().unwrap().to_string();
+        wait_until(
+            "fleetd to list the machines",
+            || {
+                let out = fleetctl(&socket, None, None, &["list-machines", "--json"]);
+                out.status.success()
+                    && serde_json::from_slice::<Value>(&out.stdout)
+                        .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == machines))
+            },
+            || node.logs(),
+        );
+        node
+    }
+
+    fn logs(&self) -> String {
+        let read = |f: &str| fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        format!(
+            "--- {} fleetd.log\n{}\n--- init.log\n{}",
+            self.dir.display(),
+            read("fleetd.log"),
+            read("init.log")
+        )
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for child in [self.fleetd.take(), self.init.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        kill_cgroup(&self.cgroup);
+    }
+}
+
+/// The units the cluster lists, as JSON, through the node's Unix socket.
+fn unit_names(node: &Node) -> Vec<String> {
+    let out = fleetctl(
+        node.api.to_str().unwrap(),
+        None,
+        None,
+        &["list-units", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The TLS flags of a fleetd holding `cert` from `ca`.
+fn tls_flags(ca: &Ca, cert: &Cert) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        ca.ca().to_string_lossy().into(),
+        "--tls-cert".into(),
+        cert.cert.to_string_lossy().into(),
+        "--tls-key".into(),
+        cert.key.to_string_lossy().into(),
+    ]
+}
+
+/// Operators change units; readers and machines read and are refused changes with 403 and
+/// a message that says why; a certificate without a role may do nothing.
+#[test]
+fn operator_changes_units_reader_only_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "cluster");
+    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
+    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let bob = ca.issue("bob", "/O=flotilla/OU=reader/CN=bob", false);
+    let intern = ca.issue("intern", "/O=flotilla/OU=intern/CN=carol", false);
+    let listen = format!("127.0.0.1:{}", free_port());
+    // The settings as provisioning writes them: fleetd.toml's listen and tls_* keys.
+    let dir = tmp.path().join("m1");
+    fs::create_dir_all(&dir).unwrap();
+    let setting = |p: &Path| toml::Value::String(p.to_string_lossy().into()).to_string();
+    fs::write(
+        dir.join("fleetd.toml"),
+        format!(
+            "listen = \"{listen}\"\ntls_ca = {}\ntls_cert = {}\ntls_key = {}\n",
+            setting(&ca.ca()),
+            setting(&machine.cert),
+            setting(&machine.key)
+        ),
+    )
+    .unwrap();
+    let node = Node::start(&dir, &[], 1);
+    let url = format!("https://{listen}");
+    let unit = tmp.path().join("web.toml");
+    fs::write(&unit, SLEEP).unwrap();
+    let unit = unit.to_str().unwrap();
+    let ca_file = ca.ca();
+    let as_ = |who: &Cert, args: &[&str]| fleetctl(&url, Some(&ca_file), Some(who), args);
+
+    // The operator submits and starts (blocking until init runs it), over mutual TLS.
+    let out = as_(&alice, &["start", "--block-timeout", "60s", unit]);
+    assert!(out.status.success(), "{}\n{}", text(&out), node.logs());
+    // The machine list says the API is https.
+    let out = as_(&alice, &["list-machines", "--json"]);
+    let machines: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        machines[0]["api"],
+        format!("https://{listen}"),
+        "{machines}"
+    );
+
+    // The reader reads: list-units, status, cat, journal.
+    for verb in [
+        &["list-units"][..],
+        &["status", "web"],
+        &["cat", "web"],
+        &["journal", "web"],
+        &["list-machines"],
+    ] {
+        let out = as_(&bob, verb);
+        assert!(out.status.success(), "reader {verb:?}: {}", text(&out));
+    }
+    let out = as_(&bob, &["list-units"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web"));
+
+    // The reader tries to change the cluster: every change is a 403 that says why.
+    let other = tmp.path().join("evil.toml");
+    fs::write(&other, SLEEP).unwrap();
+    for verb in [
+        &["submit", other.to_str().unwrap()][..],
+        &["stop", "--no-block", "web"],
+        &["destroy", "web"],
+    ] {
+        for (who, role) in [(&bob, "reader"), (&machine, "machine")] {
+            let out = as_(who, verb);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{role} {verb:?}: {}",
+                text(&out)
+            );
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!("is a {role} (OU={role})"))
+                    && err.contains("use an operator certificate"),
+                "{role} {verb:?}: {err}"
+            );
+        }
+    }
+    // ... and nothing changed.
+    assert_eq!(unit_names(&node), ["web"]);
+    let out = as_(&alice, &["list-units", "--json"]);
+    let units: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(units[0]["desired"], "launched", "{units}");
+    assert!(node.logs().contains("refused PUT"), "{}", node.logs());
+
+    // A certificate of the cluster CA without a role may not even read.
+    let out = as_(&intern, &["list-units"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("names no role"), "{err}");
+
+    // The operator destroys.
+    let out = as_(&alice, &["destroy", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(unit_names(&node).is_empty());
+}
+
+/// The attacks on the handshake: no certificate, an operator certificate from another CA
+/// (the attacker knows the cluster CA's certificate, which is public), plaintext HTTP to
+/// the TLS port, a server that is not the cluster's. All fail and nothing changes.
+#[test]
+fn clients_without_a_cluster_certificate_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "cluster");
+    let evil_ca = Ca::new(tmp.path(), "evil");
+    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
+    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let mallory = evil_ca.issue("mallory", "/O=flotilla/OU=operator/CN=mallory", false);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = tls_flags(&ca, &machine);
+    args.extend(["--listen".into(), listen.clone()]);
+    let node = Node::start(&tmp.path().join("m1"), &args, 1);
+    let url = format!("https://{listen}");
+    let unit = tmp.path().join("web.toml");
+    fs::write(&unit, SLEEP).unwrap();
+    let unit = unit.to_str().unwrap();
+    let ca_file = ca.ca();
+
+    let attempts: Vec<(&str, Output)> = vec![
+        (
+            "no client certificate",
+            fleetctl(&url, Some(&ca_file), None, &["submit", unit]),
+        ),
+        (
+            "an operator certificate from another CA",
+            fleetctl(&url, Some(&ca_file), Some(&mallory), &["submit", unit]),
+        ),
+        (
+            "plaintext HTTP to the TLS port",
+            fleetctl(&format!("http://{listen}"), None, None, &["submit", unit]),
+        ),
+    ];
+    for (what, out) in &attempts {
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(out));
+    }
+    for (what, out) in &attempts[..2] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("the fleetd refused this client"),
+            "{what}: {err}"
+        );
+    }
+    assert!(unit_names(&node).is_empty(), "{}", node.logs());
+    let logs = node.logs();
+    assert!(
+        logs.matches("refused a TLS connection").count() >= 2,
+        "the refused handshakes are logged:\n{logs}"
+    );
+
+    // An https endpoint without the CA is a usage error, before any connection.
+    let out = fleetctl(&url, None, Some(&alice), &["list-units"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca FILE"),
+        "{}",
+        text(&out)
+    );
+    // The operator does not trust a server whose certificate is from another CA.
+    let out = fleetctl(&url, Some(&evil_ca.ca()), Some(&alice), &["list-units"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("UnknownIssuer"),
+        "{}",
+        text(&out)
+    );
+    // The real operator gets in.
+    let out = fleetctl(&url, Some(&ca_file), Some(&alice), &["submit", unit]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(unit_names(&node), ["web"]);
+}
+
+/// `--listen` without TLS and without `--insecure` stops fleetd at startup with a clear
+/// message; so do half-given TLS flags.
+#[test]
+fn plaintext_listen_needs_insecure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    fs::write(&token, "s3cret\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let fleetd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetd"))
+            .arg("--config")
+            .arg(tmp.path().join("none.toml"))
+            .arg("--state")
+            .arg(tmp.path().join("registry"))
+            .arg("--api")
+            .arg(tmp.path().join("fleetd.sock"))
+            .args(["--machine-id", "m1"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // fleetd must exit by itself; one that starts serving instead is killed and reported.
+    let refused = |args: &[&str]| {
+        let mut child = fleetd(args);
+        let mut exited = false;
+        wait_until(
+            "fleetd to refuse to start",
+            || {
+                exited = child.try_wait().unwrap().is_some();
+                exited || {
+                    let started = std::net::TcpStream::connect(&listen).is_ok();
+                    if started {
+                        let _ = child.kill();
+                    }
+                    started
+                }
+            },
+            String::new,
+        );
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            exited,
+            "fleetd {args:?} served the API instead of refusing: {}",
+            text(&out)
+        );
+        out
+    };
+    let token = token.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--listen", &listen, "--token-file", token],
+            "refusing to serve the API on plaintext TCP",
+        ),
+        (
+            vec!["--listen", &listen],
+            "refusing to serve the API on plaintext TCP",
+        ),
+        (
+            vec!["--listen", &listen, "--tls-ca", token],
+            "mutual TLS needs all of --tls-ca",
+        ),
+        (
+            vec!["--listen", &listen, "--insecure"],
+            "--insecure --listen needs --token-file",
+        ),
+    ] {
+        let out = refused(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // Nothing listens: the refusal came before the API was served.
+    assert!(std::net::TcpStream::connect(&listen).is_err());
+    let help = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--insecure") && help.contains("INSECURE: serve --listen in plaintext"),
+        "{help}"
+    );
+}
+
+/// etcd with `--client-cert-auth`: a client without a certificate, or with one from another
+/// CA, is refused; two fleetds with machine certificates share it, and a unit's journal is
+/// relayed from one fleetd to the other over mutual TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_and_the_journal_relay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "cluster");
+    let evil_ca = Ca::new(tmp.path(), "evil");
+    let etcd_cert = ca.issue("etcd", "/O=flotilla/OU=etcd/CN=etcd", true);
+    let m1 = ca.issue("m1", "/O=flotilla/OU=machine/CN=m1", true);
+    let m2 = ca.issue("m2", "/O=flotilla/OU=machine/CN=m2", true);
+    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let mallory = evil_ca.issue("mallory", "/O=flotilla/OU=machine/CN=mallory", true);
+    let etcd = EtcdServer::start_tls(&ca.files(&etcd_cert), ca.files(&m1)).await;
+    assert!(etcd.endpoint.starts_with("https://"));
+
+    // Without a client certificate, or with one from another CA, etcd refuses.
+    let no_cert = TlsFiles {
+        ca: ca.ca(),
+        cert: None,
+        key: None,
+    };
+    let foreign = TlsFiles {
+        ca: ca.ca(),
+        cert: Some(mallory.cert.clone()),
+        key: Some(mallory.key.clone()),
+    };
+    for (what, tls) in [("no certificate", no_cert), ("another CA's", foreign)] {
+        let registry = connect_tls(&etcd.endpoint, "/flotilla/", Some(tls)).await;
+        let result = registry.list_units().await;
+        assert!(result.is_err(), "etcd let in a client with {what}");
+    }
+    // A machine certificate of the cluster gets in.
+    let registry = connect_tls(&etcd.endpoint, "/flotilla/", Some(ca.files(&m1))).await;
+    registry.list_units().await.unwrap();
+    // fleetd refuses an https etcd without TLS settings, at startup.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        .args(["--etcd", &etcd.endpoint, "--machine-id", "x"])
+        .arg("--config")
+        .arg(tmp.path().join("none.toml"))
+        .arg("--api")
+        .arg(tmp.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--etcd-ca"),
+        "{}",
+        text(&out)
+    );
+
+    // Two machines, each with its machine certificate for etcd and for the TCP API.
+    let mut nodes = Vec::new();
+    for (i, (id, cert)) in [("m1", &m1), ("m2", &m2)].into_iter().enumerate() {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut flags = tls_flags(&ca, cert);
+        for (flag, value) in [
+            ("--etcd", etcd.endpoint.clone()),
+            ("--etcd-ca", ca.ca().to_string_lossy().into()),
+            ("--etcd-cert", cert.cert.to_string_lossy().into()),
+            ("--etcd-key", cert.key.to_string_lossy().into()),
+            ("--listen", listen.clone()),
+            ("--machine-id", id.into()),
+        ] {
+            flags.extend([flag.to_string(), value]);
+        }
+        let dir = tmp.path().join(id);
+        nodes.push((
+            tokio::task::spawn_blocking(move || Node::start(&dir, &flags, i + 1))
+                .await
+                .unwrap(),
+            listen,
+        ));
+    }
+    let (n1, listen1) = &nodes[0];
+    let url1 = format!("https://{listen1}");
+    let unit = tmp.path().join("ticker.toml");
+    fs::write(
+        &unit,
+        "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from m2; exec sleep 1000\"]\n\n[fleet]\nmachine_id = \"m2\"\n",
+    )
+    .unwrap();
+    let ca_file = ca.ca();
+    let unit = unit.to_str().unwrap().to_string();
+    let url = url1.clone();
+    let alice2 = alice.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        fleetctl(
+            &url,
+            Some(&ca_file),
+            Some(&alice2),
+            &["start", "--block-timeout", "60s", &unit],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out),
+        n1.logs(),
+        nodes[1].0.logs()
+    );
+    // Asked at m1, the journal of the unit on m2 comes from m2 over mutual TLS (m1 shows
+    // its machine certificate, which may read).
+    let ca_file = ca.ca();
+    let mut last = None;
+    let found = tokio::task::spawn_blocking(move || {
+        for _ in 0..300 {
+            let out = fleetctl(&url1, Some(&ca_file), Some(&alice), &["journal", "ticker"]);
+            if out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("hello from m2")
+            {
+                return Ok(());
+            }
+            last = Some(text(&out));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
+    })
+    .await
+    .unwrap();
+    assert!(
+        found.is_ok(),
+        "{found:?}\n{}\n{}",
+        n1.logs(),
+        nodes[1].0.logs()
+    );
+    // m2 saw a TLS client: m1's certificate (no token is involved any more).
+    drop(nodes);
+}
+
+/// A client that connects and never starts the handshake (slowloris) is dropped after the
+/// handshake timeout, while a real client is served meanwhile.
+#[test]
+fn a_silent_client_is_dropped() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Ca::new(tmp.path(), "cluster");
+    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
+    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let listen = format!("127.0.0.1:{}", free_port());
+    // No init: the API answers from the registry alone.
+    let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
+        .arg("--config")
+        .arg(tmp.path().join("none.toml"))
+        .arg("--state")
+        .arg(tmp.path().join("registry"))
+        .arg("--api")
+        .arg(tmp.path().join("fleetd.sock"))
+        .arg("--init-api")
+        .arg(tmp.path().join("no-init.sock"))
+        .args(["--machine-id", "m1", "--listen", &listen])
+        .args(tls_flags(&ca, &machine))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(tmp.path().join("fleetd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _fleetd = KillOnDrop(fleetd);
+    let log = || fs::read_to_string(tmp.path().join("fleetd.log")).unwrap_or_default();
+    wait_until(
+        "fleetd to listen",
+        || std::net::TcpStream::connect(&listen).is_ok(),
+        log,
+    );
+    let mut silent = std::net::TcpStream::connect(&listen).unwrap();
+    // Meanwhile a real client is served.
+    let out = fleetctl(
+        &format!("https://{listen}"),
+        Some(&ca.ca()),
+        Some(&alice),
+        &["list-machines"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), log());
+    // The server closes the silent connection (bounded only so a failure cannot hang).
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    let read = silent.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the silent connection is still open: {read:?}\n{}",
+        log()
+    );
+    // The socket closes as the handshake is given up; the log line follows.
+    wait_until(
+        "fleetd to log the dropped handshake",
+        || log().contains("no handshake within"),
+        log,
+    );
+}
+
+/// A child process killed (and reaped) on drop, also when a test panics.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
