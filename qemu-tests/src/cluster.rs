@@ -53,6 +53,7 @@ pub struct ClusterNet {
     endpoint: String,
     ca: Ca,
     operator: Cert,
+    reader: Cert,
 }
 
 impl ClusterNet {
@@ -74,8 +75,15 @@ impl ClusterNet {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),
             },
+            reader: Cert {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
         };
+        // Issued now, before any VM boots: a guest's clock under TCG lags the host's by a
+        // few seconds, and a certificate issued later may not be valid yet there.
         net.operator = net.ca.issue("operator", "operator", Usage::Client)?;
+        net.reader = net.ca.issue("reader", "reader", Usage::Client)?;
         ip(&["link", "add", &net.bridge, "type", "bridge"])?;
         let cidr = format!("{}/24", net.host_ip());
         ip(&["addr", "add", &cidr, "dev", &net.bridge])?;
@@ -116,9 +124,9 @@ impl ClusterNet {
         &self.operator
     }
 
-    /// Issues another certificate of the cluster CA (e.g. a reader's).
-    pub fn issue(&self, name: &str, role: &str) -> Result<Cert> {
-        self.ca.issue(name, role, Usage::Client)
+    /// A reader's client certificate (`OU=reader`).
+    pub fn reader(&self) -> &Cert {
+        &self.reader
     }
 
     /// etcd's log so far.

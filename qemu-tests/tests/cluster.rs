@@ -156,12 +156,12 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     );
     let (ok, _, err) = as_client(None, &["list-units"]);
     assert!(!ok && err.contains("TLS"), "{err}");
-    let reader = net.issue("reader", "reader").unwrap();
-    let (ok, listed, err) = as_client(Some(&reader), &["list-units"]);
+    let reader = net.reader();
+    let (ok, listed, err) = as_client(Some(reader), &["list-units"]);
     assert!(ok && listed.contains("svc"), "{listed}{err}");
     let evil = t.path().join("evil.toml");
     std::fs::write(&evil, "[container]\ncommand = [\"/bin/true\"]\n").unwrap();
-    let (ok, _, err) = as_client(Some(&reader), &["submit", evil.to_str().unwrap()]);
+    let (ok, _, err) = as_client(Some(reader), &["submit", evil.to_str().unwrap()]);
     assert!(!ok && err.contains("reader"), "{err}");
 
     // The machine's TLS key (0600 in /etc/flotilla) is the host's: a unit over the host's
