@@ -167,7 +167,7 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     // The machine's TLS key (0600 in /etc/flotilla) is the host's: a unit over the host's
     // root, even as uid 0, finds it hidden; only the granted fleetd unit reads it.
     let on_host = shells[0]
-        .ok("grep -c PRIVATE /etc/flotilla/fleetd.key", CMD)
+        .ok("grep -c \"BEGIN PRIVATE\" /etc/flotilla/fleetd.key", CMD)
         .unwrap();
     assert!(on_host.trim().ends_with('1'), "{on_host}");
     write_file(&mut shells[0], "/tmp/peek.toml", PEEK_UNIT).unwrap();
@@ -247,7 +247,7 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
 
 /// An image-less unit looking for the machine's TLS key.
 const PEEK_UNIT: &str = r#"[container]
-command = ["/bin/sh", "-c", "echo key-lines=$(grep -c PRIVATE /etc/flotilla/fleetd.key); echo peek-done"]
+command = ["/bin/sh", "-c", "echo key-lines=$(grep -c \"BEGIN PRIVATE\" /etc/flotilla/fleetd.key); echo peek-done"]
 [service]
 type = "oneshot"
 "#;
