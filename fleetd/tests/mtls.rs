@@ -20,6 +20,7 @@ use std::time::Duration;
 use flotilla_fleetd::tls::TlsFiles;
 use flotilla_fleetd::Registry;
 use flotilla_init::api::client::Client;
+use qemu_tests::pki::{Ca, Cert, Usage};
 use serde_json::Value;
 
 use etcd_server::{connect_tls, free_port, EtcdServer};
@@ -33,137 +34,30 @@ fn wait_until(what: &str, cond: impl FnMut() -> bool, log: impl Fn() -> String) 
     support::wait_until(what, WAIT, Duration::from_millis(100), cond, log);
 }
 
-/// Runs `openssl ARGS` in `dir`; it must succeed.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): apt-get install openssl"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A new CA in `dir/name` (issued with the `openssl` commands of fleetd/README.md, through
+/// `qemu_tests::pki`, which the VM cluster uses too).
+fn new_ca(dir: &Path, name: &str) -> Ca {
+    let dir = dir.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    Ca::new(&dir, name).unwrap()
 }
 
-/// A certificate authority in a directory, issuing with the `openssl` CLI.
-struct Ca {
-    dir: PathBuf,
-    name: String,
+/// A client certificate `/O=flotilla/OU={role}/CN={name}`.
+fn client(ca: &Ca, name: &str, role: &str) -> Cert {
+    ca.issue(name, role, Usage::Client).unwrap()
 }
 
-/// A certificate and its key.
-#[derive(Clone)]
-struct Cert {
-    cert: PathBuf,
-    key: PathBuf,
+/// A machine's (or etcd's) certificate: server and client, for 127.0.0.1.
+fn node(ca: &Ca, name: &str, role: &str) -> Cert {
+    ca.issue(name, role, Usage::Node("127.0.0.1")).unwrap()
 }
 
-impl Ca {
-    /// A new CA `name` (files `name-ca.crt`, `name-ca.key` in `dir`).
-    fn new(dir: &Path, name: &str) -> Ca {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-nodes",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-days",
-                "3650",
-                "-subj",
-                &format!("/O=flotilla/CN={name} cluster CA"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-keyout",
-                &format!("{name}-ca.key"),
-                "-out",
-                &format!("{name}-ca.crt"),
-            ],
-        );
-        Ca {
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.crt", self.name))
-    }
-
-    /// Issues `file.crt`/`file.key` for subject `subject` (e.g. `/O=flotilla/OU=reader/CN=bob`);
-    /// `machine`: also a server certificate for 127.0.0.1.
-    fn issue(&self, file: &str, subject: &str, machine: bool) -> Cert {
-        let ext = format!("{file}.ext");
-        let usage = if machine {
-            "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        } else {
-            "extendedKeyUsage=clientAuth\n"
-        };
-        fs::write(
-            self.dir.join(&ext),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{usage}"),
-        )
-        .unwrap();
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-new",
-                "-nodes",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-subj",
-                subject,
-                "-keyout",
-                &format!("{file}.key"),
-                "-out",
-                &format!("{file}.csr"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{file}.csr"),
-                "-CA",
-                &format!("{}-ca.crt", self.name),
-                "-CAkey",
-                &format!("{}-ca.key", self.name),
-                "-CAcreateserial",
-                "-days",
-                "365",
-                "-extfile",
-                &ext,
-                "-out",
-                &format!("{file}.crt"),
-            ],
-        );
-        Cert {
-            cert: self.dir.join(format!("{file}.crt")),
-            key: self.dir.join(format!("{file}.key")),
-        }
-    }
-
-    /// The TLS files of a side holding `cert`, trusting this CA.
-    fn files(&self, cert: &Cert) -> TlsFiles {
-        TlsFiles {
-            ca: self.ca(),
-            cert: Some(cert.cert.clone()),
-            key: Some(cert.key.clone()),
-        }
+/// The TLS files of a side holding `cert`, trusting `ca`.
+fn files(ca: &Ca, cert: &Cert) -> TlsFiles {
+    TlsFiles {
+        ca: ca.cert(),
+        cert: Some(cert.cert.clone()),
+        key: Some(cert.key.clone()),
     }
 }
 
@@ -310,7 +204,7 @@ fn unit_names(node: &Node) -> Vec<String> {
 fn tls_flags(ca: &Ca, cert: &Cert) -> Vec<String> {
     vec![
         "--tls-ca".into(),
-        ca.ca().to_string_lossy().into(),
+        ca.cert().to_string_lossy().into(),
         "--tls-cert".into(),
         cert.cert.to_string_lossy().into(),
         "--tls-key".into(),
@@ -323,11 +217,11 @@ fn tls_flags(ca: &Ca, cert: &Cert) -> Vec<String> {
 #[test]
 fn operator_changes_units_reader_only_reads() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "cluster");
-    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
-    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
-    let bob = ca.issue("bob", "/O=flotilla/OU=reader/CN=bob", false);
-    let intern = ca.issue("intern", "/O=flotilla/OU=intern/CN=carol", false);
+    let ca = new_ca(tmp.path(), "cluster");
+    let machine = node(&ca, "node1", "machine");
+    let alice = client(&ca, "alice", "operator");
+    let bob = client(&ca, "bob", "reader");
+    let intern = client(&ca, "carol", "intern");
     let listen = format!("127.0.0.1:{}", free_port());
     // The settings as provisioning writes them: fleetd.toml's listen and tls_* keys.
     let dir = tmp.path().join("m1");
@@ -337,7 +231,7 @@ fn operator_changes_units_reader_only_reads() {
         dir.join("fleetd.toml"),
         format!(
             "listen = \"{listen}\"\ntls_ca = {}\ntls_cert = {}\ntls_key = {}\n",
-            setting(&ca.ca()),
+            setting(&ca.cert()),
             setting(&machine.cert),
             setting(&machine.key)
         ),
@@ -348,7 +242,7 @@ fn operator_changes_units_reader_only_reads() {
     let unit = tmp.path().join("web.toml");
     fs::write(&unit, SLEEP).unwrap();
     let unit = unit.to_str().unwrap();
-    let ca_file = ca.ca();
+    let ca_file = ca.cert();
     let as_ = |who: &Cert, args: &[&str]| fleetctl(&url, Some(&ca_file), Some(who), args);
 
     // The operator submits and starts (blocking until init runs it), over mutual TLS.
@@ -426,11 +320,11 @@ fn operator_changes_units_reader_only_reads() {
 #[test]
 fn clients_without_a_cluster_certificate_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "cluster");
-    let evil_ca = Ca::new(tmp.path(), "evil");
-    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
-    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
-    let mallory = evil_ca.issue("mallory", "/O=flotilla/OU=operator/CN=mallory", false);
+    let ca = new_ca(tmp.path(), "cluster");
+    let evil_ca = new_ca(tmp.path(), "evil");
+    let machine = node(&ca, "node1", "machine");
+    let alice = client(&ca, "alice", "operator");
+    let mallory = client(&evil_ca, "mallory", "operator");
     let listen = format!("127.0.0.1:{}", free_port());
     let mut args = tls_flags(&ca, &machine);
     args.extend(["--listen".into(), listen.clone()]);
@@ -439,7 +333,7 @@ fn clients_without_a_cluster_certificate_are_refused() {
     let unit = tmp.path().join("web.toml");
     fs::write(&unit, SLEEP).unwrap();
     let unit = unit.to_str().unwrap();
-    let ca_file = ca.ca();
+    let ca_file = ca.cert();
 
     let attempts: Vec<(&str, Output)> = vec![
         (
@@ -481,7 +375,7 @@ fn clients_without_a_cluster_certificate_are_refused() {
         text(&out)
     );
     // The operator does not trust a server whose certificate is from another CA.
-    let out = fleetctl(&url, Some(&evil_ca.ca()), Some(&alice), &["list-units"]);
+    let out = fleetctl(&url, Some(&evil_ca.cert()), Some(&alice), &["list-units"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("UnknownIssuer"),
@@ -587,24 +481,24 @@ fn plaintext_listen_needs_insecure() {
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_over_tls_and_the_journal_relay() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "cluster");
-    let evil_ca = Ca::new(tmp.path(), "evil");
-    let etcd_cert = ca.issue("etcd", "/O=flotilla/OU=etcd/CN=etcd", true);
-    let m1 = ca.issue("m1", "/O=flotilla/OU=machine/CN=m1", true);
-    let m2 = ca.issue("m2", "/O=flotilla/OU=machine/CN=m2", true);
-    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
-    let mallory = evil_ca.issue("mallory", "/O=flotilla/OU=machine/CN=mallory", true);
-    let etcd = EtcdServer::start_tls(&ca.files(&etcd_cert), ca.files(&m1)).await;
+    let ca = new_ca(tmp.path(), "cluster");
+    let evil_ca = new_ca(tmp.path(), "evil");
+    let etcd_cert = node(&ca, "etcd", "etcd");
+    let m1 = node(&ca, "m1", "machine");
+    let m2 = node(&ca, "m2", "machine");
+    let alice = client(&ca, "alice", "operator");
+    let mallory = node(&evil_ca, "mallory", "machine");
+    let etcd = EtcdServer::start_tls(&files(&ca, &etcd_cert), files(&ca, &m1)).await;
     assert!(etcd.endpoint.starts_with("https://"));
 
     // Without a client certificate, or with one from another CA, etcd refuses.
     let no_cert = TlsFiles {
-        ca: ca.ca(),
+        ca: ca.cert(),
         cert: None,
         key: None,
     };
     let foreign = TlsFiles {
-        ca: ca.ca(),
+        ca: ca.cert(),
         cert: Some(mallory.cert.clone()),
         key: Some(mallory.key.clone()),
     };
@@ -614,7 +508,7 @@ async fn etcd_over_tls_and_the_journal_relay() {
         assert!(result.is_err(), "etcd let in a client with {what}");
     }
     // A machine certificate of the cluster gets in.
-    let registry = connect_tls(&etcd.endpoint, "/flotilla/", Some(ca.files(&m1))).await;
+    let registry = connect_tls(&etcd.endpoint, "/flotilla/", Some(files(&ca, &m1))).await;
     registry.list_units().await.unwrap();
     // fleetd refuses an https etcd without TLS settings, at startup.
     let out = Command::new(env!("CARGO_BIN_EXE_fleetd"))
@@ -639,7 +533,7 @@ async fn etcd_over_tls_and_the_journal_relay() {
         let mut flags = tls_flags(&ca, cert);
         for (flag, value) in [
             ("--etcd", etcd.endpoint.clone()),
-            ("--etcd-ca", ca.ca().to_string_lossy().into()),
+            ("--etcd-ca", ca.cert().to_string_lossy().into()),
             ("--etcd-cert", cert.cert.to_string_lossy().into()),
             ("--etcd-key", cert.key.to_string_lossy().into()),
             ("--listen", listen.clone()),
@@ -663,7 +557,7 @@ async fn etcd_over_tls_and_the_journal_relay() {
         "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from m2; exec sleep 1000\"]\n\n[fleet]\nmachine_id = \"m2\"\n",
     )
     .unwrap();
-    let ca_file = ca.ca();
+    let ca_file = ca.cert();
     let unit = unit.to_str().unwrap().to_string();
     let url = url1.clone();
     let alice2 = alice.clone();
@@ -686,7 +580,7 @@ async fn etcd_over_tls_and_the_journal_relay() {
     );
     // Asked at m1, the journal of the unit on m2 comes from m2 over mutual TLS (m1 shows
     // its machine certificate, which may read).
-    let ca_file = ca.ca();
+    let ca_file = ca.cert();
     let mut last = None;
     let found = tokio::task::spawn_blocking(move || {
         for _ in 0..300 {
@@ -719,9 +613,9 @@ async fn etcd_over_tls_and_the_journal_relay() {
 fn a_silent_client_is_dropped() {
     use std::io::Read;
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new(tmp.path(), "cluster");
-    let machine = ca.issue("node1", "/O=flotilla/OU=machine/CN=node1", true);
-    let alice = ca.issue("alice", "/O=flotilla/OU=operator/CN=alice", false);
+    let ca = new_ca(tmp.path(), "cluster");
+    let machine = node(&ca, "node1", "machine");
+    let alice = client(&ca, "alice", "operator");
     let listen = format!("127.0.0.1:{}", free_port());
     // No init: the API answers from the registry alone.
     let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
@@ -751,7 +645,7 @@ fn a_silent_client_is_dropped() {
     // Meanwhile a real client is served.
     let out = fleetctl(
         &format!("https://{listen}"),
-        Some(&ca.ca()),
+        Some(&ca.cert()),
         Some(&alice),
         &["list-machines"],
     );

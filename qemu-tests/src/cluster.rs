@@ -70,7 +70,7 @@ impl ClusterNet {
             etcd: None,
             etcd_log: dir.join("etcd.log"),
             endpoint: String::new(),
-            ca: Ca::new(dir)?,
+            ca: Ca::new(dir, "flotilla test cluster")?,
             operator: Cert {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),

@@ -28,13 +28,14 @@ pub struct Ca {
 pub enum Usage<'a> {
     /// A client only (operators and readers).
     Client,
-    /// Server and client, valid for this IP address (machines, etcd).
+    /// Server and client, valid for this IP address and for loopback (machines, etcd).
     Node(&'a str),
 }
 
 impl Ca {
-    /// Creates the CA (`ca.crt`, `ca.key`) in `dir`; installs `openssl` if missing.
-    pub fn new(dir: &Path) -> Result<Ca> {
+    /// Creates the CA `/O=flotilla/CN={name} CA` (`ca.crt`, `ca.key`) in `dir`; installs
+    /// `openssl` if missing.
+    pub fn new(dir: &Path, name: &str) -> Result<Ca> {
         let ca = Ca {
             dir: dir.to_path_buf(),
             openssl: ensure_program("openssl", "openssl")?,
@@ -51,7 +52,7 @@ impl Ca {
             "-days",
             "3650",
             "-subj",
-            "/O=flotilla/CN=flotilla test cluster CA",
+            &format!("/O=flotilla/CN={name} CA"),
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -73,9 +74,17 @@ impl Ca {
     pub fn issue(&self, name: &str, role: &str, usage: Usage<'_>) -> Result<Cert> {
         let usage = match usage {
             Usage::Client => "extendedKeyUsage=clientAuth\n".to_string(),
-            Usage::Node(ip) => format!(
-                "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{ip},IP:127.0.0.1\n"
-            ),
+            Usage::Node(ip) => {
+                let also = if ip == "127.0.0.1" {
+                    ""
+                } else {
+                    ",IP:127.0.0.1"
+                };
+                format!(
+                    "extendedKeyUsage=serverAuth,clientAuth\n\
+                     subjectAltName=IP:{ip}{also},DNS:localhost\n"
+                )
+            }
         };
         let ext = self.dir.join(format!("{name}.ext"));
         std::fs::write(
