@@ -182,13 +182,11 @@ impl Manager {
         if unit.container.control_api {
             return None;
         }
+        // Compared as written, never resolved here: a lookup on a hung filesystem would hang
+        // the event loop, and a source with a symlink in it is refused at start anyway (bind
+        // sources are opened without following symlinks; `..` is refused when parsing).
         unit.container.mounts.iter().find_map(|m| {
-            let resolved = std::fs::canonicalize(&m.host).ok();
-            std::iter::once(m.host.as_path())
-                .chain(resolved.as_deref())
-                .find_map(|source| {
-                    crate::api::access::exposed_socket(source, &self.control_sockets)
-                })
+            crate::api::access::exposed_socket(&m.host, &self.control_sockets)
                 .map(|socket| crate::api::access::bind_refusal(&unit.name, &m.host, socket))
         })
     }
