@@ -20,7 +20,7 @@ use flotilla_init::api::client::Client;
 use flotilla_init::api::UnitInfo;
 use serde_json::Value;
 
-use support::{kill_cgroup, spawn_init};
+use support::spawn_init;
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
@@ -190,12 +190,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for child in [self.fleetd.take(), self.init.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        kill_cgroup(&self.cgroup);
+        support::stop_machine(self.fleetd.take(), self.init.take(), &self.cgroup);
     }
 }
 

@@ -24,7 +24,7 @@ use qemu_tests::pki::{Ca, Cert, Usage};
 use serde_json::Value;
 
 use etcd_server::{connect_tls, free_port, EtcdServer};
-use support::{kill_cgroup, spawn_init};
+use support::spawn_init;
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(60);
@@ -173,12 +173,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for child in [self.fleetd.take(), self.init.take()].into_iter().flatten() {
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        kill_cgroup(&self.cgroup);
+        support::stop_machine(self.fleetd.take(), self.init.take(), &self.cgroup);
     }
 }
 

@@ -162,25 +162,12 @@ fn small_layout(dir: &std::path::Path) -> std::path::PathBuf {
     let root = dir.join("rootfs");
     fs::create_dir_all(root.join("etc")).unwrap();
     fs::write(root.join("etc/hello"), "hello\n").unwrap();
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let layout = dir.join("layout");
-    flotilla_container::image::write_oci_layout(
-        &layout,
-        &[tar],
+    common::oci_layout_of(
+        &root,
+        dir,
         &flotilla_container::image::RuntimeConfig::default(),
         "small:1",
     )
-    .unwrap();
-    layout
 }
 
 /// The blob files of a layout: (manifest blob, layer blob), found from its JSON.

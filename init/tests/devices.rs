@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use common::Machine;
-use flotilla_container::image::{write_oci_layout, ImageStore, RuntimeConfig};
+use flotilla_container::image::{ImageStore, RuntimeConfig};
 
 /// A loop device over a temporary file that starts with a secret; detached on drop.
 struct Disk {
@@ -125,23 +125,12 @@ fn store(disk: &Disk) -> Store {
     )
     .unwrap();
     fs::set_permissions(&node, fs::Permissions::from_mode(0o666)).unwrap();
-    let tar = dir.join("layer.tar");
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let layout = dir.join("layout");
     let config = RuntimeConfig {
         env: vec!["PATH=/bin".into()],
         cmd: vec!["/bin/sh".into()],
         ..Default::default()
     };
-    write_oci_layout(&layout, &[tar], &config, "devimg:latest").unwrap();
+    let layout = common::oci_layout_of(&root, dir, &config, "devimg:latest");
     let store = dir.join("store");
     ImageStore::open(&store)
         .unwrap()

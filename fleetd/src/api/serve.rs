@@ -27,6 +27,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
 
 /// Per-listener bounds on connections. See the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,12 +163,16 @@ pub(crate) async fn serve<L: Accept>(
                 }
             },
         };
-        // Per connection, as `axum::serve` gives it: `ConnectInfo` in every request.
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(info))),
-        );
+        // Per connection, as `axum::serve` gives it: `ConnectInfo` in every request (a thin
+        // wrapper; `Router::layer` here would rebuild every route's stack per connection).
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(info.clone()));
+                request
+            },
+        ));
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;

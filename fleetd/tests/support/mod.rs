@@ -57,6 +57,20 @@ pub fn spawn_init(
         .unwrap()
 }
 
+/// Stops a machine of the tests: kills and reaps its fleetd and init (when still held),
+/// then everything its init left in the cgroup `cgroup`.
+pub fn stop_machine(
+    fleetd: Option<std::process::Child>,
+    init: Option<std::process::Child>,
+    cgroup: &str,
+) {
+    for mut child in [fleetd, init].into_iter().flatten() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    kill_cgroup(cgroup);
+}
+
 /// Kills everything in the cgroup `name` (what an init started) and removes the cgroups,
 /// on either cgroup2 mount.
 pub fn kill_cgroup(name: &str) {

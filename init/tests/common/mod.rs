@@ -244,3 +244,26 @@ pub fn zombies_of(parent: u32) -> Vec<i32> {
     }
     out
 }
+
+/// Tars `root` into `dir/layer.tar` and writes a one-layer OCI layout of it at `dir/layout`
+/// (as image-build does), tagged `reference`; returns the layout.
+pub fn oci_layout_of(
+    root: &Path,
+    dir: &Path,
+    config: &flotilla_container::image::RuntimeConfig,
+    reference: &str,
+) -> PathBuf {
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of {}", root.display());
+    let layout = dir.join("layout");
+    flotilla_container::image::write_oci_layout(&layout, &[tar], config, reference).unwrap();
+    layout
+}
