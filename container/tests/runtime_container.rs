@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_container::runtime::{
-    run, spawn, BindMount, ContainerError, IdMapping, Network, RootFs, Stdio,
+    run, spawn, BindMount, CgroupDir, ContainerError, IdMapping, Network, RootFs, Stdio,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -162,6 +162,7 @@ fn read_only_overlay_root() {
         layers: vec![root.layer.clone(), top],
         state_dir: root.state.clone(),
         read_only: true,
+        in_memory: false,
     };
     let out = run_capture(&spec);
     assert!(out.stdout.contains("from the top layer"), "{out:?}");
@@ -398,8 +399,29 @@ fn setup_errors_come_back() {
     assert!(text.contains("/no/such/source"), "{text}");
 }
 
+/// Pid 1 starts in the leaf cgroup (cloned into it) and its cgroup namespace is rooted
+/// there.
 #[test]
 fn cgroup_namespace_rooted_at_leaf() {
+    starts_in_leaf_cgroup(false, true);
+}
+
+/// The same in a user namespace, whose root cannot be cloned into a host cgroup: the setup
+/// joins it while still host root.
+#[test]
+fn cgroup_namespace_rooted_at_leaf_in_a_user_namespace() {
+    starts_in_leaf_cgroup(true, true);
+}
+
+/// A reused cgroup, killed once with `cgroup.kill` (as the manager does when a unit's main
+/// process exits): joined by writing `cgroup.procs`, and the container runs. (Cloned into
+/// it instead, Linux 6.14-6.18 kill the new process at once.)
+#[test]
+fn a_killed_cgroup_is_joined_not_cloned_into() {
+    starts_in_leaf_cgroup(false, false);
+}
+
+fn starts_in_leaf_cgroup(userns: bool, fresh: bool) {
     if !can_run() {
         return;
     }
@@ -409,22 +431,36 @@ fn cgroup_namespace_rooted_at_leaf() {
     } else {
         PathBuf::from("/sys/fs/cgroup")
     };
-    let leaf = base.join(format!("flotilla-rt-test-{}", std::process::id()));
+    let leaf = base.join(format!(
+        "flotilla-rt-test-{}-{userns}-{fresh}",
+        std::process::id()
+    ));
     std::fs::create_dir(&leaf).unwrap();
-    let procs = std::fs::OpenOptions::new()
-        .write(true)
-        .open(leaf.join("cgroup.procs"))
-        .unwrap();
+    if !fresh {
+        std::fs::write(leaf.join("cgroup.kill"), "1").unwrap();
+    }
+    let dir = std::fs::File::open(&leaf).unwrap();
     let root = TestRoot::new();
     let (out_r, out_w) = pipe();
+    let mut spec = root.spec("grep '^0::' /proc/self/cgroup; sleep 1");
+    if userns {
+        spec.user_namespace = Some(IdMapping {
+            container_id: 0,
+            host_id: 200000,
+            size: 65536,
+        });
+    }
     let spawned = spawn(
-        &root.spec("grep '^0::' /proc/self/cgroup; sleep 1"),
+        &spec,
         Stdio {
             stdin: None,
             stdout: Some(out_w),
             stderr: None,
         },
-        Some(std::os::fd::AsFd::as_fd(&procs)),
+        Some(CgroupDir {
+            dir: std::os::fd::AsFd::as_fd(&dir),
+            fresh,
+        }),
     );
     let result = spawned.map(|s| {
         std::thread::sleep(Duration::from_millis(300));
@@ -527,6 +563,49 @@ fn user_namespace() {
     assert_eq!(lines[1], "0");
     assert_eq!(lines[2], "hi", "{out:?}");
     assert!(root.state.join("upper/x").exists());
+}
+
+/// `in_memory`: the writable layer lives in a tmpfs of the container's own mount namespace.
+/// Two containers share one state directory at once, each sees only its own writes, and
+/// nothing reaches the host's directory.
+#[test]
+fn in_memory_root_writes_nothing_on_the_host() {
+    if !can_run() {
+        return;
+    }
+    let root = TestRoot::new();
+    let in_memory = |script: &str| {
+        let mut spec = root.spec(script);
+        if let RootFs::Overlay { in_memory, .. } = &mut spec.root {
+            *in_memory = true;
+        }
+        spec
+    };
+    let (out_r, out_w) = pipe();
+    let first = spawn(
+        &in_memory("echo one > /x; sleep 1; cat /x"),
+        Stdio {
+            stdin: None,
+            stdout: Some(out_w),
+            stderr: None,
+        },
+        None,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = run_capture(&in_memory(
+        "cat /x 2>/dev/null || echo none; echo two > /x; cat /x; stat -c %a /",
+    ));
+    assert_eq!(second.code(), 0, "{second:?}");
+    // The root's mode is the upper dir's: 755 as on disk, so other users can walk it.
+    assert_eq!(second.stdout, "none\ntwo\n755\n");
+    assert_eq!(read_all(out_r), "one\n");
+    assert_eq!(
+        waitpid(first.pid, None).unwrap(),
+        WaitStatus::Exited(first.pid, 0)
+    );
+    let left: Vec<_> = std::fs::read_dir(&root.state).unwrap().collect();
+    assert!(left.is_empty(), "the host's state dir: {left:?}");
 }
 
 /// A new pseudo-terminal: (master, slave).
@@ -819,6 +898,7 @@ fn user_namespace_over_layers_in_a_private_store() {
         layers: vec![layer],
         state_dir: root.state.clone(),
         read_only: false,
+        in_memory: false,
     };
     spec.user_namespace = Some(IdMapping {
         container_id: 0,

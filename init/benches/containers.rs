@@ -106,6 +106,7 @@ fn main() {
             layers: busybox.layers.clone(),
             state_dir: scratch.path().join(format!("lib{i}")),
             read_only: false,
+            in_memory: false,
         };
         let spec = ContainerSpec::new(format!("b{i}"), root, vec!["/bin/true".into()]);
         let code = runtime::run(

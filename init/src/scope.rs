@@ -70,6 +70,20 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 mount point: `/sys/fs/cgroup` or `/sys/fs/cgroup/unified` (a hybrid
+/// layout) when that is a cgroup2 filesystem (one `statfs`), else the last cgroup2 mount of
+/// `/proc/self/mountinfo` ([`cgroup2_mount`]).
+pub fn find_cgroup2() -> Option<PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|p| {
+            nix::sys::statfs::statfs(*p)
+                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        })
+        .map(PathBuf::from)
+        .or_else(|| cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()))
+}
+
 /// This process's cgroup v2 path (relative to the cgroup2 mount) from `/proc/self/cgroup` text.
 pub fn own_cgroup(proc_cgroup: &str) -> Option<String> {
     proc_cgroup
@@ -99,8 +113,7 @@ fn enable_controllers(dir: &Path) {
 /// Moves this process into the leaf cgroup `name` below the cgroup2 root (PID 1 does this
 /// with `init.scope`, as systemd, so that only leaves hold processes). Returns the leaf.
 pub fn move_self_to_leaf(name: &str) -> Result<PathBuf, ScopeError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mount = cgroup2_mount(&mountinfo).ok_or_else(|| ScopeError::Cgroup {
+    let mount = find_cgroup2().ok_or_else(|| ScopeError::Cgroup {
         path: PathBuf::from("/sys/fs/cgroup"),
         source: io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted"),
     })?;
@@ -126,8 +139,7 @@ impl ScopeRoot {
     /// As [`ScopeRoot::create`]; `delegate`: enable the limit controllers for the children
     /// (the manager; the toolbox sets no limits and leaves its parent's controllers alone).
     pub fn create_with(name: &str, delegate: bool) -> (ScopeRoot, Option<String>) {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let Some(mount) = cgroup2_mount(&mountinfo) else {
+        let Some(mount) = find_cgroup2() else {
             return (
                 ScopeRoot::ProcessGroup,
                 Some("no cgroup2 filesystem is mounted".into()),
@@ -162,19 +174,25 @@ impl ScopeRoot {
             ScopeRoot::ProcessGroup => Ok(Scope::ProcessGroup { pgid: None }),
             ScopeRoot::Cgroup(root) => {
                 let path = root.join(format!("{unit}.unit"));
-                match fs::create_dir(&path) {
-                    Ok(()) => {}
+                let fresh = match fs::create_dir(&path) {
+                    Ok(()) => true,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                         let leftover = Scope::Cgroup {
                             path: path.clone(),
                             oom_base: 0,
+                            fresh: false,
                         };
                         leftover.signal(Signal::SIGKILL);
+                        false
                     }
                     Err(e) => return Err(cg_err(&path)(e)),
-                }
+                };
                 let oom_base = oom_kills_in(&path);
-                Ok(Scope::Cgroup { path, oom_base })
+                Ok(Scope::Cgroup {
+                    path,
+                    oom_base,
+                    fresh,
+                })
             }
         }
     }
@@ -251,6 +269,9 @@ pub enum Scope {
         path: PathBuf,
         /// `oom_kill` of its `memory.events` when this run began (the directory can outlive a run).
         oom_base: u64,
+        /// Made by this run's `prepare`, not left over from an earlier run (and so never
+        /// killed with `cgroup.kill`): see [`flotilla_container::runtime::CgroupDir::fresh`].
+        fresh: bool,
     },
     /// The process group led by the main process (set once it is spawned).
     ProcessGroup {
@@ -262,13 +283,21 @@ pub enum Scope {
 /// What a child must do, between fork and exec, to enter its scope.
 pub struct ScopeEntry {
     procs: Option<OwnedFd>,
+    dir: Option<OwnedFd>,
+    fresh: bool,
 }
 
 impl ScopeEntry {
-    /// The open `cgroup.procs` of the scope, for runtimes that join it themselves.
-    pub fn procs(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// The scope's cgroup v2 directory, for the container runtime, which starts the
+    /// container's processes in it itself.
+    pub fn cgroup(&self) -> Option<flotilla_container::runtime::CgroupDir<'_>> {
         use std::os::fd::AsFd;
-        self.procs.as_ref().map(|f| f.as_fd())
+        self.dir
+            .as_ref()
+            .map(|f| flotilla_container::runtime::CgroupDir {
+                dir: f.as_fd(),
+                fresh: self.fresh,
+            })
     }
 
     /// Async-signal-safe: move the calling process into the scope. Call in `pre_exec` only.
@@ -289,17 +318,24 @@ impl Scope {
     /// Open what the child needs to join this scope; done before fork.
     pub fn entry(&self) -> Result<ScopeEntry, ScopeError> {
         match self {
-            Scope::Cgroup { path, .. } => {
+            Scope::Cgroup { path, fresh, .. } => {
                 let procs = path.join("cgroup.procs");
                 let file = fs::OpenOptions::new()
                     .write(true)
                     .open(&procs)
                     .map_err(cg_err(&procs))?;
+                let dir = fs::File::open(path).map_err(cg_err(path))?;
                 Ok(ScopeEntry {
                     procs: Some(file.into()),
+                    dir: Some(dir.into()),
+                    fresh: *fresh,
                 })
             }
-            Scope::ProcessGroup { .. } => Ok(ScopeEntry { procs: None }),
+            Scope::ProcessGroup { .. } => Ok(ScopeEntry {
+                procs: None,
+                dir: None,
+                fresh: false,
+            }),
         }
     }
 
@@ -338,7 +374,7 @@ impl Scope {
     /// `memory.events` `oom_kill`); 0 without a memory controller.
     pub fn oom_kills(&self) -> u64 {
         match self {
-            Scope::Cgroup { path, oom_base } => oom_kills_in(path).saturating_sub(*oom_base),
+            Scope::Cgroup { path, oom_base, .. } => oom_kills_in(path).saturating_sub(*oom_base),
             Scope::ProcessGroup { .. } => 0,
         }
     }

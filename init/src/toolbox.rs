@@ -8,10 +8,10 @@ use std::io::IsTerminal;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use flotilla_container::runtime::{self, Stdio};
+use flotilla_container::runtime::{self, RootFs, Stdio};
 use flotilla_units::{ContainerSection, FleetSection, Mount, Network, ServiceSection, Unit};
 
-use crate::launcher::{filter_devices, ContainerLauncher, LaunchError};
+use crate::launcher::{ContainerLauncher, LaunchError};
 use crate::scope::{Scope, ScopeRoot};
 
 /// What `unitctl run` was asked for.
@@ -112,55 +112,55 @@ fn dup(fd: impl AsFd) -> Result<OwnedFd, LaunchError> {
 
 /// Run the container in the foreground with this process's stdio; returns the command's
 /// exit status (128+N when killed by signal N).
+///
+/// Nothing is written on the host: the container's writable layer lives in a tmpfs of its
+/// own mount namespace ([`RootFs::Overlay`]'s `in_memory`), mounted on one directory every
+/// toolbox run shares ([`state_dir`]).
 pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
     // The container's setup processes are forks of this one until they exec.
     runtime::make_non_dumpable()?;
-    let scratch = tempfile::Builder::new()
-        .prefix("flotilla-toolbox-")
-        .tempdir_in(scratch_dir())
-        .map_err(|source| LaunchError::Spawn {
-            program: "(creating the container's scratch directory)".into(),
-            source,
-        })?;
-    private_tmpfs(scratch.path())?;
-    let result = run_in(opts, scratch.path());
-    // Unmount first, or removing the scratch dir fails on the mount point (EBUSY).
-    let _ = rustix::mount::unmount(scratch.path(), rustix::mount::UnmountFlags::DETACH);
-    drop(scratch);
-    result
-}
-
-fn run_in(opts: &RunOptions, scratch: &Path) -> Result<i32, LaunchError> {
-    let mut launcher = ContainerLauncher::new(&opts.stores, scratch);
+    let state = state_dir()?;
+    let mut launcher = ContainerLauncher::new(&opts.stores, &state);
     let unit = unit_for(opts);
     let mut spec = launcher.spec(&unit, true)?;
+    if let RootFs::Overlay {
+        state_dir,
+        in_memory,
+        ..
+    } = &mut spec.root
+    {
+        state_dir.clone_from(&state);
+        *in_memory = true;
+    }
     spec.terminal = std::io::stdin().is_terminal();
     let stdio = Stdio {
         stdin: Some(dup(std::io::stdin())?),
         stdout: Some(dup(std::io::stdout())?),
         stderr: Some(dup(std::io::stderr())?),
     };
-    // A transient cgroup of its own, below this process's, to hold the device filter.
-    let (root, fallback) = ScopeRoot::create_with(&unit.name, false);
-    if let Some(why) = fallback {
+    // A cgroup of its own, in a cgroup every toolbox run shares below this process's, which
+    // holds the device filter: attached once, reused by every later run (no program load).
+    let (root, fallback) = ScopeRoot::create_with(TOOLBOX_CGROUP, false);
+    let ScopeRoot::Cgroup(shared) = &root else {
         return Err(LaunchError::Unsupported(format!(
-            "the toolbox cannot enforce the device allow-list: {why}; it needs a writable \
-             cgroup v2 hierarchy (mount cgroup2, e.g. on /sys/fs/cgroup, and run as root)"
+            "the toolbox cannot enforce the device allow-list: {}; it needs a writable \
+             cgroup v2 hierarchy (mount cgroup2, e.g. on /sys/fs/cgroup, and run as root)",
+            fallback.unwrap_or_default()
         )));
-    }
-    let result = root
-        .prepare("toolbox")
+    };
+    runtime::attach_device_filter(shared, &spec.devices)?;
+    let scope = root.prepare(&unit.name)?;
+    let result = scope
+        .entry()
         .map_err(LaunchError::from)
-        .and_then(|scope| {
-            let result = filter_devices(&spec, &scope)
-                .and_then(|()| scope.entry().map_err(LaunchError::from))
-                .and_then(|entry| Ok(runtime::run(&spec, stdio, entry.procs())?));
-            remove_when_empty(&scope);
-            result
-        });
-    root.remove();
+        .and_then(|entry| Ok(runtime::run(&spec, stdio, entry.cgroup())?));
+    remove_when_empty(&scope);
     result
 }
+
+/// The cgroup below the caller's that holds every toolbox run's own cgroup, and the device
+/// filter they share (the default allow-list: the toolbox grants no devices).
+const TOOLBOX_CGROUP: &str = "flotilla-toolbox";
 
 /// Kill what is left in the toolbox's cgroup and remove it once empty (the container's
 /// other processes die with its pid namespace; the wait is bounded).
@@ -174,45 +174,38 @@ fn remove_when_empty(scope: &Scope) {
     scope.remove();
 }
 
-/// Give this process a private mount namespace with a tmpfs on `dir`: the container's
-/// throwaway writable layer then lives in memory, is never visible on the host, and goes
-/// away with this process. (It also makes a run about 2 ms faster than ext4 mkdir/rmdir.)
-fn private_tmpfs(dir: &Path) -> Result<(), LaunchError> {
-    use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
-    use rustix::thread::{unshare_unsafe, UnshareFlags};
-    let err = |what: &str| {
-        let what = what.to_string();
-        move |e: rustix::io::Errno| LaunchError::Spawn {
-            program: format!("({what} for the toolbox's scratch space)"),
-            source: e.into(),
-        }
+/// The directory every toolbox run mounts its in-memory state on (inside its container's
+/// mount namespace; on the host it stays empty): `flotilla-toolbox` under `/run`, else
+/// `/var/tmp`. Created once, mode 0700; refused unless it is a directory of root's that no
+/// one else may write (in `/var/tmp` anyone could have made it first).
+fn state_dir() -> Result<PathBuf, LaunchError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let base = ["/run", "/var/tmp", "/tmp"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .unwrap_or(Path::new("/tmp"));
+    let dir = base.join("flotilla-toolbox");
+    let unsafe_dir = |why: String| {
+        LaunchError::Unsupported(format!(
+            "the toolbox's state directory {}: {why}; remove it (the toolbox makes it again)",
+            dir.display()
+        ))
     };
-    // SAFETY: only the mount namespace is unshared, not the fd table (the concern of
-    // `unshare_unsafe`); unitctl is single-threaded here.
-    unsafe { unshare_unsafe(UnshareFlags::NEWNS) }.map_err(err("unshare the mount namespace"))?;
-    mount_change(
-        "/",
-        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
-    )
-    .map_err(err("make / private"))?;
-    mount(
-        "tmpfs",
-        dir,
-        "tmpfs",
-        MountFlags::NOSUID | MountFlags::NODEV,
-        c"mode=0700",
-    )
-    .map_err(err("mount a tmpfs"))
-}
-
-/// The mount point of the toolbox's scratch tmpfs: under `/var/tmp`, else `/tmp`.
-fn scratch_dir() -> &'static Path {
-    let var_tmp = Path::new("/var/tmp");
-    if var_tmp.is_dir() {
-        var_tmp
-    } else {
-        Path::new("/tmp")
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unsafe_dir(e.to_string())),
     }
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "not a directory of root's that only root may write (uid {}, mode {:o})",
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]

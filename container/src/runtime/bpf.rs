@@ -193,12 +193,23 @@ struct InfoAttr {
     info: u64,
 }
 
-/// The start of `struct bpf_prog_info` (the kernel fills only `info_len` bytes).
+/// The start of `struct bpf_prog_info`, up to the name (the kernel fills only `info_len`
+/// bytes, and copies no instructions while their pointers are zero).
 #[repr(C)]
 #[derive(Default)]
 struct ProgInfo {
     prog_type: u32,
     id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+    name: [u8; 16],
 }
 
 /// `bpf(cmd, attr, sizeof attr)`; the return value (an fd for loads) or the error.
@@ -246,13 +257,29 @@ fn fail(step: &'static str) -> impl FnOnce(io::Error) -> BpfFailure {
     }
 }
 
-/// Load `prog` as a cgroup device program.
-fn load(prog: &[Insn]) -> Result<OwnedFd, BpfFailure> {
-    let license = c"Apache-2.0";
-    let mut name = [0u8; 16];
-    for (d, s) in name.iter_mut().zip(b"flotilla_dev") {
-        *d = *s;
+/// The name a device program for `prog` carries (`fldev_` and 9 hex digits of the SHA-256
+/// of its instructions, NUL-padded): a program attached by an earlier process with the same
+/// name holds the same instructions and is reused instead of loaded again.
+fn program_name(prog: &[Insn]) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for i in prog {
+        hasher.update([i.code, i.regs]);
+        hasher.update(i.off.to_le_bytes());
+        hasher.update(i.imm.to_le_bytes());
     }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let mut name = [0u8; 16];
+    for (d, s) in name.iter_mut().zip(format!("fldev_{hex}").bytes().take(15)) {
+        *d = s;
+    }
+    name
+}
+
+/// Load `prog` as a cgroup device program named `name`.
+fn load(prog: &[Insn], name: [u8; 16]) -> Result<OwnedFd, BpfFailure> {
+    let license = c"Apache-2.0";
     let attr = |log: &mut Vec<u8>, level: u32| ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
         insn_cnt: u32::try_from(prog.len()).unwrap_or(u32::MAX),
@@ -287,8 +314,8 @@ fn load(prog: &[Insn]) -> Result<OwnedFd, BpfFailure> {
     }
 }
 
-/// The kernel's id of a loaded program.
-fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+/// What the kernel says of a loaded program (its id, type, name, loader).
+fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
     let mut info = ProgInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: fd_u32(prog),
@@ -296,7 +323,27 @@ fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
         info: &mut info as *mut ProgInfo as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info.id)
+    Ok(info)
+}
+
+/// An fd for the loaded program with id `id`.
+fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut get = GetFdAttr {
+        prog_id: id,
+        ..Default::default()
+    };
+    owned_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut get)?)
+}
+
+/// Whether the program with id `id` is a device program named `name` loaded by root.
+fn is_named(id: u32, name: &[u8; 16]) -> bool {
+    prog_by_id(id)
+        .and_then(|fd| prog_info(fd.as_fd()))
+        .is_ok_and(|info| {
+            info.prog_type == BPF_PROG_TYPE_CGROUP_DEVICE
+                && info.created_by_uid == 0
+                && &info.name == name
+        })
 }
 
 fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
@@ -322,11 +369,7 @@ fn attached(cgroup: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 
 /// Detach the program with id `id` from `cgroup`.
 fn detach(cgroup: BorrowedFd<'_>, id: u32) -> io::Result<()> {
-    let mut get = GetFdAttr {
-        prog_id: id,
-        ..Default::default()
-    };
-    let prog = owned_fd(bpf(BPF_PROG_GET_FD_BY_ID, &mut get)?)?;
+    let prog = prog_by_id(id)?;
     let mut attr = AttachAttr {
         target_fd: fd_u32(cgroup),
         attach_bpf_fd: fd_u32(prog.as_fd()),
@@ -341,8 +384,9 @@ fn detach(cgroup: BorrowedFd<'_>, id: u32) -> io::Result<()> {
 static CACHE: Mutex<Option<HashMap<Vec<DeviceRule>, OwnedFd>>> = Mutex::new(None);
 const CACHE_MAX: usize = 64;
 
-/// A loaded program for `rules`, from the cache or freshly loaded.
-fn program(rules: &[DeviceRule]) -> Result<OwnedFd, BpfFailure> {
+/// A loaded program for `rules` (assembled as `prog`, named `name`), from the cache or
+/// freshly loaded.
+fn program(rules: &[DeviceRule], prog: &[Insn], name: [u8; 16]) -> Result<OwnedFd, BpfFailure> {
     let dup = |fd: &OwnedFd| {
         fd.try_clone()
             .map_err(fail("duplicate the device filter's fd"))
@@ -354,7 +398,7 @@ fn program(rules: &[DeviceRule]) -> Result<OwnedFd, BpfFailure> {
     if let Some(fd) = cache.get(rules) {
         return dup(fd);
     }
-    let fd = load(&assemble(rules))?;
+    let fd = load(prog, name)?;
     if cache.len() >= CACHE_MAX {
         cache.clear();
     }
@@ -363,31 +407,43 @@ fn program(rules: &[DeviceRule]) -> Result<OwnedFd, BpfFailure> {
     Ok(copy)
 }
 
-/// Load (or reuse) the program for `rules` and attach it to the cgroup v2 directory open as
-/// `cgroup`, with `BPF_F_ALLOW_MULTI`. Device programs attached directly to this cgroup
-/// before (an earlier run of the same unit) are detached afterwards, so the new rules
-/// replace the old ones; during the switch both apply (the stricter result).
+/// Make the program for `rules` the one device program attached directly to the cgroup v2
+/// directory open as `cgroup` (with `BPF_F_ALLOW_MULTI`, so it composes with programs
+/// attached higher up). Where it is attached already (the same rules as the last run, even
+/// by another process: it is recognised by its name, [`program_name`]), nothing is loaded;
+/// otherwise it is loaded (or taken from this process's cache) and attached. Device programs
+/// attached there before with other rules are detached afterwards, so the new rules replace
+/// the old ones; during the switch both apply (the stricter result).
 pub(crate) fn attach_device_program(
     cgroup: BorrowedFd<'_>,
     rules: &[DeviceRule],
 ) -> Result<(), BpfFailure> {
-    let prog = program(rules)?;
-    let id = prog_id(prog.as_fd()).map_err(fail("read the device filter's id"))?;
+    let prog = assemble(rules);
+    let name = program_name(&prog);
     let before = attached(cgroup).map_err(fail("list the cgroup's device programs"))?;
-    let mut attr = AttachAttr {
-        target_fd: fd_u32(cgroup),
-        attach_bpf_fd: fd_u32(prog.as_fd()),
-        attach_type: BPF_CGROUP_DEVICE,
-        attach_flags: BPF_F_ALLOW_MULTI,
-        ..Default::default()
+    let current = match before.iter().find(|id| is_named(**id, &name)) {
+        Some(id) => *id,
+        None => {
+            let fd = program(rules, &prog, name)?;
+            let id = prog_info(fd.as_fd())
+                .map_err(fail("read the device filter's id"))?
+                .id;
+            // The kernel refuses to attach one program twice to a cgroup (EINVAL).
+            if !before.contains(&id) {
+                let mut attr = AttachAttr {
+                    target_fd: fd_u32(cgroup),
+                    attach_bpf_fd: fd_u32(fd.as_fd()),
+                    attach_type: BPF_CGROUP_DEVICE,
+                    attach_flags: BPF_F_ALLOW_MULTI,
+                    ..Default::default()
+                };
+                bpf(BPF_PROG_ATTACH, &mut attr)
+                    .map_err(fail("attach the device filter (bpf PROG_ATTACH)"))?;
+            }
+            id
+        }
     };
-    // This very program may be attached already (the same rules as the last run): the
-    // kernel refuses to attach a program twice to one cgroup (EINVAL).
-    if !before.contains(&id) {
-        bpf(BPF_PROG_ATTACH, &mut attr)
-            .map_err(fail("attach the device filter (bpf PROG_ATTACH)"))?;
-    }
-    for old in before.into_iter().filter(|old| *old != id) {
+    for old in before.into_iter().filter(|old| *old != current) {
         detach(cgroup, old).map_err(fail("detach an earlier device filter"))?;
     }
     Ok(())

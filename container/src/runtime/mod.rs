@@ -136,14 +136,19 @@ pub const DEFAULT_CAPABILITIES: &[&str] = caps::DEFAULT;
 pub enum RootFs {
     /// Image layers (lowest first) as overlayfs lower dirs; upper/work dirs created under
     /// `state_dir` (must be on a filesystem that supports an overlay upper dir, e.g. ext4).
-    /// `read_only`: no upper dir, the root is read-only.
+    /// `read_only`: the root is read-only.
     Overlay {
         /// Layer directories, lowest first.
         layers: Vec<PathBuf>,
         /// Directory for `upper/`, `work/` and the `rootfs/` mount point.
         state_dir: PathBuf,
-        /// Mount the root read-only (no upper dir).
+        /// Mount the root read-only.
         read_only: bool,
+        /// Keep `upper/` and `work/` in memory: the container's pid 1 mounts a tmpfs on
+        /// `state_dir` in its own mount namespace, so nothing is written on the host, the
+        /// writable layer is gone when the container ends, and any number of containers may
+        /// share one (existing) `state_dir`. The toolbox runs this way.
+        in_memory: bool,
     },
     /// The host's `/` (or another directory) bind-mounted read-only as the root, for units
     /// without an image. Only declared mounts are writable; their destinations must exist.
@@ -378,18 +383,31 @@ impl ContainerError {
 /// Start the container; returns once the command is running (its `execve` succeeded) or
 /// setup failed (the error says which step, on which path, and often what to do).
 ///
-/// The caller reaps [`Spawned::pid`] with `waitpid`. `cgroup_procs`: an fd open for writing
-/// on the leaf cgroup's `cgroup.procs`; the container joins it before unsharing the cgroup
-/// namespace, so its cgroup namespace is rooted at that leaf.
+/// The caller reaps [`Spawned::pid`] with `waitpid`. `cgroup`: the leaf cgroup v2 directory
+/// the container starts in (its cgroup namespace is rooted there).
 pub fn spawn(
     spec: &ContainerSpec,
     stdio: Stdio,
-    cgroup_procs: Option<BorrowedFd<'_>>,
+    cgroup: Option<CgroupDir<'_>>,
 ) -> Result<Spawned, ContainerError> {
-    let plan = plan::Plan::new(spec, stdio, cgroup_procs.map(|fd| fd.as_raw_fd()))?;
+    let plan = plan::Plan::new(spec, stdio, cgroup.map(|c| (c.dir.as_raw_fd(), c.fresh)))?;
     let result = child::start(&plan, spec.setup_timeout);
     plan.cleanup_after_start();
     result
+}
+
+/// The leaf cgroup v2 directory a container starts in (see [`spawn`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CgroupDir<'a> {
+    /// The directory, open (`O_RDONLY` or `O_PATH`).
+    pub dir: BorrowedFd<'a>,
+    /// Never killed with `cgroup.kill` (made for this start): pid 1 is then cloned straight
+    /// into it (`clone3` with `CLONE_INTO_CGROUP`), which unlike writing `cgroup.procs` does
+    /// not wait for an RCU grace period (~10 ms now and then on a busy 2-CPU machine). A
+    /// reused cgroup is joined by writing `cgroup.procs`: Linux 6.14 to 6.18 compare the
+    /// `cgroup.kill` count of the caller's cgroup with the target's on that clone path and
+    /// kill the new process when they differ.
+    pub fresh: bool,
 }
 
 /// Make the calling process non-dumpable (`PR_SET_DUMPABLE 0`): no core dumps, and neither
@@ -418,7 +436,7 @@ const FORWARDED: [Signal; 4] = [
 pub fn run(
     spec: &ContainerSpec,
     stdio: Stdio,
-    cgroup_procs: Option<BorrowedFd<'_>>,
+    cgroup: Option<CgroupDir<'_>>,
 ) -> Result<i32, ContainerError> {
     let mut set = SigSet::empty();
     for s in FORWARDED {
@@ -428,7 +446,7 @@ pub fn run(
     let mut old = SigSet::empty();
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))
         .map_err(|e| ContainerError::setup("block signals", None, e))?;
-    let result = spawn(spec, stdio, cgroup_procs).and_then(|s| wait_forwarding(s.pid, &set));
+    let result = spawn(spec, stdio, cgroup).and_then(|s| wait_forwarding(s.pid, &set));
     // Best effort: restoring the mask cannot meaningfully fail with a valid set.
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     result

@@ -48,6 +48,9 @@ pub(crate) enum RootPlan {
     Overlay {
         /// `lowerdir=...[,upperdir=...,workdir=...]`
         options: String,
+        /// With the upper and work dirs in a tmpfs that pid 1 mounts here first (the state
+        /// dir of [`RootFs::Overlay::in_memory`]).
+        in_memory: Option<PathBuf>,
         /// Mounted read-only.
         read_only: bool,
         /// The directory holding every layer, opened by the caller, when they share one:
@@ -103,7 +106,9 @@ pub(crate) struct Plan {
     pub terminal: bool,
     /// stdin, stdout, stderr.
     pub stdio: [OwnedFd; 3],
-    pub cgroup_procs: Option<RawFd>,
+    /// The leaf cgroup v2 directory the container's processes start in, and whether pid 1
+    /// may be cloned into it ([`super::CgroupDir::fresh`]).
+    pub cgroup: Option<(RawFd, bool)>,
 }
 
 fn invalid(msg: impl Into<String>) -> ContainerError {
@@ -154,7 +159,7 @@ impl Plan {
     pub(crate) fn new(
         spec: &ContainerSpec,
         stdio: Stdio,
-        cgroup_procs: Option<RawFd>,
+        cgroup: Option<(RawFd, bool)>,
     ) -> Result<Plan, ContainerError> {
         if spec.args.is_empty() {
             return Err(invalid("args is empty: nothing to run"));
@@ -265,7 +270,7 @@ impl Plan {
             },
             terminal: spec.terminal,
             stdio,
-            cgroup_procs,
+            cgroup,
         };
         plan.chown_for_userns(spec)?;
         Ok(plan)
@@ -278,6 +283,7 @@ impl Plan {
             RootFs::Overlay {
                 state_dir,
                 read_only: false,
+                in_memory: false,
                 ..
             },
         ) = (&self.userns, &spec.root)
@@ -376,6 +382,7 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
             layers,
             state_dir,
             read_only,
+            in_memory,
         } => {
             if layers.is_empty() {
                 return Err(invalid("overlay root without layers"));
@@ -390,15 +397,20 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
                 }
             }
             let mountpoint = state_dir.join("rootfs");
-            create_dir(&mountpoint)?;
             let (layer_dir, lower) = lower_dirs(layers)?;
             // Always an upper dir: a read-only root is mounted writable so that missing mount
             // points can be made (in the container's state, never in the image), then
             // remounted read-only once every mount is in place (as runc does).
             let upper = state_dir.join("upper");
             let work = state_dir.join("work");
-            create_dir(&upper)?;
-            create_dir(&work)?;
+            if *in_memory {
+                // Pid 1 makes all three in its tmpfs.
+                create_dir(state_dir)?;
+            } else {
+                for d in [&mountpoint, &upper, &work] {
+                    create_dir(d)?;
+                }
+            }
             let options = format!(
                 "lowerdir={lower},upperdir={},workdir={}",
                 check_overlay_path(&upper)?,
@@ -412,6 +424,7 @@ fn root_plan(spec: &ContainerSpec) -> Result<(RootPlan, PathBuf, bool), Containe
             Ok((
                 RootPlan::Overlay {
                     options,
+                    in_memory: in_memory.then(|| state_dir.clone()),
                     read_only: *read_only,
                     layer_dir,
                 },

@@ -92,7 +92,25 @@ pub(crate) fn mount_root(plan: &Plan) -> Step<OwnedFd> {
     let target = &plan.root_mountpoint;
     let target_str = target.to_string_lossy();
     match &plan.root {
-        RootPlan::Overlay { options, .. } => {
+        RootPlan::Overlay {
+            options, in_memory, ..
+        } => {
+            if let Some(state) = in_memory {
+                rustix::mount::mount(
+                    "tmpfs",
+                    state,
+                    "tmpfs",
+                    MountFlags::NOSUID | MountFlags::NODEV,
+                    c"mode=0700",
+                )
+                .step_at("mount the in-memory state tmpfs", state)?;
+                // 0755 as on disk: the upper dir's mode is the container root's.
+                for d in ["rootfs", "upper", "work"] {
+                    let dir = state.join(d);
+                    rustix::fs::mkdir(&dir, Mode::from_raw_mode(0o755))
+                        .step_at("create a directory in the in-memory state", &dir)?;
+                }
+            }
             mount(
                 "overlay",
                 &target_str,

@@ -76,6 +76,7 @@ impl TestRoot {
                 layers: vec![self.layer.clone()],
                 state_dir: self.state.clone(),
                 read_only,
+                in_memory: false,
             },
             vec!["sh".into(), "-c".into(), script.into()],
         );

@@ -190,6 +190,7 @@ impl ContainerLauncher {
                         layers: img.layers.clone(),
                         state_dir: dir,
                         read_only: c.read_only,
+                        in_memory: false,
                     },
                     image_etc(img),
                 )
@@ -305,7 +306,7 @@ fn device_rule(rule: &flotilla_units::DeviceRule) -> runtime::DeviceRule {
 
 /// Enforce the device allow-list of `spec` on `scope` before anything runs in it. A scope
 /// without a cgroup cannot be filtered: the container must not start then.
-pub(crate) fn filter_devices(spec: &ContainerSpec, scope: &Scope) -> Result<(), LaunchError> {
+fn filter_devices(spec: &ContainerSpec, scope: &Scope) -> Result<(), LaunchError> {
     let Some(cgroup) = scope.cgroup_path() else {
         return Err(LaunchError::Unsupported(format!(
             "{}: cannot enforce the device allow-list: the container has no cgroup v2 of its \
@@ -397,7 +398,7 @@ impl Launcher for ContainerLauncher {
             stdout: Some(io.stdout),
             stderr: Some(io.stderr),
         };
-        let spawned = runtime::spawn(&spec, stdio, entry.procs())?;
+        let spawned = runtime::spawn(&spec, stdio, entry.cgroup())?;
         Ok(spawned.pid)
     }
 

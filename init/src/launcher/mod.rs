@@ -8,7 +8,6 @@
 mod container;
 mod host;
 
-pub(crate) use container::filter_devices;
 pub use container::ContainerLauncher;
 pub use host::HostLauncher;
 
