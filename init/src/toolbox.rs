@@ -179,13 +179,19 @@ fn remove_when_empty(scope: &Scope) {
 /// `/var/tmp`. Created once, mode 0700; refused unless it is a directory of root's that no
 /// one else may write (in `/var/tmp` anyone could have made it first).
 fn state_dir() -> Result<PathBuf, LaunchError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let base = ["/run", "/var/tmp", "/tmp"]
         .into_iter()
         .map(Path::new)
         .find(|p| p.is_dir())
         .unwrap_or(Path::new("/tmp"));
-    let dir = base.join("flotilla-toolbox");
+    private_dir(&base.join("flotilla-toolbox"))
+}
+
+/// Create `dir` (0700) if missing; `dir` unless it is not a directory of root's that only
+/// root may write.
+fn private_dir(dir: &Path) -> Result<PathBuf, LaunchError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = dir.to_path_buf();
     let unsafe_dir = |why: String| {
         LaunchError::Unsupported(format!(
             "the toolbox's state directory {}: {why}; remove it (the toolbox makes it again)",
@@ -212,6 +218,40 @@ fn state_dir() -> Result<PathBuf, LaunchError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Where `/run` is missing the state dir is in world-writable `/var/tmp`: one made there
+    /// first by another user, or a symlink, or one others may write, is refused.
+    #[test]
+    fn the_state_dir_must_be_roots_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let fresh = base.path().join("fresh");
+        assert_eq!(private_dir(&fresh).unwrap(), fresh);
+        let meta = std::fs::metadata(&fresh).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+        assert!(private_dir(&fresh).is_ok(), "made before by root: kept");
+
+        let theirs = base.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = private_dir(&theirs).unwrap_err().to_string();
+        assert!(
+            err.contains("uid 65534") && err.contains("remove it"),
+            "{err}"
+        );
+
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(&open).is_err());
+
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(private_dir(&link).is_err(), "a symlink, even to a good dir");
+    }
 
     #[test]
     fn binds_parse() {
