@@ -1,5 +1,6 @@
 //! `cargo bench -p flotilla-init --bench containers [-- N]`: N (default 50) sequential
-//! containers running `true` from the busybox image, side by side in one run: flotilla
+//! containers running `true` from the busybox image, side by side in one run, in blocks of
+//! ten of each in turn (medians and means): flotilla
 //! (`unitctl run`, and the runtime called in-process), crun, runc, and the floor (`unshare`
 //! and chroot). Then the toolbox's overhead for `gcc hello.c` against the host's gcc.
 //!
@@ -20,6 +21,33 @@ use flotilla_container::image::ImageStore;
 use flotilla_container::runtime::{self, ContainerSpec, RootFs};
 
 const STORE: &str = "/var/tmp/flotilla-test-images";
+
+/// Containers a contender runs before the next one's turn (see `main`).
+const BLOCK: usize = 10;
+
+/// One container by the runtime called in-process (no CLI start-up); its time.
+fn run_in_process(layers: &[PathBuf], scratch: &Path, i: usize) -> Duration {
+    let t = Instant::now();
+    let root = RootFs::Overlay {
+        layers: layers.to_vec(),
+        state_dir: scratch.join(format!("lib{i}")),
+        read_only: false,
+        in_memory: false,
+    };
+    let spec = ContainerSpec::new(format!("b{i}"), root, vec!["/bin/true".into()]);
+    let code = runtime::run(
+        &spec,
+        runtime::Stdio {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 0);
+    t.elapsed()
+}
 
 fn build(spec: &str) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -78,6 +106,88 @@ fn bundle(layer: &Path, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// A command run over and over by a shell of its own (`while read n; do CMD; done`), so
+/// that every contender pays the same fork and exec per container and the runs can be
+/// interleaved one by one.
+struct Contender {
+    name: String,
+    shell: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    times: Vec<Duration>,
+    failed: bool,
+}
+
+impl Contender {
+    /// `setup` runs once in the shell (crun's gets a mount namespace of its own); `cmd` may
+    /// use `$n`, the run's number.
+    fn new(name: &str, setup: &str, cmd: &str) -> Contender {
+        let script = format!(
+            "{setup} while read n; do if {cmd} >/dev/null 2>&1; then echo ok; else echo fail; fi; done"
+        );
+        let mut shell = if setup.contains("umount") {
+            Command::new("unshare")
+                .args(["-m", "sh", "-c", &script])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+        } else {
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+        }
+        .unwrap();
+        Contender {
+            name: name.to_string(),
+            input: shell.stdin.take().unwrap(),
+            output: std::io::BufReader::new(shell.stdout.take().unwrap()),
+            shell,
+            times: Vec::new(),
+            failed: false,
+        }
+    }
+
+    /// Start run `i` and wait for it; its time is kept unless it failed.
+    fn run(&mut self, i: usize) {
+        use std::io::{BufRead, Write};
+        if self.failed {
+            return;
+        }
+        let t = Instant::now();
+        let mut line = String::new();
+        let ok = writeln!(self.input, "{i}").is_ok()
+            && self.output.read_line(&mut line).is_ok()
+            && line.trim() == "ok";
+        if ok {
+            self.times.push(t.elapsed());
+        } else {
+            self.failed = true;
+        }
+    }
+}
+
+impl Drop for Contender {
+    fn drop(&mut self) {
+        let _ = self.shell.kill();
+        let _ = self.shell.wait();
+    }
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Option<Duration>) -> String {
+    match d {
+        Some(d) => format!("{:>8.2} ms", d.as_secs_f64() * 1000.0),
+        None => format!("{:>11}", "n/a"),
+    }
+}
+
 fn per(d: Option<Duration>, n: usize) -> String {
     match d {
         Some(d) => format!("{:>8.2} ms", d.as_secs_f64() * 1000.0 / n as f64),
@@ -99,81 +209,105 @@ fn main() {
     let unitctl = env!("CARGO_BIN_EXE_unitctl");
     let scratch = tempfile::tempdir_in("/var/tmp").unwrap();
 
-    // In-process: the runtime alone, no CLI start-up.
-    let t = Instant::now();
-    for i in 0..n {
-        let root = RootFs::Overlay {
-            layers: busybox.layers.clone(),
-            state_dir: scratch.path().join(format!("lib{i}")),
-            read_only: false,
-            in_memory: false,
-        };
-        let spec = ContainerSpec::new(format!("b{i}"), root, vec!["/bin/true".into()]);
-        let code = runtime::run(
-            &spec,
-            runtime::Stdio {
-                stdin: None,
-                stdout: None,
-                stderr: None,
-            },
-            None,
-        )
-        .unwrap();
-        assert_eq!(code, 0);
-    }
-    let lib = Some(t.elapsed());
-
-    let ours = time_sh(&format!(
-        "for i in $(seq {n}); do {unitctl} run --store {STORE} --image busybox -- /bin/true || exit 1; done"
-    ));
-    let floor = time_sh(&format!(
-        "for i in $(seq {n}); do unshare -fpmuin chroot {} /bin/true || exit 1; done",
-        layer.display()
-    ));
+    eprintln!("building the host image's static binaries (cached) ...");
+    let static_unitctl = qemu_tests::static_binaries()
+        .map(|dir| dir.join("unitctl"))
+        .map_err(|e| eprintln!("no static unitctl: {e}"))
+        .ok();
     let b = bundle(&layer, &scratch.path().join("bundle"));
-    let runc = have("runc")
-        .then(|| {
-            time_sh(&format!(
-                "cd {}; for i in $(seq {n}); do runc run -b . bench$i || exit 1; done",
-                b.display()
-            ))
-        })
-        .flatten();
-    // crun needs the empty cgroup2 at /sys/fs/cgroup/unified out of the way (DESIGN.md).
-    let crun = have("crun")
-        .then(|| {
-            time_sh(&format!(
-                "cd {}; unshare -m sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; \
-                 for i in $(seq {n}); do crun run -b . bench$i || exit 1; done'",
-                b.display()
-            ))
-        })
-        .flatten();
-
-    println!("\n{n} sequential containers running /bin/true (busybox image), per container");
-    println!("{:<44} {:>11}", "", "time");
-    println!(
-        "{:<44} {}",
+    let bundle_dir = b.display().to_string();
+    let run = |bin: &Path| {
+        format!(
+            "{} run --store {STORE} --image busybox -- /bin/true",
+            bin.display()
+        )
+    };
+    let mut contenders = vec![Contender::new(
         "flotilla: unitctl run (CLI, end to end)",
-        per(ours, n)
-    );
-    println!(
-        "{:<44} {}",
-        "flotilla: runtime::run (in-process)",
-        per(lib, n)
-    );
-    println!("{:<44} {}", "crun 1.8 (crun run)", per(crun, n));
-    println!("{:<44} {}", "runc 1.1 (runc run)", per(runc, n));
-    println!(
-        "{:<44} {}",
+        "",
+        &run(Path::new(unitctl)),
+    )];
+    if let Some(bin) = &static_unitctl {
+        contenders.push(Contender::new(
+            "flotilla: the same, static (host image's)",
+            "",
+            &run(bin),
+        ));
+    }
+    contenders.extend([Contender::new(
         "floor: unshare -fpmuin + chroot",
-        per(floor, n)
+        "",
+        &format!("unshare -fpmuin chroot {} /bin/true", layer.display()),
+    )]);
+    if have("crun") {
+        // crun needs the empty cgroup2 at /sys/fs/cgroup/unified out of the way (DESIGN.md):
+        // its shell runs in a mount namespace of its own without it.
+        contenders.push(Contender::new(
+            "crun (crun run)",
+            &format!("cd {bundle_dir}; umount /sys/fs/cgroup/unified 2>/dev/null;"),
+            "crun run -b . bench$n",
+        ));
+    }
+    if have("runc") {
+        contenders.push(Contender::new(
+            "runc (runc run)",
+            &format!("cd {bundle_dir};"),
+            "runc run -b . bench$n",
+        ));
+    }
+    let mut lib = Vec::with_capacity(n);
+    // Blocks of BLOCK containers of each contender in turn: a machine that slows down or
+    // speeds up during the run (a shared 2-core VM does) weighs on all of them alike, while
+    // each contender's deferred kernel work (namespace and cgroup teardown) still lands
+    // mostly on its own next run, as in a plain loop.
+    for start in (0..n).step_by(BLOCK) {
+        let block = start..(start + BLOCK).min(n);
+        for c in &mut contenders {
+            for j in block.clone() {
+                c.run(j);
+            }
+        }
+        for i in block {
+            lib.push(run_in_process(&busybox.layers, scratch.path(), i));
+        }
+    }
+
+    println!(
+        "\n{n} sequential containers running /bin/true (busybox image), in blocks of \
+         {BLOCK} of each in turn; per container"
     );
-    if let (Some(o), Some(c)) = (ours, crun) {
+    println!("{:<44} {:>11} {:>11}", "", "median", "mean");
+
+    let mean = |t: &[Duration]| t.iter().sum::<Duration>().as_secs_f64() / t.len().max(1) as f64;
+    let row = |name: &str, times: &[Duration]| {
         println!(
-            "ratio unitctl run / crun: {:.2} (target <= 0.5)",
-            o.as_secs_f64() / c.as_secs_f64()
+            "{name:<44} {} {}",
+            ms(Some(median(times))),
+            ms(Some(Duration::from_secs_f64(mean(times))))
         );
+    };
+    row("flotilla: runtime::run (in-process)", &lib);
+    for c in &contenders {
+        if c.failed {
+            println!("{:<44} {:>11}", c.name, "failed");
+        } else {
+            row(&c.name, &c.times);
+        }
+    }
+    let crun = contenders
+        .iter()
+        .find(|c| c.name.starts_with("crun") && !c.failed)
+        .map(|c| c.times.clone());
+    for ours in contenders.iter().filter(|c| c.name.starts_with("flotilla")) {
+        if let (false, Some(c)) = (ours.failed, &crun) {
+            let o = &ours.times;
+            println!(
+                "ratio to crun, {}: medians {:.2}, means {:.2} (target <= 0.5)",
+                ours.name.trim_start_matches("flotilla: "),
+                median(o).as_secs_f64() / median(c).as_secs_f64(),
+                mean(o) / mean(c)
+            );
+        }
     }
 
     // The toolbox's overhead on a compile.
