@@ -107,6 +107,36 @@ fn toolbox_builds_hello_with_gcc_owned_by_the_caller() {
     );
 }
 
+/// `--store` relative to the current directory works for `run` as for `image list`
+/// (it failed with "overlay path ... must be absolute").
+#[test]
+fn toolbox_takes_a_relative_store() {
+    let store = store();
+    let (parent, name) = (store.parent().unwrap(), store.file_name().unwrap());
+    let name = name.to_str().unwrap();
+    for args in [
+        &[
+            "run", "--store", name, "--image", "busybox", "--", "echo", "hi",
+        ][..],
+        &["image", "list", "--store", name][..],
+    ] {
+        let out = unitctl(args, parent, &[]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = unitctl(
+        &[
+            "run", "--store", name, "--image", "busybox", "--", "echo", "hi",
+        ],
+        parent,
+        &[],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}
+
 #[test]
 fn toolbox_propagates_exit_codes_and_signals() {
     let store = store_arg();

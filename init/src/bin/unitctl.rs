@@ -133,8 +133,16 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// The store roots: `--store`s, else `$FLOTILLA_IMAGES`, else the defaults.
+    /// The store roots: `--store`s, else `$FLOTILLA_IMAGES`, else the defaults; a relative
+    /// one is taken from the current directory (overlayfs needs absolute layer paths).
     fn roots(self) -> Vec<PathBuf> {
+        self.given()
+            .into_iter()
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .collect()
+    }
+
+    fn given(self) -> Vec<PathBuf> {
         if !self.roots.is_empty() {
             return self.roots;
         }
