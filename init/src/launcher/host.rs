@@ -24,6 +24,10 @@ impl HostLauncher {
             (c.network != Network::Host, "network"),
             (c.hostname.is_some(), "hostname"),
             (!c.devices.is_empty(), "devices"),
+            (c.capabilities.is_some(), "capabilities"),
+            (!c.rlimits.is_empty(), "rlimits"),
+            (c.user_namespace.is_some(), "user_namespace"),
+            (c.read_only, "read_only"),
         ];
         let keys: Vec<&str> = unsupported
             .iter()
@@ -92,13 +96,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Every container-only key is refused, never silently dropped: a unit that asks for
+    /// fewer capabilities or a read-only root must not run with more.
     #[test]
-    fn refuses_devices() {
-        let text = "[container]\ncommand = [\"/bin/true\"]\ndevices = [\"/dev/fuse\"]\n";
-        let unit = flotilla_units::parse_unit("fuse", None, text).unwrap();
-        let err = HostLauncher::check_supported(&unit)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot honour devices"), "{err}");
+    fn refuses_container_only_keys() {
+        for (key, line) in [
+            ("devices", "devices = [\"/dev/fuse\"]"),
+            ("capabilities", "capabilities = []"),
+            ("rlimits", "rlimits = { nofile = 64 }"),
+            (
+                "user_namespace",
+                "user_namespace = { container_id = 0, host_id = 100000, size = 65536 }",
+            ),
+            ("read_only", "read_only = true"),
+        ] {
+            let text = format!("[container]\ncommand = [\"/bin/true\"]\n{line}\n");
+            let unit = flotilla_units::parse_unit("u", None, &text)
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
+            let err = HostLauncher::check_supported(&unit)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("cannot honour {key};")), "{err}");
+        }
+        let plain =
+            flotilla_units::parse_unit("u", None, "[container]\ncommand = [\"/bin/true\"]\n")
+                .unwrap();
+        assert!(HostLauncher::check_supported(&plain).is_ok());
     }
 }
