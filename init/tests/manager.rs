@@ -593,6 +593,25 @@ fn dot_and_empty_instances_are_refused() {
     assert!(m.path("data/1").is_dir());
 }
 
+/// `unitctl load worker@.toml` stores the template and succeeds (it used to exit 1 with
+/// "template stored"), answering loaded, inactive (dead); an instance of it then starts
+/// from the stored text.
+#[test]
+fn loading_a_template_succeeds() {
+    let m = Machine::start(&[]);
+    let file = m.path("worker@.toml");
+    fs::write(&file, "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n").unwrap();
+    let out = m.ok(&["load", file.to_str().unwrap()]);
+    assert!(out.contains("worker@: loaded, inactive (dead)"), "{out}");
+    let json = m.unitctl(&["--json", "load", file.to_str().unwrap()]);
+    assert!(json.status.success(), "{json:?}");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(v["message"].as_str().unwrap().contains("worker@1"), "{v}");
+    m.ok(&["start", "worker@7"]);
+    assert_eq!(m.state("worker@7"), "active");
+    assert!(m.ok(&["cat", "worker@7"]).contains("/bin/sleep"));
+}
+
 /// `create = true` through a symlink: one unit (writing a directory it binds) plants
 /// `link -> /`; a unit whose mount source is `link/NAME` with `create = true` must not make
 /// `/NAME` on the host. The start fails, naming the path and the symlink.

@@ -230,10 +230,10 @@ impl Manager {
                 self.queue_stop(&name, Job::Restart);
                 self.unit_response(&name)
             }
-            Request::LoadUnit { name, toml } => {
-                self.load_from_api(&name, &toml)?;
-                self.unit_response(&name)
-            }
+            Request::LoadUnit { name, toml } => match self.load_from_api(&name, &toml)? {
+                Some(template) => Ok(Response::Unit(template)),
+                None => self.unit_response(&name),
+            },
             Request::RemoveUnit(name) => {
                 self.known(&name)?;
                 self.remove(&name);
@@ -372,7 +372,9 @@ impl Manager {
         })
     }
 
-    fn load_from_api(&mut self, name: &str, text: &str) -> Result<(), ApiError> {
+    /// Store and install a unit, or a template (`name@`): then its state as `LoadUnit`
+    /// answers it (a template has no state of its own: loaded, inactive, dead).
+    fn load_from_api(&mut self, name: &str, text: &str) -> Result<Option<UnitInfo>, ApiError> {
         flotilla_units::check_name(name)
             .map_err(|e| ApiError::InvalidUnit(format!("invalid unit name {name:?}: {e}")))?;
         let dir = self.cfg.api_units_dir.clone();
@@ -383,16 +385,27 @@ impl Manager {
                 .map_err(|e| ApiError::InvalidUnit(e.to_string()))?;
             self.persist(path.as_deref(), text)?;
             self.catalog.templates.insert(prefix.to_string(), t);
-            return Err(ApiError::Refused(format!(
-                "template {name} stored; start an instance such as {prefix}@1"
-            )));
+            return Ok(Some(UnitInfo {
+                name: name.to_string(),
+                description: String::new(),
+                load_state: "loaded".into(),
+                active_state: Active::Inactive.as_str().into(),
+                sub_state: Sub::Dead.as_str().into(),
+                main_pid: 0,
+                restarts: 0,
+                exit_code: -1,
+                exit_signal: 0,
+                since_us: 0,
+                result: Outcome::Success.as_str().into(),
+                message: format!("a template: start an instance such as {prefix}@1"),
+            }));
         }
         let unit = flotilla_units::parse_unit(name, path.as_deref(), text)
             .map_err(|e| ApiError::InvalidUnit(e.to_string()))?;
         self.persist(path.as_deref(), text)?;
         self.define(unit);
         self.recompute_graph();
-        Ok(())
+        Ok(None)
     }
 
     fn persist(&self, path: Option<&Path>, text: &str) -> Result<(), ApiError> {
