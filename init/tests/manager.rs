@@ -593,6 +593,29 @@ fn dot_and_empty_instances_are_refused() {
     assert!(m.path("data/1").is_dir());
 }
 
+/// `unitctl restart` of an active (exited) oneshot runs it again (it did nothing and exited
+/// 0), as systemd does; it ends active (exited) again.
+#[test]
+fn restarting_an_exited_oneshot_runs_it_again() {
+    let m = Machine::start(&[(
+        "once",
+        r#"
+[container]
+command = ["/bin/sh", "-c", "echo ran >> $DIR/runs"]
+[service]
+type = "oneshot"
+"#,
+    )]);
+    m.wait_state("once", "active");
+    assert_eq!(m.status("once")["sub_state"], "exited");
+    m.ok(&["restart", "once"]);
+    m.wait_until("the second run", || {
+        fs::read_to_string(m.path("runs")).unwrap_or_default() == "ran\nran\n"
+    });
+    m.wait_state("once", "active");
+    assert_eq!(m.status("once")["sub_state"], "exited");
+}
+
 /// `unitctl load worker@.toml` stores the template and succeeds (it used to exit 1 with
 /// "template stored"), answering loaded, inactive (dead); an instance of it then starts
 /// from the stored text.

@@ -583,7 +583,12 @@ impl Manager {
             if slot.has_processes() {
                 slot.job = Some(own_job);
             } else if own_job == Job::Restart {
-                let _ = slot;
+                // Nothing runs, but an exited oneshot is still active: it is stopped first,
+                // so that the start runs it again (as systemd does).
+                if slot.active == Active::Active {
+                    slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Stopped.");
+                    Self::set_state(&self.events, &n, slot, Active::Inactive, Sub::Dead);
+                }
                 self.queue_start(&n, true);
             } else if slot.active != Active::Inactive || slot.job.is_some() {
                 slot.job = None;
