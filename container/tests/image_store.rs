@@ -382,10 +382,10 @@ fn as_nobody(args: &[&str]) -> (bool, String) {
 /// setuid-root file of a layer, though the file keeps its mode for use in containers.
 #[test]
 fn store_is_private_to_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: the host integration tests run as root (sudo ./scripts/test)"
+    );
     // A parent every user may traverse, so only the store's own mode is tested.
     let t = tempfile::tempdir_in("/var/tmp").unwrap();
     std::fs::set_permissions(
@@ -437,10 +437,10 @@ fn store_is_private_to_root() {
 /// overlay whiteout format (character device 0:0) is kept.
 #[test]
 fn device_nodes_become_empty_files() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: the host integration tests run as root (sudo ./scripts/test)"
+    );
     let f = fixture();
     let layer = tar_of(&[
         Ent::Dir(b"dev"),

@@ -16,7 +16,7 @@ use flotilla_container::runtime::{
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
-use runtime_common::{can_run, field, pipe, read_all, run_capture, TestRoot};
+use runtime_common::{field, pipe, read_all, require_root, run_capture, TestRoot};
 
 const ISOLATION_SCRIPT: &str = r#"
 echo "pid=$$"
@@ -34,9 +34,7 @@ echo "mounts=$(grep -c . /proc/mounts)"
 
 #[test]
 fn isolation() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let out = run_capture(&root.spec(ISOLATION_SCRIPT));
     let o = &out.stdout;
@@ -73,9 +71,7 @@ fn isolation() {
 
 #[test]
 fn seccomp_and_caps_can_be_turned_off() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec(
         "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t ' | sed 's/:/=/'",
@@ -95,9 +91,7 @@ fn seccomp_and_caps_can_be_turned_off() {
 
 #[test]
 fn seccomp_denies_with_eperm() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     // Even with CAP_SYS_ADMIN-less root, mount is refused by the filter (EPERM either way),
     // so check a syscall that only the filter blocks: sethostname is allowed, swapoff is not.
@@ -112,9 +106,7 @@ fn seccomp_denies_with_eperm() {
 
 #[test]
 fn overlay_writes_go_to_upper() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let out =
         run_capture(&root.spec("echo hi > /newfile && echo changed > /etc/group && cat /newfile"));
@@ -140,9 +132,7 @@ fn overlay_writes_go_to_upper() {
 
 #[test]
 fn read_only_overlay_root() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let out = run_capture(&root.spec_ro(
         "touch /newfile; echo rc=$?; echo tmp > /dev/shm/x && echo shm=ok",
@@ -171,9 +161,7 @@ fn read_only_overlay_root() {
 
 #[test]
 fn bind_mounts_ro_rw_and_symlink_escape() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let rw = root.dir.path().join("rw");
     let ro = root.dir.path().join("ro");
@@ -240,9 +228,7 @@ fn bind_mounts_ro_rw_and_symlink_escape() {
 
 #[test]
 fn exit_codes_and_signals() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     assert_eq!(run_capture(&root.spec("exit 3")).code(), 3);
     // run(): a command killed by SIGTERM → 128+15 (with the init, the command is not pid 1,
@@ -261,9 +247,7 @@ fn exit_codes_and_signals() {
 
 #[test]
 fn init_reaps_zombies_and_forwards_sigterm() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec(
         "(sleep 0.2 &); sleep 1; \
@@ -290,9 +274,7 @@ fn init_reaps_zombies_and_forwards_sigterm() {
 
 #[test]
 fn network_none_has_only_lo() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("ls /sys/class/net | tr '\\n' ' '; echo; grep -c : /proc/net/dev; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags");
     spec.network = Network::None;
@@ -316,9 +298,7 @@ fn network_none_has_only_lo() {
 
 #[test]
 fn host_read_only_root() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     std::fs::create_dir_all(root.layer.join("data")).unwrap();
     let rw = root.dir.path().join("rw");
@@ -350,9 +330,7 @@ fn host_read_only_root() {
 
 #[test]
 fn setup_errors_come_back() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("true");
     spec.cwd = "/does/not/exist".into();
@@ -422,9 +400,7 @@ fn a_killed_cgroup_is_joined_not_cloned_into() {
 }
 
 fn starts_in_leaf_cgroup(userns: bool, fresh: bool) {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let unified = PathBuf::from("/sys/fs/cgroup/unified");
     let base = if unified.join("cgroup.procs").exists() {
         unified
@@ -482,9 +458,7 @@ fn starts_in_leaf_cgroup(userns: bool, fresh: bool) {
 
 #[test]
 fn run_with_piped_stdio() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let (in_r, in_w) = pipe();
     let (out_r, out_w) = pipe();
@@ -510,9 +484,7 @@ fn run_with_piped_stdio() {
 
 #[test]
 fn user_and_rlimits() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("id -u; id -g; id -G; ulimit -n; grep -E '^(CapEff|CapAmb):' /proc/self/status | tr -d '\\t ' | sed 's/:/=/'; touch /root/x; echo rc=$?");
     spec.user = flotilla_container::runtime::User {
@@ -542,9 +514,7 @@ fn user_and_rlimits() {
 
 #[test]
 fn user_namespace() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("cat /proc/self/uid_map; id -u; echo hi > /x && cat /x");
     spec.user_namespace = Some(IdMapping {
@@ -570,9 +540,7 @@ fn user_namespace() {
 /// nothing reaches the host's directory.
 #[test]
 fn in_memory_root_writes_nothing_on_the_host() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let in_memory = |script: &str| {
         let mut spec = root.spec(script);
@@ -633,9 +601,7 @@ fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
 
 #[test]
 fn terminal_becomes_controlling_tty() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let (master, slave) = openpty();
     let mut spec = root.spec(
@@ -669,9 +635,7 @@ fn terminal_becomes_controlling_tty() {
 #[test]
 #[ignore]
 fn bench_spawn_true() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("true");
     spec.args = vec!["/bin/true".into()];
@@ -692,9 +656,7 @@ fn bench_spawn_true() {
 /// (`create_dir_all_nofollow`) through one.
 #[test]
 fn bind_source_swapped_for_a_symlink_is_refused() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     for applet in ["ln", "rm", "rmdir"] {
         std::os::unix::fs::symlink("busybox", root.layer.join("bin").join(applet)).unwrap();
@@ -801,9 +763,7 @@ fn probe(root: &TestRoot, args: &str, seccomp: bool) -> (Option<i64>, String) {
 /// container (same capabilities, no_new_privs) gets a ring: the filter alone blocks it.
 #[test]
 fn seccomp_blocks_io_uring() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     with_abi_probe(&root);
     assert_eq!(probe(&root, "uring", true).0, Some(-i64::from(libc::EPERM)));
@@ -820,9 +780,7 @@ fn seccomp_blocks_io_uring() {
 /// with x32 the call would have run. The same number without the x32 bit is allowed.
 #[test]
 fn seccomp_denies_the_x32_abi() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     with_abi_probe(&root);
     let eperm = Some(-i64::from(libc::EPERM));
@@ -840,9 +798,7 @@ fn seccomp_denies_the_x32_abi() {
 /// deny-list) kills the process. Without the filter the same call succeeds.
 #[test]
 fn seccomp_kills_the_i386_abi() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     with_abi_probe(&root);
     // getpid is 20 on i386.
@@ -859,9 +815,7 @@ fn seccomp_kills_the_i386_abi() {
 /// the same container creates the user namespace.
 #[test]
 fn seccomp_denies_namespaces_by_clone() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     with_abi_probe(&root);
     assert_eq!(
@@ -884,9 +838,7 @@ fn seccomp_denies_namespaces_by_clone() {
 /// walk that path: the layers are named relative to `STORE/layers`, entered by the caller.
 #[test]
 fn user_namespace_over_layers_in_a_private_store() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let root = TestRoot::new();
     let store = root.dir.path().join("store");
     std::fs::create_dir_all(store.join("layers")).unwrap();

@@ -20,16 +20,16 @@ const APPLETS: &[&str] = &[
     "wc", "tr", "test", "true", "false", "env", "mkdir", "readlink", "head", "sed", "stat", "pwd",
 ];
 
-/// True when the tests can run (root, busybox present); prints why not otherwise.
-pub fn can_run() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return false;
-    }
+/// Checks that the tests can run (root, busybox present) and fails loudly otherwise: a
+/// skipped host test must never pass silently.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root: the host integration tests run as root (sudo ./scripts/test)"
+    );
     if !Path::new("/bin/busybox").exists() {
         panic!("/bin/busybox is missing: install the Debian package busybox-static");
     }
-    true
 }
 
 /// A directory with a busybox root filesystem, and a state dir for the overlay.
