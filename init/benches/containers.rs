@@ -240,7 +240,8 @@ fn main() {
         &format!("unshare -fpmuin chroot {} /bin/true", layer.display()),
     )]);
     if have("crun") {
-        // crun needs the empty cgroup2 at /sys/fs/cgroup/unified out of the way (DESIGN.md):
+        // crun needs the empty cgroup2 at /sys/fs/cgroup/unified out of the way
+        // (docs/architecture.md, "Test host notes"):
         // its shell runs in a mount namespace of its own without it.
         contenders.push(Contender::new(
             "crun (crun run)",

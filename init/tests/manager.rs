@@ -382,8 +382,9 @@ fn missing_requirement_and_cycles_fail_only_their_units() {
 
 #[test]
 fn a_limit_that_cannot_be_applied_fails_the_unit_clearly() {
-    // This host's cgroup2 has no controllers (see DESIGN.md); limits are exercised for real
-    // in the VM. Here the unit must fail with a reason, never run without its limit.
+    // This host's cgroup2 has no controllers (docs/architecture.md, "Test host notes"); limits
+    // are exercised for real in the VM. Here the unit must fail with a reason, never run
+    // without its limit.
     let controllers = fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers");
     if controllers.is_ok_and(|c| c.contains("memory")) {
         eprintln!("skipped: this host's cgroup2 has the memory controller");
