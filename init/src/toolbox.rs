@@ -176,7 +176,7 @@ fn remove_when_empty(scope: &Scope) {
 
 /// The directory every toolbox run mounts its in-memory state on (inside its container's
 /// mount namespace; on the host it stays empty): `flotilla-toolbox` under `/run`, else
-/// `/var/tmp`. Created once, mode 0700; refused unless it is a directory of root's that no
+/// `/var/tmp`, else `/tmp`. Created once, mode 0700; refused unless it is a directory of root's that no
 /// one else may write (in `/var/tmp` anyone could have made it first).
 fn state_dir() -> Result<PathBuf, LaunchError> {
     let base = ["/run", "/var/tmp", "/tmp"]

@@ -529,16 +529,24 @@ fn the_toolbox_denies_host_disks() {
     assert!(text.contains("mknod-refused"), "{text}");
     assert!(text.contains("/disk: Operation not permitted"), "{text}");
     assert!(!text.contains(&disk.secret), "{text}");
-    // The toolbox's transient cgroup is gone with it (the test runs in the root cgroup).
-    let leftovers: Vec<_> = fs::read_dir("/sys/fs/cgroup/unified")
+    // The run's own cgroup (`flotilla-toolbox/toolbox-PID.unit` below this process's cgroup,
+    // wherever the host mounts cgroup2) is gone with it; the shared parent holds the filter.
+    let mount = flotilla_init::scope::find_cgroup2().expect("a cgroup2 mount");
+    let own = flotilla_init::scope::own_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap())
+        .unwrap_or_default();
+    let shared = mount.join(own).join("flotilla-toolbox");
+    assert!(shared.is_dir(), "{} missing", shared.display());
+    let leftovers: Vec<_> = fs::read_dir(&shared)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("toolbox-"))
-        .filter(|e| {
-            let pid = e.file_name().to_string_lossy()["toolbox-".len()..].to_string();
-            !Path::new("/proc").join(pid).exists()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("toolbox-")?
+                .strip_suffix(".unit")?
+                .to_string();
+            (!Path::new("/proc").join(pid).exists()).then(|| e.path())
         })
-        .map(|e| e.path())
         .collect();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }

@@ -71,7 +71,7 @@ pub struct UnitInfo {
     /// Time of the last state change, microseconds since the Unix epoch.
     pub since_us: u64,
     /// Why the unit is where it is: `success`, `exit-code`, `signal`, `start-limit-hit`,
-    /// `dependency`, `cycle`, `spawn`, `timeout` or `resources`.
+    /// `dependency`, `cycle`, `spawn`, `timeout`, `resources` or `oom-kill`.
     pub result: String,
     /// Human-readable detail for `result` (empty on success).
     pub message: String,
