@@ -99,6 +99,10 @@ pub struct ContainerSpec {
 /// How long a container's setup may take by default (see [`ContainerSpec::setup_timeout`]).
 pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The search path a process gets when its environment sets none (a container's, a host
+/// unit's, PID 1's shells): the one definition in the workspace.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 impl ContainerSpec {
     /// A spec with the defaults: cwd `/`, root user, private network, default capabilities,
     /// `no_new_privs`, seccomp, no init, no terminal, `PATH` set to the usual directories.

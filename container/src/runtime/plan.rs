@@ -17,9 +17,7 @@ use super::{
     caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
 };
 
-/// `PATH` used when the spec's environment has none.
-pub(crate) const DEFAULT_PATH: &str =
-    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) use super::DEFAULT_PATH;
 
 /// Resource limit names.
 const RLIMITS: &[(&str, Resource)] = &[

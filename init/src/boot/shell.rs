@@ -20,10 +20,7 @@ pub fn spawn_on(tty: &Path, script: &str, root: &Path) -> io::Result<Child> {
     let mut cmd = Command::new(SHELL);
     cmd.args(["-c", script])
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", flotilla_container::runtime::DEFAULT_PATH)
         .env("HOME", "/root")
         .env("TERM", "linux")
         .stdin(term.try_clone()?)

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use crate::scope::Scope;
 
 /// The search path units get when their `env` sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use flotilla_container::runtime::DEFAULT_PATH;
 
 /// Why a unit's process could not be created.
 #[derive(Debug, thiserror::Error)]
