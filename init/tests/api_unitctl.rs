@@ -273,6 +273,44 @@ fn logs_cat_load_remove_reload() {
     assert!(err.contains("unknown key `imgae`"), "{err}");
 }
 
+/// A manager that closes the connection is an error (exit 1, one line), not the quiet
+/// success of a closed stdout (`unitctl list | head`), which stays quiet.
+#[test]
+fn a_closed_connection_is_an_error_a_closed_stdout_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("closing.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    for args in [&["list"][..], &["status", "web"], &["start", "web"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+            .arg("--api")
+            .arg(&socket)
+            .args(args)
+            .env_remove("FLOTILLA_API")
+            .output()
+            .unwrap();
+        assert_one_line_error(&o, "unitctl: ");
+    }
+    // stdout's reader gone before anything is written: quiet, exit 0.
+    let fake = Fake::start();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .arg("--api")
+        .arg(&fake.socket)
+        .args(["logs", "-n", "1000", "web"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+}
+
 #[test]
 fn logs_follow() {
     use std::io::BufRead;

@@ -220,7 +220,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            if is_broken_pipe(&e) {
+            // `unitctl list | head`: stdout's reader left; not an error. A broken pipe to
+            // the manager (it closed the connection) is one.
+            if is_broken_pipe(&e) && stdout_closed() {
                 return ExitCode::SUCCESS;
             }
             let reason = format!("{e}").replace('\n', " ");
@@ -235,6 +237,21 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
     })
+}
+
+/// Whether stdout is a pipe whose reader is gone (poll reports an error on its write end).
+fn stdout_closed() -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdout = io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::OUT)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok()
+        && fds
+            .first()
+            .is_some_and(|f| f.revents().contains(PollFlags::ERR))
 }
 
 fn socket_path(cli: &Cli) -> PathBuf {
