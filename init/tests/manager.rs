@@ -594,6 +594,39 @@ fn dot_and_empty_instances_are_refused() {
     assert!(m.path("data/1").is_dir());
 }
 
+/// The restart delay doubles from `restart_sec` on each failure and is capped at
+/// `restart_max_sec` (each run here is far shorter than the cap, so the backoff never
+/// resets); the start limit then ends it.
+#[test]
+fn restart_backoff_doubles_up_to_restart_max_sec() {
+    let m = Machine::start(&[(
+        "backoff",
+        r#"
+[container]
+command = ["/bin/sh", "-c", "exit 1"]
+[service]
+restart = "on-failure"
+restart_sec = "10ms"
+restart_max_sec = "1s"
+start_limit_burst = 9
+start_limit_interval = "1h"
+"#,
+    )]);
+    let s = m.wait_state("backoff", "failed");
+    assert_eq!(s["result"], "start-limit-hit", "{s}");
+    let logs = m.logs("backoff");
+    let delays: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split("Scheduled restart in ").nth(1))
+        .map(|rest| rest.trim_end_matches('.'))
+        .collect();
+    assert_eq!(
+        delays,
+        ["10ms", "20ms", "40ms", "80ms", "160ms", "320ms", "640ms", "1s", "1s"],
+        "{logs}"
+    );
+}
+
 /// `unitctl restart` of an active (exited) oneshot runs it again (it did nothing and exited
 /// 0), as systemd does; it ends active (exited) again.
 #[test]
