@@ -594,6 +594,95 @@ fn dot_and_empty_instances_are_refused() {
     assert!(m.path("data/1").is_dir());
 }
 
+/// The real manager (not the API tests' fake): `GetSystemState` through `dbus-send`, the
+/// stock D-Bus client, answers `running`, then `stopping` while an orderly shutdown waits for a
+/// unit that ignores SIGTERM; and a start publishes `UnitStateChanged` signals, activating
+/// then active (running), to a subscribed client.
+#[test]
+fn system_state_and_state_signals_from_the_real_manager() {
+    use std::process::Command;
+    let mut m = Machine::start(&[
+        ("svc", "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n"),
+        (
+            "stubborn",
+            "[container]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\n\
+             [service]\nstop_timeout = \"5s\"\n",
+        ),
+    ]);
+    m.wait_state("svc", "active");
+    m.wait_state("stubborn", "active");
+    let api = m.api.clone();
+    let system_state = move || {
+        let out = Command::new("dbus-send")
+            .arg(format!("--peer=unix:path={}", api.display()))
+            .args([
+                "--print-reply",
+                "/org/flotilla/Manager1",
+                "org.flotilla.Manager1.GetSystemState",
+            ])
+            .output()
+            .expect("dbus-send (Debian: dbus-bin)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        system_state().contains("string \"running\""),
+        "{}",
+        system_state()
+    );
+
+    m.ok(&["stop", "svc"]);
+    m.wait_state("svc", "inactive");
+    let client = flotilla_init::api::client::Client::connect(&m.api).unwrap();
+    let changes = client.subscribe().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for change in changes {
+            if tx.send(change).is_err() {
+                break;
+            }
+        }
+    });
+    // A round trip: the server has registered the connection for signals by then.
+    client.list_units().unwrap();
+    client.start_unit("svc").unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while std::time::Instant::now() < deadline
+        && !seen.contains(&("active".to_string(), "running".to_string()))
+    {
+        if let Ok(Ok(flotilla_init::api::Event::UnitStateChanged {
+            name,
+            active_state,
+            sub_state,
+        })) = rx.recv_timeout(Duration::from_millis(100))
+        {
+            if name == "svc" {
+                seen.push((active_state, sub_state));
+            }
+        }
+    }
+    let activating = seen.iter().position(|(a, _)| a == "activating");
+    let active = seen
+        .iter()
+        .position(|s| *s == ("active".to_string(), "running".to_string()));
+    assert!(
+        matches!((activating, active), (Some(a), Some(b)) if a < b),
+        "{seen:?}"
+    );
+
+    // An orderly shutdown waits up to 5 s for `stubborn`: meanwhile the state is `stopping`.
+    let pid = m.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    m.wait_until("GetSystemState to answer stopping", || {
+        system_state().contains("string \"stopping\"")
+    });
+    assert!(m.terminate().success());
+}
+
 /// The restart delay doubles from `restart_sec` on each failure and is capped at
 /// `restart_max_sec` (each run here is far shorter than the cap, so the backoff never
 /// resets); the start limit then ends it.
