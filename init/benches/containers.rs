@@ -182,10 +182,7 @@ fn median(times: &[Duration]) -> Duration {
 }
 
 fn ms(d: Option<Duration>) -> String {
-    match d {
-        Some(d) => format!("{:>8.2} ms", d.as_secs_f64() * 1000.0),
-        None => format!("{:>11}", "n/a"),
-    }
+    per(d, 1)
 }
 
 fn per(d: Option<Duration>, n: usize) -> String {

@@ -12,29 +12,10 @@ use std::sync::OnceLock;
 
 use common::Machine;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// One store shared by the tests of this file, with busybox and gcc built once.
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| {
-        // Fixed and reused across runs (imports are idempotent): the gcc image is 330 MB.
-        let dir = PathBuf::from("/var/tmp/flotilla-test-images");
-        for spec in ["busybox", "gcc"] {
-            let opts = image_build::BuildOptions {
-                spec: repo().join(format!("image-build/specs/{spec}.toml")),
-                store: dir.clone(),
-                oci_out: None,
-                no_import: false,
-                cache: PathBuf::from(image_build::DEFAULT_CACHE),
-                progress: false,
-            };
-            image_build::build(&opts).unwrap_or_else(|e| panic!("building {spec}: {e}"));
-        }
-        dir
-    })
+    STORE.get_or_init(|| common::test_image_store(&["busybox", "gcc"]))
 }
 
 fn unitctl(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {

@@ -275,26 +275,10 @@ mounts = [{ host = "$DIR/hung/new", path = "/mnt", create = true }]
     m.wait_state("fine", "active");
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// The busybox image, built once into the store the image tests share.
 fn store() -> &'static Path {
     static STORE: OnceLock<PathBuf> = OnceLock::new();
-    STORE.get_or_init(|| {
-        let dir = PathBuf::from("/var/tmp/flotilla-test-images");
-        let opts = image_build::BuildOptions {
-            spec: repo().join("image-build/specs/busybox.toml"),
-            store: dir.clone(),
-            oci_out: None,
-            no_import: false,
-            cache: PathBuf::from(image_build::DEFAULT_CACHE),
-            progress: false,
-        };
-        image_build::build(&opts).unwrap_or_else(|e| panic!("building busybox: {e}"));
-        dir
-    })
+    STORE.get_or_init(|| common::test_image_store(&["busybox"]))
 }
 
 /// Entries of the launcher's trash dir.

@@ -65,10 +65,9 @@ pub fn cgroup_of(pid: i32) -> io::Result<Option<String>> {
 }
 
 /// The cgroup path (as [`cgroup_of`] shows it) of the cgroup directory `dir`: `dir` without
-/// the cgroup2 mount point, from `/proc/self/mountinfo`. `None` when `dir` is not below it.
+/// the cgroup2 mount point ([`crate::scope::find_cgroup2`]). `None` when `dir` is not below it.
 pub fn cgroup_path_of_dir(dir: &Path) -> Option<String> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = crate::scope::cgroup2_mount(&mountinfo)?;
+    let mount = crate::scope::find_cgroup2()?;
     let rel = dir.strip_prefix(mount).ok()?;
     Some(rel.to_string_lossy().trim_matches('/').to_string())
 }

@@ -267,3 +267,22 @@ pub fn oci_layout_of(
     flotilla_container::image::write_oci_layout(&layout, &[tar], config, reference).unwrap();
     layout
 }
+
+/// The store the image tests share, `/var/tmp/flotilla-test-images`, with the images of
+/// `image-build/specs/{spec}.toml` built into it (cached and idempotent: reused across runs).
+pub fn test_image_store(specs: &[&str]) -> PathBuf {
+    let dir = PathBuf::from("/var/tmp/flotilla-test-images");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for spec in specs {
+        let opts = image_build::BuildOptions {
+            spec: repo.join(format!("image-build/specs/{spec}.toml")),
+            store: dir.clone(),
+            oci_out: None,
+            no_import: false,
+            cache: PathBuf::from(image_build::DEFAULT_CACHE),
+            progress: false,
+        };
+        image_build::build(&opts).unwrap_or_else(|e| panic!("building {spec}: {e}"));
+    }
+    dir
+}
