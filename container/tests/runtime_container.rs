@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_container::runtime::{
-    run, spawn, BindMount, CgroupDir, ContainerError, IdMapping, Network, RootFs, Stdio,
+    run, spawn, BindMount, Capability, CgroupDir, ContainerError, IdMapping, NetworkMode, RootFs,
+    Stdio,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -87,11 +88,8 @@ done
 echo "kcore=$(head -c 4096 /proc/kcore 2>/dev/null | wc -c)"
 "#,
     );
-    let mut caps: Vec<String> = flotilla_container::runtime::DEFAULT_CAPABILITIES
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    caps.push("CAP_SYS_RAWIO".into());
+    let mut caps = flotilla_container::runtime::DEFAULT_CAPABILITIES.to_vec();
+    caps.push(Capability::SysRawio);
     spec.capabilities = Some(caps);
     let out = run_capture(&spec);
     let o = &out.stdout;
@@ -122,7 +120,7 @@ fn seccomp_and_caps_can_be_turned_off() {
     );
     spec.seccomp = false;
     spec.no_new_privileges = false;
-    spec.capabilities = Some(vec!["CAP_NET_ADMIN".into(), "SYS_ADMIN".into()]);
+    spec.capabilities = Some(vec![Capability::NetAdmin, Capability::SysAdmin]);
     let out = run_capture(&spec);
     assert_eq!(field(&out.stdout, "Seccomp="), Some("0"), "{out:?}");
     assert_eq!(field(&out.stdout, "NoNewPrivs="), Some("0"), "{out:?}");
@@ -141,7 +139,7 @@ fn seccomp_denies_with_eperm() {
     // so check a syscall that only the filter blocks: sethostname is allowed, swapoff is not.
     let mut spec =
         root.spec("swapoff /nonexistent; echo rc=$?; hostname other && echo host=$(hostname)");
-    spec.capabilities = Some(vec!["SYS_ADMIN".into()]);
+    spec.capabilities = Some(vec![Capability::SysAdmin]);
     std::os::unix::fs::symlink("busybox", root.layer.join("bin/swapoff")).unwrap();
     let out = run_capture(&spec);
     assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
@@ -321,7 +319,7 @@ fn network_none_has_only_lo() {
     require_root();
     let root = TestRoot::new();
     let mut spec = root.spec("ls /sys/class/net | tr '\\n' ' '; echo; grep -c : /proc/net/dev; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags");
-    spec.network = Network::None;
+    spec.network = NetworkMode::None;
     let out = run_capture(&spec);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines[0].trim(), "lo", "{out:?}");
@@ -331,7 +329,7 @@ fn network_none_has_only_lo() {
     assert_eq!(flags & 1, 1, "lo is not up: {out:?}");
 
     let mut spec = root.spec("grep -c : /proc/net/dev");
-    spec.network = Network::Host;
+    spec.network = NetworkMode::Host;
     let out = run_capture(&spec);
     let host_ifaces = std::fs::read_to_string("/proc/net/dev")
         .unwrap()
@@ -402,9 +400,10 @@ fn setup_errors_come_back() {
         .to_string();
     assert!(text.contains("exec no-such-program"), "{text}");
 
-    // Checked before any fork.
-    let mut spec = root.spec("true");
-    spec.capabilities = Some(vec!["CAP_BOGUS".into()]);
+    // Checked before any fork. (An unknown capability can no longer reach the runtime: the
+    // spec holds `Capability` values, and the unit parser refuses unknown names.)
+    let mut spec = root.spec("");
+    spec.args.clear();
     assert!(matches!(
         spawn(&spec, Stdio::default(), None),
         Err(ContainerError::InvalidSpec(_))
@@ -537,7 +536,7 @@ fn user_and_rlimits() {
         additional_gids: vec![20, 30],
     };
     spec.rlimits = vec![flotilla_container::runtime::Rlimit {
-        resource: "RLIMIT_NOFILE".into(),
+        resource: flotilla_container::runtime::RlimitResource::Nofile,
         soft: 256,
         hard: 512,
     }];

@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use flotilla_units::{parse_unit, Network, RestartPolicy};
+use flotilla_units::{parse_unit, NetworkMode, RestartPolicy};
 
 fn cache() -> PathBuf {
     std::env::var_os("FLOTILLA_CACHE")
@@ -487,7 +487,7 @@ fn shipped_host_units_and_provisioning_are_valid() {
     assert_eq!(heartbeat.container.command[0], "/bin/sh");
     let web = load("web");
     assert_eq!(web.container.image, None);
-    assert_eq!(web.container.network, Network::Host);
+    assert_eq!(web.container.network, NetworkMode::Host);
     assert_eq!(
         web.container.command,
         [
@@ -504,7 +504,7 @@ fn shipped_host_units_and_provisioning_are_valid() {
     let fleetd = load("fleetd");
     assert_eq!(fleetd.container.image, None);
     assert_eq!(fleetd.container.command, ["/usr/bin/fleetd"]);
-    assert_eq!(fleetd.container.network, Network::Host);
+    assert_eq!(fleetd.container.network, NetworkMode::Host);
     let paths: Vec<_> = fleetd
         .container
         .mounts

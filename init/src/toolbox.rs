@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use flotilla_container::runtime::{self, RootFs, Stdio};
-use flotilla_units::{ContainerSection, FleetSection, Mount, Network, ServiceSection, Unit};
+use flotilla_units::{ContainerSection, FleetSection, Mount, NetworkMode, ServiceSection, Unit};
 
 use crate::launcher::{ContainerLauncher, LaunchError};
 use crate::scope::{Scope, ScopeRoot};
@@ -30,7 +30,7 @@ pub struct RunOptions {
     /// `user`, `uid[:gid]`; `None`: the invoking user (`SUDO_UID`/`SUDO_GID` under sudo), else root.
     pub user: Option<String>,
     /// Network mode (the host's by default, like CoreOS's toolbox).
-    pub network: Network,
+    pub network: NetworkMode,
     /// The command; empty runs the image's entrypoint and cmd.
     pub command: Vec<String>,
 }

@@ -130,6 +130,60 @@ fn a_unit_file_that_is_not_utf8_is_refused_with_its_position() {
     );
 }
 
+/// A misspelt capability is refused by `unitctl load` (and over D-Bus) with its
+/// file:line:column and the closest name, before anything starts: the unit is not loaded and
+/// the running unit keeps its process. (Before names were checked at parse, the unit loaded
+/// and failed only when started.)
+#[test]
+fn a_misspelt_capability_is_refused_at_load_and_the_running_units_are_undisturbed() {
+    const MISSPELT: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n\
+                            capabilities = [\"CAP_KILL\", \"CAP_NET_ADMN\"]\n";
+    let m = Machine::start(&[("web", GOOD)]);
+    let before = m.wait_state("web", "active");
+    let pid = before["pid"].as_i64().unwrap();
+
+    let file = m.path("misspelt.toml");
+    fs::write(&file, MISSPELT).unwrap();
+    let load = m.unitctl(&["load", file.to_str().unwrap()]);
+    let err = text(&load.stderr);
+    assert!(!load.status.success(), "loaded: {err}");
+    // The manager names the file as it would store it (state/units/misspelt.toml).
+    assert!(
+        err.contains("misspelt.toml:3:29: unknown capability \"CAP_NET_ADMN\""),
+        "{err}"
+    );
+    assert!(err.contains("did you mean \"CAP_NET_ADMIN\"?"), "{err}");
+
+    let out = dbus_send(
+        &m,
+        &[
+            "/org/flotilla/Manager1",
+            "org.flotilla.Manager1.LoadUnit",
+            "string:misspelt",
+            &format!("string:{MISSPELT}"),
+        ],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "loaded over D-Bus: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        err.contains("misspelt.toml:3:29: unknown capability \"CAP_NET_ADMN\""),
+        "{err}"
+    );
+
+    // Not loaded, so there is nothing to start; the running unit is untouched.
+    let list = m.ok(&["list"]);
+    assert!(!list.contains("misspelt"), "{list}");
+    assert!(!m.unitctl(&["start", "misspelt"]).status.success());
+    let after = m.status("web");
+    assert_eq!(after["state"], "active", "{after}");
+    assert_eq!(after["pid"].as_i64(), Some(pid), "{after}");
+    assert!(common::alive(i32::try_from(pid).unwrap()));
+}
+
 /// `unitctl ARGS` with a patience bound: a command still running after
 /// [`common::PATIENCE`] is killed and the test fails (an import blocked on a FIFO would
 /// otherwise hang the test forever).

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::names::{Capability, NetworkMode, RlimitResource};
+
 /// A loaded unit: its name, where it came from, and its four sections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unit {
@@ -52,7 +54,7 @@ pub struct ContainerSection {
     /// `user` or `user:group` or numeric `uid[:gid]`.
     pub user: Option<String>,
     /// Network mode.
-    pub network: Network,
+    pub network: NetworkMode,
     /// Bind mounts.
     pub mounts: Vec<Mount>,
     /// Hostname inside the container.
@@ -62,7 +64,7 @@ pub struct ContainerSection {
     /// installs a handler, and reaps nothing).
     pub init: bool,
     /// The capabilities the container keeps; `None`: the runtime's default set (like runc's).
-    pub capabilities: Option<Vec<String>>,
+    pub capabilities: Option<Vec<Capability>>,
     /// Mount the image's root read-only (no upper dir); declared mounts stay writable.
     pub read_only: bool,
     /// Resource limits (setrlimit) for the command.
@@ -113,14 +115,14 @@ pub struct DeviceRule {
     pub mknod: bool,
 }
 
-/// One resource limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One resource limit (setrlimit(2)), as the unit gives it and the container runtime sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rlimit {
-    /// `RLIMIT_NOFILE` style name.
-    pub name: String,
-    /// Soft limit.
+    /// Which limit.
+    pub resource: RlimitResource,
+    /// Soft limit (`u64::MAX`: unlimited).
     pub soft: u64,
-    /// Hard limit.
+    /// Hard limit (`u64::MAX`: unlimited).
     pub hard: u64,
 }
 
@@ -144,7 +146,7 @@ impl Default for ContainerSection {
             env: BTreeMap::new(),
             workdir: None,
             user: None,
-            network: Network::Host,
+            network: NetworkMode::Host,
             mounts: Vec::new(),
             hostname: None,
             init: true,
@@ -156,18 +158,6 @@ impl Default for ContainerSection {
             devices: Vec::new(),
         }
     }
-}
-
-/// Network mode of a unit's container.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Network {
-    /// Share the host's network namespace (default, like a systemd service).
-    #[default]
-    Host,
-    /// Own network namespace with only loopback.
-    None,
-    /// Own network namespace, to be connected by the runtime.
-    Private,
 }
 
 /// One bind mount.

@@ -15,8 +15,9 @@ use toml::Spanned;
 use crate::error::UnitError;
 use crate::model::{
     ContainerSection, Device, DeviceKind, DeviceRule, FleetSection, IdMap, MetadataRule, Mount,
-    Network, RestartPolicy, Rlimit, ServiceSection, ServiceType, Unit, UnitSection,
+    RestartPolicy, Rlimit, ServiceSection, ServiceType, Unit, UnitSection,
 };
+use crate::names::{Capability, NetworkMode, RlimitResource};
 use crate::specifier::Specifiers;
 use crate::values;
 
@@ -80,26 +81,6 @@ const SECTIONS: &[(&str, &[&str])] = &[
 
 const MOUNT_KEYS: &[&str] = &["host", "path", "read_only", "create"];
 const IDMAP_KEYS: &[&str] = &["container_id", "host_id", "size"];
-/// Resource limit names (setrlimit(2)), lower case without `RLIMIT_`.
-const RLIMIT_NAMES: &[&str] = &[
-    "as",
-    "core",
-    "cpu",
-    "data",
-    "fsize",
-    "locks",
-    "memlock",
-    "msgqueue",
-    "nice",
-    "nofile",
-    "nproc",
-    "rss",
-    "rtprio",
-    "rttime",
-    "sigpending",
-    "stack",
-];
-
 /// Common names from other formats, mapped to ours.
 const ALIASES: &[(&str, &str)] = &[
     ("cmd", "command"),
@@ -807,11 +788,8 @@ fn parse_container(
                 s.user = Some(user);
             }
             "network" => {
-                s.network = match f.choice(&["host", "none", "private"])? {
-                    "none" => Network::None,
-                    "private" => Network::Private,
-                    _ => Network::Host,
-                }
+                let word = f.choice(NetworkMode::NAMES)?;
+                s.network = NetworkMode::from_name(word).unwrap_or_default();
             }
             "hostname" => {
                 let hostname = f.string("\"web\"")?;
@@ -833,26 +811,7 @@ fn parse_container(
             "rlimits" => s.rlimits = parse_rlimits(&f)?,
             "user_namespace" => s.user_namespace = Some(parse_idmap(&f)?),
             "devices" => s.devices = parse_devices(&f)?,
-            "capabilities" => {
-                let mut caps = Vec::new();
-                for (cap, span) in f.strings("[\"CAP_NET_BIND_SERVICE\"]")? {
-                    let bare = cap.strip_prefix("CAP_").unwrap_or(&cap);
-                    if bare.is_empty() || !bare.chars().all(|c| c.is_ascii_uppercase() || c == '_')
-                    {
-                        return Err(f.err_at(
-                            span,
-                            format!("invalid capability {cap:?}"),
-                            Some(
-                                "use capability names as in capabilities(7), e.g. \
-                                 \"CAP_NET_BIND_SERVICE\" or \"NET_ADMIN\""
-                                    .into(),
-                            ),
-                        ));
-                    }
-                    caps.push(cap);
-                }
-                s.capabilities = Some(caps);
-            }
+            "capabilities" => s.capabilities = Some(parse_capabilities(&f)?),
             _ => return Err(ctx.unknown_key("container", &f.dotted, key, keys_of("container"))),
         }
     }
@@ -951,13 +910,15 @@ fn parse_rlimits(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Rlimit>, UnitError> {
     };
     let mut out = Vec::new();
     for (k, field, key) in fields(f.ctx, &f.dotted, table, f.expand) {
-        let name = k.to_ascii_lowercase();
-        let name = name.strip_prefix("rlimit_").unwrap_or(&name).to_string();
-        if !RLIMIT_NAMES.contains(&name.as_str()) {
-            return Err(f
-                .ctx
-                .unknown_key("container.rlimits", &field.dotted, key, RLIMIT_NAMES));
-        }
+        let Ok(resource) = k.parse::<RlimitResource>() else {
+            return Err(f.ctx.unknown_key(
+                "container.rlimits",
+                &field.dotted,
+                key,
+                RlimitResource::NAMES,
+            ));
+        };
+        let name = resource.name();
         let (soft, hard) = match field.value.get_ref() {
             DeValue::Array(items) if items.len() == 2 => {
                 let at = |i: usize| {
@@ -980,12 +941,56 @@ fn parse_rlimits(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Rlimit>, UnitError> {
             }
         };
         out.push(Rlimit {
-            name: format!("RLIMIT_{}", name.to_ascii_uppercase()),
+            resource,
             soft,
             hard,
         });
     }
     Ok(out)
+}
+
+/// `capabilities = ["CAP_NET_BIND_SERVICE", "KILL"]`: names from capabilities(7), with or
+/// without `CAP_`, in upper case. An unknown one is an error at its position, with the
+/// closest known name as a hint.
+fn parse_capabilities(f: &Field<'_, '_, '_, '_>) -> Result<Vec<Capability>, UnitError> {
+    let mut caps = Vec::new();
+    for (cap, span) in f.strings("[\"CAP_NET_BIND_SERVICE\"]")? {
+        if let Ok(c) = cap.parse::<Capability>() {
+            caps.push(c);
+            continue;
+        }
+        let bare = cap.strip_prefix("CAP_").unwrap_or(&cap);
+        let well_formed =
+            !bare.is_empty() && bare.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+        let message = if well_formed {
+            format!("unknown capability {cap:?}")
+        } else {
+            format!("invalid capability {cap:?}")
+        };
+        let names = "use capability names as in capabilities(7), e.g. \"CAP_NET_BIND_SERVICE\" \
+                     or \"NET_ADMIN\"";
+        let help = match closest_capability(bare) {
+            Some(close) if cap.starts_with("CAP_") => {
+                format!("did you mean \"{close}\"? ({names})")
+            }
+            Some(close) => format!("did you mean \"{}\"? ({names})", close.name()),
+            None => names.to_string(),
+        };
+        return Err(f.err_at(span, message, Some(help)));
+    }
+    Ok(caps)
+}
+
+/// The known capability closest to `bare` (without `CAP_`), if it is a plausible typo.
+fn closest_capability(bare: &str) -> Option<Capability> {
+    let lower: Vec<String> = Capability::NAMES
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    let candidates: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let close = suggest(&bare.replace(' ', "_"), &candidates)?;
+    let upper = close.to_ascii_uppercase();
+    Capability::from_name(&upper)
 }
 
 /// `user_namespace = { host_id = 100000, size = 65536 }` (`container_id` defaults to 0).

@@ -27,7 +27,7 @@ fn minimal_unit_gets_defaults() {
     assert_eq!(unit.unit, UnitSection::default());
     assert_eq!(unit.container.command, vec!["/bin/true"]);
     assert_eq!(unit.container.image, None);
-    assert_eq!(unit.container.network, Network::Host);
+    assert_eq!(unit.container.network, NetworkMode::Host);
     assert!(unit.container.env.is_empty() && unit.container.mounts.is_empty());
     let s = &unit.service;
     assert_eq!(s.kind, ServiceType::Simple);
@@ -119,19 +119,19 @@ replaces = ["old-web"]
     );
     assert_eq!(c.workdir.as_deref(), Some(Path::new("/srv")));
     assert_eq!(c.user.as_deref(), Some("www-data:www-data"));
-    assert_eq!(c.network, Network::Private);
+    assert_eq!(c.network, NetworkMode::Private);
     assert_eq!(c.hostname.as_deref(), Some("web-1"));
     assert!(!c.init && c.read_only);
     assert_eq!(
         c.rlimits,
         vec![
             Rlimit {
-                name: "RLIMIT_NOFILE".into(),
+                resource: RlimitResource::Nofile,
                 soft: 1024,
                 hard: 4096
             },
             Rlimit {
-                name: "RLIMIT_CORE".into(),
+                resource: RlimitResource::Core,
                 soft: 0,
                 hard: 0
             },
@@ -147,7 +147,7 @@ replaces = ["old-web"]
     );
     assert_eq!(
         c.capabilities,
-        Some(vec!["CAP_NET_BIND_SERVICE".to_string(), "KILL".to_string()])
+        Some(vec![Capability::NetBindService, Capability::Kill])
     );
     assert_eq!(
         c.mounts,
@@ -260,9 +260,9 @@ fn valid_container_forms() {
         assert_eq!(parse(&text).unwrap().container.user.as_deref(), Some(check));
     }
     for (word, want) in [
-        ("host", Network::Host),
-        ("none", Network::None),
-        ("private", Network::Private),
+        ("host", NetworkMode::Host),
+        ("none", NetworkMode::None),
+        ("private", NetworkMode::Private),
     ] {
         let text = format!("[container]\ncommand = [\"/bin/true\"]\nnetwork = \"{word}\"\n");
         assert_eq!(parse(&text).unwrap().container.network, want);
@@ -939,6 +939,86 @@ fn display_matches_the_documented_format() {
     assert_eq!(
         err.to_string(),
         "web.toml:4:14: invalid memory_max \"12XB\": unknown unit \"XB\"\n  help: use bytes or a size with K, M, G or T, e.g. \"512M\" (1024-based; \"512MiB\" works too)"
+    );
+}
+
+/// Capability names are checked against the one table at parse time: a misspelt one is
+/// refused at its own position with the closest name, never passed on to fail at start.
+#[test]
+fn a_misspelt_capability_is_refused_at_its_position() {
+    let text = "[container]\ncommand = [\"/bin/true\"]\n\
+                capabilities = [\"CAP_KILL\", \"CAP_NET_ADMN\"]\n";
+    let err = parse(text).unwrap_err();
+    assert_eq!((err.line, err.column), (Some(3), Some(29)));
+    assert_eq!(err.key.as_deref(), Some("container.capabilities"));
+    assert_eq!(
+        err.to_string(),
+        "web.toml:3:29: unknown capability \"CAP_NET_ADMN\"\n  help: did you mean \
+         \"CAP_NET_ADMIN\"? (use capability names as in capabilities(7), e.g. \
+         \"CAP_NET_BIND_SERVICE\" or \"NET_ADMIN\")"
+    );
+    // Without the prefix the hint is without it too; lower case is refused with the hint.
+    for (word, column, message, hint) in [
+        (
+            "SYS_ADMN",
+            17,
+            "unknown capability \"SYS_ADMN\"",
+            "did you mean \"SYS_ADMIN\"?",
+        ),
+        (
+            "net_raw",
+            17,
+            "invalid capability \"net_raw\"",
+            "did you mean \"NET_RAW\"?",
+        ),
+        (
+            "CAP_BOGUS",
+            17,
+            "unknown capability \"CAP_BOGUS\"",
+            "use capability names",
+        ),
+    ] {
+        let text = format!("[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"{word}\"]\n");
+        let err = parse(&text).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(3), Some(column)), "{err}");
+        assert_eq!(err.message, message);
+        assert!(err.help.as_deref().unwrap_or("").starts_with(hint), "{err}");
+    }
+    // Every name in capabilities(7) is known, with and without `CAP_`.
+    for cap in Capability::ALL {
+        for written in [cap.to_string(), cap.name().to_string()] {
+            let text =
+                format!("[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"{written}\"]\n");
+            assert_eq!(
+                parse(&text).unwrap().container.capabilities,
+                Some(vec![*cap])
+            );
+        }
+    }
+}
+
+/// Resource limits are typed at parse time, whichever way the name is written.
+#[test]
+fn rlimit_names_are_typed_at_parse() {
+    for written in ["nofile", "NOFILE", "RLIMIT_NOFILE", "rlimit_nofile"] {
+        let text =
+            format!("[container]\ncommand = [\"/bin/true\"]\nrlimits = {{ {written} = 64 }}\n");
+        let unit = parse(&text).unwrap();
+        assert_eq!(
+            unit.container.rlimits,
+            vec![Rlimit {
+                resource: RlimitResource::Nofile,
+                soft: 64,
+                hard: 64
+            }],
+            "{written}"
+        );
+    }
+    let err = parse("[container]\ncommand = [\"/bin/true\"]\nrlimits = { nproc = 1, stak = 8 }\n")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "web.toml:3:24: unknown key `stak` in container.rlimits\n  help: did you mean `stack`?"
     );
 }
 

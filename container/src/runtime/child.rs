@@ -15,7 +15,7 @@ use rustix::thread::UnshareFlags;
 
 use super::plan::{Plan, RootPlan};
 use super::report::{self, exit_now, fail_and_exit, Context, Failure, Step};
-use super::{caps, hostpath, init, rootfs, seccomp, ContainerError, Network, Spawned};
+use super::{caps, hostpath, init, rootfs, seccomp, ContainerError, NetworkMode, Spawned};
 
 /// The fds the children write to.
 #[derive(Clone, Copy)]
@@ -382,7 +382,7 @@ fn intermediate(plan: &Plan, fds: ChildFds) -> Step<std::convert::Infallible> {
     // The cgroup namespace is created by pid 1, once it is in its cgroup.
     let mut flags =
         UnshareFlags::NEWNS | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC | UnshareFlags::NEWPID;
-    if plan.network != Network::Host {
+    if plan.network != NetworkMode::Host {
         flags |= UnshareFlags::NEWNET;
     }
     announce(fds.progress, Progress::Namespaces);
@@ -513,7 +513,7 @@ fn container_main(
     rustix::process::umask(rustix::fs::Mode::empty());
     step(Progress::PrivateMounts);
     rootfs::make_root_private()?;
-    if plan.network != Network::Host {
+    if plan.network != NetworkMode::Host {
         step(Progress::Loopback);
         loopback_up()?;
     }

@@ -41,6 +41,9 @@ pub use devices::{
     attach_device_filter, DeviceKind, DeviceRule, ACCESS_MKNOD, ACCESS_READ, ACCESS_WRITE,
     DEFAULT_DEVICES,
 };
+/// The names the runtime takes, defined once in the unit format crate (the kernel numbers:
+/// capabilities there, resource limits in this runtime's one table).
+pub use flotilla_units::{Capability, NetworkMode, Rlimit, RlimitResource};
 pub use hostpath::create_dir_all_nofollow;
 pub use user::lookup_user;
 
@@ -64,14 +67,13 @@ pub struct ContainerSpec {
     /// Hostname in the container's UTS namespace; `None`: the [`ContainerSpec::id`].
     pub hostname: Option<String>,
     /// Network namespace.
-    pub network: Network,
+    pub network: NetworkMode,
     /// A user namespace with this mapping (same for uids and gids); `None`: no user namespace.
     pub user_namespace: Option<IdMapping>,
     /// Bind mounts from the host, applied after the standard mounts.
     pub mounts: Vec<BindMount>,
-    /// Capabilities kept (names like `CAP_NET_ADMIN` or `NET_ADMIN`); `None`: the default set
-    /// ([`DEFAULT_CAPABILITIES`]).
-    pub capabilities: Option<Vec<String>>,
+    /// Capabilities kept; `None`: the default set ([`DEFAULT_CAPABILITIES`]).
+    pub capabilities: Option<Vec<Capability>>,
     /// Set `no_new_privs` (setuid binaries and file capabilities grant nothing).
     pub no_new_privileges: bool,
     /// Install the default seccomp filter (a deny-list answering `EPERM`).
@@ -111,11 +113,11 @@ impl ContainerSpec {
             id: id.into(),
             root,
             args,
-            env: vec![("PATH".to_owned(), plan::DEFAULT_PATH.to_owned())],
+            env: vec![("PATH".to_owned(), DEFAULT_PATH.to_owned())],
             cwd: PathBuf::from("/"),
             user: User::default(),
             hostname: None,
-            network: Network::Private,
+            network: NetworkMode::Private,
             user_namespace: None,
             mounts: Vec::new(),
             capabilities: None,
@@ -133,7 +135,7 @@ impl ContainerSpec {
 
 /// The capabilities a container keeps when [`ContainerSpec::capabilities`] is `None`: runc's
 /// and Docker's default set without `CAP_MKNOD` and `CAP_NET_RAW`.
-pub const DEFAULT_CAPABILITIES: &[&str] = caps::DEFAULT;
+pub const DEFAULT_CAPABILITIES: &[Capability] = caps::DEFAULT;
 
 /// The root filesystem of a container.
 #[derive(Debug, Clone)]
@@ -173,17 +175,6 @@ pub struct User {
     pub additional_gids: Vec<u32>,
 }
 
-/// The container's network namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Network {
-    /// Share the host's network namespace.
-    Host,
-    /// A new network namespace with only `lo` (up).
-    None,
-    /// A new network namespace with `lo` up (nothing more yet).
-    Private,
-}
-
 /// One range of a user namespace mapping, used for both uids and gids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdMapping {
@@ -205,17 +196,6 @@ pub struct BindMount {
     pub destination: PathBuf,
     /// Mount read-only.
     pub read_only: bool,
-}
-
-/// A resource limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rlimit {
-    /// Name like `RLIMIT_NOFILE` (or `NOFILE`).
-    pub resource: String,
-    /// Soft limit (`u64::MAX`: unlimited).
-    pub soft: u64,
-    /// Hard limit (`u64::MAX`: unlimited).
-    pub hard: u64,
 }
 
 /// The container's standard streams; `None` is `/dev/null`.

@@ -14,30 +14,34 @@ use rustix::fs::{Mode, OFlags};
 use seccompiler::BpfProgram;
 
 use super::{
-    caps, seccomp, ContainerError, ContainerSpec, IdMapping, Network, RootFs, Stdio, User,
+    caps, seccomp, ContainerError, ContainerSpec, IdMapping, NetworkMode, RlimitResource, RootFs,
+    Stdio, User,
 };
 
 pub(crate) use super::DEFAULT_PATH;
 
-/// Resource limit names.
-const RLIMITS: &[(&str, Resource)] = &[
-    ("AS", Resource::RLIMIT_AS),
-    ("CORE", Resource::RLIMIT_CORE),
-    ("CPU", Resource::RLIMIT_CPU),
-    ("DATA", Resource::RLIMIT_DATA),
-    ("FSIZE", Resource::RLIMIT_FSIZE),
-    ("LOCKS", Resource::RLIMIT_LOCKS),
-    ("MEMLOCK", Resource::RLIMIT_MEMLOCK),
-    ("MSGQUEUE", Resource::RLIMIT_MSGQUEUE),
-    ("NICE", Resource::RLIMIT_NICE),
-    ("NOFILE", Resource::RLIMIT_NOFILE),
-    ("NPROC", Resource::RLIMIT_NPROC),
-    ("RSS", Resource::RLIMIT_RSS),
-    ("RTPRIO", Resource::RLIMIT_RTPRIO),
-    ("RTTIME", Resource::RLIMIT_RTTIME),
-    ("SIGPENDING", Resource::RLIMIT_SIGPENDING),
-    ("STACK", Resource::RLIMIT_STACK),
-];
+/// The kernel's resource for each limit a unit can name: the one table, an exhaustive match
+/// (the numbers differ between architectures, so they come from libc through nix).
+pub(crate) fn resource(r: RlimitResource) -> Resource {
+    match r {
+        RlimitResource::As => Resource::RLIMIT_AS,
+        RlimitResource::Core => Resource::RLIMIT_CORE,
+        RlimitResource::Cpu => Resource::RLIMIT_CPU,
+        RlimitResource::Data => Resource::RLIMIT_DATA,
+        RlimitResource::Fsize => Resource::RLIMIT_FSIZE,
+        RlimitResource::Locks => Resource::RLIMIT_LOCKS,
+        RlimitResource::Memlock => Resource::RLIMIT_MEMLOCK,
+        RlimitResource::Msgqueue => Resource::RLIMIT_MSGQUEUE,
+        RlimitResource::Nice => Resource::RLIMIT_NICE,
+        RlimitResource::Nofile => Resource::RLIMIT_NOFILE,
+        RlimitResource::Nproc => Resource::RLIMIT_NPROC,
+        RlimitResource::Rss => Resource::RLIMIT_RSS,
+        RlimitResource::Rtprio => Resource::RLIMIT_RTPRIO,
+        RlimitResource::Rttime => Resource::RLIMIT_RTTIME,
+        RlimitResource::Sigpending => Resource::RLIMIT_SIGPENDING,
+        RlimitResource::Stack => Resource::RLIMIT_STACK,
+    }
+}
 
 /// How the root is mounted.
 #[derive(Debug)]
@@ -86,7 +90,7 @@ pub(crate) struct Plan {
     /// The spec's extra masked paths, relative to the container root.
     pub masked: Vec<PathBuf>,
     pub hostname: String,
-    pub network: Network,
+    pub network: NetworkMode,
     pub userns: Option<IdMapping>,
     pub rlimits: Vec<(Resource, u64, u64)>,
     pub user: User,
@@ -162,11 +166,7 @@ impl Plan {
         if spec.args.is_empty() {
             return Err(invalid("args is empty: nothing to run"));
         }
-        let caps = match &spec.capabilities {
-            None => caps::mask(caps::DEFAULT),
-            Some(list) => caps::mask(list),
-        }
-        .map_err(invalid)?;
+        let caps = caps::mask(spec.capabilities.as_deref().unwrap_or(caps::DEFAULT));
         let seccomp = if spec.seccomp {
             Some(seccomp::filter_for(caps).map_err(invalid)?)
         } else {
@@ -175,16 +175,8 @@ impl Plan {
         let rlimits = spec
             .rlimits
             .iter()
-            .map(|r| {
-                let upper = r.resource.to_ascii_uppercase();
-                let short = upper.strip_prefix("RLIMIT_").unwrap_or(&upper);
-                RLIMITS
-                    .iter()
-                    .find(|(n, _)| *n == short)
-                    .map(|(_, res)| (*res, r.soft, r.hard))
-                    .ok_or_else(|| invalid(format!("unknown rlimit {:?}", r.resource)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|r| (resource(r.resource), r.soft, r.hard))
+            .collect();
         if let Some(m) = &spec.user_namespace {
             if m.size == 0 {
                 return Err(invalid("user_namespace size is 0"));

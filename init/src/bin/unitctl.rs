@@ -16,7 +16,7 @@ use flotilla_init::api::client::Client;
 use flotilla_init::api::{LogEntry, UnitInfo, DEFAULT_SOCKET};
 use flotilla_init::logs::{format_time, Precision};
 use flotilla_init::toolbox;
-use flotilla_units::Network;
+use flotilla_units::NetworkMode;
 use serde_json::{json, Value};
 
 /// Control the units of a Flotilla machine.
@@ -113,8 +113,8 @@ struct RunArgs {
     #[arg(long)]
     user: Option<String>,
     /// Network: host, none or private.
-    #[arg(long, default_value = "host")]
-    network: String,
+    #[arg(long, default_value_t = NetworkMode::Host)]
+    network: NetworkMode,
     #[command(flatten)]
     stores: StoreArgs,
     /// The command and its arguments [default: the image's entrypoint and cmd].
@@ -281,12 +281,6 @@ fn toolbox_run(args: RunArgs) -> Result<u8> {
                 .ok_or_else(|| anyhow!("invalid --env {kv:?}: use KEY=VALUE"))
         })
         .collect::<Result<_>>()?;
-    let network = match args.network.as_str() {
-        "host" => Network::Host,
-        "none" => Network::None,
-        "private" => Network::Private,
-        other => bail!("invalid --network {other:?}: use host, none or private"),
-    };
     let opts = toolbox::RunOptions {
         image: args.image,
         stores: args.stores.roots(),
@@ -294,7 +288,7 @@ fn toolbox_run(args: RunArgs) -> Result<u8> {
         workdir: args.workdir,
         env,
         user: args.user,
-        network,
+        network: args.network,
         command: args.command,
     };
     let code = toolbox::run(&opts)?;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use flotilla_container::image::{ImageError, ImageStores, ResolvedImage};
 use flotilla_container::runtime::{self, BindMount, ContainerSpec, RootFs, Stdio};
-use flotilla_units::{Device, DeviceKind, Network, Unit};
+use flotilla_units::{Device, DeviceKind, Unit};
 use nix::unistd::Pid;
 
 use super::{LaunchError, LaunchIo, Launcher, DEFAULT_PATH};
@@ -234,25 +234,13 @@ impl ContainerLauncher {
         spec.hostname = c.hostname.clone();
         spec.init = c.init;
         spec.capabilities = c.capabilities.clone();
-        spec.rlimits = c
-            .rlimits
-            .iter()
-            .map(|r| runtime::Rlimit {
-                resource: r.name.clone(),
-                soft: r.soft,
-                hard: r.hard,
-            })
-            .collect();
+        spec.rlimits = c.rlimits.clone();
         spec.user_namespace = c.user_namespace.map(|m| runtime::IdMapping {
             container_id: m.container_id,
             host_id: m.host_id,
             size: m.size,
         });
-        spec.network = match c.network {
-            Network::Host => runtime::Network::Host,
-            Network::None => runtime::Network::None,
-            Network::Private => runtime::Network::Private,
-        };
+        spec.network = c.network;
         for m in c.mounts.iter().filter(|m| m.create) {
             // Never through a symlink: a container that can write above this path could
             // otherwise have us create (and then bind) a directory anywhere on the host.

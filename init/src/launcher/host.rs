@@ -3,7 +3,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use flotilla_units::{Network, Unit};
+use flotilla_units::{NetworkMode, Unit};
 use nix::unistd::Pid;
 
 use super::{LaunchError, LaunchIo, Launcher, DEFAULT_PATH};
@@ -21,7 +21,7 @@ impl HostLauncher {
             (c.image.is_some(), "image"),
             (c.user.is_some(), "user"),
             (!c.mounts.is_empty(), "mounts"),
-            (c.network != Network::Host, "network"),
+            (c.network != NetworkMode::Host, "network"),
             (c.hostname.is_some(), "hostname"),
             (!c.devices.is_empty(), "devices"),
             (c.capabilities.is_some(), "capabilities"),
