@@ -379,3 +379,26 @@ fn machine_id_is_trimmed_and_never_empty() {
         "{err}"
     );
 }
+
+/// A state this client does not know (from a newer manager) is kept as its text; the call
+/// does not fail.
+#[test]
+fn a_state_the_client_does_not_know_is_kept_as_text() {
+    let fake = Fake::start();
+    {
+        let mut model = fake.model.lock().unwrap();
+        let db = model.units.get_mut("db").unwrap();
+        db.active_state = flotilla_init_api::Wire::Unknown("reloading".into());
+        db.result = flotilla_init_api::Wire::Unknown("watchdog".into());
+    }
+    let c = Client::connect(&fake.socket).unwrap();
+    let units = c.list_units().unwrap();
+    assert_eq!(units.len(), 5);
+    let db = units.iter().find(|u| u.name == "db").unwrap();
+    assert_eq!(db.active_state.as_str(), "reloading");
+    assert_eq!(db.active_state.known(), None);
+    assert_eq!(db.result.as_str(), "watchdog");
+    assert_eq!(db.sub_state, SubState::Dead);
+    let web = c.get_unit("web").unwrap();
+    assert_eq!(web.active_state, ActiveState::Active);
+}

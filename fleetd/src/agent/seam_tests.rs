@@ -525,3 +525,26 @@ async fn a_host_unit_of_the_same_name_is_left_alone() {
     assert_eq!(init.lock().units["web"].1, BODY);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_state_from_a_newer_init_is_relayed_as_its_text() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    // A newer init reports states this agent does not know: relayed as their text, and
+    // nothing is done to the unit because of them.
+    init.change(Some("web"), |s| {
+        if let Some((u, _)) = s.units.get_mut("web") {
+            u.active_state = Wire::Unknown("reloading".into());
+            u.sub_state = Wire::Unknown("reload-notify".into());
+        }
+    });
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active.as_str() == "reloading" && s.sub.as_str() == "reload-notify")
+        })
+        .await;
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    agent.stop().await;
+}
