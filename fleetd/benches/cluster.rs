@@ -45,7 +45,8 @@ use std::time::{Duration, Instant};
 use cluster::{Cluster, Node, TTL_SECS};
 use flotilla_fleetd::api::{ApiClient, PutUnit};
 use flotilla_fleetd::{Change, DesiredState, EtcdConfig, EtcdRegistry, Registry, Snapshot, Watch};
-use flotilla_init::api::client::Client;
+use flotilla_init_api::client::Client;
+use flotilla_init_api::ActiveState;
 use tokio::runtime::Runtime;
 
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"100000\"]\n";
@@ -132,7 +133,7 @@ fn init_client(node: &Node) -> Client {
 fn is_active(client: &Client, unit: &str) -> bool {
     client
         .get_unit(unit)
-        .is_ok_and(|u| u.active_state == "active" && u.main_pid != 0)
+        .is_ok_and(|u| u.active_state == ActiveState::Active && u.main_pid != 0)
 }
 
 /// Polls `client` every 2 ms until `unit` is active.
@@ -385,7 +386,9 @@ fn placements(
                             all_assigned = Some(Instant::now());
                         }
                     }
-                    Change::StatePut(s) if s.unit.starts_with("pl") && s.active == "active" => {
+                    Change::StatePut(s)
+                        if s.unit.starts_with("pl") && s.active == ActiveState::Active =>
+                    {
                         active.insert(s.unit);
                     }
                     _ => {}

@@ -36,7 +36,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod tls;
 
-pub use agent::{Agent, AgentError, InitApi, InitError};
+pub use agent::{Agent, AgentError, InitApi, InitError, InitSignal, LocalInit};
 pub use embedded::EmbeddedRegistry;
 pub use engine::{Engine, EngineError, EngineStatus, DEFAULT_LEASE_TTL};
 pub use error::{RegistryError, Result};

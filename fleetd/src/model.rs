@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use flotilla_init_api::{ActiveState, SubState, Wire};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -100,8 +101,9 @@ pub struct Assignment {
     pub machine: String,
 }
 
-/// The state of a unit on one machine, as that machine's agent reports it (systemd-style
-/// active and sub states, e.g. `active`/`running`, `failed`/`failed`).
+/// The state of a unit on one machine, as that machine's agent reports it (init's active and
+/// sub states, e.g. `active`/`running`, `failed`/`failed`; stored as their strings, so a
+/// state a newer init reports is kept as its text).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitState {
     /// The unit name.
@@ -112,9 +114,9 @@ pub struct UnitState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
     /// Active state: `active`, `inactive`, `activating`, `deactivating`, `failed`.
-    pub active: String,
+    pub active: Wire<ActiveState>,
     /// Sub state: `running`, `dead`, `exited`, `auto-restart`, ...
-    pub sub: String,
+    pub sub: Wire<SubState>,
     /// The main process id, while there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,

@@ -25,8 +25,8 @@ use flotilla_fleetd::{
     Agent, DesiredState, EmbeddedRegistry, EtcdConfig, EtcdRegistry, InitApi, Machine, Registry,
     UnitRecord, UnitState,
 };
-use flotilla_init::api::client::Client;
-use flotilla_init::api::UnitInfo;
+use flotilla_init_api::client::Client;
+use flotilla_init_api::{ActiveState, SubState, UnitInfo};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -103,7 +103,7 @@ impl Init {
 
     fn active_pid(&self, name: &str) -> Option<u32> {
         self.unit(name)
-            .filter(|u| u.active_state == "active" && u.main_pid != 0)
+            .filter(|u| u.active_state == ActiveState::Active && u.main_pid != 0)
             .map(|u| u.main_pid)
     }
 }
@@ -239,10 +239,10 @@ async fn an_assigned_unit_runs_and_its_state_is_reported() {
     let reported = wait_for("web's state in the registry", || async {
         state(&registry, "web", &id)
             .await
-            .filter(|s| s.active == "active" && s.pid == Some(pid))
+            .filter(|s| s.active == ActiveState::Active && s.pid == Some(pid))
     })
     .await;
-    assert_eq!(reported.sub, "running");
+    assert_eq!(reported.sub, SubState::Running);
     assert_eq!(reported.hash, Some(flotilla_fleetd::body_hash(SLEEP)));
     agent.stop().await;
     // Shutting the agent down leaves the unit running.
@@ -324,7 +324,7 @@ async fn desired_loaded_is_loaded_not_started() {
         .unwrap();
     wait_for("web to stop and stay loaded", || async {
         init.unit("web")
-            .filter(|u| u.active_state == "inactive")
+            .filter(|u| u.active_state == ActiveState::Inactive)
             .map(|_| ())
     })
     .await;
@@ -344,7 +344,7 @@ async fn global_units_run_where_their_metadata_fits() {
     wait_for("fits's state", || async {
         state(&registry, "fits", "m1")
             .await
-            .filter(|s| s.active == "active")
+            .filter(|s| s.active == ActiveState::Active)
     })
     .await;
     // Both were submitted before `fits` ran, and the agent handles changes in order.
@@ -415,7 +415,7 @@ async fn a_restarted_agent_neither_duplicates_nor_stops_units() {
     assert_eq!(init.active_pid("web"), Some(pid));
     assert_eq!(init.unit("web").unwrap().restarts, 0);
     let idle = init.unit("idle").unwrap();
-    assert_eq!(idle.active_state, "inactive");
+    assert_eq!(idle.active_state, ActiveState::Inactive);
     agent.stop().await;
 }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_fleetd::api::{ApiClient, ClientError, PutUnit};
 use flotilla_fleetd::DesiredState;
-use flotilla_init::api::client::Client;
-use flotilla_init::api::UnitInfo;
+use flotilla_init_api::client::Client;
+use flotilla_init_api::{ActiveState, UnitInfo};
 use serde_json::Value;
 
 use support::spawn_init;
@@ -228,7 +228,7 @@ fn start_list_stop_destroy() {
     assert_eq!(list[0]["desired"], "launched");
     assert_eq!(list[0]["state"], "active");
     let info = c.init_unit("hello").expect("hello is loaded into init");
-    assert_eq!(info.active_state, "active");
+    assert_eq!(info.active_state, ActiveState::Active);
     assert!(info.main_pid != 0);
 
     let table = c.ok(&["list-units"]);
@@ -269,7 +269,10 @@ fn start_list_stop_destroy() {
     assert!(machines[0].get("address").is_some(), "{machines}");
 
     c.ok(&["stop", "--block-timeout", "30s", "hello"]);
-    assert_eq!(c.init_unit("hello").unwrap().active_state, "inactive");
+    assert_eq!(
+        c.init_unit("hello").unwrap().active_state,
+        ActiveState::Inactive
+    );
     let list = units(&c);
     assert_eq!(list[0]["desired"], "loaded");
     assert_ne!(list[0]["state"], "active");

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use flotilla_fleetd::tls::TlsFiles;
 use flotilla_fleetd::Registry;
-use flotilla_init::api::client::Client;
+use flotilla_init_api::client::Client;
 use qemu_tests::pki::{Ca, Cert, Usage};
 use serde_json::Value;
 

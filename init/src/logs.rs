@@ -12,12 +12,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::api::LogEntry;
+use crate::api::{LogEntry, LogStream};
 
 /// Stream name of lines the manager writes about a unit. They live in the in-memory tail
 /// only (failures also go to the manager's own log): a unit's file holds what the unit
 /// printed, and a unit that prints nothing costs no file.
-pub const MANAGER_STREAM: &str = "manager";
+pub const MANAGER_STREAM: LogStream = LogStream::Manager;
 
 /// Longest line kept whole; longer output is split.
 pub const MAX_LINE: usize = 8192;
@@ -101,11 +101,11 @@ impl UnitLog {
     }
 
     /// Append one line; returns an error message the first time the file cannot be written.
-    pub fn push(&mut self, cfg: &LogConfig, stream: &str, line: &str) -> Option<String> {
+    pub fn push(&mut self, cfg: &LogConfig, stream: LogStream, line: &str) -> Option<String> {
         let entry = LogEntry {
             seq: self.next_seq,
             time_us: now_us(),
-            stream: stream.to_string(),
+            stream: stream.into(),
             line: line.to_string(),
         };
         self.next_seq += 1;
@@ -254,7 +254,7 @@ mod tests {
         };
         let mut log = UnitLog::new("u");
         for i in 0..5 {
-            log.push(&cfg, "stdout", &format!("l{i}"));
+            log.push(&cfg, LogStream::Stdout, &format!("l{i}"));
         }
         let all = log.tail(10, 0);
         assert_eq!(
@@ -289,7 +289,10 @@ mod tests {
         };
         let mut log = UnitLog::new("svc");
         for i in 0..40 {
-            assert_eq!(log.push(&cfg, "stdout", &format!("line number {i}")), None);
+            assert_eq!(
+                log.push(&cfg, LogStream::Stdout, &format!("line number {i}")),
+                None
+            );
         }
         let cur = fs::read_to_string(dir.path().join("svc.log")).unwrap();
         assert!(cur.len() <= 200, "current file {} bytes", cur.len());

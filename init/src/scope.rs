@@ -57,40 +57,9 @@ pub enum ScopeRoot {
     ProcessGroup,
 }
 
-/// Find the cgroup v2 mount point from `/proc/self/mountinfo` text: the last one listed,
-/// since a later mount (PID 1's, over a fresh /sys) hides earlier ones.
-pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().rev().find_map(|line| {
-        // Fields: ... mount_point ... " - " fstype source options
-        let (pre, post) = line.split_once(" - ")?;
-        if post.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
-/// The cgroup v2 mount point: `/sys/fs/cgroup` or `/sys/fs/cgroup/unified` (a hybrid
-/// layout) when that is a cgroup2 filesystem (one `statfs`), else the last cgroup2 mount of
-/// `/proc/self/mountinfo` ([`cgroup2_mount`]).
-pub fn find_cgroup2() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|p| {
-            nix::sys::statfs::statfs(*p)
-                .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-        })
-        .map(PathBuf::from)
-        .or_else(|| cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()))
-}
-
-/// This process's cgroup v2 path (relative to the cgroup2 mount) from `/proc/self/cgroup` text.
-pub fn own_cgroup(proc_cgroup: &str) -> Option<String> {
-    proc_cgroup
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_start_matches('/').to_string())
-}
+// The cgroup2 mount and a process's place in it: one copy, in the API crate, which the
+// manager's and fleetd's access rules use too.
+pub use flotilla_init_api::cgroup::{cgroup2_mount, find_cgroup2, own_cgroup};
 
 /// Controllers the unit limits need.
 const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -468,36 +437,5 @@ impl std::fmt::Display for Scope {
                 None => write!(f, "process group (not started)"),
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup2_mount() {
-        let mi = "25 30 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
-                  37 25 0:33 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            cgroup2_mount(mi),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(cgroup2_mount("25 30 0:22 / /x rw - tmpfs tmpfs rw\n"), None);
-        let hidden = format!("{mi}50 25 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
-        assert_eq!(
-            cgroup2_mount(&hidden),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-    }
-
-    #[test]
-    fn reads_own_cgroup() {
-        assert_eq!(
-            own_cgroup("4:memory:/a\n0::/user.slice/x\n"),
-            Some("user.slice/x".into())
-        );
-        assert_eq!(own_cgroup("0::/\n"), Some(String::new()));
-        assert_eq!(own_cgroup("1:cpu:/\n"), None);
     }
 }

@@ -10,8 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use api_common::{Fake, BROKEN, LOCKED, SLOW};
-use flotilla_init::api::client::{Client, ClientError};
-use flotilla_init::api::{Event, Request};
+use flotilla_init::api::Request;
+use flotilla_init_api::client::{Client, ClientError};
+use flotilla_init_api::{ActiveState, Event, LoadState, LogStream, SubState, UnitResult};
 
 #[test]
 fn round_trips() {
@@ -39,12 +40,12 @@ fn round_trips() {
         ("inactive", "dead")
     );
     let db = c.restart_unit("db").unwrap();
-    assert_eq!(db.active_state, "active");
+    assert_eq!(db.active_state, ActiveState::Active);
 
     let toml = "[unit]\ndescription = \"x\"\n";
     let new = c.load_unit("extra", toml).unwrap();
     assert_eq!(new.name, "extra");
-    assert_eq!(new.load_state, "loaded");
+    assert_eq!(new.load_state, LoadState::Loaded);
     assert_eq!(c.cat_unit("extra").unwrap(), toml);
     c.remove_unit("extra").unwrap();
     assert!(c.get_unit("extra").is_err());
@@ -60,7 +61,7 @@ fn round_trips() {
     let seqs: Vec<u64> = logs.iter().map(|l| l.seq).collect();
     assert_eq!(seqs, [13, 14, 15]);
     assert_eq!(logs[0].line, "line 13");
-    assert_eq!(logs[0].stream, "stdout");
+    assert_eq!(logs[0].stream, LogStream::Stdout);
     let logs = c.logs_after("web", 12, 100).unwrap();
     assert_eq!(logs.len(), 3);
     assert!(c.logs_after("web", 15, 100).unwrap().is_empty());
@@ -168,8 +169,8 @@ fn signals_reach_subscribers() {
     c.list_units().unwrap();
     let want = Event::UnitStateChanged {
         name: "web".into(),
-        active_state: "deactivating".into(),
-        sub_state: "stop-sigterm".into(),
+        active_state: ActiveState::Deactivating.into(),
+        sub_state: SubState::StopSigterm.into(),
     };
     let mut got = None;
     for _ in 0..20 {
@@ -193,7 +194,9 @@ fn signals_reach_subscribers() {
             sub_state,
         })) = rx.recv_timeout(Duration::from_millis(100))
         {
-            seen_stop = name == "web" && active_state == "inactive" && sub_state == "dead";
+            seen_stop = name == "web"
+                && active_state == ActiveState::Inactive
+                && sub_state == SubState::Dead;
         }
     }
     assert!(seen_stop);
@@ -224,8 +227,8 @@ fn signals_reach_every_client() {
         fake.events
             .send(Event::UnitStateChanged {
                 name: "db".into(),
-                active_state: "activating".into(),
-                sub_state: "start".into(),
+                active_state: ActiveState::Activating.into(),
+                sub_state: SubState::Start.into(),
             })
             .unwrap();
         while let Ok((i, change)) = rx.recv_timeout(Duration::from_millis(250)) {
@@ -255,8 +258,8 @@ fn dead_connections_are_dropped() {
     fake.events
         .send(Event::UnitStateChanged {
             name: "web".into(),
-            active_state: "active".into(),
-            sub_state: "running".into(),
+            active_state: ActiveState::Active.into(),
+            sub_state: SubState::Running.into(),
         })
         .unwrap();
     let c = Client::connect(&fake.socket).unwrap();
@@ -329,10 +332,10 @@ fn failing_start_is_visible() {
     let fake = Fake::start();
     let c = Client::connect(&fake.socket).unwrap();
     let u = c.start_unit(BROKEN).unwrap();
-    assert_eq!(u.active_state, "activating");
+    assert_eq!(u.active_state, ActiveState::Activating);
     let u = c.get_unit(BROKEN).unwrap();
-    assert_eq!(u.active_state, "failed");
-    assert_eq!(u.result, "exit-code");
+    assert_eq!(u.active_state, ActiveState::Failed);
+    assert_eq!(u.result, UnitResult::ExitCode);
 }
 
 #[test]
@@ -375,4 +378,27 @@ fn machine_id_is_trimmed_and_never_empty() {
         err.to_string().contains("cannot read the machine id"),
         "{err}"
     );
+}
+
+/// A state this client does not know (from a newer manager) is kept as its text; the call
+/// does not fail.
+#[test]
+fn a_state_the_client_does_not_know_is_kept_as_text() {
+    let fake = Fake::start();
+    {
+        let mut model = fake.model.lock().unwrap();
+        let db = model.units.get_mut("db").unwrap();
+        db.active_state = flotilla_init_api::Wire::Unknown("reloading".into());
+        db.result = flotilla_init_api::Wire::Unknown("watchdog".into());
+    }
+    let c = Client::connect(&fake.socket).unwrap();
+    let units = c.list_units().unwrap();
+    assert_eq!(units.len(), 5);
+    let db = units.iter().find(|u| u.name == "db").unwrap();
+    assert_eq!(db.active_state.as_str(), "reloading");
+    assert_eq!(db.active_state.known(), None);
+    assert_eq!(db.result.as_str(), "watchdog");
+    assert_eq!(db.sub_state, SubState::Dead);
+    let web = c.get_unit("web").unwrap();
+    assert_eq!(web.active_state, ActiveState::Active);
 }

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use api_common::{dbus_send, Fake};
-use flotilla_init::api::access::UnitCgroups;
 use flotilla_init::api::{self, dbus};
+use flotilla_init_api::access::UnitCgroups;
 
 #[test]
 fn dbus_send_list_units() {

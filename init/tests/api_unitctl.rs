@@ -6,6 +6,7 @@ mod api_common;
 use std::process::{Command, Output};
 
 use api_common::{Fake, BROKEN};
+use flotilla_init_api::{ActiveState, LogStream};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -147,14 +148,14 @@ fn start_stop_restart_wait() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         fake.model.lock().unwrap().units["db"].active_state,
-        "active"
+        ActiveState::Active
     );
 
     let o = fake.unitctl(&["stop", "db", "web"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         fake.model.lock().unwrap().units["web"].active_state,
-        "inactive"
+        ActiveState::Inactive
     );
 
     let o = fake.unitctl(&["--json", "restart", "web"]);
@@ -188,7 +189,7 @@ fn no_block_returns_at_once() {
     // The fake turns it failed only when asked again: unitctl did not poll.
     assert_eq!(
         fake.model.lock().unwrap().units[BROKEN].active_state,
-        "activating"
+        ActiveState::Activating
     );
 }
 
@@ -341,10 +342,10 @@ fn logs_follow() {
         .logs
         .get_mut("web")
         .unwrap()
-        .push(flotilla_init::api::LogEntry {
+        .push(flotilla_init_api::LogEntry {
             seq: 16,
             time_us: 1_700_000_001_000_000,
-            stream: "manager".into(),
+            stream: LogStream::Manager.into(),
             line: "followed".into(),
         });
     let second = lines.next().unwrap().unwrap();

@@ -632,7 +632,7 @@ fn system_state_and_state_signals_from_the_real_manager() {
 
     m.ok(&["stop", "svc"]);
     m.wait_state("svc", "inactive");
-    let client = flotilla_init::api::client::Client::connect(&m.api).unwrap();
+    let client = flotilla_init_api::client::Client::connect(&m.api).unwrap();
     let changes = client.subscribe().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -647,10 +647,13 @@ fn system_state_and_state_signals_from_the_real_manager() {
     client.start_unit("svc").unwrap();
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + common::PATIENCE;
-    while std::time::Instant::now() < deadline
-        && !seen.contains(&("active".to_string(), "running".to_string()))
-    {
-        if let Ok(Ok(flotilla_init::api::Event::UnitStateChanged {
+    use flotilla_init_api::{ActiveState, SubState, Wire};
+    let active_running = (
+        Wire::Known(ActiveState::Active),
+        Wire::Known(SubState::Running),
+    );
+    while std::time::Instant::now() < deadline && !seen.contains(&active_running) {
+        if let Ok(Ok(flotilla_init_api::Event::UnitStateChanged {
             name,
             active_state,
             sub_state,
@@ -661,10 +664,8 @@ fn system_state_and_state_signals_from_the_real_manager() {
             }
         }
     }
-    let activating = seen.iter().position(|(a, _)| a == "activating");
-    let active = seen
-        .iter()
-        .position(|s| *s == ("active".to_string(), "running".to_string()));
+    let activating = seen.iter().position(|(a, _)| *a == ActiveState::Activating);
+    let active = seen.iter().position(|s| *s == active_running);
     assert!(
         matches!((activating, active), (Some(a), Some(b)) if a < b),
         "{seen:?}"

@@ -1,6 +1,7 @@
-//! The agent's handle on the local init: `org.flotilla.Manager1` over its D-Bus socket,
-//! through the blocking typed client of `flotilla-init`, called from tokio with
-//! `spawn_blocking`.
+//! The agent's handle on the local init. [`LocalInit`] is what the agent needs of it (the
+//! seam its tests drive with an in-memory fake); [`InitApi`] is the real one:
+//! `org.flotilla.Manager1` over its D-Bus socket, through the blocking typed client of
+//! `flotilla-init-api`, called from tokio with `spawn_blocking`.
 //!
 //! The connection is made lazily and made again after a transport error, so the agent
 //! survives an init that restarts; [`InitApi::generation`] counts connections, which tells
@@ -11,14 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
-use flotilla_init::api::client::{Client, ClientError};
-use flotilla_init::api::{Event as InitEvent, UnitInfo};
+use async_trait::async_trait;
+use flotilla_init_api::client::{Client, ClientError};
+use flotilla_init_api::{
+    Event as InitEvent, LogEntry, SystemState, UnitInfo, Wire, INVALID_UNIT, NO_SUCH_UNIT,
+};
 use tokio::sync::mpsc;
-
-/// The D-Bus error name init answers with for an unknown unit.
-const NO_SUCH_UNIT: &str = "org.flotilla.Error.NoSuchUnit";
-/// The D-Bus error name init answers with for an invalid unit text or name.
-const INVALID_UNIT: &str = "org.flotilla.Error.InvalidUnit";
 
 /// Why a call to the local init failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +34,7 @@ pub enum InitError {
         source: Box<ClientError>,
     },
     /// The blocking task that made the call did not finish (panicked or was cancelled).
+    /// Also what an in-memory [`LocalInit`] answers when it plays an unreachable init.
     #[error("{op} on the local init at {}: the calling task ended abnormally ({reason})", socket.display())]
     Task {
         /// What was asked.
@@ -168,7 +168,7 @@ impl InitApi {
 
     /// The manager's state (`GetSystemState`): `running`, or `stopping` once the host's
     /// orderly shutdown is stopping its units.
-    pub async fn system_state(&self) -> Result<String, InitError> {
+    pub async fn system_state(&self) -> Result<Wire<SystemState>, InitError> {
         self.call("GetSystemState".into(), |c| c.system_state())
             .await
     }
@@ -238,7 +238,7 @@ impl InitApi {
         name: &str,
         after_seq: u64,
         lines: u32,
-    ) -> Result<Vec<flotilla_init::api::LogEntry>, InitError> {
+    ) -> Result<Vec<LogEntry>, InitError> {
         let n = name.to_string();
         self.call(format!("LogsAfter {name}"), move |c| {
             c.logs_after(&n, after_seq, lines)
@@ -254,9 +254,88 @@ impl InitApi {
     }
 }
 
-/// What the signal thread tells the agent.
+/// What the agent needs of the local init: the calls it makes, and a feed of
+/// [`InitSignal`]s. [`InitApi`] is the real implementation; the agent's tests use an
+/// in-memory one, so its decisions are tested without a built `flotilla-init`.
+#[async_trait]
+pub trait LocalInit: std::fmt::Debug + Send + Sync {
+    /// Where this init is, for log lines (the socket path).
+    fn describe(&self) -> String;
+    /// Changes whenever the connection to init was made again (init may have restarted
+    /// and forgotten nothing, or everything): the agent then re-reads what init runs.
+    fn generation(&self) -> u64;
+    /// Starts delivering [`InitSignal`]s to `tx`: [`InitSignal::Subscribed`] each time a
+    /// subscription is (re)made, then [`InitSignal::Changed`] per unit state change; ends
+    /// once `tx` is closed.
+    fn subscribe(&self, tx: mpsc::UnboundedSender<InitSignal>) -> std::io::Result<()>;
+    /// The host's machine id (`GetMachineId`).
+    async fn machine_id(&self) -> Result<String, InitError>;
+    /// The manager's state (`GetSystemState`).
+    async fn system_state(&self) -> Result<Wire<SystemState>, InitError>;
+    /// Every unit init knows (`ListUnits`).
+    async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError>;
+    /// One unit's state (`GetUnit`).
+    async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
+    /// The text of a unit's file (`CatUnit`).
+    async fn cat_unit(&self, name: &str) -> Result<String, InitError>;
+    /// Adds or replaces a unit (`LoadUnit`).
+    async fn load_unit(&self, name: &str, toml: &str) -> Result<UnitInfo, InitError>;
+    /// Starts a unit (`StartUnit`).
+    async fn start_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
+    /// Stops a unit (`StopUnit`).
+    async fn stop_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
+    /// Restarts a unit (`RestartUnit`).
+    async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
+    /// Stops and forgets a unit (`RemoveUnit`).
+    async fn remove_unit(&self, name: &str) -> Result<(), InitError>;
+}
+
+#[async_trait]
+impl LocalInit for InitApi {
+    fn describe(&self) -> String {
+        self.socket.display().to_string()
+    }
+    fn generation(&self) -> u64 {
+        InitApi::generation(self)
+    }
+    fn subscribe(&self, tx: mpsc::UnboundedSender<InitSignal>) -> std::io::Result<()> {
+        spawn_signal_thread(self.socket.clone(), tx)
+    }
+    async fn machine_id(&self) -> Result<String, InitError> {
+        InitApi::machine_id(self).await
+    }
+    async fn system_state(&self) -> Result<Wire<SystemState>, InitError> {
+        InitApi::system_state(self).await
+    }
+    async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError> {
+        InitApi::list_units(self).await
+    }
+    async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        InitApi::get_unit(self, name).await
+    }
+    async fn cat_unit(&self, name: &str) -> Result<String, InitError> {
+        InitApi::cat_unit(self, name).await
+    }
+    async fn load_unit(&self, name: &str, toml: &str) -> Result<UnitInfo, InitError> {
+        InitApi::load_unit(self, name, toml).await
+    }
+    async fn start_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        InitApi::start_unit(self, name).await
+    }
+    async fn stop_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        InitApi::stop_unit(self, name).await
+    }
+    async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        InitApi::restart_unit(self, name).await
+    }
+    async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
+        InitApi::remove_unit(self, name).await
+    }
+}
+
+/// What the signal feed tells the agent ([`LocalInit::subscribe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum InitSignal {
+pub enum InitSignal {
     /// A `UnitStateChanged` for this unit.
     Changed(String),
     /// A (new) subscription is in place: init may have restarted in between.
@@ -266,7 +345,7 @@ pub(crate) enum InitSignal {
 /// Starts a thread that subscribes to init's `UnitStateChanged` signals on a connection of
 /// its own and forwards them; it subscribes again (every second) when the connection breaks,
 /// and ends once the receiver is dropped and a signal or reconnection notices it.
-pub(crate) fn spawn_signal_thread(
+fn spawn_signal_thread(
     socket: PathBuf,
     tx: mpsc::UnboundedSender<InitSignal>,
 ) -> std::io::Result<()> {

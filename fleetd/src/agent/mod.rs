@@ -3,8 +3,8 @@
 //! One [`Agent`] per machine. It keeps the machine present in the registry (a lease kept
 //! alive every TTL/3, the machine record on it), reads the registry once ([`Registry::snapshot`])
 //! and then follows it ([`Registry::watch`] from that revision + 1), and drives the local
-//! `flotilla-init` over its D-Bus API ([`InitApi`]) so that init runs exactly the units this
-//! machine should run:
+//! `flotilla-init` ([`LocalInit`]: over its D-Bus API, [`InitApi`]) so that init runs
+//! exactly the units this machine should run:
 //!
 //! - units assigned to this machine, and global units whose rules fit it
 //!   ([`crate::scheduler::global_fits`]), each with desired state `loaded` (loaded into init,
@@ -30,6 +30,8 @@
 //! (a new lease if the old one expired) and reconciles from a fresh snapshot.
 
 mod init;
+#[cfg(test)]
+mod seam_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -37,12 +39,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flotilla_init::api::UnitInfo;
+use flotilla_init_api::{ActiveState, SubState, SystemState, UnitInfo, Wire};
 use flotilla_units::FleetSection;
 use tokio::sync::mpsc;
 
-use self::init::{spawn_signal_thread, InitSignal};
-pub use self::init::{InitApi, InitError};
+pub use self::init::{InitApi, InitError, InitSignal, LocalInit};
 use crate::error::RegistryError;
 use crate::model::{DesiredState, LeaseId, Machine, UnitRecord, UnitState};
 use crate::registry::{Change, Event, Registry, Watch};
@@ -112,7 +113,7 @@ struct Body {
 /// The agent of one machine. See the module documentation.
 pub struct Agent {
     registry: Arc<dyn Registry>,
-    init: InitApi,
+    init: Arc<dyn LocalInit>,
     machine: Machine,
     ttl: Duration,
     lease_file: Option<PathBuf>,
@@ -131,17 +132,17 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// An agent for `machine` (an empty `machine.id` means: ask the local init,
-    /// `GetMachineId`), on `registry`, driving the init at `init`, present with a lease of
-    /// `ttl` ([`DEFAULT_TTL`] is 5 s; at least 1 s).
+    /// `GetMachineId`), on `registry`, driving the local init `init` (an [`InitApi`]),
+    /// present with a lease of `ttl` ([`DEFAULT_TTL`] is 5 s; at least 1 s).
     pub fn new(
         registry: Arc<dyn Registry>,
-        init: InitApi,
+        init: impl LocalInit + 'static,
         machine: Machine,
         ttl: Duration,
     ) -> Agent {
         Agent {
             registry,
-            init,
+            init: Arc::new(init),
             machine,
             ttl: ttl.max(Duration::from_secs(1)),
             lease_file: None,
@@ -170,12 +171,12 @@ impl Agent {
         if machine.id.is_empty() {
             let id = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                id = machine_id_from_init(&self.init) => id?,
+                id = machine_id_from_init(self.init.as_ref()) => id?,
             };
             machine.id = id;
         }
         let (tx, mut signals) = mpsc::unbounded_channel();
-        spawn_signal_thread(self.init.socket().to_path_buf(), tx).map_err(AgentError::Thread)?;
+        self.init.subscribe(tx).map_err(AgentError::Thread)?;
         let mut worker = Worker {
             registry: self.registry,
             init: self.init,
@@ -196,7 +197,7 @@ impl Agent {
             "fleetd agent for machine {} on {}, init at {}",
             worker.machine.id,
             worker.registry.describe(),
-            worker.init.socket().display()
+            worker.init.describe()
         );
         let mut backoff = MIN_BACKOFF;
         let mut degraded = false;
@@ -274,7 +275,7 @@ impl Agent {
 }
 
 /// Asks init for the machine id, waiting while init is unreachable.
-async fn machine_id_from_init(init: &InitApi) -> Result<String, AgentError> {
+async fn machine_id_from_init(init: &dyn LocalInit) -> Result<String, AgentError> {
     let mut delay = MIN_BACKOFF;
     loop {
         match init.machine_id().await {
@@ -298,21 +299,28 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether init's state for a unit means it was started (and not stopped since).
+/// Whether init's state for a unit means it was started (and not stopped since): it runs,
+/// starts, waits to restart, or failed after a start. A state this agent does not know (a
+/// newer init's) is not taken as started.
 fn is_started(info: &UnitInfo) -> bool {
     matches!(
-        info.active_state.as_str(),
-        "active" | "activating" | "reloading" | "failed"
-    ) || info.sub_state == "auto-restart"
+        info.active_state.known(),
+        Some(ActiveState::Active | ActiveState::Activating | ActiveState::Failed)
+    ) || info.sub_state == SubState::AutoRestart
 }
 
 /// The state of a unit as reported: (active, sub, pid, hash).
-type Reported = (String, String, Option<u32>, Option<String>);
+type Reported = (
+    Wire<ActiveState>,
+    Wire<SubState>,
+    Option<u32>,
+    Option<String>,
+);
 
 /// The agent's working state while it runs.
 struct Worker {
     registry: Arc<dyn Registry>,
-    init: InitApi,
+    init: Arc<dyn LocalInit>,
     machine: Machine,
     ttl: Duration,
     /// The machine's lease, once granted (kept across registry outages while it lives).
@@ -346,7 +354,7 @@ impl Worker {
         let Some(lease) = self.lease else { return };
         let state = tokio::time::timeout(self.ttl, self.init.system_state()).await;
         match state {
-            Ok(Ok(state)) if state == flotilla_init::api::SYSTEM_STOPPING => {}
+            Ok(Ok(state)) if state == SystemState::Stopping => {}
             Ok(Ok(_)) => return,
             Ok(Err(e)) => {
                 log::info!(

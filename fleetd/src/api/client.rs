@@ -193,7 +193,7 @@ impl ApiClient {
         name: &str,
         lines: u32,
         after: u64,
-    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+    ) -> Result<Vec<flotilla_init_api::LogEntry>, ClientError> {
         self.journal_query(name, &format!("lines={lines}&after={after}"))
             .await
     }
@@ -206,7 +206,7 @@ impl ApiClient {
         lines: u32,
         after: u64,
         machine: &str,
-    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+    ) -> Result<Vec<flotilla_init_api::LogEntry>, ClientError> {
         self.journal_query(
             name,
             &format!("lines={lines}&after={after}&machine={machine}"),
@@ -222,7 +222,7 @@ impl ApiClient {
         lines: u32,
         after: u64,
         machine: &str,
-    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+    ) -> Result<Vec<flotilla_init_api::LogEntry>, ClientError> {
         self.journal_query(
             name,
             &format!("lines={lines}&after={after}&machine={machine}&relayed=1"),
@@ -234,7 +234,7 @@ impl ApiClient {
         &self,
         name: &str,
         query: &str,
-    ) -> Result<Vec<flotilla_init::api::LogEntry>, ClientError> {
+    ) -> Result<Vec<flotilla_init_api::LogEntry>, ClientError> {
         self.call(
             Method::GET,
             &format!("/units/{name}/journal?{query}"),

@@ -5,7 +5,7 @@
 //! see [`crate::tls`]), or, only when asked for (`fleetd --insecure`), in plaintext with a
 //! bearer token ([`serve_tcp`]). On the Unix socket a caller inside a unit is served only if
 //! that unit is granted the control API (`[container] control_api = true`): [`PeerGate`],
-//! with the rules of [`flotilla_init::api::access`]. Routes:
+//! with the rules of [`flotilla_init_api::access`]. Routes:
 //!
 //! | route | what |
 //! |---|---|
@@ -13,7 +13,7 @@
 //! | `GET /fleet/v1/units/{name}` | one unit with its body: [`UnitDetail`] |
 //! | `PUT /fleet/v1/units/{name}` | [`PutUnit`]: create a unit or change its desired state |
 //! | `DELETE /fleet/v1/units/{name}` | remove a unit |
-//! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ&machine=ID` | the unit's output from the init of the machine it runs on (relayed to that machine's TCP API when it is another): [`flotilla_init::api::LogEntry`] |
+//! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ&machine=ID` | the unit's output from the init of the machine it runs on (relayed to that machine's TCP API when it is another): [`flotilla_init_api::LogEntry`] |
 //! | `GET /fleet/v1/machines` | the live machines: [`crate::Machine`] |
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
 //!
@@ -41,8 +41,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use flotilla_init::api::access;
-use flotilla_init::api::peer::{self, PeerCred};
+use flotilla_init_api::access;
+use flotilla_init_api::peer::{self, PeerCred};
+use flotilla_init_api::{ActiveState, SubState, Wire};
 
 use crate::agent::InitApi;
 use crate::engine::EngineStatus;
@@ -65,10 +66,10 @@ pub const PREFIX: &str = "/fleet/v1";
 pub struct StateView {
     /// The machine that reports it.
     pub machine: String,
-    /// Active state (`active`, `inactive`, `failed`, ...).
-    pub state: String,
-    /// Sub state (`running`, `dead`, ...).
-    pub sub: String,
+    /// Active state (`active`, `inactive`, `failed`, ...; JSON: the string).
+    pub state: Wire<ActiveState>,
+    /// Sub state (`running`, `dead`, ...; JSON: the string).
+    pub sub: Wire<SubState>,
     /// The main pid, while there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -89,9 +90,9 @@ pub struct UnitView {
     /// The machine it is assigned to (none for global and unscheduled units).
     pub machine: Option<String>,
     /// The active state reported by that machine (`active`, `inactive`, `failed`, ...).
-    pub state: Option<String>,
+    pub state: Option<Wire<ActiveState>>,
     /// The sub state reported by that machine (`running`, `dead`, ...).
-    pub sub: Option<String>,
+    pub sub: Option<Wire<SubState>>,
     /// The main pid reported by that machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -367,7 +368,7 @@ impl UnixPeer {
 /// A caller fleetd cannot see (pid 0: another pid namespace, e.g. the host's `fleetctl`
 /// when fleetd runs as a unit) is served: the manager keeps units without the grant away
 /// from this socket (it refuses to start one whose bind mount exposes it, see
-/// [`flotilla_init::api::access`]).
+/// [`flotilla_init_api::access`]).
 #[derive(Clone, Debug)]
 pub struct PeerGate {
     init: Option<InitApi>,
@@ -809,7 +810,7 @@ async fn journal(
     State(state): State<ApiState>,
     UrlPath(name): UrlPath<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Vec<flotilla_init::api::LogEntry>>, ApiError> {
+) -> Result<Json<Vec<flotilla_init_api::LogEntry>>, ApiError> {
     let (mut lines, mut after) = (DEFAULT_JOURNAL_LINES, 0u64);
     let (mut machine, mut relayed) = (None, false);
     for pair in query.as_deref().unwrap_or_default().split('&') {

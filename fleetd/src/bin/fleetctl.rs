@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use flotilla_fleetd::api::{self, ApiClient, ClientError, PutUnit, UnitView};
 use flotilla_fleetd::{DesiredState, Machine};
+use flotilla_init_api::{ActiveState, Wire};
 
 /// fleetctl: submit units to the cluster and see where and how they run.
 #[derive(Debug, Parser)]
@@ -424,7 +425,10 @@ impl Ctl {
                     continue;
                 }
                 if target == Target::Launched {
-                    if let Some(s) = relevant(unit).into_iter().find(|s| s.state == "failed") {
+                    if let Some(s) = relevant(unit)
+                        .into_iter()
+                        .find(|s| s.state == ActiveState::Failed)
+                    {
                         bail!(
                             "unit {name} failed on machine {} ({}): see fleetctl status {name}",
                             s.machine,
@@ -550,8 +554,8 @@ impl Ctl {
                     rows.push(row([
                         &u.name,
                         &machine_label(&s.machine, &machines, full),
-                        &s.state,
-                        &s.sub,
+                        s.state.as_str(),
+                        s.sub.as_str(),
                     ]));
                 }
                 continue;
@@ -564,8 +568,8 @@ impl Ctl {
             rows.push(row([
                 &u.name,
                 &machine,
-                u.state.as_deref().unwrap_or("-"),
-                u.sub.as_deref().unwrap_or("-"),
+                u.state.as_ref().map_or("-", Wire::as_str),
+                u.sub.as_ref().map_or("-", Wire::as_str),
             ]));
         }
         print_table(&rows);
@@ -651,7 +655,7 @@ impl Ctl {
             if i > 0 {
                 println!();
             }
-            let dot = if u.state.as_deref() == Some("active") {
+            let dot = if u.state.as_ref().is_some_and(|s| *s == ActiveState::Active) {
                 "●"
             } else {
                 "○"
@@ -692,10 +696,11 @@ fn relevant(u: &UnitView) -> Vec<&api::StateView> {
     }
 }
 
-fn is_running_state(state: &str) -> bool {
+/// Whether a machine's state means the unit's process runs or is being started or stopped.
+fn is_running_state(state: &Wire<ActiveState>) -> bool {
     matches!(
-        state,
-        "active" | "activating" | "deactivating" | "reloading"
+        state.known(),
+        Some(ActiveState::Active | ActiveState::Activating | ActiveState::Deactivating)
     )
 }
 
@@ -717,7 +722,7 @@ fn reached(u: &UnitView, target: Target) -> bool {
             !states.is_empty()
                 && states
                     .iter()
-                    .all(|s| current_body(u, s) && s.state == "active")
+                    .all(|s| current_body(u, s) && s.state == ActiveState::Active)
         }
     }
 }
@@ -726,7 +731,7 @@ fn not_reached(u: &UnitView, target: Target) -> String {
     let goal = match target {
         Target::Inactive => "unloaded",
         Target::Loaded => "loaded",
-        Target::Launched => "active",
+        Target::Launched => ActiveState::Active.as_str(),
     };
     if let Some(reason) = &u.reason {
         return format!(
@@ -767,13 +772,14 @@ fn reached_message(u: &UnitView, target: Target, machines: &BTreeMap<String, Mac
 /// fleet's STATE column: what the unit is on its machine.
 fn current(u: &UnitView) -> String {
     let states = relevant(u);
-    if states.is_empty() {
-        "inactive".into()
-    } else if states.iter().any(|s| s.state == "active") {
-        "launched".into()
+    let state = if states.is_empty() {
+        DesiredState::Inactive
+    } else if states.iter().any(|s| s.state == ActiveState::Active) {
+        DesiredState::Launched
     } else {
-        "loaded".into()
-    }
+        DesiredState::Loaded
+    };
+    state.to_string()
 }
 
 fn short_id(id: &str, full: bool) -> String {

@@ -66,7 +66,7 @@ struct Args {
     #[arg(long, value_name = "DIR", default_value = flotilla_fleetd::embedded::DEFAULT_DIR)]
     state: PathBuf,
     /// The local init's control socket.
-    #[arg(long, value_name = "PATH", default_value = flotilla_init::api::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = flotilla_init_api::DEFAULT_SOCKET)]
     init_api: PathBuf,
     /// The API's Unix socket (mode 0600).
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]

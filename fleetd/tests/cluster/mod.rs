@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla_fleetd::{EtcdConfig, EtcdRegistry, Registry};
-use flotilla_init::api::client::Client;
-use flotilla_init::api::UnitInfo;
+use flotilla_init_api::client::Client;
+use flotilla_init_api::{ActiveState, UnitInfo};
 use serde_json::Value;
 
 /// The bound on every wait; only a test that would otherwise hang fails on it.
@@ -239,7 +239,7 @@ impl Node {
     pub fn active_pid(&self, unit: &str) -> Option<u32> {
         self.init_units()?
             .into_iter()
-            .find(|u| u.name == unit && u.active_state == "active" && u.main_pid != 0)
+            .find(|u| u.name == unit && u.active_state == ActiveState::Active && u.main_pid != 0)
             .map(|u| u.main_pid)
     }
 

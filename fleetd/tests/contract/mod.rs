@@ -13,6 +13,7 @@ use flotilla_fleetd::{
     body_hash, Campaign, Cas, Change, DesiredState, Event, LeaseId, Machine, Registry,
     RegistryError, UnitRecord, UnitState, Watch,
 };
+use flotilla_init_api::{ActiveState, SubState};
 
 /// The bound on every wait; reaching it fails the test.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -144,8 +145,8 @@ pub fn state(unit: &str, machine: &str) -> UnitState {
         unit: unit.to_string(),
         machine: machine.to_string(),
         hash: None,
-        active: "active".to_string(),
-        sub: "running".to_string(),
+        active: ActiveState::Active.into(),
+        sub: SubState::Running.into(),
         pid: Some(42),
         updated_at: 1_700_000_000_000,
     }
@@ -646,8 +647,8 @@ pub async fn reported_states_vanish_with_their_lease(env: &Env) {
         .await
         .unwrap();
     let mut db = state("db", "m2");
-    db.active = "failed".to_string();
-    db.sub = "failed".to_string();
+    db.active = ActiveState::Failed.into();
+    db.sub = SubState::Failed.into();
     db.pid = None;
     db.hash = Some(body_hash("db"));
     r.report_state(&db, expiring).await.unwrap();

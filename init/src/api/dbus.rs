@@ -698,14 +698,48 @@ fn signal_loop(events: Receiver<Event>, connections: Connections) {
                     zbus::block_on(Manager1::unit_state_changed(
                         &emitter,
                         &name,
-                        &active_state,
-                        &sub_state,
+                        active_state.as_str(),
+                        sub_state.as_str(),
                     ))
                 },
             );
             if let Err(e) = sent {
                 log::debug!("control API: cannot emit UnitStateChanged({name}): {e}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MethodError;
+    use zbus::DBusError as _;
+
+    #[test]
+    fn error_names_are_the_apis() {
+        for (error, name) in [
+            (
+                MethodError::NoSuchUnit(String::new()),
+                flotilla_init_api::NO_SUCH_UNIT,
+            ),
+            (
+                MethodError::InvalidUnit(String::new()),
+                flotilla_init_api::INVALID_UNIT,
+            ),
+            (
+                MethodError::Refused(String::new()),
+                flotilla_init_api::REFUSED,
+            ),
+            (
+                MethodError::InvalidArgument(String::new()),
+                flotilla_init_api::INVALID_ARGUMENT,
+            ),
+            (
+                MethodError::AccessDenied(String::new()),
+                flotilla_init_api::ACCESS_DENIED,
+            ),
+        ] {
+            assert_eq!(error.name().as_str(), name);
         }
     }
 }

@@ -5,25 +5,20 @@
 //! publishes [`Event`]s that the server turns into D-Bus signals. This module is the one
 //! seam between transport and state: nothing here knows about D-Bus.
 
-pub mod access;
-pub mod client;
 pub mod dbus;
-pub mod peer;
 pub mod wire;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use zbus::zvariant::Type;
+// The client-side API lives in `flotilla-init-api`; these are re-exported so the manager's
+// code (and code written against `flotilla_init::api`) names them as before.
+pub use flotilla_init_api::{
+    access, client, peer, ActiveState, Event, LoadState, LogEntry, LogStream, ReloadReport,
+    SubState, SystemState, UnitInfo, UnitResult, Wire, DEFAULT_SOCKET, INTERFACE, OBJECT_PATH,
+};
 
-/// D-Bus object path of the manager.
-pub const OBJECT_PATH: &str = "/org/flotilla/Manager1";
-/// D-Bus interface name of the manager.
-pub const INTERFACE: &str = "org.flotilla.Manager1";
-/// Default path of the control socket.
-pub const DEFAULT_SOCKET: &str = "/run/flotilla/manager.sock";
 /// Where `GetMachineId` reads the machine id (rendered by the boot, see machine-id(5)).
 pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
 
@@ -44,65 +39,6 @@ pub fn read_machine_id(path: &std::path::Path) -> Result<String, ApiError> {
         )));
     }
     Ok(id.to_string())
-}
-
-/// The state of one unit as clients see it (systemd's vocabulary).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct UnitInfo {
-    /// Full unit name.
-    pub name: String,
-    /// `[unit] description`, or empty.
-    pub description: String,
-    /// `loaded`, `error` (file broken; old definition may still run) or `not-found`.
-    pub load_state: String,
-    /// `inactive`, `activating`, `active`, `deactivating` or `failed`.
-    pub active_state: String,
-    /// Finer state: `dead`, `waiting`, `start`, `running`, `exited`, `stop-sigterm`,
-    /// `stop-sigkill`, `auto-restart`, `failed`.
-    pub sub_state: String,
-    /// Main process id, 0 when none.
-    pub main_pid: u32,
-    /// Restarts performed by the restart policy since the unit was last started by hand.
-    pub restarts: u32,
-    /// Exit code of the last main process, -1 when it has not exited or died by a signal.
-    pub exit_code: i32,
-    /// Signal that killed the last main process, 0 when none.
-    pub exit_signal: i32,
-    /// Time of the last state change, microseconds since the Unix epoch.
-    pub since_us: u64,
-    /// Why the unit is where it is: `success`, `exit-code`, `signal`, `start-limit-hit`,
-    /// `dependency`, `cycle`, `spawn`, `timeout`, `resources` or `oom-kill`.
-    pub result: String,
-    /// Human-readable detail for `result` (empty on success).
-    pub message: String,
-}
-
-/// One captured line of a unit's output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct LogEntry {
-    /// Monotonic sequence number per unit; used to follow logs (`unitctl logs -f`).
-    pub seq: u64,
-    /// Capture time, microseconds since the Unix epoch.
-    pub time_us: u64,
-    /// `stdout`, `stderr` or `manager` (lines the manager writes about the unit).
-    pub stream: String,
-    /// The line, without its newline.
-    pub line: String,
-}
-
-/// What a reload did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct ReloadReport {
-    /// Units that appeared.
-    pub added: Vec<String>,
-    /// Units whose definition changed.
-    pub changed: Vec<String>,
-    /// Units whose file disappeared (stopped and dropped).
-    pub removed: Vec<String>,
-    /// Units restarted because they changed and a restart was asked for.
-    pub restarted: Vec<String>,
-    /// Files that failed to parse; the old definition (if any) stays in force.
-    pub errors: Vec<String>,
 }
 
 /// A request to the manager.
@@ -151,10 +87,11 @@ pub enum Request {
     ControlApiGranted(String),
 }
 
-/// [`Request::SystemState`] while units run normally.
-pub const SYSTEM_RUNNING: &str = "running";
-/// [`Request::SystemState`] once a shutdown (power-off, reboot, SIGTERM) is stopping units.
-pub const SYSTEM_STOPPING: &str = "stopping";
+/// [`Request::SystemState`] while units run normally ([`SystemState::Running`]).
+pub const SYSTEM_RUNNING: &str = SystemState::Running.as_str();
+/// [`Request::SystemState`] once a shutdown (power-off, reboot, SIGTERM) is stopping units
+/// ([`SystemState::Stopping`]).
+pub const SYSTEM_STOPPING: &str = SystemState::Stopping.as_str();
 
 /// The manager's answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,20 +124,6 @@ pub enum ApiError {
     /// The request cannot be carried out now (e.g. the manager is shutting down).
     #[error("{0}")]
     Refused(String),
-}
-
-/// Something that happened in the manager, published to API clients.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A unit's active or sub state changed.
-    UnitStateChanged {
-        /// Unit name.
-        name: String,
-        /// New active state.
-        active_state: String,
-        /// New sub state.
-        sub_state: String,
-    },
 }
 
 /// A request together with where to send its answer.

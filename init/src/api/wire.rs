@@ -7,7 +7,7 @@
 //! through is sent with U+FFFD in place of the characters, and the unit is named in a
 //! logged warning instead of failing the call.
 
-use super::{LogEntry, UnitInfo};
+use super::{LogEntry, UnitInfo, Wire};
 
 /// What replaces a character that may not be sent.
 pub const REPLACEMENT: char = '\u{FFFD}';
@@ -37,6 +37,15 @@ fn scrub(s: &mut String, keep: &str) -> bool {
     true
 }
 
+/// A state made safe: the manager only sends states it knows, whose names are plain; a
+/// [`Wire::Unknown`] text is scrubbed like a display field.
+fn scrub_state<T>(w: &mut Wire<T>) -> bool {
+    match w {
+        Wire::Known(_) => false,
+        Wire::Unknown(s) => scrub(s, KEEP_NONE),
+    }
+}
+
 /// A unit's state made safe to send; logs a warning naming the unit when a field had to be
 /// cleaned (the unit is still listed, the call still answers).
 pub fn unit(mut u: UnitInfo) -> UnitInfo {
@@ -44,13 +53,19 @@ pub fn unit(mut u: UnitInfo) -> UnitInfo {
     for (field, value, keep) in [
         ("name", &mut u.name, KEEP_NONE),
         ("description", &mut u.description, KEEP_NONE),
-        ("load_state", &mut u.load_state, KEEP_NONE),
-        ("active_state", &mut u.active_state, KEEP_NONE),
-        ("sub_state", &mut u.sub_state, KEEP_NONE),
-        ("result", &mut u.result, KEEP_NONE),
         ("message", &mut u.message, KEEP_TEXT),
     ] {
         if scrub(value, keep) {
+            fields.push(field);
+        }
+    }
+    for (field, scrubbed) in [
+        ("load_state", scrub_state(&mut u.load_state)),
+        ("active_state", scrub_state(&mut u.active_state)),
+        ("sub_state", scrub_state(&mut u.sub_state)),
+        ("result", scrub_state(&mut u.result)),
+    ] {
+        if scrubbed {
             fields.push(field);
         }
     }
@@ -75,7 +90,7 @@ pub fn units(units: Vec<UnitInfo>) -> Vec<UnitInfo> {
 pub fn logs(mut entries: Vec<LogEntry>) -> Vec<LogEntry> {
     for e in &mut entries {
         scrub(&mut e.line, KEEP_LOG);
-        scrub(&mut e.stream, KEEP_NONE);
+        scrub_state(&mut e.stream);
     }
     entries
 }
@@ -98,20 +113,21 @@ pub fn names(mut v: Vec<String>) -> Vec<String> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+    use crate::api::{ActiveState, LoadState, LogStream, SubState, UnitResult};
 
     fn info(name: &str, description: &str) -> UnitInfo {
         UnitInfo {
             name: name.into(),
             description: description.into(),
-            load_state: "loaded".into(),
-            active_state: "active".into(),
-            sub_state: "running".into(),
+            load_state: LoadState::Loaded.into(),
+            active_state: ActiveState::Active.into(),
+            sub_state: SubState::Running.into(),
             main_pid: 1,
             restarts: 0,
             exit_code: -1,
             exit_signal: 0,
             since_us: 0,
-            result: "success".into(),
+            result: UnitResult::Success.into(),
             message: "line one\nline two".into(),
         }
     }
@@ -130,10 +146,13 @@ mod tests {
         let l = logs(vec![LogEntry {
             seq: 1,
             time_us: 0,
-            stream: "stdout".into(),
+            stream: LogStream::Stdout.into(),
             line: "x\0y\u{1b}[31mred\r".into(),
         }]);
         assert_eq!(l[0].line, "x\u{FFFD}y\u{1b}[31mred\r");
         assert_eq!(text("no such unit a\0b".into()), "no such unit a\u{FFFD}b");
+        let mut odd = info("odd", "");
+        odd.sub_state = Wire::Unknown("new\0state".into());
+        assert_eq!(unit(odd).sub_state.as_str(), "new\u{FFFD}state");
     }
 }

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use flotilla_container::image;
-use flotilla_init::api::client::Client;
-use flotilla_init::api::{LogEntry, UnitInfo, DEFAULT_SOCKET};
 use flotilla_init::logs::{format_time, Precision};
 use flotilla_init::toolbox;
+use flotilla_init_api::client::Client;
+use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKET};
 use flotilla_units::NetworkMode;
 use serde_json::{json, Value};
 
@@ -540,9 +540,9 @@ fn units_table(units: &[UnitInfo]) -> String {
         .map(|u| {
             [
                 u.name.clone(),
-                u.load_state.clone(),
-                u.active_state.clone(),
-                u.sub_state.clone(),
+                u.load_state.to_string(),
+                u.active_state.to_string(),
+                u.sub_state.to_string(),
                 if u.main_pid == 0 {
                     "-".to_string()
                 } else {
@@ -616,7 +616,7 @@ fn status_text(u: &UnitInfo, logs: &[LogEntry]) -> String {
         }
         s.push_str(&format!("  Last exit: {}\n", exit.join(", ")));
     }
-    if !u.result.is_empty() {
+    if !u.result.as_str().is_empty() {
         s.push_str(&format!("     Result: {}\n", u.result));
     }
     if !u.message.is_empty() {
@@ -685,13 +685,17 @@ fn logs(
 /// Is the unit where `change` wants it?
 fn settled(change: Change, u: &UnitInfo) -> bool {
     match change {
-        Change::Start | Change::Restart => {
-            u.active_state == "active"
-                || u.active_state == "failed"
-                || (u.active_state == "inactive"
-                    && (u.sub_state == "exited" || u.sub_state == "dead"))
-        }
-        Change::Stop => u.active_state == "inactive" || u.active_state == "failed",
+        Change::Start | Change::Restart => match u.active_state.known() {
+            Some(ActiveState::Active | ActiveState::Failed) => true,
+            Some(ActiveState::Inactive) => {
+                matches!(u.sub_state.known(), Some(SubState::Exited | SubState::Dead))
+            }
+            _ => false,
+        },
+        Change::Stop => matches!(
+            u.active_state.known(),
+            Some(ActiveState::Inactive | ActiveState::Failed)
+        ),
     }
 }
 
@@ -725,8 +729,8 @@ fn change(
     let mut code = 0;
     for (name, reply) in args.names.iter().zip(replies) {
         let unit = wait(client, change, name, reply, deadline, args.timeout)?;
-        if change != Change::Stop && unit.active_state == "failed" {
-            let mut why = unit.result.clone();
+        if change != Change::Stop && unit.active_state == ActiveState::Failed {
+            let mut why = unit.result.to_string();
             if !unit.message.is_empty() {
                 why = format!("{why}: {}", unit.message);
             }
@@ -778,6 +782,7 @@ fn rfc3339(us: u64, millis: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_init_api::{LoadState, UnitResult, Wire};
 
     #[test]
     fn rfc3339_formats() {
@@ -798,29 +803,34 @@ mod tests {
         let mut u = UnitInfo {
             name: "x".into(),
             description: String::new(),
-            load_state: "loaded".into(),
-            active_state: "activating".into(),
-            sub_state: "start".into(),
+            load_state: LoadState::Loaded.into(),
+            active_state: ActiveState::Activating.into(),
+            sub_state: SubState::Start.into(),
             main_pid: 0,
             restarts: 0,
             exit_code: -1,
             exit_signal: 0,
             since_us: 0,
-            result: "success".into(),
+            result: UnitResult::Success.into(),
             message: String::new(),
         };
         assert!(!settled(Change::Start, &u));
         assert!(!settled(Change::Stop, &u));
-        u.active_state = "inactive".into();
-        u.sub_state = "exited".into();
+        u.active_state = ActiveState::Inactive.into();
+        u.sub_state = SubState::Exited.into();
         assert!(settled(Change::Start, &u));
         assert!(settled(Change::Stop, &u));
-        u.active_state = "deactivating".into();
-        u.sub_state = "stop-sigterm".into();
+        u.active_state = ActiveState::Deactivating.into();
+        u.sub_state = SubState::StopSigterm.into();
         assert!(!settled(Change::Stop, &u));
         assert!(!settled(Change::Restart, &u));
-        u.active_state = "active".into();
+        u.active_state = ActiveState::Active.into();
         assert!(settled(Change::Restart, &u));
+        assert!(!settled(Change::Stop, &u));
+        // A state from a newer manager is not taken as settled (the wait goes on, bounded
+        // by --timeout), and does not fail the call.
+        u.active_state = Wire::Unknown("reloading".into());
+        assert!(!settled(Change::Start, &u));
         assert!(!settled(Change::Stop, &u));
     }
 }

@@ -20,7 +20,9 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::api::{ApiError, Event, ReloadReport, Request, Response, UnitInfo};
+use crate::api::{
+    ApiError, Event, LoadState, LogStream, ReloadReport, Request, Response, UnitInfo,
+};
 use crate::launcher::{LaunchIo, Launcher};
 use crate::logs::{LineBuffer, LogConfig, MANAGER_STREAM};
 use crate::scope::{Limits, ScopeRoot};
@@ -56,7 +58,7 @@ pub struct Config {
 struct Pipe {
     fd: OwnedFd,
     unit: String,
-    stream: &'static str,
+    stream: LogStream,
     buf: LineBuffer,
 }
 
@@ -350,12 +352,12 @@ impl Manager {
                 .and_then(|u| u.unit.description.clone())
                 .unwrap_or_default(),
             load_state: if slot.load_error.is_some() {
-                "error".into()
+                LoadState::Error.into()
             } else {
-                "loaded".into()
+                LoadState::Loaded.into()
             },
-            active_state: slot.active.as_str().into(),
-            sub_state: slot.sub.as_str().into(),
+            active_state: slot.active.into(),
+            sub_state: slot.sub.into(),
             main_pid: slot
                 .main_pid
                 .map(|p| u32::try_from(p.as_raw()).unwrap_or(0))
@@ -364,7 +366,7 @@ impl Manager {
             exit_code: slot.exit_code.unwrap_or(-1),
             exit_signal: slot.exit_signal.unwrap_or(0),
             since_us: slot.since_us,
-            result: slot.outcome.as_str().into(),
+            result: slot.outcome.into(),
             message: match &slot.load_error {
                 Some(e) if slot.message.is_empty() => e.clone(),
                 _ => slot.message.clone(),
@@ -388,15 +390,15 @@ impl Manager {
             return Ok(Some(UnitInfo {
                 name: name.to_string(),
                 description: String::new(),
-                load_state: "loaded".into(),
-                active_state: Active::Inactive.as_str().into(),
-                sub_state: Sub::Dead.as_str().into(),
+                load_state: LoadState::Loaded.into(),
+                active_state: Active::Inactive.into(),
+                sub_state: Sub::Dead.into(),
                 main_pid: 0,
                 restarts: 0,
                 exit_code: -1,
                 exit_signal: 0,
                 since_us: 0,
-                result: Outcome::Success.as_str().into(),
+                result: Outcome::Success.into(),
                 message: format!("a template: start an instance such as {prefix}@1"),
             }));
         }
@@ -704,8 +706,8 @@ impl Manager {
         if let Some(tx) = events {
             let _ = tx.send(Event::UnitStateChanged {
                 name: name.to_string(),
-                active_state: a.as_str().into(),
-                sub_state: s.as_str().into(),
+                active_state: a.into(),
+                sub_state: s.into(),
             });
         }
     }
@@ -996,7 +998,10 @@ impl Manager {
         Ok((
             pid,
             scope,
-            vec![pipe(out_r, "stdout"), pipe(err_r, "stderr")],
+            vec![
+                pipe(out_r, LogStream::Stdout),
+                pipe(err_r, LogStream::Stderr),
+            ],
         ))
     }
 

@@ -1,4 +1,4 @@
-//! Unit states in systemd's vocabulary, and the runtime record of one unit.
+//! Unit states in systemd's vocabulary (the API's enums), and the runtime record of one unit.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -8,116 +8,9 @@ use nix::unistd::Pid;
 use crate::logs::UnitLog;
 use crate::scope::Scope;
 
-/// systemd's ActiveState.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Active {
-    /// Not running.
-    Inactive,
-    /// Starting: waiting for ordering, a oneshot running, or a restart pending.
-    Activating,
-    /// Running (simple) or finished successfully (oneshot).
-    Active,
-    /// Being stopped.
-    Deactivating,
-    /// Ended in failure.
-    Failed,
-}
-
-/// systemd's SubState, as far as Flotilla has them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sub {
-    /// No process.
-    Dead,
-    /// Start queued, waiting for units it is ordered after.
-    Waiting,
-    /// A oneshot's process runs.
-    Start,
-    /// The main process runs.
-    Running,
-    /// A oneshot exited 0.
-    Exited,
-    /// SIGTERM sent, waiting for the scope to empty.
-    StopSigterm,
-    /// SIGKILL sent after `stop_timeout`.
-    StopSigkill,
-    /// Waiting `restart_sec` before the next start.
-    AutoRestart,
-    /// Failed.
-    Failed,
-}
-
-impl Active {
-    /// systemd's name for the state.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Active::Inactive => "inactive",
-            Active::Activating => "activating",
-            Active::Active => "active",
-            Active::Deactivating => "deactivating",
-            Active::Failed => "failed",
-        }
-    }
-}
-
-impl Sub {
-    /// systemd's name for the sub state.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Sub::Dead => "dead",
-            Sub::Waiting => "waiting",
-            Sub::Start => "start",
-            Sub::Running => "running",
-            Sub::Exited => "exited",
-            Sub::StopSigterm => "stop-sigterm",
-            Sub::StopSigkill => "stop-sigkill",
-            Sub::AutoRestart => "auto-restart",
-            Sub::Failed => "failed",
-        }
-    }
-}
-
-/// Why a unit is in its state (systemd's `Result`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing went wrong.
-    Success,
-    /// The main process exited non-zero.
-    ExitCode,
-    /// The main process was killed by a signal.
-    Signal,
-    /// Too many starts within `start_limit_interval`.
-    StartLimitHit,
-    /// A required unit is missing or failed.
-    Dependency,
-    /// The unit is part of an ordering cycle.
-    Cycle,
-    /// The process could not be created.
-    Spawn,
-    /// A stop needed SIGKILL.
-    Timeout,
-    /// The unit's cgroup or limits could not be set up.
-    Resources,
-    /// The kernel's OOM killer ended a process of the unit (its `memory_max` was reached).
-    OomKill,
-}
-
-impl Outcome {
-    /// systemd's name for the result.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::ExitCode => "exit-code",
-            Outcome::Signal => "signal",
-            Outcome::StartLimitHit => "start-limit-hit",
-            Outcome::Dependency => "dependency",
-            Outcome::Cycle => "cycle",
-            Outcome::Spawn => "spawn",
-            Outcome::Timeout => "timeout",
-            Outcome::Resources => "resources",
-            Outcome::OomKill => "oom-kill",
-        }
-    }
-}
+// The manager's states are the API's enums (`flotilla-init-api`): one definition of the
+// vocabulary for the state machine, the wire and every client. Each keeps `as_str()`.
+pub use flotilla_init_api::{ActiveState as Active, SubState as Sub, UnitResult as Outcome};
 
 /// What was asked of the unit and is not done yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,9 +11,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use flotilla_init::api::dbus::{self, Server};
-use flotilla_init::api::{
-    self, ApiError, Envelope, Event, LogEntry, ReloadReport, Request, Response, UnitInfo,
-};
+use flotilla_init::api::{self, ApiError, Envelope, Request, Response};
+use flotilla_init_api::{Event, LogEntry, LogStream, ReloadReport, StateName, UnitInfo, Wire};
+
+/// A state from its wire text (the fake's model is written in the wire's words).
+fn st<T: StateName>(text: &str) -> Wire<T> {
+    Wire::from_text(text)
+}
 
 /// Unit that answers `GetUnit` 200 ms late (from a separate thread, so answers overlap).
 pub const SLOW: &str = "slow";
@@ -26,15 +30,15 @@ pub fn unit(name: &str, description: &str, active: &str, sub: &str) -> UnitInfo 
     UnitInfo {
         name: name.into(),
         description: description.into(),
-        load_state: "loaded".into(),
-        active_state: active.into(),
-        sub_state: sub.into(),
+        load_state: st("loaded"),
+        active_state: st(active),
+        sub_state: st(sub),
         main_pid: if active == "active" { 4242 } else { 0 },
         restarts: 0,
         exit_code: -1,
         exit_signal: 0,
         since_us: 1_700_000_000_123_456,
-        result: "success".into(),
+        result: st("success"),
         message: String::new(),
     }
 }
@@ -77,7 +81,12 @@ impl Model {
                 .map(|i| LogEntry {
                     seq: i,
                     time_us: 1_700_000_000_000_000 + i * 1000,
-                    stream: if i % 2 == 0 { "stderr" } else { "stdout" }.into(),
+                    stream: if i % 2 == 0 {
+                        LogStream::Stderr
+                    } else {
+                        LogStream::Stdout
+                    }
+                    .into(),
                     line: format!("line {i}"),
                 })
                 .collect(),
@@ -95,8 +104,8 @@ impl Model {
 
     fn set_state(&mut self, name: &str, active: &str, sub: &str, events: &Sender<Event>) {
         if let Some(u) = self.units.get_mut(name) {
-            u.active_state = active.into();
-            u.sub_state = sub.into();
+            u.active_state = st(active);
+            u.sub_state = st(sub);
             u.main_pid = if active == "active" || active == "activating" {
                 4242
             } else {
@@ -104,8 +113,8 @@ impl Model {
             };
             let _ = events.send(Event::UnitStateChanged {
                 name: name.into(),
-                active_state: active.into(),
-                sub_state: sub.into(),
+                active_state: st(active),
+                sub_state: st(sub),
             });
         }
     }
@@ -128,7 +137,7 @@ impl Model {
                     self.failing.remove(i);
                     self.set_state(&name, "failed", "failed", events);
                     if let Some(u) = self.units.get_mut(&name) {
-                        u.result = "exit-code".into();
+                        u.result = st("exit-code");
                         u.message = "main process exited with code 1".into();
                         u.exit_code = 1;
                     }

@@ -61,13 +61,13 @@ pub fn peer_cred(fd: impl AsFd) -> io::Result<PeerCred> {
 /// process is in no cgroup v2 hierarchy.
 pub fn cgroup_of(pid: i32) -> io::Result<Option<String>> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    Ok(crate::scope::own_cgroup(&text))
+    Ok(crate::cgroup::own_cgroup(&text))
 }
 
 /// The cgroup path (as [`cgroup_of`] shows it) of the cgroup directory `dir`: `dir` without
-/// the cgroup2 mount point ([`crate::scope::find_cgroup2`]). `None` when `dir` is not below it.
+/// the cgroup2 mount point ([`crate::cgroup::find_cgroup2`]). `None` when `dir` is not below it.
 pub fn cgroup_path_of_dir(dir: &Path) -> Option<String> {
-    let mount = crate::scope::find_cgroup2()?;
+    let mount = crate::cgroup::find_cgroup2()?;
     let rel = dir.strip_prefix(mount).ok()?;
     Some(rel.to_string_lossy().trim_matches('/').to_string())
 }

@@ -25,11 +25,11 @@
 use std::path::{Path, PathBuf};
 
 /// The suffix of a unit's cgroup below the manager's units root (`<root>/<unit>.unit`, see
-/// [`crate::scope`]).
+/// `flotilla_init::scope`).
 pub const UNIT_CGROUP_SUFFIX: &str = ".unit";
 
 /// The D-Bus error name of a refused caller.
-pub const ACCESS_DENIED: &str = "org.flotilla.Error.AccessDenied";
+pub use crate::ACCESS_DENIED;
 
 /// How the manager finds the unit a caller belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,9 @@
 //! A typed, blocking client for the manager's D-Bus API (used by `unitctl`, fleetd's agent
 //! and tests).
 //!
+//! States arrive as [`Wire`] values: a state string this client does not know (from a
+//! newer manager) is kept as [`Wire::Unknown`], never a decoding error.
+//!
 //! The connection is peer-to-peer (no bus daemon), so calls carry no destination; signals
 //! arrive without a sender and are matched on path, interface and member only.
 
@@ -16,7 +19,10 @@ use zbus::message::Type as MessageType;
 use zbus::zvariant::{DynamicType, Type};
 use zbus::DBusError as _;
 
-use super::{Event, LogEntry, ReloadReport, UnitInfo, INTERFACE, OBJECT_PATH};
+use crate::{
+    Event, LogEntry, ReloadReport, SystemState, UnitInfo, Wire, ACCESS_DENIED, INTERFACE,
+    INVALID_UNIT, NO_SUCH_UNIT, OBJECT_PATH, UNIT_STATE_CHANGED,
+};
 
 /// Why a call to the manager failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,22 @@ impl ClientError {
             ClientError::Manager { name, .. } => Some(name),
             _ => None,
         }
+    }
+
+    /// Whether the manager answered that there is no such unit ([`NO_SUCH_UNIT`]).
+    pub fn is_no_such_unit(&self) -> bool {
+        self.manager_error_name() == Some(NO_SUCH_UNIT)
+    }
+
+    /// Whether the manager rejected the unit's text or name ([`INVALID_UNIT`]): sending
+    /// the same again cannot help.
+    pub fn is_invalid_unit(&self) -> bool {
+        self.manager_error_name() == Some(INVALID_UNIT)
+    }
+
+    /// Whether the manager refused the caller ([`ACCESS_DENIED`]).
+    pub fn is_access_denied(&self) -> bool {
+        self.manager_error_name() == Some(ACCESS_DENIED)
     }
 }
 
@@ -201,9 +223,9 @@ impl Client {
         self.call("GetMachineId", &())
     }
 
-    /// The manager's state: [`crate::api::SYSTEM_RUNNING`] or
-    /// [`crate::api::SYSTEM_STOPPING`] (an orderly shutdown is stopping the units).
-    pub fn system_state(&self) -> Result<String, ClientError> {
+    /// The manager's state: [`SystemState::Running`] or [`SystemState::Stopping`] (an
+    /// orderly shutdown is stopping the units).
+    pub fn system_state(&self) -> Result<Wire<SystemState>, ClientError> {
         self.call("GetSystemState", &())
     }
 
@@ -220,7 +242,7 @@ impl Client {
             .msg_type(MessageType::Signal)
             .path(OBJECT_PATH)?
             .interface(INTERFACE)?
-            .member("UnitStateChanged")?
+            .member(UNIT_STATE_CHANGED)?
             .build();
         let messages = MessageIterator::for_match_rule(rule, &self.conn, None)?;
         Ok(StateChanges { messages })
@@ -242,7 +264,7 @@ impl Iterator for StateChanges {
         };
         Some(
             msg.body()
-                .deserialize::<(String, String, String)>()
+                .deserialize::<(String, Wire<_>, Wire<_>)>()
                 .map(|(name, active_state, sub_state)| Event::UnitStateChanged {
                     name,
                     active_state,

@@ -1,0 +1,550 @@
+//! The agent's decisions against an in-memory [`LocalInit`] (no `flotilla-init`, no root):
+//! the embedded registry in a temporary directory, a fake init that records every call and
+//! plays units running, failing and an init that cannot be reached. Waits follow the fake's
+//! and the registry's changes (no polling on the clock); [`PATIENCE`] only bounds a test
+//! that would otherwise hang.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flotilla_init_api::client::ClientError;
+use flotilla_init_api::{
+    ActiveState, LoadState, SubState, SystemState, UnitInfo, UnitResult, Wire, NO_SUCH_UNIT,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{marked_hash, Agent, InitError, InitSignal, LocalInit};
+use crate::embedded::EmbeddedRegistry;
+use crate::model::{DesiredState, Machine, UnitRecord, UnitState};
+use crate::registry::{Change, Registry};
+
+/// The bound on every wait (a stalled, shared machine is slow, never this slow).
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The agents' lease TTL: long, so that no keep-alive timing matters here.
+const TTL: Duration = Duration::from_secs(30);
+const BODY: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
+const MACHINE: &str = "m1";
+
+/// What the fake init holds.
+#[derive(Debug, Default)]
+struct FakeState {
+    /// Units by name: their state and file text.
+    units: BTreeMap<String, (UnitInfo, String)>,
+    /// Whether calls reach it.
+    unreachable: bool,
+    /// Bumped when it becomes reachable again (a new connection).
+    generation: u64,
+    /// Every call that reached it and changes something, e.g. `StartUnit web`.
+    calls: Vec<String>,
+    /// The agent's signal feed.
+    signals: Option<mpsc::UnboundedSender<InitSignal>>,
+    next_pid: u32,
+}
+
+/// An in-memory init. Cheap to clone; clones share the state.
+#[derive(Debug, Clone)]
+struct FakeInit {
+    state: Arc<Mutex<FakeState>>,
+    /// Bumped on every change, so that a test waits for the next one.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+fn info(name: &str) -> UnitInfo {
+    UnitInfo {
+        name: name.into(),
+        description: String::new(),
+        load_state: LoadState::Loaded.into(),
+        active_state: ActiveState::Inactive.into(),
+        sub_state: SubState::Dead.into(),
+        main_pid: 0,
+        restarts: 0,
+        exit_code: -1,
+        exit_signal: 0,
+        since_us: 0,
+        result: UnitResult::Success.into(),
+        message: String::new(),
+    }
+}
+
+fn unreachable(op: &str) -> InitError {
+    InitError::Call {
+        op: op.into(),
+        socket: "fake".into(),
+        source: Box::new(ClientError::Unreachable {
+            socket: "fake".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "fake: down"),
+        }),
+    }
+}
+
+fn no_such_unit(op: &str, name: &str) -> InitError {
+    InitError::Call {
+        op: op.into(),
+        socket: "fake".into(),
+        source: Box::new(ClientError::Manager {
+            name: NO_SUCH_UNIT.into(),
+            message: format!("unit {name} not found"),
+        }),
+    }
+}
+
+impl FakeInit {
+    fn new() -> FakeInit {
+        FakeInit {
+            state: Arc::new(Mutex::new(FakeState {
+                generation: 1,
+                next_pid: 100,
+                ..FakeState::default()
+            })),
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
+
+    /// Applies `f` to the state, then tells waiters and (for `signal`) the agent.
+    fn change<T>(&self, signal: Option<&str>, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        let (out, tx) = {
+            let mut s = self.lock();
+            (f(&mut s), s.signals.clone())
+        };
+        if let (Some(name), Some(tx)) = (signal, tx) {
+            let _ = tx.send(InitSignal::Changed(name.into()));
+        }
+        self.changed.send_modify(|n| *n += 1);
+        out
+    }
+
+    /// One call: refused while unreachable, recorded when `record`.
+    fn call<T>(
+        &self,
+        op: String,
+        signal: Option<&str>,
+        f: impl FnOnce(&mut FakeState) -> Result<T, InitError>,
+    ) -> Result<T, InitError> {
+        if self.lock().unreachable {
+            return Err(unreachable(&op));
+        }
+        self.change(signal, |s| {
+            let out = f(s);
+            if out.is_ok() {
+                s.calls.push(op);
+            }
+            out
+        })
+    }
+
+    fn set_state(s: &mut FakeState, name: &str, active: ActiveState, sub: SubState) -> UnitInfo {
+        let pid = if sub == SubState::Running {
+            s.next_pid += 1;
+            s.next_pid
+        } else {
+            0
+        };
+        let Some((u, _)) = s.units.get_mut(name) else {
+            return info(name);
+        };
+        u.active_state = active.into();
+        u.sub_state = sub.into();
+        u.main_pid = pid;
+        u.clone()
+    }
+
+    fn unit(&self, name: &str) -> Option<UnitInfo> {
+        self.lock().units.get(name).map(|(u, _)| u.clone())
+    }
+
+    fn calls_for(&self, name: &str) -> Vec<String> {
+        let suffix = format!(" {name}");
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.ends_with(&suffix))
+            .cloned()
+            .collect()
+    }
+
+    /// The unit's process fails (exit code 1), as init would report it.
+    fn fail(&self, name: &str) {
+        self.change(Some(name), |s| {
+            Self::set_state(s, name, ActiveState::Failed, SubState::Failed);
+            if let Some((u, _)) = s.units.get_mut(name) {
+                u.result = UnitResult::ExitCode.into();
+                u.exit_code = 1;
+            }
+        });
+    }
+
+    /// Init goes away, or comes back (a new connection, a new subscription).
+    fn set_reachable(&self, reachable: bool) {
+        let tx = self.change(None, |s| {
+            s.unreachable = !reachable;
+            if reachable {
+                s.generation += 1;
+            }
+            s.signals.clone()
+        });
+        if let (true, Some(tx)) = (reachable, tx) {
+            let _ = tx.send(InitSignal::Subscribed);
+        }
+    }
+
+    /// Waits until `probe` holds for the fake's state.
+    async fn wait(&self, what: &str, probe: impl Fn(&FakeState) -> bool) {
+        let mut rx = self.changed.subscribe();
+        let waited = tokio::time::timeout(PATIENCE, async {
+            loop {
+                if probe(&self.lock()) {
+                    return;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "gave up waiting for {what}; init has {:?}",
+            self.lock()
+        );
+    }
+}
+
+#[async_trait]
+impl LocalInit for FakeInit {
+    fn describe(&self) -> String {
+        "fake init".into()
+    }
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+    fn subscribe(&self, tx: mpsc::UnboundedSender<InitSignal>) -> std::io::Result<()> {
+        let _ = tx.send(InitSignal::Subscribed);
+        self.lock().signals = Some(tx);
+        Ok(())
+    }
+    async fn machine_id(&self) -> Result<String, InitError> {
+        self.call("GetMachineId".into(), None, |_| Ok(MACHINE.to_string()))
+    }
+    async fn system_state(&self) -> Result<Wire<SystemState>, InitError> {
+        self.call("GetSystemState".into(), None, |_| {
+            Ok(SystemState::Running.into())
+        })
+    }
+    async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError> {
+        self.call("ListUnits".into(), None, |s| {
+            Ok(s.units.values().map(|(u, _)| u.clone()).collect())
+        })
+    }
+    async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        if self.lock().unreachable {
+            return Err(unreachable("GetUnit"));
+        }
+        self.unit(name)
+            .ok_or_else(|| no_such_unit(&format!("GetUnit {name}"), name))
+    }
+    async fn cat_unit(&self, name: &str) -> Result<String, InitError> {
+        if self.lock().unreachable {
+            return Err(unreachable("CatUnit"));
+        }
+        let text = self.lock().units.get(name).map(|(_, t)| t.clone());
+        text.ok_or_else(|| no_such_unit(&format!("CatUnit {name}"), name))
+    }
+    async fn load_unit(&self, name: &str, toml: &str) -> Result<UnitInfo, InitError> {
+        self.call(format!("LoadUnit {name}"), None, |s| {
+            let entry = s
+                .units
+                .entry(name.to_string())
+                .or_insert_with(|| (info(name), String::new()));
+            entry.1 = toml.to_string();
+            Ok(entry.0.clone())
+        })
+    }
+    async fn start_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        let op = format!("StartUnit {name}");
+        self.call(op.clone(), Some(name), |s| {
+            if !s.units.contains_key(name) {
+                return Err(no_such_unit(&op, name));
+            }
+            Ok(Self::set_state(
+                s,
+                name,
+                ActiveState::Active,
+                SubState::Running,
+            ))
+        })
+    }
+    async fn stop_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        let op = format!("StopUnit {name}");
+        self.call(op.clone(), Some(name), |s| {
+            if !s.units.contains_key(name) {
+                return Err(no_such_unit(&op, name));
+            }
+            Ok(Self::set_state(
+                s,
+                name,
+                ActiveState::Inactive,
+                SubState::Dead,
+            ))
+        })
+    }
+    async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
+        let op = format!("RestartUnit {name}");
+        self.call(op.clone(), Some(name), |s| {
+            if !s.units.contains_key(name) {
+                return Err(no_such_unit(&op, name));
+            }
+            Ok(Self::set_state(
+                s,
+                name,
+                ActiveState::Active,
+                SubState::Running,
+            ))
+        })
+    }
+    async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
+        let op = format!("RemoveUnit {name}");
+        self.call(op.clone(), None, |s| {
+            s.units
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| no_such_unit(&op, name))
+        })
+    }
+}
+
+/// An agent for [`MACHINE`] on a fresh embedded registry, driving `init`.
+struct Running {
+    registry: Arc<dyn Registry>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start(init: &FakeInit) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let registry: Arc<dyn Registry> =
+            Arc::new(EmbeddedRegistry::open(dir.path()).await.unwrap());
+        let machine = Machine {
+            id: MACHINE.into(),
+            address: "127.0.0.1".into(),
+            metadata: BTreeMap::new(),
+            api: None,
+        };
+        let agent = Agent::new(registry.clone(), init.clone(), machine, TTL);
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            agent
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Running {
+            registry,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn submit(&self, name: &str, desired: DesiredState) {
+        let hash = self.registry.put_body(BODY).await.unwrap();
+        self.registry
+            .put_unit(&UnitRecord {
+                name: name.into(),
+                hash,
+                desired,
+            })
+            .await
+            .unwrap();
+        self.registry.assign(name, MACHINE, None).await.unwrap();
+    }
+
+    /// Waits until the registry's state of `unit` on this machine satisfies `probe`
+    /// (`None`: no state), following the registry's watch.
+    async fn wait_state(&self, what: &str, probe: impl Fn(Option<&UnitState>) -> bool) {
+        let waited = tokio::time::timeout(PATIENCE, async {
+            let snapshot = self.registry.snapshot().await.unwrap();
+            let mut current = snapshot
+                .states
+                .into_iter()
+                .find(|s| s.unit == what && s.machine == MACHINE);
+            let mut watch = self.registry.watch(snapshot.revision + 1).await.unwrap();
+            loop {
+                if probe(current.as_ref()) {
+                    return;
+                }
+                match watch.next().await.unwrap().unwrap().change {
+                    Change::StatePut(s) if s.unit == what && s.machine == MACHINE => {
+                        current = Some(s)
+                    }
+                    Change::StateRemoved { unit, machine }
+                        if unit == what && machine == MACHINE =>
+                    {
+                        current = None
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "gave up waiting for the state of {what}");
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("the agent stops on shutdown")
+            .unwrap();
+    }
+}
+
+fn running(s: &FakeState, name: &str) -> bool {
+    s.units
+        .get(name)
+        .is_some_and(|(u, _)| u.active_state == ActiveState::Active && u.main_pid != 0)
+}
+
+#[tokio::test]
+async fn an_assigned_unit_is_loaded_started_and_reported() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    let (_, text) = init.lock().units["web"].clone();
+    assert_eq!(
+        marked_hash(&text),
+        Some(crate::model::body_hash(BODY).as_str())
+    );
+    assert!(text.ends_with(BODY));
+    let pid = init.unit("web").unwrap().main_pid;
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| {
+                s.active == ActiveState::Active && s.sub == SubState::Running && s.pid == Some(pid)
+            })
+        })
+        .await;
+    agent.stop().await;
+    // Shutting the agent down leaves the unit running.
+    assert_eq!(init.unit("web").unwrap().main_pid, pid);
+}
+
+#[tokio::test]
+async fn an_unassigned_unit_is_stopped_and_removed() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    agent.wait_state("web", |s| s.is_some()).await;
+
+    agent.registry.unassign("web", MACHINE).await.unwrap();
+    init.wait("web removed", |s| !s.units.contains_key("web"))
+        .await;
+    assert_eq!(init.calls_for("web").last().unwrap(), "RemoveUnit web");
+    agent.wait_state("web", |s| s.is_none()).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_unit_that_fails_in_init_is_reported_failed() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active == ActiveState::Active)
+        })
+        .await;
+
+    init.fail("web");
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| {
+                s.active == ActiveState::Failed && s.sub == SubState::Failed && s.pid.is_none()
+            })
+        })
+        .await;
+    // Reporting is all: the agent does not restart a unit init has failed (init's restart
+    // policy decides that).
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn while_init_is_unreachable_running_units_are_left_alone() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    let pid = init.unit("web").unwrap().main_pid;
+
+    // Init goes away; meanwhile the cluster assigns another unit here.
+    init.set_reachable(false);
+    agent.submit("db", DesiredState::Launched).await;
+    // Init comes back (a new connection): the agent re-reads what init runs, takes `web`
+    // (running, with its marker) as its own and started, and catches up with `db`.
+    init.set_reachable(true);
+    init.wait("db running", |s| running(s, "db")).await;
+    assert_eq!(init.calls_for("db"), ["LoadUnit db", "StartUnit db"]);
+    // `web` was neither loaded, started, restarted nor stopped again.
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    assert_eq!(init.unit("web").unwrap().main_pid, pid);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_host_unit_of_the_same_name_is_left_alone() {
+    let init = FakeInit::new();
+    init.change(None, |s| {
+        let mut host = info("web");
+        host.active_state = ActiveState::Active.into();
+        host.sub_state = SubState::Running.into();
+        host.main_pid = 7;
+        s.units.insert("web".into(), (host, BODY.into()));
+    });
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    agent.submit("db", DesiredState::Launched).await;
+    // `db` is assigned after `web`: once it runs, `web`'s assignment was seen too.
+    init.wait("db running", |s| running(s, "db")).await;
+    assert!(init.calls_for("web").is_empty(), "{:?}", init.lock().calls);
+    assert_eq!(init.lock().units["web"].1, BODY);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_state_from_a_newer_init_is_relayed_as_its_text() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    // A newer init reports states this agent does not know: relayed as their text, and
+    // nothing is done to the unit because of them.
+    init.change(Some("web"), |s| {
+        if let Some((u, _)) = s.units.get_mut("web") {
+            u.active_state = Wire::Unknown("reloading".into());
+            u.sub_state = Wire::Unknown("reload-notify".into());
+        }
+    });
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active.as_str() == "reloading" && s.sub.as_str() == "reload-notify")
+        })
+        .await;
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    agent.stop().await;
+}
