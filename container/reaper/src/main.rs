@@ -124,7 +124,7 @@ mod sys {
 
     pub fn close(fd: i32) {
         // SAFETY: closing a descriptor number has no memory effects.
-        unsafe { syscall4(nr::CLOSE, fd as usize, 0, 0, 0) };
+        let _ = unsafe { syscall4(nr::CLOSE, fd as usize, 0, 0, 0) };
     }
 
     /// `prctl(PR_SET_DUMPABLE, 0)`.
