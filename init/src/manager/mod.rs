@@ -5,7 +5,10 @@
 //! and never panics; anything that goes wrong becomes a unit state with a result and a
 //! message, and a line in the unit's log.
 
+mod processes;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -24,6 +27,7 @@ use crate::api::{ApiError, Event, ReloadReport, Request, Response, UnitInfo};
 use crate::launcher::{LaunchIo, Launcher};
 use crate::logs::{LineBuffer, LogConfig, MANAGER_STREAM};
 use crate::scope::{Limits, ScopeRoot};
+pub use processes::{ProcessControl, SystemProcesses};
 pub use state::{Active, Job, Outcome, Slot, Sub};
 
 /// How often a stopping unit's scope is re-checked for emptiness.
@@ -76,7 +80,8 @@ pub struct Manager {
     /// Templates of the last catalog, for instantiating on demand.
     catalog: Catalog,
     launcher: Box<dyn Launcher>,
-    scopes: ScopeRoot,
+    /// Every signal, scope and emptiness check goes through here (the test seam).
+    procs: Box<dyn ProcessControl>,
     events: Option<Sender<Event>>,
     pids: HashMap<Pid, String>,
     pipes: Vec<Option<Pipe>>,
@@ -111,6 +116,22 @@ impl Manager {
         scopes: ScopeRoot,
         events: Option<Sender<Event>>,
     ) -> Self {
+        Self::with_processes(
+            cfg,
+            launcher,
+            Box::new(SystemProcesses::new(scopes)),
+            events,
+        )
+    }
+
+    /// As [`Manager::new`], with `procs` doing what the manager does to processes (a test
+    /// double records it instead: see [`ProcessControl`]).
+    pub fn with_processes(
+        cfg: Config,
+        launcher: Box<dyn Launcher>,
+        procs: Box<dyn ProcessControl>,
+        events: Option<Sender<Event>>,
+    ) -> Self {
         let mut m = Manager {
             cfg,
             units: BTreeMap::new(),
@@ -121,7 +142,7 @@ impl Manager {
             ignored_edges: Vec::new(),
             catalog: Catalog::default(),
             launcher,
-            scopes,
+            procs,
             events,
             pids: HashMap::new(),
             pipes: Vec::new(),
@@ -170,7 +191,7 @@ impl Manager {
     /// How callers on the control socket are mapped to units (by the units' cgroups).
     pub fn unit_cgroups(&self) -> crate::api::access::UnitCgroups {
         use crate::api::access::UnitCgroups;
-        match &self.scopes {
+        match self.procs.root() {
             ScopeRoot::Cgroup(dir) => crate::api::peer::cgroup_path_of_dir(dir)
                 .map_or(UnitCgroups::None, UnitCgroups::Below),
             ScopeRoot::ProcessGroup => UnitCgroups::None,
@@ -621,11 +642,16 @@ impl Manager {
     /// Begin an orderly shutdown: stop every unit, refuse new starts. What is still running
     /// when the configured `shutdown_timeout` has passed is killed.
     pub fn shutdown(&mut self) {
+        self.shutdown_at(Instant::now());
+    }
+
+    /// [`Manager::shutdown`] asked at `now` (the shutdown deadline counts from it).
+    pub fn shutdown_at(&mut self, now: Instant) {
         if self.shutting_down {
             return;
         }
         self.shutting_down = true;
-        self.shutdown_deadline = Some(later(Instant::now(), self.cfg.shutdown_timeout));
+        self.shutdown_deadline = Some(later(now, self.cfg.shutdown_timeout));
         let names: Vec<String> = self.slots.keys().cloned().collect();
         for n in names {
             self.queue_stop(&n, Job::Stop);
@@ -635,11 +661,14 @@ impl Manager {
     /// True once a shutdown was asked for and every unit has stopped, or the shutdown
     /// deadline killed what was left and a short grace for those processes to end passed.
     pub fn shutdown_complete(&self) -> bool {
+        self.shutdown_complete_at(Instant::now())
+    }
+
+    /// [`Manager::shutdown_complete`] as seen at `now`.
+    pub fn shutdown_complete_at(&self, now: Instant) -> bool {
         self.shutting_down
             && (self.slots.values().all(|s| !s.has_processes())
-                || self
-                    .forced_at
-                    .is_some_and(|t| Instant::now() >= later(t, FORCE_GRACE)))
+                || self.forced_at.is_some_and(|t| now >= later(t, FORCE_GRACE)))
     }
 
     /// True if the shutdown deadline passed and the units left were killed.
@@ -674,10 +703,10 @@ impl Manager {
                 "Shutdown deadline passed; killing every process of the unit (SIGKILL).",
             );
             if let Some(scope) = &slot.scope {
-                scope.signal(Signal::SIGKILL);
+                self.procs.signal_scope(&name, scope, Signal::SIGKILL);
             }
             if let Some(pid) = slot.main_pid {
-                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                self.procs.signal_main(&name, pid, Signal::SIGKILL);
             }
             slot.job = Some(Job::Stop);
             slot.kill_at = Some(later(now, KILL_RETRY));
@@ -958,9 +987,9 @@ impl Manager {
             return Err((Outcome::Spawn, refusal));
         }
         let resources = |e: crate::scope::ScopeError| (Outcome::Resources, e.to_string());
-        let mut scope = self.scopes.prepare(&unit.name).map_err(resources)?;
-        if let Err(e) = scope.apply(&Limits::of(unit)) {
-            scope.remove();
+        let mut scope = self.procs.prepare(&unit.name).map_err(resources)?;
+        if let Err(e) = self.procs.apply(&unit.name, &scope, &Limits::of(unit)) {
+            self.procs.remove(&unit.name, &scope);
             return Err(resources(e));
         }
         let spawn_err = |e: String| (Outcome::Spawn, e);
@@ -981,8 +1010,8 @@ impl Manager {
             Ok(pid) => pid,
             Err(e) => {
                 // A setup given up on (timeout) may have left a process behind in the scope.
-                scope.signal(Signal::SIGKILL);
-                scope.remove();
+                self.procs.signal_scope(&unit.name, &scope, Signal::SIGKILL);
+                self.procs.remove(&unit.name, &scope);
                 return Err(spawn_err(e.to_string()));
             }
         };
@@ -1026,10 +1055,8 @@ impl Manager {
             slot.main_pid,
             &slot.scope,
         ) {
-            (true, Some(pid), _) => {
-                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
-            }
-            (_, _, Some(scope)) => scope.signal(Signal::SIGTERM),
+            (true, Some(pid), _) => self.procs.signal_main(name, pid, Signal::SIGTERM),
+            (_, _, Some(scope)) => self.procs.signal_scope(name, scope, Signal::SIGTERM),
             _ => {}
         }
         slot.kill_at = Some(later(now, timeout));
@@ -1053,10 +1080,11 @@ impl Manager {
         let Some(slot) = self.slots.get_mut(name) else {
             return false;
         };
-        let empty = slot.scope.as_ref().is_none_or(|s| s.is_empty());
+        let procs = &mut self.procs;
+        let empty = slot.scope.as_ref().is_none_or(|s| procs.is_empty(name, s));
         if slot.main_pid.is_none() && empty {
             if let Some(s) = slot.scope.take() {
-                s.remove();
+                procs.remove(name, &s);
             }
             let killed = slot.sub == Sub::StopSigkill;
             slot.deadline = None;
@@ -1099,7 +1127,7 @@ impl Manager {
                 );
             }
             if let Some(s) = &slot.scope {
-                s.signal(Signal::SIGKILL);
+                procs.signal_scope(name, s, Signal::SIGKILL);
             }
             slot.kill_at = Some(later(now, KILL_RETRY));
         }
@@ -1119,11 +1147,11 @@ impl Manager {
         };
         slot.deadline = None;
         let Some(scope) = &slot.scope else { return };
-        if scope.is_empty() {
-            scope.remove();
+        if self.procs.is_empty(name, scope) {
+            self.procs.remove(name, scope);
             slot.scope = None;
         } else {
-            scope.signal(Signal::SIGKILL);
+            self.procs.signal_scope(name, scope, Signal::SIGKILL);
             slot.deadline = Some(later(now, SCOPE_POLL));
         }
     }
@@ -1163,10 +1191,11 @@ impl Manager {
             MANAGER_STREAM,
             &format!("Main process exited, {how}."),
         );
-        let oom_kills = slot.scope.as_ref().map_or(0, |s| s.oom_kills());
+        let procs = &mut self.procs;
+        let oom_kills = slot.scope.as_ref().map_or(0, |s| procs.oom_kills(&name, s));
         // Whatever the main process left behind goes with it (systemd's KillMode=control-group).
         if let Some(scope) = &slot.scope {
-            scope.signal(Signal::SIGKILL);
+            procs.signal_scope(&name, scope, Signal::SIGKILL);
         }
         if slot.active == Active::Deactivating {
             slot.deadline = Some(now);
@@ -1311,12 +1340,12 @@ impl Manager {
 
     /// Remove the manager's cgroup tree (after shutdown).
     pub fn cleanup(&mut self) {
-        for slot in self.slots.values_mut() {
+        for (name, slot) in self.slots.iter_mut() {
             if let Some(s) = slot.scope.take() {
-                s.remove();
+                self.procs.remove(name, &s);
             }
         }
-        self.scopes.remove();
+        self.procs.remove_root();
     }
 
     /// True when no start is pending: every unit queued to start has started, finished or
