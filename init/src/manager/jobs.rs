@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use nix::sys::signal::Signal;
 
-use super::{later, Active, Job, Manager, Outcome, Sub, FORCE_GRACE, KILL_RETRY};
-use crate::logs::MANAGER_STREAM;
+use super::{later, Active, Job, Manager, FORCE_GRACE, KILL_RETRY};
 
 impl Manager {
     /// Queue a start of `name` and everything it requires or wants.
@@ -35,20 +34,8 @@ impl Manager {
                 slot.backoff_step = 0;
                 slot.start_times.clear();
             }
-            match (slot.active, slot.job) {
-                (Active::Inactive | Active::Failed, _) => {
-                    slot.job = Some(Job::Start);
-                    slot.outcome = Outcome::Success;
-                    slot.message.clear();
-                    slot.log.push(cfg, MANAGER_STREAM, "Start queued.");
-                    Self::set_state(
-                        &self.events,
-                        n.as_str(),
-                        slot,
-                        Active::Activating,
-                        Sub::Waiting,
-                    );
-                }
+            match (slot.active(), slot.job) {
+                (Active::Inactive | Active::Failed, _) => slot.start_queued(&self.events, cfg),
                 (Active::Deactivating, _) | (_, Some(Job::Stop)) => slot.job = Some(Job::Restart),
                 _ => {}
             }
@@ -79,21 +66,12 @@ impl Manager {
             } else if own_job == Job::Restart {
                 // Nothing runs, but an exited oneshot is still active: it is stopped first,
                 // so that the start runs it again (as systemd does).
-                if slot.active == Active::Active {
-                    slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Stopped.");
-                    Self::set_state(&self.events, &n, slot, Active::Inactive, Sub::Dead);
+                if slot.active() == Active::Active {
+                    slot.stopped_exited(&self.events, &self.cfg.logs);
                 }
                 self.queue_start(&n, true);
-            } else if slot.active != Active::Inactive || slot.job.is_some() {
-                slot.job = None;
-                slot.deadline = None;
-                let settled = if slot.active == Active::Failed {
-                    (Active::Failed, Sub::Failed)
-                } else {
-                    (Active::Inactive, Sub::Dead)
-                };
-                slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Stopped.");
-                Self::set_state(&self.events, &n, slot, settled.0, settled.1);
+            } else if slot.active() != Active::Inactive || slot.job.is_some() {
+                slot.stopped_idle(&self.events, &self.cfg.logs);
             }
         }
     }
@@ -170,27 +148,13 @@ impl Manager {
             let Some(slot) = self.slots.get_mut(&name) else {
                 continue;
             };
-            slot.log.push(
-                &self.cfg.logs,
-                MANAGER_STREAM,
-                "Shutdown deadline passed; killing every process of the unit (SIGKILL).",
-            );
+            slot.force_killed(&self.events, &self.cfg.logs, now, later(now, KILL_RETRY));
             if let Some(scope) = &slot.scope {
                 self.procs.signal_scope(&name, scope, Signal::SIGKILL);
             }
             if let Some(pid) = slot.main_pid {
                 self.procs.signal_main(&name, pid, Signal::SIGKILL);
             }
-            slot.job = Some(Job::Stop);
-            slot.kill_at = Some(later(now, KILL_RETRY));
-            slot.deadline = Some(now);
-            Self::set_state(
-                &self.events,
-                &name,
-                slot,
-                Active::Deactivating,
-                Sub::StopSigkill,
-            );
         }
     }
 }

@@ -2,7 +2,6 @@
 //! ordering allows, stopping with escalation, and what a child's exit means
 //! ([`Manager::on_exit`]).
 
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use flotilla_units::{RestartPolicy, ServiceType, Unit};
@@ -13,51 +12,17 @@ use nix::unistd::Pid;
 
 use super::output::Pipe;
 use super::{
-    later, source_hash, Active, Job, Manager, Outcome, Slot, Sub, FORCE_GRACE, KILL_RETRY,
+    later, source_hash, Active, Job, Manager, Outcome, Run, Sub, FORCE_GRACE, KILL_RETRY,
     SCOPE_POLL,
 };
-use crate::api::Event;
 use crate::launcher::LaunchIo;
 use crate::logs::{LineBuffer, MANAGER_STREAM};
 use crate::scope::Limits;
 
 impl Manager {
-    pub(super) fn set_state(
-        events: &Option<Sender<Event>>,
-        name: &str,
-        slot: &mut Slot,
-        a: Active,
-        s: Sub,
-    ) {
-        if slot.active == a && slot.sub == s {
-            return;
-        }
-        slot.active = a;
-        slot.sub = s;
-        slot.since_us = crate::logs::now_us();
-        if let Some(tx) = events {
-            let _ = tx.send(Event::UnitStateChanged {
-                name: name.to_string(),
-                active_state: a.as_str().into(),
-                sub_state: s.as_str().into(),
-            });
-        }
-    }
-
     pub(super) fn fail(&mut self, name: &str, outcome: Outcome, message: String) {
-        let cfg = &self.cfg.logs;
         if let Some(slot) = self.slots.get_mut(name) {
-            slot.job = None;
-            slot.deadline = None;
-            slot.outcome = outcome;
-            slot.log.push(
-                cfg,
-                MANAGER_STREAM,
-                &format!("Failed: {}: {message}", outcome.as_str()),
-            );
-            log::warn!("{name}: failed: {}: {message}", outcome.as_str());
-            slot.message = message;
-            Self::set_state(&self.events, name, slot, Active::Failed, Sub::Failed);
+            slot.failed(&self.events, &self.cfg.logs, outcome, message);
         }
     }
 
@@ -102,7 +67,7 @@ impl Manager {
             return false;
         };
         let due = slot.deadline.is_some_and(|d| d <= now);
-        match (slot.active, slot.sub, slot.job) {
+        match (slot.active(), slot.sub(), slot.job) {
             (Active::Activating, Sub::Waiting, Some(Job::Start)) => self.try_start(name, now),
             (Active::Activating, Sub::AutoRestart, _) if due => {
                 if let Some(s) = self.slots.get_mut(name) {
@@ -119,8 +84,7 @@ impl Manager {
                 let restart = slot.job == Some(Job::Restart);
                 if let Some(s) = self.slots.get_mut(name) {
                     s.deadline = None;
-                    s.job = None;
-                    Self::set_state(&self.events, name, s, Active::Inactive, Sub::Dead);
+                    s.became_dead(&self.events);
                 }
                 if restart {
                     self.queue_start(name, true);
@@ -134,8 +98,7 @@ impl Manager {
             (Active::Active, Sub::Exited, Some(Job::Stop | Job::Restart)) => {
                 let restart = slot.job == Some(Job::Restart);
                 if let Some(s) = self.slots.get_mut(name) {
-                    s.job = None;
-                    Self::set_state(&self.events, name, s, Active::Inactive, Sub::Dead);
+                    s.became_dead(&self.events);
                 }
                 if restart {
                     self.queue_start(name, true);
@@ -175,7 +138,7 @@ impl Manager {
                     self.fail(name, Outcome::Dependency, msg);
                     return true;
                 }
-                Some(d) if d.active == Active::Failed && d.job.is_none() => {
+                Some(d) if d.active() == Active::Failed && d.job.is_none() => {
                     let msg = format!("required unit {dep} failed");
                     self.fail(name, Outcome::Dependency, msg);
                     return true;
@@ -188,7 +151,7 @@ impl Manager {
                 let Some(ps) = self.slots.get(p) else {
                     continue;
                 };
-                let waiting = matches!(ps.active, Active::Activating | Active::Deactivating)
+                let waiting = matches!(ps.active(), Active::Activating | Active::Deactivating)
                     || ps.job == Some(Job::Start);
                 if waiting {
                     return false;
@@ -198,7 +161,7 @@ impl Manager {
                     .get(p)
                     .is_some_and(|u| u.service.kind == ServiceType::Oneshot);
                 let required = unit.unit.requires.contains(p);
-                if ps.active == Active::Failed && (required || oneshot) {
+                if ps.active() == Active::Failed && (required || oneshot) {
                     let msg = format!("{p}, which it is ordered after, failed");
                     self.fail(name, Outcome::Dependency, msg);
                     return true;
@@ -240,25 +203,14 @@ impl Manager {
                 let Some(slot) = self.slots.get_mut(name) else {
                     return false;
                 };
-                slot.main_pid = Some(pid);
-                slot.running_source = Some(source_hash(&unit.source));
-                slot.control_api = unit.container.control_api;
-                slot.scope = Some(scope);
-                slot.started_at = Some(now);
-                slot.exit_code = None;
-                slot.exit_signal = None;
-                slot.job = None;
-                slot.deadline = None;
-                slot.log.push(
-                    &self.cfg.logs,
-                    MANAGER_STREAM,
-                    &format!("Started, main pid {}.", pid.as_raw()),
-                );
-                let sub = match unit.service.kind {
-                    ServiceType::Simple => (Active::Active, Sub::Running),
-                    ServiceType::Oneshot => (Active::Activating, Sub::Start),
+                let run = Run {
+                    pid,
+                    scope,
+                    source: source_hash(&unit.source),
+                    control_api: unit.container.control_api,
+                    oneshot: unit.service.kind == ServiceType::Oneshot,
                 };
-                Self::set_state(&self.events, name, slot, sub.0, sub.1);
+                slot.started(&self.events, &self.cfg.logs, run, now);
                 self.pids.insert(pid, name.to_string());
                 for p in pipes {
                     let idx = match self.pipes.iter().position(Option::is_none) {
@@ -355,7 +307,7 @@ impl Manager {
             preds.contains(name)
                 && self.slots.get(succ).is_some_and(|s| {
                     matches!(s.job, Some(Job::Stop | Job::Restart)) && !s.is_down()
-                        || s.active == Active::Deactivating
+                        || s.active() == Active::Deactivating
                 })
         });
         if blocked {
@@ -378,17 +330,7 @@ impl Manager {
             (_, _, Some(scope)) => self.procs.signal_scope(name, scope, Signal::SIGTERM),
             _ => {}
         }
-        slot.kill_at = Some(later(now, timeout));
-        slot.deadline = slot.kill_at;
-        slot.log
-            .push(&self.cfg.logs, MANAGER_STREAM, "Stopping (SIGTERM).");
-        Self::set_state(
-            &self.events,
-            name,
-            slot,
-            Active::Deactivating,
-            Sub::StopSigterm,
-        );
+        slot.stopping(&self.events, &self.cfg.logs, later(now, timeout));
         true
     }
 
@@ -405,57 +347,43 @@ impl Manager {
             if let Some(s) = slot.scope.take() {
                 procs.remove(name, &s);
             }
-            let killed = slot.sub == Sub::StopSigkill;
-            slot.deadline = None;
-            slot.kill_at = None;
+            let killed = slot.sub() == Sub::StopSigkill;
             let restart = slot.job == Some(Job::Restart);
-            slot.job = None;
-            if killed && forced {
-                slot.outcome = Outcome::Timeout;
-                slot.message = "still running at the shutdown deadline; killed with SIGKILL".into();
+            let (outcome, message) = if killed && forced {
+                (
+                    Outcome::Timeout,
+                    "still running at the shutdown deadline; killed with SIGKILL".into(),
+                )
             } else if killed {
-                slot.outcome = Outcome::Timeout;
-                slot.message = format!(
-                    "did not stop within stop_timeout {:?} after SIGTERM; killed with SIGKILL",
-                    timeout.unwrap_or_default()
-                );
+                (
+                    Outcome::Timeout,
+                    format!(
+                        "did not stop within stop_timeout {:?} after SIGTERM; killed with SIGKILL",
+                        timeout.unwrap_or_default()
+                    ),
+                )
             } else {
-                slot.outcome = Outcome::Success;
-                slot.message.clear();
-            }
-            slot.log.push(&cfg, MANAGER_STREAM, "Stopped.");
-            Self::set_state(&self.events, name, slot, Active::Inactive, Sub::Dead);
+                (Outcome::Success, String::new())
+            };
+            slot.stopped(&self.events, &cfg, outcome, message);
             if restart && !self.shutting_down {
                 self.queue_start(name, true);
             }
             return true;
         }
-        if slot.kill_at.is_some_and(|k| k <= now) {
-            if slot.sub == Sub::StopSigterm {
-                slot.log.push(
-                    &cfg,
-                    MANAGER_STREAM,
-                    "stop_timeout passed; sending SIGKILL.",
-                );
-                Self::set_state(
-                    &self.events,
-                    name,
-                    slot,
-                    Active::Deactivating,
-                    Sub::StopSigkill,
-                );
-            }
+        if slot.kill_at().is_some_and(|k| k <= now) {
+            slot.escalated(&self.events, &cfg);
             if let Some(s) = &slot.scope {
                 procs.signal_scope(name, s, Signal::SIGKILL);
             }
-            slot.kill_at = Some(later(now, KILL_RETRY));
+            slot.kill_sent(later(now, KILL_RETRY));
         }
         // Look again at the escalation time, or soon if only the scope's rest is left.
         slot.deadline = if slot.main_pid.is_none() {
             let poll = later(now, SCOPE_POLL);
-            Some(slot.kill_at.map_or(poll, |k| k.min(poll)))
+            Some(slot.kill_at().map_or(poll, |k| k.min(poll)))
         } else {
-            slot.kill_at
+            slot.kill_at()
         };
         false
     }
@@ -516,7 +444,7 @@ impl Manager {
         if let Some(scope) = &slot.scope {
             procs.signal_scope(&name, scope, Signal::SIGKILL);
         }
-        if slot.active == Active::Deactivating {
+        if slot.active() == Active::Deactivating {
             slot.deadline = Some(now);
             return;
         }
@@ -552,8 +480,7 @@ impl Manager {
         slot.outcome = outcome;
         slot.message = message;
         if slot.job == Some(Job::Restart) {
-            slot.job = None;
-            Self::set_state(&self.events, &name, slot, Active::Inactive, Sub::Dead);
+            slot.became_dead(&self.events);
             self.queue_start(&name, true);
         } else if restart {
             let base = unit.service.restart_sec;
@@ -564,28 +491,10 @@ impl Manager {
                 .checked_mul(factor)
                 .unwrap_or(unit.service.restart_max_sec)
                 .min(unit.service.restart_max_sec.max(base));
-            slot.backoff_step = slot.backoff_step.saturating_add(1);
-            slot.deadline = Some(later(now, delay));
-            slot.log.push(
-                &cfg,
-                MANAGER_STREAM,
-                &format!("Scheduled restart in {delay:?}."),
-            );
-            Self::set_state(
-                &self.events,
-                &name,
-                slot,
-                Active::Activating,
-                Sub::AutoRestart,
-            );
+            slot.restart_scheduled(&self.events, &cfg, later(now, delay), delay);
         } else if success {
-            slot.job = None;
-            slot.deadline = Some(now);
-            let state = match unit.service.kind {
-                ServiceType::Oneshot => (Active::Active, Sub::Exited),
-                ServiceType::Simple => (Active::Inactive, Sub::Dead),
-            };
-            Self::set_state(&self.events, &name, slot, state.0, state.1);
+            let oneshot = unit.service.kind == ServiceType::Oneshot;
+            slot.finished(&self.events, oneshot, now);
         } else {
             slot.deadline = Some(now);
             let msg = slot.message.clone();

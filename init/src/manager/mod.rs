@@ -29,7 +29,7 @@ use crate::logs::LogConfig;
 use crate::scope::ScopeRoot;
 use output::Pipe;
 pub use processes::{ProcessControl, SystemProcesses};
-pub use state::{Active, Job, Outcome, Slot, Sub};
+pub use state::{Active, Events, Job, Outcome, Run, Slot, Sub};
 
 /// How often a stopping unit's scope is re-checked for emptiness.
 const SCOPE_POLL: Duration = Duration::from_millis(20);
@@ -204,7 +204,7 @@ impl Manager {
         self.slots.values().all(|s| {
             s.job != Some(Job::Start)
                 && !matches!(
-                    (s.active, s.sub),
+                    (s.active(), s.sub()),
                     (Active::Activating, Sub::Waiting | Sub::Start)
                 )
         })
@@ -214,7 +214,7 @@ impl Manager {
     pub fn active_count(&self) -> usize {
         self.slots
             .values()
-            .filter(|s| s.active == Active::Active)
+            .filter(|s| s.active() == Active::Active)
             .count()
     }
 

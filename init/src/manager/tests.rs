@@ -196,7 +196,7 @@ impl Harness {
 
     fn state(&self, unit: &str) -> (Active, Sub, Outcome) {
         let s = &self.m.slots[unit];
-        (s.active, s.sub, s.outcome)
+        (s.active(), s.sub(), s.outcome)
     }
 
     fn message(&self, unit: &str) -> String {
