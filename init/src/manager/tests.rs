@@ -47,6 +47,9 @@ struct World {
     running: BTreeMap<String, Pid>,
 }
 
+/// A command the fake launcher refuses to run (the unit fails `spawn`).
+const UNLAUNCHABLE: &str = "/nonexistent";
+
 struct FakeLauncher {
     world: Rc<RefCell<World>>,
     main_only: bool,
@@ -54,6 +57,11 @@ struct FakeLauncher {
 
 impl Launcher for FakeLauncher {
     fn launch(&mut self, unit: &Unit, _scope: &Scope, _io: LaunchIo) -> Result<Pid, LaunchError> {
+        if unit.container.command.first().map(String::as_str) == Some(UNLAUNCHABLE) {
+            return Err(LaunchError::Unsupported(format!(
+                "{UNLAUNCHABLE}: no such file"
+            )));
+        }
         let mut w = self.world.borrow_mut();
         w.next_pid += 1;
         // Never a real process: nothing is delivered to it anyway.
@@ -334,6 +342,48 @@ fn required_failure_fails_the_dependant_wanted_failure_does_not() {
     assert_eq!(h.state("helper"), RUNNING);
     // app never ran.
     assert_eq!(h.take(), [reap("need", ms(3)), reap("want", ms(3))]);
+}
+
+#[test]
+fn a_required_unit_that_cannot_start_fails_the_dependant_a_wanted_one_does_not() {
+    let broken = format!("[container]\ncommand = [\"{UNLAUNCHABLE}\"]\n");
+    let mut h = Harness::new(&[
+        ("need", &broken),
+        ("want", &broken),
+        (
+            "app",
+            &unit("[unit]\nrequires = [\"need\"]\nafter = [\"need\"]"),
+        ),
+        (
+            "helper",
+            &unit("[unit]\nwants = [\"want\"]\nafter = [\"want\"]"),
+        ),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(
+        h.state("need"),
+        (Active::Failed, Sub::Failed, Outcome::Spawn)
+    );
+    assert_eq!(
+        h.state("want"),
+        (Active::Failed, Sub::Failed, Outcome::Spawn)
+    );
+    assert_eq!(
+        h.state("app"),
+        (Active::Failed, Sub::Failed, Outcome::Dependency)
+    );
+    assert!(h.message("app").contains("need"), "{}", h.message("app"));
+    assert_eq!(h.state("helper"), RUNNING);
+    // A failed launch kills what a given-up setup may have left in the scope.
+    assert_eq!(
+        h.take(),
+        [
+            sig("need", To::Scope, Signal::SIGKILL, ms(0)),
+            sig("want", To::Scope, Signal::SIGKILL, ms(0)),
+            launch("helper", ms(0))
+        ]
+    );
 }
 
 #[test]
