@@ -722,21 +722,26 @@ fn shutdown_stops_units_in_reverse_start_order() {
     let refused = h.request(secs(10), Request::StartUnit("db".into()));
     assert!(matches!(refused, Err(ApiError::Refused(_))), "{refused:?}");
     h.tick(secs(10));
-    let mut at = secs(10);
-    for (unit, next) in [("web", Some("app")), ("app", Some("db")), ("db", None)] {
-        assert_eq!(h.take(), [sig(unit, To::Scope, Signal::SIGTERM, at)]);
-        assert!(!h.m.shutdown_complete_at(h.t0 + at));
-        at += secs(1);
-        h.killed(unit, at, Signal::SIGTERM);
-        h.tick(at);
-        assert_eq!(h.state(unit), DEAD);
-        if next.is_some() {
-            let ev = h.take();
-            assert_eq!(ev[0], reap(unit, at));
-            h.world.borrow_mut().events = ev[1..].to_vec();
-        }
+    // Each SIGTERM waits for the unit ordered after it to be gone.
+    let term = |u: &str, at: u64| sig(u, To::Scope, Signal::SIGTERM, secs(at));
+    let reap_at = |u: &str, at: u64| reap(u, secs(at));
+    assert_eq!(h.take(), [term("web", 10)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(10)));
+    h.killed("web", secs(11), Signal::SIGTERM);
+    h.tick(secs(11));
+    assert_eq!(h.take(), [reap_at("web", 11), term("app", 11)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(11)));
+    h.killed("app", secs(12), Signal::SIGTERM);
+    h.tick(secs(12));
+    assert_eq!(h.take(), [reap_at("app", 12), term("db", 12)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(12)));
+    h.killed("db", secs(13), Signal::SIGTERM);
+    h.tick(secs(13));
+    assert_eq!(h.take(), [reap_at("db", 13)]);
+    for u in ["web", "app", "db"] {
+        assert_eq!(h.state(u), DEAD, "{u}");
     }
-    assert_eq!(h.take(), [reap("db", at)]);
+    let at = secs(13);
     assert!(h.m.shutdown_complete_at(h.t0 + at));
     assert!(!h.m.shutdown_forced());
 }
