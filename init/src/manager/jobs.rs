@@ -152,7 +152,7 @@ impl Manager {
             if let Some(scope) = &slot.scope {
                 self.procs.signal_scope(&name, scope, Signal::SIGKILL);
             }
-            if let Some(pid) = slot.main_pid {
+            if let Some(pid) = slot.main_pid() {
                 self.procs.signal_main(&name, pid, Signal::SIGKILL);
             }
         }

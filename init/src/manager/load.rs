@@ -206,7 +206,7 @@ impl Manager {
                 .slots
                 .iter()
                 .filter(|(n, s)| {
-                    s.main_pid.is_some()
+                    s.main_pid().is_some()
                         && s.running_source != self.units.get(*n).map(|u| source_hash(&u.source))
                 })
                 .map(|(n, _)| n.clone())

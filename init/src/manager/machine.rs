@@ -92,7 +92,7 @@ impl Manager {
                 true
             }
             (Active::Deactivating, _, _) => self.continue_stop(name, now),
-            (_, _, Some(Job::Stop | Job::Restart)) if slot.main_pid.is_some() => {
+            (_, _, Some(Job::Stop | Job::Restart)) if slot.main_pid().is_some() => {
                 self.try_stop(name, now)
             }
             (Active::Active, Sub::Exited, Some(Job::Stop | Job::Restart)) => {
@@ -113,7 +113,7 @@ impl Manager {
             }
             _ => {
                 // A leftover scope of a finished run: remove it once empty.
-                if due && slot.main_pid.is_none() {
+                if due && slot.main_pid().is_none() {
                     self.reap_scope(name, now);
                 }
                 false
@@ -323,7 +323,7 @@ impl Manager {
         };
         match (
             self.launcher.terminate_main_only(),
-            slot.main_pid,
+            slot.main_pid(),
             &slot.scope,
         ) {
             (true, Some(pid), _) => self.procs.signal_main(name, pid, Signal::SIGTERM),
@@ -343,7 +343,7 @@ impl Manager {
         };
         let procs = &mut self.procs;
         let empty = slot.scope.as_ref().is_none_or(|s| procs.is_empty(name, s));
-        if slot.main_pid.is_none() && empty {
+        if slot.main_pid().is_none() && empty {
             if let Some(s) = slot.scope.take() {
                 procs.remove(name, &s);
             }
@@ -379,7 +379,7 @@ impl Manager {
             slot.kill_sent(later(now, KILL_RETRY));
         }
         // Look again at the escalation time, or soon if only the scope's rest is left.
-        slot.deadline = if slot.main_pid.is_none() {
+        slot.deadline = if slot.main_pid().is_none() {
             let poll = later(now, SCOPE_POLL);
             Some(slot.kill_at().map_or(poll, |k| k.min(poll)))
         } else {
@@ -422,9 +422,7 @@ impl Manager {
         let Some(slot) = self.slots.get_mut(&name) else {
             return;
         };
-        slot.main_pid = None;
-        slot.exit_code = code;
-        slot.exit_signal = signal;
+        slot.main_exited(code, signal);
         let how = match (code, signal) {
             (Some(c), _) => format!("code={c}"),
             (_, Some(s)) => format!(

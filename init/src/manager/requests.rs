@@ -110,12 +110,12 @@ impl Manager {
             active_state: slot.active().as_str().into(),
             sub_state: slot.sub().as_str().into(),
             main_pid: slot
-                .main_pid
+                .main_pid()
                 .map(|p| u32::try_from(p.as_raw()).unwrap_or(0))
                 .unwrap_or(0),
             restarts: slot.restarts,
-            exit_code: slot.exit_code.unwrap_or(-1),
-            exit_signal: slot.exit_signal.unwrap_or(0),
+            exit_code: slot.exit_code().unwrap_or(-1),
+            exit_signal: slot.exit_signal().unwrap_or(0),
             since_us: slot.since_us(),
             result: slot.outcome.as_str().into(),
             message: match &slot.load_error {

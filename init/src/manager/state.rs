@@ -137,9 +137,10 @@ pub type Events = Option<Sender<Event>>;
 
 /// Runtime record of one unit.
 ///
-/// The state (`active`, `sub`, when it changed, the stop's kill time) changes only through
-/// the transition methods below, each of which publishes the change: a caller cannot set a
-/// state without its companions, nor forget the event.
+/// The state (`active`, `sub`, when it changed, the stop's kill time) and the main process
+/// (its pid, then how it ended) change only through the transition methods below, each of
+/// which publishes a state change: a caller cannot set a state without its companions, nor
+/// forget the event.
 #[derive(Debug)]
 pub struct Slot {
     /// The unit's name (for the events).
@@ -151,13 +152,13 @@ pub struct Slot {
     /// Pending job.
     pub job: Option<Job>,
     /// Main process.
-    pub main_pid: Option<Pid>,
+    main_pid: Option<Pid>,
     /// Processes of the current (or last) run.
     pub scope: Option<Scope>,
     /// Exit code of the last main process.
-    pub exit_code: Option<i32>,
+    exit_code: Option<i32>,
     /// Signal that killed the last main process.
-    pub exit_signal: Option<i32>,
+    exit_signal: Option<i32>,
     /// Restarts done by the restart policy since the last manual start.
     pub restarts: u32,
     /// Restarts in a row without a run longer than `restart_max_sec` (drives the backoff).
@@ -245,6 +246,29 @@ impl Slot {
     /// While stopping: when to (re)send SIGKILL.
     pub fn kill_at(&self) -> Option<Instant> {
         self.kill_at
+    }
+
+    /// The main process, while it runs.
+    pub fn main_pid(&self) -> Option<Pid> {
+        self.main_pid
+    }
+
+    /// Exit code of the last main process.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit_code
+    }
+
+    /// Signal that killed the last main process.
+    pub fn exit_signal(&self) -> Option<i32> {
+        self.exit_signal
+    }
+
+    /// The main process ended (with exit `code`, or killed by `signal`); the state is decided
+    /// next (what ends the run is the caller's: a stop, a restart, a failure).
+    pub fn main_exited(&mut self, code: Option<i32>, signal: Option<i32>) {
+        self.main_pid = None;
+        self.exit_code = code;
+        self.exit_signal = signal;
     }
 
     /// Enter `a`/`s` and publish it (nothing when it is the state already).
