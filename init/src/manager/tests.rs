@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,8 @@ struct World {
     events: Vec<Ev>,
     /// Unit → pid of its process that runs (its scope is populated).
     running: BTreeMap<String, Pid>,
+    /// Units whose scope keeps a process after the main one ended (a forked child).
+    lingering: BTreeSet<String>,
 }
 
 /// A command the fake launcher refuses to run (the unit fails `spawn`).
@@ -107,7 +109,8 @@ impl ProcessControl for FakeProcs {
         self.record(unit, To::Main, signal);
     }
     fn is_empty(&mut self, unit: &str, _scope: &Scope) -> bool {
-        !self.world.borrow().running.contains_key(unit)
+        let w = self.world.borrow();
+        !w.running.contains_key(unit) && !w.lingering.contains(unit)
     }
     fn oom_kills(&mut self, _unit: &str, _scope: &Scope) -> u64 {
         0
@@ -785,4 +788,41 @@ fn a_forced_shutdown_kills_what_is_left_at_the_deadline() {
         (Active::Inactive, Sub::Dead, Outcome::Timeout)
     );
     assert!(h.message("stuck").contains("shutdown deadline"));
+}
+
+#[test]
+fn a_stop_waits_for_the_whole_scope_not_just_the_main_process() {
+    let mut h = Harness::new(&[("forker", &unit("[service]\nstop_timeout = \"1s\""))]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    h.request(secs(1), Request::StopUnit("forker".into()))
+        .unwrap();
+    h.tick(secs(1));
+    // The main process obeys SIGTERM, a child it forked does not.
+    h.world.borrow_mut().lingering.insert("forker".into());
+    h.killed("forker", ms(1500), Signal::SIGTERM);
+    // Only the scope's rest is left: it is looked at every 20 ms, still deactivating.
+    assert_eq!(h.tick(ms(1500)), Some(ms(1520)));
+    assert_eq!(h.tick(ms(1520)), Some(ms(1540)));
+    let sigterm = (Active::Deactivating, Sub::StopSigterm, Outcome::Success);
+    assert_eq!(h.state("forker"), sigterm);
+    // At stop_timeout the rest gets SIGKILL, repeated every second while it stays.
+    assert_eq!(h.tick(secs(2)), Some(ms(2020)));
+    assert_eq!(h.tick(secs(3)), Some(ms(3020)));
+    assert_eq!(
+        h.take(),
+        [
+            sig("forker", To::Scope, Signal::SIGTERM, secs(1)),
+            reap("forker", ms(1500)),
+            sig("forker", To::Scope, Signal::SIGKILL, secs(2)),
+            sig("forker", To::Scope, Signal::SIGKILL, secs(3))
+        ]
+    );
+    h.world.borrow_mut().lingering.clear();
+    assert_eq!(h.tick(ms(3020)), None);
+    assert_eq!(
+        h.state("forker"),
+        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+    );
 }
