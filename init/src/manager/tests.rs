@@ -1,0 +1,828 @@
+//! The manager's state machine, deterministic: a fake launcher and a fake [`ProcessControl`]
+//! whose processes are records. Launching returns a fake pid and records the start; signals
+//! are recorded, never delivered (a fake pid cannot reach a real process); a scope is empty
+//! once the test has ended its process. Exits arrive through [`Manager::on_exit`] and time
+//! passes only through [`Manager::tick`] with virtual instants, so every assertion names an
+//! exact time. No root, no sleeping, no real child.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use flotilla_units::Unit;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use super::{Active, Config, Manager, Outcome, ProcessControl, Sub};
+use crate::api::{ApiError, Request};
+use crate::launcher::{LaunchError, LaunchIo, Launcher};
+use crate::logs::LogConfig;
+use crate::scope::{Limits, Scope, ScopeError, ScopeRoot};
+
+/// Where a recorded signal went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum To {
+    /// Every process of the unit's scope.
+    Scope,
+    /// The main process only.
+    Main,
+}
+
+/// What the fakes saw, at virtual time (since the test's start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ev {
+    Launch(String, Duration),
+    Signal(String, To, Signal, Duration),
+}
+
+#[derive(Default)]
+struct World {
+    now: Duration,
+    next_pid: i32,
+    events: Vec<Ev>,
+    /// Unit → pid of its process that runs (its scope is populated).
+    running: BTreeMap<String, Pid>,
+    /// Units whose scope keeps a process after the main one ended (a forked child).
+    lingering: BTreeSet<String>,
+}
+
+/// A command the fake launcher refuses to run (the unit fails `spawn`).
+const UNLAUNCHABLE: &str = "/nonexistent";
+
+struct FakeLauncher {
+    world: Rc<RefCell<World>>,
+    main_only: bool,
+}
+
+impl Launcher for FakeLauncher {
+    fn launch(&mut self, unit: &Unit, _scope: &Scope, _io: LaunchIo) -> Result<Pid, LaunchError> {
+        if unit.container.command.first().map(String::as_str) == Some(UNLAUNCHABLE) {
+            return Err(LaunchError::Unsupported(format!(
+                "{UNLAUNCHABLE}: no such file"
+            )));
+        }
+        let mut w = self.world.borrow_mut();
+        w.next_pid += 1;
+        // Never a real process: nothing is delivered to it anyway.
+        let pid = Pid::from_raw(4_000_000 + w.next_pid);
+        let now = w.now;
+        w.events.push(Ev::Launch(unit.name.clone(), now));
+        w.running.insert(unit.name.clone(), pid);
+        Ok(pid)
+    }
+
+    fn terminate_main_only(&self) -> bool {
+        self.main_only
+    }
+}
+
+struct FakeProcs {
+    world: Rc<RefCell<World>>,
+    root: ScopeRoot,
+}
+
+impl FakeProcs {
+    fn record(&mut self, unit: &str, to: To, signal: Signal) {
+        let mut w = self.world.borrow_mut();
+        let now = w.now;
+        w.events.push(Ev::Signal(unit.to_string(), to, signal, now));
+    }
+}
+
+impl ProcessControl for FakeProcs {
+    fn root(&self) -> &ScopeRoot {
+        &self.root
+    }
+    fn prepare(&mut self, _unit: &str) -> Result<Scope, ScopeError> {
+        Ok(Scope::ProcessGroup { pgid: None })
+    }
+    fn apply(&mut self, _unit: &str, _scope: &Scope, _limits: &Limits) -> Result<(), ScopeError> {
+        Ok(())
+    }
+    fn signal_scope(&mut self, unit: &str, _scope: &Scope, signal: Signal) {
+        self.record(unit, To::Scope, signal);
+    }
+    fn signal_main(&mut self, unit: &str, _pid: Pid, signal: Signal) {
+        self.record(unit, To::Main, signal);
+    }
+    fn is_empty(&mut self, unit: &str, _scope: &Scope) -> bool {
+        let w = self.world.borrow();
+        !w.running.contains_key(unit) && !w.lingering.contains(unit)
+    }
+    fn oom_kills(&mut self, _unit: &str, _scope: &Scope) -> u64 {
+        0
+    }
+    fn remove(&mut self, _unit: &str, _scope: &Scope) {}
+    fn remove_root(&mut self) {}
+}
+
+/// A manager over unit files in a temporary directory, on fake processes and virtual time.
+struct Harness {
+    m: Manager,
+    world: Rc<RefCell<World>>,
+    t0: Instant,
+    dir: tempfile::TempDir,
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A unit file: `[container]` with a command, then `extra` (TOML sections).
+fn unit(extra: &str) -> String {
+    format!("[container]\ncommand = [\"/bin/true\"]\n{extra}\n")
+}
+
+impl Harness {
+    fn new(units: &[(&str, &str)]) -> Harness {
+        Self::with(units, false, secs(90))
+    }
+
+    fn with(units: &[(&str, &str)], main_only: bool, shutdown_timeout: Duration) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in units {
+            std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+        }
+        let world = Rc::new(RefCell::new(World::default()));
+        let cfg = Config {
+            unit_dirs: vec![dir.path().to_path_buf()],
+            api_units_dir: None,
+            logs: LogConfig::default(),
+            shutdown_timeout,
+        };
+        let launcher = FakeLauncher {
+            world: world.clone(),
+            main_only,
+        };
+        let procs = FakeProcs {
+            world: world.clone(),
+            root: ScopeRoot::ProcessGroup,
+        };
+        let m = Manager::with_processes(cfg, Box::new(launcher), Box::new(procs), None);
+        Harness {
+            m,
+            world,
+            t0: Instant::now(),
+            dir,
+        }
+    }
+
+    fn set_now(&mut self, at: Duration) -> Instant {
+        self.world.borrow_mut().now = at;
+        self.t0 + at
+    }
+
+    /// Advance virtual time to `at`; returns the manager's next deadline (as virtual time).
+    fn tick(&mut self, at: Duration) -> Option<Duration> {
+        let now = self.set_now(at);
+        self.m.tick(now).map(|d| d.duration_since(self.t0))
+    }
+
+    fn request(&mut self, at: Duration, req: Request) -> Result<(), ApiError> {
+        self.set_now(at);
+        self.m.handle(req).map(|_| ())
+    }
+
+    /// The main process of `unit` ends with `status` at `at` (as waitpid reports it).
+    fn end(&mut self, unit: &str, at: Duration, status: impl Fn(Pid) -> WaitStatus) {
+        let pid = self.world.borrow_mut().running.remove(unit).unwrap();
+        let now = self.set_now(at);
+        self.m.on_exit(status(pid), now);
+    }
+
+    fn exit(&mut self, unit: &str, at: Duration, code: i32) {
+        self.end(unit, at, |pid| WaitStatus::Exited(pid, code));
+    }
+
+    fn killed(&mut self, unit: &str, at: Duration, sig: Signal) {
+        self.end(unit, at, |pid| WaitStatus::Signaled(pid, sig, false));
+    }
+
+    fn state(&self, unit: &str) -> (Active, Sub, Outcome) {
+        let s = &self.m.slots[unit];
+        (s.active(), s.sub(), s.outcome)
+    }
+
+    fn message(&self, unit: &str) -> String {
+        self.m.slots[unit].message.clone()
+    }
+
+    /// Everything recorded since the last call.
+    fn take(&mut self) -> Vec<Ev> {
+        std::mem::take(&mut self.world.borrow_mut().events)
+    }
+
+    fn rewrite(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+}
+
+fn launch(unit: &str, at: Duration) -> Ev {
+    Ev::Launch(unit.into(), at)
+}
+
+fn sig(unit: &str, to: To, s: Signal, at: Duration) -> Ev {
+    Ev::Signal(unit.into(), to, s, at)
+}
+
+/// After a main process ends, whatever it left in its scope gets SIGKILL.
+fn reap(unit: &str, at: Duration) -> Ev {
+    sig(unit, To::Scope, Signal::SIGKILL, at)
+}
+
+const RUNNING: (Active, Sub, Outcome) = (Active::Active, Sub::Running, Outcome::Success);
+const DEAD: (Active, Sub, Outcome) = (Active::Inactive, Sub::Dead, Outcome::Success);
+
+#[test]
+fn start_follows_after_and_before() {
+    let oneshot = "[service]\ntype = \"oneshot\"";
+    let mut h = Harness::new(&[
+        ("db", &unit(oneshot)),
+        (
+            "migrate",
+            &unit(&format!("[unit]\nbefore = [\"app\"]\n{oneshot}")),
+        ),
+        ("app", &unit("[unit]\nafter = [\"db\"]")),
+        ("other", &unit("")),
+    ]);
+    h.m.start_all();
+    assert_eq!(h.tick(ms(0)), None);
+    // app waits for db (after) and migrate (before app); the rest start at once.
+    assert_eq!(
+        h.take(),
+        [
+            launch("db", ms(0)),
+            launch("migrate", ms(0)),
+            launch("other", ms(0))
+        ]
+    );
+    assert_eq!(
+        h.state("app"),
+        (Active::Activating, Sub::Waiting, Outcome::Success)
+    );
+    assert_eq!(
+        h.state("db"),
+        (Active::Activating, Sub::Start, Outcome::Success)
+    );
+
+    h.exit("db", ms(5), 0);
+    h.tick(ms(5));
+    assert_eq!(h.take(), [reap("db", ms(5))]);
+    assert_eq!(
+        h.state("db"),
+        (Active::Active, Sub::Exited, Outcome::Success)
+    );
+    assert_eq!(
+        h.state("app"),
+        (Active::Activating, Sub::Waiting, Outcome::Success)
+    );
+
+    h.exit("migrate", ms(8), 0);
+    h.tick(ms(8));
+    assert_eq!(h.take(), [reap("migrate", ms(8)), launch("app", ms(8))]);
+    assert_eq!(h.state("app"), RUNNING);
+}
+
+#[test]
+fn required_failure_fails_the_dependant_wanted_failure_does_not() {
+    let failing_oneshot = "[service]\ntype = \"oneshot\"";
+    let mut h = Harness::new(&[
+        ("need", &unit(failing_oneshot)),
+        ("want", &unit(failing_oneshot)),
+        (
+            "app",
+            &unit("[unit]\nrequires = [\"need\"]\nafter = [\"need\"]"),
+        ),
+        ("helper", &unit("[unit]\nwants = [\"want\"]")),
+        ("orphan", &unit("[unit]\nrequires = [\"ghost\"]")),
+    ]);
+    // Starting the dependants pulls in what they require or want.
+    h.request(ms(0), Request::StartUnit("app".into())).unwrap();
+    h.request(ms(0), Request::StartUnit("helper".into()))
+        .unwrap();
+    h.request(ms(0), Request::StartUnit("orphan".into()))
+        .unwrap();
+    h.tick(ms(0));
+    assert_eq!(
+        h.take(),
+        [
+            launch("helper", ms(0)),
+            launch("need", ms(0)),
+            launch("want", ms(0))
+        ]
+    );
+    let orphan = h.state("orphan");
+    assert_eq!(orphan, (Active::Failed, Sub::Failed, Outcome::Dependency));
+    assert!(
+        h.message("orphan").contains("ghost"),
+        "{}",
+        h.message("orphan")
+    );
+
+    h.exit("need", ms(3), 1);
+    h.exit("want", ms(3), 1);
+    h.tick(ms(3));
+    assert_eq!(
+        h.state("need"),
+        (Active::Failed, Sub::Failed, Outcome::ExitCode)
+    );
+    assert_eq!(
+        h.state("want"),
+        (Active::Failed, Sub::Failed, Outcome::ExitCode)
+    );
+    assert_eq!(
+        h.state("app"),
+        (Active::Failed, Sub::Failed, Outcome::Dependency)
+    );
+    assert!(h.message("app").contains("need"), "{}", h.message("app"));
+    assert_eq!(h.state("helper"), RUNNING);
+    // app never ran.
+    assert_eq!(h.take(), [reap("need", ms(3)), reap("want", ms(3))]);
+}
+
+#[test]
+fn a_required_unit_that_cannot_start_fails_the_dependant_a_wanted_one_does_not() {
+    let broken = format!("[container]\ncommand = [\"{UNLAUNCHABLE}\"]\n");
+    let mut h = Harness::new(&[
+        ("need", &broken),
+        ("want", &broken),
+        (
+            "app",
+            &unit("[unit]\nrequires = [\"need\"]\nafter = [\"need\"]"),
+        ),
+        (
+            "helper",
+            &unit("[unit]\nwants = [\"want\"]\nafter = [\"want\"]"),
+        ),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(
+        h.state("need"),
+        (Active::Failed, Sub::Failed, Outcome::Spawn)
+    );
+    assert_eq!(
+        h.state("want"),
+        (Active::Failed, Sub::Failed, Outcome::Spawn)
+    );
+    assert_eq!(
+        h.state("app"),
+        (Active::Failed, Sub::Failed, Outcome::Dependency)
+    );
+    assert!(h.message("app").contains("need"), "{}", h.message("app"));
+    assert_eq!(h.state("helper"), RUNNING);
+    // A failed launch kills what a given-up setup may have left in the scope.
+    assert_eq!(
+        h.take(),
+        [
+            sig("need", To::Scope, Signal::SIGKILL, ms(0)),
+            sig("want", To::Scope, Signal::SIGKILL, ms(0)),
+            launch("helper", ms(0))
+        ]
+    );
+}
+
+#[test]
+fn stopping_a_unit_first_stops_the_units_that_require_it() {
+    let mut h = Harness::new(&[
+        ("db", &unit("")),
+        (
+            "app",
+            &unit("[unit]\nrequires = [\"db\"]\nafter = [\"db\"]"),
+        ),
+        (
+            "cache",
+            &unit("[unit]\nrequires = [\"app\"]\nafter = [\"app\"]"),
+        ),
+        ("tool", &unit("[unit]\nwants = [\"db\"]\nafter = [\"db\"]")),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take().len(), 4);
+
+    h.request(secs(1), Request::StopUnit("db".into())).unwrap();
+    h.tick(secs(1));
+    // cache requires app, which requires db: the three stop, in reverse start order.
+    assert_eq!(
+        h.take(),
+        [sig("cache", To::Scope, Signal::SIGTERM, secs(1))]
+    );
+    assert_eq!(h.state("db"), RUNNING);
+    h.killed("cache", ms(1100), Signal::SIGTERM);
+    h.tick(ms(1100));
+    assert_eq!(h.state("cache"), DEAD);
+    assert_eq!(
+        h.take(),
+        [
+            reap("cache", ms(1100)),
+            sig("app", To::Scope, Signal::SIGTERM, ms(1100))
+        ]
+    );
+    h.killed("app", ms(1200), Signal::SIGTERM);
+    h.tick(ms(1200));
+    assert_eq!(
+        h.take(),
+        [
+            reap("app", ms(1200)),
+            sig("db", To::Scope, Signal::SIGTERM, ms(1200))
+        ]
+    );
+    h.killed("db", ms(1300), Signal::SIGTERM);
+    h.tick(ms(1300));
+    assert_eq!(h.take(), [reap("db", ms(1300))]);
+    for u in ["db", "app", "cache"] {
+        assert_eq!(h.state(u), DEAD, "{u}");
+    }
+    // Wanting is not requiring: tool keeps running.
+    assert_eq!(h.state("tool"), RUNNING);
+}
+
+#[test]
+fn an_ordering_cycle_fails_its_units_with_cycle() {
+    let mut h = Harness::new(&[
+        ("a", &unit("[unit]\nafter = [\"b\"]")),
+        ("b", &unit("[unit]\nafter = [\"c\"]")),
+        ("c", &unit("[unit]\nafter = [\"a\"]")),
+        ("free", &unit("")),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [launch("free", ms(0))]);
+    for u in ["a", "b", "c"] {
+        assert_eq!(
+            h.state(u),
+            (Active::Failed, Sub::Failed, Outcome::Cycle),
+            "{u}"
+        );
+        assert!(h.message(u).contains("ordering cycle"), "{}", h.message(u));
+    }
+}
+
+#[test]
+fn restart_backoff_doubles_is_capped_and_resets_after_a_long_run() {
+    let mut h = Harness::new(&[(
+        "flaky",
+        &unit(
+            "[service]\nrestart = \"on-failure\"\nrestart_sec = \"100ms\"\n\
+             restart_max_sec = \"1s\"\nstart_limit_burst = 100",
+        ),
+    )]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [launch("flaky", ms(0))]);
+    let mut t = ms(0);
+    // Each run lasts 10 ms, then fails: the delays double from restart_sec up to restart_max_sec.
+    for delay in [100, 200, 400, 800, 1000, 1000] {
+        t += ms(10);
+        h.exit("flaky", t, 1);
+        let due = t + ms(delay);
+        assert_eq!(h.tick(t), Some(due), "restart after {delay} ms");
+        assert_eq!(
+            h.state("flaky"),
+            (Active::Activating, Sub::AutoRestart, Outcome::ExitCode)
+        );
+        assert_eq!(h.tick(due - ms(1)), Some(due));
+        assert_eq!(h.take(), [reap("flaky", t)], "nothing before {due:?}");
+        t = due;
+        h.tick(t);
+        assert_eq!(h.take(), [launch("flaky", t)]);
+        assert_eq!(h.state("flaky").0, Active::Active);
+    }
+    assert_eq!(h.m.slots["flaky"].restarts, 6);
+    // A run longer than restart_max_sec starts the doubling over.
+    t += ms(1001);
+    h.exit("flaky", t, 1);
+    assert_eq!(h.tick(t), Some(t + ms(100)));
+}
+
+#[test]
+fn too_many_starts_hit_the_start_limit_until_a_manual_start() {
+    let mut h = Harness::new(&[(
+        "crashy",
+        &unit(
+            "[service]\nrestart = \"always\"\nrestart_sec = \"100ms\"\n\
+             start_limit_burst = 3\nstart_limit_interval = \"10s\"",
+        ),
+    )]);
+    h.m.start_all();
+    h.tick(ms(0));
+    // Starts at 0, 100 ms (after 100), 300 ms (after 200); the fourth (at 700) is refused.
+    for (ended, next) in [(0, 100), (100, 300)] {
+        h.exit("crashy", ms(ended), 0);
+        assert_eq!(h.tick(ms(ended)), Some(ms(next)));
+        h.tick(ms(next));
+    }
+    h.exit("crashy", ms(300), 0);
+    assert_eq!(h.tick(ms(300)), Some(ms(700)));
+    assert_eq!(h.tick(ms(700)), None);
+    let launches: Vec<Ev> = h
+        .take()
+        .into_iter()
+        .filter(|e| matches!(e, Ev::Launch(..)))
+        .collect();
+    assert_eq!(
+        launches,
+        [
+            launch("crashy", ms(0)),
+            launch("crashy", ms(100)),
+            launch("crashy", ms(300))
+        ]
+    );
+    let hit = (Active::Failed, Sub::Failed, Outcome::StartLimitHit);
+    assert_eq!(h.state("crashy"), hit);
+    assert!(h.message("crashy").contains("start_limit_burst"));
+    assert_eq!(h.tick(secs(60)), None);
+    assert_eq!(h.take(), []);
+    // A manual start clears the count.
+    h.request(secs(61), Request::StartUnit("crashy".into()))
+        .unwrap();
+    h.tick(secs(61));
+    assert_eq!(h.take(), [launch("crashy", secs(61))]);
+    assert_eq!(h.state("crashy"), RUNNING);
+}
+
+#[test]
+fn a_stop_escalates_to_sigkill_after_stop_timeout() {
+    let mut h = Harness::new(&[
+        ("stubborn", &unit("[service]\nstop_timeout = \"2s\"")),
+        ("polite", &unit("[service]\nstop_timeout = \"2s\"")),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    h.request(secs(1), Request::StopUnit("stubborn".into()))
+        .unwrap();
+    h.request(secs(1), Request::StopUnit("polite".into()))
+        .unwrap();
+    assert_eq!(h.tick(secs(1)), Some(secs(3)));
+    assert_eq!(
+        h.take(),
+        [
+            sig("polite", To::Scope, Signal::SIGTERM, secs(1)),
+            sig("stubborn", To::Scope, Signal::SIGTERM, secs(1))
+        ]
+    );
+    let sigterm = (Active::Deactivating, Sub::StopSigterm, Outcome::Success);
+    assert_eq!(h.state("stubborn"), sigterm);
+    // polite obeys.
+    h.killed("polite", ms(1500), Signal::SIGTERM);
+    h.tick(ms(1500));
+    assert_eq!(h.state("polite"), DEAD);
+    assert_eq!(h.tick(ms(2999)), Some(secs(3)));
+    assert_eq!(h.take(), [reap("polite", ms(1500))]);
+    // stubborn does not: SIGKILL at exactly stop_timeout, repeated every second.
+    assert_eq!(h.tick(secs(3)), Some(secs(4)));
+    let sigkill = (Active::Deactivating, Sub::StopSigkill, Outcome::Success);
+    assert_eq!(h.state("stubborn"), sigkill);
+    assert_eq!(h.tick(secs(4)), Some(secs(5)));
+    assert_eq!(
+        h.take(),
+        [
+            sig("stubborn", To::Scope, Signal::SIGKILL, secs(3)),
+            sig("stubborn", To::Scope, Signal::SIGKILL, secs(4))
+        ]
+    );
+    h.killed("stubborn", ms(4100), Signal::SIGKILL);
+    h.tick(ms(4100));
+    assert_eq!(
+        h.state("stubborn"),
+        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+    );
+    assert!(h.message("stubborn").contains("stop_timeout"));
+}
+
+#[test]
+fn a_container_launcher_stop_sends_sigterm_to_the_main_process_only() {
+    let mut h = Harness::with(&[("c", &unit(""))], true, secs(90));
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    h.request(secs(1), Request::StopUnit("c".into())).unwrap();
+    assert_eq!(h.tick(secs(1)), Some(secs(11)));
+    assert_eq!(h.take(), [sig("c", To::Main, Signal::SIGTERM, secs(1))]);
+    // The escalation still goes to the whole scope.
+    h.tick(secs(11));
+    assert_eq!(h.take(), [sig("c", To::Scope, Signal::SIGKILL, secs(11))]);
+}
+
+#[test]
+fn a_oneshot_that_exited_is_active_and_a_restart_runs_it_again() {
+    let mut h = Harness::new(&[("job", &unit("[service]\ntype = \"oneshot\""))]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(
+        h.state("job"),
+        (Active::Activating, Sub::Start, Outcome::Success)
+    );
+    h.exit("job", secs(1), 0);
+    h.tick(secs(1));
+    assert_eq!(
+        h.state("job"),
+        (Active::Active, Sub::Exited, Outcome::Success)
+    );
+    // A start of an active oneshot does nothing; a restart runs it again.
+    h.request(secs(2), Request::StartUnit("job".into()))
+        .unwrap();
+    h.tick(secs(2));
+    assert_eq!(h.take(), [launch("job", ms(0)), reap("job", secs(1))]);
+    h.request(secs(3), Request::RestartUnit("job".into()))
+        .unwrap();
+    h.tick(secs(3));
+    assert_eq!(h.take(), [launch("job", secs(3))]);
+    assert_eq!(
+        h.state("job"),
+        (Active::Activating, Sub::Start, Outcome::Success)
+    );
+    assert_eq!(h.m.slots["job"].restarts, 0);
+}
+
+#[test]
+fn reload_adds_changes_removes_and_keeps_a_broken_file_old_definition() {
+    let mut h = Harness::new(&[
+        ("keep", &unit("")),
+        ("change", &unit("")),
+        ("gone", &unit("")),
+        ("broken", &unit("")),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take().len(), 4);
+    let broken_source = h.m.units["broken"].source.clone();
+
+    h.rewrite("change", &unit("[service]\nstop_timeout = \"3s\""));
+    std::fs::remove_file(h.dir.path().join("gone.toml")).unwrap();
+    h.rewrite("new", &unit(""));
+    h.rewrite("broken", "[container\ncommand = [");
+    h.set_now(secs(1));
+    let r = h.m.reload(false);
+    assert_eq!(r.added, ["new"]);
+    assert_eq!(r.changed, ["change"]);
+    assert_eq!(r.removed, ["gone"]);
+    assert_eq!(r.restarted, Vec::<String>::new());
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].contains("broken.toml"), "{:?}", r.errors);
+    // The broken file leaves the old definition in force, marked with the error.
+    assert_eq!(h.m.units["broken"].source, broken_source);
+    assert!(h.m.slots["broken"].load_error.is_some());
+    h.tick(secs(1));
+    // A removed unit is stopped, then dropped; an added one is not started; a changed one
+    // runs on until a restart is asked for.
+    assert_eq!(h.take(), [sig("gone", To::Scope, Signal::SIGTERM, secs(1))]);
+    h.killed("gone", secs(2), Signal::SIGTERM);
+    h.tick(secs(2));
+    assert!(!h.m.slots.contains_key("gone"));
+    assert_eq!(h.state("new"), DEAD);
+    assert_eq!(h.state("change"), RUNNING);
+
+    // restart_changed restarts what runs from an older definition, also one changed by an
+    // earlier reload without a restart.
+    h.set_now(secs(3));
+    let r = h.m.reload(true);
+    assert_eq!(r.changed, Vec::<String>::new());
+    assert_eq!(r.restarted, ["change"]);
+    h.tick(secs(3));
+    h.killed("change", secs(4), Signal::SIGTERM);
+    h.tick(secs(4));
+    assert_eq!(
+        h.take(),
+        [
+            reap("gone", secs(2)),
+            sig("change", To::Scope, Signal::SIGTERM, secs(3)),
+            reap("change", secs(4)),
+            launch("change", secs(4))
+        ]
+    );
+    assert_eq!(h.m.units["change"].service.stop_timeout, secs(3));
+    assert_eq!(h.state("keep"), RUNNING);
+}
+
+#[test]
+fn shutdown_stops_units_in_reverse_start_order() {
+    let mut h = Harness::new(&[
+        ("db", &unit("")),
+        ("app", &unit("[unit]\nafter = [\"db\"]")),
+        ("web", &unit("[unit]\nafter = [\"app\"]")),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(
+        h.take(),
+        [
+            launch("db", ms(0)),
+            launch("app", ms(0)),
+            launch("web", ms(0))
+        ]
+    );
+    let t = h.set_now(secs(10));
+    h.m.shutdown_at(t);
+    let refused = h.request(secs(10), Request::StartUnit("db".into()));
+    assert!(matches!(refused, Err(ApiError::Refused(_))), "{refused:?}");
+    h.tick(secs(10));
+    // Each SIGTERM waits for the unit ordered after it to be gone.
+    let term = |u: &str, at: u64| sig(u, To::Scope, Signal::SIGTERM, secs(at));
+    let reap_at = |u: &str, at: u64| reap(u, secs(at));
+    assert_eq!(h.take(), [term("web", 10)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(10)));
+    h.killed("web", secs(11), Signal::SIGTERM);
+    h.tick(secs(11));
+    assert_eq!(h.take(), [reap_at("web", 11), term("app", 11)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(11)));
+    h.killed("app", secs(12), Signal::SIGTERM);
+    h.tick(secs(12));
+    assert_eq!(h.take(), [reap_at("app", 12), term("db", 12)]);
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(12)));
+    h.killed("db", secs(13), Signal::SIGTERM);
+    h.tick(secs(13));
+    assert_eq!(h.take(), [reap_at("db", 13)]);
+    for u in ["web", "app", "db"] {
+        assert_eq!(h.state(u), DEAD, "{u}");
+    }
+    let at = secs(13);
+    assert!(h.m.shutdown_complete_at(h.t0 + at));
+    assert!(!h.m.shutdown_forced());
+}
+
+#[test]
+fn a_forced_shutdown_kills_what_is_left_at_the_deadline() {
+    let mut h = Harness::with(
+        &[("stuck", &unit("[service]\nstop_timeout = \"60s\""))],
+        false,
+        secs(5),
+    );
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    let t = h.set_now(secs(1));
+    h.m.shutdown_at(t);
+    // The shutdown deadline (1 s + 5 s) comes before stuck's stop_timeout.
+    assert_eq!(h.tick(secs(1)), Some(secs(6)));
+    assert_eq!(
+        h.take(),
+        [sig("stuck", To::Scope, Signal::SIGTERM, secs(1))]
+    );
+    h.tick(secs(6));
+    assert!(h.m.shutdown_forced());
+    assert_eq!(
+        h.take(),
+        [
+            sig("stuck", To::Scope, Signal::SIGKILL, secs(6)),
+            sig("stuck", To::Main, Signal::SIGKILL, secs(6))
+        ]
+    );
+    let sigkill = (Active::Deactivating, Sub::StopSigkill, Outcome::Success);
+    assert_eq!(h.state("stuck"), sigkill);
+    // A process stuck in the kernel cannot hold the shutdown past a 5 s grace.
+    assert!(!h.m.shutdown_complete_at(h.t0 + secs(10)));
+    assert!(h.m.shutdown_complete_at(h.t0 + secs(11)));
+    h.killed("stuck", secs(7), Signal::SIGKILL);
+    h.tick(secs(7));
+    assert_eq!(
+        h.state("stuck"),
+        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+    );
+    assert!(h.message("stuck").contains("shutdown deadline"));
+}
+
+#[test]
+fn a_stop_waits_for_the_whole_scope_not_just_the_main_process() {
+    let mut h = Harness::new(&[("forker", &unit("[service]\nstop_timeout = \"1s\""))]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    h.request(secs(1), Request::StopUnit("forker".into()))
+        .unwrap();
+    h.tick(secs(1));
+    // The main process obeys SIGTERM, a child it forked does not.
+    h.world.borrow_mut().lingering.insert("forker".into());
+    h.killed("forker", ms(1500), Signal::SIGTERM);
+    // Only the scope's rest is left: it is looked at every 20 ms, still deactivating.
+    assert_eq!(h.tick(ms(1500)), Some(ms(1520)));
+    assert_eq!(h.tick(ms(1520)), Some(ms(1540)));
+    let sigterm = (Active::Deactivating, Sub::StopSigterm, Outcome::Success);
+    assert_eq!(h.state("forker"), sigterm);
+    // At stop_timeout the rest gets SIGKILL, repeated every second while it stays.
+    assert_eq!(h.tick(secs(2)), Some(ms(2020)));
+    assert_eq!(h.tick(secs(3)), Some(ms(3020)));
+    assert_eq!(
+        h.take(),
+        [
+            sig("forker", To::Scope, Signal::SIGTERM, secs(1)),
+            reap("forker", ms(1500)),
+            sig("forker", To::Scope, Signal::SIGKILL, secs(2)),
+            sig("forker", To::Scope, Signal::SIGKILL, secs(3))
+        ]
+    );
+    h.world.borrow_mut().lingering.clear();
+    assert_eq!(h.tick(ms(3020)), None);
+    assert_eq!(
+        h.state("forker"),
+        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+    );
+}
