@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use nix::sys::signal::Signal;
 
-use super::{later, Active, Job, Manager, FORCE_GRACE, KILL_RETRY};
+use super::{later, ActiveState, Job, Manager, FORCE_GRACE, KILL_RETRY};
 
 impl Manager {
     /// Queue a start of `name` and everything it requires or wants.
@@ -35,8 +35,12 @@ impl Manager {
                 slot.start_times.clear();
             }
             match (slot.active(), slot.job) {
-                (Active::Inactive | Active::Failed, _) => slot.start_queued(&self.events, cfg),
-                (Active::Deactivating, _) | (_, Some(Job::Stop)) => slot.job = Some(Job::Restart),
+                (ActiveState::Inactive | ActiveState::Failed, _) => {
+                    slot.start_queued(&self.events, cfg)
+                }
+                (ActiveState::Deactivating, _) | (_, Some(Job::Stop)) => {
+                    slot.job = Some(Job::Restart)
+                }
                 _ => {}
             }
         }
@@ -66,11 +70,11 @@ impl Manager {
             } else if own_job == Job::Restart {
                 // Nothing runs, but an exited oneshot is still active: it is stopped first,
                 // so that the start runs it again (as systemd does).
-                if slot.active() == Active::Active {
+                if slot.active() == ActiveState::Active {
                     slot.stopped_exited(&self.events, &self.cfg.logs);
                 }
                 self.queue_start(&n, true);
-            } else if slot.active() != Active::Inactive || slot.job.is_some() {
+            } else if slot.active() != ActiveState::Inactive || slot.job.is_some() {
                 slot.stopped_idle(&self.events, &self.cfg.logs);
             }
         }

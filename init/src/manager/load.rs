@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use flotilla_units::{Catalog, Unit};
 
-use super::{source_hash, Active, Job, Manager, Outcome, Slot, Sub};
+use super::{source_hash, ActiveState, Job, Manager, Slot, SubState, UnitResult};
 use crate::api::{ApiError, LoadState, ReloadReport, UnitInfo};
 use crate::logs::MANAGER_STREAM;
 
@@ -93,14 +93,14 @@ impl Manager {
                 name: name.to_string(),
                 description: String::new(),
                 load_state: LoadState::Loaded.into(),
-                active_state: Active::Inactive.into(),
-                sub_state: Sub::Dead.into(),
+                active_state: ActiveState::Inactive.into(),
+                sub_state: SubState::Dead.into(),
                 main_pid: 0,
                 restarts: 0,
                 exit_code: -1,
                 exit_signal: 0,
                 since_us: 0,
-                result: Outcome::Success.into(),
+                result: UnitResult::Success.into(),
                 message: format!("a template: start an instance such as {prefix}@1"),
             }));
         }

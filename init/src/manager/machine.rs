@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 
 use super::output::Pipe;
 use super::{
-    later, source_hash, Active, Job, Manager, Outcome, Run, Sub, FORCE_GRACE, KILL_RETRY,
-    SCOPE_POLL,
+    later, source_hash, ActiveState, Job, Manager, Run, SubState, UnitResult, FORCE_GRACE,
+    KILL_RETRY, SCOPE_POLL,
 };
 use crate::api::LogStream;
 use crate::launcher::LaunchIo;
@@ -21,7 +21,7 @@ use crate::logs::{LineBuffer, MANAGER_STREAM};
 use crate::scope::Limits;
 
 impl Manager {
-    pub(super) fn fail(&mut self, name: &str, outcome: Outcome, message: String) {
+    pub(super) fn fail(&mut self, name: &str, outcome: UnitResult, message: String) {
         if let Some(slot) = self.slots.get_mut(name) {
             slot.failed(&self.events, &self.cfg.logs, outcome, message);
         }
@@ -69,8 +69,10 @@ impl Manager {
         };
         let due = slot.deadline.is_some_and(|d| d <= now);
         match (slot.active(), slot.sub(), slot.job) {
-            (Active::Activating, Sub::Waiting, Some(Job::Start)) => self.try_start(name, now),
-            (Active::Activating, Sub::AutoRestart, _) if due => {
+            (ActiveState::Activating, SubState::Waiting, Some(Job::Start)) => {
+                self.try_start(name, now)
+            }
+            (ActiveState::Activating, SubState::AutoRestart, _) if due => {
                 if let Some(s) = self.slots.get_mut(name) {
                     s.deadline = None;
                 }
@@ -81,7 +83,7 @@ impl Manager {
                 }
                 true
             }
-            (Active::Activating, Sub::AutoRestart, Some(Job::Stop | Job::Restart)) => {
+            (ActiveState::Activating, SubState::AutoRestart, Some(Job::Stop | Job::Restart)) => {
                 let restart = slot.job == Some(Job::Restart);
                 if let Some(s) = self.slots.get_mut(name) {
                     s.deadline = None;
@@ -92,11 +94,11 @@ impl Manager {
                 }
                 true
             }
-            (Active::Deactivating, _, _) => self.continue_stop(name, now),
+            (ActiveState::Deactivating, _, _) => self.continue_stop(name, now),
             (_, _, Some(Job::Stop | Job::Restart)) if slot.main_pid().is_some() => {
                 self.try_stop(name, now)
             }
-            (Active::Active, Sub::Exited, Some(Job::Stop | Job::Restart)) => {
+            (ActiveState::Active, SubState::Exited, Some(Job::Stop | Job::Restart)) => {
                 let restart = slot.job == Some(Job::Restart);
                 if let Some(s) = self.slots.get_mut(name) {
                     s.became_dead(&self.events);
@@ -126,7 +128,7 @@ impl Manager {
     pub(super) fn try_start(&mut self, name: &str, now: Instant) -> bool {
         if let Some(cycle) = self.cycles.get(name) {
             let msg = format!("ordering cycle {cycle}; break it by removing one after/before");
-            self.fail(name, Outcome::Cycle, msg);
+            self.fail(name, UnitResult::Cycle, msg);
             return true;
         }
         let Some(unit) = self.units.get(name) else {
@@ -136,12 +138,12 @@ impl Manager {
             match self.slots.get(dep) {
                 None => {
                     let msg = format!("requires {dep}, which does not exist");
-                    self.fail(name, Outcome::Dependency, msg);
+                    self.fail(name, UnitResult::Dependency, msg);
                     return true;
                 }
-                Some(d) if d.active() == Active::Failed && d.job.is_none() => {
+                Some(d) if d.active() == ActiveState::Failed && d.job.is_none() => {
                     let msg = format!("required unit {dep} failed");
-                    self.fail(name, Outcome::Dependency, msg);
+                    self.fail(name, UnitResult::Dependency, msg);
                     return true;
                 }
                 Some(_) => {}
@@ -152,8 +154,10 @@ impl Manager {
                 let Some(ps) = self.slots.get(p) else {
                     continue;
                 };
-                let waiting = matches!(ps.active(), Active::Activating | Active::Deactivating)
-                    || ps.job == Some(Job::Start);
+                let waiting = matches!(
+                    ps.active(),
+                    ActiveState::Activating | ActiveState::Deactivating
+                ) || ps.job == Some(Job::Start);
                 if waiting {
                     return false;
                 }
@@ -162,9 +166,9 @@ impl Manager {
                     .get(p)
                     .is_some_and(|u| u.service.kind == ServiceType::Oneshot);
                 let required = unit.unit.requires.contains(p);
-                if ps.active() == Active::Failed && (required || oneshot) {
+                if ps.active() == ActiveState::Failed && (required || oneshot) {
                     let msg = format!("{p}, which it is ordered after, failed");
-                    self.fail(name, Outcome::Dependency, msg);
+                    self.fail(name, UnitResult::Dependency, msg);
                     return true;
                 }
             }
@@ -195,7 +199,7 @@ impl Manager {
                 slot.start_times.len(),
                 window
             );
-            self.fail(name, Outcome::StartLimitHit, msg);
+            self.fail(name, UnitResult::StartLimitHit, msg);
             return false;
         }
         slot.start_times.push_back(now);
@@ -240,17 +244,17 @@ impl Manager {
     pub(super) fn launch(
         &mut self,
         unit: &Unit,
-    ) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), (Outcome, String)> {
+    ) -> Result<(Pid, crate::scope::Scope, Vec<Pipe>), (UnitResult, String)> {
         if let Some(refusal) = self.exposed_control_socket(unit) {
-            return Err((Outcome::Spawn, refusal));
+            return Err((UnitResult::Spawn, refusal));
         }
-        let resources = |e: crate::scope::ScopeError| (Outcome::Resources, e.to_string());
+        let resources = |e: crate::scope::ScopeError| (UnitResult::Resources, e.to_string());
         let mut scope = self.procs.prepare(&unit.name).map_err(resources)?;
         if let Err(e) = self.procs.apply(&unit.name, &scope, &Limits::of(unit)) {
             self.procs.remove(&unit.name, &scope);
             return Err(resources(e));
         }
-        let spawn_err = |e: String| (Outcome::Spawn, e);
+        let spawn_err = |e: String| (UnitResult::Spawn, e);
         let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         let (out_r, out_w) =
             nix::unistd::pipe2(flags).map_err(|e| spawn_err(format!("pipe: {e}")))?;
@@ -311,7 +315,7 @@ impl Manager {
             preds.contains(name)
                 && self.slots.get(succ).is_some_and(|s| {
                     matches!(s.job, Some(Job::Stop | Job::Restart)) && !s.is_down()
-                        || s.active() == Active::Deactivating
+                        || s.active() == ActiveState::Deactivating
                 })
         });
         if blocked {
@@ -351,23 +355,23 @@ impl Manager {
             if let Some(s) = slot.scope.take() {
                 procs.remove(name, &s);
             }
-            let killed = slot.sub() == Sub::StopSigkill;
+            let killed = slot.sub() == SubState::StopSigkill;
             let restart = slot.job == Some(Job::Restart);
             let (outcome, message) = if killed && forced {
                 (
-                    Outcome::Timeout,
+                    UnitResult::Timeout,
                     "still running at the shutdown deadline; killed with SIGKILL".into(),
                 )
             } else if killed {
                 (
-                    Outcome::Timeout,
+                    UnitResult::Timeout,
                     format!(
                         "did not stop within stop_timeout {:?} after SIGTERM; killed with SIGKILL",
                         timeout.unwrap_or_default()
                     ),
                 )
             } else {
-                (Outcome::Success, String::new())
+                (UnitResult::Success, String::new())
             };
             slot.stopped(&self.events, &cfg, outcome, message);
             if restart && !self.shutting_down {
@@ -446,7 +450,7 @@ impl Manager {
         if let Some(scope) = &slot.scope {
             procs.signal_scope(&name, scope, Signal::SIGKILL);
         }
-        if slot.active() == Active::Deactivating {
+        if slot.active() == ActiveState::Deactivating {
             slot.deadline = Some(now);
             return;
         }
@@ -465,19 +469,19 @@ impl Manager {
                 RestartPolicy::OnFailure => !success,
             };
         let (outcome, message) = match (code, signal) {
-            (Some(0), _) => (Outcome::Success, String::new()),
+            (Some(0), _) => (UnitResult::Success, String::new()),
             _ if oom_kills > 0 => (
-                Outcome::OomKill,
+                UnitResult::OomKill,
                 format!(
                     "the kernel's OOM killer ended {oom_kills} process(es) of the unit: it reached \
                      memory_max ({how})"
                 ),
             ),
             (Some(c), _) => (
-                Outcome::ExitCode,
+                UnitResult::ExitCode,
                 format!("main process exited with code {c}"),
             ),
-            (_, _) => (Outcome::Signal, format!("main process killed by {how}")),
+            (_, _) => (UnitResult::Signal, format!("main process killed by {how}")),
         };
         slot.outcome = outcome;
         slot.message = message;

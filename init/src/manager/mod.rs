@@ -29,7 +29,7 @@ use crate::logs::LogConfig;
 use crate::scope::ScopeRoot;
 use output::Pipe;
 pub use processes::{ProcessControl, SystemProcesses};
-pub use state::{Active, Events, Job, Outcome, Run, Slot, Sub};
+pub use state::{ActiveState, Events, Job, Run, Slot, SubState, UnitResult};
 
 /// How often a stopping unit's scope is re-checked for emptiness.
 const SCOPE_POLL: Duration = Duration::from_millis(20);
@@ -205,7 +205,7 @@ impl Manager {
             s.job != Some(Job::Start)
                 && !matches!(
                     (s.active(), s.sub()),
-                    (Active::Activating, Sub::Waiting | Sub::Start)
+                    (ActiveState::Activating, SubState::Waiting | SubState::Start)
                 )
         })
     }
@@ -214,7 +214,7 @@ impl Manager {
     pub fn active_count(&self) -> usize {
         self.slots
             .values()
-            .filter(|s| s.active() == Active::Active)
+            .filter(|s| s.active() == ActiveState::Active)
             .count()
     }
 

@@ -12,7 +12,7 @@ use crate::scope::Scope;
 
 // The manager's states are the API's enums (`flotilla-init-api`): one definition of the
 // vocabulary for the state machine, the wire and every client. Each keeps `as_str()`.
-pub use flotilla_init_api::{ActiveState as Active, SubState as Sub, UnitResult as Outcome};
+pub use flotilla_init_api::{ActiveState, SubState, UnitResult};
 
 /// What was asked of the unit and is not done yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +39,9 @@ pub struct Slot {
     /// The unit's name (for the events).
     name: String,
     /// Active state.
-    active: Active,
+    active: ActiveState,
     /// Sub state.
-    sub: Sub,
+    sub: SubState,
     /// Pending job.
     pub job: Option<Job>,
     /// Main process.
@@ -69,7 +69,7 @@ pub struct Slot {
     /// While stopping: when to (re)send SIGKILL.
     kill_at: Option<Instant>,
     /// Result of the last transition.
-    pub outcome: Outcome,
+    pub outcome: UnitResult,
     /// Detail for `outcome`.
     pub message: String,
     /// Time of the last state change, µs since the epoch.
@@ -87,8 +87,8 @@ impl Slot {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_string(),
-            active: Active::Inactive,
-            sub: Sub::Dead,
+            active: ActiveState::Inactive,
+            sub: SubState::Dead,
             job: None,
             main_pid: None,
             scope: None,
@@ -102,7 +102,7 @@ impl Slot {
             started_at: None,
             deadline: None,
             kill_at: None,
-            outcome: Outcome::Success,
+            outcome: UnitResult::Success,
             message: String::new(),
             since_us: crate::logs::now_us(),
             load_error: None,
@@ -113,21 +113,22 @@ impl Slot {
 
     /// True while a process of the unit may exist.
     pub fn has_processes(&self) -> bool {
-        self.main_pid.is_some() || self.active == Active::Deactivating
+        self.main_pid.is_some() || self.active == ActiveState::Deactivating
     }
 
     /// True when the unit has settled in a non-running state.
     pub fn is_down(&self) -> bool {
-        matches!(self.active, Active::Inactive | Active::Failed) && self.main_pid.is_none()
+        matches!(self.active, ActiveState::Inactive | ActiveState::Failed)
+            && self.main_pid.is_none()
     }
 
     /// Active state.
-    pub fn active(&self) -> Active {
+    pub fn active(&self) -> ActiveState {
         self.active
     }
 
     /// Sub state.
-    pub fn sub(&self) -> Sub {
+    pub fn sub(&self) -> SubState {
         self.sub
     }
 
@@ -165,7 +166,7 @@ impl Slot {
     }
 
     /// Enter `a`/`s` and publish it (nothing when it is the state already).
-    fn set_state(&mut self, events: &Events, a: Active, s: Sub) {
+    fn set_state(&mut self, events: &Events, a: ActiveState, s: SubState) {
         if self.active == a && self.sub == s {
             return;
         }
@@ -184,10 +185,10 @@ impl Slot {
     /// A start was queued (the unit was inactive or failed): activating (waiting).
     pub fn start_queued(&mut self, events: &Events, logs: &LogConfig) {
         self.job = Some(Job::Start);
-        self.outcome = Outcome::Success;
+        self.outcome = UnitResult::Success;
         self.message.clear();
         self.log.push(logs, MANAGER_STREAM, "Start queued.");
-        self.set_state(events, Active::Activating, Sub::Waiting);
+        self.set_state(events, ActiveState::Activating, SubState::Waiting);
     }
 
     /// Nothing of the unit runs and nothing is pending: inactive (dead). The timer is left
@@ -195,7 +196,7 @@ impl Slot {
     pub fn became_dead(&mut self, events: &Events) {
         self.job = None;
         self.kill_at = None;
-        self.set_state(events, Active::Inactive, Sub::Dead);
+        self.set_state(events, ActiveState::Inactive, SubState::Dead);
     }
 
     /// A stop ended (the scope is empty and removed): inactive (dead) with `outcome`.
@@ -203,7 +204,7 @@ impl Slot {
         &mut self,
         events: &Events,
         logs: &LogConfig,
-        outcome: Outcome,
+        outcome: UnitResult,
         message: String,
     ) {
         self.deadline = None;
@@ -219,8 +220,8 @@ impl Slot {
         self.job = None;
         self.deadline = None;
         self.log.push(logs, MANAGER_STREAM, "Stopped.");
-        if self.active == Active::Failed {
-            self.set_state(events, Active::Failed, Sub::Failed);
+        if self.active == ActiveState::Failed {
+            self.set_state(events, ActiveState::Failed, SubState::Failed);
         } else {
             self.became_dead(events);
         }
@@ -233,7 +234,13 @@ impl Slot {
     }
 
     /// The unit failed with `outcome`: failed (failed), nothing pending.
-    pub fn failed(&mut self, events: &Events, logs: &LogConfig, outcome: Outcome, message: String) {
+    pub fn failed(
+        &mut self,
+        events: &Events,
+        logs: &LogConfig,
+        outcome: UnitResult,
+        message: String,
+    ) {
         self.job = None;
         self.deadline = None;
         self.outcome = outcome;
@@ -244,7 +251,7 @@ impl Slot {
         );
         log::warn!("{}: failed: {}: {message}", self.name, outcome.as_str());
         self.message = message;
-        self.set_state(events, Active::Failed, Sub::Failed);
+        self.set_state(events, ActiveState::Failed, SubState::Failed);
     }
 
     /// The main process `pid` runs in `scope` since `now`: active (running), or activating
@@ -265,9 +272,9 @@ impl Slot {
             &format!("Started, main pid {}.", run.pid.as_raw()),
         );
         if run.oneshot {
-            self.set_state(events, Active::Activating, Sub::Start);
+            self.set_state(events, ActiveState::Activating, SubState::Start);
         } else {
-            self.set_state(events, Active::Active, Sub::Running);
+            self.set_state(events, ActiveState::Active, SubState::Running);
         }
     }
 
@@ -277,18 +284,18 @@ impl Slot {
         self.kill_at = Some(kill_at);
         self.deadline = self.kill_at;
         self.log.push(logs, MANAGER_STREAM, "Stopping (SIGTERM).");
-        self.set_state(events, Active::Deactivating, Sub::StopSigterm);
+        self.set_state(events, ActiveState::Deactivating, SubState::StopSigterm);
     }
 
     /// `stop_timeout` passed after SIGTERM: deactivating (stop-sigkill).
     pub fn escalated(&mut self, events: &Events, logs: &LogConfig) {
-        if self.sub == Sub::StopSigterm {
+        if self.sub == SubState::StopSigterm {
             self.log.push(
                 logs,
                 MANAGER_STREAM,
                 "stop_timeout passed; sending SIGKILL.",
             );
-            self.set_state(events, Active::Deactivating, Sub::StopSigkill);
+            self.set_state(events, ActiveState::Deactivating, SubState::StopSigkill);
         }
     }
 
@@ -314,7 +321,7 @@ impl Slot {
         self.job = Some(Job::Stop);
         self.kill_at = Some(kill_at);
         self.deadline = Some(now);
-        self.set_state(events, Active::Deactivating, Sub::StopSigkill);
+        self.set_state(events, ActiveState::Deactivating, SubState::StopSigkill);
     }
 
     /// The main process exited 0 at `now` and nothing restarts it: active (exited) for a
@@ -323,7 +330,7 @@ impl Slot {
         self.job = None;
         self.deadline = Some(now);
         if oneshot {
-            self.set_state(events, Active::Active, Sub::Exited);
+            self.set_state(events, ActiveState::Active, SubState::Exited);
         } else {
             self.became_dead(events);
         }
@@ -345,7 +352,7 @@ impl Slot {
             MANAGER_STREAM,
             &format!("Scheduled restart in {delay:?}."),
         );
-        self.set_state(events, Active::Activating, Sub::AutoRestart);
+        self.set_state(events, ActiveState::Activating, SubState::AutoRestart);
     }
 }
 

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use super::{Active, Config, Manager, Outcome, ProcessControl, Sub};
+use super::{ActiveState, Config, Manager, ProcessControl, SubState, UnitResult};
 use crate::api::{ApiError, Request};
 use crate::launcher::{LaunchError, LaunchIo, Launcher};
 use crate::logs::LogConfig;
@@ -205,7 +205,7 @@ impl Harness {
         self.end(unit, at, |pid| WaitStatus::Signaled(pid, sig, false));
     }
 
-    fn state(&self, unit: &str) -> (Active, Sub, Outcome) {
+    fn state(&self, unit: &str) -> (ActiveState, SubState, UnitResult) {
         let s = &self.m.slots[unit];
         (s.active(), s.sub(), s.outcome)
     }
@@ -237,8 +237,10 @@ fn reap(unit: &str, at: Duration) -> Ev {
     sig(unit, To::Scope, Signal::SIGKILL, at)
 }
 
-const RUNNING: (Active, Sub, Outcome) = (Active::Active, Sub::Running, Outcome::Success);
-const DEAD: (Active, Sub, Outcome) = (Active::Inactive, Sub::Dead, Outcome::Success);
+const RUNNING: (ActiveState, SubState, UnitResult) =
+    (ActiveState::Active, SubState::Running, UnitResult::Success);
+const DEAD: (ActiveState, SubState, UnitResult) =
+    (ActiveState::Inactive, SubState::Dead, UnitResult::Success);
 
 #[test]
 fn start_follows_after_and_before() {
@@ -265,11 +267,19 @@ fn start_follows_after_and_before() {
     );
     assert_eq!(
         h.state("app"),
-        (Active::Activating, Sub::Waiting, Outcome::Success)
+        (
+            ActiveState::Activating,
+            SubState::Waiting,
+            UnitResult::Success
+        )
     );
     assert_eq!(
         h.state("db"),
-        (Active::Activating, Sub::Start, Outcome::Success)
+        (
+            ActiveState::Activating,
+            SubState::Start,
+            UnitResult::Success
+        )
     );
 
     h.exit("db", ms(5), 0);
@@ -277,11 +287,15 @@ fn start_follows_after_and_before() {
     assert_eq!(h.take(), [reap("db", ms(5))]);
     assert_eq!(
         h.state("db"),
-        (Active::Active, Sub::Exited, Outcome::Success)
+        (ActiveState::Active, SubState::Exited, UnitResult::Success)
     );
     assert_eq!(
         h.state("app"),
-        (Active::Activating, Sub::Waiting, Outcome::Success)
+        (
+            ActiveState::Activating,
+            SubState::Waiting,
+            UnitResult::Success
+        )
     );
 
     h.exit("migrate", ms(8), 0);
@@ -319,7 +333,14 @@ fn required_failure_fails_the_dependant_wanted_failure_does_not() {
         ]
     );
     let orphan = h.state("orphan");
-    assert_eq!(orphan, (Active::Failed, Sub::Failed, Outcome::Dependency));
+    assert_eq!(
+        orphan,
+        (
+            ActiveState::Failed,
+            SubState::Failed,
+            UnitResult::Dependency
+        )
+    );
     assert!(
         h.message("orphan").contains("ghost"),
         "{}",
@@ -331,15 +352,19 @@ fn required_failure_fails_the_dependant_wanted_failure_does_not() {
     h.tick(ms(3));
     assert_eq!(
         h.state("need"),
-        (Active::Failed, Sub::Failed, Outcome::ExitCode)
+        (ActiveState::Failed, SubState::Failed, UnitResult::ExitCode)
     );
     assert_eq!(
         h.state("want"),
-        (Active::Failed, Sub::Failed, Outcome::ExitCode)
+        (ActiveState::Failed, SubState::Failed, UnitResult::ExitCode)
     );
     assert_eq!(
         h.state("app"),
-        (Active::Failed, Sub::Failed, Outcome::Dependency)
+        (
+            ActiveState::Failed,
+            SubState::Failed,
+            UnitResult::Dependency
+        )
     );
     assert!(h.message("app").contains("need"), "{}", h.message("app"));
     assert_eq!(h.state("helper"), RUNNING);
@@ -366,15 +391,19 @@ fn a_required_unit_that_cannot_start_fails_the_dependant_a_wanted_one_does_not()
     h.tick(ms(0));
     assert_eq!(
         h.state("need"),
-        (Active::Failed, Sub::Failed, Outcome::Spawn)
+        (ActiveState::Failed, SubState::Failed, UnitResult::Spawn)
     );
     assert_eq!(
         h.state("want"),
-        (Active::Failed, Sub::Failed, Outcome::Spawn)
+        (ActiveState::Failed, SubState::Failed, UnitResult::Spawn)
     );
     assert_eq!(
         h.state("app"),
-        (Active::Failed, Sub::Failed, Outcome::Dependency)
+        (
+            ActiveState::Failed,
+            SubState::Failed,
+            UnitResult::Dependency
+        )
     );
     assert!(h.message("app").contains("need"), "{}", h.message("app"));
     assert_eq!(h.state("helper"), RUNNING);
@@ -458,7 +487,7 @@ fn an_ordering_cycle_fails_its_units_with_cycle() {
     for u in ["a", "b", "c"] {
         assert_eq!(
             h.state(u),
-            (Active::Failed, Sub::Failed, Outcome::Cycle),
+            (ActiveState::Failed, SubState::Failed, UnitResult::Cycle),
             "{u}"
         );
         assert!(h.message(u).contains("ordering cycle"), "{}", h.message(u));
@@ -486,14 +515,18 @@ fn restart_backoff_doubles_is_capped_and_resets_after_a_long_run() {
         assert_eq!(h.tick(t), Some(due), "restart after {delay} ms");
         assert_eq!(
             h.state("flaky"),
-            (Active::Activating, Sub::AutoRestart, Outcome::ExitCode)
+            (
+                ActiveState::Activating,
+                SubState::AutoRestart,
+                UnitResult::ExitCode
+            )
         );
         assert_eq!(h.tick(due - ms(1)), Some(due));
         assert_eq!(h.take(), [reap("flaky", t)], "nothing before {due:?}");
         t = due;
         h.tick(t);
         assert_eq!(h.take(), [launch("flaky", t)]);
-        assert_eq!(h.state("flaky").0, Active::Active);
+        assert_eq!(h.state("flaky").0, ActiveState::Active);
     }
     assert_eq!(h.m.slots["flaky"].restarts, 6);
     // A run longer than restart_max_sec starts the doubling over.
@@ -535,7 +568,11 @@ fn too_many_starts_hit_the_start_limit_until_a_manual_start() {
             launch("crashy", ms(300))
         ]
     );
-    let hit = (Active::Failed, Sub::Failed, Outcome::StartLimitHit);
+    let hit = (
+        ActiveState::Failed,
+        SubState::Failed,
+        UnitResult::StartLimitHit,
+    );
     assert_eq!(h.state("crashy"), hit);
     assert!(h.message("crashy").contains("start_limit_burst"));
     assert_eq!(h.tick(secs(60)), None);
@@ -569,7 +606,11 @@ fn a_stop_escalates_to_sigkill_after_stop_timeout() {
             sig("stubborn", To::Scope, Signal::SIGTERM, secs(1))
         ]
     );
-    let sigterm = (Active::Deactivating, Sub::StopSigterm, Outcome::Success);
+    let sigterm = (
+        ActiveState::Deactivating,
+        SubState::StopSigterm,
+        UnitResult::Success,
+    );
     assert_eq!(h.state("stubborn"), sigterm);
     // polite obeys.
     h.killed("polite", ms(1500), Signal::SIGTERM);
@@ -579,7 +620,11 @@ fn a_stop_escalates_to_sigkill_after_stop_timeout() {
     assert_eq!(h.take(), [reap("polite", ms(1500))]);
     // stubborn does not: SIGKILL at exactly stop_timeout, repeated every second.
     assert_eq!(h.tick(secs(3)), Some(secs(4)));
-    let sigkill = (Active::Deactivating, Sub::StopSigkill, Outcome::Success);
+    let sigkill = (
+        ActiveState::Deactivating,
+        SubState::StopSigkill,
+        UnitResult::Success,
+    );
     assert_eq!(h.state("stubborn"), sigkill);
     assert_eq!(h.tick(secs(4)), Some(secs(5)));
     assert_eq!(
@@ -593,7 +638,7 @@ fn a_stop_escalates_to_sigkill_after_stop_timeout() {
     h.tick(ms(4100));
     assert_eq!(
         h.state("stubborn"),
-        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+        (ActiveState::Inactive, SubState::Dead, UnitResult::Timeout)
     );
     assert!(h.message("stubborn").contains("stop_timeout"));
 }
@@ -619,13 +664,17 @@ fn a_oneshot_that_exited_is_active_and_a_restart_runs_it_again() {
     h.tick(ms(0));
     assert_eq!(
         h.state("job"),
-        (Active::Activating, Sub::Start, Outcome::Success)
+        (
+            ActiveState::Activating,
+            SubState::Start,
+            UnitResult::Success
+        )
     );
     h.exit("job", secs(1), 0);
     h.tick(secs(1));
     assert_eq!(
         h.state("job"),
-        (Active::Active, Sub::Exited, Outcome::Success)
+        (ActiveState::Active, SubState::Exited, UnitResult::Success)
     );
     // A start of an active oneshot does nothing; a restart runs it again.
     h.request(secs(2), Request::StartUnit("job".into()))
@@ -638,7 +687,11 @@ fn a_oneshot_that_exited_is_active_and_a_restart_runs_it_again() {
     assert_eq!(h.take(), [launch("job", secs(3))]);
     assert_eq!(
         h.state("job"),
-        (Active::Activating, Sub::Start, Outcome::Success)
+        (
+            ActiveState::Activating,
+            SubState::Start,
+            UnitResult::Success
+        )
     );
     assert_eq!(h.m.slots["job"].restarts, 0);
 }
@@ -776,7 +829,11 @@ fn a_forced_shutdown_kills_what_is_left_at_the_deadline() {
             sig("stuck", To::Main, Signal::SIGKILL, secs(6))
         ]
     );
-    let sigkill = (Active::Deactivating, Sub::StopSigkill, Outcome::Success);
+    let sigkill = (
+        ActiveState::Deactivating,
+        SubState::StopSigkill,
+        UnitResult::Success,
+    );
     assert_eq!(h.state("stuck"), sigkill);
     // A process stuck in the kernel cannot hold the shutdown past a 5 s grace.
     assert!(!h.m.shutdown_complete_at(h.t0 + secs(10)));
@@ -785,7 +842,7 @@ fn a_forced_shutdown_kills_what_is_left_at_the_deadline() {
     h.tick(secs(7));
     assert_eq!(
         h.state("stuck"),
-        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+        (ActiveState::Inactive, SubState::Dead, UnitResult::Timeout)
     );
     assert!(h.message("stuck").contains("shutdown deadline"));
 }
@@ -805,7 +862,11 @@ fn a_stop_waits_for_the_whole_scope_not_just_the_main_process() {
     // Only the scope's rest is left: it is looked at every 20 ms, still deactivating.
     assert_eq!(h.tick(ms(1500)), Some(ms(1520)));
     assert_eq!(h.tick(ms(1520)), Some(ms(1540)));
-    let sigterm = (Active::Deactivating, Sub::StopSigterm, Outcome::Success);
+    let sigterm = (
+        ActiveState::Deactivating,
+        SubState::StopSigterm,
+        UnitResult::Success,
+    );
     assert_eq!(h.state("forker"), sigterm);
     // At stop_timeout the rest gets SIGKILL, repeated every second while it stays.
     assert_eq!(h.tick(secs(2)), Some(ms(2020)));
@@ -823,6 +884,6 @@ fn a_stop_waits_for_the_whole_scope_not_just_the_main_process() {
     assert_eq!(h.tick(ms(3020)), None);
     assert_eq!(
         h.state("forker"),
-        (Active::Inactive, Sub::Dead, Outcome::Timeout)
+        (ActiveState::Inactive, SubState::Dead, UnitResult::Timeout)
     );
 }
