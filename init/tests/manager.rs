@@ -275,11 +275,14 @@ fn orphans_are_reaped() {
         "spawner",
         r#"
 [container]
-command = ["/bin/sh", "-c", "(sleep 1000 & echo $! > $DIR/orphan.pid.tmp; mv $DIR/orphan.pid.tmp $DIR/orphan.pid); for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; touch $DIR/spawned; exec sleep 1000"]
+command = ["/bin/sh", "-c", "(sleep 1000 & echo $! > $DIR/orphan.pid.tmp; mv $DIR/orphan.pid.tmp $DIR/orphan.pid); for i in 1 2 3 4 5; do (sh -c 'echo $$ >> $DIR/short.pids; exec sleep 0.1' &) ; done; exec sleep 1000"]
 "#,
     )]);
+    let manager = m.pid();
+    // Reaped: gone from /proc (or its pid already reused by a process that is not a child
+    // of the manager); a zombie child of the manager is not.
+    let reaped = |pid: i32| state_and_ppid(pid).is_none_or(|(_, ppid)| ppid != manager);
     let orphan = read_pid(&m, "orphan.pid");
-    m.wait_file(&m.path("spawned"));
     // Once the subshell that forked it has exited, the orphan's parent is outside the unit.
     m.wait_until("the orphan's subshell to exit", || {
         state_and_ppid(orphan)
@@ -287,25 +290,33 @@ command = ["/bin/sh", "-c", "(sleep 1000 & echo $! > $DIR/orphan.pid.tmp; mv $DI
     });
     let (state, ppid) = state_and_ppid(orphan).expect("the orphan is running");
     assert_eq!(
-        ppid,
-        m.pid(),
+        ppid, manager,
         "the orphan (state {state}) was not re-parented to the manager, its subreaper"
     );
-    // The five short-lived orphans have exited by now or soon: none may stay a zombie.
-    m.wait_until("no zombie children of the manager", || {
-        zombies_of(m.pid()).is_empty()
+    // Five short-lived orphans: each must be reaped once it exits, none left a zombie.
+    let short = m.path("short.pids");
+    m.wait_until("the five short-lived orphans to start", || {
+        fs::read_to_string(&short)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 5
+    });
+    let short: Vec<i32> = fs::read_to_string(&short)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    m.wait_until("the short-lived orphans to be reaped", || {
+        short.iter().all(|p| reaped(*p))
     });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(orphan),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let mut last = None;
-    m.wait_until("the killed orphan to be reaped (gone from /proc)", || {
-        last = state_and_ppid(orphan);
-        last.is_none()
-    });
-    assert!(zombies_of(m.pid()).is_empty());
+    m.wait_until("the killed orphan to be reaped", || reaped(orphan));
+    assert!(zombies_of(manager).is_empty(), "{:?}", zombies_of(manager));
     assert_eq!(m.state("spawner"), "active");
 }
 

@@ -206,12 +206,21 @@ impl Machine {
 
     /// Wait until unit `name` is in active state `state`; returns its status.
     pub fn wait_state(&self, name: &str, state: &str) -> Value {
-        let mut last = Value::Null;
-        self.wait_until(&format!("{name} to be {state} (last: {last})"), || {
-            last = self.status(name);
-            last["state"] == state
-        });
-        last
+        let start = Instant::now();
+        loop {
+            let last = self.status(name);
+            if last["state"] == state {
+                return last;
+            }
+            if start.elapsed() > PATIENCE {
+                // The status seen last, not the one before the first look.
+                panic!(
+                    "gave up waiting for {name} to be {state} (last: {last})\nmanager log:\n{}",
+                    self.manager_log()
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn wait_file(&self, path: &Path) {
