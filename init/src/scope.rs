@@ -213,11 +213,19 @@ impl ScopeRoot {
     }
 
     /// As [`ScopeRoot::create`], falling back to process groups on any error (the reason is
-    /// returned); `delegate`: enable the limit controllers for the children (the toolbox sets
-    /// no limits and leaves its parent's controllers alone).
+    /// returned: PID 1 logs it, the toolbox refuses to run with it); `delegate`: enable the
+    /// limit controllers for the children (the toolbox sets no limits and leaves its
+    /// parent's controllers alone).
     pub fn create_with(name: &str, delegate: bool) -> (ScopeRoot, Option<String>) {
-        Self::try_create(name, delegate)
-            .unwrap_or_else(|e| (ScopeRoot::ProcessGroup, Some(e.to_string())))
+        Self::try_create(name, delegate).unwrap_or_else(|e| {
+            let why = match e {
+                ScopeError::NotDelegated { path, source, .. } => {
+                    format!("cannot create cgroup {}: {source}", path.display())
+                }
+                e => e.to_string(),
+            };
+            (ScopeRoot::ProcessGroup, Some(why))
+        })
     }
 
     fn try_create(name: &str, delegate: bool) -> Result<(ScopeRoot, Option<String>), ScopeError> {

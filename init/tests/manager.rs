@@ -1046,6 +1046,10 @@ fn init_false_makes_the_command_pid_1() {
 #[test]
 fn a_supervisor_needs_a_delegated_cgroup() {
     const NOBODY: u32 = 65534;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (to run the manager as nobody and delegate a cgroup to it)"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
     let units = dir.path().join("units");
