@@ -2,7 +2,7 @@
 //!
 //! With cgroup v2 (the normal case, in the VM and on any current host) every unit gets a leaf
 //! cgroup: a process that double-forks or calls `setsid` still belongs to it, and stopping the
-//! unit kills the whole cgroup. Without a writable cgroup v2 hierarchy the scope falls back to
+//! unit kills the whole cgroup. Without a cgroup v2 hierarchy the scope falls back to
 //! the unit's process group, which a daemon that calls `setsid` escapes; the manager logs
 //! that it runs in this degraded mode.
 
@@ -20,8 +20,10 @@ pub enum ScopeError {
     /// A resource limit was asked for but cannot be applied.
     #[error(
         "cannot apply {key}: the cgroup v2 `{controller}` controller is not available in {path} \
-         (this host's cgroup2 has no controllers: run under a cgroup v2 host such as the \
-         Flotilla VM, or remove {key})"
+         (the controller is not delegated to the units' cgroup: run the manager in a \
+         delegated cgroup v2, e.g. `systemd-run --scope -p Delegate=yes flotilla-init ...`, \
+         or in the Flotilla VM; on a hybrid host whose cgroup2 has no controllers, remove \
+         {key})"
     )]
     NoController {
         /// The unit key.
@@ -30,6 +32,22 @@ pub enum ScopeError {
         controller: &'static str,
         /// The unit's cgroup.
         path: PathBuf,
+    },
+    /// A cgroup v2 hierarchy is mounted but this process cannot create the units' cgroup
+    /// below its own: its cgroup is not delegated to it.
+    #[error(
+        "cannot create the units' cgroup {path}: {source}; this process's cgroup {parent} is \
+         not delegated to it. Run the manager in a delegated cgroup, e.g. `systemd-run --scope \
+         -p Delegate=yes flotilla-init ...` (or give its user the cgroup directory, its \
+         cgroup.procs and cgroup.subtree_control)"
+    )]
+    NotDelegated {
+        /// The cgroup that could not be created.
+        path: PathBuf,
+        /// This process's own cgroup.
+        parent: PathBuf,
+        /// The underlying error.
+        source: io::Error,
     },
     /// A cgroup file or directory could not be used.
     #[error("cgroup {path}: {source}")]
@@ -65,18 +83,73 @@ pub use flotilla_init_api::cgroup::{cgroup2_mount, find_cgroup2, own_cgroup};
 const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
 /// Enable in `dir`'s children each limit controller that `dir` has (best effort).
-fn enable_controllers(dir: &Path) {
+///
+/// Returns the controllers refused with `EBUSY`: `dir` holds processes (cgroup v2's
+/// no-internal-process rule); any other refusal is logged with the fix.
+fn enable_controllers(dir: &Path) -> Vec<&'static str> {
     let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let mut busy = Vec::new();
     for c in LIMIT_CONTROLLERS {
         if available.split_whitespace().any(|a| a == c) {
-            if let Err(e) = fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
-                log::debug!(
-                    "cannot enable the {c} controller below {}: {e}",
+            match fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy.push(c),
+                Err(e) => log::warn!(
+                    "cannot enable the {c} controller below {}: {e}; units with a {c} limit \
+                     will fail to start. Run the manager in a delegated cgroup \
+                     (`systemd-run --scope -p Delegate=yes flotilla-init ...`)",
                     dir.display()
-                );
+                ),
             }
         }
     }
+    busy
+}
+
+/// True when `dir`'s `cgroup.procs` lists this process and nothing else.
+fn holds_only_self(dir: &Path) -> bool {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let me = std::process::id().to_string();
+    let mut pids = procs.split_whitespace();
+    pids.next() == Some(me.as_str()) && pids.next().is_none()
+}
+
+/// Delegate the limit controllers from `parent` (this process's cgroup) down to `dir`.
+///
+/// In a delegated cgroup that holds only this process (`systemd-run --scope -p
+/// Delegate=yes`), the controllers cannot be enabled while the process is in it: the process
+/// moves itself into the leaf `parent/init.scope` first, as systemd's delegated services
+/// do. A cgroup shared with other processes keeps them; its controllers stay unavailable and
+/// a unit asking for a limit fails with the reason.
+fn delegate_controllers(mount: &Path, parent: &Path, dir: &Path) {
+    let busy = enable_controllers(parent);
+    if !busy.is_empty() && parent != mount {
+        if holds_only_self(parent) {
+            let leaf = parent.join("init.scope");
+            let moved = match fs::create_dir(&leaf) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(e),
+            }
+            .and_then(|()| fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()));
+            match moved {
+                Ok(()) => {
+                    log::info!("moved to the leaf cgroup {}", leaf.display());
+                    enable_controllers(parent);
+                }
+                Err(e) => log::warn!("cannot move to the leaf cgroup {}: {e}", leaf.display()),
+            }
+        } else {
+            log::warn!(
+                "the {} controller(s) cannot be delegated below {}: it holds other processes; \
+                 units with limits will fail to start. Run the manager in a cgroup of its own \
+                 (`systemd-run --scope -p Delegate=yes flotilla-init ...`)",
+                busy.join(", "),
+                parent.display()
+            );
+        }
+    }
+    enable_controllers(dir);
 }
 
 /// Moves this process into the leaf cgroup `name` below the cgroup2 root (PID 1 does this
@@ -98,43 +171,54 @@ pub fn move_self_to_leaf(name: &str) -> Result<PathBuf, ScopeError> {
 }
 
 impl ScopeRoot {
-    /// Create `name` below this process's own cgroup v2, or fall back to process groups.
+    /// The manager's scopes: create `name` below this process's own cgroup v2 and delegate
+    /// the limit controllers to it; process groups when no cgroup2 is mounted.
     ///
-    /// Returns the root and, when falling back, the reason (for the log).
-    pub fn create(name: &str) -> (ScopeRoot, Option<String>) {
-        Self::create_with(name, true)
+    /// Returns the root and, when falling back, the reason (for the log). A mounted cgroup2
+    /// in which the cgroup cannot be created is an error ([`ScopeError::NotDelegated`]), not
+    /// a silent fallback: the units would run without the cgroup's kill and limits.
+    pub fn create(name: &str) -> Result<(ScopeRoot, Option<String>), ScopeError> {
+        Self::try_create(name, true)
     }
 
-    /// As [`ScopeRoot::create`]; `delegate`: enable the limit controllers for the children
-    /// (the manager; the toolbox sets no limits and leaves its parent's controllers alone).
+    /// As [`ScopeRoot::create`], falling back to process groups on any error (the reason is
+    /// returned: PID 1 logs it, the toolbox refuses to run with it); `delegate`: enable the
+    /// limit controllers for the children (the toolbox sets no limits and leaves its
+    /// parent's controllers alone).
     pub fn create_with(name: &str, delegate: bool) -> (ScopeRoot, Option<String>) {
+        Self::try_create(name, delegate).unwrap_or_else(|e| {
+            let why = match e {
+                ScopeError::NotDelegated { path, source, .. } => {
+                    format!("cannot create cgroup {}: {source}", path.display())
+                }
+                e => e.to_string(),
+            };
+            (ScopeRoot::ProcessGroup, Some(why))
+        })
+    }
+
+    fn try_create(name: &str, delegate: bool) -> Result<(ScopeRoot, Option<String>), ScopeError> {
         let Some(mount) = find_cgroup2() else {
-            return (
+            return Ok((
                 ScopeRoot::ProcessGroup,
                 Some("no cgroup2 filesystem is mounted".into()),
-            );
+            ));
         };
         let own = own_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default())
             .unwrap_or_default();
         let parent = mount.join(own);
         let dir = parent.join(name);
-        match fs::create_dir_all(&dir) {
-            Ok(()) => {
-                // Delegate the limit controllers down to the units' cgroups. This fails where
-                // the parent holds processes and is not the root (cgroup v2's no-internal-
-                // process rule); a unit asking for a limit then gets a precise error.
-                if delegate {
-                    for d in [&parent, &dir] {
-                        enable_controllers(d);
-                    }
-                }
-                (ScopeRoot::Cgroup(dir), None)
-            }
-            Err(e) => (
-                ScopeRoot::ProcessGroup,
-                Some(format!("cannot create cgroup {}: {e}", dir.display())),
-            ),
+        fs::create_dir_all(&dir).map_err(|source| ScopeError::NotDelegated {
+            path: dir.clone(),
+            parent: parent.clone(),
+            source,
+        })?;
+        // Delegate the limit controllers down to the units' cgroups. A unit asking for a
+        // limit that could not be delegated gets a precise error.
+        if delegate {
+            delegate_controllers(&mount, &parent, &dir);
         }
+        Ok((ScopeRoot::Cgroup(dir), None))
     }
 
     /// Prepare the scope for a new run of `unit`. Kills leftovers of an earlier run first.

@@ -396,8 +396,8 @@ fn read_in_cgroup(cgroup: &Path, dev: &Path) -> String {
 fn attaching_new_rules_replaces_the_old_ones() {
     use flotilla_container::runtime::{attach_device_filter, DeviceKind, DeviceRule, ACCESS_READ};
     let disk = Disk::new();
-    let cgroup = PathBuf::from(format!(
-        "/sys/fs/cgroup/unified/flotilla-devtest-{}-{}",
+    let cgroup = common::own_cgroup_dir().join(format!(
+        "flotilla-devtest-{}-{}",
         std::process::id(),
         rand_tag()
     ));
@@ -551,11 +551,19 @@ fn the_toolbox_denies_host_disks() {
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
 
-/// `unshare -m` with cgroup2 unmounted: no cgroup v2 for anything started from there.
+/// `unshare -m` with every cgroup2 mount unmounted (wherever this host has them): no cgroup
+/// v2 for anything started from there.
 fn without_cgroup2(program: &str) -> Command {
+    let mounts = common::cgroup2_mounts();
+    assert!(!mounts.is_empty(), "no cgroup2 filesystem is mounted");
+    let umounts: Vec<String> = mounts
+        .iter()
+        .rev()
+        .map(|m| format!("umount {} && ", m.display()))
+        .collect();
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg("umount /sys/fs/cgroup/unified && exec \"$0\" \"$@\"")
+        .arg(format!("{}exec \"$0\" \"$@\"", umounts.concat()))
         .arg(program);
     cmd
 }
@@ -601,6 +609,7 @@ fn without_a_filter_nothing_runs() {
         state: dir.path().join("state"),
         api,
         cgroup: format!("no-cgroup-{}", std::process::id()),
+        cgroup_parent: common::own_cgroup_dir(),
         dir,
     };
     m.wait_until("the control socket answers", || {

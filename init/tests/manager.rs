@@ -245,20 +245,122 @@ command = ["/bin/sh", "-c", "setsid sh -c 'sleep 1000 & echo $! > $DIR/daemon.pi
     });
 }
 
+/// `/proc/PID/stat` of a process: its state letter and parent pid (`None` once it is gone,
+/// reaped).
+fn state_and_ppid(pid: i32) -> Option<(char, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?))
+}
+
+/// The host-pid files a host-launched unit wrote, once they are all there.
+fn read_pid(m: &Machine, file: &str) -> i32 {
+    let path = m.path(file);
+    m.wait_until(&format!("{file} to be written"), || {
+        fs::read_to_string(&path).is_ok_and(|t| t.trim().parse::<i32>().is_ok())
+    });
+    fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+}
+
+/// The manager's subreaper role, which the container units never reach (their orphans go
+/// to the container's own init): with `--launcher host` a unit's double-forked processes
+/// are re-parented to the manager (`PR_SET_CHILD_SUBREAPER`), and the manager reaps each one
+/// when it exits: no zombie is left whose parent is the manager, and a killed orphan
+/// vanishes from /proc.
 #[test]
 fn orphans_are_reaped() {
-    let m = Machine::start(&[(
+    let m = Machine::start_host(&[(
         "spawner",
         r#"
 [container]
-command = ["/bin/sh", "-c", "for i in 1 2 3 4 5; do (sleep 0.1 &) ; done; touch $DIR/spawned; exec sleep 1000"]
+command = ["/bin/sh", "-c", "(sleep 1000 & echo $! > $DIR/orphan.pid.tmp; mv $DIR/orphan.pid.tmp $DIR/orphan.pid); for i in 1 2 3 4 5; do (sh -c 'echo $$ >> $DIR/short.pids; exec sleep 0.1' &) ; done; exec sleep 1000"]
 "#,
     )]);
-    m.wait_file(&m.path("spawned"));
-    sleep(Duration::from_millis(500));
-    m.wait_until("no zombie children of the manager", || {
-        zombies_of(m.pid()).is_empty()
+    let manager = m.pid();
+    // Reaped: gone from /proc (or its pid already reused by a process that is not a child
+    // of the manager); a zombie child of the manager is not.
+    let reaped = |pid: i32| state_and_ppid(pid).is_none_or(|(_, ppid)| ppid != manager);
+    let orphan = read_pid(&m, "orphan.pid");
+    // Once the subshell that forked it has exited, the orphan's parent is outside the unit.
+    m.wait_until("the orphan's subshell to exit", || {
+        state_and_ppid(orphan)
+            .is_some_and(|(_, ppid)| !m.unit_pids("spawner").contains(&(ppid as i32)))
     });
+    let (state, ppid) = state_and_ppid(orphan).expect("the orphan is running");
+    assert_eq!(
+        ppid, manager,
+        "the orphan (state {state}) was not re-parented to the manager, its subreaper"
+    );
+    // Five short-lived orphans: each must be reaped once it exits, none left a zombie.
+    let short = m.path("short.pids");
+    m.wait_until("the five short-lived orphans to start", || {
+        fs::read_to_string(&short)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 5
+    });
+    let short: Vec<i32> = fs::read_to_string(&short)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    m.wait_until("the short-lived orphans to be reaped", || {
+        short.iter().all(|p| reaped(*p))
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(orphan),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    m.wait_until("the killed orphan to be reaped", || reaped(orphan));
+    assert!(zombies_of(manager).is_empty(), "{:?}", zombies_of(manager));
+    assert_eq!(m.state("spawner"), "active");
+}
+
+/// With `--launcher host` nothing else can end a unit's tree: no pid namespace whose init
+/// takes its processes along. A unit whose processes all ignore SIGTERM and whose daemon
+/// double-forked into a session of its own (out of the main process's group) is stopped
+/// only by the scope's kill (`cgroup.kill`): after `stop_timeout` every one of its
+/// processes is gone and the unit is inactive, result `timeout`.
+#[test]
+fn stop_kills_the_whole_tree_of_a_host_unit() {
+    let m = Machine::start_host(&[(
+        "stubborn",
+        r#"
+[container]
+command = ["/bin/sh", "-c", "trap '' TERM; (setsid sh -c 'sleep 1000 & echo $! > $DIR/daemon.pid.tmp; mv $DIR/daemon.pid.tmp $DIR/daemon.pid; wait' &); while true; do sleep 0.1; done"]
+[service]
+stop_timeout = "1s"
+"#,
+    )]);
+    let daemon = read_pid(&m, "daemon.pid");
+    let main = m.status("stubborn")["pid"].as_i64().unwrap() as i32;
+    let daemon_sh = state_and_ppid(daemon).expect("the daemon runs").1 as i32;
+    let pgid = |pid: i32| nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+    assert_ne!(
+        pgid(daemon),
+        pgid(main),
+        "the daemon must have left the main process's group"
+    );
+    let tree = [main, daemon_sh, daemon];
+    assert!(tree.iter().all(|p| alive(*p)), "{tree:?}");
+    assert!(
+        tree.iter().all(|p| m.unit_pids("stubborn").contains(p)),
+        "the tree is in the unit's cgroup {}: {tree:?} vs {:?}",
+        m.cgroup_dir().display(),
+        m.unit_pids("stubborn")
+    );
+
+    m.ok(&["stop", "--no-block", "stubborn"]);
+    let s = m.wait_state("stubborn", "inactive");
+    assert_eq!(s["result"], "timeout", "{s}");
+    assert!(m.logs("stubborn").contains("SIGKILL"));
+    let left: Vec<i32> = tree.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "still running after the stop: {left:?}");
+    assert!(m.unit_pids("stubborn").is_empty());
 }
 
 #[test]
@@ -380,20 +482,32 @@ fn missing_requirement_and_cycles_fail_only_their_units() {
     m.wait_state("fine", "active");
 }
 
+/// `memory_max` is applied when the units' cgroup has the memory controller (a pure cgroup v2
+/// host with delegation, the VM), and otherwise fails the unit with the reason, never letting
+/// it run without its limit. Which case this host is, is detected (the units' cgroup's
+/// `cgroup.subtree_control`) and printed, never skipped.
 #[test]
 fn a_limit_that_cannot_be_applied_fails_the_unit_clearly() {
-    // This host's cgroup2 has no controllers (docs/architecture.md, "Test host notes"); limits
-    // are exercised for real in the VM. Here the unit must fail with a reason, never run
-    // without its limit.
-    let controllers = fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers");
-    if controllers.is_ok_and(|c| c.contains("memory")) {
-        eprintln!("skipped: this host's cgroup2 has the memory controller");
-        return;
-    }
     let m = Machine::start(&[(
         "capped",
         "[container]\ncommand = [\"/bin/sh\", \"-c\", \"touch $DIR/ran; exec sleep 1000\"]\n[service]\nmemory_max = \"64M\"\n",
     )]);
+    let delegated = fs::read_to_string(m.cgroup_dir().join("cgroup.subtree_control"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == "memory");
+    if delegated {
+        // This host's cgroup v2 has the memory controller: the limit must be in force.
+        eprintln!("the memory controller is delegated here: checking that memory_max is applied");
+        m.wait_state("capped", "active");
+        let max = fs::read_to_string(m.cgroup_dir().join("capped.unit/memory.max")).unwrap();
+        assert_eq!(max.trim(), (64u64 << 20).to_string());
+        return;
+    }
+    // This host's cgroup2 has no memory controller (docs/architecture.md, "Test host notes");
+    // limits are exercised for real in the VM. Here the unit must fail with a reason, never
+    // run without its limit.
+    eprintln!("no memory controller in the units' cgroup: checking that the unit fails");
     let s = m.wait_state("capped", "failed");
     assert_eq!(s["result"], "resources", "{s}");
     let msg = s["message"].as_str().unwrap();
@@ -791,4 +905,244 @@ fn create_through_a_planted_symlink_is_refused() {
         !std::path::Path::new("/").join(&marker).exists(),
         "a directory was created through the symlink on the host"
     );
+}
+
+/// SIGHUP makes the manager reload its unit directories (README): a unit file added on disk
+/// shows up, a changed one is loaded with its new text, and the running unit is not
+/// disturbed (changed units restart only when asked).
+#[test]
+fn sighup_reloads_the_unit_files() {
+    let m = Machine::start(&[(
+        "svc",
+        "[unit]\ndescription = \"first\"\n[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    )]);
+    let before = m.wait_state("svc", "active");
+    assert!(!m.unitctl(&["status", "added"]).status.success());
+    fs::write(
+        m.units.join("added.toml"),
+        "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        m.units.join("svc.toml"),
+        "[unit]\ndescription = \"second\"\n[container]\ncommand = [\"/bin/sleep\", \"999\"]\n",
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    m.wait_until("the added unit to be loaded", || {
+        m.unitctl(&["status", "added"]).status.success()
+    });
+    let added = m.status("added");
+    assert_eq!(added["load_state"], "loaded", "{added}");
+    // Not started by a reload.
+    assert_eq!(added["state"], "inactive", "{added}");
+    m.wait_until("svc's new description", || {
+        m.status("svc")["description"] == "second"
+    });
+    let after = m.status("svc");
+    assert_eq!(after["state"], "active");
+    assert_eq!(after["pid"], before["pid"], "a reload must not restart svc");
+    assert!(m.manager_log().contains("reloaded: 1 added, 1 changed"));
+}
+
+/// The network modes (units/README.md): the default `host` shares the host's network
+/// namespace and sees every host interface; `private` gets a namespace of its own, in which
+/// only `lo` exists; `none` only `lo` too.
+#[test]
+fn network_modes_private_none_and_the_default_host() {
+    let unit = |mode: &str| {
+        format!(
+            "[container]\n{mode}command = [\"/bin/sh\", \"-c\", \"echo ns=$(readlink /proc/self/ns/net) ifaces=$(ls /sys/class/net | tr '\\\\n' ,) dev=$(grep -c : /proc/net/dev) done; exec sleep 1000\"]\n"
+        )
+    };
+    let (private, none, host) = (
+        unit("network = \"private\"\n"),
+        unit("network = \"none\"\n"),
+        unit(""),
+    );
+    let m = Machine::start(&[("private", &private), ("none", &none), ("host", &host)]);
+    let seen = |name: &str| {
+        m.wait_until(&format!("{name}'s probe"), || {
+            m.logs(name).contains(" done")
+        });
+        m.logs(name)
+    };
+    let field = |logs: &str, key: &str| {
+        logs.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let host_ns = fs::read_link("/proc/self/ns/net")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let host_ifaces = fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .matches(':')
+        .count();
+    assert!(
+        host_ifaces > 1,
+        "this host has only lo: the test cannot tell"
+    );
+
+    let p = seen("private");
+    assert_ne!(field(&p, "ns="), host_ns, "{p}");
+    assert_eq!(field(&p, "ifaces="), "lo,", "{p}");
+    assert_eq!(field(&p, "dev="), "1", "{p}");
+
+    let n = seen("none");
+    assert_ne!(field(&n, "ns="), host_ns, "{n}");
+    assert_eq!(field(&n, "ifaces="), "lo,", "{n}");
+
+    let h = seen("host");
+    assert_eq!(field(&h, "ns="), host_ns, "{h}");
+    assert_eq!(field(&h, "dev="), host_ifaces.to_string(), "{h}");
+}
+
+/// `init = false` (units/README.md): the unit's command itself is pid 1 of its container
+/// (`$$` is 1 and `/proc/1/cmdline` is the command), with no init to reap or forward
+/// signals: pid 1 ignores a SIGTERM it does not handle, so a stop ends in SIGKILL. With the
+/// default `init = true` a minimal init is pid 1, the command pid 2, and SIGTERM reaches it.
+#[test]
+fn init_false_makes_the_command_pid_1() {
+    let probe = "echo pid=$$ cmd1=$(tr '\\\\0' _ < /proc/1/cmdline) done; exec sleep 1000";
+    let unit = |init: &str| {
+        format!(
+            "[container]\n{init}command = [\"/bin/sh\", \"-c\", \"{probe}\"]\n[service]\nstop_timeout = \"1s\"\n"
+        )
+    };
+    let (bare, boxed) = (unit("init = false\n"), unit(""));
+    let m = Machine::start(&[("bare", &bare), ("boxed", &boxed)]);
+    let seen = |name: &str| {
+        m.wait_until(&format!("{name}'s probe"), || {
+            m.logs(name).contains(" done")
+        });
+        m.logs(name)
+    };
+    let b = seen("bare");
+    assert!(b.contains("pid=1 cmd1=/bin/sh_-c_echo"), "{b}");
+    let d = seen("boxed");
+    assert!(d.contains("pid=2 cmd1="), "{d}");
+    assert!(!d.contains("cmd1=/bin/sh_"), "{d}");
+
+    m.ok(&["stop", "bare"]);
+    let s = m.status("bare");
+    assert_eq!(s["result"], "timeout", "pid 1 ignores SIGTERM: {s}");
+    m.ok(&["stop", "boxed"]);
+    let s = m.status("boxed");
+    assert_eq!(s["result"], "success", "the init forwards SIGTERM: {s}");
+}
+
+/// A supervisor whose cgroup is not delegated to it (here: run as `nobody` in a cgroup owned
+/// by root, as a user's process in a systemd slice it was not given) refuses to run, saying
+/// which cgroup and how to fix it, instead of running its units without cgroups. In a cgroup
+/// delegated to that user (the directory, `cgroup.procs`, `cgroup.subtree_control` and
+/// `cgroup.threads` its own, as systemd's `Delegate=yes` does) the same manager runs its
+/// unit in a cgroup below it.
+#[test]
+fn a_supervisor_needs_a_delegated_cgroup() {
+    const NOBODY: u32 = 65534;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (to run the manager as nobody and delegate a cgroup to it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let units = dir.path().join("units");
+    fs::create_dir(&units).unwrap();
+    fs::write(
+        units.join("svc.toml"),
+        "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n",
+    )
+    .unwrap();
+    let own = common::own_cgroup_dir();
+    let cgroup = format!("flotilla-undelegated-{}", std::process::id());
+    let mut manager = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_flotilla-init"))
+        .arg("--units")
+        .arg(&units)
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--api")
+        .arg(dir.path().join("manager.sock"))
+        .args(["--launcher", "host", "--cgroup", &cgroup])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(dir.path().join("manager.log")).unwrap())
+        .spawn()
+        .expect("setpriv (Debian: util-linux)");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = manager.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > common::PATIENCE {
+            let _ = manager.kill();
+            let _ = manager.wait();
+            panic!(
+                "the manager kept running without a delegated cgroup:\n{}",
+                fs::read_to_string(dir.path().join("manager.log")).unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(50));
+    };
+    let err = fs::read_to_string(dir.path().join("manager.log")).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    let path = own.join(&cgroup);
+    assert!(
+        err.contains(&format!(
+            "cannot create the units' cgroup {}",
+            path.display()
+        )) && err.contains("Permission denied")
+            && err.contains("not delegated")
+            && err.contains("systemd-run --scope -p Delegate=yes flotilla-init"),
+        "{err}"
+    );
+    assert!(!path.exists());
+    assert!(!dir.path().join("manager.sock").exists(), "{err}");
+
+    // Delegated: the same user in a cgroup given to it.
+    let delegated = own.join(format!("flotilla-delegated-{}", std::process::id()));
+    fs::create_dir(&delegated).unwrap();
+    /// Removes the delegated cgroup (and what the manager left in it), also on failure.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            // The manager (in it) is gone by then: Machine drops first.
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(delegated.clone());
+    for f in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        std::os::unix::fs::chown(delegated.join(f), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let mut m = Machine::start_setup(
+        &[("svc", "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n")],
+        common::Setup {
+            host: true,
+            user: Some(NOBODY),
+            cgroup_parent: Some(delegated.clone()),
+            ..Default::default()
+        },
+    );
+    let s = m.wait_state("svc", "active");
+    let pid = s["pid"].as_i64().unwrap() as i32;
+    assert_eq!(m.unit_pids("svc"), [pid], "{}", m.manager_log());
+    assert!(m.cgroup_dir().starts_with(&delegated));
+    let procs = fs::read_to_string(delegated.join("cgroup.procs")).unwrap();
+    assert!(procs.contains(&m.pid().to_string()), "{procs}");
+    assert!(m.terminate().success(), "{}", m.manager_log());
 }

@@ -145,3 +145,28 @@ pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key))
         .map(str::trim)
 }
+
+/// This test process's own cgroup v2 directory, detected, never assumed: the last cgroup2
+/// mount of `/proc/self/mountinfo` (`/sys/fs/cgroup` on a pure cgroup v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one) joined with the `0::` line of
+/// `/proc/self/cgroup`.
+pub fn own_cgroup2_dir() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = mountinfo
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("no cgroup2 filesystem is mounted: these tests need cgroup v2");
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("this process has no cgroup v2 path in /proc/self/cgroup")
+        .trim_start_matches('/')
+        .to_string();
+    mount.join(own)
+}

@@ -155,7 +155,13 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
             format!("flotilla-{}", std::process::id())
         }
     });
-    let (scopes, degraded) = ScopeRoot::create(&cgroup);
+    let (scopes, degraded) = if pid1 {
+        // PID 1 owns the whole hierarchy; a failure leaves it with process groups.
+        ScopeRoot::create_with(&cgroup, true)
+    } else {
+        // A supervisor whose cgroup is not delegated to it stops here, saying how to fix it.
+        ScopeRoot::create(&cgroup).context("setting up the units' cgroups")?
+    };
     if pid1 {
         // Only leaves hold processes: PID 1 goes to its own, next to the units' cgroup.
         match flotilla_init::scope::move_self_to_leaf("init.scope") {

@@ -25,6 +25,22 @@ pub struct Machine {
     pub state: PathBuf,
     pub api: PathBuf,
     pub cgroup: String,
+    /// The cgroup the manager was started in (its units' cgroup `cgroup` is made below it).
+    pub cgroup_parent: PathBuf,
+}
+
+/// How to start a [`Machine`] beyond its units.
+#[derive(Default)]
+pub struct Setup<'a> {
+    /// More `flotilla-init` arguments.
+    pub extra: &'a [&'a str],
+    /// `--launcher host`: plain host processes (host pids, no pid namespace, the manager
+    /// their subreaper). The units get no `$DIR` mount (the host launcher refuses mounts).
+    pub host: bool,
+    /// Run the manager as this uid and gid (with `setpriv`), the test's directory its own.
+    pub user: Option<u32>,
+    /// Start the manager in this cgroup (moved there before `exec`); else the test's own.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 impl Machine {
@@ -34,18 +50,69 @@ impl Machine {
     }
 
     pub fn start_with(units: &[(&str, &str)], extra: &[&str]) -> Machine {
+        Self::start_setup(
+            units,
+            Setup {
+                extra,
+                ..Setup::default()
+            },
+        )
+    }
+
+    /// A manager with `--launcher host` (see [`Setup::host`]).
+    pub fn start_host(units: &[(&str, &str)]) -> Machine {
+        Self::start_setup(
+            units,
+            Setup {
+                host: true,
+                ..Setup::default()
+            },
+        )
+    }
+
+    pub fn start_setup(units: &[(&str, &str)], setup: Setup<'_>) -> Machine {
         let dir = tempfile::tempdir().unwrap();
         let unit_dir = dir.path().join("units");
         fs::create_dir_all(&unit_dir).unwrap();
         for (name, text) in units {
-            let text = with_dir_mount(text).replace("$DIR", dir.path().to_str().unwrap());
+            let text = if setup.host {
+                text.to_string()
+            } else {
+                with_dir_mount(text)
+            };
+            let text = text.replace("$DIR", dir.path().to_str().unwrap());
             fs::write(unit_dir.join(format!("{name}.toml")), text).unwrap();
         }
         let state = dir.path().join("state");
         let api = dir.path().join("manager.sock");
         let cgroup = format!("flotilla-test-{}", std::process::id())
             + &format!("-{}", dir.path().file_name().unwrap().to_string_lossy());
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-init"))
+        let cgroup_parent = setup.cgroup_parent.clone().unwrap_or_else(own_cgroup_dir);
+        let init = env!("CARGO_BIN_EXE_flotilla-init");
+        let mut cmd = if setup.cgroup_parent.is_none() && setup.user.is_none() {
+            Command::new(init)
+        } else {
+            // A shell moves itself into the cgroup (when one is given), then becomes the
+            // manager (through setpriv for another user).
+            let mut script = String::new();
+            if setup.cgroup_parent.is_some() {
+                script.push_str("echo $$ > \"$1\"/cgroup.procs || exit 125; ");
+            }
+            script.push_str("shift; exec \"$@\"");
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c").arg(script).arg("sh").arg(&cgroup_parent);
+            if let Some(uid) = setup.user {
+                std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+                cmd.arg("setpriv")
+                    .arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg("--");
+            }
+            cmd.arg(init);
+            cmd
+        };
+        let child = cmd
             .arg("--units")
             .arg(&unit_dir)
             .arg("--state")
@@ -54,7 +121,14 @@ impl Machine {
             .arg(&api)
             .arg("--cgroup")
             .arg(&cgroup)
-            .args(extra)
+            .args(
+                setup
+                    .host
+                    .then_some(["--launcher", "host"])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(setup.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.path().join("manager.log")).unwrap())
@@ -67,6 +141,7 @@ impl Machine {
             state,
             api,
             cgroup,
+            cgroup_parent,
         };
         m.wait_until("the control socket answers", || {
             m.unitctl(&["list"]).status.success()
@@ -131,22 +206,37 @@ impl Machine {
 
     /// Wait until unit `name` is in active state `state`; returns its status.
     pub fn wait_state(&self, name: &str, state: &str) -> Value {
-        let mut last = Value::Null;
-        self.wait_until(&format!("{name} to be {state} (last: {last})"), || {
-            last = self.status(name);
-            last["state"] == state
-        });
-        last
+        let start = Instant::now();
+        loop {
+            let last = self.status(name);
+            if last["state"] == state {
+                return last;
+            }
+            if start.elapsed() > PATIENCE {
+                // The status seen last, not the one before the first look.
+                panic!(
+                    "gave up waiting for {name} to be {state} (last: {last})\nmanager log:\n{}",
+                    self.manager_log()
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn wait_file(&self, path: &Path) {
         self.wait_until(&format!("{} to exist", path.display()), || path.exists());
     }
 
+    /// The units' cgroup of this manager: `--cgroup` below the test's own cgroup v2, which
+    /// the manager inherited.
+    pub fn cgroup_dir(&self) -> PathBuf {
+        self.cgroup_parent.join(&self.cgroup)
+    }
+
     /// Host pids in the unit's cgroup.
     pub fn unit_pids(&self, name: &str) -> Vec<i32> {
-        let procs = Path::new("/sys/fs/cgroup/unified")
-            .join(&self.cgroup)
+        let procs = self
+            .cgroup_dir()
             .join(format!("{name}.unit"))
             .join("cgroup.procs");
         fs::read_to_string(procs)
@@ -189,7 +279,7 @@ impl Drop for Machine {
             let _ = c.wait();
         }
         // Kill whatever the manager left in its cgroup tree.
-        let root = Path::new("/sys/fs/cgroup/unified").join(&self.cgroup);
+        let root = self.cgroup_dir();
         if let Ok(dir) = fs::read_dir(&root) {
             for e in dir.flatten() {
                 let _ = fs::write(e.path().join("cgroup.kill"), "1");
@@ -199,6 +289,32 @@ impl Drop for Machine {
         }
         let _ = fs::remove_dir(&root);
     }
+}
+
+/// This test process's own cgroup v2 directory, found, never assumed: the cgroup2 mount
+/// (`/sys/fs/cgroup` on a pure cgroup v2 host, `/sys/fs/cgroup/unified` on a hybrid one)
+/// joined with the `0::` line of `/proc/self/cgroup`.
+pub fn own_cgroup_dir() -> PathBuf {
+    let mount = flotilla_init::scope::find_cgroup2()
+        .expect("no cgroup2 filesystem is mounted: these tests need cgroup v2");
+    let own = flotilla_init::scope::own_cgroup(
+        &fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup"),
+    )
+    .expect("this process has no cgroup v2 path in /proc/self/cgroup");
+    mount.join(own)
+}
+
+/// Every cgroup2 mount point of `/proc/self/mountinfo`, in mount order.
+pub fn cgroup2_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .collect()
 }
 
 /// Every test unit gets the test's directory as a writable mount: a unit without an image
