@@ -1032,7 +1032,7 @@ fn seccomp_denies_each_syscall_alone() {
         let mut spec = root.spec(&format!("/bin/abi_probe native {nr} {args}"));
         spec.seccomp = seccomp;
         if let Some(cap) = cap {
-            spec.capabilities = Some(vec![cap.into()]);
+            spec.capabilities = Some(vec![cap.parse().unwrap()]);
         }
         let out = run_capture(&spec);
         field(&out.stdout, "rc=").and_then(|v| v.parse::<i64>().ok())
