@@ -1,10 +1,14 @@
 //! Cluster tests on one host, after fleet's functional suite: a real etcd and three
 //! "machines" (network namespaces, each with its own `flotilla-init` supervisor and
-//! `fleetd`, 2 s TTL), driven with the real `fleetctl`. See `cluster/mod.rs` for the
-//! harness. Units run `/bin/sleep 100000` with init's host launcher.
+//! `fleetd`), driven with the real `fleetctl`. See `cluster/mod.rs` for the harness. Units
+//! run `/bin/sleep 100000` with init's host launcher.
 //!
 //! Every wait polls (`fleetctl list-units --json`, each init's unit list) up to a generous
-//! bound; nothing asserts on timing. Needs root; run `cargo build -p flotilla-init` first.
+//! bound; nothing asserts on timing. The lease TTL is chosen per test so that a stalled
+//! machine (the tests share 2 cores with builds and with each other) cannot expire a lease
+//! the test does not mean to expire: [`STEADY_TTL_SECS`] where no machine leaves,
+//! [`EXPIRY_TTL_SECS`] where one does (or etcd goes away). Needs root; run `cargo build -p
+//! flotilla-init` first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -16,7 +20,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, Node, FLEETD_PORT, TTL_SECS};
+use harness::{Cluster, Node, FLEETD_PORT};
 use serde_json::Value;
 
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"100000\"]\n";
@@ -83,15 +87,26 @@ fn hold(c: &Cluster, expected: &BTreeMap<String, (String, u32)>, for_: Duration)
     }
 }
 
-fn ttl(n: u64) -> Duration {
-    Duration::from_secs(TTL_SECS * n)
-}
+/// The lease TTL of the tests where no machine leaves and etcd stays up, in seconds:
+/// renewed every 10 s, a lease outlives a stall of its machine shorter than about 20 s, so
+/// exact placements and "nothing moved" hold on a stalled machine.
+const STEADY_TTL_SECS: u64 = 30;
+
+/// The lease TTL of the tests that lose a machine (its lease expires) or etcd, in seconds:
+/// short enough that a lost machine's units move within seconds and the engine's grace
+/// after an outage (two TTLs) is short; renewed every 2 s, the other machines' leases
+/// outlive a stall shorter than about 4 s (at the former 2 s TTL: about 1.3 s).
+const EXPIRY_TTL_SECS: u64 = 6;
+
+/// How long [`fleetd_restart_keeps_units`] watches that nothing is touched after the
+/// restart (the former three TTLs of 2 s; its proof is the lease, not the wait).
+const HOLD: Duration = Duration::from_secs(6);
 
 /// Scenarios 1, 2 and 7 on one cluster: lifecycle; five mutually conflicting units;
 /// metadata AND/OR, machine_of, replaces and one-way conflicts.
 #[test]
 fn lifecycle_conflicts_and_placement_rules() {
-    let c = Cluster::start(&METADATA);
+    let c = Cluster::start_with_ttl(&METADATA, STEADY_TTL_SECS);
 
     // submit, start, stop, destroy: the unit runs in exactly one machine's init.
     let hello = c.write("hello.toml", SLEEP);
@@ -231,7 +246,7 @@ fn lifecycle_conflicts_and_placement_rules() {
 /// active on the others, once each; the others' units keep their pids.
 #[test]
 fn machine_loss_moves_its_units() {
-    let mut c = Cluster::start(&METADATA);
+    let mut c = Cluster::start_with_ttl(&METADATA, EXPIRY_TTL_SECS);
     let units = ["a", "b", "c", "d"];
     let before = start_all(&c, &units, SLEEP);
     let lost = before["a"].0.clone();
@@ -249,7 +264,7 @@ fn machine_loss_moves_its_units() {
         }
     }
     // And it stays that way (nothing started twice later).
-    hold(&c, &after, ttl(2));
+    hold(&c, &after, c.ttl(2));
 }
 
 /// Scenario 4: etcd killed for 30 s (unreachable) and restarted on its data directory, then frozen
@@ -260,7 +275,7 @@ fn machine_loss_moves_its_units() {
 /// restart case is strict, the freeze case checks "untouched during, no duplicates after".
 #[test]
 fn etcd_outage_leaves_units_alone() {
-    let mut c = Cluster::start(&METADATA);
+    let mut c = Cluster::start_with_ttl(&METADATA, EXPIRY_TTL_SECS);
     let before = start_abc(&c);
 
     // Unreachable for 30 s (killed), then restarted on the same data directory: every unit
@@ -271,11 +286,11 @@ fn etcd_outage_leaves_units_alone() {
     c.etcd.start();
     c.wait_machines(3);
     assert_eq!(wait_placed(&c, &UNITS), before);
-    hold(&c, &before, ttl(3));
+    hold(&c, &before, c.ttl(3));
 
     // Frozen: nothing is touched while etcd does not answer.
     c.etcd.freeze();
-    hold(&c, &before, ttl(4));
+    hold(&c, &before, c.ttl(4));
     c.etcd.resume();
     c.wait_machines(3);
     wait_placed(&c, &UNITS);
@@ -288,29 +303,47 @@ fn etcd_outage_leaves_units_alone() {
 /// until the agents have registered again.
 #[test]
 fn etcd_freeze_keeps_pids() {
-    let c = Cluster::start(&METADATA);
+    let c = Cluster::start_with_ttl(&METADATA, EXPIRY_TTL_SECS);
     let before = start_abc(&c);
     c.etcd.freeze();
-    hold(&c, &before, ttl(4));
+    hold(&c, &before, c.ttl(4));
     c.etcd.resume();
     c.wait_machines(3);
-    hold(&c, &before, ttl(3));
+    hold(&c, &before, c.ttl(3));
     assert_eq!(wait_placed(&c, &UNITS), before);
 }
 
 /// Scenario 5: one machine's fleetd restarted (SIGTERM, then a new one): no unit is
 /// stopped, moved or started twice. The new fleetd takes over the lease its previous run
-/// recorded in `--state` (`agent.lease`), so its machine never vanishes from the registry.
+/// recorded in `--state` (`agent.lease`), so its machine never vanishes from the registry:
+/// etcd shows the new run registering the machine again on the same lease (a fleetd on a
+/// new lease could not register until the old lease expired, and then on the new one).
 #[test]
 fn fleetd_restart_keeps_units() {
-    let mut c = Cluster::start(&METADATA);
+    let mut c = Cluster::start_with_ttl(&METADATA, STEADY_TTL_SECS);
     let before = start_abc(&c);
     let i = c.nodes.iter().position(|n| n.id == before["a"].0).unwrap();
+    let id = c.nodes[i].id.clone();
+    let (lease, written) = c.machine_record(&id).expect("the machine has a record");
     c.restart_fleetd(i);
-    hold(&c, &before, ttl(3));
+    let mut record = None;
+    c.wait(
+        &format!("{id}'s new fleetd to register the machine"),
+        || {
+            record = c.machine_record(&id);
+            record.is_some_and(|(_, at)| at > written)
+        },
+    );
+    assert_eq!(
+        record.map(|(l, _)| l),
+        Some(lease),
+        "{id} registered again on another lease than its previous run's\n{}",
+        c.logs()
+    );
+    hold(&c, &before, HOLD);
     c.wait_machines(3);
     assert_eq!(wait_placed(&c, &UNITS), before);
-    hold(&c, &before, ttl(2));
+    hold(&c, &before, HOLD);
 }
 
 const UNITS: [&str; 3] = ["a", "b", "c"];
@@ -336,7 +369,7 @@ fn start_all(c: &Cluster, units: &[&str], body: &str) -> BTreeMap<String, (Strin
 /// machine, also on a machine that joins later.
 #[test]
 fn global_units_and_a_late_machine() {
-    let mut c = Cluster::start(&METADATA[..2]);
+    let mut c = Cluster::start_with_ttl(&METADATA[..2], STEADY_TTL_SECS);
     let all = c.write("everywhere.toml", &body("global = true"));
     let web = c.write(
         "web-only.toml",
@@ -456,7 +489,7 @@ fn cut_and_heal(c: &Cluster, units: &[&str]) -> BTreeMap<String, (String, u32)> 
     );
     // Both sides stay as they are while the link is down.
     let start = Instant::now();
-    while start.elapsed() < ttl(2) {
+    while start.elapsed() < c.ttl(2) {
         cut_copies_run();
         for (unit, copy) in &moved {
             assert!(
@@ -484,7 +517,7 @@ fn cut_and_heal(c: &Cluster, units: &[&str]) -> BTreeMap<String, (String, u32)> 
     );
     c.wait_machines(3);
     // And the engine leaves them where it moved them.
-    hold(c, &moved, ttl(3));
+    hold(c, &moved, c.ttl(3));
     assert_eq!(wait_placed(c, units), moved);
     moved
 }
@@ -495,7 +528,7 @@ fn cut_and_heal(c: &Cluster, units: &[&str]) -> BTreeMap<String, (String, u32)> 
 /// stops its now unassigned copy: the unit runs exactly once. See [`cut_and_heal`].
 #[test]
 fn link_cut_moves_units_and_heals() {
-    let c = Cluster::start(&METADATA);
+    let c = Cluster::start_with_ttl(&METADATA, EXPIRY_TTL_SECS);
     let file = c.write("mover.toml", SLEEP);
     c.ok(&["start", "--block-timeout", "60s", &file]);
     let after = cut_and_heal(&c, &["mover"]);
@@ -507,7 +540,7 @@ fn link_cut_moves_units_and_heals() {
 /// there. See [`cut_and_heal`].
 #[test]
 fn link_cut_moves_machine_of_together() {
-    let c = Cluster::start(&METADATA);
+    let c = Cluster::start_with_ttl(&METADATA, EXPIRY_TTL_SECS);
     let target = c.write("target.toml", SLEEP);
     let follower = c.write("follower.toml", &body("machine_of = [\"target\"]"));
     c.ok(&["start", "--block-timeout", "60s", &target, &follower]);
@@ -526,7 +559,7 @@ fn link_cut_moves_machine_of_together() {
 /// the journal is ambiguous unless a copy runs on the machine asked.
 #[test]
 fn journal_is_relayed_from_any_machine() {
-    let c = Cluster::start(&METADATA);
+    let c = Cluster::start_with_ttl(&METADATA, STEADY_TTL_SECS);
     let talker = c.write(
         "talker.toml",
         "[container]\ncommand = [\"/bin/sh\", \"-c\", \"echo hello from the talker; exec sleep 100000\"]\n[fleet]\nmachine_metadata = [\"region=us\"]\n",

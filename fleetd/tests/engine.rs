@@ -26,8 +26,15 @@ const WAIT: Duration = Duration::from_secs(30);
 /// The engines' lease TTL: short, so that a dropped leader's lease expires quickly.
 const ENGINE_TTL: Duration = Duration::from_secs(2);
 
-/// The TTL of machine leases (kept alive every 250 ms while the machine "lives").
-const MACHINE_TTL: Duration = Duration::from_secs(1);
+/// The TTL of the machine leases no case lets expire, kept alive every third of it while
+/// the machine "lives": a stall of the test process (a shared 2-core machine) shorter than
+/// about 40 s cannot expire one, so the exact placements these cases assert hold.
+const MACHINE_TTL: Duration = Duration::from_secs(60);
+
+/// The TTL of the one machine lease a case lets expire (`lost_machine_units_are_reassigned`'s
+/// m3): its units move within it after its keep-alives stop; until then (kept alive every
+/// 2 s) a stall shorter than about 4 s cannot expire it.
+const LOST_MACHINE_TTL: Duration = Duration::from_secs(6);
 
 /// A registry with three handles on it (three etcd clients; the same embedded registry).
 struct Cluster {
@@ -115,9 +122,16 @@ impl Drop for Alive {
     }
 }
 
-/// Registers machine `id` on a fresh lease kept alive until the returned guard is dropped.
+/// Registers machine `id` on a fresh lease ([`MACHINE_TTL`]) kept alive until the returned
+/// guard is dropped.
 async fn add_machine(r: &Arc<dyn Registry>, id: &str) -> (LeaseId, Alive) {
-    let lease = r.grant_lease(MACHINE_TTL).await.unwrap();
+    add_machine_with_ttl(r, id, MACHINE_TTL).await
+}
+
+/// Registers machine `id` on a fresh lease of `ttl`, kept alive every `ttl / 3` until the
+/// returned guard is dropped.
+async fn add_machine_with_ttl(r: &Arc<dyn Registry>, id: &str, ttl: Duration) -> (LeaseId, Alive) {
+    let lease = r.grant_lease(ttl).await.unwrap();
     let machine = Machine {
         id: id.to_string(),
         address: format!("10.0.0.{}", id.len()),
@@ -128,7 +142,7 @@ async fn add_machine(r: &Arc<dyn Registry>, id: &str) -> (LeaseId, Alive) {
     let keeper = r.clone();
     let alive = Alive(tokio::spawn(async move {
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(ttl / 3).await;
             let _ = keeper.keep_alive(lease).await;
         }
     }));
@@ -337,7 +351,7 @@ async fn lost_machine_units_are_reassigned(c: Cluster) {
     let r = c.registry(1);
     let (_, m1) = add_machine(&r, "m1").await;
     let (_, m2) = add_machine(&r, "m2").await;
-    let (_, m3) = add_machine(&r, "m3").await;
+    let (_, m3) = add_machine_with_ttl(&r, "m3", LOST_MACHINE_TTL).await;
     let engine = Running::start(c.registry(0), "e1");
     for i in 0..6 {
         submit(&r, &format!("svc{i}"), "").await;
@@ -349,7 +363,7 @@ async fn lost_machine_units_are_reassigned(c: Cluster) {
         "{s:#?}"
     );
 
-    drop(m3); // no more keep-alives: the lease expires after MACHINE_TTL
+    drop(m3); // no more keep-alives: the lease expires after LOST_MACHINE_TTL
     let s = wait_for(&r, "m3's units moved", |s| {
         s.machines.len() == 2
             && s.assignments.len() == 6

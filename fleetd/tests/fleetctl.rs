@@ -1,4 +1,4 @@
-//! `fleetctl` against a real `fleetd` (embedded registry, 1 s TTL) driving a real
+//! `fleetctl` against a real `fleetd` (embedded registry, 30 s TTL) driving a real
 //! `flotilla-init` supervisor (`--launcher host`), all as processes, on one machine.
 //!
 //! As in `agent.rs`, the init binary is not a target of this crate: run `cargo build -p
@@ -24,6 +24,10 @@ use support::spawn_init;
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(30);
+/// fleetd's lease TTL (`--ttl`), in seconds. No case here lets the machine's lease expire:
+/// renewed every 10 s, it outlives a stall of the machine shorter than about 20 s, so the
+/// machine (and its units' placement) stays put while a shared machine is slow.
+const TTL_SECS: &str = "30";
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
 
 fn wait_until(what: &str, cond: impl FnMut() -> bool, log: impl Fn() -> String) {
@@ -94,7 +98,7 @@ impl Cluster {
             .arg(&cluster.api)
             .arg("--init-api")
             .arg(&cluster.init_socket)
-            .args(["--ttl", "1", "--metadata", "role=test,region=eu"])
+            .args(["--ttl", TTL_SECS, "--metadata", "role=test,region=eu"])
             .args(fleetd_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

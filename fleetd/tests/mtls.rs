@@ -28,6 +28,9 @@ use support::spawn_init;
 
 /// The bound on every wait.
 const WAIT: Duration = Duration::from_secs(60);
+/// fleetd's lease TTL (`--ttl`), in seconds. No case here lets a machine's lease expire:
+/// renewed every 10 s, it outlives a stall of the machine shorter than about 20 s.
+const TTL_SECS: &str = "30";
 const SLEEP: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
 
 fn wait_until(what: &str, cond: impl FnMut() -> bool, log: impl Fn() -> String) {
@@ -137,7 +140,7 @@ impl Node {
             // A missing file is fine; a test may write one first.
             .arg("--config")
             .arg(dir.join("fleetd.toml"))
-            .args(["--ttl", "2", "--metadata", "role=test"])
+            .args(["--ttl", TTL_SECS, "--metadata", "role=test"])
             .args(fleetd_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -6,14 +6,23 @@
 //! it over mutual TLS: etcd checks the machines' certificates, the fleetds relay journals to
 //! each other with them, and the host's fleetctl needs an operator's certificate to change
 //! anything.
+//!
+//! The power-off check proves that the machine's fleetd withdrew: from before the power
+//! button until the machine is gone, the host keeps the machine's etcd lease alive itself
+//! (`etcdctl lease keep-alive`, installed from Debian's `etcd-client` if missing), so the
+//! lease cannot expire and only a revocation by the machine can take it out of the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use qemu_tests::cluster::{
     active_units, fleetctl_json, machines, poll, write_file, ClusterNet, FLEETD_PORT, GLOBAL_UNIT,
     SERVICE_UNIT,
 };
+use qemu_tests::ensure_program;
 use qemu_tests::{Shell, Vm};
 
 mod common;
@@ -23,10 +32,12 @@ use common::{shell, wait_marker};
 const CMD: Duration = Duration::from_secs(60);
 /// The bound on a cluster-wide change (placement, reschedule) under TCG.
 const SETTLE: Duration = Duration::from_secs(180);
-/// The machines' lease TTL (provisioning's `[fleet] ttl`), in seconds: long, so that a
-/// machine still listed right after its VM powered off would show that its fleetd did not
-/// leave the cluster on the way down (its lease would live on for seconds).
+/// The machines' lease TTL (provisioning's `[fleet] ttl`), in seconds. The power-off check
+/// does not rely on it: the host keeps the powered-off machine's lease alive
+/// ([`LeaseKeeper`]), so it cannot expire whatever the TTL.
 const TTL_SECS: u64 = 20;
+/// fleetd's default key prefix in etcd (the VMs' fleetd unit does not change it).
+const PREFIX: &str = "/flotilla/";
 
 /// The main pid of `unit` in this VM's init.
 fn main_pid(sh: &mut Shell, unit: &str) -> String {
@@ -38,6 +49,114 @@ fn main_pid(sh: &mut Shell, unit: &str) -> String {
         .unwrap();
     assert!(!pid.trim().is_empty(), "{unit} has no main pid");
     pid.trim().to_string()
+}
+
+/// `etcdctl` against the cluster's etcd, as the operator (a client certificate of the
+/// cluster CA: etcd runs with `--client-cert-auth`).
+fn etcdctl(net: &ClusterNet) -> Command {
+    let bin = ensure_program("etcdctl", "etcd-client").unwrap();
+    let op = net.operator();
+    let mut cmd = Command::new(bin);
+    cmd.env("ETCDCTL_API", "3")
+        .args(["--endpoints", net.endpoint(), "--cacert"])
+        .arg(net.ca_cert())
+        .arg("--cert")
+        .arg(&op.cert)
+        .arg("--key")
+        .arg(&op.key);
+    cmd
+}
+
+/// The id of the lease machine `id`'s registry record is written with, in hex (as etcdctl
+/// takes it).
+fn machine_lease(net: &ClusterNet, id: &str) -> String {
+    let out = etcdctl(net)
+        .args(["get", &format!("{PREFIX}machines/{id}"), "-w", "json"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "etcdctl get: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let lease = json["kvs"][0]["lease"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("machine {id} has no record with a lease: {json:#}"));
+    assert_ne!(lease, 0, "machine {id}'s record has no lease: {json:#}");
+    format!("{:x}", lease as u64)
+}
+
+/// `etcdctl lease keep-alive` of one lease, run by the test: while it runs the lease cannot
+/// expire, only be revoked. Its output lines arrive on `lines`; killed on drop.
+struct LeaseKeeper {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LeaseKeeper {
+    /// Starts keeping `lease` alive and waits for etcd's first answer (the lease's TTL).
+    fn start(net: &ClusterNet, lease: &str) -> LeaseKeeper {
+        let mut child = etcdctl(net)
+            .args(["lease", "keep-alive", lease])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(|l| l.ok()) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut keeper = LeaseKeeper {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        keeper.wait_line("keepalived with TTL", CMD);
+        keeper
+    }
+
+    /// Waits (bounded by `patience`) for an output line holding `pattern`.
+    fn wait_line(&mut self, pattern: &str, patience: Duration) {
+        let until = std::time::Instant::now() + patience;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(pattern);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "etcdctl lease keep-alive never said {pattern:?} in {patience:?}; it said {} \
+                     line(s), the last: {:?}",
+                    self.seen.len(),
+                    self.seen.last()
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Three VMs join one etcd; a global unit runs on all three and a service on one worker;
@@ -189,6 +308,11 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         main_pid(&mut shells[other], "everywhere"),
     ];
 
+    // From here on the host keeps the service machine's lease alive: it cannot expire, so
+    // the machine can only leave the cluster because its own fleetd revokes the lease.
+    let lease = machine_lease(&net, &ids[host]);
+    let mut keeper = LeaseKeeper::start(&net, &lease);
+
     // Power the service's VM off: an orderly ACPI shutdown.
     vms[host].qmp("system_powerdown").unwrap();
     let exited = vms[host].wait_exit(Duration::from_secs(120)).unwrap();
@@ -198,22 +322,19 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         host + 1,
         vms[host].console()
     );
-    // Its fleetd saw init `stopping` and left the cluster before the VM went down: the
-    // machine is gone at once, not a TTL later.
-    let left = fleetctl_json(&mut shells[0], "list-machines")
-        .unwrap()
-        .expect("list-machines answers");
-    let left: Vec<&str> = left
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    // Its fleetd saw init `stopping` and revoked its lease before the VM went down: the
+    // lease the host keeps alive is gone (etcdctl's keep-alive ends on its own), and with it
+    // the machine. An expiry cannot explain either.
+    keeper.wait_line("expired or revoked", SETTLE);
+    let left = poll(
+        "the powered-off machine to leave list-machines",
+        SETTLE,
+        || machines(&mut shells[0]),
+        |m| !m.is_empty() && !m.iter().any(|(_, id)| *id == ids[host]),
+    )
+    .unwrap();
     assert_eq!(left.len(), 2, "{left:?}");
-    assert!(
-        !left.contains(&ids[host].as_str()),
-        "the powered-off machine is still listed: {left:?}"
-    );
+    drop(keeper);
     let moved = poll(
         "svc active on the other worker",
         SETTLE,

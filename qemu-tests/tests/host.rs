@@ -324,10 +324,20 @@ command = ["/bin/sh", "-c", "(while :; do sleep 1000 & done); echo fork bomb ove
 [service]
 pids_max = 16
 """
+[[units]]
+name = "spin.toml"
+contents = """
+[container]
+command = ["/bin/sh", "-c", "while :; do :; done"]
+[service]
+cpu_max = "10%"
+"""
 "#;
 
 /// cgroup v2 limits for real: a unit that allocates beyond `memory_max` is OOM-killed and
-/// reported `failed` with result `oom-kill`; `pids_max` caps a fork bomb.
+/// reported `failed` with result `oom-kill`; `pids_max` caps a fork bomb; `cpu_max =
+/// "10%"` is the unit cgroup's `cpu.max` (`10000 100000`) and throttles a busy loop (the
+/// guest has pure cgroup v2, unlike the dev host).
 #[test]
 fn cgroup_limits_are_enforced() {
     let t = tempfile::tempdir().unwrap();
@@ -365,4 +375,75 @@ fn cgroup_limits_are_enforced() {
             .any(|l| l.starts_with("max ") && l != "max 0"),
         "{events}"
     );
+
+    wait_status(&mut sh, "spin", "active (running)");
+    let cg = "/sys/fs/cgroup/flotilla/spin.unit";
+    let max = sh.ok(&format!("cat {cg}/cpu.max"), CMD).unwrap();
+    assert_eq!(max.trim(), "10000 100000", "{cg}/cpu.max");
+    // The kernel throttles the loop: periods in which it hit its quota.
+    let throttled = |stat: &str| -> u64 {
+        stat.lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut stat = String::new();
+    for _ in 0..60 {
+        stat = sh.ok(&format!("cat {cg}/cpu.stat"), CMD).unwrap();
+        if throttled(&stat) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        throttled(&stat) > 0,
+        "the busy loop was never throttled: {stat}"
+    );
+}
+
+/// The bytes a foreign `/var` disk starts with: no filesystem flotilla-init knows (not
+/// ext4, erofs or squashfs) and not blank.
+const FOREIGN: &[u8] = b"someone else's data, not a filesystem flotilla knows\n";
+
+/// A `/var` disk that is neither blank nor ext4 (someone else's data) is refused at boot:
+/// the console says what was found and that nothing was written, the boot stops in the
+/// emergency shell before any unit starts, and the disk's bytes are the same afterwards.
+#[test]
+fn a_foreign_var_disk_is_refused_and_left_intact() {
+    let t = tempfile::tempdir().unwrap();
+    let image = build_host_image(t.path());
+    // The image's var.img replaced by a disk of the same size holding foreign data at the
+    // start (where a superblock would be) and further in.
+    let var = image.join("var.img");
+    let size = std::fs::metadata(&var).unwrap().len();
+    std::fs::remove_file(&var).unwrap();
+    let mut disk = vec![0u8; 4 << 20];
+    for (i, chunk) in disk.chunks_mut(4096).enumerate() {
+        let line = format!("{i:08} ");
+        chunk[..line.len()].copy_from_slice(line.as_bytes());
+        chunk[line.len()..line.len() + FOREIGN.len()].copy_from_slice(FOREIGN);
+    }
+    std::fs::write(&var, &disk).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&var)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let before = std::fs::read(&var).unwrap();
+
+    let vm = boot(&image, "hostname = \"foreign\"\n");
+    let line = vm
+        .wait_for("/var must be ext4 or blank", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    assert!(line.contains("nothing was written to it"), "{line}");
+    vm.wait_for("emergency shell on the console", CMD)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    let console = vm.console();
+    assert!(!console.contains("is blank: formatting it"), "{console}");
+    assert!(!console.contains(MARKER), "{console}");
+    assert!(!console.contains("Kernel panic"), "{console}");
+    drop(vm);
+    let after = std::fs::read(&var).unwrap();
+    assert!(before == after, "the foreign /var disk was changed");
 }

@@ -39,7 +39,8 @@ use serde_json::Value;
 
 /// The bound on every wait; only a test that would otherwise hang fails on it.
 pub const WAIT: Duration = Duration::from_secs(60);
-/// The machines' lease TTL (`fleetd --ttl`), in seconds.
+/// The machines' lease TTL (`fleetd --ttl`) of [`Cluster::start`], in seconds (the
+/// benchmark's; tests choose theirs with [`Cluster::start_with_ttl`]).
 pub const TTL_SECS: u64 = 2;
 
 /// The port of every fleetd's TCP API (on its machine's address).
@@ -213,6 +214,8 @@ pub struct Node {
     pub ip: String,
     /// `fleetd --metadata`.
     pub metadata: String,
+    /// `fleetd --ttl`, in seconds.
+    pub ttl_secs: u64,
     /// The network namespace (`ip netns`).
     pub netns: String,
     veth: String,
@@ -287,7 +290,7 @@ impl Node {
             .arg(env!("CARGO_BIN_EXE_fleetd"))
             .args(["--etcd", etcd, "--machine-id", &self.id])
             .args(["--metadata", &self.metadata, "--address", &self.ip])
-            .args(["--ttl", &TTL_SECS.to_string()])
+            .args(["--ttl", &self.ttl_secs.to_string()])
             .arg("--state")
             .arg(self.dir.join("registry"))
             .arg("--init-api")
@@ -321,12 +324,22 @@ pub struct Cluster {
     bridge: String,
     subnet: String,
     tag: String,
+    /// Every machine's `fleetd --ttl`, in seconds.
+    ttl_secs: u64,
 }
 
 impl Cluster {
     /// Starts etcd and one machine per `metadata` entry (`fleetd --metadata`, e.g.
-    /// `"role=web,region=eu"`), and waits until `list-machines` shows them all.
+    /// `"role=web,region=eu"`), and waits until `list-machines` shows them all. The machines'
+    /// lease TTL is [`TTL_SECS`].
     pub fn start(metadata: &[&str]) -> Cluster {
+        Cluster::start_with_ttl(metadata, TTL_SECS)
+    }
+
+    /// [`Cluster::start`] with every machine's lease TTL (`fleetd --ttl`, also its engine's)
+    /// `ttl_secs`, machines added later included. A machine's lease is renewed every third
+    /// of it, so a stall of the machine shorter than about two thirds of it cannot expire it.
+    pub fn start_with_ttl(metadata: &[&str], ttl_secs: u64) -> Cluster {
         let pid = std::process::id();
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         assert!(n < 250, "too many clusters in one test process");
@@ -351,6 +364,7 @@ impl Cluster {
             bridge,
             subnet,
             tag,
+            ttl_secs,
         };
         cluster.etcd.endpoint = format!(
             "http://{}:{}",
@@ -389,6 +403,7 @@ impl Cluster {
             id: format!("m{n}"),
             ip: node_ip.clone(),
             metadata: metadata.to_string(),
+            ttl_secs: self.ttl_secs,
             netns: netns.clone(),
             veth: veth.clone(),
             init_socket: dir.join("manager.sock"),
@@ -420,6 +435,30 @@ impl Cluster {
         node.start_init();
         node.start_fleetd(&etcd);
         i
+    }
+
+    /// `n` times the machines' lease TTL.
+    pub fn ttl(&self, n: u32) -> Duration {
+        Duration::from_secs(self.ttl_secs) * n
+    }
+
+    /// The lease machine `id`'s registry record is written with and the revision it was
+    /// last written at, read from etcd itself; `None` while the machine has no record.
+    pub fn machine_record(&self, id: &str) -> Option<(i64, i64)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = etcd_client::Client::connect([self.etcd.endpoint.as_str()], None)
+                .await
+                .unwrap();
+            let got = client
+                .get(format!("/flotilla/machines/{id}"), None)
+                .await
+                .unwrap();
+            got.kvs().first().map(|kv| (kv.lease(), kv.mod_revision()))
+        })
     }
 
     /// Waits until `list-machines` shows `n` machines.
