@@ -13,15 +13,16 @@ use sha2::Digest as _;
 
 use flotilla_container::image::{ImageStore, SYSTEM_STORE};
 
+use crate::container::build_indented;
 use crate::disk::{check_label, derived_uuid, mkfs_erofs, mkfs_ext4, parse_size, ErofsOptions};
+use crate::error::io_err;
 use crate::hostroot::{is_static_elf, stage_root, RootContent, RootFile, HOST_BUSYBOX};
 use crate::initramfs::{write_initramfs, InitramfsEntry};
 use crate::kernel::{fetch_kernel, module_closure, DEFAULT_KERNEL_PACKAGE};
+use crate::process::{apt_install, ensure_program};
+use crate::progress::{human, Steps};
 use crate::spec::{check_dest, parse_mode, FileSpec, Spec};
-use crate::{
-    apt_install, build_indented, find_program, human, io_err, rootfs, BuildError, BuildOptions,
-    Steps,
-};
+use crate::{rootfs, BuildError, BuildOptions};
 
 /// The host image spec (TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,29 +496,6 @@ fn host_busybox(
     Ok(path)
 }
 
-/// A program, installing its Debian package with apt-get (said on the output) if missing.
-fn ensure_program(
-    program: &str,
-    package: &str,
-    steps: &Steps,
-    pb: &indicatif::ProgressBar,
-    log: &Path,
-) -> Result<PathBuf, BuildError> {
-    if let Some(p) = find_program(program) {
-        return Ok(p);
-    }
-    steps.note(
-        pb,
-        &format!(
-            "{program} is not installed: installing the Debian package `{package}` with apt-get"
-        ),
-    );
-    apt_install(package, pb, log)?;
-    find_program(program).ok_or_else(|| {
-        BuildError::Usage(format!("{package} is installed but there is no {program}"))
-    })
-}
-
 /// Builds the host image of `opts.spec` into `opts.out`.
 pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let started = Instant::now();
@@ -566,12 +544,7 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let log = work.path().join("build.log");
     let epoch = rootfs::source_date_epoch();
     let canonical = serde_json::to_vec(&spec).map_err(|e| BuildError::Usage(e.to_string()))?;
-    let mut steps = Steps {
-        n: 0,
-        total: 6 + usize::from(!images.is_empty()),
-        progress: opts.progress,
-        indent: "",
-    };
+    let mut steps = Steps::new(6 + usize::from(!images.is_empty()), opts.progress, "");
 
     // 1. Kernel.
     steps.line(&format!("kernel: {}", spec.kernel.package));
