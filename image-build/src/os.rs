@@ -18,7 +18,7 @@ use crate::disk::{check_label, derived_uuid, mkfs_erofs, mkfs_ext4, parse_size, 
 use crate::error::io_err;
 use crate::hostroot::{is_static_elf, stage_root, RootContent, RootFile, HOST_BUSYBOX};
 use crate::initramfs::{write_initramfs, InitramfsEntry};
-use crate::kernel::{fetch_kernel, module_closure, DEFAULT_KERNEL_PACKAGE};
+use crate::kernel::{fetch_kernel, module_closure, Kernel, DEFAULT_KERNEL_PACKAGE};
 use crate::process::{apt_install, ensure_program};
 use crate::progress::{human, Steps};
 use crate::spec::{check_dest, parse_mode, FileSpec, Spec};
@@ -496,9 +496,55 @@ fn host_busybox(
     Ok(path)
 }
 
-/// Builds the host image of `opts.spec` into `opts.out`.
+/// Builds the host image of `opts.spec` into `opts.out`: the inputs are resolved and
+/// checked first (a missing binary fails before the kernel download), then one function per
+/// step, each named as its progress line.
 pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     let started = Instant::now();
+    let OsInputs {
+        spec,
+        init,
+        mut root_content,
+        images,
+        var_size,
+    } = resolve_inputs(opts)?;
+    let mut build = OsBuild::start(opts, &spec, usize::from(!images.is_empty()))?;
+    let kernel = build.kernel()?;
+    let closure = build.modules(&kernel)?;
+    build.initramfs(&kernel, &closure, &init)?;
+    if !images.is_empty() {
+        root_content.system_store = Some(build.images(&images)?);
+    }
+    build.root_image(&mut root_content, images.len())?;
+    build.var_image(var_size)?;
+    let manifest = build.manifest(&kernel)?;
+    println!(
+        "host image {} (kernel {}, {:.1}s)",
+        opts.out.display(),
+        kernel.version,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(manifest)
+}
+
+/// What [`build_os`] resolves and checks before its first step.
+struct OsInputs {
+    /// The loaded spec.
+    spec: OsSpec,
+    /// The binary that becomes `/init`.
+    init: PathBuf,
+    /// The root image's inputs, as host files.
+    root_content: RootContent,
+    /// The `[root] images` specs and the `name:tag` each builds.
+    images: Vec<(PathBuf, String)>,
+    /// `[var] size` in bytes.
+    var_size: u64,
+}
+
+/// Loads the spec and resolves its inputs: the init (`--init`, else `--bin-dir`'s init,
+/// else `[init] binary`, else the spec's bin_dir's init), the root content, the image specs
+/// and the `/var` size.
+fn resolve_inputs(opts: &OsOptions) -> Result<OsInputs, BuildError> {
     let spec = OsSpec::load(&opts.spec)?;
     let spec_dir = match opts.spec.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -508,7 +554,6 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         .bin_dir
         .clone()
         .or_else(|| spec.root.bin_dir.as_ref().map(|d| spec_dir.join(d)));
-    // --init, else --bin-dir's init, else [init] binary, else the spec's bin_dir's init.
     let init = match (&opts.init, &opts.bin_dir, &spec.init.binary, &bin_dir) {
         (Some(p), _, _, _) => p.clone(),
         (None, Some(d), _, _) => d.join(INIT_BINARY),
@@ -533,225 +578,319 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         path: opts.spec.clone(),
         detail,
     })?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| io_err("create", &opts.out, e))?;
-    let work_dir = opts.cache.join("work");
-    std::fs::create_dir_all(&work_dir)
-        .map_err(|e| io_err("create cache directory", &work_dir, e))?;
-    let work = tempfile::Builder::new()
-        .prefix("os-")
-        .tempdir_in(&work_dir)
-        .map_err(|e| io_err("create work directory in", &work_dir, e))?;
-    let log = work.path().join("build.log");
-    let epoch = rootfs::source_date_epoch();
-    let canonical = serde_json::to_vec(&spec).map_err(|e| BuildError::Usage(e.to_string()))?;
-    let mut steps = Steps::new(6 + usize::from(!images.is_empty()), opts.progress, "");
+    Ok(OsInputs {
+        spec,
+        init,
+        root_content,
+        images,
+        var_size,
+    })
+}
 
-    // 1. Kernel.
-    steps.line(&format!("kernel: {}", spec.kernel.package));
-    let pb = steps.spinner("resolving");
-    let (kernel, cached) = fetch_kernel(&opts.cache, &spec.kernel.package, &pb)?;
-    pb.finish_and_clear();
-    steps.detail(&format!(
-        "{} {}{}",
-        kernel.package,
-        kernel.version,
-        if cached { " (cached)" } else { "" }
-    ));
-    let vmlinuz = opts.out.join("vmlinuz");
-    std::fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(|e| io_err("copy", &kernel.vmlinuz, e))?;
+/// One run of [`build_os`]: its options, the spec, the work directory (removed on drop)
+/// with the build log, and the step lines.
+struct OsBuild<'a> {
+    opts: &'a OsOptions,
+    spec: &'a OsSpec,
+    work: tempfile::TempDir,
+    log: PathBuf,
+    /// `SOURCE_DATE_EPOCH`: every timestamp of the image.
+    epoch: u64,
+    /// The spec as JSON: the seed of the filesystems' UUIDs.
+    canonical: Vec<u8>,
+    steps: Steps,
+}
 
-    // 2. Modules.
-    let names: Vec<&str> = spec.kernel.modules.iter().map(String::as_str).collect();
-    let closure = module_closure(&kernel.modules_dir, &names)?;
-    steps.line(&format!(
-        "modules: {} requested, {} to load with dependencies",
-        names.len(),
-        closure.len()
-    ));
+impl<'a> OsBuild<'a> {
+    /// Creates the output and work directories; `extra_steps` is 1 when the spec bakes
+    /// images in (the `images` step).
+    fn start(
+        opts: &'a OsOptions,
+        spec: &'a OsSpec,
+        extra_steps: usize,
+    ) -> Result<OsBuild<'a>, BuildError> {
+        std::fs::create_dir_all(&opts.out).map_err(|e| io_err("create", &opts.out, e))?;
+        let work_dir = opts.cache.join("work");
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| io_err("create cache directory", &work_dir, e))?;
+        let work = tempfile::Builder::new()
+            .prefix("os-")
+            .tempdir_in(&work_dir)
+            .map_err(|e| io_err("create work directory in", &work_dir, e))?;
+        let log = work.path().join("build.log");
+        let canonical = serde_json::to_vec(spec).map_err(|e| BuildError::Usage(e.to_string()))?;
+        Ok(OsBuild {
+            opts,
+            spec,
+            work,
+            log,
+            epoch: rootfs::source_date_epoch(),
+            canonical,
+            steps: Steps::new(6 + extra_steps, opts.progress, ""),
+        })
+    }
 
-    // 3. Initramfs.
-    let mod_root = format!("/lib/modules/{}", kernel.version);
-    let mut entries: Vec<InitramfsEntry> =
-        ["/proc", "/sys", "/dev", "/run", "/tmp", "/var", "/etc"]
+    /// `kernel: PACKAGE`: fetches the kernel package (or finds it in the cache) and copies
+    /// its `vmlinuz` to the output.
+    fn kernel(&mut self) -> Result<Kernel, BuildError> {
+        let package = &self.spec.kernel.package;
+        self.steps.line(&format!("kernel: {package}"));
+        let pb = self.steps.spinner("resolving");
+        let (kernel, cached) = fetch_kernel(&self.opts.cache, package, &pb)?;
+        pb.finish_and_clear();
+        self.steps.detail(&format!(
+            "{} {}{}",
+            kernel.package,
+            kernel.version,
+            if cached { " (cached)" } else { "" }
+        ));
+        let vmlinuz = self.opts.out.join("vmlinuz");
+        std::fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(|e| io_err("copy", &kernel.vmlinuz, e))?;
+        Ok(kernel)
+    }
+
+    /// `modules: N requested, M to load with dependencies`: the `[kernel] modules` and their
+    /// dependencies, in load order (paths relative to the kernel's modules directory).
+    fn modules(&mut self, kernel: &Kernel) -> Result<Vec<PathBuf>, BuildError> {
+        let names: Vec<&str> = self
+            .spec
+            .kernel
+            .modules
             .iter()
-            .map(|d| InitramfsEntry::Dir {
-                path: (*d).to_string(),
-                mode: if *d == "/tmp" { 0o1777 } else { 0o755 },
-            })
+            .map(String::as_str)
             .collect();
-    entries.push(InitramfsEntry::File {
-        path: "/init".into(),
-        source: init.clone(),
-        mode: 0o755,
-    });
-    let mut list = String::new();
-    for rel in &closure {
-        let path = format!("{mod_root}/{}", rel.display());
-        list.push_str(&path);
-        list.push('\n');
+        let closure = module_closure(&kernel.modules_dir, &names)?;
+        self.steps.line(&format!(
+            "modules: {} requested, {} to load with dependencies",
+            names.len(),
+            closure.len()
+        ));
+        Ok(closure)
+    }
+
+    /// `initramfs: /init = INIT`: the init, the modules and their list
+    /// ([`MODULES_LIST`]), the empty mount points, and [`OsOptions::extra`].
+    fn initramfs(
+        &mut self,
+        kernel: &Kernel,
+        closure: &[PathBuf],
+        init: &Path,
+    ) -> Result<(), BuildError> {
+        let mod_root = format!("/lib/modules/{}", kernel.version);
+        let mut entries: Vec<InitramfsEntry> =
+            ["/proc", "/sys", "/dev", "/run", "/tmp", "/var", "/etc"]
+                .iter()
+                .map(|d| InitramfsEntry::Dir {
+                    path: (*d).to_string(),
+                    mode: if *d == "/tmp" { 0o1777 } else { 0o755 },
+                })
+                .collect();
         entries.push(InitramfsEntry::File {
-            path,
-            source: kernel.modules_dir.join(rel),
+            path: "/init".into(),
+            source: init.to_path_buf(),
+            mode: 0o755,
+        });
+        let mut list = String::new();
+        for rel in closure {
+            let path = format!("{mod_root}/{}", rel.display());
+            list.push_str(&path);
+            list.push('\n');
+            entries.push(InitramfsEntry::File {
+                path,
+                source: kernel.modules_dir.join(rel),
+                mode: 0o644,
+            });
+        }
+        entries.push(InitramfsEntry::Bytes {
+            path: MODULES_LIST.into(),
+            data: list.into_bytes(),
             mode: 0o644,
         });
+        entries.extend(self.opts.extra.iter().cloned());
+        self.steps
+            .line(&format!("initramfs: /init = {}", init.display()));
+        let pb = self.steps.spinner("writing initramfs");
+        write_initramfs(&self.opts.out.join("initramfs.img"), &entries)?;
+        pb.finish_and_clear();
+        Ok(())
     }
-    entries.push(InitramfsEntry::Bytes {
-        path: MODULES_LIST.into(),
-        data: list.into_bytes(),
-        mode: 0o644,
-    });
-    entries.extend(opts.extra.iter().cloned());
-    steps.line(&format!("initramfs: /init = {}", init.display()));
-    let pb = steps.spinner("writing initramfs");
-    let initramfs = opts.out.join("initramfs.img");
-    write_initramfs(&initramfs, &entries)?;
-    pb.finish_and_clear();
 
-    // 4. Images, built (or found in the cache) and imported into a store that becomes the
-    // system store of the root tree.
-    let mut root_content = root_content;
-    if !images.is_empty() {
+    /// `images: NAME:TAG, ... -> SYSTEM_STORE`: builds the `[root] images` (or finds them
+    /// in the cache) into a store that becomes the root tree's system store; returns it.
+    fn images(&mut self, images: &[(PathBuf, String)]) -> Result<PathBuf, BuildError> {
         let names: Vec<&str> = images.iter().map(|(_, r)| r.as_str()).collect();
-        steps.line(&format!("images: {} -> {SYSTEM_STORE}", names.join(", ")));
-        let store = work.path().join("system-store");
-        for (path, _) in &images {
-            steps.detail(&path.display().to_string());
+        self.steps
+            .line(&format!("images: {} -> {SYSTEM_STORE}", names.join(", ")));
+        let store = self.work.path().join("system-store");
+        for (path, _) in images {
+            self.steps.detail(&path.display().to_string());
             let build = BuildOptions {
                 spec: path.clone(),
                 store: store.clone(),
                 oci_out: None,
                 no_import: false,
-                cache: opts.cache.clone(),
-                progress: opts.progress,
+                cache: self.opts.cache.clone(),
+                progress: self.opts.progress,
             };
             build_indented(&build, "      ")?;
         }
         // Read-only at run time: the extracted layers are all it needs.
         let freed = ImageStore::open(&store)?.drop_layer_blobs()?;
-        steps.detail(&format!(
+        self.steps.detail(&format!(
             "compressed layer blobs dropped from the system store: {}",
             human(freed)
         ));
-        root_content.system_store = Some(store);
+        Ok(store)
     }
 
-    // 5. Root image.
-    let root = &spec.root;
-    steps.line(&format!(
-        "root.img: erofs \"{}\"{}: binaries {}{}, units {}{}{}{}",
-        root.label,
-        root.compression
-            .algorithm()
-            .map(|a| format!(" ({a})"))
-            .unwrap_or_default(),
-        root_content.binaries.len(),
-        if root.busybox { ", busybox" } else { "" },
-        root_content.units.len(),
-        if root_content.provision.is_some() {
-            ", provisioning"
-        } else {
-            ""
-        },
-        if root_content.files.is_empty() {
-            String::new()
-        } else {
-            format!(", extra files {}", root_content.files.len())
-        },
-        if images.is_empty() {
-            String::new()
-        } else {
-            format!(", images {}", images.len())
+    /// `root.img: erofs "LABEL" ...`: stages the root tree (with the host's busybox when
+    /// `[root] busybox`) and makes the erofs image of it.
+    fn root_image(&mut self, content: &mut RootContent, images: usize) -> Result<(), BuildError> {
+        let root = &self.spec.root;
+        self.steps.line(&format!(
+            "root.img: erofs \"{}\"{}: binaries {}{}, units {}{}{}{}",
+            root.label,
+            root.compression
+                .algorithm()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default(),
+            content.binaries.len(),
+            if root.busybox { ", busybox" } else { "" },
+            content.units.len(),
+            if content.provision.is_some() {
+                ", provisioning"
+            } else {
+                ""
+            },
+            if content.files.is_empty() {
+                String::new()
+            } else {
+                format!(", extra files {}", content.files.len())
+            },
+            if images == 0 {
+                String::new()
+            } else {
+                format!(", images {images}")
+            }
+        ));
+        let pb = self.steps.spinner("staging the root tree");
+        if root.busybox {
+            content.busybox = Some(host_busybox(&self.steps, &pb, &self.log)?);
         }
-    ));
-    let pb = steps.spinner("staging the root tree");
-    if root.busybox {
-        root_content.busybox = Some(host_busybox(&steps, &pb, &log)?);
+        let mkfs_erofs_bin =
+            ensure_program("mkfs.erofs", "erofs-utils", &self.steps, &pb, &self.log)?;
+        let tree = self.work.path().join("root");
+        std::fs::create_dir(&tree).map_err(|e| io_err("create", &tree, e))?;
+        let staged = stage_root(content, &tree)?;
+        pb.set_message("mkfs.erofs");
+        let root_img = self.opts.out.join("root.img");
+        let root_uuid = self.uuid(b"flotilla root\0");
+        let erofs = ErofsOptions {
+            label: &root.label,
+            uuid: &root_uuid,
+            epoch: self.epoch,
+            compression: root.compression.algorithm(),
+            // The images' files keep their owners (the import ran as root, so everything else
+            // is root's too) and their xattrs.
+            keep_owners: content.system_store.is_some(),
+        };
+        mkfs_erofs(&mkfs_erofs_bin, &tree, &root_img, &erofs, &pb, &self.log)?;
+        pb.finish_and_clear();
+        let root_size = std::fs::metadata(&root_img)
+            .map_err(|e| io_err("stat", &root_img, e))?
+            .len();
+        self.steps.detail(&format!(
+            "{} entries ({} busybox links{}), {}, UUID {root_uuid}",
+            staged.entries,
+            staged.busybox_links,
+            if staged.store_entries > 0 {
+                format!(", {} in the system store", staged.store_entries)
+            } else {
+                String::new()
+            },
+            human(root_size)
+        ));
+        Ok(())
     }
-    let mkfs_erofs_bin = ensure_program("mkfs.erofs", "erofs-utils", &steps, &pb, &log)?;
-    let tree = work.path().join("root");
-    std::fs::create_dir(&tree).map_err(|e| io_err("create", &tree, e))?;
-    let staged = stage_root(&root_content, &tree)?;
-    pb.set_message("mkfs.erofs");
-    let root_img = opts.out.join("root.img");
-    let mut seed = b"flotilla root\0".to_vec();
-    seed.extend_from_slice(&canonical);
-    let root_uuid = derived_uuid(&seed);
-    let erofs = ErofsOptions {
-        label: &root.label,
-        uuid: &root_uuid,
-        epoch,
-        compression: root.compression.algorithm(),
-        // The images' files keep their owners (the import ran as root, so everything else
-        // is root's too) and their xattrs.
-        keep_owners: root_content.system_store.is_some(),
-    };
-    mkfs_erofs(&mkfs_erofs_bin, &tree, &root_img, &erofs, &pb, &log)?;
-    pb.finish_and_clear();
-    let root_size = std::fs::metadata(&root_img)
-        .map_err(|e| io_err("stat", &root_img, e))?
-        .len();
-    steps.detail(&format!(
-        "{} entries ({} busybox links{}), {}, UUID {root_uuid}",
-        staged.entries,
-        staged.busybox_links,
-        if staged.store_entries > 0 {
-            format!(", {} in the system store", staged.store_entries)
-        } else {
-            String::new()
-        },
-        human(root_size)
-    ));
 
-    // 6. /var disk.
-    steps.line(&format!(
-        "var.img: ext4 \"{}\", {} sparse",
-        spec.var.label, spec.var.size
-    ));
-    let pb = steps.spinner("mkfs.ext4");
-    let mkfs_ext4_bin = ensure_program("mkfs.ext4", "e2fsprogs", &steps, &pb, &log)?;
-    let var_img = opts.out.join("var.img");
-    let mut seed = b"flotilla var\0".to_vec();
-    seed.extend_from_slice(&canonical);
-    let var_uuid = derived_uuid(&seed);
-    mkfs_ext4(
-        &mkfs_ext4_bin,
-        &var_img,
-        var_size,
-        &spec.var.label,
-        &var_uuid,
-        epoch,
-        &pb,
-        &log,
-    )?;
-    pb.finish_and_clear();
-    let meta = std::fs::metadata(&var_img).map_err(|e| io_err("stat", &var_img, e))?;
-    steps.detail(&format!(
-        "{}, {} allocated, UUID {var_uuid}",
-        human(meta.len()),
-        human(meta.blocks() * 512)
-    ));
-
-    // 7. Manifest.
-    steps.line("manifest.json");
-    let pb = steps.spinner("sha256");
-    let mut artifacts = Vec::new();
-    for (name, file) in [
-        ("vmlinuz", "vmlinuz"),
-        ("initramfs", "initramfs.img"),
-        ("root", "root.img"),
-        ("var", "var.img"),
-    ] {
-        pb.set_message(format!("sha256 {file}"));
-        let (sha256, size) = sha256_file(&opts.out.join(file))?;
-        steps.note(&pb, &format!("{file}: sha256:{sha256} ({})", human(size)));
-        artifacts.push(Artifact {
-            name: name.into(),
-            path: file.into(),
-            sha256,
+    /// `var.img: ext4 "LABEL", SIZE sparse`: the empty `/var` disk.
+    fn var_image(&mut self, size: u64) -> Result<(), BuildError> {
+        let var = &self.spec.var;
+        self.steps.line(&format!(
+            "var.img: ext4 \"{}\", {} sparse",
+            var.label, var.size
+        ));
+        let pb = self.steps.spinner("mkfs.ext4");
+        let mkfs_ext4_bin = ensure_program("mkfs.ext4", "e2fsprogs", &self.steps, &pb, &self.log)?;
+        let var_img = self.opts.out.join("var.img");
+        let var_uuid = self.uuid(b"flotilla var\0");
+        mkfs_ext4(
+            &mkfs_ext4_bin,
+            &var_img,
             size,
-        });
+            &var.label,
+            &var_uuid,
+            self.epoch,
+            &pb,
+            &self.log,
+        )?;
+        pb.finish_and_clear();
+        let meta = std::fs::metadata(&var_img).map_err(|e| io_err("stat", &var_img, e))?;
+        self.steps.detail(&format!(
+            "{}, {} allocated, UUID {var_uuid}",
+            human(meta.len()),
+            human(meta.blocks() * 512)
+        ));
+        Ok(())
     }
-    pb.finish_and_clear();
+
+    /// `manifest.json`: the artifacts' digests and sizes and the QEMU arguments, written to
+    /// the output.
+    fn manifest(&mut self, kernel: &Kernel) -> Result<OsManifest, BuildError> {
+        self.steps.line("manifest.json");
+        let pb = self.steps.spinner("sha256");
+        let mut artifacts = Vec::new();
+        for (name, file) in [
+            ("vmlinuz", "vmlinuz"),
+            ("initramfs", "initramfs.img"),
+            ("root", "root.img"),
+            ("var", "var.img"),
+        ] {
+            pb.set_message(format!("sha256 {file}"));
+            let (sha256, size) = sha256_file(&self.opts.out.join(file))?;
+            self.steps
+                .note(&pb, &format!("{file}: sha256:{sha256} ({})", human(size)));
+            artifacts.push(Artifact {
+                name: name.into(),
+                path: file.into(),
+                sha256,
+                size,
+            });
+        }
+        pb.finish_and_clear();
+        let manifest = OsManifest {
+            kernel: kernel.version.clone(),
+            artifacts,
+            qemu: QemuSpec { args: qemu_args() },
+        };
+        let path = self.opts.out.join("manifest.json");
+        let mut json =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Usage(e.to_string()))?;
+        json.push(b'\n');
+        std::fs::write(&path, json).map_err(|e| io_err("write", &path, e))?;
+        Ok(manifest)
+    }
+
+    /// A filesystem UUID derived from `label` and the canonical spec.
+    fn uuid(&self, label: &[u8]) -> String {
+        let mut seed = label.to_vec();
+        seed.extend_from_slice(&self.canonical);
+        derived_uuid(&seed)
+    }
+}
+
+/// The QEMU arguments of the manifest (paths relative to the image directory).
+fn qemu_args() -> Vec<String> {
     let mut args = [
         "-kernel",
         "vmlinuz",
@@ -788,21 +927,5 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         "-device".to_string(),
         format!("virtio-blk-pci,drive=var,serial={VAR_SERIAL}"),
     ]);
-    let manifest = OsManifest {
-        kernel: kernel.version.clone(),
-        artifacts,
-        qemu: QemuSpec { args },
-    };
-    let path = opts.out.join("manifest.json");
-    let mut json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Usage(e.to_string()))?;
-    json.push(b'\n');
-    std::fs::write(&path, json).map_err(|e| io_err("write", &path, e))?;
-    println!(
-        "host image {} (kernel {}, {:.1}s)",
-        opts.out.display(),
-        kernel.version,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(manifest)
+    args
 }
