@@ -1,4 +1,5 @@
-//! Why a build failed: [`BuildError`], and the helper that names the path an I/O error hit.
+//! Why a build failed: [`BuildError`]; and [`PathIoError`], an I/O error naming what was done
+//! on which path (the QEMU harness uses it too).
 
 use std::path::{Path, PathBuf};
 
@@ -16,16 +17,8 @@ pub enum BuildError {
         detail: String,
     },
     /// A filesystem operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: String,
-        /// On what.
-        path: PathBuf,
-        /// OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// An external command failed.
     #[error("{command} failed ({status}){}", tail_text(.tail, .log))]
     Command {
@@ -58,11 +51,32 @@ fn tail_text(tail: &[String], log: &Option<PathBuf>) -> String {
     s
 }
 
+/// A file or process operation that failed on a path: "cannot ACTION PATH: OS error".
+/// Shared with the QEMU harness's errors.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}: {source}", path.display())]
+pub struct PathIoError {
+    /// What was being done.
+    pub action: String,
+    /// On what.
+    pub path: PathBuf,
+    /// OS error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PathIoError {
+    /// The error `e` of doing `action` on `path`.
+    pub fn new(action: &str, path: &Path, e: std::io::Error) -> PathIoError {
+        PathIoError {
+            action: action.to_string(),
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
 /// An I/O error on `path` while doing `action`.
 pub(crate) fn io_err(action: &str, path: &Path, e: std::io::Error) -> BuildError {
-    BuildError::Io {
-        action: action.to_string(),
-        path: path.to_path_buf(),
-        source: e,
-    }
+    BuildError::Io(PathIoError::new(action, path, e))
 }

@@ -7,7 +7,8 @@
 //!
 //! The crate root only declares the modules and re-exports the public surface: errors in
 //! `error`, progress output in `progress`, subprocesses in [`process`], the container build
-//! in [`container`], the host image in [`os`].
+//! in [`container`], the host image in [`os`], the static build of its
+//! binaries in [`static_build`].
 
 pub mod apt;
 pub mod container;
@@ -21,8 +22,9 @@ pub mod process;
 mod progress;
 pub mod rootfs;
 pub mod spec;
+pub mod static_build;
 
 pub use container::{build, BuildOptions, BuildOutcome, DEFAULT_CACHE};
-pub use error::BuildError;
+pub use error::{BuildError, PathIoError};
 pub use progress::human;
 pub use spec::{Source, Spec};

@@ -22,6 +22,7 @@ use crate::kernel::{fetch_kernel, module_closure, Kernel, DEFAULT_KERNEL_PACKAGE
 use crate::process::{apt_install, ensure_program};
 use crate::progress::{human, Steps};
 use crate::spec::{check_dest, parse_mode, FileSpec, Spec};
+use crate::static_build::{workspace_root, StaticBuild};
 use crate::{rootfs, BuildError, BuildOptions};
 
 /// The host image spec (TOML).
@@ -309,10 +310,14 @@ pub const VAR_SERIAL: &str = "flotilla-var";
 /// The init binary's name in the binaries directory.
 pub const INIT_BINARY: &str = "flotilla-init";
 
-/// How to build the static binaries `[root] bin_dir` of `specs/host.toml` points to.
-pub const STATIC_BUILD_HINT: &str = "CARGO_TARGET_DIR=target/static \
-     RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
-     --target x86_64-unknown-linux-gnu -p flotilla-init -p flotilla-fleetd";
+/// How to build the static binaries `[root] bin_dir` of `specs/host.toml` points to, from
+/// the workspace root: `image-build static-binaries`, and the [`StaticBuild`] recipe it runs.
+pub fn static_build_hint() -> String {
+    format!(
+        "cargo run --locked -p image-build -- static-binaries\n  which runs: {}",
+        StaticBuild::new(&workspace_root()).shell_line()
+    )
+}
 
 /// Hex sha256 and size of a file, read in chunks (`var.img` is large and sparse).
 fn sha256_file(path: &Path) -> Result<(String, u64), BuildError> {
@@ -357,15 +362,17 @@ fn root_content(
         let path = dir.join(name);
         if !path.is_file() {
             return Err(BuildError::Usage(format!(
-                "binary {} does not exist: build the static binaries with\n  {STATIC_BUILD_HINT}\n\
+                "binary {} does not exist: build the static binaries with\n  {}\n\
                  (from the workspace root), or give --bin-dir DIR",
-                path.display()
+                path.display(),
+                static_build_hint()
             )));
         }
         if !is_static_elf(&path)? {
             return Err(BuildError::Usage(format!(
-                "binary {} is dynamically linked, and the root image has no C library: build it with\n  {STATIC_BUILD_HINT}",
-                path.display()
+                "binary {} is dynamically linked, and the root image has no C library: build it with\n  {}",
+                path.display(),
+                static_build_hint()
             )));
         }
         content.binaries.push((name.clone(), path));
@@ -567,9 +574,10 @@ fn resolve_inputs(opts: &OsOptions) -> Result<OsInputs, BuildError> {
     };
     if !init.is_file() {
         return Err(BuildError::Usage(format!(
-            "init binary {} does not exist: build the static binaries with\n  {STATIC_BUILD_HINT}\n\
+            "init binary {} does not exist: build the static binaries with\n  {}\n\
              (from the workspace root), or give --init PATH or --bin-dir DIR",
-            init.display()
+            init.display(),
+            static_build_hint()
         )));
     }
     let root_content = root_content(&spec, &opts.spec, &spec_dir, bin_dir.as_deref())?;
