@@ -50,6 +50,24 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// Whether `name` is a variable cargo sets for the crate it runs (`cargo run`, `cargo
+/// test`): `CARGO_PKG_*`, `CARGO_MANIFEST_*`, `CARGO_CRATE_NAME`, `OUT_DIR`, ... Build
+/// scripts (ring's) rerun when such a variable changes, so a static build started from
+/// image-build would rebuild them after one started from qemu-tests and back: the build
+/// runs without them, as from a shell.
+pub fn is_crate_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || name.starts_with("CARGO_BIN_")
+        || [
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ]
+        .contains(&name)
+}
+
 /// The static build of one workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticBuild {
@@ -97,12 +115,18 @@ impl StaticBuild {
     }
 
     /// The build as a command: `cargo` (the path of the cargo to run) with
-    /// [`StaticBuild::cargo_args`] and [`StaticBuild::env`], in the workspace root.
+    /// [`StaticBuild::cargo_args`] and [`StaticBuild::env`], in the workspace root, without
+    /// the variables cargo sets for the crate that runs it ([`is_crate_env`]).
     pub fn command(&self, cargo: &OsStr) -> Command {
         let mut cmd = Command::new(cargo);
         cmd.args(Self::cargo_args())
             .envs(self.env())
             .current_dir(&self.workspace);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(is_crate_env) {
+                cmd.env_remove(name);
+            }
+        }
         cmd
     }
 
@@ -205,6 +229,13 @@ mod tests {
             b.bin_dir(),
             Path::new("/ws/target/static/x86_64-unknown-linux-gnu/release")
         );
+        // This test runs under cargo, which set CARGO_PKG_NAME and CARGO_MANIFEST_DIR:
+        // the build does not inherit them.
+        for name in ["CARGO_PKG_NAME", "CARGO_MANIFEST_DIR"] {
+            assert!(std::env::var_os(name).is_some(), "{name} not set by cargo");
+            assert!(env.contains(&(OsStr::new(name), None)), "{name} inherited");
+        }
+        assert!(!is_crate_env("CARGO_HOME") && !is_crate_env("CARGO_TARGET_DIR"));
         // A target directory elsewhere is named in full.
         let elsewhere = StaticBuild {
             target_dir: PathBuf::from("/elsewhere"),
