@@ -43,10 +43,10 @@ ensure_rust() {
 
 # build_static — the host image's binaries (flotilla-init, unitctl, fleetd, fleetctl),
 # statically linked, into target/static/x86_64-unknown-linux-gnu/release (image-build's
-# default bin_dir). The same build as qemu_tests::static_binaries().
+# default bin_dir). The recipe is defined once, in image-build's static_build module:
+# `image-build static-binaries` prints the cargo command it runs, then runs it
+# (qemu_tests::static_binaries() runs the same).
 build_static() {
-    step "building static flotilla-init, unitctl, fleetd and fleetctl (release, +crt-static)"
-    RUSTFLAGS="-C target-feature=+crt-static -C strip=debuginfo" CARGO_TARGET_DIR=target/static \
-        cargo build --release --locked -p flotilla-init --bin flotilla-init --bin unitctl \
-        -p flotilla-fleetd --bin fleetd --bin fleetctl --target x86_64-unknown-linux-gnu
+    step "building static flotilla-init, unitctl, fleetd and fleetctl (image-build static-binaries)"
+    cargo run --locked -q -p image-build -- static-binaries
 }

@@ -9,7 +9,9 @@ use std::process::Command;
 use indicatif::ProgressBar;
 use sha2::Digest as _;
 
-use crate::{io_err, run, BuildError};
+use crate::error::io_err;
+use crate::process::run;
+use crate::BuildError;
 
 /// Where the erofs superblock starts.
 const EROFS_SUPER_OFFSET: u64 = 1024;

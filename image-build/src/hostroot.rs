@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 
 use flotilla_container::image::{STORE_MODE, SYSTEM_STORE};
 
-use crate::{busybox_links, io_err, make_link, BuildError};
+use crate::error::io_err;
+use crate::rootfs::{busybox_links, make_link};
+use crate::BuildError;
 
 /// Empty directories of the root image and their modes.
 pub const ROOT_DIRS: &[(&str, u32)] = &[

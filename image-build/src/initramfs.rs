@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{io_err, BuildError};
+use crate::error::io_err;
+use crate::BuildError;
 
 /// One entry of the initramfs. Paths are absolute inside the image (`/init`,
 /// `/lib/modules/...`); missing parent directories are added with mode 0755.

@@ -7,7 +7,9 @@ use std::process::Command;
 
 use indicatif::ProgressBar;
 
-use crate::{io_err, run, BuildError};
+use crate::error::io_err;
+use crate::process::run;
+use crate::BuildError;
 
 /// Default kernel package (a metapackage that depends on the current cloud kernel).
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flotilla_container::image::DEFAULT_STORE;
 use image_build::os::{build_os, OsOptions};
+use image_build::static_build::{workspace_root, StaticBuild};
 use image_build::{build, BuildOptions, DEFAULT_CACHE};
 
 /// Builds Flotilla images.
@@ -53,6 +54,10 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache: PathBuf,
     },
+    /// Build the host image's binaries statically (flotilla-init, unitctl, fleetd, fleetctl)
+    /// into target/static (or $FLOTILLA_STATIC_TARGET_DIR) of the workspace this image-build
+    /// was built in, and print their directory (the `os --bin-dir`).
+    StaticBinaries,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +97,12 @@ fn main() -> anyhow::Result<()> {
                 progress: std::io::stderr().is_terminal(),
             };
             build_os(&opts).with_context(|| format!("building {}", spec.display()))?;
+        }
+        Cmd::StaticBinaries => {
+            let recipe = StaticBuild::new(&workspace_root());
+            println!("{}", recipe.shell_line());
+            let dir = recipe.run().context("building the static binaries")?;
+            println!("{}", dir.display());
         }
     }
     Ok(())

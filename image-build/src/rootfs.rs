@@ -1,4 +1,5 @@
-//! Deterministic tar of a root filesystem, and the clean-up of a debootstrapped root.
+//! Root filesystems: the deterministic layer tar, the clean-up of a debootstrapped root,
+//! and the symlinks put into a root (a spec's `[[symlinks]]`, busybox's applet links).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -7,9 +8,11 @@ use std::io::{self, BufWriter};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use tar::{EntryType, Header};
 
+use crate::error::io_err;
 use crate::BuildError;
 
 /// Fixed timestamp clamping every mtime when `SOURCE_DATE_EPOCH` is not set
@@ -22,14 +25,6 @@ pub fn source_date_epoch() -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
-}
-
-fn io_err(action: &str, path: &Path, e: io::Error) -> BuildError {
-    BuildError::Io {
-        action: action.to_string(),
-        path: path.to_path_buf(),
-        source: e,
-    }
 }
 
 /// Writes a tar of `root` to `out`: entries sorted by name, mtimes clamped to `epoch`,
@@ -243,6 +238,58 @@ fn remove_files_below(dir: &Path) -> Result<u64, BuildError> {
             n += remove_files_below(&p)?;
         } else {
             fs::remove_file(&p).map_err(|e| io_err("remove", &p, e))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Creates the symlink `root/path` -> `target` (and its parent directories); an existing
+/// entry is replaced when `replace`, else kept. Returns whether it made the link.
+pub(crate) fn make_link(
+    root: &Path,
+    path: &str,
+    target: &str,
+    replace: bool,
+) -> Result<bool, BuildError> {
+    let link = root.join(path.trim_start_matches('/'));
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err("create", parent, e))?;
+    }
+    if link.symlink_metadata().is_ok() {
+        if !replace {
+            return Ok(false);
+        }
+        std::fs::remove_file(&link).map_err(|e| io_err("replace", &link, e))?;
+    }
+    std::os::unix::fs::symlink(target, &link).map_err(|e| io_err("create symlink", &link, e))?;
+    Ok(true)
+}
+
+/// Creates a link to `/bin/busybox` for every applet `ROOT/bin/busybox --list-full` lists,
+/// keeping existing files; returns how many it made. Serves container images
+/// (`busybox_links = true`) and the host's root image (`[root] busybox = true`).
+pub(crate) fn busybox_links(root: &Path) -> Result<usize, BuildError> {
+    let bb = root.join("bin/busybox");
+    let out = Command::new(&bb)
+        .arg("--list-full")
+        .output()
+        .map_err(|e| io_err("run (busybox_links needs bin/busybox)", &bb, e))?;
+    if !out.status.success() {
+        return Err(BuildError::Command {
+            command: format!("{} --list-full", bb.display()),
+            status: out.status.to_string(),
+            tail: vec![String::from_utf8_lossy(&out.stderr).into_owned()],
+            log: None,
+        });
+    }
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let applet = line.trim();
+        if applet.is_empty() || applet.split('/').any(|c| c == "..") || applet == "bin/busybox" {
+            continue;
+        }
+        if make_link(root, applet, "/bin/busybox", false)? {
             n += 1;
         }
     }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::io_err;
 use crate::BuildError;
 
 /// A container image spec.
@@ -108,11 +109,7 @@ pub struct SymlinkSpec {
 impl Spec {
     /// Reads and validates a spec file.
     pub fn load(path: &Path) -> Result<Spec, BuildError> {
-        let text = std::fs::read_to_string(path).map_err(|e| BuildError::Io {
-            action: "read spec".into(),
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| io_err("read spec", path, e))?;
         let spec: Spec = toml::from_str(&text).map_err(|e| BuildError::Spec {
             path: path.to_path_buf(),
             detail: e.to_string(),

@@ -13,22 +13,20 @@ pub mod cluster;
 pub mod images;
 pub mod pki;
 mod shell;
+pub use image_build::hostroot::is_static_elf;
+pub use image_build::static_build::{workspace_root, STATIC_BINARIES};
 pub use shell::{CommandOutput, Shell};
+
+use image_build::process::find_program;
+use image_build::static_build::StaticBuild;
+use image_build::PathIoError;
 
 /// What went wrong with a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     /// A file or process operation failed.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: String,
-        /// On what.
-        path: PathBuf,
-        /// OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// The image's manifest.json is missing or malformed.
     #[error("manifest {}: {detail}", path.display())]
     Manifest {
@@ -55,14 +53,13 @@ pub enum QemuError {
     /// Building or checking a helper binary failed.
     #[error("{0}")]
     Setup(String),
+    /// An image-build helper (program lookup, ELF check) failed.
+    #[error(transparent)]
+    Build(#[from] image_build::BuildError),
 }
 
 fn io_err(action: &str, path: &Path, e: std::io::Error) -> QemuError {
-    QemuError::Io {
-        action: action.to_string(),
-        path: path.to_path_buf(),
-        source: e,
-    }
+    QemuError::Io(PathIoError::new(action, path, e))
 }
 
 /// Result of this crate.
@@ -73,14 +70,6 @@ pub const QEMU: &str = "qemu-system-x86_64";
 
 /// Environment variable: accelerator used instead of `tcg` (e.g. `kvm`).
 pub const ACCEL_ENV: &str = "FLOTILLA_QEMU_ACCEL";
-
-fn find_program(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
 
 /// Makes sure a program exists, installing its Debian package with apt-get if not (said
 /// on stderr). Returns its path.
@@ -197,35 +186,7 @@ pub struct Vm {
     shell_path: PathBuf,
     log: PathBuf,
     started: Instant,
-    _dir: tempfile_dir::TempDir,
-}
-
-/// A tiny self-removing directory (the crate has no tempfile dependency outside tests).
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    /// Removed on drop.
-    pub struct TempDir(pub PathBuf);
-    impl TempDir {
-        /// Creates a fresh directory under the system temp dir.
-        pub fn new(prefix: &str) -> std::io::Result<TempDir> {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!("{prefix}{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p)?;
-            Ok(TempDir(p))
-        }
-        /// Its path.
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _dir: tempfile::TempDir,
 }
 
 impl Vm {
@@ -248,7 +209,9 @@ impl Vm {
     pub fn boot_with(image_dir: &Path, opts: &BootOptions) -> Result<Vm> {
         let qemu = ensure_program(QEMU, "qemu-system-x86")?;
         let mut args = manifest_args(image_dir)?;
-        let dir = tempfile_dir::TempDir::new("flotilla-vm-")
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-vm-")
+            .tempdir()
             .map_err(|e| io_err("create", &std::env::temp_dir(), e))?;
         let qmp_path = dir.path().join("qmp.sock");
         let shell_path = dir.path().join("shell.sock");
@@ -612,103 +575,24 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(out)
 }
 
-/// The workspace root (this crate's parent directory).
-pub fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
-}
-
-/// Whether an ELF file is statically linked: no `PT_INTERP` program header.
-pub fn is_static_elf(path: &Path) -> Result<bool> {
-    let elf = std::fs::read(path).map_err(|e| io_err("read", path, e))?;
-    let bad = || QemuError::Setup(format!("{} is not an ELF64 file", path.display()));
-    if elf.get(0..5) != Some(b"\x7fELF\x02".as_slice()) {
-        return Err(bad());
-    }
-    let num = |o: usize, n: usize| -> Option<usize> {
-        let b = elf.get(o..o + n)?;
-        Some(b.iter().rev().fold(0usize, |a, &x| (a << 8) | x as usize))
-    };
-    let phoff = num(0x20, 8).ok_or_else(bad)?;
-    let phentsize = num(0x36, 2).ok_or_else(bad)?;
-    let phnum = num(0x38, 2).ok_or_else(bad)?;
-    for i in 0..phnum {
-        let ptype = num(phoff + i * phentsize, 4).ok_or_else(bad)?;
-        if ptype == 3 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// The static `flotilla-init` of [`static_binaries`].
 pub fn static_init_binary() -> Result<PathBuf> {
     Ok(static_binaries()?.join("flotilla-init"))
 }
 
-/// The binaries [`static_binaries`] builds: the host image's `/usr/bin`.
-pub const STATIC_BINARIES: [&str; 4] = ["flotilla-init", "unitctl", "fleetd", "fleetctl"];
-
-/// Builds [`STATIC_BINARIES`] statically (`-C target-feature=+crt-static -C
-/// strip=debuginfo`, target `x86_64-unknown-linux-gnu`, its own target directory
-/// `target/static` in the workspace), once per process, and checks that none has an ELF
+/// Builds [`STATIC_BINARIES`] with image-build's static-build recipe
+/// ([`image_build::static_build::StaticBuild`]: release, `+crt-static`, target
+/// `x86_64-unknown-linux-gnu`, target directory `target/static` in the workspace or
+/// `$FLOTILLA_STATIC_TARGET_DIR`), once per process, and checks that none has an ELF
 /// interpreter. Returns the directory holding them (`image-build os --bin-dir`).
 pub fn static_binaries() -> Result<PathBuf> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
-        .get_or_init(|| build_static_init().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            StaticBuild::new(&workspace_root())
+                .run()
+                .map_err(|e| e.to_string())
+        })
         .clone()
         .map_err(QemuError::Setup)
-}
-
-fn build_static_init() -> Result<PathBuf> {
-    let root = workspace_root();
-    let target_dir = std::env::var_os("FLOTILLA_STATIC_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/static"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "flotilla-init",
-            "--bin",
-            "flotilla-init",
-            "--bin",
-            "unitctl",
-            "-p",
-            "flotilla-fleetd",
-            "--bin",
-            "fleetd",
-            "--bin",
-            "fleetctl",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C strip=debuginfo",
-        )
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .current_dir(&root)
-        .status()
-        .map_err(|e| io_err("run cargo build in", &root, e))?;
-    if !status.success() {
-        return Err(QemuError::Setup(format!(
-            "static build of {} failed ({status})",
-            STATIC_BINARIES.join(", ")
-        )));
-    }
-    let dir = target_dir.join("x86_64-unknown-linux-gnu/release");
-    for name in STATIC_BINARIES {
-        let bin = dir.join(name);
-        if !is_static_elf(&bin)? {
-            return Err(QemuError::Setup(format!(
-                "{} is dynamically linked (has an ELF interpreter)",
-                bin.display()
-            )));
-        }
-    }
-    Ok(dir)
 }
