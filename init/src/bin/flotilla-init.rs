@@ -258,19 +258,7 @@ fn main() -> ExitCode {
         }
     }
     // A panic must not take PID 1 down with it: catch it and shut down in order.
-    let outcome =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(args, pid1, started)));
-    let signal = match outcome {
-        Ok(Ok(sig)) => Some(sig),
-        Ok(Err(e)) => {
-            log::error!("{e:#}");
-            None
-        }
-        Err(_) => {
-            log::error!("the manager panicked; shutting down");
-            None
-        }
-    };
+    let signal = boot::shutdown::contain(|| run(args, pid1, started));
     if pid1 {
         boot::finish(signal.map_or(Action::Reboot, Action::for_signal));
     }

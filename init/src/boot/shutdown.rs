@@ -11,6 +11,24 @@ use nix::unistd::Pid;
 
 use super::{mounts, step};
 
+/// Runs the manager (`run`) so that neither its error nor its panic ends the process: an
+/// error is logged with its causes, a panic is caught and logged. Either way the answer is
+/// `None` and the caller shuts down in order (as PID 1: [`finish`] with [`Action::Reboot`]);
+/// PID 1 must never exit, or the kernel panics.
+pub fn contain<T, E: std::fmt::Display>(run: impl FnOnce() -> Result<T, E>) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            log::error!("{e:#}");
+            None
+        }
+        Err(_) => {
+            log::error!("the manager panicked; shutting down");
+            None
+        }
+    }
+}
+
 /// What to do once every unit has stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -86,5 +104,17 @@ mod tests {
         assert_eq!(Action::for_signal(Signal::SIGUSR2), Action::Poweroff);
         assert_eq!(Action::for_signal(Signal::SIGTERM), Action::Reboot);
         assert_eq!(Action::for_signal(Signal::SIGINT), Action::Reboot);
+    }
+
+    #[test]
+    fn a_panic_in_the_manager_is_contained() {
+        let answer = contain(|| -> Result<u8, String> { panic!("a bug in the manager") });
+        assert_eq!(answer, None);
+        // The thread that panicked goes on: the caller can still shut down in order.
+        assert_eq!(contain(|| -> Result<u8, String> { Ok(7) }), Some(7));
+        assert_eq!(
+            contain(|| -> Result<u8, String> { Err("no cgroup".into()) }),
+            None
+        );
     }
 }
