@@ -38,6 +38,27 @@ pub struct UnitInfo {
     pub message: String,
 }
 
+impl UnitInfo {
+    /// A unit that is loaded and has not run: `loaded`, `inactive (dead)`, result `success`,
+    /// no process, no description or message. Set the fields that differ.
+    pub fn loaded(name: &str) -> Self {
+        UnitInfo {
+            name: name.into(),
+            description: String::new(),
+            load_state: LoadState::Loaded.into(),
+            active_state: ActiveState::Inactive.into(),
+            sub_state: SubState::Dead.into(),
+            main_pid: 0,
+            restarts: 0,
+            exit_code: -1,
+            exit_signal: 0,
+            since_us: 0,
+            result: UnitResult::Success.into(),
+            message: String::new(),
+        }
+    }
+}
+
 /// One captured line of a unit's output. On D-Bus `(ttss)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct LogEntry {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flotilla_init_api::client::ClientError;
 use flotilla_init_api::{
-    ActiveState, LoadState, SubState, SystemState, UnitInfo, UnitResult, Wire, NO_SUCH_UNIT,
+    ActiveState, SubState, SystemState, UnitInfo, UnitResult, Wire, NO_SUCH_UNIT,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -54,20 +54,7 @@ struct FakeInit {
 }
 
 fn info(name: &str) -> UnitInfo {
-    UnitInfo {
-        name: name.into(),
-        description: String::new(),
-        load_state: LoadState::Loaded.into(),
-        active_state: ActiveState::Inactive.into(),
-        sub_state: SubState::Dead.into(),
-        main_pid: 0,
-        restarts: 0,
-        exit_code: -1,
-        exit_signal: 0,
-        since_us: 0,
-        result: UnitResult::Success.into(),
-        message: String::new(),
-    }
+    UnitInfo::loaded(name)
 }
 
 fn unreachable(op: &str) -> InitError {
@@ -195,6 +182,23 @@ impl FakeInit {
         }
     }
 
+    /// A start, stop or restart (`method`) of a loaded unit: it ends in `active`/`sub` at once.
+    fn job(
+        &self,
+        method: &str,
+        name: &str,
+        active: ActiveState,
+        sub: SubState,
+    ) -> Result<UnitInfo, InitError> {
+        let op = format!("{method} {name}");
+        self.call(op.clone(), Some(name), |s| {
+            if !s.units.contains_key(name) {
+                return Err(no_such_unit(&op, name));
+            }
+            Ok(Self::set_state(s, name, active, sub))
+        })
+    }
+
     /// Waits until `probe` holds for the fake's state.
     async fn wait(&self, what: &str, probe: impl Fn(&FakeState) -> bool) {
         let mut rx = self.changed.subscribe();
@@ -266,46 +270,13 @@ impl LocalInit for FakeInit {
         })
     }
     async fn start_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
-        let op = format!("StartUnit {name}");
-        self.call(op.clone(), Some(name), |s| {
-            if !s.units.contains_key(name) {
-                return Err(no_such_unit(&op, name));
-            }
-            Ok(Self::set_state(
-                s,
-                name,
-                ActiveState::Active,
-                SubState::Running,
-            ))
-        })
+        self.job("StartUnit", name, ActiveState::Active, SubState::Running)
     }
     async fn stop_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
-        let op = format!("StopUnit {name}");
-        self.call(op.clone(), Some(name), |s| {
-            if !s.units.contains_key(name) {
-                return Err(no_such_unit(&op, name));
-            }
-            Ok(Self::set_state(
-                s,
-                name,
-                ActiveState::Inactive,
-                SubState::Dead,
-            ))
-        })
+        self.job("StopUnit", name, ActiveState::Inactive, SubState::Dead)
     }
     async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
-        let op = format!("RestartUnit {name}");
-        self.call(op.clone(), Some(name), |s| {
-            if !s.units.contains_key(name) {
-                return Err(no_such_unit(&op, name));
-            }
-            Ok(Self::set_state(
-                s,
-                name,
-                ActiveState::Active,
-                SubState::Running,
-            ))
-        })
+        self.job("RestartUnit", name, ActiveState::Active, SubState::Running)
     }
     async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
         let op = format!("RemoveUnit {name}");

@@ -113,22 +113,16 @@ pub fn names(mut v: Vec<String>) -> Vec<String> {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::api::{ActiveState, LoadState, LogStream, SubState, UnitResult};
+    use crate::api::{ActiveState, LogStream, SubState};
 
     fn info(name: &str, description: &str) -> UnitInfo {
         UnitInfo {
-            name: name.into(),
             description: description.into(),
-            load_state: LoadState::Loaded.into(),
             active_state: ActiveState::Active.into(),
             sub_state: SubState::Running.into(),
             main_pid: 1,
-            restarts: 0,
-            exit_code: -1,
-            exit_signal: 0,
-            since_us: 0,
-            result: UnitResult::Success.into(),
             message: "line one\nline two".into(),
+            ..UnitInfo::loaded(name)
         }
     }
 

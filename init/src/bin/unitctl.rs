@@ -782,7 +782,7 @@ fn rfc3339(us: u64, millis: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_init_api::{LoadState, UnitResult, Wire};
+    use flotilla_init_api::Wire;
 
     #[test]
     fn rfc3339_formats() {
@@ -801,18 +801,9 @@ mod tests {
     #[test]
     fn settle_rules() {
         let mut u = UnitInfo {
-            name: "x".into(),
-            description: String::new(),
-            load_state: LoadState::Loaded.into(),
             active_state: ActiveState::Activating.into(),
             sub_state: SubState::Start.into(),
-            main_pid: 0,
-            restarts: 0,
-            exit_code: -1,
-            exit_signal: 0,
-            since_us: 0,
-            result: UnitResult::Success.into(),
-            message: String::new(),
+            ..UnitInfo::loaded("x")
         };
         assert!(!settled(Change::Start, &u));
         assert!(!settled(Change::Stop, &u));

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use flotilla_units::{Catalog, Unit};
 
-use super::{source_hash, ActiveState, Job, Manager, Slot, SubState, UnitResult};
-use crate::api::{ApiError, LoadState, ReloadReport, UnitInfo};
+use super::{source_hash, Job, Manager, Slot};
+use crate::api::{ApiError, ReloadReport, UnitInfo};
 use crate::logs::MANAGER_STREAM;
 
 impl Manager {
@@ -90,18 +90,8 @@ impl Manager {
             self.persist(path.as_deref(), text)?;
             self.catalog.templates.insert(prefix.to_string(), t);
             return Ok(Some(UnitInfo {
-                name: name.to_string(),
-                description: String::new(),
-                load_state: LoadState::Loaded.into(),
-                active_state: ActiveState::Inactive.into(),
-                sub_state: SubState::Dead.into(),
-                main_pid: 0,
-                restarts: 0,
-                exit_code: -1,
-                exit_signal: 0,
-                since_us: 0,
-                result: UnitResult::Success.into(),
                 message: format!("a template: start an instance such as {prefix}@1"),
+                ..UnitInfo::loaded(name)
             }));
         }
         let unit = flotilla_units::parse_unit(name, path.as_deref(), text)
