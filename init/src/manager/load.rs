@@ -207,7 +207,7 @@ impl Manager {
                 .iter()
                 .filter(|(n, s)| {
                     s.main_pid().is_some()
-                        && s.running_source != self.units.get(*n).map(|u| source_hash(&u.source))
+                        && s.running_source() != self.units.get(*n).map(|u| source_hash(&u.source))
                 })
                 .map(|(n, _)| n.clone())
                 .collect();
