@@ -78,7 +78,7 @@ impl Manager {
 
     pub(super) fn remove(&mut self, name: &str) {
         if let Some(slot) = self.slots.get_mut(name) {
-            slot.remove_when_stopped = true;
+            slot.removal_queued();
         }
         self.queue_stop(name, Job::Stop);
         if let (Some(dir), Some(unit)) = (&self.cfg.api_units_dir, self.units.get(name)) {

@@ -133,7 +133,7 @@ impl Manager {
     /// used from its next start.
     pub(super) fn define(&mut self, unit: Unit) {
         if let Some(slot) = self.slots.get_mut(&unit.name) {
-            slot.load_error = None;
+            slot.definition_loaded();
         }
         self.insert_unit(unit);
     }
@@ -148,7 +148,7 @@ impl Manager {
             if let Some(name) = &e.unit {
                 broken.insert(name.clone());
                 if let Some(slot) = self.slots.get_mut(name) {
-                    slot.load_error = Some(e.to_string());
+                    slot.load_failed(e.to_string());
                     slot.log
                         .push(&self.cfg.logs, MANAGER_STREAM, &format!("reload: {e}"));
                 }

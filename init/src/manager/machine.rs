@@ -54,7 +54,7 @@ impl Manager {
         let names: Vec<String> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.job().is_some() || s.deadline().is_some() || s.remove_when_stopped)
+            .filter(|(_, s)| s.job().is_some() || s.deadline().is_some() || s.remove_when_stopped())
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -97,7 +97,7 @@ impl Manager {
                 }
                 true
             }
-            _ if slot.remove_when_stopped && slot.is_down() && slot.job().is_none() => {
+            _ if slot.remove_when_stopped() && slot.is_down() && slot.job().is_none() => {
                 self.slots.remove(name);
                 self.units.remove(name);
                 self.recompute_graph();

@@ -100,7 +100,7 @@ impl Manager {
             description: unit
                 .and_then(|u| u.unit.description.clone())
                 .unwrap_or_default(),
-            load_state: if slot.load_error.is_some() {
+            load_state: if slot.load_error().is_some() {
                 LoadState::Error.into()
             } else {
                 LoadState::Loaded.into()
@@ -116,8 +116,8 @@ impl Manager {
             exit_signal: slot.exit_signal().unwrap_or(0),
             since_us: slot.since_us(),
             result: slot.outcome().into(),
-            message: match &slot.load_error {
-                Some(e) if slot.message().is_empty() => e.clone(),
+            message: match slot.load_error() {
+                Some(e) if slot.message().is_empty() => e.to_string(),
                 _ => slot.message().to_string(),
             },
         })

@@ -138,9 +138,9 @@ pub struct Slot {
     /// Time of the last state change, µs since the epoch.
     since_us: u64,
     /// The file on disk could not be parsed; the definition in force is the previous one.
-    pub load_error: Option<String>,
+    load_error: Option<String>,
     /// Drop the unit once it is stopped.
-    pub remove_when_stopped: bool,
+    remove_when_stopped: bool,
     /// Captured output.
     pub log: UnitLog,
 }
@@ -254,6 +254,31 @@ impl Slot {
     /// The current run was started with `[container] control_api = true`.
     pub fn control_api_granted(&self) -> bool {
         self.run.as_ref().is_some_and(|r| r.control_api)
+    }
+
+    /// Why the unit's file could not be loaded (the definition in force is the previous one).
+    pub fn load_error(&self) -> Option<&str> {
+        self.load_error.as_deref()
+    }
+
+    /// A definition of the unit was installed: no load error.
+    pub fn definition_loaded(&mut self) {
+        self.load_error = None;
+    }
+
+    /// The unit's file could not be loaded (`error`); the previous definition stays in force.
+    pub fn load_failed(&mut self, error: String) {
+        self.load_error = Some(error);
+    }
+
+    /// The unit is dropped once it is stopped.
+    pub fn remove_when_stopped(&self) -> bool {
+        self.remove_when_stopped
+    }
+
+    /// Drop the unit once it is stopped.
+    pub fn removal_queued(&mut self) {
+        self.remove_when_stopped = true;
     }
 
     /// Exit code of the last main process.

@@ -723,7 +723,7 @@ fn reload_adds_changes_removes_and_keeps_a_broken_file_old_definition() {
     assert!(r.errors[0].contains("broken.toml"), "{:?}", r.errors);
     // The broken file leaves the old definition in force, marked with the error.
     assert_eq!(h.m.units["broken"].source, broken_source);
-    assert!(h.m.slots["broken"].load_error.is_some());
+    assert!(h.m.slots["broken"].load_error().is_some());
     h.tick(secs(1));
     // A removed unit is stopped, then dropped; an added one is not started; a changed one
     // runs on until a restart is asked for.
