@@ -313,6 +313,20 @@ fn load_of_a_broken_file_names_the_users_file() {
         stderr(&o)
     );
     assert!(!fake.model.lock().unwrap().texts.contains_key("worker@"));
+
+    // The manager's own refusal of a unit (InvalidUnit) keeps its help on its own line too.
+    let refused = dir.path().join("refused.toml");
+    std::fs::write(
+        &refused,
+        "# the fake refuses this\n[container]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let o = fake.unitctl(&["load", refused.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "unitctl: <state>/units/refused.toml:1:1: refused\n  help: remove the line\n"
+    );
 }
 
 /// A manager that closes the connection is an error (exit 1, one line), not the quiet

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use flotilla_container::image;
 use flotilla_init::logs::{format_time, Precision};
 use flotilla_init::toolbox;
-use flotilla_init_api::client::Client;
-use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKET};
+use flotilla_init_api::client::{Client, ClientError};
+use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKET, INVALID_UNIT};
 use flotilla_units::NetworkMode;
 use serde_json::{json, Value};
 
@@ -243,10 +243,14 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) && stdout_closed() {
                 return ExitCode::SUCCESS;
             }
-            // A unit file's error keeps its `help:` on its own line; anything else is one line.
-            let reason = match e.downcast_ref::<UnitFileError>() {
-                Some(unit) => unit.to_string(),
-                None => format!("{e}").replace('\n', " "),
+            // A unit file's error (found here, or the manager's InvalidUnit) keeps its `help:`
+            // on its own line; anything else is one line.
+            let reason = match (e.downcast_ref::<UnitFileError>(), e.downcast_ref()) {
+                (Some(unit), _) => unit.to_string(),
+                (None, Some(ClientError::Manager { name, message })) if name == INVALID_UNIT => {
+                    message.clone()
+                }
+                _ => format!("{e}").replace('\n', " "),
             };
             eprintln!("unitctl: {reason}");
             ExitCode::FAILURE
