@@ -356,6 +356,33 @@ fn a_bad_unit_file_fails_with_its_location() {
     );
 }
 
+/// `fleetctl submit FILE` of a unit with a misspelt capability names the user's FILE with
+/// line and column, with the help on its own line, and sends nothing (no cluster needed).
+#[test]
+fn submit_of_a_broken_file_names_it_with_the_help_on_its_own_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("misspelt.toml");
+    fs::write(
+        &file,
+        "[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"CAP_KILL\", \"CAP_NET_ADMN\"]\n",
+    )
+    .unwrap();
+    let out = fleetctl(
+        dir.path().join("none.sock").to_str().unwrap(),
+        &["submit", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "fleetctl: {}:3:29: unknown capability \"CAP_NET_ADMN\"\n  help: did you mean \
+             \"CAP_NET_ADMIN\"? (use capability names as in capabilities(7), e.g. \
+             \"CAP_NET_BIND_SERVICE\" or \"NET_ADMIN\")\n",
+            file.display()
+        )
+    );
+}
+
 #[test]
 fn unsatisfiable_metadata_says_why() {
     let c = Cluster::start(&[]);

@@ -235,20 +235,21 @@ fn logs_cat_load_remove_reload() {
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("api-made.toml");
-    std::fs::write(&file, "[unit]\ndescription = \"made\"\n").unwrap();
+    // A whole unit: unitctl checks the file with the unit parser before sending it.
+    const MADE: &str = "[unit]\ndescription = \"made\"\n[container]\ncommand = [\"/bin/true\"]\n";
+    std::fs::write(&file, MADE).unwrap();
     let o = fake.unitctl(&["load", file.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "api-made: loaded, inactive (dead)\n");
-    assert_eq!(
-        fake.model.lock().unwrap().texts["api-made"],
-        "[unit]\ndescription = \"made\"\n"
-    );
+    assert_eq!(fake.model.lock().unwrap().texts["api-made"], MADE);
     let o = fake.unitctl(&["load", file.to_str().unwrap(), "--name", "other"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(fake.model.lock().unwrap().units.contains_key("other"));
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "nonsense").unwrap();
+    // A valid unit file (so unitctl sends it) that the fake manager refuses: its error is
+    // printed on one line.
+    std::fs::write(&bad, "[container]\ncommand = [\"/bin/true\"]\n").unwrap();
     let o = fake.unitctl(&["load", bad.to_str().unwrap()]);
     assert_one_line_error(&o, "bad: line 1, column 1: missing [unit] table");
 
@@ -272,6 +273,60 @@ fn logs_cat_load_remove_reload() {
     let err = stderr(&o);
     assert!(err.starts_with("unitctl: reload: 1 unit file(s)"), "{err}");
     assert!(err.contains("unknown key `imgae`"), "{err}");
+}
+
+/// `unitctl load FILE` of a broken unit file names the user's FILE with line and column,
+/// keeps the `help:` on its own line, and sends nothing to the manager (before, the error
+/// named the manager's stored copy, `<state>/units/NAME.toml`, and the help arrived joined
+/// to the message by a space).
+#[test]
+fn load_of_a_broken_file_names_the_users_file() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("misspelt.toml");
+    std::fs::write(
+        &file,
+        "[container]\ncommand = [\"/bin/true\"]\ncapabilities = [\"CAP_KILL\", \"CAP_NET_ADMN\"]\n",
+    )
+    .unwrap();
+    let o = fake.unitctl(&["load", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "unitctl: {}:3:29: unknown capability \"CAP_NET_ADMN\"\n  help: did you mean \"CAP_NET_ADMIN\"? (use capability names as in \
+             capabilities(7), e.g. \"CAP_NET_BIND_SERVICE\" or \"NET_ADMIN\")\n",
+            file.display()
+        )
+    );
+    assert_eq!(stdout(&o), "");
+    assert!(!fake.model.lock().unwrap().texts.contains_key("misspelt"));
+
+    // A template is checked as a template (its name from --name).
+    let template = dir.path().join("worker.toml");
+    std::fs::write(&template, "[container]\ncommand = 5\n").unwrap();
+    let o = fake.unitctl(&["load", template.to_str().unwrap(), "--name", "worker@"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with(&format!("unitctl: {}:2:", template.display())),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!fake.model.lock().unwrap().texts.contains_key("worker@"));
+
+    // The manager's own refusal of a unit (InvalidUnit) keeps its help on its own line too.
+    let refused = dir.path().join("refused.toml");
+    std::fs::write(
+        &refused,
+        "# the fake refuses this\n[container]\ncommand = [\"/bin/true\"]\n",
+    )
+    .unwrap();
+    let o = fake.unitctl(&["load", refused.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "unitctl: <state>/units/refused.toml:1:1: refused\n  help: remove the line\n"
+    );
 }
 
 /// A manager that closes the connection is an error (exit 1, one line), not the quiet

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 use flotilla_container::image;
 use flotilla_init::logs::{format_time, Precision};
 use flotilla_init::toolbox;
-use flotilla_init_api::client::Client;
-use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKET};
+use flotilla_init_api::client::{Client, ClientError};
+use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKET, INVALID_UNIT};
 use flotilla_units::NetworkMode;
 use serde_json::{json, Value};
 
@@ -212,6 +212,24 @@ enum Change {
     Restart,
 }
 
+/// A unit file that does not parse, as the parser located it (`FILE:LINE:COL: MESSAGE`, then
+/// `  help: HELP` on its own line).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UnitFileError(Box<flotilla_units::UnitError>);
+
+/// Checks `text` as the manager will when it is loaded as `name` (a template `prefix@`, or a
+/// unit), naming `file` in the error.
+fn check_unit_file(name: &str, file: &Path, text: &str) -> Result<(), UnitFileError> {
+    let checked = match flotilla_units::split_instance(name) {
+        Some((prefix, "")) => {
+            flotilla_units::Template::new(prefix, Some(file), text.to_string()).map(drop)
+        }
+        _ => flotilla_units::parse_unit(name, Some(file), text).map(drop),
+    };
+    checked.map_err(|e| UnitFileError(Box::new(e)))
+}
+
 /// Exit status for "the unit failed to start".
 const EXIT_FAILED: u8 = 3;
 
@@ -225,7 +243,15 @@ fn main() -> ExitCode {
             if is_broken_pipe(&e) && stdout_closed() {
                 return ExitCode::SUCCESS;
             }
-            let reason = format!("{e}").replace('\n', " ");
+            // A unit file's error (found here, or the manager's InvalidUnit) keeps its `help:`
+            // on its own line; anything else is one line.
+            let reason = match (e.downcast_ref::<UnitFileError>(), e.downcast_ref()) {
+                (Some(unit), _) => unit.to_string(),
+                (None, Some(ClientError::Manager { name, message })) if name == INVALID_UNIT => {
+                    message.clone()
+                }
+                _ => format!("{e}").replace('\n', " "),
+            };
             eprintln!("unitctl: {reason}");
             ExitCode::FAILURE
         }
@@ -379,15 +405,23 @@ fn run(cli: Cli) -> Result<u8> {
     let socket = socket_path(&cli);
     // Read local input before connecting so that a bad file is reported as such.
     let load_text = match &cli.command {
-        Command::Load { file, .. } => Some(
-            std::fs::read(file)
+        Command::Load { file, name } => {
+            let text = std::fs::read(file)
                 .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))
                 // Invalid UTF-8 is reported at its line and column, like any unit error.
                 .and_then(|bytes| {
                     flotilla_units::decode_unit_text(&file.display().to_string(), bytes)
-                        .map_err(|e| anyhow!("{e}"))
-                })?,
-        ),
+                        .map_err(|e| anyhow!(UnitFileError(Box::new(e))))
+                })?;
+            let name = match name {
+                Some(n) => n.clone(),
+                None => unit_name_from_file(file)?,
+            };
+            // Checked here as the manager checks it, so that an error names the user's file
+            // (the manager's own check would name its stored copy); the manager checks again.
+            check_unit_file(&name, file, &text)?;
+            Some(text)
+        }
         _ => None,
     };
     let client = Client::connect(&socket)?;

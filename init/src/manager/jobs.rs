@@ -30,17 +30,13 @@ impl Manager {
                 continue;
             };
             if manual && n == name {
-                slot.restarts = 0;
-                slot.backoff_step = 0;
-                slot.start_times.clear();
+                slot.limits_reset();
             }
-            match (slot.active(), slot.job) {
+            match (slot.active(), slot.job()) {
                 (ActiveState::Inactive | ActiveState::Failed, _) => {
                     slot.start_queued(&self.events, cfg)
                 }
-                (ActiveState::Deactivating, _) | (_, Some(Job::Stop)) => {
-                    slot.job = Some(Job::Restart)
-                }
+                (ActiveState::Deactivating, _) | (_, Some(Job::Stop)) => slot.restart_queued(),
                 _ => {}
             }
         }
@@ -66,7 +62,7 @@ impl Manager {
                 continue;
             };
             if slot.has_processes() {
-                slot.job = Some(own_job);
+                slot.stop_queued(own_job);
             } else if own_job == Job::Restart {
                 // Nothing runs, but an exited oneshot is still active: it is stopped first,
                 // so that the start runs it again (as systemd does).
@@ -74,7 +70,7 @@ impl Manager {
                     slot.stopped_exited(&self.events, &self.cfg.logs);
                 }
                 self.queue_start(&n, true);
-            } else if slot.active() != ActiveState::Inactive || slot.job.is_some() {
+            } else if slot.active() != ActiveState::Inactive || slot.job().is_some() {
                 slot.stopped_idle(&self.events, &self.cfg.logs);
             }
         }
@@ -82,7 +78,7 @@ impl Manager {
 
     pub(super) fn remove(&mut self, name: &str) {
         if let Some(slot) = self.slots.get_mut(name) {
-            slot.remove_when_stopped = true;
+            slot.removal_queued();
         }
         self.queue_stop(name, Job::Stop);
         if let (Some(dir), Some(unit)) = (&self.cfg.api_units_dir, self.units.get(name)) {
@@ -153,7 +149,7 @@ impl Manager {
                 continue;
             };
             slot.force_killed(&self.events, &self.cfg.logs, now, later(now, KILL_RETRY));
-            if let Some(scope) = &slot.scope {
+            if let Some(scope) = slot.scope() {
                 self.procs.signal_scope(&name, scope, Signal::SIGKILL);
             }
             if let Some(pid) = slot.main_pid() {

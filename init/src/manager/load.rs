@@ -123,7 +123,7 @@ impl Manager {
     /// used from its next start.
     pub(super) fn define(&mut self, unit: Unit) {
         if let Some(slot) = self.slots.get_mut(&unit.name) {
-            slot.load_error = None;
+            slot.definition_loaded();
         }
         self.insert_unit(unit);
     }
@@ -138,7 +138,7 @@ impl Manager {
             if let Some(name) = &e.unit {
                 broken.insert(name.clone());
                 if let Some(slot) = self.slots.get_mut(name) {
-                    slot.load_error = Some(e.to_string());
+                    slot.load_failed(e.to_string());
                     slot.log
                         .push(&self.cfg.logs, MANAGER_STREAM, &format!("reload: {e}"));
                 }
@@ -197,7 +197,7 @@ impl Manager {
                 .iter()
                 .filter(|(n, s)| {
                     s.main_pid().is_some()
-                        && s.running_source != self.units.get(*n).map(|u| source_hash(&u.source))
+                        && s.running_source() != self.units.get(*n).map(|u| source_hash(&u.source))
                 })
                 .map(|(n, _)| n.clone())
                 .collect();

@@ -44,7 +44,7 @@ impl Manager {
         };
         self.slots
             .values()
-            .filter_map(|s| s.deadline)
+            .filter_map(|s| s.deadline())
             .chain(shutdown)
             .min()
     }
@@ -54,7 +54,7 @@ impl Manager {
         let names: Vec<String> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.job.is_some() || s.deadline.is_some() || s.remove_when_stopped)
+            .filter(|(_, s)| s.job().is_some() || s.deadline().is_some() || s.remove_when_stopped())
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -67,30 +67,19 @@ impl Manager {
         let Some(slot) = self.slots.get(name) else {
             return false;
         };
-        let due = slot.deadline.is_some_and(|d| d <= now);
-        match (slot.active(), slot.sub(), slot.job) {
+        let due = slot.deadline().is_some_and(|d| d <= now);
+        match (slot.active(), slot.sub(), slot.job()) {
             (ActiveState::Activating, SubState::Waiting, Some(Job::Start)) => {
                 self.try_start(name, now)
             }
             (ActiveState::Activating, SubState::AutoRestart, _) if due => {
                 if let Some(s) = self.slots.get_mut(name) {
-                    s.deadline = None;
+                    s.timer_handled();
                 }
                 if self.spawn(name, now) {
                     if let Some(s) = self.slots.get_mut(name) {
-                        s.restarts = s.restarts.saturating_add(1);
+                        s.restart_counted();
                     }
-                }
-                true
-            }
-            (ActiveState::Activating, SubState::AutoRestart, Some(Job::Stop | Job::Restart)) => {
-                let restart = slot.job == Some(Job::Restart);
-                if let Some(s) = self.slots.get_mut(name) {
-                    s.deadline = None;
-                    s.became_dead(&self.events);
-                }
-                if restart {
-                    self.queue_start(name, true);
                 }
                 true
             }
@@ -99,7 +88,7 @@ impl Manager {
                 self.try_stop(name, now)
             }
             (ActiveState::Active, SubState::Exited, Some(Job::Stop | Job::Restart)) => {
-                let restart = slot.job == Some(Job::Restart);
+                let restart = slot.job() == Some(Job::Restart);
                 if let Some(s) = self.slots.get_mut(name) {
                     s.became_dead(&self.events);
                 }
@@ -108,7 +97,7 @@ impl Manager {
                 }
                 true
             }
-            _ if slot.remove_when_stopped && slot.is_down() && slot.job.is_none() => {
+            _ if slot.remove_when_stopped() && slot.is_down() && slot.job().is_none() => {
                 self.slots.remove(name);
                 self.units.remove(name);
                 self.recompute_graph();
@@ -141,7 +130,7 @@ impl Manager {
                     self.fail(name, UnitResult::Dependency, msg);
                     return true;
                 }
-                Some(d) if d.active() == ActiveState::Failed && d.job.is_none() => {
+                Some(d) if d.active() == ActiveState::Failed && d.job().is_none() => {
                     let msg = format!("required unit {dep} failed");
                     self.fail(name, UnitResult::Dependency, msg);
                     return true;
@@ -157,7 +146,7 @@ impl Manager {
                 let waiting = matches!(
                     ps.active(),
                     ActiveState::Activating | ActiveState::Deactivating
-                ) || ps.job == Some(Job::Start);
+                ) || ps.job() == Some(Job::Start);
                 if waiting {
                     return false;
                 }
@@ -165,8 +154,9 @@ impl Manager {
                     .units
                     .get(p)
                     .is_some_and(|u| u.service.kind == ServiceType::Oneshot);
-                let required = unit.unit.requires.contains(p);
-                if ps.active() == ActiveState::Failed && (required || oneshot) {
+                // A failed required unit was refused above (`requires`); a failed oneshot
+                // it is ordered after is refused here.
+                if ps.active() == ActiveState::Failed && oneshot {
                     let msg = format!("{p}, which it is ordered after, failed");
                     self.fail(name, UnitResult::Dependency, msg);
                     return true;
@@ -186,23 +176,13 @@ impl Manager {
             return false;
         };
         let window = unit.service.start_limit_interval;
-        while slot
-            .start_times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            slot.start_times.pop_front();
-        }
-        if slot.start_times.len() >= unit.service.start_limit_burst as usize {
+        if let Err(starts) = slot.start_counted(now, window, unit.service.start_limit_burst) {
             let msg = format!(
-                "started {} times within {:?} (start_limit_burst); `unitctl start {name}` tries again",
-                slot.start_times.len(),
-                window
+                "started {starts} times within {window:?} (start_limit_burst); `unitctl start {name}` tries again"
             );
             self.fail(name, UnitResult::StartLimitHit, msg);
             return false;
         }
-        slot.start_times.push_back(now);
         match self.launch(&unit) {
             Ok((pid, scope, pipes)) => {
                 let Some(slot) = self.slots.get_mut(name) else {
@@ -314,7 +294,7 @@ impl Manager {
         let blocked = self.stop_preds.iter().any(|(succ, preds)| {
             preds.contains(name)
                 && self.slots.get(succ).is_some_and(|s| {
-                    matches!(s.job, Some(Job::Stop | Job::Restart)) && !s.is_down()
+                    matches!(s.job(), Some(Job::Stop | Job::Restart)) && !s.is_down()
                         || s.active() == ActiveState::Deactivating
                 })
         });
@@ -332,7 +312,7 @@ impl Manager {
         match (
             self.launcher.terminate_main_only(),
             slot.main_pid(),
-            &slot.scope,
+            slot.scope(),
         ) {
             (true, Some(pid), _) => self.procs.signal_main(name, pid, Signal::SIGTERM),
             (_, _, Some(scope)) => self.procs.signal_scope(name, scope, Signal::SIGTERM),
@@ -350,13 +330,13 @@ impl Manager {
             return false;
         };
         let procs = &mut self.procs;
-        let empty = slot.scope.as_ref().is_none_or(|s| procs.is_empty(name, s));
+        let empty = slot.scope().is_none_or(|s| procs.is_empty(name, s));
         if slot.main_pid().is_none() && empty {
-            if let Some(s) = slot.scope.take() {
+            if let Some(s) = slot.scope_removed() {
                 procs.remove(name, &s);
             }
             let killed = slot.sub() == SubState::StopSigkill;
-            let restart = slot.job == Some(Job::Restart);
+            let restart = slot.job() == Some(Job::Restart);
             let (outcome, message) = if killed && forced {
                 (
                     UnitResult::Timeout,
@@ -381,18 +361,13 @@ impl Manager {
         }
         if slot.kill_at().is_some_and(|k| k <= now) {
             slot.escalated(&self.events, &cfg);
-            if let Some(s) = &slot.scope {
+            if let Some(s) = slot.scope() {
                 procs.signal_scope(name, s, Signal::SIGKILL);
             }
             slot.kill_sent(later(now, KILL_RETRY));
         }
         // Look again at the escalation time, or soon if only the scope's rest is left.
-        slot.deadline = if slot.main_pid().is_none() {
-            let poll = later(now, SCOPE_POLL);
-            Some(slot.kill_at().map_or(poll, |k| k.min(poll)))
-        } else {
-            slot.kill_at()
-        };
+        slot.stop_pending(later(now, SCOPE_POLL));
         false
     }
 
@@ -400,14 +375,15 @@ impl Manager {
         let Some(slot) = self.slots.get_mut(name) else {
             return;
         };
-        slot.deadline = None;
-        let Some(scope) = &slot.scope else { return };
+        slot.timer_handled();
+        let Some(scope) = slot.scope() else { return };
         if self.procs.is_empty(name, scope) {
-            self.procs.remove(name, scope);
-            slot.scope = None;
+            if let Some(scope) = slot.scope_removed() {
+                self.procs.remove(name, &scope);
+            }
         } else {
             self.procs.signal_scope(name, scope, Signal::SIGKILL);
-            slot.deadline = Some(later(now, SCOPE_POLL));
+            slot.scope_lingers(later(now, SCOPE_POLL));
         }
     }
 
@@ -430,7 +406,7 @@ impl Manager {
         let Some(slot) = self.slots.get_mut(&name) else {
             return;
         };
-        slot.main_exited(code, signal);
+        slot.main_exited(code, signal, now);
         let how = match (code, signal) {
             (Some(c), _) => format!("code={c}"),
             (_, Some(s)) => format!(
@@ -445,23 +421,17 @@ impl Manager {
             &format!("Main process exited, {how}."),
         );
         let procs = &mut self.procs;
-        let oom_kills = slot.scope.as_ref().map_or(0, |s| procs.oom_kills(&name, s));
+        let oom_kills = slot.scope().map_or(0, |s| procs.oom_kills(&name, s));
         // Whatever the main process left behind goes with it (systemd's KillMode=control-group).
-        if let Some(scope) = &slot.scope {
+        if let Some(scope) = slot.scope() {
             procs.signal_scope(&name, scope, Signal::SIGKILL);
         }
         if slot.active() == ActiveState::Deactivating {
-            slot.deadline = Some(now);
-            return;
+            return; // the stop goes on (looked at `now`)
         }
         let success = code == Some(0);
-        let ran_long = slot
-            .started_at
-            .is_some_and(|t| now.duration_since(t) > unit.service.restart_max_sec);
-        if ran_long {
-            slot.backoff_step = 0;
-        }
-        let stop_asked = matches!(slot.job, Some(Job::Stop)) || shutting_down;
+        slot.note_run_length(now, unit.service.restart_max_sec);
+        let stop_asked = matches!(slot.job(), Some(Job::Stop)) || shutting_down;
         let restart = !stop_asked
             && match unit.service.restart {
                 RestartPolicy::No => false,
@@ -483,31 +453,26 @@ impl Manager {
             ),
             (_, _) => (UnitResult::Signal, format!("main process killed by {how}")),
         };
-        slot.outcome = outcome;
-        slot.message = message;
-        if slot.job == Some(Job::Restart) {
-            slot.became_dead(&self.events);
+        if slot.job() == Some(Job::Restart) {
+            slot.exited_for_restart(&self.events, outcome, message);
             self.queue_start(&name, true);
         } else if restart {
             let base = unit.service.restart_sec;
             let factor = 1u32
-                .checked_shl(slot.backoff_step.min(20))
+                .checked_shl(slot.backoff_step().min(20))
                 .unwrap_or(u32::MAX);
             let delay = base
                 .checked_mul(factor)
                 .unwrap_or(unit.service.restart_max_sec)
                 .min(unit.service.restart_max_sec.max(base));
-            slot.restart_scheduled(&self.events, &cfg, later(now, delay), delay);
+            let at = later(now, delay);
+            slot.restart_scheduled(&self.events, &cfg, (outcome, message), at, delay);
         } else if success {
             let oneshot = unit.service.kind == ServiceType::Oneshot;
             slot.finished(&self.events, oneshot, now);
         } else {
-            slot.deadline = Some(now);
-            let msg = slot.message.clone();
-            self.fail(&name, outcome, msg);
-            if let Some(s) = self.slots.get_mut(&name) {
-                s.deadline = Some(now); // remove the leftover scope
-            }
+            // Failed; the leftover scope is removed at `now`.
+            slot.exited_failed(&self.events, &cfg, outcome, message, now);
         }
     }
 }

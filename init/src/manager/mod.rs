@@ -191,7 +191,7 @@ impl Manager {
     /// Remove the manager's cgroup tree (after shutdown).
     pub fn cleanup(&mut self) {
         for (name, slot) in self.slots.iter_mut() {
-            if let Some(s) = slot.scope.take() {
+            if let Some(s) = slot.scope_removed() {
                 self.procs.remove(name, &s);
             }
         }
@@ -202,7 +202,7 @@ impl Manager {
     /// failed (a unit waiting to be restarted counts as settled).
     pub fn settled(&self) -> bool {
         self.slots.values().all(|s| {
-            s.job != Some(Job::Start)
+            s.job() != Some(Job::Start)
                 && !matches!(
                     (s.active(), s.sub()),
                     (ActiveState::Activating, SubState::Waiting | SubState::Start)

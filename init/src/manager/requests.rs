@@ -1,6 +1,6 @@
 //! API requests: each [`Request`] answered from (or applied to) the manager's state.
 
-use super::{Job, Manager};
+use super::{Job, Manager, Slot};
 use crate::api::{ApiError, LoadState, Request, Response, UnitInfo};
 
 impl Manager {
@@ -64,9 +64,7 @@ impl Manager {
                     .ok_or(ApiError::NoSuchUnit(name))
             }
             Request::ControlApiGranted(name) => Ok(Response::Granted(
-                self.slots
-                    .get(&name)
-                    .is_some_and(|s| s.scope.is_some() && s.control_api),
+                self.slots.get(&name).is_some_and(Slot::control_api_granted),
             )),
             Request::SystemState => Ok(Response::Text(
                 if self.shutting_down {
@@ -102,7 +100,7 @@ impl Manager {
             description: unit
                 .and_then(|u| u.unit.description.clone())
                 .unwrap_or_default(),
-            load_state: if slot.load_error.is_some() {
+            load_state: if slot.load_error().is_some() {
                 LoadState::Error.into()
             } else {
                 LoadState::Loaded.into()
@@ -113,14 +111,14 @@ impl Manager {
                 .main_pid()
                 .map(|p| u32::try_from(p.as_raw()).unwrap_or(0))
                 .unwrap_or(0),
-            restarts: slot.restarts,
+            restarts: slot.restarts(),
             exit_code: slot.exit_code().unwrap_or(-1),
             exit_signal: slot.exit_signal().unwrap_or(0),
             since_us: slot.since_us(),
-            result: slot.outcome.into(),
-            message: match &slot.load_error {
-                Some(e) if slot.message.is_empty() => e.clone(),
-                _ => slot.message.clone(),
+            result: slot.outcome().into(),
+            message: match slot.load_error() {
+                Some(e) if slot.message().is_empty() => e.to_string(),
+                _ => slot.message().to_string(),
             },
         })
     }

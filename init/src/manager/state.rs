@@ -28,56 +28,119 @@ pub enum Job {
 /// Where state changes are published (the API's `UnitStateChanged`), if anywhere.
 pub type Events = Option<Sender<Event>>;
 
+/// Where a unit is, with the data that exists only in that state.
+///
+/// Each state is one `(ActiveState, SubState)` pair; the stop's SIGKILL time and whether
+/// SIGKILL was sent live inside the stopping state, so they cannot outlast it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// inactive (dead).
+    Dead,
+    /// failed (failed).
+    Failed,
+    /// activating (waiting): a start waits for its ordering.
+    Waiting,
+    /// activating (start): a oneshot's main process runs.
+    Starting,
+    /// active (running).
+    Running,
+    /// active (exited): a oneshot that finished.
+    Exited,
+    /// activating (auto-restart): the restart policy starts it again at the timer.
+    AutoRestart,
+    /// deactivating: SIGTERM was sent; SIGKILL is (re)sent at `kill_at`. `escalated`:
+    /// stop-sigkill once it was, else stop-sigterm.
+    Stopping {
+        /// When to (re)send SIGKILL.
+        kill_at: Instant,
+        /// SIGKILL was sent (stop-sigkill).
+        escalated: bool,
+    },
+}
+
+impl State {
+    fn active(self) -> ActiveState {
+        match self {
+            State::Dead => ActiveState::Inactive,
+            State::Failed => ActiveState::Failed,
+            State::Waiting | State::Starting | State::AutoRestart => ActiveState::Activating,
+            State::Running | State::Exited => ActiveState::Active,
+            State::Stopping { .. } => ActiveState::Deactivating,
+        }
+    }
+
+    fn sub(self) -> SubState {
+        match self {
+            State::Dead => SubState::Dead,
+            State::Failed => SubState::Failed,
+            State::Waiting => SubState::Waiting,
+            State::Starting => SubState::Start,
+            State::Running => SubState::Running,
+            State::Exited => SubState::Exited,
+            State::AutoRestart => SubState::AutoRestart,
+            State::Stopping {
+                escalated: false, ..
+            } => SubState::StopSigterm,
+            State::Stopping {
+                escalated: true, ..
+            } => SubState::StopSigkill,
+        }
+    }
+}
+
+/// The current run: exists from the start of its main process until its scope is removed
+/// (the main process may have ended while the scope still holds processes).
+#[derive(Debug)]
+struct CurrentRun {
+    /// The main process, until it exits.
+    main_pid: Option<Pid>,
+    /// The run's processes.
+    scope: Scope,
+    /// When it started.
+    started_at: Instant,
+    /// Fingerprint of the unit file text it was started from.
+    source: u64,
+    /// Started with `[container] control_api = true`.
+    control_api: bool,
+}
+
 /// Runtime record of one unit.
 ///
-/// The state (`active`, `sub`, when it changed, the stop's kill time) and the main process
-/// (its pid, then how it ended) change only through the transition methods below, each of
-/// which publishes a state change: a caller cannot set a state without its companions, nor
-/// forget the event.
+/// The state, the pending job, the timer, the current run and the result of the last
+/// transition change only through the transition methods below, each of which publishes a
+/// state change: a caller cannot set a state without its companions, nor forget the event.
 #[derive(Debug)]
 pub struct Slot {
     /// The unit's name (for the events).
     name: String,
-    /// Active state.
-    active: ActiveState,
-    /// Sub state.
-    sub: SubState,
+    /// Where the unit is.
+    state: State,
     /// Pending job.
-    pub job: Option<Job>,
-    /// Main process.
-    main_pid: Option<Pid>,
-    /// Processes of the current (or last) run.
-    pub scope: Option<Scope>,
+    job: Option<Job>,
+    /// The current run, while a process of it may exist.
+    run: Option<CurrentRun>,
     /// Exit code of the last main process.
     exit_code: Option<i32>,
     /// Signal that killed the last main process.
     exit_signal: Option<i32>,
     /// Restarts done by the restart policy since the last manual start.
-    pub restarts: u32,
+    restarts: u32,
     /// Restarts in a row without a run longer than `restart_max_sec` (drives the backoff).
-    pub backoff_step: u32,
+    backoff_step: u32,
     /// Start times within the start-limit window.
-    pub start_times: VecDeque<Instant>,
-    /// Fingerprint of the unit file text the current process was started from.
-    pub running_source: Option<u64>,
-    /// The current run was started with `[container] control_api = true`.
-    pub control_api: bool,
-    /// When the current run started.
-    pub started_at: Option<Instant>,
+    start_times: VecDeque<Instant>,
     /// Timer: when the unit next needs looking at (restart, escalation, scope re-check).
-    pub deadline: Option<Instant>,
-    /// While stopping: when to (re)send SIGKILL.
-    kill_at: Option<Instant>,
+    deadline: Option<Instant>,
     /// Result of the last transition.
-    pub outcome: UnitResult,
+    outcome: UnitResult,
     /// Detail for `outcome`.
-    pub message: String,
+    message: String,
     /// Time of the last state change, µs since the epoch.
     since_us: u64,
     /// The file on disk could not be parsed; the definition in force is the previous one.
-    pub load_error: Option<String>,
+    load_error: Option<String>,
     /// Drop the unit once it is stopped.
-    pub remove_when_stopped: bool,
+    remove_when_stopped: bool,
     /// Captured output.
     pub log: UnitLog,
 }
@@ -87,21 +150,15 @@ impl Slot {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_string(),
-            active: ActiveState::Inactive,
-            sub: SubState::Dead,
+            state: State::Dead,
             job: None,
-            main_pid: None,
-            scope: None,
+            run: None,
             exit_code: None,
             exit_signal: None,
             restarts: 0,
             backoff_step: 0,
             start_times: VecDeque::new(),
-            running_source: None,
-            control_api: false,
-            started_at: None,
             deadline: None,
-            kill_at: None,
             outcome: UnitResult::Success,
             message: String::new(),
             since_us: crate::logs::now_us(),
@@ -113,23 +170,52 @@ impl Slot {
 
     /// True while a process of the unit may exist.
     pub fn has_processes(&self) -> bool {
-        self.main_pid.is_some() || self.active == ActiveState::Deactivating
+        self.main_pid().is_some() || self.active() == ActiveState::Deactivating
     }
 
     /// True when the unit has settled in a non-running state.
     pub fn is_down(&self) -> bool {
-        matches!(self.active, ActiveState::Inactive | ActiveState::Failed)
-            && self.main_pid.is_none()
+        matches!(self.state, State::Dead | State::Failed) && self.main_pid().is_none()
     }
 
     /// Active state.
     pub fn active(&self) -> ActiveState {
-        self.active
+        self.state.active()
     }
 
     /// Sub state.
     pub fn sub(&self) -> SubState {
-        self.sub
+        self.state.sub()
+    }
+
+    /// Pending job.
+    pub fn job(&self) -> Option<Job> {
+        self.job
+    }
+
+    /// Timer: when the unit next needs looking at.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Result of the last transition.
+    pub fn outcome(&self) -> UnitResult {
+        self.outcome
+    }
+
+    /// Detail for [`Slot::outcome`].
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Restarts done by the restart policy since the last manual start.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Restarts in a row without a run longer than `restart_max_sec`.
+    pub fn backoff_step(&self) -> u32 {
+        self.backoff_step
     }
 
     /// Time of the last state change, µs since the epoch.
@@ -139,12 +225,60 @@ impl Slot {
 
     /// While stopping: when to (re)send SIGKILL.
     pub fn kill_at(&self) -> Option<Instant> {
-        self.kill_at
+        match self.state {
+            State::Stopping { kill_at, .. } => Some(kill_at),
+            _ => None,
+        }
     }
 
     /// The main process, while it runs.
     pub fn main_pid(&self) -> Option<Pid> {
-        self.main_pid
+        self.run.as_ref().and_then(|r| r.main_pid)
+    }
+
+    /// The processes of the current run, until its scope is removed.
+    pub fn scope(&self) -> Option<&Scope> {
+        self.run.as_ref().map(|r| &r.scope)
+    }
+
+    /// When the current run started.
+    pub fn started_at(&self) -> Option<Instant> {
+        self.run.as_ref().map(|r| r.started_at)
+    }
+
+    /// Fingerprint of the unit file text the current run was started from.
+    pub fn running_source(&self) -> Option<u64> {
+        self.run.as_ref().map(|r| r.source)
+    }
+
+    /// The current run was started with `[container] control_api = true`.
+    pub fn control_api_granted(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| r.control_api)
+    }
+
+    /// Why the unit's file could not be loaded (the definition in force is the previous one).
+    pub fn load_error(&self) -> Option<&str> {
+        self.load_error.as_deref()
+    }
+
+    /// A definition of the unit was installed: no load error.
+    pub fn definition_loaded(&mut self) {
+        self.load_error = None;
+    }
+
+    /// The unit's file could not be loaded (`error`); the previous definition stays in force.
+    pub fn load_failed(&mut self, error: String) {
+        self.load_error = Some(error);
+    }
+
+    /// The unit is dropped once it is stopped.
+    pub fn remove_when_stopped(&self) -> bool {
+        self.remove_when_stopped
+    }
+
+    /// Drop the unit once it is stopped.
+    pub fn removal_queued(&mut self) {
+        self.remove_when_stopped = true;
     }
 
     /// Exit code of the last main process.
@@ -157,21 +291,98 @@ impl Slot {
         self.exit_signal
     }
 
-    /// The main process ended (with exit `code`, or killed by `signal`); the state is decided
-    /// next (what ends the run is the caller's: a stop, a restart, a failure).
-    pub fn main_exited(&mut self, code: Option<i32>, signal: Option<i32>) {
-        self.main_pid = None;
-        self.exit_code = code;
-        self.exit_signal = signal;
+    /// A manual start: the restart counter, the backoff and the start limit begin anew.
+    pub fn limits_reset(&mut self) {
+        self.restarts = 0;
+        self.backoff_step = 0;
+        self.start_times.clear();
     }
 
-    /// Enter `a`/`s` and publish it (nothing when it is the state already).
-    fn set_state(&mut self, events: &Events, a: ActiveState, s: SubState) {
-        if self.active == a && self.sub == s {
+    /// A start at `now`, if the start limit allows it (fewer than `burst` starts within
+    /// `window`); else the number of starts within the window.
+    pub fn start_counted(
+        &mut self,
+        now: Instant,
+        window: Duration,
+        burst: u32,
+    ) -> Result<(), usize> {
+        while self
+            .start_times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.start_times.pop_front();
+        }
+        if self.start_times.len() >= burst as usize {
+            return Err(self.start_times.len());
+        }
+        self.start_times.push_back(now);
+        Ok(())
+    }
+
+    /// The restart policy started the unit again.
+    pub fn restart_counted(&mut self) {
+        self.restarts = self.restarts.saturating_add(1);
+    }
+
+    /// A stop or restart (`job`) was asked while a process of the unit may exist.
+    pub fn stop_queued(&mut self, job: Job) {
+        self.job = Some(job);
+    }
+
+    /// A start was asked while the unit stops: it starts again once stopped.
+    pub fn restart_queued(&mut self) {
+        self.job = Some(Job::Restart);
+    }
+
+    /// The main process ended at `now` (with exit `code`, or killed by `signal`). While
+    /// stopping, the stop is looked at `now`; otherwise what ends the run is decided next by
+    /// the caller (a restart, a failure, a finish).
+    pub fn main_exited(&mut self, code: Option<i32>, signal: Option<i32>, now: Instant) {
+        if let Some(run) = &mut self.run {
+            run.main_pid = None;
+        }
+        self.exit_code = code;
+        self.exit_signal = signal;
+        if matches!(self.state, State::Stopping { .. }) {
+            self.deadline = Some(now);
+        }
+    }
+
+    /// The main process ran longer than `restart_max_sec` by `now`: the backoff starts over.
+    pub fn note_run_length(&mut self, now: Instant, restart_max_sec: Duration) {
+        if self
+            .started_at()
+            .is_some_and(|t| now.duration_since(t) > restart_max_sec)
+        {
+            self.backoff_step = 0;
+        }
+    }
+
+    /// The run's scope was found empty and removed: the run is over. Returns the scope.
+    pub fn scope_removed(&mut self) -> Option<Scope> {
+        self.run.take().map(|r| r.scope)
+    }
+
+    /// The leftover scope of a finished run still holds processes: looked at again at `at`.
+    pub fn scope_lingers(&mut self, at: Instant) {
+        self.deadline = Some(at);
+    }
+
+    /// The timer was handled (a due restart, a leftover scope): nothing to look at until a
+    /// transition sets it again.
+    pub fn timer_handled(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Enter `state` and publish it (no event when the active and sub states stay the same).
+    fn set_state(&mut self, events: &Events, state: State) {
+        let (a, s) = (state.active(), state.sub());
+        let same = self.active() == a && self.sub() == s;
+        self.state = state;
+        if same {
             return;
         }
-        self.active = a;
-        self.sub = s;
         self.since_us = crate::logs::now_us();
         if let Some(tx) = events {
             let _ = tx.send(Event::UnitStateChanged {
@@ -188,15 +399,22 @@ impl Slot {
         self.outcome = UnitResult::Success;
         self.message.clear();
         self.log.push(logs, MANAGER_STREAM, "Start queued.");
-        self.set_state(events, ActiveState::Activating, SubState::Waiting);
+        self.set_state(events, State::Waiting);
     }
 
     /// Nothing of the unit runs and nothing is pending: inactive (dead). The timer is left
     /// as it is (a leftover scope may still need removing).
     pub fn became_dead(&mut self, events: &Events) {
         self.job = None;
-        self.kill_at = None;
-        self.set_state(events, ActiveState::Inactive, SubState::Dead);
+        self.set_state(events, State::Dead);
+    }
+
+    /// The main process ended with `outcome` while a restart job was pending: inactive
+    /// (dead), to be started again by the caller.
+    pub fn exited_for_restart(&mut self, events: &Events, outcome: UnitResult, message: String) {
+        self.outcome = outcome;
+        self.message = message;
+        self.became_dead(events);
     }
 
     /// A stop ended (the scope is empty and removed): inactive (dead) with `outcome`.
@@ -220,9 +438,7 @@ impl Slot {
         self.job = None;
         self.deadline = None;
         self.log.push(logs, MANAGER_STREAM, "Stopped.");
-        if self.active == ActiveState::Failed {
-            self.set_state(events, ActiveState::Failed, SubState::Failed);
-        } else {
+        if self.state != State::Failed {
             self.became_dead(events);
         }
     }
@@ -251,57 +467,100 @@ impl Slot {
         );
         log::warn!("{}: failed: {}: {message}", self.name, outcome.as_str());
         self.message = message;
-        self.set_state(events, ActiveState::Failed, SubState::Failed);
+        self.set_state(events, State::Failed);
+    }
+
+    /// The main process failed (`outcome`) at `now` and nothing restarts it: failed (failed);
+    /// the leftover scope is looked at `now`.
+    pub fn exited_failed(
+        &mut self,
+        events: &Events,
+        logs: &LogConfig,
+        outcome: UnitResult,
+        message: String,
+        now: Instant,
+    ) {
+        self.failed(events, logs, outcome, message);
+        self.deadline = Some(now);
     }
 
     /// The main process `pid` runs in `scope` since `now`: active (running), or activating
     /// (start) for a oneshot.
     pub fn started(&mut self, events: &Events, logs: &LogConfig, run: Run, now: Instant) {
-        self.main_pid = Some(run.pid);
-        self.running_source = Some(run.source);
-        self.control_api = run.control_api;
-        self.scope = Some(run.scope);
-        self.started_at = Some(now);
-        self.exit_code = None;
-        self.exit_signal = None;
-        self.job = None;
-        self.deadline = None;
         self.log.push(
             logs,
             MANAGER_STREAM,
             &format!("Started, main pid {}.", run.pid.as_raw()),
         );
+        self.run = Some(CurrentRun {
+            main_pid: Some(run.pid),
+            scope: run.scope,
+            started_at: now,
+            source: run.source,
+            control_api: run.control_api,
+        });
+        self.exit_code = None;
+        self.exit_signal = None;
+        self.job = None;
+        self.deadline = None;
         if run.oneshot {
-            self.set_state(events, ActiveState::Activating, SubState::Start);
+            self.set_state(events, State::Starting);
         } else {
-            self.set_state(events, ActiveState::Active, SubState::Running);
+            self.set_state(events, State::Running);
         }
     }
 
     /// SIGTERM was sent: deactivating (stop-sigterm) until the scope is empty, SIGKILL at
     /// `kill_at`.
     pub fn stopping(&mut self, events: &Events, logs: &LogConfig, kill_at: Instant) {
-        self.kill_at = Some(kill_at);
-        self.deadline = self.kill_at;
+        self.deadline = Some(kill_at);
         self.log.push(logs, MANAGER_STREAM, "Stopping (SIGTERM).");
-        self.set_state(events, ActiveState::Deactivating, SubState::StopSigterm);
+        self.set_state(
+            events,
+            State::Stopping {
+                kill_at,
+                escalated: false,
+            },
+        );
     }
 
     /// `stop_timeout` passed after SIGTERM: deactivating (stop-sigkill).
     pub fn escalated(&mut self, events: &Events, logs: &LogConfig) {
-        if self.sub == SubState::StopSigterm {
+        if let State::Stopping {
+            kill_at,
+            escalated: false,
+        } = self.state
+        {
             self.log.push(
                 logs,
                 MANAGER_STREAM,
                 "stop_timeout passed; sending SIGKILL.",
             );
-            self.set_state(events, ActiveState::Deactivating, SubState::StopSigkill);
+            self.set_state(
+                events,
+                State::Stopping {
+                    kill_at,
+                    escalated: true,
+                },
+            );
         }
     }
 
-    /// SIGKILL was sent (again); the next one at `kill_at`.
-    pub fn kill_sent(&mut self, kill_at: Instant) {
-        self.kill_at = Some(kill_at);
+    /// SIGKILL was sent (again); the next one at `next` (only while stopping).
+    pub fn kill_sent(&mut self, next: Instant) {
+        if let State::Stopping { kill_at, .. } = &mut self.state {
+            *kill_at = next;
+        }
+    }
+
+    /// A stop is not over at `now`: looked at again at the SIGKILL time, or by `poll_at` if
+    /// only the rest of the scope is left (the main process ended).
+    pub fn stop_pending(&mut self, poll_at: Instant) {
+        self.deadline = if self.main_pid().is_none() {
+            Some(self.kill_at().map_or(poll_at, |k| k.min(poll_at)))
+        } else {
+            self.kill_at()
+        };
     }
 
     /// The shutdown deadline killed the unit at `now`: deactivating (stop-sigkill), looked at
@@ -319,32 +578,42 @@ impl Slot {
             "Shutdown deadline passed; killing every process of the unit (SIGKILL).",
         );
         self.job = Some(Job::Stop);
-        self.kill_at = Some(kill_at);
         self.deadline = Some(now);
-        self.set_state(events, ActiveState::Deactivating, SubState::StopSigkill);
+        self.set_state(
+            events,
+            State::Stopping {
+                kill_at,
+                escalated: true,
+            },
+        );
     }
 
     /// The main process exited 0 at `now` and nothing restarts it: active (exited) for a
-    /// oneshot, else inactive (dead). The leftover scope is looked at `now`.
+    /// oneshot, else inactive (dead), with success. The leftover scope is looked at `now`.
     pub fn finished(&mut self, events: &Events, oneshot: bool, now: Instant) {
         self.job = None;
         self.deadline = Some(now);
+        self.outcome = UnitResult::Success;
+        self.message.clear();
         if oneshot {
-            self.set_state(events, ActiveState::Active, SubState::Exited);
+            self.set_state(events, State::Exited);
         } else {
             self.became_dead(events);
         }
     }
 
-    /// The restart policy restarts the unit at `at`, after `delay`: activating
-    /// (auto-restart), one backoff step further.
+    /// The main process ended with `outcome`; the restart policy restarts the unit at `at`,
+    /// after `delay`: activating (auto-restart), one backoff step further.
     pub fn restart_scheduled(
         &mut self,
         events: &Events,
         logs: &LogConfig,
+        (outcome, message): (UnitResult, String),
         at: Instant,
         delay: Duration,
     ) {
+        self.outcome = outcome;
+        self.message = message;
         self.backoff_step = self.backoff_step.saturating_add(1);
         self.deadline = Some(at);
         self.log.push(
@@ -352,7 +621,7 @@ impl Slot {
             MANAGER_STREAM,
             &format!("Scheduled restart in {delay:?}."),
         );
-        self.set_state(events, ActiveState::Activating, SubState::AutoRestart);
+        self.set_state(events, State::AutoRestart);
     }
 }
 

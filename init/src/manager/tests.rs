@@ -207,11 +207,11 @@ impl Harness {
 
     fn state(&self, unit: &str) -> (ActiveState, SubState, UnitResult) {
         let s = &self.m.slots[unit];
-        (s.active(), s.sub(), s.outcome)
+        (s.active(), s.sub(), s.outcome())
     }
 
     fn message(&self, unit: &str) -> String {
-        self.m.slots[unit].message.clone()
+        self.m.slots[unit].message().to_string()
     }
 
     /// Everything recorded since the last call.
@@ -528,7 +528,7 @@ fn restart_backoff_doubles_is_capped_and_resets_after_a_long_run() {
         assert_eq!(h.take(), [launch("flaky", t)]);
         assert_eq!(h.state("flaky").0, ActiveState::Active);
     }
-    assert_eq!(h.m.slots["flaky"].restarts, 6);
+    assert_eq!(h.m.slots["flaky"].restarts(), 6);
     // A run longer than restart_max_sec starts the doubling over.
     t += ms(1001);
     h.exit("flaky", t, 1);
@@ -693,7 +693,7 @@ fn a_oneshot_that_exited_is_active_and_a_restart_runs_it_again() {
             UnitResult::Success
         )
     );
-    assert_eq!(h.m.slots["job"].restarts, 0);
+    assert_eq!(h.m.slots["job"].restarts(), 0);
 }
 
 #[test]
@@ -723,7 +723,7 @@ fn reload_adds_changes_removes_and_keeps_a_broken_file_old_definition() {
     assert!(r.errors[0].contains("broken.toml"), "{:?}", r.errors);
     // The broken file leaves the old definition in force, marked with the error.
     assert_eq!(h.m.units["broken"].source, broken_source);
-    assert!(h.m.slots["broken"].load_error.is_some());
+    assert!(h.m.slots["broken"].load_error().is_some());
     h.tick(secs(1));
     // A removed unit is stopped, then dropped; an added one is not started; a changed one
     // runs on until a restart is asked for.
@@ -886,4 +886,98 @@ fn a_stop_waits_for_the_whole_scope_not_just_the_main_process() {
         h.state("forker"),
         (ActiveState::Inactive, SubState::Dead, UnitResult::Timeout)
     );
+}
+
+/// A stop while a restart is pending (activating, auto-restart) cancels the restart: the unit
+/// is inactive (dead) at once, keeps the result of its last run, no timer is left and nothing
+/// is launched at the time the restart was due.
+#[test]
+fn a_stop_during_auto_restart_cancels_the_restart() {
+    let mut h = Harness::new(&[(
+        "flaky",
+        &unit("[service]\nrestart = \"on-failure\"\nrestart_sec = \"1s\""),
+    )]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.exit("flaky", ms(10), 1);
+    assert_eq!(h.tick(ms(10)), Some(ms(1010)));
+    assert_eq!(
+        h.state("flaky"),
+        (
+            ActiveState::Activating,
+            SubState::AutoRestart,
+            UnitResult::ExitCode
+        )
+    );
+    h.request(ms(500), Request::StopUnit("flaky".into()))
+        .unwrap();
+    assert_eq!(h.tick(ms(500)), None);
+    assert_eq!(
+        h.state("flaky"),
+        (ActiveState::Inactive, SubState::Dead, UnitResult::ExitCode)
+    );
+    assert_eq!(h.tick(secs(5)), None);
+    assert_eq!(h.take(), [launch("flaky", ms(0)), reap("flaky", ms(10))]);
+}
+
+/// A stop of a failed unit leaves it failed, with its result and message; a stop of an
+/// inactive unit changes nothing either. Neither sends a signal or leaves a timer.
+#[test]
+fn a_stop_of_a_failed_unit_keeps_it_failed() {
+    let mut h = Harness::new(&[("broken", &unit("")), ("idle", &unit(""))]);
+    h.request(ms(0), Request::StartUnit("broken".into()))
+        .unwrap();
+    h.tick(ms(0));
+    h.exit("broken", ms(10), 3);
+    h.tick(ms(10));
+    let failed = (ActiveState::Failed, SubState::Failed, UnitResult::ExitCode);
+    assert_eq!(h.state("broken"), failed);
+    assert_eq!(h.message("broken"), "main process exited with code 3");
+    h.take();
+
+    h.request(ms(20), Request::StopUnit("broken".into()))
+        .unwrap();
+    h.request(ms(20), Request::StopUnit("idle".into())).unwrap();
+    assert_eq!(h.tick(ms(20)), None);
+    assert_eq!(h.state("broken"), failed);
+    assert_eq!(h.message("broken"), "main process exited with code 3");
+    assert_eq!(h.state("idle"), DEAD);
+    assert_eq!(h.take(), []);
+    // A start clears the failure.
+    h.request(ms(30), Request::StartUnit("broken".into()))
+        .unwrap();
+    h.tick(ms(30));
+    assert_eq!(h.state("broken"), RUNNING);
+    assert_eq!(h.message("broken"), "");
+}
+
+/// A unit that requires a unit that failed and is ordered after it fails by the `requires`
+/// check, with its message (the ordering check only refuses the failed oneshots a unit is
+/// ordered after), and never launches.
+#[test]
+fn a_failed_required_unit_fails_the_dependant_by_requires() {
+    let broken = format!("[container]\ncommand = [\"{UNLAUNCHABLE}\"]\n");
+    let mut h = Harness::new(&[
+        ("need", &broken),
+        (
+            "app",
+            &unit("[unit]\nrequires = [\"need\"]\nafter = [\"need\"]"),
+        ),
+    ]);
+    h.request(ms(0), Request::StartUnit("app".into())).unwrap();
+    assert_eq!(h.tick(ms(0)), None);
+    assert_eq!(
+        h.state("need"),
+        (ActiveState::Failed, SubState::Failed, UnitResult::Spawn)
+    );
+    assert_eq!(
+        h.state("app"),
+        (
+            ActiveState::Failed,
+            SubState::Failed,
+            UnitResult::Dependency
+        )
+    );
+    assert_eq!(h.message("app"), "required unit need failed");
+    assert_eq!(h.take(), [sig("need", To::Scope, Signal::SIGKILL, ms(0))]);
 }

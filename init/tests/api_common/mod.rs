@@ -175,6 +175,11 @@ impl Model {
                 if name.is_empty() || name.contains('/') {
                     return Err(ApiError::InvalidUnit(format!("invalid unit name {name:?}")));
                 }
+                if toml.contains("# the fake refuses this") {
+                    return Err(ApiError::InvalidUnit(format!(
+                        "<state>/units/{name}.toml:1:1: refused\n  help: remove the line"
+                    )));
+                }
                 if !toml.contains("[unit]") {
                     return Err(ApiError::InvalidUnit(format!(
                         "{name}: line 1, column 1: missing [unit] table"
