@@ -71,21 +71,28 @@ pub fn stop_machine(
     kill_cgroup(cgroup);
 }
 
-/// Kills everything in the cgroup `name` (what an init started) and removes the cgroups,
-/// on either cgroup2 mount.
+/// Kills everything in the cgroup `name` (what an init started) and removes the cgroups.
+/// The init made it below its own cgroup, which is this test's (it is our child): found
+/// through the cgroup2 mount on any layout (`/sys/fs/cgroup` on a pure v2 host,
+/// `/sys/fs/cgroup/unified` on a hybrid one, the test inside a session scope or not).
 pub fn kill_cgroup(name: &str) {
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let root = Path::new(root).join(name);
-        if let Ok(dir) = std::fs::read_dir(&root) {
-            for e in dir.flatten() {
-                let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                let _ = std::fs::remove_dir(e.path());
-            }
+    let Some(mount) = flotilla_init_api::cgroup::find_cgroup2() else {
+        return;
+    };
+    let own = flotilla_init_api::cgroup::own_cgroup(
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let root = mount.join(own).join(name);
+    if let Ok(dir) = std::fs::read_dir(&root) {
+        for e in dir.flatten() {
+            let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let _ = std::fs::remove_dir(e.path());
         }
-        let _ = std::fs::write(root.join("cgroup.kill"), "1");
-        let _ = std::fs::remove_dir(&root);
     }
+    let _ = std::fs::write(root.join("cgroup.kill"), "1");
+    let _ = std::fs::remove_dir(&root);
 }
 
 /// Polls `cond` every `every` until it holds; panics with `what` and `logs()` after `bound`.
