@@ -149,12 +149,15 @@ pub fn run(opts: &RunOptions) -> Result<i32, LaunchError> {
         )));
     };
     runtime::attach_device_filter(shared, &spec.devices)?;
+    // This process holds the image's layers until the container is gone.
+    let lease = launcher.lease(&spec)?;
     let scope = root.prepare(&unit.name)?;
     let result = scope
         .entry()
         .map_err(LaunchError::from)
         .and_then(|entry| Ok(runtime::run(&spec, stdio, entry.cgroup())?));
     remove_when_empty(&scope);
+    drop(lease);
     result
 }
 

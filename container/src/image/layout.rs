@@ -16,7 +16,7 @@ use super::source::open_regular;
 use super::{sha256_hex, HashReader, HashWriter, ImageError, RuntimeConfig};
 
 /// JSON documents (index, manifest, config) larger than this are refused.
-const MAX_JSON: u64 = 8 << 20;
+pub(crate) const MAX_JSON: u64 = 8 << 20;
 /// Annotation containerd (and `docker save`) put the full image name in.
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
 

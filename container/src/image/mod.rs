@@ -7,14 +7,18 @@
 //! images.json            name:tag -> manifest digest (replaced atomically)
 //! lock                   flock(2)ed while an import or a removal changes the store
 //! tmp/                   staging area of the import in progress
+//! leases/<holder>.json   layers running containers use: kept by garbage collection
 //! ```
-//! Images come in as OCI image layouts ([`ImageStore::import_oci_layout`]); a container's
+//! Images come in as OCI image layouts or `docker save` archives
+//! ([`ImageStore::import_oci_layout`]); a container's
 //! root is an overlay of [`ResolvedImage::layers`]. [`ImageStores`] looks images up in
 //! several stores in order (the writable one, then the read-only [`SYSTEM_STORE`]). Nothing here panics: the store is used
 //! by PID 1.
 
+mod docker;
 mod extract;
 mod layout;
+mod lease;
 mod source;
 mod store;
 mod stores;
@@ -25,6 +29,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use layout::write_oci_layout;
+pub use lease::Lease;
 pub use store::{ImageStore, STORE_MODE};
 pub use stores::{ImageStores, StoredImage};
 
@@ -175,7 +180,7 @@ pub enum ImageError {
         source: io::Error,
     },
     /// The import needs a name and the layout has none.
-    #[error("the layout at {} has no org.opencontainers.image.ref.name annotation: give the image a name (--name NAME[:TAG])", .0.display())]
+    #[error("the image at {} has no name (no org.opencontainers.image.ref.name annotation, no RepoTags): give the image a name (--name NAME[:TAG])", .0.display())]
     NeedName(PathBuf),
     /// An invalid image reference.
     #[error("invalid image reference '{reference}': {reason}")]

@@ -11,8 +11,10 @@ use oci_spec::image::{ImageConfiguration, ImageManifest, MediaType};
 use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 
+use super::docker;
 use super::extract::{self, Options};
 use super::layout::{self, blob_path, runtime_config};
+use super::lease;
 use super::source::open_regular;
 use super::{
     parse_reference, sha256_hex, HashReader, ImageError, ImageInfo, ImportEvent, ResolvedImage,
@@ -254,13 +256,22 @@ impl ImageStore {
             }
             dir
         };
-        let img = layout::read_layout(&dir, want.as_ref())?;
-        let (name, tag) = match want {
-            Some(w) => w,
-            None => match &img.ref_name {
-                Some(r) => parse_reference(r)?,
-                None => return Err(ImageError::NeedName(src.to_path_buf())),
-            },
+        let (img, tags) = if docker::is_legacy(&dir) {
+            docker::read_legacy(&dir, want.as_ref())?
+        } else {
+            let img = layout::read_layout(&dir, want.as_ref())?;
+            let tags = match (&want, &img.ref_name) {
+                (Some(w), _) => vec![w.clone()],
+                (None, Some(r)) => vec![parse_reference(r)?],
+                // Docker 25+ also writes manifest.json, whose RepoTags name the image.
+                (None, None) => {
+                    docker::tags_for_config(&dir, img.manifest.config().digest().as_ref())
+                }
+            };
+            (img, tags)
+        };
+        let Some((name, tag)) = tags.first().cloned() else {
+            return Err(ImageError::NeedName(src.to_path_buf()));
         };
 
         let layers = img.manifest.layers();
@@ -344,8 +355,10 @@ impl ImageStore {
         commit_dir(&staged_blobs, &self.root.join("blobs").join("sha256"))?;
         commit_dir(&staged_layers, &self.root.join("layers"))?;
         let mut db = self.read_db()?;
-        db.images
-            .insert(format!("{name}:{tag}"), img.manifest_digest.clone());
+        for (n, t) in &tags {
+            db.images
+                .insert(format!("{n}:{t}"), img.manifest_digest.clone());
+        }
         self.write_db(&db)?;
         progress(ImportEvent::Done);
         Ok(info_of(
@@ -507,6 +520,15 @@ impl ImageStore {
         self.gc(&db)
     }
 
+    /// Deletes the blobs and layers no tagged image uses and no running container has
+    /// mounted (see [`ImageStore::lease`]), and leftovers of interrupted imports.
+    pub fn prune(&self) -> Result<(), ImageError> {
+        let _lock = self.lock()?;
+        let db = self.read_db()?;
+        self.clean_tmp();
+        self.gc(&db)
+    }
+
     /// Deletes unreferenced blobs and layers. Call with the lock held.
     fn gc(&self, db: &Db) -> Result<(), ImageError> {
         let mut blobs = BTreeSet::new();
@@ -536,9 +558,13 @@ impl ImageStore {
                 fs::remove_file(&p).map_err(|e| ImageError::io("remove unused blob", &p, e))?;
             }
         }
+        // Layers a running container has mounted stay, tagged or not.
+        let Some(leased) = lease::leased_layers(&self.root) else {
+            return Ok(());
+        };
         let layer_dir = self.root.join("layers");
         for entry in read_names(&layer_dir)? {
-            if !diffs.contains(&entry) {
+            if !diffs.contains(&entry) && !leased.contains(&entry) {
                 // Rename first, so a half-deleted layer never sits under a valid name.
                 let p = layer_dir.join(&entry);
                 let trash = self.new_stage("gc")?.join(&entry);

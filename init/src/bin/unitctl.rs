@@ -172,11 +172,13 @@ enum ImageCommand {
         #[command(flatten)]
         stores: StoreArgs,
     },
-    /// Import an OCI image layout (a directory, or a tar of one as `docker save` writes).
+    /// Import an OCI image layout (a directory, or a tar of one) or a `docker save` /
+    /// `podman save` archive (tar or tar.gz, told apart by content).
     Import {
-        /// The layout directory or tar.
+        /// The layout directory, or the archive.
         path: PathBuf,
-        /// `name[:tag]` [default: the layout's ref name annotation].
+        /// `name[:tag]` [default: the layout's ref name annotation, or the archive's
+        /// RepoTags].
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
@@ -187,6 +189,12 @@ enum ImageCommand {
     Rm {
         /// `name`, `name:tag` or `sha256:PREFIX`.
         reference: String,
+        #[command(flatten)]
+        stores: StoreArgs,
+    },
+    /// Delete the blobs and layers of the writable store that no image and no running
+    /// container uses.
+    Prune {
         #[command(flatten)]
         stores: StoreArgs,
     },
@@ -373,6 +381,9 @@ fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<
         }
         ImageCommand::Rm { reference, stores } => {
             stores.open()?.remove(&reference)?;
+        }
+        ImageCommand::Prune { stores } => {
+            stores.open()?.writable().prune()?;
         }
     }
     out.flush()?;

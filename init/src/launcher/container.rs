@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
 
-use flotilla_container::image::{ImageError, ImageStores, ResolvedImage};
+use flotilla_container::image::{ImageError, ImageStores, Lease, ResolvedImage};
 use flotilla_container::runtime::{self, BindMount, ContainerSpec, RootFs, Stdio};
 use flotilla_units::{Device, DeviceKind, Unit};
 use nix::unistd::Pid;
@@ -158,6 +158,16 @@ impl ContainerLauncher {
         self.stores
             .as_ref()
             .map_err(|e| LaunchError::Unsupported(e.clone()))
+    }
+
+    /// A lease in the writable store on the layers `spec` mounts (none without an image),
+    /// held by this process until handed over: garbage collection spares them.
+    pub fn lease(&self, spec: &ContainerSpec) -> Result<Option<Lease>, LaunchError> {
+        let RootFs::Overlay { layers, .. } = &spec.root else {
+            return Ok(None);
+        };
+        let store = self.stores()?.writable();
+        store.lease(&spec.id, layers).map(Some).map_err(image_err)
     }
 
     /// The directory for `name`'s overlay upper and work dirs.
@@ -380,6 +390,7 @@ impl Launcher for ContainerLauncher {
     fn launch(&mut self, unit: &Unit, scope: &Scope, io: LaunchIo) -> Result<Pid, LaunchError> {
         let spec = self.spec(unit, true)?;
         filter_devices(&spec, scope)?;
+        let lease = self.lease(&spec)?;
         let entry = scope.entry()?;
         let stdio = Stdio {
             stdin: None,
@@ -387,6 +398,15 @@ impl Launcher for ContainerLauncher {
             stderr: Some(io.stderr),
         };
         let spawned = runtime::spawn(&spec, stdio, entry.cgroup())?;
+        if let Some(lease) = lease {
+            // The container's pid 1 holds its layers from now on; its exit ends the lease.
+            if let Err(e) = lease.hand_over(spawned.pid.as_raw()) {
+                log::warn!(
+                    "{}: {e}; garbage collection may remove its image's layers while it runs",
+                    unit.name
+                );
+            }
+        }
         Ok(spawned.pid)
     }
 
