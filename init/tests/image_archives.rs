@@ -229,7 +229,11 @@ fn gc_spares_the_layers_of_a_running_unit_and_collects_them_after_it_stops() {
         m.logs("web").contains("stdout ready")
     });
     // The launcher handed its lease to the container's pid 1.
-    assert!(store.join("leases/web.json").is_file());
+    let leases: Vec<String> = fs::read_dir(store.join("leases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leases, [format!("web.{}.json", m.pid())]);
 
     ok(&unitctl(&["image", "rm", "dbox:1", "--store", s]));
     ok(&unitctl(&["image", "prune", "--store", s]));

@@ -2,7 +2,7 @@
 //!
 //! A container's overlay reads its image's layer directories for as long as it runs, even
 //! once no tag refers to the image any more. Before it mounts them, the launcher writes a
-//! lease `leases/<holder>.json` in the writable store: the layer names (diff_id hex) and
+//! lease `leases/<holder>.<pid>.json` in the writable store: the layer names (diff_id hex) and
 //! the process that holds them, as its pid and start time (`/proc/PID/stat` field 22, so a
 //! recycled pid is not taken for the holder). The launcher leases under its own pid, and
 //! once the container runs hands the lease over to the container's pid 1
@@ -91,8 +91,8 @@ fn write_lease(path: &Path, lease: &LeaseFile) -> Result<(), ImageError> {
 impl ImageStore {
     /// Leases `layers` (extracted layer directories, as [`super::ResolvedImage::layers`])
     /// for the container `holder`, held by this process until [`Lease::hand_over`]; replaces
-    /// an older lease of the same holder. Fails if a layer is gone by then (removed by a
-    /// garbage collection that ran before the lease was written): start again.
+    /// an older lease of the same holder by this process. Fails if a layer is gone by then
+    /// (removed by a garbage collection that ran before the lease was written): start again.
     pub fn lease(&self, holder: &str, layers: &[PathBuf]) -> Result<Lease, ImageError> {
         check_holder(holder)?;
         let dir = self.root().join(LEASES);
@@ -103,7 +103,9 @@ impl ImageStore {
             .filter_map(|l| l.file_name().and_then(|n| n.to_str()).map(str::to_string))
             .collect();
         let lease = Lease {
-            path: dir.join(format!("{holder}.json")),
+            // The leasing process's pid in the name: managers sharing a store, or a unit
+            // named like a toolbox run, never replace each other's leases.
+            path: dir.join(format!("{holder}.{pid}.json")),
             layers: names,
             remove_on_drop: true,
         };

@@ -7,7 +7,7 @@
 //! images.json            name:tag -> manifest digest (replaced atomically)
 //! lock                   flock(2)ed while an import or a removal changes the store
 //! tmp/                   staging area of the import in progress
-//! leases/<holder>.json   layers running containers use: kept by garbage collection
+//! leases/<holder>.<pid>.json layers running containers use: kept by garbage collection
 //! ```
 //! Images come in as OCI image layouts or `docker save` archives
 //! ([`ImageStore::import_oci_layout`]); a container's
