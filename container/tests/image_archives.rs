@@ -450,3 +450,28 @@ fn an_unreadable_lease_keeps_every_layer() {
     f.store.remove("demo:1").unwrap();
     assert_eq!(layer_dirs(f.store.root()).len(), 1);
 }
+
+#[test]
+fn layer_symlinked_inside_the_archive_is_followed() {
+    // Docker (< 25) writes a layer seen before as a symlink to the first copy.
+    let f = fixture();
+    let config = config_json(&[lower(), lower()]);
+    let cname = format!("{}.json", sha(&config));
+    let manifest = format!(
+        r#"[{{"Config":"{cname}","RepoTags":["dup:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}}]"#
+    );
+    let bytes = tar_of(&[
+        Ent::File(cname.as_bytes(), &config),
+        Ent::Dir(b"l1"),
+        Ent::File(b"l1/layer.tar", &lower()),
+        Ent::Dir(b"l2"),
+        Ent::Symlink(b"l2/layer.tar", b"../l1/layer.tar"),
+        Ent::File(b"manifest.json", manifest.as_bytes()),
+    ]);
+    let path = f.file("dup.tar", &bytes);
+    let info = f.store.import_oci_layout(&path, None, &mut |_| {}).unwrap();
+    assert_eq!((info.name.as_str(), info.layers), ("dup", 2));
+    let img = f.store.resolve("dup:1").unwrap();
+    assert_eq!(img.layers[0], img.layers[1]);
+    assert_eq!(std::fs::read(img.layers[1].join("etc/a")).unwrap(), b"A");
+}

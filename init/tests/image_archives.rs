@@ -250,3 +250,91 @@ fn gc_spares_the_layers_of_a_running_unit_and_collects_them_after_it_stops() {
     ok(&unitctl(&["image", "prune", "--store", s]));
     assert_eq!(layers(), 0, "the stopped unit's layers stay");
 }
+
+#[test]
+fn podman_save_archives_import_and_run() {
+    // A real `podman save` (docker-archive: layers as `<hex>.tar`, `<id>/layer.tar`
+    // symlinks to them; and oci-archive) of busybox plus our file, imported by
+    // `podman import` into a store of the test's own (vfs: no overlay mounts).
+    let t = tempfile::tempdir().unwrap();
+    let busybox =
+        flotilla_container::image::ImageStore::open(&common::test_image_store(&["busybox"]))
+            .unwrap()
+            .resolve("busybox")
+            .unwrap();
+    let rootfs = t.path().join("rootfs");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&busybox.layers[0])
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    fs::create_dir_all(rootfs.join("srv")).unwrap();
+    fs::write(rootfs.join("srv/hello"), "from podman").unwrap();
+    let rootfs_tar = t.path().join("rootfs.tar");
+    tar_dir(&rootfs, &rootfs_tar);
+    let podman = |args: &[&str]| {
+        let out = Command::new("podman")
+            .arg("--root")
+            .arg(t.path().join("podman-root"))
+            .arg("--runroot")
+            .arg(t.path().join("podman-run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("podman is missing: install the Debian package podman (scripts/test does)");
+        ok(&out)
+    };
+    podman(&[
+        "import",
+        "--change",
+        "CMD [\"/bin/sh\"]",
+        rootfs_tar.to_str().unwrap(),
+        "localhost/pbox:1",
+    ]);
+    let docker = t.path().join("docker.tar");
+    let oci = t.path().join("oci.tar");
+    podman(&["save", "-o", docker.to_str().unwrap(), "localhost/pbox:1"]);
+    podman(&[
+        "save",
+        "--format",
+        "oci-archive",
+        "-o",
+        oci.to_str().unwrap(),
+        "localhost/pbox:1",
+    ]);
+    let store = t.path().join("store");
+    let s = store.to_str().unwrap();
+    let out = ok(&unitctl(&[
+        "image",
+        "import",
+        docker.to_str().unwrap(),
+        "--store",
+        s,
+    ]));
+    assert!(out.contains("imported pbox:1 sha256:"), "{out}");
+    ok(&unitctl(&[
+        "image",
+        "import",
+        oci.to_str().unwrap(),
+        "--name",
+        "pbox:oci",
+        "--store",
+        s,
+    ]));
+    for image in ["pbox:1", "pbox:oci"] {
+        let out = ok(&unitctl(&[
+            "run",
+            "--store",
+            s,
+            "--image",
+            image,
+            "--",
+            "cat",
+            "/srv/hello",
+        ]));
+        assert_eq!(out, "from podman", "{image}");
+    }
+}
