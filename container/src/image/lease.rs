@@ -15,11 +15,14 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::layout::MAX_JSON;
+use super::source::open_regular;
 use super::{ImageError, ImageStore};
 
 /// The directory of the leases, below the store root.
@@ -167,6 +170,19 @@ impl Drop for Lease {
     }
 }
 
+/// A lease file (a regular file only: nothing in the store may block a collection) and its
+/// inode.
+fn read_lease(path: &Path) -> Result<(u64, LeaseFile), String> {
+    let file = open_regular(path, "layer lease").map_err(|e| e.to_string())?;
+    let ino = file.metadata().map_err(|e| e.to_string())?.ino();
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let lease = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    Ok((ino, lease))
+}
+
 /// The layers the live leases of the store at `root` name; stale leases are deleted.
 /// `None` when a lease cannot be read: the caller then keeps every layer.
 pub(crate) fn leased_layers(root: &Path) -> Option<BTreeSet<String>> {
@@ -198,10 +214,7 @@ pub(crate) fn leased_layers(root: &Path) -> Option<BTreeSet<String>> {
         if name.starts_with('.') {
             continue; // a lease being written
         }
-        let lease: LeaseFile = match fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        {
+        let (ino, lease) = match read_lease(&path) {
             Ok(l) => l,
             Err(e) if fs::symlink_metadata(&path).is_err() => {
                 log::debug!("lease {} went away: {e}", path.display());
@@ -217,11 +230,16 @@ pub(crate) fn leased_layers(root: &Path) -> Option<BTreeSet<String>> {
         };
         if lease.pid > 0 && start_time(lease.pid) == Some(lease.start) {
             out.extend(lease.layers);
-        } else if let Err(e) = fs::remove_file(&path) {
-            log::warn!(
-                "cannot remove the stale layer lease {}: {e}",
-                path.display()
-            );
+            continue;
+        }
+        // Stale. Unless a launcher just replaced it (a rename: another inode) with a live one.
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
+            if let Err(e) = fs::remove_file(&path) {
+                log::warn!(
+                    "cannot remove the stale layer lease {}: {e}",
+                    path.display()
+                );
+            }
         }
     }
     Some(out)
