@@ -1,0 +1,423 @@
+//! `unitctl image pull` against Debian's `docker-registry` (distribution 2.8) started by the
+//! test on loopback: anonymous over plain HTTP, basic auth over TLS with a CA the test
+//! makes, a wrong password, an unknown tag, a pulled image run as a container, a second pull
+//! that downloads nothing, and a registry serving a blob that does not match its digest.
+//! Images are pushed with `skopeo copy` from an OCI layout the test writes (static busybox).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_container::image::RuntimeConfig;
+use qemu_tests::pki::{Ca, Usage};
+use qemu_tests::{ensure_program, free_port};
+
+/// A `docker-registry` on 127.0.0.1, killed when dropped.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry in `dir`, with htpasswd basic auth and TLS when given.
+    fn start(dir: &Path, creds: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
+        let bin = ensure_program("docker-registry", "docker-registry").unwrap();
+        let port = free_port().unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("storage").display()
+        );
+        if let Some((cert, key)) = tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        if let Some((user, pass)) = creds {
+            let htpasswd = ensure_program("htpasswd", "apache2-utils").unwrap();
+            let out = Command::new(htpasswd)
+                .args(["-Bbn", user, pass])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
+        let config = dir.join("config.yml");
+        fs::write(&config, yaml).unwrap();
+        let log = fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let reg = Registry {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        // Patience bound only: a stalled box may take a while to start it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not listen: {}",
+                reg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.join("registry.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Access-log lines of successful GETs of blob `digest`.
+    fn blob_gets(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
+            .filter(|l| l.contains("\" 200 "))
+            .count()
+    }
+
+    /// The registry's file holding blob `digest`.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-layer OCI layout of a static busybox (`/bin/true`, `/bin/sh`); returns the layout
+/// and its layer's compressed digest.
+fn busybox_layout(dir: &Path) -> (PathBuf, String) {
+    let busybox = ensure_program("busybox", "busybox-static").unwrap();
+    let root = dir.join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["true", "sh", "cat"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(root.join("hello"), "pulled from a registry\n").unwrap();
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
+    let layout = common::oci_layout_of(&root, dir, &config, "app:1");
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(mdigest.strip_prefix("sha256:").unwrap()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (layout, layer)
+}
+
+/// `skopeo copy` of `layout` to `docker://HOST/REPO:TAG`.
+fn push(layout: &Path, dest: &str, extra: &[&str]) {
+    let skopeo = ensure_program("skopeo", "skopeo").unwrap();
+    let out = Command::new(skopeo)
+        .arg("--insecure-policy")
+        .arg("copy")
+        .args(extra)
+        .arg(format!("oci:{}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy to {dest}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unitctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(args)
+        .env_remove("FLOTILLA_IMAGES")
+        .env_remove("FLOTILLA_REGISTRIES")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pull(reference: &str, registries: &Path, store: &Path) -> Output {
+    unitctl(&[
+        "image",
+        "pull",
+        reference,
+        "--registries",
+        registries.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ])
+}
+
+fn write_settings(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Nothing of an image entered the store: no tag, no blob, no layer, no staging leftovers.
+fn assert_store_empty(store: &Path) {
+    let db = fs::read_to_string(store.join("images.json")).unwrap_or_default();
+    assert!(!db.contains("app"), "an image was tagged: {db}");
+    for sub in ["blobs/sha256", "layers", "tmp", "pull-tmp"] {
+        let dir = store.join(sub);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{} is not empty: {left:?}", dir.display());
+    }
+}
+
+#[test]
+fn anonymous_pull_over_http_runs_and_a_second_pull_downloads_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(
+        &fs::create_dir_all(dir.join("reg"))
+            .map(|_| dir.join("reg"))
+            .unwrap(),
+        None,
+        None,
+    );
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let store = dir.join("store");
+    let reference = format!("{}/team/app:1", reg.host());
+
+    // Without `insecure = true` plain HTTP is not used: the pull fails and says what to set.
+    let settings = dir.join("registries.toml");
+    write_settings(&settings, "");
+    let (_, err) = text(&pull(&reference, &settings, &store));
+    assert!(err.contains("insecure = true"), "{err}");
+    assert_store_empty(&store);
+
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("downloaded 1 layers") && stdout.contains("0 already in the store"),
+        "{stdout}"
+    );
+    assert!(stderr.contains(&format!("{layer} downloaded")), "{stderr}");
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    let (list, _) = text(&unitctl(&[
+        "image",
+        "list",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    assert!(list.contains(&format!("{}/team/app", reg.host())), "{list}");
+
+    // The pulled image runs as a container under its reference.
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
+
+    // Again: the layer is in the store, so nothing is downloaded (the registry agrees).
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("downloaded 0 layers") && stdout.contains("1 already in the store"),
+        "{stdout}"
+    );
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+}
+
+#[test]
+fn basic_auth_over_tls_wrong_password_and_unknown_tag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = dir.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "registry").unwrap();
+    let cert = ca
+        .issue("registry", "server", Usage::Node("127.0.0.1"))
+        .unwrap();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(
+        &dir.join("reg"),
+        Some(("alice", "s3cret-pw")),
+        Some((&cert.cert, &cert.key)),
+    );
+    // skopeo trusts the CA from a directory of *.crt files.
+    let certs = dir.join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    fs::copy(ca.cert(), certs.join("ca.crt")).unwrap();
+    let (layout, _) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    push(
+        &layout,
+        &reference,
+        &[
+            "--dest-creds",
+            "alice:s3cret-pw",
+            "--dest-cert-dir",
+            certs.to_str().unwrap(),
+        ],
+    );
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    let with_password = |pw: &str| {
+        format!(
+            "[registry.\"{}\"]\nusername = \"alice\"\npassword = \"{pw}\"\nca_file = \"{}\"\n",
+            reg.host(),
+            ca.cert().display()
+        )
+    };
+
+    // Credentials in a file others can read: refused before anything is sent.
+    fs::write(&settings, with_password("s3cret-pw")).unwrap();
+    fs::set_permissions(&settings, fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, err) = text(&pull(&reference, &settings, &store));
+    assert!(
+        err.contains(&format!("chmod 600 {}", settings.display())),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+
+    // A wrong password: the registry's 401, named; nothing stored; no password shown.
+    write_settings(&settings, &with_password("wrong-pw"));
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("401 Unauthorized") && err.contains(&reg.host()),
+        "{err}"
+    );
+    assert!(!format!("{stdout}{err}").contains("wrong-pw"), "{err}");
+    assert_store_empty(&store);
+
+    // An unknown tag: the registry's answer, and what to check.
+    write_settings(&settings, &with_password("s3cret-pw"));
+    let out = pull(
+        &format!("{}/team/app:nosuch", reg.host()),
+        &settings,
+        &store,
+    );
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("MANIFEST_UNKNOWN") || err.contains("ManifestUnknown"),
+        "{err}"
+    );
+    assert!(err.contains("check the repository and tag"), "{err}");
+    assert_store_empty(&store);
+
+    // The right password over TLS with the CA from ca_file.
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert!(!format!("{stdout}{err}").contains("s3cret-pw"));
+}
+
+#[test]
+fn a_blob_that_does_not_match_its_digest_is_refused_and_nothing_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    push(&layout, &reference, &["--dest-tls-verify=false"]);
+    // Tamper with the registry's copy of the layer: same size, one byte changed.
+    let data = reg.blob_file(&layer);
+    let mut bytes = fs::read(&data).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&data, &bytes).unwrap();
+
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(
+        !out.status.success(),
+        "a corrupted layer was accepted: {stdout}"
+    );
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+    assert!(err.contains(&layer), "{err}");
+    assert_store_empty(&store);
+}
