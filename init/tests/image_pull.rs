@@ -299,6 +299,69 @@ fn anonymous_pull_over_http_runs_and_a_second_pull_downloads_nothing() {
         "{stdout}"
     );
     assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    // By digest, into a fresh store, with a mirror that is down tried first: the image is
+    // tagged `REPO:sha256-<12 hex>` and runs under that name.
+    let (json, _) = text(&unitctl(&[
+        "--json",
+        "image",
+        "list",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let digest = list[0]["digest"].as_str().unwrap().to_string();
+    let down = format!("127.0.0.1:{}", free_port().unwrap());
+    write_settings(
+        &settings,
+        &format!(
+            "[registry.\"{host}\"]\ninsecure = true\nmirrors = [\"{down}\"]\n\
+             [registry.\"{down}\"]\ninsecure = true\n",
+            host = reg.host()
+        ),
+    );
+    let store2 = dir.join("store2");
+    let out = pull(
+        &format!("{}/team/app@{digest}", reg.host()),
+        &settings,
+        &store2,
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("from {}:", reg.host())),
+        "{stdout}"
+    );
+    let name = format!(
+        "{}/team/app:sha256-{}",
+        reg.host(),
+        &digest["sha256:".len().."sha256:".len() + 12]
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store2.to_str().unwrap(),
+        "--image",
+        &name,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
+
+    // A digest the registry does not have: its answer, nothing stored.
+    let store3 = dir.join("store3");
+    let out = pull(
+        &format!("{}/team/app@sha256:{}", reg.host(), "0".repeat(64)),
+        &settings,
+        &store3,
+    );
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("check the repository and tag"), "{stderr}");
+    assert_store_empty(&store3);
 }
 
 #[test]
@@ -420,4 +483,40 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_nothing_stored() {
     assert!(err.to_lowercase().contains("digest"), "{err}");
     assert!(err.contains(&layer), "{err}");
     assert_store_empty(&store);
+
+    // A manifest pulled by digest whose bytes the registry altered: refused.
+    let mdigest = manifest_digest(&layout);
+    let data = reg.blob_file(&mdigest);
+    let mut bytes = fs::read(&data).unwrap();
+    let text_of = String::from_utf8(bytes.clone()).unwrap();
+    assert!(text_of.contains("\"schemaVersion\":2"), "{text_of}");
+    bytes = text_of
+        .replace("\"schemaVersion\":2", "\"schemaVersion\": 2")
+        .into_bytes();
+    fs::write(&data, &bytes).unwrap();
+    let out = pull(
+        &format!("{}/team/app@{mdigest}", reg.host()),
+        &settings,
+        &store,
+    );
+    let (stdout, err) = text(&out);
+    assert!(
+        !out.status.success(),
+        "an altered manifest was accepted: {stdout}"
+    );
+    assert!(
+        err.contains("the manifest") && err.contains("does not match its digest"),
+        "{err}"
+    );
+    assert_store_empty(&store);
+}
+
+/// The digest of the one manifest in `layout`.
+fn manifest_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }

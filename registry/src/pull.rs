@@ -320,6 +320,19 @@ fn registry_error(
     action: &str,
     e: OciDistributionError,
 ) -> PullError {
+    if let OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+        expected,
+        actual,
+    }) = &e
+    {
+        return PullError::DigestMismatch {
+            reference: image.to_string(),
+            registry: host.to_string(),
+            what: action.strip_prefix("fetch ").unwrap_or(action).to_string(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        };
+    }
     let (answer, hint) = match &e {
         OciDistributionError::UnauthorizedError { .. } => (
             "the registry answered 401 Unauthorized".to_string(),
@@ -369,7 +382,7 @@ fn registry_error(
             }
             (
                 msg,
-                "; for plain HTTP set `insecure = true`, for a private CA `ca_file`, in registries.toml",
+                "; check that it is reachable (plain HTTP needs `insecure = true`, a private CA `ca_file`, in registries.toml)",
             )
         }
         _ => (e.to_string(), ""),
