@@ -128,14 +128,20 @@ impl Drop for Registry {
 /// A one-layer OCI layout of a static busybox (`/bin/true`, `/bin/sh`); returns the layout
 /// and its layer's compressed digest.
 fn busybox_layout(dir: &Path) -> (PathBuf, String) {
+    busybox_layout_saying(dir, "pulled from a registry\n")
+}
+
+/// [`busybox_layout`] whose `/hello` says `hello`.
+fn busybox_layout_saying(dir: &Path, hello: &str) -> (PathBuf, String) {
     let busybox = ensure_program("busybox", "busybox-static").unwrap();
+    fs::create_dir_all(dir).unwrap();
     let root = dir.join("root");
     fs::create_dir_all(root.join("bin")).unwrap();
     fs::copy(&busybox, root.join("bin/busybox")).unwrap();
     for applet in ["true", "sh", "cat"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
-    fs::write(root.join("hello"), "pulled from a registry\n").unwrap();
+    fs::write(root.join("hello"), hello).unwrap();
     let config = RuntimeConfig {
         env: vec!["PATH=/bin".into()],
         cmd: vec!["/bin/sh".into()],
@@ -519,4 +525,118 @@ fn manifest_digest(layout: &Path) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+#[test]
+fn an_index_resolves_to_this_hosts_platform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (here, other) = match std::env::consts::ARCH {
+        "aarch64" => ("arm64", "amd64"),
+        _ => ("amd64", "arm64"),
+    };
+    let (mine, _) = busybox_layout_saying(&dir.join("mine"), &format!("linux/{here}\n"));
+    let (theirs, _) = busybox_layout_saying(&dir.join("theirs"), &format!("linux/{other}\n"));
+    // One layout holding both images under a nested index, the other platform FIRST.
+    let multi = dir.join("multi");
+    let blobs = multi.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let mut entries = Vec::new();
+    for (layout, arch) in [(&theirs, other), (&mine, here)] {
+        for e in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), blobs.join(e.file_name())).unwrap();
+        }
+        let digest = manifest_digest(layout);
+        let size = fs::metadata(
+            layout
+                .join("blobs/sha256")
+                .join(digest.strip_prefix("sha256:").unwrap()),
+        )
+        .unwrap()
+        .len();
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": size,
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+    }
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let tmp_nested = dir.join("nested.json");
+    fs::write(&tmp_nested, &nested).unwrap();
+    let sum = Command::new("sha256sum").arg(&tmp_nested).output().unwrap();
+    let nested_digest = String::from_utf8(sum.stdout).unwrap()[..64].to_string();
+    fs::write(blobs.join(&nested_digest), &nested).unwrap();
+    fs::write(
+        multi.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    fs::write(
+        multi.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": format!("sha256:{nested_digest}"),
+                "size": nested.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "multi"},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let reference = format!("{}/team/multi:1", reg.host());
+    let skopeo = ensure_program("skopeo", "skopeo").unwrap();
+    let out = Command::new(skopeo)
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:multi", multi.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy --all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&manifest_digest(&mine)),
+        "not this host's manifest: {stdout}"
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, format!("linux/{here}\n"));
 }
