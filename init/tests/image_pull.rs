@@ -640,3 +640,167 @@ fn an_index_resolves_to_this_hosts_platform() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout, format!("linux/{here}\n"));
 }
+
+/// A TCP proxy in front of a registry that lets `limit` response bytes through per
+/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true).
+struct Proxy {
+    port: u16,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limit = Arc::new(AtomicU64::new(u64::MAX));
+        let stall = Arc::new(AtomicBool::new(false));
+        let (l, s) = (limit.clone(), stall.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                });
+                let (limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let (mut server, mut client) = (server, client);
+                    let mut sent: u64 = 0;
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let allowed = usize::try_from(limit.saturating_sub(sent))
+                            .unwrap_or(n)
+                            .min(n);
+                        if client.write_all(&buf[..allowed]).is_err() {
+                            break;
+                        }
+                        sent += allowed as u64;
+                        if allowed < n {
+                            if stall {
+                                // Hold the connection open (bounded: the test kills the
+                                // client long before).
+                                std::thread::sleep(Duration::from_secs(300));
+                            }
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port, limit, stall }
+    }
+
+    fn set(&self, limit: u64, stall: bool) {
+        use std::sync::atomic::Ordering;
+        self.limit.store(limit, Ordering::SeqCst);
+        self.stall.store(stall, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let reference = format!("{host}/team/app:1");
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    );
+
+    // The connection is cut 200 KiB into the (1 MiB) layer: an error, nothing stored.
+    proxy.set(200 << 10, false);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "a cut pull succeeded: {stdout}");
+    assert!(stderr.contains(&layer), "{stderr}");
+    assert_store_empty(&store);
+
+    // The connection stalls 200 KiB into the layer and unitctl is killed: its partial
+    // download is in its staging directory, nothing else in the store.
+    proxy.set(200 << 10, true);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(["image", "pull", &reference, "--registries"])
+        .arg(&settings)
+        .arg("--store")
+        .arg(&store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = store.join("pull-tmp").join(format!("{}-", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let found = loop {
+        let hit = fs::read_dir(store.join("pull-tmp")).ok().and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("blobs/sha256"))
+                .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten())
+                .map(|e| e.path())
+                .find(|p| {
+                    p.to_string_lossy().ends_with(".partial")
+                        && fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false)
+                })
+        });
+        if let Some(p) = hit {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no partial download appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        found
+            .to_string_lossy()
+            .contains(&partial.to_string_lossy().to_string()),
+        "{}",
+        found.display()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let db = fs::read_to_string(store.join("images.json")).unwrap_or_default();
+    assert!(!db.contains("app"), "{db}");
+    assert!(
+        fs::read_dir(store.join("blobs/sha256"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a blob entered the store"
+    );
+
+    // The next pull removes the dead pull's leftovers and completes.
+    proxy.set(u64::MAX, false);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    let left: Vec<_> = fs::read_dir(store.join("pull-tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
