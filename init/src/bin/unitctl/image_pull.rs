@@ -17,6 +17,8 @@ use super::human_size;
 struct Shown {
     count: usize,
     bars: Vec<Option<ProgressBar>>,
+    /// Spinner while the store extracts the layers (on a terminal).
+    importing: Option<ProgressBar>,
 }
 
 /// Pulls `reference` into `store`; step lines go to stderr, the result to `out`.
@@ -43,7 +45,8 @@ pub(crate) fn pull(
     };
     let report = flotilla_registry::pull(store, reference, &settings, &path, progress)?;
     if let Ok(mut s) = shown.lock() {
-        for bar in s.bars.iter_mut().flatten() {
+        let s = &mut *s;
+        for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
             bar.finish_and_clear();
         }
     }
@@ -155,6 +158,10 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
             match multi {
                 Some(m) => {
                     let _ = m.println(line);
+                    let spinner = m.add(ProgressBar::new_spinner());
+                    spinner.set_message("extracting the layers");
+                    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+                    s.importing = Some(spinner);
                 }
                 None => eprintln!("{line}"),
             }
