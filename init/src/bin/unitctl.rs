@@ -19,6 +19,9 @@ use flotilla_init_api::{ActiveState, LogEntry, SubState, UnitInfo, DEFAULT_SOCKE
 use flotilla_units::NetworkMode;
 use serde_json::{json, Value};
 
+#[path = "unitctl/image_pull.rs"]
+mod image_pull;
+
 /// Control the units of a Flotilla machine.
 #[derive(Debug, Parser)]
 #[command(
@@ -181,6 +184,18 @@ enum ImageCommand {
         /// RepoTags].
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        stores: StoreArgs,
+    },
+    /// Pull an image from an OCI registry into the writable (first) store and tag it there
+    /// under its reference (`HOST[:PORT]/REPO[:TAG]` or `HOST[:PORT]/REPO@sha256:...`).
+    Pull {
+        /// The registry reference; a short name (`REPO[:TAG]`) needs `default_registry`.
+        reference: String,
+        /// Registry settings [default: $FLOTILLA_REGISTRIES, else
+        /// /etc/flotilla/registries.toml].
+        #[arg(long, value_name = "FILE")]
+        registries: Option<PathBuf>,
         #[command(flatten)]
         stores: StoreArgs,
     },
@@ -378,6 +393,14 @@ fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<
             } else {
                 writeln!(out, "imported {}:{} {}", info.name, info.tag, info.digest)?;
             }
+        }
+        ImageCommand::Pull {
+            reference,
+            registries,
+            stores,
+        } => {
+            let stores = stores.open()?;
+            image_pull::pull(stores.writable(), &reference, registries, json, out)?;
         }
         ImageCommand::Rm { reference, stores } => {
             stores.open()?.remove(&reference)?;

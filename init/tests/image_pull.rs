@@ -1,0 +1,806 @@
+//! `unitctl image pull` against Debian's `docker-registry` (distribution 2.8) started by the
+//! test on loopback: anonymous over plain HTTP, basic auth over TLS with a CA the test
+//! makes, a wrong password, an unknown tag, a pulled image run as a container, a second pull
+//! that downloads nothing, and a registry serving a blob that does not match its digest.
+//! Images are pushed with `skopeo copy` from an OCI layout the test writes (static busybox).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_container::image::RuntimeConfig;
+use qemu_tests::pki::{Ca, Usage};
+use qemu_tests::{ensure_program, free_port};
+
+/// A `docker-registry` on 127.0.0.1, killed when dropped.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry in `dir`, with htpasswd basic auth and TLS when given.
+    fn start(dir: &Path, creds: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
+        let bin = ensure_program("docker-registry", "docker-registry").unwrap();
+        let port = free_port().unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("storage").display()
+        );
+        if let Some((cert, key)) = tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        if let Some((user, pass)) = creds {
+            let htpasswd = ensure_program("htpasswd", "apache2-utils").unwrap();
+            let out = Command::new(htpasswd)
+                .args(["-Bbn", user, pass])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
+        let config = dir.join("config.yml");
+        fs::write(&config, yaml).unwrap();
+        let log = fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let reg = Registry {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        // Patience bound only: a stalled box may take a while to start it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the registry did not listen: {}",
+                reg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        reg
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.dir.join("registry.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Access-log lines of successful GETs of blob `digest`.
+    fn blob_gets(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
+            .filter(|l| l.contains("\" 200 "))
+            .count()
+    }
+
+    /// The registry's file holding blob `digest`.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-layer OCI layout of a static busybox (`/bin/true`, `/bin/sh`); returns the layout
+/// and its layer's compressed digest.
+fn busybox_layout(dir: &Path) -> (PathBuf, String) {
+    busybox_layout_saying(dir, "pulled from a registry\n")
+}
+
+/// [`busybox_layout`] whose `/hello` says `hello`.
+fn busybox_layout_saying(dir: &Path, hello: &str) -> (PathBuf, String) {
+    let busybox = ensure_program("busybox", "busybox-static").unwrap();
+    fs::create_dir_all(dir).unwrap();
+    let root = dir.join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["true", "sh", "cat"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(root.join("hello"), hello).unwrap();
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
+    let layout = common::oci_layout_of(&root, dir, &config, "app:1");
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(mdigest.strip_prefix("sha256:").unwrap()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (layout, layer)
+}
+
+/// `skopeo copy` of `layout` to `docker://HOST/REPO:TAG`.
+fn push(layout: &Path, dest: &str, extra: &[&str]) {
+    let skopeo = ensure_program("skopeo", "skopeo").unwrap();
+    let out = Command::new(skopeo)
+        .arg("--insecure-policy")
+        .arg("copy")
+        .args(extra)
+        .arg(format!("oci:{}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy to {dest}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unitctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(args)
+        .env_remove("FLOTILLA_IMAGES")
+        .env_remove("FLOTILLA_REGISTRIES")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pull(reference: &str, registries: &Path, store: &Path) -> Output {
+    unitctl(&[
+        "image",
+        "pull",
+        reference,
+        "--registries",
+        registries.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ])
+}
+
+fn write_settings(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Nothing of an image entered the store: no tag, no blob, no layer, no staging leftovers.
+fn assert_store_empty(store: &Path) {
+    let db = fs::read_to_string(store.join("images.json")).unwrap_or_default();
+    assert!(!db.contains("app"), "an image was tagged: {db}");
+    for sub in ["blobs/sha256", "layers", "tmp", "pull-tmp"] {
+        let dir = store.join(sub);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{} is not empty: {left:?}", dir.display());
+    }
+}
+
+#[test]
+fn anonymous_pull_over_http_runs_and_a_second_pull_downloads_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let reg = Registry::start(
+        &fs::create_dir_all(dir.join("reg"))
+            .map(|_| dir.join("reg"))
+            .unwrap(),
+        None,
+        None,
+    );
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let store = dir.join("store");
+    let reference = format!("{}/team/app:1", reg.host());
+
+    // Without `insecure = true` plain HTTP is not used: the pull fails and says what to set.
+    let settings = dir.join("registries.toml");
+    write_settings(&settings, "");
+    let (_, err) = text(&pull(&reference, &settings, &store));
+    assert!(err.contains("insecure = true"), "{err}");
+    assert_store_empty(&store);
+
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("downloaded 1 layers") && stdout.contains("0 already in the store"),
+        "{stdout}"
+    );
+    assert!(stderr.contains(&format!("{layer} downloaded")), "{stderr}");
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    let (list, _) = text(&unitctl(&[
+        "image",
+        "list",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    assert!(list.contains(&format!("{}/team/app", reg.host())), "{list}");
+
+    // The pulled image runs as a container under its reference.
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
+
+    // Again: the layer is in the store, so nothing is downloaded (the registry agrees).
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("downloaded 0 layers") && stdout.contains("1 already in the store"),
+        "{stdout}"
+    );
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    // By digest, into a fresh store, with a mirror that is down tried first: the image is
+    // tagged `REPO:sha256-<12 hex>` and runs under that name.
+    let (json, _) = text(&unitctl(&[
+        "--json",
+        "image",
+        "list",
+        "--store",
+        store.to_str().unwrap(),
+    ]));
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let digest = list[0]["digest"].as_str().unwrap().to_string();
+    let down = format!("127.0.0.1:{}", free_port().unwrap());
+    write_settings(
+        &settings,
+        &format!(
+            "[registry.\"{host}\"]\ninsecure = true\nmirrors = [\"{down}\"]\n\
+             [registry.\"{down}\"]\ninsecure = true\n",
+            host = reg.host()
+        ),
+    );
+    let store2 = dir.join("store2");
+    let out = pull(
+        &format!("{}/team/app@{digest}", reg.host()),
+        &settings,
+        &store2,
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("from {}:", reg.host())),
+        "{stdout}"
+    );
+    let name = format!(
+        "{}/team/app:sha256-{}",
+        reg.host(),
+        &digest["sha256:".len().."sha256:".len() + 12]
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store2.to_str().unwrap(),
+        "--image",
+        &name,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
+
+    // A digest the registry does not have: its answer, nothing stored.
+    let store3 = dir.join("store3");
+    let out = pull(
+        &format!("{}/team/app@sha256:{}", reg.host(), "0".repeat(64)),
+        &settings,
+        &store3,
+    );
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("check the repository and tag"), "{stderr}");
+    assert_store_empty(&store3);
+}
+
+#[test]
+fn basic_auth_over_tls_wrong_password_and_unknown_tag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = dir.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "registry").unwrap();
+    let cert = ca
+        .issue("registry", "server", Usage::Node("127.0.0.1"))
+        .unwrap();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(
+        &dir.join("reg"),
+        Some(("alice", "s3cret-pw")),
+        Some((&cert.cert, &cert.key)),
+    );
+    // skopeo trusts the CA from a directory of *.crt files.
+    let certs = dir.join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    fs::copy(ca.cert(), certs.join("ca.crt")).unwrap();
+    let (layout, _) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    push(
+        &layout,
+        &reference,
+        &[
+            "--dest-creds",
+            "alice:s3cret-pw",
+            "--dest-cert-dir",
+            certs.to_str().unwrap(),
+        ],
+    );
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    let with_password = |pw: &str| {
+        format!(
+            "[registry.\"{}\"]\nusername = \"alice\"\npassword = \"{pw}\"\nca_file = \"{}\"\n",
+            reg.host(),
+            ca.cert().display()
+        )
+    };
+
+    // Credentials in a file others can read: refused before anything is sent.
+    fs::write(&settings, with_password("s3cret-pw")).unwrap();
+    fs::set_permissions(&settings, fs::Permissions::from_mode(0o644)).unwrap();
+    let (_, err) = text(&pull(&reference, &settings, &store));
+    assert!(
+        err.contains(&format!("chmod 600 {}", settings.display())),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+
+    // A wrong password: the registry's 401, named; nothing stored; no password shown.
+    write_settings(&settings, &with_password("wrong-pw"));
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("401 Unauthorized") && err.contains(&reg.host()),
+        "{err}"
+    );
+    assert!(!format!("{stdout}{err}").contains("wrong-pw"), "{err}");
+    assert_store_empty(&store);
+
+    // An unknown tag: the registry's answer, and what to check.
+    write_settings(&settings, &with_password("s3cret-pw"));
+    let out = pull(
+        &format!("{}/team/app:nosuch", reg.host()),
+        &settings,
+        &store,
+    );
+    let (_, err) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("MANIFEST_UNKNOWN") || err.contains("ManifestUnknown"),
+        "{err}"
+    );
+    assert!(err.contains("check the repository and tag"), "{err}");
+    assert_store_empty(&store);
+
+    // The right password over TLS with the CA from ca_file.
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert!(!format!("{stdout}{err}").contains("s3cret-pw"));
+}
+
+#[test]
+fn a_blob_that_does_not_match_its_digest_is_refused_and_nothing_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    push(&layout, &reference, &["--dest-tls-verify=false"]);
+    // Tamper with the registry's copy of the layer: same size, one byte changed.
+    let data = reg.blob_file(&layer);
+    let mut bytes = fs::read(&data).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&data, &bytes).unwrap();
+
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(
+        !out.status.success(),
+        "a corrupted layer was accepted: {stdout}"
+    );
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+    assert!(err.contains(&layer), "{err}");
+    assert_store_empty(&store);
+
+    // A manifest pulled by digest whose bytes the registry altered: refused.
+    let mdigest = manifest_digest(&layout);
+    let data = reg.blob_file(&mdigest);
+    let mut bytes = fs::read(&data).unwrap();
+    let text_of = String::from_utf8(bytes.clone()).unwrap();
+    assert!(text_of.contains("\"schemaVersion\":2"), "{text_of}");
+    bytes = text_of
+        .replace("\"schemaVersion\":2", "\"schemaVersion\": 2")
+        .into_bytes();
+    fs::write(&data, &bytes).unwrap();
+    let out = pull(
+        &format!("{}/team/app@{mdigest}", reg.host()),
+        &settings,
+        &store,
+    );
+    let (stdout, err) = text(&out);
+    assert!(
+        !out.status.success(),
+        "an altered manifest was accepted: {stdout}"
+    );
+    assert!(
+        err.contains("the manifest") && err.contains("does not match its digest"),
+        "{err}"
+    );
+    assert_store_empty(&store);
+}
+
+/// The digest of the one manifest in `layout`.
+fn manifest_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn an_index_resolves_to_this_hosts_platform() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (here, other) = match std::env::consts::ARCH {
+        "aarch64" => ("arm64", "amd64"),
+        _ => ("amd64", "arm64"),
+    };
+    let (mine, _) = busybox_layout_saying(&dir.join("mine"), &format!("linux/{here}\n"));
+    let (theirs, _) = busybox_layout_saying(&dir.join("theirs"), &format!("linux/{other}\n"));
+    // One layout holding both images under a nested index, the other platform FIRST.
+    let multi = dir.join("multi");
+    let blobs = multi.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let mut entries = Vec::new();
+    for (layout, arch) in [(&theirs, other), (&mine, here)] {
+        for e in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), blobs.join(e.file_name())).unwrap();
+        }
+        let digest = manifest_digest(layout);
+        let size = fs::metadata(
+            layout
+                .join("blobs/sha256")
+                .join(digest.strip_prefix("sha256:").unwrap()),
+        )
+        .unwrap()
+        .len();
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": size,
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+    }
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }))
+    .unwrap();
+    let tmp_nested = dir.join("nested.json");
+    fs::write(&tmp_nested, &nested).unwrap();
+    let sum = Command::new("sha256sum").arg(&tmp_nested).output().unwrap();
+    let nested_digest = String::from_utf8(sum.stdout).unwrap()[..64].to_string();
+    fs::write(blobs.join(&nested_digest), &nested).unwrap();
+    fs::write(
+        multi.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    fs::write(
+        multi.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": format!("sha256:{nested_digest}"),
+                "size": nested.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "multi"},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let reference = format!("{}/team/multi:1", reg.host());
+    let skopeo = ensure_program("skopeo", "skopeo").unwrap();
+    let out = Command::new(skopeo)
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:multi", multi.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy --all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&manifest_digest(&mine)),
+        "not this host's manifest: {stdout}"
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, format!("linux/{here}\n"));
+}
+
+/// A TCP proxy in front of a registry that lets `limit` response bytes through per
+/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true).
+struct Proxy {
+    port: u16,
+    limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limit = Arc::new(AtomicU64::new(u64::MAX));
+        let stall = Arc::new(AtomicBool::new(false));
+        let (l, s) = (limit.clone(), stall.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                });
+                let (limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let (mut server, mut client) = (server, client);
+                    let mut sent: u64 = 0;
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let allowed = usize::try_from(limit.saturating_sub(sent))
+                            .unwrap_or(n)
+                            .min(n);
+                        if client.write_all(&buf[..allowed]).is_err() {
+                            break;
+                        }
+                        sent += allowed as u64;
+                        if allowed < n {
+                            if stall {
+                                // Hold the connection open (bounded: the test kills the
+                                // client long before).
+                                std::thread::sleep(Duration::from_secs(300));
+                            }
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port, limit, stall }
+    }
+
+    fn set(&self, limit: u64, stall: bool) {
+        use std::sync::atomic::Ordering;
+        self.limit.store(limit, Ordering::SeqCst);
+        self.stall.store(stall, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let reference = format!("{host}/team/app:1");
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    );
+
+    // The connection is cut 200 KiB into the (1 MiB) layer: an error, nothing stored.
+    proxy.set(200 << 10, false);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "a cut pull succeeded: {stdout}");
+    assert!(stderr.contains(&layer), "{stderr}");
+    assert_store_empty(&store);
+
+    // The connection stalls 200 KiB into the layer and unitctl is killed: its partial
+    // download is in its staging directory, nothing else in the store.
+    proxy.set(200 << 10, true);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(["image", "pull", &reference, "--registries"])
+        .arg(&settings)
+        .arg("--store")
+        .arg(&store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = store.join("pull-tmp").join(format!("{}-", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let found = loop {
+        let hit = fs::read_dir(store.join("pull-tmp")).ok().and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("blobs/sha256"))
+                .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten())
+                .map(|e| e.path())
+                .find(|p| {
+                    p.to_string_lossy().ends_with(".partial")
+                        && fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false)
+                })
+        });
+        if let Some(p) = hit {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no partial download appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        found
+            .to_string_lossy()
+            .contains(&partial.to_string_lossy().to_string()),
+        "{}",
+        found.display()
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let db = fs::read_to_string(store.join("images.json")).unwrap_or_default();
+    assert!(!db.contains("app"), "{db}");
+    assert!(
+        fs::read_dir(store.join("blobs/sha256"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a blob entered the store"
+    );
+
+    // The next pull removes the dead pull's leftovers and completes.
+    proxy.set(u64::MAX, false);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    let left: Vec<_> = fs::read_dir(store.join("pull-tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

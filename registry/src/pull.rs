@@ -1,0 +1,702 @@
+//! The pull: manifest (index → linux/<host arch>), config and missing layers into a staging
+//! OCI layout beside the store, each blob verified, then the store's import.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use flotilla_container::image::{ImageInfo, ImageStore, ImportEvent};
+use futures_util::{StreamExt, TryStreamExt};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::Client;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::{ImageRef, PullError, Registries};
+
+/// Layers downloaded at once.
+const CONCURRENT_LAYERS: usize = 4;
+
+/// Directory beside the store's `tmp/` where pulls stage their downloads. Not `tmp/`
+/// itself: every import clears that under the store lock, and the pull hands its staging
+/// layout to the import.
+const PULL_STAGING: &str = "pull-tmp";
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What a pull reports as it goes (called from the download tasks: `Send + Sync`).
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    /// The manifest is known: `layers` in the image, `missing` of them to download.
+    Resolved {
+        /// Registry (or mirror) the image comes from.
+        registry: String,
+        /// Digest of the image manifest (for an index: the platform's manifest).
+        manifest_digest: String,
+        /// Layers in the image.
+        layers: usize,
+        /// Layers the store lacks.
+        missing: usize,
+        /// Compressed bytes of the missing layers.
+        bytes: u64,
+    },
+    /// A layer the store already has: not downloaded.
+    LayerSkipped {
+        /// 0-based position in the manifest.
+        index: usize,
+        /// Its digest.
+        digest: String,
+    },
+    /// Bytes of a layer arrived.
+    LayerProgress {
+        /// 0-based position in the manifest.
+        index: usize,
+        /// Bytes received so far.
+        received: u64,
+        /// Size the manifest gives.
+        size: u64,
+    },
+    /// A layer was downloaded and verified.
+    LayerDone {
+        /// 0-based position in the manifest.
+        index: usize,
+        /// Its digest.
+        digest: String,
+        /// Its size.
+        size: u64,
+    },
+    /// Every blob is verified; the store imports the image now (layer extraction).
+    Importing,
+}
+
+/// The outcome of a successful pull.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// The image as stored (`name`, `tag`, digests).
+    pub image: ImageInfo,
+    /// Registry (or mirror) it came from.
+    pub registry: String,
+    /// Layers downloaded.
+    pub downloaded_layers: usize,
+    /// Layers the store already had.
+    pub skipped_layers: usize,
+    /// Compressed bytes downloaded (layers and config).
+    pub downloaded_bytes: u64,
+}
+
+/// Callback for [`PullEvent`]s.
+pub type Progress = Arc<dyn Fn(PullEvent) + Send + Sync>;
+
+/// Pulls `reference` into `store` and tags it there under [`ImageRef::store_name`].
+///
+/// Runs its own tokio runtime (call it from synchronous code). `settings_path` only names
+/// the settings in errors. Nothing enters the store unless every blob matched its digest and
+/// the store's import (which checks them again, and the layers' diff_ids) succeeded.
+pub fn pull(
+    store: &ImageStore,
+    reference: &str,
+    settings: &Registries,
+    settings_path: &Path,
+    progress: Progress,
+) -> Result<PullReport, PullError> {
+    let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| PullError::io("start the download runtime for", store.root(), e))?;
+    let staging = Staging::new(store.root())?;
+    let fetched = runtime.block_on(fetch(store, &image, settings, &staging.dir, &progress))?;
+    progress(PullEvent::Importing);
+    let info = store.import_oci_layout(
+        &staging.dir,
+        Some(&image.store_name()),
+        &mut |_: ImportEvent| {},
+    )?;
+    Ok(PullReport {
+        image: info,
+        registry: fetched.registry,
+        downloaded_layers: fetched.downloaded_layers,
+        skipped_layers: fetched.skipped_layers,
+        downloaded_bytes: fetched.downloaded_bytes,
+    })
+}
+
+/// A staging directory under `<store>/pull-tmp/`, removed when dropped.
+struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    fn new(store: &Path) -> Result<Staging, PullError> {
+        let parent = store.join(PULL_STAGING);
+        fs::create_dir_all(&parent)
+            .map_err(|e| PullError::io("create the pull staging directory", &parent, e))?;
+        // Leftovers of pulls whose process is gone (killed, power loss).
+        if let Ok(rd) = fs::read_dir(&parent) {
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name.split('-').next().unwrap_or_default();
+                if !Path::new("/proc").join(pid).exists() {
+                    if let Err(e) = fs::remove_dir_all(entry.path()) {
+                        log::warn!(
+                            "image store: cannot remove leftover {}: {e}",
+                            entry.path().display()
+                        );
+                    }
+                }
+            }
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = parent.join(format!("{}-{nanos}", std::process::id()));
+        let blobs = dir.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs)
+            .map_err(|e| PullError::io("create the pull staging directory", &blobs, e))?;
+        Ok(Staging { dir })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            log::warn!("image store: cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+struct Fetched {
+    registry: String,
+    downloaded_layers: usize,
+    skipped_layers: usize,
+    downloaded_bytes: u64,
+}
+
+/// Who to ask: the mirrors in order, then the registry.
+fn endpoints(image: &ImageRef, settings: &Registries) -> Vec<String> {
+    let mut v = settings.get(&image.registry).mirrors;
+    v.push(image.registry.clone());
+    v
+}
+
+fn client_for(settings: &Registries, hosts: &[String]) -> Result<Client, PullError> {
+    // rustls without a bundled provider: install ring (the workspace's) once per process.
+    // An error means one is already installed, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut insecure = Vec::new();
+    let mut extra = Vec::new();
+    for host in hosts {
+        let cfg = settings.get(host);
+        if cfg.insecure {
+            insecure.push(host.clone());
+        }
+        if let Some(ca) = &cfg.ca_file {
+            let data = fs::read(ca).map_err(|e| PullError::io("read the CA file", ca, e))?;
+            extra.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+    }
+    Ok(Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(insecure),
+        extra_root_certificates: extra,
+        platform_resolver: None,
+        ..Default::default()
+    }))
+}
+
+async fn fetch(
+    store: &ImageStore,
+    image: &ImageRef,
+    settings: &Registries,
+    layout: &Path,
+    progress: &Progress,
+) -> Result<Fetched, PullError> {
+    let hosts = endpoints(image, settings);
+    let client = client_for(settings, &hosts)?;
+    let mut last = None;
+    for host in &hosts {
+        let auth = match settings.get(host).credentials(host)? {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        match fetch_from(store, image, &client, host, &auth, layout, progress).await {
+            Ok(f) => return Ok(f),
+            // Content that does not match is never retried elsewhere silently: say it.
+            Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
+            Err(e) => {
+                if hosts.len() > 1 {
+                    log::warn!("{e}; trying the next source");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| PullError::Settings("no registry to pull from".into())))
+}
+
+/// The parts of an index this needs.
+#[derive(Deserialize)]
+struct Index {
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+struct IndexEntry {
+    digest: String,
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+}
+
+/// The parts of an image manifest this needs.
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize, Clone)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+/// The OCI architecture name of this host.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in d.iter() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn hex_of(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
+fn registry_error(
+    image: &ImageRef,
+    host: &str,
+    action: &str,
+    e: OciDistributionError,
+) -> PullError {
+    if let OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+        expected,
+        actual,
+    }) = &e
+    {
+        return PullError::DigestMismatch {
+            reference: image.to_string(),
+            registry: host.to_string(),
+            what: action.strip_prefix("fetch ").unwrap_or(action).to_string(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        };
+    }
+    let (answer, hint) = match &e {
+        OciDistributionError::UnauthorizedError { .. } => (
+            "the registry answered 401 Unauthorized".to_string(),
+            "; check the username and password for it in registries.toml",
+        ),
+        OciDistributionError::AuthenticationFailure(reason) => (
+            format!(
+                "the token service refused the credentials: {}",
+                reason.trim()
+            ),
+            "; check the username and password for it in registries.toml",
+        ),
+        OciDistributionError::ImageManifestNotFoundError(_) => (
+            e.to_string(),
+            "; check the repository and tag (`skopeo list-tags docker://REGISTRY/REPO` lists tags)",
+        ),
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let codes: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|x| format!("{:?}: {}", x.code, x.message))
+                .collect();
+            let unknown = envelope.errors.iter().any(|x| {
+                matches!(
+                    x.code,
+                    oci_client::errors::OciErrorCode::ManifestUnknown
+                        | oci_client::errors::OciErrorCode::NameUnknown
+                )
+            });
+            (
+                format!("the registry answered {}", codes.join("; ")),
+                if unknown {
+                    "; check the repository and tag"
+                } else {
+                    ""
+                },
+            )
+        }
+        OciDistributionError::RequestError(r) => {
+            // reqwest's Display hides the cause (TLS, refused): walk the chain.
+            let mut msg = r.to_string();
+            let mut src = std::error::Error::source(r);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            (
+                msg,
+                "; check that it is reachable (plain HTTP needs `insecure = true`, a private CA `ca_file`, in registries.toml)",
+            )
+        }
+        _ => (e.to_string(), ""),
+    };
+    PullError::Registry {
+        reference: image.to_string(),
+        registry: host.to_string(),
+        action: action.to_string(),
+        answer,
+        hint,
+    }
+}
+
+async fn fetch_from(
+    store: &ImageStore,
+    image: &ImageRef,
+    client: &Client,
+    host: &str,
+    auth: &RegistryAuth,
+    layout: &Path,
+    progress: &Progress,
+) -> Result<Fetched, PullError> {
+    let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+    let cref = image.client_ref(host);
+    let (mut bytes, _) = client
+        .pull_manifest_raw(&cref, auth, &accepted)
+        .await
+        .map_err(|e| registry_error(image, host, "fetch the manifest", e))?;
+    let mut digest = sha256_of(&bytes);
+    if let Some(want) = &image.digest {
+        if *want != digest {
+            return Err(PullError::DigestMismatch {
+                reference: image.to_string(),
+                registry: host.to_string(),
+                what: "the manifest".into(),
+                expected: want.clone(),
+                actual: digest,
+            });
+        }
+    }
+    let is_index = |b: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .and_then(|v| v.get("manifests").map(|_| ()))
+            .is_some()
+    };
+    if is_index(&bytes) {
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| PullError::Unsupported {
+            reference: image.to_string(),
+            detail: format!("the image index from {host} does not parse: {e}"),
+        })?;
+        let arch = host_arch();
+        let available: Vec<String> = index
+            .manifests
+            .iter()
+            .filter_map(|m| m.platform.as_ref())
+            .map(|p| format!("{}/{}", p.os, p.architecture))
+            .collect();
+        let entry = index
+            .manifests
+            .iter()
+            .find(|m| {
+                m.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                    && (m.media_type.is_empty() || !m.media_type.contains("index"))
+            })
+            .ok_or_else(|| PullError::Unsupported {
+                reference: image.to_string(),
+                detail: format!(
+                    "the image index has no linux/{arch} image (it has: {}); pull a reference for this platform",
+                    if available.is_empty() { "none with a platform".to_string() } else { available.join(", ") }
+                ),
+            })?;
+        let by_digest = ImageRef {
+            digest: Some(entry.digest.clone()),
+            tag: None,
+            ..image.clone()
+        };
+        let (b, _) = client
+            .pull_manifest_raw(&by_digest.client_ref(host), auth, &accepted)
+            .await
+            .map_err(|e| registry_error(image, host, "fetch the platform manifest", e))?;
+        let got = sha256_of(&b);
+        if got != entry.digest {
+            return Err(PullError::DigestMismatch {
+                reference: image.to_string(),
+                registry: host.to_string(),
+                what: format!("the linux/{arch} manifest"),
+                expected: entry.digest.clone(),
+                actual: got,
+            });
+        }
+        bytes = b;
+        digest = got;
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| PullError::Unsupported {
+            reference: image.to_string(),
+            detail: format!("the image manifest from {host} does not parse: {e}"),
+        })?;
+    let media_type = manifest
+        .media_type
+        .clone()
+        .unwrap_or_else(|| OCI_MANIFEST.to_string());
+
+    let blobs = layout.join("blobs").join("sha256");
+    let stored = store.root().join("blobs").join("sha256");
+    let bad_digest = |d: &str| PullError::Unsupported {
+        reference: image.to_string(),
+        detail: format!("the manifest names a blob '{d}' that is not sha256:<64 hex>"),
+    };
+    let mhex = hex_of(&digest).ok_or_else(|| bad_digest(&digest))?;
+    write_file(&blobs.join(mhex), &bytes)?;
+
+    let count = manifest.layers.len();
+    let mut missing = Vec::new();
+    let mut skipped = 0;
+    for (index, layer) in manifest.layers.iter().enumerate() {
+        let hex = hex_of(&layer.digest).ok_or_else(|| bad_digest(&layer.digest))?;
+        if stored.join(hex).is_file() {
+            skipped += 1;
+            progress(PullEvent::LayerSkipped {
+                index,
+                digest: layer.digest.clone(),
+            });
+        } else if !missing
+            .iter()
+            .any(|(_, l): &(usize, Descriptor)| l.digest == layer.digest)
+        {
+            missing.push((index, layer.clone()));
+        }
+    }
+    progress(PullEvent::Resolved {
+        registry: host.to_string(),
+        manifest_digest: digest.clone(),
+        layers: count,
+        missing: missing.len(),
+        bytes: missing.iter().map(|(_, l)| l.size).sum(),
+    });
+
+    let cref = image.client_ref(host);
+    let config = manifest.config.clone();
+    let config_size = config.size;
+    download(
+        client,
+        &cref,
+        image,
+        host,
+        "the config",
+        usize::MAX,
+        &config,
+        &blobs,
+        progress,
+    )
+    .await?;
+    let downloaded = missing.len();
+    let mut bytes_total = config_size;
+    bytes_total += missing.iter().map(|(_, l)| l.size).sum::<u64>();
+    futures_util::stream::iter(missing.into_iter().map(|(index, layer)| {
+        let cref = &cref;
+        let blobs = &blobs;
+        async move {
+            let what = format!("layer {}/{count}", index + 1);
+            download(
+                client, cref, image, host, &what, index, &layer, blobs, progress,
+            )
+            .await?;
+            progress(PullEvent::LayerDone {
+                index,
+                digest: layer.digest.clone(),
+                size: layer.size,
+            });
+            Ok::<(), PullError>(())
+        }
+    }))
+    .buffer_unordered(CONCURRENT_LAYERS)
+    .try_collect::<Vec<()>>()
+    .await?;
+
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{
+            "mediaType": media_type,
+            "digest": digest,
+            "size": bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": image.store_name()},
+        }],
+    });
+    write_file(
+        &layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    write_file(&layout.join("index.json"), index.to_string().as_bytes())?;
+    Ok(Fetched {
+        registry: host.to_string(),
+        downloaded_layers: downloaded,
+        skipped_layers: skipped,
+        downloaded_bytes: bytes_total,
+    })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
+    let mut f = fs::File::create(path).map_err(|e| PullError::io("create", path, e))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| PullError::io("write", path, e))
+}
+
+/// Downloads one blob to `<blobs>/<hex>.partial`, hashing as it writes; fsyncs it, checks
+/// size and digest, and only then renames it to `<blobs>/<hex>`.
+#[allow(clippy::too_many_arguments)]
+async fn download(
+    client: &Client,
+    cref: &oci_client::Reference,
+    image: &ImageRef,
+    host: &str,
+    what: &str,
+    index: usize,
+    desc: &Descriptor,
+    blobs: &Path,
+    progress: &Progress,
+) -> Result<(), PullError> {
+    let hex = hex_of(&desc.digest).ok_or_else(|| PullError::Unsupported {
+        reference: image.to_string(),
+        detail: format!("{what}: digest '{}' is not sha256:<64 hex>", desc.digest),
+    })?;
+    let partial = blobs.join(format!("{hex}.partial"));
+    let fin = blobs.join(hex);
+    let oci_desc = OciDescriptor {
+        media_type: desc.media_type.clone(),
+        digest: desc.digest.clone(),
+        size: i64::try_from(desc.size).unwrap_or(i64::MAX),
+        ..Default::default()
+    };
+    let action = format!("fetch {what} ({})", desc.digest);
+    let mut stream = client
+        .pull_blob_stream(cref, &oci_desc)
+        .await
+        .map_err(|e| registry_error(image, host, &action, e))?;
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|e| PullError::io("create", &partial, e))?;
+    let mut hasher = Sha256::new();
+    let mut received: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        // oci-client verifies the digest too and reports a mismatch as the stream's last
+        // error; the check after the loop is this crate's own.
+        let chunk = chunk.map_err(|e| {
+            match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<oci_client::errors::DigestError>())
+            {
+                Some(oci_client::errors::DigestError::VerificationError { actual, .. }) => {
+                    PullError::DigestMismatch {
+                        reference: image.to_string(),
+                        registry: host.to_string(),
+                        what: format!("{what} ({})", desc.digest),
+                        expected: desc.digest.clone(),
+                        actual: actual.clone(),
+                    }
+                }
+                _ => PullError::Registry {
+                    reference: image.to_string(),
+                    registry: host.to_string(),
+                    action: action.clone(),
+                    answer: format!("the download failed: {e}"),
+                    hint: "",
+                },
+            }
+        })?;
+        received += chunk.len() as u64;
+        if received > desc.size {
+            return Err(PullError::DigestMismatch {
+                reference: image.to_string(),
+                registry: host.to_string(),
+                what: what.to_string(),
+                expected: format!("{} ({} bytes)", desc.digest, desc.size),
+                actual: format!("more than {} bytes", desc.size),
+            });
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| PullError::io("write", &partial, e))?;
+        if index != usize::MAX {
+            progress(PullEvent::LayerProgress {
+                index,
+                received,
+                size: desc.size,
+            });
+        }
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| PullError::io("fsync", &partial, e))?;
+    drop(file);
+    let mut actual = String::with_capacity(71);
+    actual.push_str("sha256:");
+    for b in hasher.finalize().iter() {
+        actual.push_str(&format!("{b:02x}"));
+    }
+    if actual != desc.digest || received != desc.size {
+        return Err(PullError::DigestMismatch {
+            reference: image.to_string(),
+            registry: host.to_string(),
+            what: what.to_string(),
+            expected: desc.digest.clone(),
+            actual: format!("{actual} ({received} bytes)"),
+        });
+    }
+    tokio::fs::rename(&partial, &fin)
+        .await
+        .map_err(|e| PullError::io("rename", &fin, e))?;
+    Ok(())
+}
