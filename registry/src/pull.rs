@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flotilla_container::image::{ImageInfo, ImageStore, ImportEvent};
+use flotilla_container::image::{self, ImageInfo, ImageStore, ImportEvent};
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -296,22 +296,7 @@ fn host_arch() -> &'static str {
 }
 
 fn sha256_of(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in d.iter() {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
-
-fn hex_of(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
+    format!("sha256:{}", image::hex(&Sha256::digest(bytes)))
 }
 
 fn registry_error(
@@ -495,14 +480,14 @@ async fn fetch_from(
         reference: image.to_string(),
         detail: format!("the manifest names a blob '{d}' that is not sha256:<64 hex>"),
     };
-    let mhex = hex_of(&digest).ok_or_else(|| bad_digest(&digest))?;
+    let mhex = image::sha256_hex(&digest).ok_or_else(|| bad_digest(&digest))?;
     write_file(&blobs.join(mhex), &bytes)?;
 
     let count = manifest.layers.len();
     let mut missing = Vec::new();
     let mut skipped = 0;
     for (index, layer) in manifest.layers.iter().enumerate() {
-        let hex = hex_of(&layer.digest).ok_or_else(|| bad_digest(&layer.digest))?;
+        let hex = image::sha256_hex(&layer.digest).ok_or_else(|| bad_digest(&layer.digest))?;
         if stored.join(hex).is_file() {
             skipped += 1;
             progress(PullEvent::LayerSkipped {
@@ -607,7 +592,7 @@ async fn download(
     blobs: &Path,
     progress: &Progress,
 ) -> Result<(), PullError> {
-    let hex = hex_of(&desc.digest).ok_or_else(|| PullError::Unsupported {
+    let hex = image::sha256_hex(&desc.digest).ok_or_else(|| PullError::Unsupported {
         reference: image.to_string(),
         detail: format!("{what}: digest '{}' is not sha256:<64 hex>", desc.digest),
     })?;

@@ -234,7 +234,7 @@ impl ImageError {
 }
 
 /// Lower-case hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -321,7 +321,7 @@ impl<W: io::Write> io::Write for HashWriter<W> {
 }
 
 /// Splits `sha256:<hex>` into its hex part, checking it is 64 lower-case hex digits.
-pub(crate) fn sha256_hex(digest: &str) -> Option<&str> {
+pub fn sha256_hex(digest: &str) -> Option<&str> {
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64
         && hex
