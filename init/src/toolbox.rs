@@ -81,6 +81,7 @@ pub fn unit_for(opts: &RunOptions) -> Unit {
         unit: Default::default(),
         container: ContainerSection {
             image: Some(opts.image.clone()),
+            pull: Default::default(),
             command: opts.command.clone(),
             env: opts.env.clone(),
             workdir: opts.workdir.clone(),

@@ -23,7 +23,7 @@ pub use catalog::Catalog;
 pub use error::UnitError;
 pub use graph::{break_cycles, format_cycle, order_predecessors, ordering_cycles, predecessor_map};
 pub use model::*;
-pub use names::{Capability, NetworkMode, RlimitResource, UnknownName};
+pub use names::{Capability, NetworkMode, PullPolicy, RlimitResource, UnknownName};
 pub use parse::{check_name, parse_unit, split_instance, API_FILE_LABEL, MAX_NAME_LEN};
 pub use template::Template;
 pub use text::{decode_unit_text, read_unit_file};

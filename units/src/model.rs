@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::names::{Capability, NetworkMode, RlimitResource};
+use crate::names::{Capability, NetworkMode, PullPolicy, RlimitResource};
 
 /// A loaded unit: its name, where it came from, and its four sections.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +45,9 @@ pub struct UnitSection {
 pub struct ContainerSection {
     /// Image name (`name` or `name:tag`); `None` runs on the host's root, read-only.
     pub image: Option<String>,
+    /// `pull`: when the manager pulls `image` from its registry (meaningful only when
+    /// `image` is a registry reference, see [`ContainerSection::registry_image`]).
+    pub pull: PullPolicy,
     /// argv; never empty after validation.
     pub command: Vec<String>,
     /// Extra environment variables.
@@ -138,10 +141,23 @@ pub struct IdMap {
     pub size: u32,
 }
 
+impl ContainerSection {
+    /// `image` when it names a registry (`host[:port]/repo...`: a first path component with
+    /// a `.` or a `:`, or `localhost`), decided by its spelling only; short names resolved
+    /// through a default registry are the pull helper's business.
+    pub fn registry_image(&self) -> Option<&str> {
+        let image = self.image.as_deref()?;
+        let (host, rest) = image.split_once('/')?;
+        let named = host.contains('.') || host.contains(':') || host == "localhost";
+        (named && !rest.is_empty()).then_some(image)
+    }
+}
+
 impl Default for ContainerSection {
     fn default() -> Self {
         Self {
             image: None,
+            pull: PullPolicy::Missing,
             command: Vec::new(),
             env: BTreeMap::new(),
             workdir: None,

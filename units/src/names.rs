@@ -259,6 +259,27 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// When the manager pulls a unit's registry image (`[container] pull`), as Kubernetes'
+    /// `imagePullPolicy`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub enum PullPolicy {
+        /// Pull only when the store lacks the image (the default).
+        #[default]
+        Missing => "missing",
+        /// Pull before every start; a registry that cannot be reached fails the start.
+        Always => "always",
+        /// Never pull: a missing image fails the start.
+        Never => "never",
+    }
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

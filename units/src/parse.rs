@@ -17,7 +17,7 @@ use crate::model::{
     ContainerSection, Device, DeviceKind, DeviceRule, FleetSection, IdMap, MetadataRule, Mount,
     RestartPolicy, Rlimit, ServiceSection, ServiceType, Unit, UnitSection,
 };
-use crate::names::{Capability, NetworkMode, RlimitResource};
+use crate::names::{Capability, NetworkMode, PullPolicy, RlimitResource};
 use crate::specifier::Specifiers;
 use crate::values;
 
@@ -49,6 +49,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "mounts",
             "init",
             "control_api",
+            "pull",
         ],
     ),
     (
@@ -770,6 +771,10 @@ fn parse_container(
                     ));
                 }
                 s.image = Some(image);
+            }
+            "pull" => {
+                let word = f.choice(PullPolicy::NAMES)?;
+                s.pull = PullPolicy::from_name(word).unwrap_or_default();
             }
             "command" => {
                 s.command = parse_command(&f)?;

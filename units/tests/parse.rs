@@ -54,6 +54,28 @@ fn control_api_is_off_unless_granted() {
 }
 
 #[test]
+fn registry_images_are_told_by_their_spelling() {
+    let image = |i: &str| {
+        let text = format!("[container]\nimage = \"{i}\"\ncommand = [\"/bin/true\"]\n");
+        parse(&text)
+            .unwrap()
+            .container
+            .registry_image()
+            .map(str::to_string)
+    };
+    for r in [
+        "127.0.0.1:5000/team/app:1.4",
+        "registry.example/app",
+        "localhost/app:1",
+    ] {
+        assert_eq!(image(r).as_deref(), Some(r));
+    }
+    for local in ["nginx:1.25", "team/app:1", "busybox"] {
+        assert_eq!(image(local), None, "{local}");
+    }
+}
+
+#[test]
 fn every_key() {
     let text = r#"
 [unit]
@@ -267,6 +289,15 @@ fn valid_container_forms() {
         let text = format!("[container]\ncommand = [\"/bin/true\"]\nnetwork = \"{word}\"\n");
         assert_eq!(parse(&text).unwrap().container.network, want);
     }
+    for (word, want) in [
+        ("missing", PullPolicy::Missing),
+        ("always", PullPolicy::Always),
+        ("never", PullPolicy::Never),
+    ] {
+        let text = format!("[container]\ncommand = [\"/bin/true\"]\npull = \"{word}\"\n");
+        assert_eq!(parse(&text).unwrap().container.pull, want);
+    }
+    assert_eq!(parse(MINIMAL).unwrap().container.pull, PullPolicy::Missing);
     let text = "[container]\ncommand = [\"/bin/true\"]\n\
                 devices = [\"/dev/fuse\", \"c 10:229 rw\", \"b *:* m\", \"c 136:* r\"]\n";
     assert_eq!(
@@ -320,6 +351,14 @@ type Case = (
 #[test]
 fn invalid_files() {
     let cases: Vec<Case> = vec![
+        (
+            "[container]\ncommand = [\"/bin/true\"]\npull = \"alway\"\n",
+            3,
+            8,
+            Some("container.pull"),
+            "invalid pull \"alway\"",
+            Some("did you mean \"always\"?"),
+        ),
         // Unknown keys and sections.
         (
             "[container]\ncomand = [\"/bin/true\"]\n",
