@@ -131,6 +131,8 @@ state_enum! {
         Dead = "dead",
         /// Start queued, waiting for units it is ordered after.
         Waiting = "waiting",
+        /// The unit's registry image is being pulled before its start.
+        Pull = "pull",
         /// A oneshot's process runs.
         Start = "start",
         /// The main process runs.
@@ -183,6 +185,8 @@ state_enum! {
         Resources = "resources",
         /// The kernel's OOM killer ended a process of the unit (its `memory_max` was reached).
         OomKill = "oom-kill",
+        /// Pulling the unit's registry image failed (the message has the registry's answer).
+        Pull = "pull",
     }
 }
 
@@ -316,6 +320,7 @@ mod tests {
         round_trips::<SubState>(&[
             "dead",
             "waiting",
+            "pull",
             "start",
             "running",
             "exited",
@@ -336,6 +341,7 @@ mod tests {
             "timeout",
             "resources",
             "oom-kill",
+            "pull",
         ]);
         round_trips::<SystemState>(&["running", "stopping"]);
         round_trips::<LogStream>(&["stdout", "stderr", "manager"]);

@@ -15,7 +15,7 @@ use flotilla_init::boot::{self, Action};
 use flotilla_init::event_loop::{self, Exit};
 use flotilla_init::launcher::{ContainerLauncher, HostLauncher, Launcher};
 use flotilla_init::logs::LogConfig;
-use flotilla_init::manager::{Config, Manager};
+use flotilla_init::manager::{Config, HelperPuller, Manager};
 use flotilla_init::scope::ScopeRoot;
 use nix::sys::signal::Signal;
 
@@ -99,6 +99,18 @@ struct Args {
     /// processes are killed and the unit fails: a hung mount must not hang the manager.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
     setup_timeout: Duration,
+    /// The program that pulls a unit's registry image before its start (run as `PATH image
+    /// pull REF --store DIR --registries FILE`); default: the `unitctl` next to this
+    /// executable. PID 1 links no registry client: pulls run in this helper.
+    #[arg(long, value_name = "PATH")]
+    pull_helper: Option<PathBuf>,
+    /// Registry settings handed to the pull helper.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/flotilla/registries.toml"
+    )]
+    registries: PathBuf,
 }
 
 /// What units over the host's root must not read: the given secrets, and the state
@@ -197,6 +209,16 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
     manager.protect_control_sockets(&args.control_sockets);
+    if matches!(args.launcher, LauncherKind::Container) {
+        // Without a known executable path the default helper is a plain `unitctl` (from
+        // PATH); a missing helper fails the pulling unit with a message that says so.
+        let helper = args
+            .pull_helper
+            .or_else(HelperPuller::default_helper)
+            .unwrap_or_else(|| PathBuf::from("unitctl"));
+        let puller = HelperPuller::new(&helper, &args.images, Some(&args.registries));
+        manager.set_puller(Box::new(puller));
+    }
     let server = dbus::serve(&args.api, handle, events_rx, manager.unit_cgroups())
         .with_context(|| format!("serving the control API on {}", args.api.display()))?;
     log::info!(

@@ -148,6 +148,10 @@ impl Manager {
             let Some(slot) = self.slots.get_mut(&name) else {
                 continue;
             };
+            if let Some(pid) = slot.pull_pid() {
+                self.procs.signal_main(&name, pid, Signal::SIGKILL);
+                self.pids.remove(&pid);
+            }
             slot.force_killed(&self.events, &self.cfg.logs, now, later(now, KILL_RETRY));
             if let Some(scope) = slot.scope() {
                 self.procs.signal_scope(&name, scope, Signal::SIGKILL);

@@ -10,6 +10,7 @@ mod load;
 mod machine;
 mod output;
 mod processes;
+mod pull;
 mod requests;
 mod state;
 #[cfg(test)]
@@ -29,6 +30,7 @@ use crate::logs::LogConfig;
 use crate::scope::ScopeRoot;
 use output::Pipe;
 pub use processes::{ProcessControl, SystemProcesses};
+pub use pull::{HelperPuller, PullSpawnError, Puller};
 pub use state::{ActiveState, Events, Job, Run, Slot, SubState, UnitResult};
 
 /// How often a stopping unit's scope is re-checked for emptiness.
@@ -85,6 +87,9 @@ pub struct Manager {
     shutdown_deadline: Option<Instant>,
     /// When the units left at the shutdown deadline were killed.
     forced_at: Option<Instant>,
+    /// How registry images are pulled before a start; `None`: never (a missing image fails
+    /// the start).
+    puller: Option<Box<dyn Puller>>,
 }
 
 /// Fingerprint of a unit file's text (to tell which definition a process was started from).
@@ -143,6 +148,7 @@ impl Manager {
             control_sockets: Vec::new(),
             shutdown_deadline: None,
             forced_at: None,
+            puller: None,
         };
         let report = m.reload(false);
         for e in &report.errors {
@@ -168,6 +174,12 @@ impl Manager {
         }
         all.dedup();
         self.control_sockets = all;
+    }
+
+    /// Pull units' registry images with `puller` before their start (see `[container]
+    /// pull`); without one no image is ever pulled.
+    pub fn set_puller(&mut self, puller: Box<dyn Puller>) {
+        self.puller = Some(puller);
     }
 
     /// How callers on the control socket are mapped to units (by the units' cgroups).
@@ -205,7 +217,10 @@ impl Manager {
             s.job() != Some(Job::Start)
                 && !matches!(
                     (s.active(), s.sub()),
-                    (ActiveState::Activating, SubState::Waiting | SubState::Start)
+                    (
+                        ActiveState::Activating,
+                        SubState::Waiting | SubState::Pull | SubState::Start
+                    )
                 )
         })
     }

@@ -13,6 +13,8 @@ pub(super) struct Pipe {
     pub(super) unit: String,
     pub(super) stream: LogStream,
     pub(super) buf: LineBuffer,
+    /// The pull helper's output (kept as manager lines, the last one remembered).
+    pub(super) helper: bool,
 }
 
 impl Manager {
@@ -31,9 +33,34 @@ impl Manager {
 
     /// Read what pipe `token` has; closes it at end of file.
     pub fn on_output(&mut self, token: usize) {
+        self.read_pipe(token);
+    }
+
+    /// Read what is left in `unit`'s pull helper pipes (the helper has exited, so all of its
+    /// output is in the pipes already, unless something it left behind holds them open).
+    pub(super) fn drain_helper_pipes(&mut self, unit: &str) {
+        let tokens: Vec<usize> = self
+            .pipes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.as_ref().is_some_and(|p| p.helper && p.unit == unit))
+            .map(|(i, _)| i)
+            .collect();
+        for t in tokens {
+            // Bounded: each round reads up to 256 lines; stop when a round reads nothing.
+            for _ in 0..64 {
+                if self.read_pipe(t) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Read what pipe `token` has (closing it at end of file); returns the lines read.
+    fn read_pipe(&mut self, token: usize) -> usize {
         let mut chunk = [0u8; 16 * 1024];
         let Some(Some(pipe)) = self.pipes.get_mut(token) else {
-            return;
+            return 0;
         };
         let mut lines = Vec::new();
         let mut eof = false;
@@ -60,6 +87,8 @@ impl Manager {
         }
         let unit = pipe.unit.clone();
         let stream = pipe.stream;
+        let helper = pipe.helper;
+        let count = lines.len();
         if eof {
             if let Some(p) = self.pipes.get_mut(token) {
                 *p = None;
@@ -68,10 +97,13 @@ impl Manager {
         let cfg = &self.cfg.logs;
         if let Some(slot) = self.slots.get_mut(&unit) {
             for l in lines {
-                if let Some(err) = slot.log.push(cfg, stream, &l) {
+                if helper {
+                    slot.pull_output(cfg, &l);
+                } else if let Some(err) = slot.log.push(cfg, stream, &l) {
                     log::error!("{err}");
                 }
             }
         }
+        count
     }
 }

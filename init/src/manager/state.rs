@@ -40,6 +40,11 @@ enum State {
     Failed,
     /// activating (waiting): a start waits for its ordering.
     Waiting,
+    /// activating (pull): the pull helper `pid` fetches the unit's registry image.
+    Pulling {
+        /// The helper process.
+        pid: Pid,
+    },
     /// activating (start): a oneshot's main process runs.
     Starting,
     /// active (running).
@@ -63,7 +68,9 @@ impl State {
         match self {
             State::Dead => ActiveState::Inactive,
             State::Failed => ActiveState::Failed,
-            State::Waiting | State::Starting | State::AutoRestart => ActiveState::Activating,
+            State::Waiting | State::Pulling { .. } | State::Starting | State::AutoRestart => {
+                ActiveState::Activating
+            }
             State::Running | State::Exited => ActiveState::Active,
             State::Stopping { .. } => ActiveState::Deactivating,
         }
@@ -74,6 +81,7 @@ impl State {
             State::Dead => SubState::Dead,
             State::Failed => SubState::Failed,
             State::Waiting => SubState::Waiting,
+            State::Pulling { .. } => SubState::Pull,
             State::Starting => SubState::Start,
             State::Running => SubState::Running,
             State::Exited => SubState::Exited,
@@ -141,6 +149,8 @@ pub struct Slot {
     load_error: Option<String>,
     /// Drop the unit once it is stopped.
     remove_when_stopped: bool,
+    /// The last line the pull helper wrote.
+    pull_last_line: String,
     /// Captured output.
     pub log: UnitLog,
 }
@@ -164,13 +174,65 @@ impl Slot {
             since_us: crate::logs::now_us(),
             load_error: None,
             remove_when_stopped: false,
+            pull_last_line: String::new(),
             log: UnitLog::new(name),
         }
     }
 
-    /// True while a process of the unit may exist.
+    /// True while a process of the unit (or its pull helper) may exist.
     pub fn has_processes(&self) -> bool {
-        self.main_pid().is_some() || self.active() == ActiveState::Deactivating
+        self.main_pid().is_some()
+            || self.pull_pid().is_some()
+            || self.active() == ActiveState::Deactivating
+    }
+
+    /// The pull helper, while it fetches the unit's image.
+    pub fn pull_pid(&self) -> Option<Pid> {
+        match self.state {
+            State::Pulling { pid } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// The last line the pull helper wrote (its error, once it failed).
+    pub fn pull_last_line(&self) -> &str {
+        &self.pull_last_line
+    }
+
+    /// The pull helper wrote `line` (kept in the unit's log as a manager line).
+    pub fn pull_output(&mut self, logs: &LogConfig, line: &str) {
+        if !line.trim().is_empty() {
+            self.pull_last_line = line.trim().to_string();
+        }
+        self.log
+            .push(logs, MANAGER_STREAM, &format!("pull: {line}"));
+    }
+
+    /// The pull helper `pid` fetches `image`: activating (pull).
+    pub fn pulling(&mut self, events: &Events, logs: &LogConfig, image: &str, pid: Pid) {
+        self.pull_last_line.clear();
+        self.job = None;
+        self.deadline = None;
+        self.log.push(
+            logs,
+            MANAGER_STREAM,
+            &format!(
+                "Pulling image {image} (activating (pull)), helper pid {}.",
+                pid.as_raw()
+            ),
+        );
+        self.set_state(events, State::Pulling { pid });
+    }
+
+    /// A stop killed the pull helper: inactive (dead), nothing pending.
+    pub fn pull_stopped(&mut self, events: &Events, logs: &LogConfig) {
+        self.job = None;
+        self.deadline = None;
+        self.outcome = UnitResult::Success;
+        self.message.clear();
+        self.log
+            .push(logs, MANAGER_STREAM, "Pull stopped; helper killed.");
+        self.became_dead(events);
     }
 
     /// True when the unit has settled in a non-running state.

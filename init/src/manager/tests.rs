@@ -16,7 +16,9 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use super::{ActiveState, Config, Manager, ProcessControl, SubState, UnitResult};
+use super::{
+    ActiveState, Config, Manager, ProcessControl, PullSpawnError, Puller, SubState, UnitResult,
+};
 use crate::api::{ApiError, Request};
 use crate::launcher::{LaunchError, LaunchIo, Launcher};
 use crate::logs::LogConfig;
@@ -36,6 +38,8 @@ enum To {
 enum Ev {
     Launch(String, Duration),
     Signal(String, To, Signal, Duration),
+    /// The pull helper started for (unit, image).
+    Pull(String, String, Duration),
 }
 
 #[derive(Default)]
@@ -47,6 +51,30 @@ struct World {
     running: BTreeMap<String, Pid>,
     /// Units whose scope keeps a process after the main one ended (a forked child).
     lingering: BTreeSet<String>,
+    /// Images the fake store holds.
+    images: BTreeSet<String>,
+    /// Unit → pid of its pull helper that runs.
+    pulling: BTreeMap<String, (Pid, String)>,
+}
+
+/// A pull helper that is a record: the test ends it with [`Harness::pulled`].
+struct FakePuller {
+    world: Rc<RefCell<World>>,
+}
+
+impl Puller for FakePuller {
+    fn has_image(&mut self, image: &str) -> bool {
+        self.world.borrow().images.contains(image)
+    }
+    fn spawn(&mut self, unit: &str, image: &str, _io: LaunchIo) -> Result<Pid, PullSpawnError> {
+        let mut w = self.world.borrow_mut();
+        w.next_pid += 1;
+        let pid = Pid::from_raw(4_000_000 + w.next_pid);
+        let now = w.now;
+        w.events.push(Ev::Pull(unit.into(), image.into(), now));
+        w.pulling.insert(unit.into(), (pid, image.into()));
+        Ok(pid)
+    }
 }
 
 /// A command the fake launcher refuses to run (the unit fails `spawn`).
@@ -165,7 +193,10 @@ impl Harness {
             world: world.clone(),
             root: ScopeRoot::ProcessGroup,
         };
-        let m = Manager::with_processes(cfg, Box::new(launcher), Box::new(procs), None);
+        let mut m = Manager::with_processes(cfg, Box::new(launcher), Box::new(procs), None);
+        m.set_puller(Box::new(FakePuller {
+            world: world.clone(),
+        }));
         Harness {
             m,
             world,
@@ -195,6 +226,16 @@ impl Harness {
         let pid = self.world.borrow_mut().running.remove(unit).unwrap();
         let now = self.set_now(at);
         self.m.on_exit(status(pid), now);
+    }
+
+    /// The pull helper of `unit` exits with `code` at `at` (0: the image is in the store).
+    fn pulled(&mut self, unit: &str, at: Duration, code: i32) {
+        let (pid, image) = self.world.borrow_mut().pulling.remove(unit).unwrap();
+        if code == 0 {
+            self.world.borrow_mut().images.insert(image);
+        }
+        let now = self.set_now(at);
+        self.m.on_exit(WaitStatus::Exited(pid, code), now);
     }
 
     fn exit(&mut self, unit: &str, at: Duration, code: i32) {
@@ -980,4 +1021,163 @@ fn a_failed_required_unit_fails_the_dependant_by_requires() {
     );
     assert_eq!(h.message("app"), "required unit need failed");
     assert_eq!(h.take(), [sig("need", To::Scope, Signal::SIGKILL, ms(0))]);
+}
+
+const IMAGE: &str = "127.0.0.1:5000/team/app:1";
+
+/// A unit whose image is a registry reference, with `extra` in `[container]` and `service`
+/// as its `[service]`.
+fn registry_unit(extra: &str, service: &str) -> String {
+    format!(
+        "[container]\nimage = \"{IMAGE}\"\ncommand = [\"/bin/app\"]\n{extra}\n[service]\n{service}\n"
+    )
+}
+
+fn pull(unit: &str, at: Duration) -> Ev {
+    Ev::Pull(unit.into(), IMAGE.into(), at)
+}
+
+const PULLING: (ActiveState, SubState, UnitResult) =
+    (ActiveState::Activating, SubState::Pull, UnitResult::Success);
+
+/// `pull = "missing"` (the default): a start pulls the image the store lacks, activating
+/// (pull) while the helper runs, then launches; once the image is there a restart does not
+/// pull again.
+#[test]
+fn a_missing_registry_image_is_pulled_then_the_unit_launches() {
+    let mut h = Harness::new(&[("web", &registry_unit("", ""))]);
+    h.m.start_all();
+    assert_eq!(h.tick(ms(0)), None);
+    assert_eq!(h.take(), [pull("web", ms(0))]);
+    assert_eq!(h.state("web"), PULLING);
+    assert!(!h.m.settled(), "a pulling unit is a pending start");
+    let log: Vec<String> = h.m.slots["web"]
+        .log
+        .tail(10, 0)
+        .into_iter()
+        .map(|e| e.line)
+        .collect();
+    assert!(
+        log.iter().any(|l| l.contains("activating (pull)")),
+        "{log:?}"
+    );
+    // Still pulling later on: nothing is launched before the helper ends.
+    h.tick(secs(30));
+    assert_eq!(h.take(), []);
+    h.pulled("web", secs(31), 0);
+    assert_eq!(h.take(), [launch("web", secs(31))]);
+    assert_eq!(h.state("web"), RUNNING);
+    h.request(secs(40), Request::RestartUnit("web".into()))
+        .unwrap();
+    h.tick(secs(40));
+    h.killed("web", secs(41), Signal::SIGTERM);
+    h.tick(secs(41));
+    let evs = h.take();
+    assert!(!evs.iter().any(|e| matches!(e, Ev::Pull(..))), "{evs:?}");
+    assert_eq!(evs.last(), Some(&launch("web", secs(41))));
+    assert_eq!(h.state("web"), RUNNING);
+}
+
+/// A failed pull fails the unit with result `pull` and the helper's answer; with a restart
+/// policy the backoff applies as for any failure, and the next start pulls again.
+#[test]
+fn a_failed_pull_fails_the_unit_with_pull_and_backs_off() {
+    let mut h = Harness::new(&[
+        ("once", &registry_unit("", "")),
+        (
+            "retry",
+            &registry_unit(
+                "",
+                "restart = \"on-failure\"\nrestart_sec = \"100ms\"\nrestart_max_sec = \"1s\"",
+            ),
+        ),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [pull("once", ms(0)), pull("retry", ms(0))]);
+    h.pulled("once", ms(10), 1);
+    assert_eq!(
+        h.state("once"),
+        (ActiveState::Failed, SubState::Failed, UnitResult::Pull)
+    );
+    assert!(
+        h.message("once").contains("pull helper exited with code 1"),
+        "{}",
+        h.message("once")
+    );
+    h.pulled("retry", ms(10), 1);
+    assert_eq!(
+        h.state("retry"),
+        (
+            ActiveState::Activating,
+            SubState::AutoRestart,
+            UnitResult::Pull
+        )
+    );
+    assert_eq!(h.tick(ms(10)), Some(ms(110)));
+    assert_eq!(h.tick(ms(110)), None);
+    assert_eq!(h.take(), [pull("retry", ms(110))]);
+    h.pulled("retry", ms(120), 1);
+    assert_eq!(h.tick(ms(120)), Some(ms(320)), "the delay doubled");
+    h.tick(ms(320));
+    h.pulled("retry", ms(330), 0);
+    assert_eq!(h.take(), [pull("retry", ms(320)), launch("retry", ms(330))]);
+    assert_eq!(h.state("retry").1, SubState::Running);
+    assert_eq!(h.m.slots["retry"].restarts(), 2);
+}
+
+/// `pull = "never"` launches without pulling (a missing image fails in the launcher, as
+/// for a local name); a local image name is never pulled whatever the policy.
+#[test]
+fn pull_never_and_local_names_never_pull() {
+    let mut h = Harness::new(&[
+        ("never", &registry_unit("pull = \"never\"", "")),
+        (
+            "local",
+            "[container]\nimage = \"app:1\"\npull = \"always\"\ncommand = [\"/bin/app\"]\n",
+        ),
+    ]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [launch("local", ms(0)), launch("never", ms(0))]);
+}
+
+/// `pull = "always"` pulls before every start, even with the image in the store.
+#[test]
+fn pull_always_pulls_before_every_start() {
+    let mut h = Harness::new(&[("web", &registry_unit("pull = \"always\"", ""))]);
+    h.world.borrow_mut().images.insert(IMAGE.into());
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [pull("web", ms(0))]);
+    h.pulled("web", ms(10), 0);
+    assert_eq!(h.take(), [launch("web", ms(10))]);
+    h.request(ms(20), Request::RestartUnit("web".into()))
+        .unwrap();
+    h.tick(ms(20));
+    h.killed("web", ms(30), Signal::SIGTERM);
+    h.tick(ms(30));
+    let evs = h.take();
+    assert_eq!(evs.last(), Some(&pull("web", ms(30))), "{evs:?}");
+    assert_eq!(h.state("web"), PULLING);
+}
+
+/// A stop during a pull kills the helper (SIGKILL) and the unit is stopped at once; the
+/// helper's exit, reaped later, changes nothing.
+#[test]
+fn a_stop_during_a_pull_kills_the_helper() {
+    let mut h = Harness::new(&[("web", &registry_unit("", "restart = \"always\""))]);
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [pull("web", ms(0))]);
+    h.request(ms(50), Request::StopUnit("web".into())).unwrap();
+    assert_eq!(h.tick(ms(50)), None);
+    assert_eq!(h.take(), [sig("web", To::Main, Signal::SIGKILL, ms(50))]);
+    assert_eq!(h.state("web"), DEAD);
+    let (pid, _) = h.world.borrow_mut().pulling.remove("web").unwrap();
+    let now = h.set_now(ms(60));
+    h.m.on_exit(WaitStatus::Signaled(pid, Signal::SIGKILL, false), now);
+    assert_eq!(h.tick(ms(60)), None);
+    assert_eq!(h.state("web"), DEAD);
+    assert_eq!(h.take(), []);
 }
