@@ -3,6 +3,8 @@
 //! makes, a wrong password, an unknown tag, a pulled image run as a container, a second pull
 //! that downloads nothing, and a registry serving a blob that does not match its digest.
 //! Images are pushed with `skopeo copy` from an OCI layout the test writes (static busybox).
+//! And the manager pulling a unit's image before its start (`[container] pull`), with the
+//! real `unitctl` as its helper.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod common;
@@ -803,4 +805,87 @@ fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// `grep -c`: lines of `text` that contain `what`.
+fn count_lines(text: &str, what: &str) -> usize {
+    text.lines().filter(|l| l.contains(what)).count()
+}
+
+/// The manager pulls a unit's registry image before its first start (activating (pull) in
+/// the unit's log), runs it from the store once the registry is gone (`pull = "missing"`),
+/// and with `pull = "always"` and the registry gone fails the start with result `pull` and
+/// the connection failure in the message. The helper is the real `unitctl` beside
+/// `flotilla-init`.
+#[test]
+fn the_manager_pulls_a_units_image_before_its_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout_saying(&dir.join("layout"), "ran from the pull\n");
+    let reference = format!("{}/team/app:1", reg.host());
+    push(&layout, &reference, &["--dest-tls-verify=false"]);
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{}\"]\ninsecure = true\n", reg.host()),
+    );
+    let store = dir.join("store");
+    let unit = |policy: &str| {
+        format!(
+            "[container]\nimage = \"{reference}\"\npull = \"{policy}\"\n\
+             command = [\"/bin/cat\", \"/hello\"]\n[service]\ntype = \"oneshot\"\n"
+        )
+    };
+    let mut m = common::Machine::start_with(
+        &[("web", &unit("missing"))],
+        &[
+            "--images",
+            store.to_str().unwrap(),
+            "--registries",
+            settings.to_str().unwrap(),
+        ],
+    );
+    let status = m.wait_state("web", "active");
+    assert_eq!(status["sub_state"], "exited", "{status}");
+    let logs = m.logs("web");
+    assert!(logs.contains("activating (pull)"), "{logs}");
+    assert!(
+        logs.contains("pull: "),
+        "the helper's output is in the log: {logs}"
+    );
+    assert_eq!(count_lines(&logs, "ran from the pull"), 1, "{logs}");
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    // The registry is gone; the image is in the store: a restart does not pull.
+    drop(reg);
+    m.ok(&["restart", "web"]);
+    m.wait_until("the second run's output", || {
+        count_lines(&m.logs("web"), "ran from the pull") == 2
+    });
+    assert_eq!(m.state("web"), "active");
+    let logs = m.logs("web");
+    assert_eq!(count_lines(&logs, "activating (pull)"), 1, "{logs}");
+
+    // `pull = "always"` with the registry gone: the start fails (pull), saying why.
+    fs::write(
+        m.units.join("web.toml"),
+        common::with_dir_mount(&unit("always")).replace("$DIR", m.dir.path().to_str().unwrap()),
+    )
+    .unwrap();
+    m.ok(&["reload"]);
+    let _ = m.unitctl(&["restart", "web"]);
+    let status = m.wait_state("web", "failed");
+    assert_eq!(status["result"], "pull", "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&reference) && message.to_lowercase().contains("connect"),
+        "{status}\n{}",
+        m.logs("web")
+    );
+    let logs = m.logs("web");
+    assert_eq!(count_lines(&logs, "activating (pull)"), 2, "{logs}");
+    assert_eq!(count_lines(&logs, "ran from the pull"), 2, "{logs}");
+    m.terminate();
 }

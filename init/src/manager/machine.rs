@@ -267,6 +267,8 @@ impl Manager {
         let msg = if last.is_empty() {
             format!("pulling {image}: the pull helper {how}")
         } else {
+            // unitctl's own prefix says nothing here.
+            let last = last.strip_prefix("unitctl: ").unwrap_or(&last);
             format!("pulling {image}: {last}")
         };
         self.pull_failed(name, msg, now);
