@@ -19,6 +19,11 @@
 //! cert = """-----BEGIN CERTIFICATE-----...""" # this machine's certificate (OU=machine)
 //! key = """-----BEGIN PRIVATE KEY-----..."""  # and its key (-> 0600); also for https etcd
 //! # token = "s3cret"     # instead of ca/cert/key: plaintext with a shared token (insecure)
+//! [registries]           # -> /etc/flotilla/registries.toml (0600), the same format
+//! default_registry = "registry.example:5000"
+//! [registries.registry."registry.example:5000"]
+//! username = "ci"
+//! password = "s3cret"
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -39,7 +44,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use flotilla_units::{parse_unit, split_instance, Template, UnitError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// A provisioning config that parsed and validated.
@@ -55,6 +60,64 @@ pub struct Config {
     pub units: Vec<(String, String)>,
     /// `[fleet]`: how this machine's fleetd joins its cluster.
     pub fleet: Fleet,
+    /// `[registries]`: the registry settings, rendered as [`REGISTRIES`] (0600).
+    pub registries: Option<Registries>,
+}
+
+/// `[registries]`: `registries.toml`'s format (see registry/README.md), checked for its
+/// keys and types here and rendered as it is; `unitctl image pull` applies the rest.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registries {
+    /// Registry that short names resolve against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_registry: Option<String>,
+    /// Per-registry settings, keyed by `host` or `host:port`.
+    #[serde(default)]
+    pub registry: BTreeMap<String, Registry>,
+}
+
+/// One `[registries.registry."host:port"]`.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// User name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password, inline (never shown in debug output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// File holding the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// PEM file of an extra CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Plain HTTP is allowed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// Mirrors, tried in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
+}
+
+// Credentials never reach a log through `{:?}`.
+impl std::fmt::Debug for Registries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registries")
+            .field("default_registry", &self.default_registry)
+            .field("registry", &self.registry.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[fleet]`: fleetd's settings, rendered as `/etc/flotilla/fleetd.toml` (fleetd's flags
@@ -120,6 +183,7 @@ struct Raw {
     #[serde(default)]
     units: Vec<RawUnit>,
     fleet: Option<RawFleet>,
+    registries: Option<Registries>,
 }
 
 #[derive(Deserialize)]
@@ -153,7 +217,7 @@ struct RawUnit {
 /// The help line every syntax error carries.
 const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
      (keys: hostname, [network] address gateway, [metadata], [[units]] name contents, \
-     [fleet] etcd ttl address listen token ca cert key)";
+     [fleet] etcd ttl address listen token ca cert key, [registries] as registries.toml)";
 
 /// Parses and validates a provisioning config. `label` names it in errors (a path, or
 /// `fw_cfg:opt/org.flotilla/config`).
@@ -399,6 +463,7 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         metadata,
         units,
         fleet,
+        registries: raw.registries,
     })
 }
 
@@ -577,8 +642,25 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
     for (name, contents) in &config.units {
         files.push(file(&format!("flotilla/units/{name}"), contents.clone()));
     }
+    if let Some(r) = &config.registries {
+        // Serializing plain strings, bools and tables cannot fail; were it to, the file
+        // says so instead of holding half the settings.
+        let body = toml::to_string(r)
+            .unwrap_or_else(|e| format!("# could not render [registries]: {e}\n"));
+        files.push(EtcFile {
+            mode: 0o600,
+            ..file(
+                REGISTRIES.trim_start_matches("/etc/"),
+                format!("# registry settings, from provisioning ([registries])\n{body}"),
+            )
+        });
+    }
     files
 }
+
+/// Where [`render`] puts `[registries]`, mode 0600 (credentials): `unitctl image pull`'s
+/// default settings file.
+pub const REGISTRIES: &str = "/etc/flotilla/registries.toml";
 
 /// Where [`render`] puts `[fleet] token` (for fleetd's `token_file`).
 pub const FLEETD_TOKEN: &str = "/etc/flotilla/fleetd.token";
@@ -850,5 +932,43 @@ command = ["/bin/echo", "%i"]
         assert!(get("flotilla/metadata.toml").contains("disk = \"ssd\"\nrole = \"web\"\n"));
         assert!(get("flotilla/units/hello.toml").contains("/bin/echo"));
         assert!(get("flotilla/units/worker@.toml").contains("%i"));
+        assert!(!files.iter().any(|f| f.path == "flotilla/registries.toml"));
+    }
+
+    #[test]
+    fn registries_render_as_registries_toml_0600() {
+        let text = "hostname = \"node1\"\n\
+                    [registries]\n\
+                    default_registry = \"registry.example:5000\"\n\
+                    [registries.registry.\"registry.example:5000\"]\n\
+                    username = \"ci\"\n\
+                    password = \"hunter2\"\n\
+                    mirrors = [\"mirror.local:5000\"]\n\
+                    [registries.registry.\"127.0.0.1:5000\"]\n\
+                    insecure = true\n";
+        let c = parse("cfg", text).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
+        let files = render(&c, "0123456789abcdef0123456789abcdef");
+        let f = files
+            .iter()
+            .find(|f| f.path == "flotilla/registries.toml")
+            .unwrap();
+        assert_eq!(f.mode, 0o600);
+        // What the pull helper reads: the same settings, in registries.toml's own format.
+        let back: toml::Table = toml::from_str(&f.contents).unwrap();
+        let want: toml::Table = toml::from_str(
+            "default_registry = \"registry.example:5000\"\n\
+             [registry.\"registry.example:5000\"]\n\
+             username = \"ci\"\npassword = \"hunter2\"\nmirrors = [\"mirror.local:5000\"]\n\
+             [registry.\"127.0.0.1:5000\"]\ninsecure = true\n",
+        )
+        .unwrap();
+        assert_eq!(back, want, "{}", f.contents);
+
+        // A key registries.toml does not know is refused here, at its line.
+        let bad = "[registries.registry.\"r:5000\"]\ninsecure = true\nmirrorz = []\n";
+        let e = parse("cfg", bad).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.to_string().contains("mirrorz"), "{e}");
     }
 }
