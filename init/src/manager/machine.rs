@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use std::os::fd::OwnedFd;
 
-use flotilla_units::{PullPolicy, RestartPolicy, ServiceType, Unit};
+use flotilla_units::{RestartPolicy, ServiceType, Unit};
 use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -194,129 +194,8 @@ impl Manager {
         self.launch_now(name, &unit, now)
     }
 
-    /// The registry image `unit` must pull before this start, by its `pull` policy.
-    fn pull_needed(&mut self, unit: &Unit) -> Option<String> {
-        let image = unit.container.registry_image()?;
-        let puller = self.puller.as_mut()?;
-        let pull = match unit.container.pull {
-            PullPolicy::Never => false,
-            PullPolicy::Always => true,
-            PullPolicy::Missing => !puller.has_image(image),
-        };
-        pull.then(|| image.to_string())
-    }
-
-    /// Start the pull helper for `name`'s `image`: activating (pull). Returns true if it
-    /// runs (or the failure scheduled a restart).
-    fn begin_pull(&mut self, name: &str, image: &str, now: Instant) -> bool {
-        let (io, readers) = match output_pipes() {
-            Ok(p) => p,
-            Err(msg) => return self.pull_failed(name, msg, now),
-        };
-        let Some(puller) = self.puller.as_mut() else {
-            return false;
-        };
-        let pid = match puller.spawn(name, image, io) {
-            Ok(pid) => pid,
-            Err(e) => return self.pull_failed(name, e.to_string(), now),
-        };
-        self.pids.insert(pid, name.to_string());
-        for (fd, stream) in readers {
-            self.add_pipe(Pipe {
-                fd,
-                unit: name.to_string(),
-                stream,
-                buf: LineBuffer::default(),
-                helper: true,
-            });
-        }
-        if let Some(slot) = self.slots.get_mut(name) {
-            slot.pulling(&self.events, &self.cfg.logs, image, pid);
-        }
-        true
-    }
-
-    /// The pull helper of `name` ended (exit `code` or `signal`): the start goes on, or the
-    /// unit fails with result `pull`.
-    fn pull_exited(&mut self, name: &str, code: Option<i32>, signal: Option<i32>, now: Instant) {
-        self.drain_helper_pipes(name);
-        let Some(unit) = self.units.get(name).cloned() else {
-            return;
-        };
-        if code == Some(0) {
-            if let Some(slot) = self.slots.get_mut(name) {
-                slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Pull done.");
-            }
-            self.launch_now(name, &unit, now);
-            return;
-        }
-        let last = self
-            .slots
-            .get(name)
-            .map(|s| s.pull_last_line().to_string())
-            .unwrap_or_default();
-        let how = match (code, signal) {
-            (Some(c), _) => format!("exited with code {c}"),
-            (_, Some(s)) => format!(
-                "was killed by {}",
-                Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
-            ),
-            _ => "ended".to_string(),
-        };
-        let image = unit.container.image.as_deref().unwrap_or_default();
-        let msg = if last.is_empty() {
-            format!("pulling {image}: the pull helper {how}")
-        } else {
-            // unitctl's own prefix says nothing here.
-            let last = last.strip_prefix("unitctl: ").unwrap_or(&last);
-            format!("pulling {image}: {last}")
-        };
-        self.pull_failed(name, msg, now);
-    }
-
-    /// A pull of `name` failed with `msg`: the restart policy's backoff applies as for any
-    /// failure, else failed (pull). Returns true if a restart was scheduled.
-    fn pull_failed(&mut self, name: &str, msg: String, now: Instant) -> bool {
-        let Some(unit) = self.units.get(name).cloned() else {
-            return false;
-        };
-        let restart = !self.shutting_down && unit.service.restart != RestartPolicy::No;
-        let cfg = self.cfg.logs.clone();
-        let Some(slot) = self.slots.get_mut(name) else {
-            return false;
-        };
-        // A stop asked while the helper ended wins over the restart policy.
-        if restart && !matches!(slot.job(), Some(Job::Stop | Job::Restart)) {
-            let delay = backoff_delay(&unit, slot.backoff_step());
-            let at = later(now, delay);
-            slot.restart_scheduled(&self.events, &cfg, (UnitResult::Pull, msg), at, delay);
-            true
-        } else {
-            slot.failed(&self.events, &cfg, UnitResult::Pull, msg);
-            false
-        }
-    }
-
-    /// A stop (or restart) of `name` while its image is pulled: the helper is killed.
-    fn stop_pull(&mut self, name: &str) -> bool {
-        let Some(slot) = self.slots.get_mut(name) else {
-            return false;
-        };
-        let restart = slot.job() == Some(Job::Restart);
-        if let Some(pid) = slot.pull_pid() {
-            self.procs.signal_main(name, pid, Signal::SIGKILL);
-            // Its exit is reaped as an orphan's: it no longer belongs to a start.
-            self.pids.remove(&pid);
-        }
-        slot.pull_stopped(&self.events, &self.cfg.logs);
-        if restart && !self.shutting_down {
-            self.queue_start(name, true);
-        }
-        true
-    }
-
     /// Track `pipe` for the event loop.
-    fn add_pipe(&mut self, p: Pipe) {
+    pub(super) fn add_pipe(&mut self, p: Pipe) {
         let idx = match self.pipes.iter().position(Option::is_none) {
             Some(i) => {
                 if let Some(s) = self.pipes.get_mut(i) {
@@ -333,7 +212,7 @@ impl Manager {
     }
 
     /// Launch `unit`'s main process now (after any pull); returns true if it runs.
-    fn launch_now(&mut self, name: &str, unit: &Unit, now: Instant) -> bool {
+    pub(super) fn launch_now(&mut self, name: &str, unit: &Unit, now: Instant) -> bool {
         match self.launch(unit) {
             Ok((pid, scope, pipes)) => {
                 let Some(slot) = self.slots.get_mut(name) else {
@@ -600,7 +479,7 @@ impl Manager {
 
 /// The restart delay after `step` restarts in a row: `restart_sec` doubled each step, capped
 /// at `restart_max_sec`.
-fn backoff_delay(unit: &Unit, step: u32) -> Duration {
+pub(super) fn backoff_delay(unit: &Unit, step: u32) -> Duration {
     let base = unit.service.restart_sec;
     let factor = 1u32.checked_shl(step.min(20)).unwrap_or(u32::MAX);
     base.checked_mul(factor)
@@ -610,7 +489,7 @@ fn backoff_delay(unit: &Unit, step: u32) -> Duration {
 
 /// A stdout and a stderr pipe: the write ends (blocking) for the child, the read ends
 /// (non-blocking, close-on-exec) for the event loop.
-fn output_pipes() -> Result<(LaunchIo, [(OwnedFd, LogStream); 2]), String> {
+pub(super) fn output_pipes() -> Result<(LaunchIo, [(OwnedFd, LogStream); 2]), String> {
     let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
     let (out_r, out_w) = nix::unistd::pipe2(flags).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = nix::unistd::pipe2(flags).map_err(|e| format!("pipe: {e}"))?;

@@ -10,10 +10,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use std::time::Instant;
+
 use flotilla_container::image::ImageStores;
+use flotilla_units::{PullPolicy, RestartPolicy, Unit};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+use super::machine::{backoff_delay, output_pipes};
+use super::output::Pipe;
+use super::{later, Job, Manager, UnitResult};
 use crate::launcher::LaunchIo;
+use crate::logs::{LineBuffer, MANAGER_STREAM};
 
 /// Why the pull helper could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -106,5 +114,135 @@ impl Puller for HelperPuller {
         // Dropping the handle neither waits nor kills: the event loop reaps it.
         let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
         Ok(Pid::from_raw(pid))
+    }
+}
+
+/// The pull step of a start: a transition between activating (waiting) and the launch.
+impl Manager {
+    /// The registry image `unit` must pull before this start, by its `pull` policy.
+    pub(super) fn pull_needed(&mut self, unit: &Unit) -> Option<String> {
+        let image = unit.container.registry_image()?;
+        let puller = self.puller.as_mut()?;
+        let pull = match unit.container.pull {
+            PullPolicy::Never => false,
+            PullPolicy::Always => true,
+            PullPolicy::Missing => !puller.has_image(image),
+        };
+        pull.then(|| image.to_string())
+    }
+
+    /// Start the pull helper for `name`'s `image`: activating (pull). Returns true if it
+    /// runs (or the failure scheduled a restart).
+    pub(super) fn begin_pull(&mut self, name: &str, image: &str, now: Instant) -> bool {
+        let (io, readers) = match output_pipes() {
+            Ok(p) => p,
+            Err(msg) => return self.pull_failed(name, msg, now),
+        };
+        let Some(puller) = self.puller.as_mut() else {
+            return false;
+        };
+        let pid = match puller.spawn(name, image, io) {
+            Ok(pid) => pid,
+            Err(e) => return self.pull_failed(name, e.to_string(), now),
+        };
+        self.pids.insert(pid, name.to_string());
+        for (fd, stream) in readers {
+            self.add_pipe(Pipe {
+                fd,
+                unit: name.to_string(),
+                stream,
+                buf: LineBuffer::default(),
+                helper: true,
+            });
+        }
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.pulling(&self.events, &self.cfg.logs, image, pid);
+        }
+        true
+    }
+
+    /// The pull helper of `name` ended (exit `code` or `signal`): the start goes on, or the
+    /// unit fails with result `pull`.
+    pub(super) fn pull_exited(
+        &mut self,
+        name: &str,
+        code: Option<i32>,
+        signal: Option<i32>,
+        now: Instant,
+    ) {
+        self.drain_helper_pipes(name);
+        let Some(unit) = self.units.get(name).cloned() else {
+            return;
+        };
+        if code == Some(0) {
+            if let Some(slot) = self.slots.get_mut(name) {
+                slot.log.push(&self.cfg.logs, MANAGER_STREAM, "Pull done.");
+            }
+            self.launch_now(name, &unit, now);
+            return;
+        }
+        let last = self
+            .slots
+            .get(name)
+            .map(|s| s.pull_last_line().to_string())
+            .unwrap_or_default();
+        let how = match (code, signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (_, Some(s)) => format!(
+                "was killed by {}",
+                Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
+            ),
+            _ => "ended".to_string(),
+        };
+        let image = unit.container.image.as_deref().unwrap_or_default();
+        let msg = if last.is_empty() {
+            format!("pulling {image}: the pull helper {how}")
+        } else {
+            // unitctl's own prefix says nothing here.
+            let last = last.strip_prefix("unitctl: ").unwrap_or(&last);
+            format!("pulling {image}: {last}")
+        };
+        self.pull_failed(name, msg, now);
+    }
+
+    /// A pull of `name` failed with `msg`: the restart policy's backoff applies as for any
+    /// failure, else failed (pull). Returns true if a restart was scheduled.
+    pub(super) fn pull_failed(&mut self, name: &str, msg: String, now: Instant) -> bool {
+        let Some(unit) = self.units.get(name).cloned() else {
+            return false;
+        };
+        let restart = !self.shutting_down && unit.service.restart != RestartPolicy::No;
+        let cfg = self.cfg.logs.clone();
+        let Some(slot) = self.slots.get_mut(name) else {
+            return false;
+        };
+        // A stop asked while the helper ended wins over the restart policy.
+        if restart && !matches!(slot.job(), Some(Job::Stop | Job::Restart)) {
+            let delay = backoff_delay(&unit, slot.backoff_step());
+            let at = later(now, delay);
+            slot.restart_scheduled(&self.events, &cfg, (UnitResult::Pull, msg), at, delay);
+            true
+        } else {
+            slot.failed(&self.events, &cfg, UnitResult::Pull, msg);
+            false
+        }
+    }
+
+    /// A stop (or restart) of `name` while its image is pulled: the helper is killed.
+    pub(super) fn stop_pull(&mut self, name: &str) -> bool {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return false;
+        };
+        let restart = slot.job() == Some(Job::Restart);
+        if let Some(pid) = slot.pull_pid() {
+            self.procs.signal_main(name, pid, Signal::SIGKILL);
+            // Its exit is reaped as an orphan's: it no longer belongs to a start.
+            self.pids.remove(&pid);
+        }
+        slot.pull_stopped(&self.events, &self.cfg.logs);
+        if restart && !self.shutting_down {
+            self.queue_start(name, true);
+        }
+        true
     }
 }
