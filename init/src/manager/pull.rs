@@ -246,3 +246,32 @@ impl Manager {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A helper that is not there fails the pull with a message that says what to do, and
+    /// nothing is found in a store that does not exist.
+    #[test]
+    fn a_missing_helper_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("no-unitctl");
+        let mut p = HelperPuller::new(&helper, &[dir.path().join("store")], None);
+        assert!(!p.has_image("127.0.0.1:5000/app:1"));
+        let (_r1, w1) = nix::unistd::pipe().unwrap();
+        let (_r2, w2) = nix::unistd::pipe().unwrap();
+        let io = LaunchIo {
+            stdout: w1,
+            stderr: w2,
+        };
+        let e = p.spawn("web", "127.0.0.1:5000/app:1", io).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PullSpawnError::Missing(_)), "{msg}");
+        assert!(
+            msg.contains("no-unitctl") && msg.contains("--pull-helper"),
+            "{msg}"
+        );
+    }
+}
