@@ -101,7 +101,8 @@ struct Args {
     setup_timeout: Duration,
     /// The program that pulls a unit's registry image before its start (run as `PATH image
     /// pull REF --store DIR --registries FILE`); default: the `unitctl` next to this
-    /// executable. PID 1 links no registry client: pulls run in this helper.
+    /// executable, else /usr/bin/unitctl. PID 1 links no registry client: pulls run in this
+    /// helper.
     #[arg(long, value_name = "PATH")]
     pull_helper: Option<PathBuf>,
     /// Registry settings handed to the pull helper.
@@ -210,13 +211,12 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
     manager.protect_control_sockets(&args.control_sockets);
     if matches!(args.launcher, LauncherKind::Container) {
-        // Without a known executable path the default helper is a plain `unitctl` (from
-        // PATH); a missing helper fails the pulling unit with a message that says so.
-        let helper = args
-            .pull_helper
-            .or_else(HelperPuller::default_helper)
-            .unwrap_or_else(|| PathBuf::from("unitctl"));
-        let puller = HelperPuller::new(&helper, &args.images, Some(&args.registries));
+        // A missing helper fails the pulling unit with a message that says so.
+        let helpers = match args.pull_helper {
+            Some(h) => vec![h],
+            None => HelperPuller::default_helpers(),
+        };
+        let puller = HelperPuller::new(&helpers, &args.images, Some(&args.registries));
         manager.set_puller(Box::new(puller));
     }
     let server = dbus::serve(&args.api, handle, events_rx, manager.unit_cgroups())

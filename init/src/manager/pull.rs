@@ -23,15 +23,19 @@ use super::{later, Job, Manager, UnitResult};
 use crate::launcher::LaunchIo;
 use crate::logs::{LineBuffer, MANAGER_STREAM};
 
+/// Where the host image installs `unitctl`.
+pub const INSTALLED_HELPER: &str = "/usr/bin/unitctl";
+
 /// Why the pull helper could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum PullSpawnError {
-    /// The helper executable is not there.
+    /// The helper executable is not there (none of the paths tried).
     #[error(
-        "the pull helper {0} does not exist; install unitctl next to flotilla-init or give \
-         flotilla-init --pull-helper PATH"
+        "the pull helper does not exist (tried {}); install unitctl next to flotilla-init \
+         or give flotilla-init --pull-helper PATH",
+        .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
-    Missing(PathBuf),
+    Missing(Vec<PathBuf>),
     /// fork/exec failed.
     #[error("cannot run the pull helper {path}: {source}")]
     Spawn {
@@ -55,27 +59,35 @@ pub trait Puller {
 /// The real [`Puller`]: runs `unitctl image pull` into the writable (first) store.
 #[derive(Debug, Clone)]
 pub struct HelperPuller {
-    helper: PathBuf,
+    /// The helper: the first of these that exists when a pull starts.
+    helpers: Vec<PathBuf>,
     stores: Vec<PathBuf>,
     registries: Option<PathBuf>,
 }
 
 impl HelperPuller {
-    /// Pulls with `helper` into the first of `stores` (all of them are looked in for an image
-    /// that is already there), with the registry settings `registries` (else the helper's
-    /// default).
-    pub fn new(helper: &Path, stores: &[PathBuf], registries: Option<&Path>) -> Self {
+    /// Pulls with the first of `helpers` that exists into the first of `stores` (all of them
+    /// are looked in for an image that is already there), with the registry settings
+    /// `registries` (else the helper's default).
+    pub fn new(helpers: &[PathBuf], stores: &[PathBuf], registries: Option<&Path>) -> Self {
         Self {
-            helper: helper.to_path_buf(),
+            helpers: helpers.to_vec(),
             stores: stores.to_vec(),
             registries: registries.map(Path::to_path_buf),
         }
     }
 
-    /// The `unitctl` next to the running executable, if the executable's path is known.
-    pub fn default_helper() -> Option<PathBuf> {
-        let exe = std::env::current_exe().ok()?;
-        Some(exe.parent()?.join("unitctl"))
+    /// Where the helper is by default: the `unitctl` next to the running executable, then
+    /// [`INSTALLED_HELPER`] (PID 1 of the host image runs from the initramfs, chrooted into
+    /// the root, so its own path leads nowhere there).
+    pub fn default_helpers() -> Vec<PathBuf> {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("unitctl")));
+        beside
+            .into_iter()
+            .chain([PathBuf::from(INSTALLED_HELPER)])
+            .collect()
     }
 }
 
@@ -85,10 +97,10 @@ impl Puller for HelperPuller {
     }
 
     fn spawn(&mut self, _unit: &str, image: &str, io: LaunchIo) -> Result<Pid, PullSpawnError> {
-        if !self.helper.is_file() {
-            return Err(PullSpawnError::Missing(self.helper.clone()));
-        }
-        let mut cmd = Command::new(&self.helper);
+        let Some(helper) = self.helpers.iter().find(|h| h.is_file()).cloned() else {
+            return Err(PullSpawnError::Missing(self.helpers.clone()));
+        };
+        let mut cmd = Command::new(&helper);
         cmd.args(["image", "pull", image]);
         if let Some(store) = self.stores.first() {
             cmd.arg("--store").arg(store);
@@ -108,7 +120,7 @@ impl Puller for HelperPuller {
             });
         }
         let child = cmd.spawn().map_err(|source| PullSpawnError::Spawn {
-            path: self.helper.clone(),
+            path: helper,
             source,
         })?;
         // Dropping the handle neither waits nor kills: the event loop reaps it.
@@ -258,7 +270,7 @@ mod tests {
     fn a_missing_helper_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let helper = dir.path().join("no-unitctl");
-        let mut p = HelperPuller::new(&helper, &[dir.path().join("store")], None);
+        let mut p = HelperPuller::new(&[helper], &[dir.path().join("store")], None);
         assert!(!p.has_image("127.0.0.1:5000/app:1"));
         let (_r1, w1) = nix::unistd::pipe().unwrap();
         let (_r2, w2) = nix::unistd::pipe().unwrap();
