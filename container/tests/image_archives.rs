@@ -9,8 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
-use flotilla_container::image::{ImageError, ImageStore, RuntimeConfig};
-use image_util::{layout_of, tar_of, tree, Ent};
+use flotilla_container::image::{ImageError, RuntimeConfig};
+use image_util::{fixture, layout_of, tar_of, tree, Ent, Fixture};
 use sha2::{Digest, Sha256};
 
 fn sha(bytes: &[u8]) -> String {
@@ -89,17 +89,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
-}
-
-struct Fixture {
-    t: tempfile::TempDir,
-    store: ImageStore,
-}
-
-fn fixture() -> Fixture {
-    let t = tempfile::tempdir().unwrap();
-    let store = ImageStore::open(&t.path().join("store")).unwrap();
-    Fixture { t, store }
 }
 
 impl Fixture {

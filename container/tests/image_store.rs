@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use flotilla_container::image::{ImageError, ImageStore, ImportEvent, RuntimeConfig};
-use image_util::{layout_of, tar_of, tree, Ent};
+use image_util::{fixture, layout_of, tar_of, tree, Ent, Fixture};
 
 fn config() -> RuntimeConfig {
     RuntimeConfig {
@@ -42,17 +42,6 @@ fn upper() -> Vec<u8> {
         Ent::File(b"opq/.wh..wh..opq", b""),
         Ent::File(b"opq/new", b"new"),
     ])
-}
-
-struct Fixture {
-    t: tempfile::TempDir,
-    store: ImageStore,
-}
-
-fn fixture() -> Fixture {
-    let t = tempfile::tempdir().unwrap();
-    let store = ImageStore::open(&t.path().join("store")).unwrap();
-    Fixture { t, store }
 }
 
 impl Fixture {

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flotilla_container::image::{write_oci_layout, RuntimeConfig};
+use flotilla_container::image::{write_oci_layout, ImageStore, RuntimeConfig};
 use tar::{EntryType, Header};
 
 /// One tar entry to write.
@@ -149,4 +149,20 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// A temporary directory with an image store in `store/`; each test file adds its own
+/// helpers to it.
+pub struct Fixture {
+    /// The directory (removed on drop).
+    pub t: tempfile::TempDir,
+    /// The store.
+    pub store: ImageStore,
+}
+
+/// A fresh [`Fixture`].
+pub fn fixture() -> Fixture {
+    let t = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&t.path().join("store")).unwrap();
+    Fixture { t, store }
 }
