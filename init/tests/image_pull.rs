@@ -14,116 +14,20 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_container::image::RuntimeConfig;
 use qemu_tests::pki::{Ca, Usage};
+use qemu_tests::registry::TestRegistry;
 use qemu_tests::{ensure_program, free_port};
 
-/// A `docker-registry` on 127.0.0.1, killed when dropped.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
+/// The shared test registry (`qemu_tests::registry`), started on 127.0.0.1.
+struct Registry;
 
 impl Registry {
-    /// Starts a registry in `dir`, with htpasswd basic auth and TLS when given.
-    fn start(dir: &Path, creds: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
-        let bin = ensure_program("docker-registry", "docker-registry").unwrap();
-        let port = free_port().unwrap();
-        let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("storage").display()
-        );
-        if let Some((cert, key)) = tls {
-            yaml.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ));
-        }
-        if let Some((user, pass)) = creds {
-            let htpasswd = ensure_program("htpasswd", "apache2-utils").unwrap();
-            let out = Command::new(htpasswd)
-                .args(["-Bbn", user, pass])
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
-            yaml.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n",
-                dir.join("htpasswd").display()
-            ));
-        }
-        let config = dir.join("config.yml");
-        fs::write(&config, yaml).unwrap();
-        let log = fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let reg = Registry {
-            child,
-            port,
-            dir: dir.to_path_buf(),
-        };
-        // Patience bound only: a stalled box may take a while to start it.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the registry did not listen: {}",
-                reg.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        reg
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = fs::File::open(self.dir.join("registry.log")) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Access-log lines of successful GETs of blob `digest`.
-    fn blob_gets(&self, digest: &str) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
-            .filter(|l| l.contains("\" 200 "))
-            .count()
-    }
-
-    /// The registry's file holding blob `digest`.
-    fn blob_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(dir: &Path, creds: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> TestRegistry {
+        TestRegistry::start(dir, creds, tls).unwrap()
     }
 }
 
@@ -171,20 +75,7 @@ fn busybox_layout_saying(dir: &Path, hello: &str) -> (PathBuf, String) {
 
 /// `skopeo copy` of `layout` to `docker://HOST/REPO:TAG`.
 fn push(layout: &Path, dest: &str, extra: &[&str]) {
-    let skopeo = ensure_program("skopeo", "skopeo").unwrap();
-    let out = Command::new(skopeo)
-        .arg("--insecure-policy")
-        .arg("copy")
-        .args(extra)
-        .arg(format!("oci:{}", layout.display()))
-        .arg(format!("docker://{dest}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo copy to {dest}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_tests::registry::push(layout, dest, extra).unwrap();
 }
 
 fn unitctl(args: &[&str]) -> Output {
@@ -724,7 +615,7 @@ fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
         &format!("{}/team/app:1", reg.host()),
         &["--dest-tls-verify=false"],
     );
-    let proxy = Proxy::start(reg.port);
+    let proxy = Proxy::start(reg.port());
     let host = format!("127.0.0.1:{}", proxy.port);
     let reference = format!("{host}/team/app:1");
     let store = dir.join("store");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod cluster;
 pub mod images;
 pub mod pki;
+pub mod registry;
 mod shell;
 pub use image_build::hostroot::is_static_elf;
 pub use image_build::static_build::{workspace_root, STATIC_BINARIES};
