@@ -200,7 +200,8 @@ fn anonymous_pull_over_http_runs_and_a_second_pull_downloads_nothing() {
     assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
 
     // By digest, into a fresh store, with a mirror that is down tried first: the image is
-    // tagged `REPO:sha256-<12 hex>` and runs under that name.
+    // tagged `REPO:sha256-<64 hex>` and runs under that name, and under the digest reference
+    // itself (with a tag beside it, which the digest overrides).
     let (json, _) = text(&unitctl(&[
         "--json",
         "image",
@@ -234,21 +235,23 @@ fn anonymous_pull_over_http_runs_and_a_second_pull_downloads_nothing() {
     let name = format!(
         "{}/team/app:sha256-{}",
         reg.host(),
-        &digest["sha256:".len().."sha256:".len() + 12]
+        &digest["sha256:".len()..]
     );
-    let out = unitctl(&[
-        "run",
-        "--store",
-        store2.to_str().unwrap(),
-        "--image",
-        &name,
-        "--",
-        "/bin/cat",
-        "/hello",
-    ]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stderr}");
-    assert_eq!(stdout, "pulled from a registry\n");
+    for image in [name, format!("{}/team/app:9@{digest}", reg.host())] {
+        let out = unitctl(&[
+            "run",
+            "--store",
+            store2.to_str().unwrap(),
+            "--image",
+            &image,
+            "--",
+            "/bin/cat",
+            "/hello",
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{image}: {stderr}");
+        assert_eq!(stdout, "pulled from a registry\n");
+    }
 
     // A digest the registry does not have: its answer, nothing stored.
     let store3 = dir.join("store3");

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use flotilla_container::image;
+
 use crate::{PullError, Registries};
 
 /// A parsed registry reference.
@@ -99,16 +101,15 @@ impl ImageRef {
         })
     }
 
-    /// The `name:tag` the image gets in the store: `registry/repo:tag`, or for a pull by
-    /// digest `registry/repo:sha256-<first 12 hex>` (the store resolves `sha256:<prefix>`
-    /// too).
+    /// The `name:tag` the image gets in the store: `registry/repo:tag`, or for any reference
+    /// with a digest (a tag beside it or not) `registry/repo:sha256-<64 hex>`, the store's
+    /// one rule for pinned images ([`flotilla_container::image::digest_tag`]), under which a
+    /// unit naming `registry/repo[:tag]@sha256:<hex>` finds it.
     pub fn store_name(&self) -> String {
-        let tag = match (&self.tag, &self.digest) {
-            (Some(t), _) => t.clone(),
-            (None, Some(d)) => {
-                let hex = d.strip_prefix("sha256:").unwrap_or(d);
-                format!("sha256-{}", hex.get(..12).unwrap_or(hex))
-            }
+        let tag = match (&self.digest, &self.tag) {
+            // parse() accepts only whole sha256 digests; the fallback keeps them apart anyway.
+            (Some(d), _) => image::digest_tag(d).unwrap_or_else(|| d.replace(':', "-")),
+            (None, Some(t)) => t.clone(),
             (None, None) => "latest".to_string(),
         };
         format!("{}/{}:{tag}", self.registry, self.repository)
@@ -173,7 +174,21 @@ mod tests {
         let d = format!("sha256:{}", "ab".repeat(32));
         let r = parse(&format!("reg.example/app@{d}"), None).unwrap();
         assert_eq!(r.digest.as_deref(), Some(d.as_str()));
-        assert_eq!(r.store_name(), "reg.example/app:sha256-abababababab");
+        assert_eq!(
+            r.store_name(),
+            format!("reg.example/app:sha256-{}", "ab".repeat(32))
+        );
+        // A tag beside the digest: the digest names it in the store.
+        let r = parse(&format!("reg.example/app:1.4@{d}"), None).unwrap();
+        assert_eq!(r.tag.as_deref(), Some("1.4"));
+        assert_eq!(
+            r.store_name(),
+            format!("reg.example/app:sha256-{}", "ab".repeat(32))
+        );
+        assert_eq!(r.to_string(), format!("reg.example/app:1.4@{d}"));
+        // The store looks such a reference up under that very name.
+        let (name, tag) = image::parse_reference(&r.to_string()).unwrap();
+        assert_eq!(format!("{name}:{tag}"), r.store_name());
         let r = parse("localhost/app", None).unwrap();
         assert_eq!(r.tag.as_deref(), Some("latest"));
     }

@@ -70,6 +70,14 @@ fn registry_images_are_told_by_their_spelling() {
     ] {
         assert_eq!(image(r).as_deref(), Some(r));
     }
+    // By digest, with or without a tag beside it.
+    let hex = "ab".repeat(32);
+    for r in [
+        format!("127.0.0.1:5000/team/app@sha256:{hex}"),
+        format!("127.0.0.1:5000/team/app:1.4@sha256:{hex}"),
+    ] {
+        assert_eq!(image(&r).as_deref(), Some(r.as_str()));
+    }
     for local in ["nginx:1.25", "team/app:1", "busybox"] {
         assert_eq!(image(local), None, "{local}");
     }

@@ -330,16 +330,36 @@ pub fn sha256_hex(digest: &str) -> Option<&str> {
     .then_some(hex)
 }
 
+/// The store tag of an image pinned by digest: `sha256:<64 hex>` → `sha256-<64 hex>`, the
+/// one rule by which `NAME[:TAG]@sha256:<hex>` is stored and looked up (see
+/// [`parse_reference`]; the registry client tags what it pulls by digest with it). `None`
+/// unless `digest` is `sha256:` and 64 lower-case hex digits: the whole digest, so that no
+/// crafted digest prefix can pose as a pinned image.
+pub fn digest_tag(digest: &str) -> Option<String> {
+    sha256_hex(digest).map(|hex| format!("sha256-{hex}"))
+}
+
 /// Parses `name` or `name:tag` (tag defaults to `latest`). A `:` followed by a `/` belongs
-/// to a registry host:port, not a tag.
+/// to a registry host:port, not a tag. `name[:tag]@sha256:<64 hex>` is the image pinned to
+/// that digest: `(name, "sha256-<64 hex>")` ([`digest_tag`]); its tag, if any, only says
+/// what was meant and is not looked up.
 pub fn parse_reference(reference: &str) -> Result<(String, String), ImageError> {
     let bad = |reason: &str| ImageError::BadReference {
         reference: reference.to_string(),
         reason: reason.to_string(),
     };
-    let (name, tag) = match reference.rsplit_once(':') {
+    let (reference_name, pinned) = match reference.split_once('@') {
+        Some((rest, digest)) => {
+            let tag = digest_tag(digest).ok_or_else(|| {
+                bad("a digest is 'sha256:' and 64 lower-case hex digits (NAME[:TAG]@sha256:<hex>)")
+            })?;
+            (rest, Some(tag))
+        }
+        None => (reference, None),
+    };
+    let (name, tag) = match reference_name.rsplit_once(':') {
         Some((n, t)) if !t.contains('/') => (n, t),
-        _ => (reference, "latest"),
+        _ => (reference_name, "latest"),
     };
     if name.is_empty() {
         return Err(bad("empty name"));
@@ -357,5 +377,59 @@ pub fn parse_reference(reference: &str) -> Result<(String, String), ImageError> 
     if !ok(tag, b"") {
         return Err(bad("tags use letters, digits, '.', '_', '-'"));
     }
-    Ok((name.to_string(), tag.to_string()))
+    let tag = pinned.unwrap_or_else(|| tag.to_string());
+    Ok((name.to_string(), tag))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn a_digest_reference_is_its_pinned_store_tag() {
+        let hex = "0123456789abcdef".repeat(4);
+        let pinned = (
+            "127.0.0.1:5000/team/app".to_string(),
+            format!("sha256-{hex}"),
+        );
+        // With or without the tag: the digest decides.
+        for r in [
+            format!("127.0.0.1:5000/team/app@sha256:{hex}"),
+            format!("127.0.0.1:5000/team/app:1.4@sha256:{hex}"),
+            format!("127.0.0.1:5000/team/app:sha256-{hex}"),
+        ] {
+            assert_eq!(parse_reference(&r).unwrap(), pinned, "{r}");
+        }
+        assert_eq!(
+            digest_tag(&format!("sha256:{hex}")).unwrap(),
+            format!("sha256-{hex}")
+        );
+        // Only a whole, lower-case sha256 digest pins.
+        for d in [
+            "sha256:0123456789ab".to_string(),
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("sha512:{hex}"),
+            format!("sha256:{hex}0"),
+            String::new(),
+        ] {
+            assert_eq!(digest_tag(&d), None, "{d}");
+            let r = format!("reg.example/app:1@{d}");
+            assert!(
+                matches!(parse_reference(&r), Err(ImageError::BadReference { .. })),
+                "{r}"
+            );
+        }
+        assert!(parse_reference(&format!("@sha256:{hex}")).is_err());
+        assert!(parse_reference(&format!("app:@sha256:{hex}")).is_err());
+        // Plain references are as before.
+        assert_eq!(
+            parse_reference("localhost:5000/app").unwrap(),
+            ("localhost:5000/app".to_string(), "latest".to_string())
+        );
+        assert_eq!(
+            parse_reference("app:1").unwrap(),
+            ("app".to_string(), "1".to_string())
+        );
+    }
 }

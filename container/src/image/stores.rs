@@ -128,7 +128,7 @@ mod tests {
 
     /// Imports an image of one file, `/id` holding `content`, as `reference` into `store`.
     fn import(t: &Path, store: &ImageStore, reference: &str, content: &str) {
-        let name = reference.replace(':', "_");
+        let name = reference.replace([':', '/'], "_");
         let tar_path = t.join(format!("{name}-{content}.tar"));
         let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
         let mut h = tar::Header::new_gnu();
@@ -149,6 +149,31 @@ mod tests {
 
     fn id_of(img: &ResolvedImage) -> String {
         std::fs::read_to_string(img.layers[0].join("id")).unwrap()
+    }
+
+    #[test]
+    fn a_digest_reference_resolves_to_the_image_pinned_under_it() {
+        let Two { t, a, sa, .. } = two_stores();
+        let hex = "ab".repeat(32);
+        let pinned = format!("reg.example:5000/team/app:sha256-{hex}");
+        import(t.path(), &sa, &pinned, "pinned");
+        import(t.path(), &sa, "reg.example:5000/team/app:1", "moved");
+        let set = ImageStores::open(&[&a]).unwrap();
+        for r in [
+            format!("reg.example:5000/team/app@sha256:{hex}"),
+            format!("reg.example:5000/team/app:1@sha256:{hex}"),
+        ] {
+            let img = set.resolve(&r).unwrap();
+            assert_eq!(id_of(&img), "pinned", "{r}");
+            assert_eq!(img.info.tag, format!("sha256-{hex}"));
+        }
+        assert_eq!(
+            id_of(&set.resolve("reg.example:5000/team/app:1").unwrap()),
+            "moved"
+        );
+        // Another digest is not there, whatever its tag says.
+        let other = format!("reg.example:5000/team/app:1@sha256:{}", "cd".repeat(32));
+        assert!(matches!(set.resolve(&other), Err(ImageError::NotFound(_))));
     }
 
     #[test]
