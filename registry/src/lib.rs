@@ -16,7 +16,7 @@ mod reference;
 use std::path::{Path, PathBuf};
 
 pub use config::{Registries, RegistryConfig, DEFAULT_REGISTRIES, REGISTRIES_ENV};
-pub use pull::{pull, PullEvent, PullReport};
+pub use pull::{pull, resolve_digest, PullEvent, PullReport};
 pub use reference::ImageRef;
 
 use flotilla_container::image::ImageError;

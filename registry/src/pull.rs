@@ -247,6 +247,58 @@ async fn fetch(
     Err(last.unwrap_or_else(|| PullError::Settings("no registry to pull from".into())))
 }
 
+/// Resolves `reference` (`HOST[:PORT]/REPO[:TAG]`) to the digest of the manifest the
+/// registry answers for it, `sha256:<64 hex>`: the top-level document, so an index's digest
+/// for a multi-platform image (each machine still picks its own platform when it pulls).
+/// Computed here from the bytes received, not taken from a header. The same sources,
+/// credentials, CAs and insecure rules as [`pull`]: the mirrors in order, then the registry.
+/// Async, for callers with their own runtime (`fleetctl` pins at submit with it).
+pub async fn resolve_digest(
+    reference: &str,
+    settings: &Registries,
+    settings_path: &Path,
+) -> Result<String, PullError> {
+    let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
+    let hosts = endpoints(&image, settings);
+    let client = client_for(settings, &hosts)?;
+    let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+    let mut last = None;
+    for host in &hosts {
+        let auth = match settings.get(host).credentials(host)? {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        match client
+            .pull_manifest_raw(&image.client_ref(host), &auth, &accepted)
+            .await
+        {
+            Ok((bytes, _)) => {
+                let digest = sha256_of(&bytes);
+                if let Some(want) = &image.digest {
+                    if *want != digest {
+                        return Err(PullError::DigestMismatch {
+                            reference: image.to_string(),
+                            registry: host.clone(),
+                            what: "the manifest".into(),
+                            expected: want.clone(),
+                            actual: digest,
+                        });
+                    }
+                }
+                return Ok(digest);
+            }
+            Err(e) => {
+                let e = registry_error(&image, host, "fetch the manifest to pin its digest", e);
+                if hosts.len() > 1 {
+                    log::warn!("{e}; trying the next source");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| PullError::Settings("no registry to ask".into())))
+}
+
 /// The parts of an index this needs.
 #[derive(Deserialize)]
 struct Index {

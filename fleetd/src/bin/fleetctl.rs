@@ -47,13 +47,29 @@ struct Block {
     block_timeout: Duration,
 }
 
+/// Pinning a unit file's registry image to its digest at submit.
+#[derive(Debug, Clone, ClapArgs)]
+struct Pin {
+    /// Submit registry images by tag as written: each machine resolves the tag when it
+    /// pulls, so machines may run different bytes after the tag moves.
+    #[arg(long)]
+    no_pin: bool,
+    /// The registry settings used to resolve tags (credentials, CAs, insecure, mirrors)
+    /// [default: $FLOTILLA_REGISTRIES, else /etc/flotilla/registries.toml].
+    #[arg(long, value_name = "FILE")]
+    registries: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Submit unit files to the cluster (desired state `inactive`).
+    /// Submit unit files to the cluster (desired state `inactive`). A registry image named
+    /// by tag is pinned to its digest first (see --no-pin).
     Submit {
         /// Replace the body of units that exist with a different one.
         #[arg(long)]
         replace: bool,
+        #[command(flatten)]
+        pin: Pin,
         /// Unit files (the unit is named after the file stem) or submitted unit names.
         #[arg(required = true)]
         units: Vec<String>,
@@ -63,6 +79,8 @@ enum Verb {
         /// Replace the body of units that exist with a different one.
         #[arg(long)]
         replace: bool,
+        #[command(flatten)]
+        pin: Pin,
         #[command(flatten)]
         block: Block,
         /// Unit files or submitted unit names.
@@ -74,6 +92,8 @@ enum Verb {
         /// Replace the body of units that exist with a different one.
         #[arg(long)]
         replace: bool,
+        #[command(flatten)]
+        pin: Pin,
         #[command(flatten)]
         block: Block,
         /// Unit files or submitted unit names.
@@ -225,26 +245,37 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let ctl = Ctl { client };
     match cli.verb {
-        Verb::Submit { replace, units } => ctl.change(&units, replace, None, None).await,
+        Verb::Submit {
+            replace,
+            pin,
+            units,
+        } => {
+            let units = ctl.pin(&units, &pin, replace).await?;
+            ctl.change(&units, replace, None, None).await
+        }
         Verb::Load {
             replace,
+            pin,
             block,
             units,
         } => {
+            let units = ctl.pin(&units, &pin, replace).await?;
             ctl.change(&units, replace, Some(DesiredState::Loaded), Some(&block))
                 .await
         }
         Verb::Start {
             replace,
+            pin,
             block,
             units,
         } => {
+            let units = ctl.pin(&units, &pin, replace).await?;
             ctl.change(&units, replace, Some(DesiredState::Launched), Some(&block))
                 .await
         }
         Verb::Stop { block, units } => {
             ctl.change(
-                &names(&units)?,
+                &name_args(&units),
                 false,
                 Some(DesiredState::Loaded),
                 Some(&block),
@@ -253,7 +284,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Verb::Unload { block, units } => {
             ctl.change(
-                &names(&units)?,
+                &name_args(&units),
                 false,
                 Some(DesiredState::Inactive),
                 Some(&block),
@@ -302,10 +333,37 @@ fn names(args: &[String]) -> Result<Vec<String>> {
     Ok(args.iter().map(|a| unit_name(a)).collect())
 }
 
+/// Unit names as [`UnitArg::Name`]s (stop, unload: never a body).
+fn name_args(args: &[String]) -> Vec<UnitArg> {
+    args.iter().map(|a| UnitArg::Name(unit_name(a))).collect()
+}
+
 /// A unit argument: a file to submit, or the name of a submitted unit.
 enum UnitArg {
-    File { name: String, body: String },
+    /// A unit file: its name, its body, its registry image if it names one.
+    File {
+        name: String,
+        body: String,
+        image: Option<String>,
+    },
     Name(String),
+}
+
+/// The registry settings (`--registries`, else `$FLOTILLA_REGISTRIES`, else
+/// `/etc/flotilla/registries.toml`: the same file and loader as `unitctl image pull`).
+fn registry_settings(flag: Option<PathBuf>) -> Result<(flotilla_registry::Registries, PathBuf)> {
+    let path = flag
+        .or_else(|| std::env::var_os(flotilla_registry::REGISTRIES_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(flotilla_registry::DEFAULT_REGISTRIES));
+    let settings = flotilla_registry::Registries::load(&path)?;
+    Ok((settings, path))
+}
+
+/// The `[container] image` of a unit body, when it parses, and whether it names a registry.
+fn unit_image(name: &str, body: &str) -> Option<(String, bool)> {
+    let unit = flotilla_units::parse_unit(name, None, body).ok()?;
+    let registry = unit.container.registry_image().is_some();
+    Some((unit.container.image?, registry))
 }
 
 /// Reads and checks a unit argument; a file with an error fails with its `file:line:col`.
@@ -318,8 +376,9 @@ fn unit_arg(arg: &str) -> Result<UnitArg> {
     let body =
         std::fs::read_to_string(path).with_context(|| format!("cannot read unit file {arg}"))?;
     let name = unit_name(arg);
-    flotilla_units::parse_unit(&name, Some(path), &body).map_err(|e| anyhow!("{e}"))?;
-    Ok(UnitArg::File { name, body })
+    let unit = flotilla_units::parse_unit(&name, Some(path), &body).map_err(|e| anyhow!("{e}"))?;
+    let image = unit.container.registry_image().map(str::to_string);
+    Ok(UnitArg::File { name, body, image })
 }
 
 /// The target a blocking verb waits for.
@@ -350,25 +409,83 @@ impl Ctl {
             .map_err(|e| unknown(e, name))
     }
 
-    /// submit / load / start / stop / unload: puts each unit (with its body when given a
-    /// file), then waits for the target unless told not to.
-    async fn change(
-        &self,
-        args: &[String],
-        replace: bool,
-        desired: Option<DesiredState>,
-        block: Option<&Block>,
-    ) -> Result<()> {
-        // Check every file before changing anything.
+    /// Reads and checks every unit argument, then pins the registry image of each file to
+    /// its digest (unless `--no-pin`): all before anything is submitted, so a file with an
+    /// error or a tag that does not resolve changes nothing.
+    async fn pin(&self, args: &[String], pin: &Pin, replace: bool) -> Result<Vec<UnitArg>> {
         let mut parsed = Vec::new();
         for arg in args {
             parsed.push(unit_arg(arg)?);
         }
+        if pin.no_pin {
+            return Ok(parsed);
+        }
+        let mut settings = None;
+        let mut resolved: BTreeMap<String, String> = BTreeMap::new();
+        for unit in &mut parsed {
+            let UnitArg::File { name, body, image } = unit else {
+                continue;
+            };
+            let Some(img) = image.clone().filter(|i| flotilla_units::wants_pin(i)) else {
+                continue;
+            };
+            // The unit is in the cluster with this very file pinned: keep its digest (the
+            // tag may have moved since); --replace resolves the tag again.
+            if !replace {
+                if let Ok(d) = self.client.get_unit(name).await {
+                    let kept = unit_image(name, &d.body)
+                        .and_then(|(i, _)| flotilla_units::pinned_digest(&i).map(str::to_string))
+                        .filter(|digest| {
+                            flotilla_units::pin_image(body, digest).ok().as_ref() == Some(&d.body)
+                        });
+                    if let Some(digest) = kept {
+                        println!("Unit {name} keeps its image {img} pinned to {digest}");
+                        *body = d.body;
+                        continue;
+                    }
+                }
+            }
+            let digest = match resolved.get(&img) {
+                Some(d) => d.clone(),
+                None => {
+                    if settings.is_none() {
+                        settings = Some(registry_settings(pin.registries.clone())?);
+                    }
+                    let Some((settings, path)) = &settings else {
+                        bail!("no registry settings");
+                    };
+                    let d = flotilla_registry::resolve_digest(&img, settings, path)
+                        .await
+                        .map_err(|e| {
+                            anyhow!(
+                                "cannot pin the image of unit {name}: {e}; nothing was submitted (--no-pin submits the tag as written)"
+                            )
+                        })?;
+                    resolved.insert(img.clone(), d.clone());
+                    d
+                }
+            };
+            *body = flotilla_units::pin_image(body, &digest)
+                .map_err(|e| anyhow!("cannot pin the image of unit {name}: {e}"))?;
+            println!("Unit {name} image {img} pinned to {digest}");
+        }
+        Ok(parsed)
+    }
+
+    /// submit / load / start / stop / unload: puts each unit (with its body when given a
+    /// file), then waits for the target unless told not to.
+    async fn change(
+        &self,
+        parsed: &[UnitArg],
+        replace: bool,
+        desired: Option<DesiredState>,
+        block: Option<&Block>,
+    ) -> Result<()> {
         let mut names = Vec::new();
         for unit in parsed {
             let (name, body) = match unit {
-                UnitArg::File { name, body } => (name, Some(body)),
-                UnitArg::Name(name) => (name, None),
+                UnitArg::File { name, body, .. } => (name.clone(), Some(body.clone())),
+                UnitArg::Name(name) => (name.clone(), None),
             };
             if desired.is_none() && body.is_none() {
                 // submit NAME: only check that it is there.
@@ -496,9 +613,10 @@ impl Ctl {
             no_block: false,
             block_timeout: block.block_timeout,
         };
-        self.change(names, false, Some(DesiredState::Loaded), Some(&stop))
+        let args: Vec<UnitArg> = names.iter().cloned().map(UnitArg::Name).collect();
+        self.change(&args, false, Some(DesiredState::Loaded), Some(&stop))
             .await?;
-        self.change(names, false, Some(DesiredState::Launched), Some(block))
+        self.change(&args, false, Some(DesiredState::Launched), Some(block))
             .await
     }
 
@@ -662,6 +780,16 @@ impl Ctl {
             };
             println!("{dot} {} - desired {}", u.name, u.desired);
             println!("     Hash: {}", u.hash);
+            if let Some((image, registry)) = unit_image(&u.name, &d.body) {
+                println!("    Image: {image}");
+                match flotilla_units::pinned_digest(&image) {
+                    Some(digest) => println!("   Pinned: {digest}"),
+                    None if registry => {
+                        println!("   Pinned: no (each machine resolves the tag when it pulls)")
+                    }
+                    None => {}
+                }
+            }
             match &u.machine {
                 Some(m) => println!("  Machine: {}", machine_label(m, &machines, true)),
                 None if !u.states.is_empty() => println!("  Machine: global"),

@@ -1,6 +1,7 @@
 //! A fleet cluster on one host for `tests/cluster.rs`: one real etcd and N "machines", each
-//! a network namespace with its own `flotilla-init` supervisor (`--launcher host`) and its
-//! own `fleetd`, all real processes.
+//! a network namespace with its own `flotilla-init` supervisor (`--launcher host`, or its
+//! container launcher with an image store per machine: [`Cluster::start_with_containers`])
+//! and its own `fleetd`, all real processes.
 //!
 //! The network: a bridge in the root namespace with the first address of a private /24
 //! (`10.<100 + pid % 100>.<cluster>.0/24`: unique per cluster within a process; two
@@ -24,7 +25,7 @@
     dead_code
 )]
 
-use crate::support::{kill_cgroup, spawn_init};
+use crate::support::{kill_cgroup, spawn_init_with};
 use std::fs;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -225,6 +226,8 @@ pub struct Node {
     /// fleetd's API socket (`fleetctl --endpoint`).
     pub api: PathBuf,
     cgroup: String,
+    /// init's launcher arguments (`--launcher host`, or the container launcher's).
+    launcher: Vec<String>,
     init: Option<Child>,
     fleetd: Option<Child>,
 }
@@ -270,7 +273,14 @@ impl Node {
             format!("--net=/run/netns/{}", self.netns),
             "--".to_string(),
         ];
-        let child = spawn_init(&nsenter, &self.dir, &units, &self.init_socket, &self.cgroup);
+        let child = spawn_init_with(
+            &nsenter,
+            &self.dir,
+            &units,
+            &self.init_socket,
+            &self.cgroup,
+            &self.launcher,
+        );
         self.init = Some(child);
         wait_until(
             &format!("{}'s init to answer", self.id),
@@ -326,6 +336,8 @@ pub struct Cluster {
     tag: String,
     /// Every machine's `fleetd --ttl`, in seconds.
     ttl_secs: u64,
+    /// Whether the machines run units in containers (see [`Cluster::start_with_containers`]).
+    containers: bool,
 }
 
 impl Cluster {
@@ -340,6 +352,18 @@ impl Cluster {
     /// `ttl_secs`, machines added later included. A machine's lease is renewed every third
     /// of it, so a stall of the machine shorter than about two thirds of it cannot expire it.
     pub fn start_with_ttl(metadata: &[&str], ttl_secs: u64) -> Cluster {
+        Cluster::start_inner(metadata, ttl_secs, false)
+    }
+
+    /// [`Cluster::start_with_ttl`] with machines whose init runs units in containers (its
+    /// container launcher): each machine has its own image store (`m<n>/images`), pulls a
+    /// unit's registry image with the `unitctl` beside `flotilla-init`, and reads the
+    /// registry settings at [`Cluster::registries`] (write them before a unit needs a pull).
+    pub fn start_with_containers(metadata: &[&str], ttl_secs: u64) -> Cluster {
+        Cluster::start_inner(metadata, ttl_secs, true)
+    }
+
+    fn start_inner(metadata: &[&str], ttl_secs: u64, containers: bool) -> Cluster {
         let pid = std::process::id();
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         assert!(n < 250, "too many clusters in one test process");
@@ -365,6 +389,7 @@ impl Cluster {
             subnet,
             tag,
             ttl_secs,
+            containers,
         };
         cluster.etcd.endpoint = format!(
             "http://{}:{}",
@@ -399,6 +424,19 @@ impl Cluster {
         let node_ip = format!("{}.{}", self.subnet, 10 + n);
         let dir = self.dir.path().join(format!("m{n}"));
         fs::create_dir_all(&dir).unwrap();
+        let launcher: Vec<String> = if self.containers {
+            let images = dir.join("images");
+            vec![
+                "--launcher".into(),
+                "container".into(),
+                "--images".into(),
+                images.to_str().unwrap().into(),
+                "--registries".into(),
+                self.registries().to_str().unwrap().into(),
+            ]
+        } else {
+            vec!["--launcher".into(), "host".into()]
+        };
         self.nodes.push(Node {
             id: format!("m{n}"),
             ip: node_ip.clone(),
@@ -409,6 +447,7 @@ impl Cluster {
             init_socket: dir.join("manager.sock"),
             api: dir.join("fleetd.sock"),
             cgroup: format!("flotilla-cluster-test-{}-m{n}", self.tag),
+            launcher,
             dir,
             init: None,
             fleetd: None,
@@ -435,6 +474,23 @@ impl Cluster {
         node.start_init();
         node.start_fleetd(&etcd);
         i
+    }
+
+    /// The bridge's address: etcd's, and where a service the machines reach listens (a test
+    /// registry).
+    pub fn bridge_ip(&self) -> &str {
+        &self.etcd.bridge_ip
+    }
+
+    /// The registry settings file of a cluster of [`Cluster::start_with_containers`]
+    /// (`registries.toml` in the cluster's directory; absent until a test writes it).
+    pub fn registries(&self) -> PathBuf {
+        self.dir.path().join("registries.toml")
+    }
+
+    /// Machine `i`'s image store (with [`Cluster::start_with_containers`]).
+    pub fn images(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("images")
     }
 
     /// `n` times the machines' lease TTL.

@@ -35,6 +35,20 @@ pub fn spawn_init(
     socket: &Path,
     cgroup: &str,
 ) -> std::process::Child {
+    let host = ["--launcher".to_string(), "host".to_string()];
+    spawn_init_with(wrapper, dir, units, socket, cgroup, &host)
+}
+
+/// [`spawn_init`] with `launcher` as init's launcher arguments instead of `--launcher host`
+/// (e.g. `--launcher container --images DIR --registries FILE`).
+pub fn spawn_init_with(
+    wrapper: &[String],
+    dir: &Path,
+    units: &Path,
+    socket: &Path,
+    cgroup: &str,
+    launcher: &[String],
+) -> std::process::Child {
     let mut cmd = match wrapper.split_first() {
         Some((program, args)) => {
             let mut cmd = std::process::Command::new(program);
@@ -49,7 +63,8 @@ pub fn spawn_init(
         .arg(dir.join("state"))
         .arg("--api")
         .arg(socket)
-        .args(["--launcher", "host", "--cgroup", cgroup])
+        .args(launcher)
+        .args(["--cgroup", cgroup])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("init.log")).unwrap())
