@@ -268,4 +268,16 @@ fn a_unit_submitted_by_tag_runs_the_same_image_everywhere_after_the_tag_moves() 
     );
     let status = c.ok(&["status", "web"]);
     assert!(status.contains(&format!("Pinned: {d1}")), "{status}");
+    // list-units --image: every machine's copy with the pinned image.
+    let short = format!("{image}@{}", &d1[..7 + 12]);
+    let web_rows = |t: &str| t.lines().filter(|l| l.starts_with("web ")).count();
+    c.wait("list-units to show web on 3 machines", || {
+        web_rows(&c.ok(&["list-units", "--image"])) == 3
+    });
+    let table = c.ok(&["list-units", "--image"]);
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("web ")).collect();
+    assert!(rows.iter().all(|r| r.ends_with(&short)), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ok(&["list-units", "--json", "--image"])).unwrap();
+    assert_eq!(json[0]["image"], format!("{image}@{d1}"), "{json}");
 }

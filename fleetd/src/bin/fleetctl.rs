@@ -132,12 +132,16 @@ enum Verb {
     },
     /// The units and their state on their machines (UNIT MACHINE ACTIVE SUB).
     ListUnits {
-        /// JSON: name, machine, desired, state, sub, hash, reason, states.
+        /// JSON: name, machine, desired, state, sub, hash, reason, states (and image).
         #[arg(long)]
         json: bool,
-        /// Do not shorten machine ids.
+        /// Do not shorten machine ids (and pinned digests).
         #[arg(long)]
         full: bool,
+        /// Add an IMAGE column: each unit's image, with its pinned digest (one more request
+        /// per unit, for its body).
+        #[arg(long)]
+        image: bool,
     },
     /// The submitted units (UNIT HASH DSTATE STATE TARGET).
     ListUnitFiles {
@@ -293,7 +297,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Verb::Destroy { units } => ctl.destroy(&names(&units)?).await,
         Verb::Restart { block, units } => ctl.restart(&names(&units)?, &block).await,
-        Verb::ListUnits { json, full } => ctl.list_units(json, full).await,
+        Verb::ListUnits { json, full, image } => ctl.list_units(json, full, image).await,
         Verb::ListUnitFiles { json, full } => ctl.list_unit_files(json, full).await,
         Verb::ListMachines { json, full } => ctl.list_machines(json, full).await,
         Verb::Status { units } => ctl.status(&names(&units)?).await,
@@ -658,14 +662,41 @@ impl Ctl {
         }
     }
 
-    async fn list_units(&self, json: bool, full: bool) -> Result<()> {
+    async fn list_units(&self, json: bool, full: bool, image: bool) -> Result<()> {
         let units = self.client.list_units().await?;
+        // --image: each unit's image from its body (a unit destroyed meanwhile shows none).
+        let mut images = BTreeMap::new();
+        if image {
+            for u in &units {
+                if let Ok(d) = self.client.get_unit(&u.name).await {
+                    if let Some((i, _)) = unit_image(&u.name, &d.body) {
+                        images.insert(u.name.clone(), i);
+                    }
+                }
+            }
+        }
         if json {
-            println!("{}", serde_json::to_string_pretty(&units)?);
+            let mut value = serde_json::to_value(&units)?;
+            if let Some(list) = value.as_array_mut().filter(|_| image) {
+                for u in list.iter_mut() {
+                    let name = u["name"].as_str().unwrap_or_default().to_string();
+                    if let Some(obj) = u.as_object_mut() {
+                        obj.insert("image".into(), serde_json::json!(images.get(&name)));
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(());
         }
         let machines = self.machines().await?;
-        let mut rows = vec![row(["UNIT", "MACHINE", "ACTIVE", "SUB"])];
+        let image_cell = |name: &str| -> String {
+            match images.get(name) {
+                Some(i) if full => i.clone(),
+                Some(i) => short_pin(i),
+                None => "-".into(),
+            }
+        };
+        let mut rows = vec![row(["UNIT", "MACHINE", "ACTIVE", "SUB", "IMAGE"])];
         for u in &units {
             if u.machine.is_none() && !u.states.is_empty() {
                 for s in &u.states {
@@ -674,6 +705,7 @@ impl Ctl {
                         &machine_label(&s.machine, &machines, full),
                         s.state.as_str(),
                         s.sub.as_str(),
+                        &image_cell(&u.name),
                     ]));
                 }
                 continue;
@@ -688,7 +720,13 @@ impl Ctl {
                 &machine,
                 u.state.as_ref().map_or("-", Wire::as_str),
                 u.sub.as_ref().map_or("-", Wire::as_str),
+                &image_cell(&u.name),
             ]));
+        }
+        if !image {
+            for r in &mut rows {
+                r.pop();
+            }
         }
         print_table(&rows);
         Ok(())
@@ -908,6 +946,17 @@ fn current(u: &UnitView) -> String {
         DesiredState::Loaded
     };
     state.to_string()
+}
+
+/// `repo:tag@sha256:<12 hex>` for `repo:tag@sha256:<64 hex>` (a table cell); other images
+/// as they are.
+fn short_pin(image: &str) -> String {
+    match image.split_once("@sha256:") {
+        Some((name, hex)) if hex.len() > 12 => {
+            format!("{name}@sha256:{}", hex.chars().take(12).collect::<String>())
+        }
+        _ => image.to_string(),
+    }
 }
 
 fn short_id(id: &str, full: bool) -> String {
