@@ -535,6 +535,29 @@ fn an_index_resolves_to_this_hosts_platform() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout, format!("linux/{here}\n"));
+
+    // Pinned to the index's digest (as `fleetctl` pins a tag): the pull checks the index
+    // against it and stores this host's image under the index digest, where the pinned
+    // reference finds it.
+    let pinned = format!("{reference}@sha256:{nested_digest}");
+    let store2 = dir.join("store2");
+    let out = pull(&pinned, &settings, &store2);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains(&manifest_digest(&mine)), "{stdout}");
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store2.to_str().unwrap(),
+        "--image",
+        &pinned,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, format!("linux/{here}\n"));
 }
 
 /// A TCP proxy in front of a registry that lets `limit` response bytes through per

@@ -1,7 +1,8 @@
 //! Flotilla's OCI registry client: `unitctl image pull REF` into the local image store.
 //!
 //! A separate crate so that PID 1 (`flotilla-init`, which links `flotilla-container`) does
-//! not carry tokio's multi-thread runtime, reqwest and rustls: only `unitctl` links this.
+//! not carry tokio's multi-thread runtime, reqwest and rustls: only `unitctl` links this (and
+//! `fleetctl`, which pins tags to digests at submit with [`resolve_digest`]).
 //! The protocol (auth challenges, manifests, blobs) is `oci-client`'s; this crate resolves
 //! references and settings, picks the platform of an index, downloads the blobs the store
 //! lacks into a staging OCI layout (each verified against its digest, fsynced, renamed),
