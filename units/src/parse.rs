@@ -770,6 +770,22 @@ fn parse_container(
                         Some("use `name` or `name:tag`, e.g. image = \"nginx:1.25\"".into()),
                     ));
                 }
+                if let Some((name, digest)) = image.split_once('@') {
+                    let whole = digest.strip_prefix("sha256:").is_some_and(|h| {
+                        h.len() == 64
+                            && h.bytes()
+                                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    });
+                    if name.is_empty() || !whole {
+                        return Err(f.err(
+                            format!("invalid image digest in {image:?}"),
+                            Some(
+                                "an image pinned to a digest is `name[:tag]@sha256:<64 lower-case hex digits>`"
+                                    .into(),
+                            ),
+                        ));
+                    }
+                }
                 s.image = Some(image);
             }
             "pull" => {

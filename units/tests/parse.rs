@@ -360,6 +360,14 @@ type Case = (
 fn invalid_files() {
     let cases: Vec<Case> = vec![
         (
+            "[container]\ncommand = [\"/bin/true\"]\nimage = \"reg.example/app:1@sha256:0a0a\"\n",
+            3,
+            9,
+            Some("container.image"),
+            "invalid image digest in \"reg.example/app:1@sha256:0a0a\"",
+            Some("`name[:tag]@sha256:<64 lower-case hex digits>`"),
+        ),
+        (
             "[container]\ncommand = [\"/bin/true\"]\npull = \"alway\"\n",
             3,
             8,
