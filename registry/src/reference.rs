@@ -33,14 +33,10 @@ impl ImageRef {
         };
         let (rest, digest) = match reference.split_once('@') {
             Some((r, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad("only sha256 digests are supported"))?;
-                if hex.len() != 64
-                    || !hex
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                {
+                if !d.starts_with("sha256:") {
+                    return Err(bad("only sha256 digests are supported"));
+                }
+                if image::sha256_hex(d).is_none() {
                     return Err(bad("a digest is sha256: and 64 lowercase hex digits"));
                 }
                 (r, Some(d.to_string()))

@@ -26,7 +26,7 @@ pub use graph::{break_cycles, format_cycle, order_predecessors, ordering_cycles,
 pub use model::*;
 pub use names::{Capability, NetworkMode, PullPolicy, RlimitResource, UnknownName};
 pub use parse::{check_name, parse_unit, split_instance, API_FILE_LABEL, MAX_NAME_LEN};
-pub use pin::{pin_image, pinned_digest, wants_pin, PinError};
+pub use pin::{pin_image, pinned_digest, sha256_hex, wants_pin, PinError};
 pub use template::Template;
 pub use text::{decode_unit_text, read_unit_file};
 pub use values::parse_duration;

@@ -771,12 +771,7 @@ fn parse_container(
                     ));
                 }
                 if let Some((name, digest)) = image.split_once('@') {
-                    let whole = digest.strip_prefix("sha256:").is_some_and(|h| {
-                        h.len() == 64
-                            && h.bytes()
-                                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                    });
-                    if name.is_empty() || !whole {
+                    if name.is_empty() || crate::pin::sha256_hex(digest).is_none() {
                         return Err(f.err(
                             format!("invalid image digest in {image:?}"),
                             Some(

@@ -22,6 +22,17 @@ pub enum PinError {
     BadDigest(String),
 }
 
+/// Splits `sha256:<hex>` into its hex part, checking it is 64 lower-case hex digits: the
+/// only digest form images are pinned by (a prefix or upper case is not a digest).
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
 /// The digest an image reference is pinned to: the `sha256:<hex>` after its `@`, if any.
 pub fn pinned_digest(image: &str) -> Option<&str> {
     image.split_once('@').map(|(_, d)| d)
@@ -38,14 +49,7 @@ pub fn wants_pin(image: &str) -> bool {
 /// stays: it tells people what was meant); everything else, comments and layout included,
 /// is kept. Pure: resolving the digest is the caller's business.
 pub fn pin_image(body: &str, digest: &str) -> Result<String, PinError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| {
-            h.len() == 64
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-        .ok_or_else(|| PinError::BadDigest(digest.to_string()))?;
+    let hex = sha256_hex(digest).ok_or_else(|| PinError::BadDigest(digest.to_string()))?;
     let mut doc: DocumentMut = body
         .parse()
         .map_err(|e: toml_edit::TomlError| PinError::Toml(e.message().to_string()))?;

@@ -320,15 +320,9 @@ impl<W: io::Write> io::Write for HashWriter<W> {
     }
 }
 
-/// Splits `sha256:<hex>` into its hex part, checking it is 64 lower-case hex digits.
-pub fn sha256_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
-}
+/// Splits `sha256:<hex>` into its hex part, checking it is 64 lower-case hex digits (the
+/// units crate's rule, which unit files are checked by too).
+pub use flotilla_units::sha256_hex;
 
 /// The store tag of an image pinned by digest: `sha256:<64 hex>` → `sha256-<64 hex>`, the
 /// one rule by which `NAME[:TAG]@sha256:<hex>` is stored and looked up (see
