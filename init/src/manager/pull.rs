@@ -179,26 +179,28 @@ impl Manager {
     }
 
     /// What went wrong with `name`'s pull helper that ended with exit `code` or `signal`:
-    /// its last line, else how it ended.
+    /// its last line (its error) when it exited, how it ended when it was killed (its last
+    /// line is then progress, not a reason).
     fn helper_failure(&self, name: &str, code: Option<i32>, signal: Option<i32>) -> String {
         let last = self
             .slots
             .get(name)
             .map(|s| s.pull_last_line().to_string())
             .unwrap_or_default();
-        if last.is_empty() {
-            let how = match (code, signal) {
-                (Some(c), _) => format!("exited with code {c}"),
-                (_, Some(s)) => format!(
-                    "was killed by {}",
-                    Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
-                ),
-                _ => "ended".to_string(),
-            };
-            format!("the pull helper {how}")
-        } else {
-            // unitctl's own prefix says nothing here.
-            last.strip_prefix("unitctl: ").unwrap_or(&last).to_string()
+        // unitctl's own prefix says nothing here.
+        let last = last.strip_prefix("unitctl: ").unwrap_or(&last).to_string();
+        match (code, signal) {
+            (Some(_), _) if !last.is_empty() => last,
+            (Some(c), _) => format!("the pull helper exited with code {c}"),
+            (_, Some(s)) => {
+                let sig = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
+                if last.is_empty() {
+                    format!("the pull helper was killed by {sig}")
+                } else {
+                    format!("the pull helper was killed by {sig} (its last line: {last})")
+                }
+            }
+            _ => "the pull helper ended".to_string(),
         }
     }
 
