@@ -915,14 +915,26 @@ fn a_restart_pulls_the_new_image_before_it_stops_the_old_copy() {
     );
     let done = position(&logs, "Pull done; stopping the old copy for the restart.");
     let stopping = position(&logs, "Stopping (SIGTERM).");
-    let second = position(&logs, "the second image");
+    let new_output = position(&logs, "the second image");
     assert!(
-        failed < done && done < stopping && stopping < second,
+        failed < done && done < stopping && stopping < new_output,
         "{logs}"
     );
     assert_eq!(count_lines(&logs, "activating (pull)"), 1, "{logs}");
     assert!(reg.blob_gets(&layer2) >= 1, "{}", reg.log());
     m.wait_until("the old copy to be gone", || !common::alive(old_pid));
+
+    // ListImages (org.flotilla.Manager1) names both images with their manifest digests.
+    let client = flotilla_init_api::client::Client::connect(&m.api).unwrap();
+    let images = client.list_images().unwrap();
+    for (tag, layout) in [("1", &first), ("2", &second)] {
+        let entry = flotilla_init_api::ImageEntry {
+            name: format!("{host}/team/app:{tag}"),
+            digest: manifest_digest(layout),
+        };
+        assert!(images.contains(&entry), "{entry:?} not in {images:?}");
+    }
+    drop(client);
 
     // The registry is stopped: a restart to an image the store lacks leaves the copy that
     // runs alone, and says why.

@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 use super::machine::{backoff_delay, output_pipes};
 use super::output::Pipe;
 use super::{later, Job, Manager, SubState, UnitResult};
+use crate::api::ImageEntry;
 use crate::launcher::LaunchIo;
 use crate::logs::{LineBuffer, MANAGER_STREAM};
 
@@ -46,10 +47,26 @@ pub enum PullSpawnError {
     },
 }
 
+/// The image stores could not be listed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list the images of the stores {}: {source}; check that they are readable (`unitctl image list`)",
+    .stores.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+pub struct ListImagesError {
+    /// The stores.
+    pub stores: Vec<PathBuf>,
+    /// The store's error.
+    #[source]
+    pub source: flotilla_container::image::ImageError,
+}
+
 /// How the manager gets registry images into its store.
 pub trait Puller {
     /// True when the image stores hold `image` (a registry reference).
     fn has_image(&mut self, image: &str) -> bool;
+
+    /// Every image of the stores (store name, manifest digest), sorted by name; a name in
+    /// a later store shadowed by the same name in an earlier one is left out.
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError>;
 
     /// Start pulling `image` for `unit`, the helper's stdout and stderr on `io`; returns its
     /// pid (a child of the manager, reaped by the event loop).
@@ -94,6 +111,23 @@ impl HelperPuller {
 impl Puller for HelperPuller {
     fn has_image(&mut self, image: &str) -> bool {
         ImageStores::open(&self.stores).is_ok_and(|s| s.resolve(image).is_ok())
+    }
+
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError> {
+        let error = |source| ListImagesError {
+            stores: self.stores.clone(),
+            source,
+        };
+        let stores = ImageStores::open(&self.stores).map_err(error)?;
+        let mut seen = std::collections::BTreeMap::new();
+        for image in stores.list().map_err(error)? {
+            let name = format!("{}:{}", image.info.name, image.info.tag);
+            seen.entry(name).or_insert(image.info.digest);
+        }
+        Ok(seen
+            .into_iter()
+            .map(|(name, digest)| ImageEntry { name, digest })
+            .collect())
     }
 
     fn spawn(&mut self, _unit: &str, image: &str, io: LaunchIo) -> Result<Pid, PullSpawnError> {

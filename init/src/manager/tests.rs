@@ -17,9 +17,10 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::{
-    ActiveState, Config, Manager, ProcessControl, PullSpawnError, Puller, SubState, UnitResult,
+    ActiveState, Config, ListImagesError, Manager, ProcessControl, PullSpawnError, Puller,
+    SubState, UnitResult,
 };
-use crate::api::{ApiError, Request};
+use crate::api::{ApiError, ImageEntry, Request, Response};
 use crate::launcher::{LaunchError, LaunchIo, Launcher};
 use crate::logs::LogConfig;
 use crate::scope::{Limits, Scope, ScopeError, ScopeRoot};
@@ -65,6 +66,16 @@ struct FakePuller {
 impl Puller for FakePuller {
     fn has_image(&mut self, image: &str) -> bool {
         self.world.borrow().images.contains(image)
+    }
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError> {
+        let w = self.world.borrow();
+        Ok(w.images
+            .iter()
+            .map(|i| ImageEntry {
+                name: i.clone(),
+                digest: format!("sha256:{}", i.len()),
+            })
+            .collect())
     }
     fn spawn(&mut self, unit: &str, image: &str, _io: LaunchIo) -> Result<Pid, PullSpawnError> {
         let mut w = self.world.borrow_mut();
@@ -1400,4 +1411,20 @@ fn the_old_copy_ending_during_a_restarts_pull_hands_the_pull_to_the_start() {
     assert_eq!(h.state("web"), PULLING);
     h.pulled("web", ms(30), 0);
     assert_eq!(h.take(), [launch("web", ms(30))]);
+}
+
+/// `ListImages` answers what the puller's stores hold, and a pulled image shows up in it.
+#[test]
+fn list_images_answers_the_stores_images() {
+    let mut h = Harness::new(&[("web", &registry_unit("", ""))]);
+    h.world.borrow_mut().images.insert("app:1".into());
+    let names = |h: &mut Harness| match h.m.handle(Request::ListImages).unwrap() {
+        Response::Images(i) => i.into_iter().map(|e| e.name).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(names(&mut h), ["app:1"]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.pulled("web", ms(10), 0);
+    assert_eq!(names(&mut h), ["127.0.0.1:5000/team/app:1", "app:1"]);
 }
