@@ -151,6 +151,7 @@ fn machine(id: &str, metadata: &[(&str, &str)]) -> Machine {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
         api: None,
+        images: Vec::new(),
     }
 }
 

@@ -15,6 +15,7 @@ mod model;
 mod names;
 mod parse;
 mod specifier;
+mod store_name;
 mod template;
 mod text;
 mod values;
