@@ -526,8 +526,15 @@ impl Slot {
         self.restarts = self.restarts.saturating_add(1);
     }
 
-    /// A stop or restart (`job`) was asked while a process of the unit may exist.
+    /// A stop or restart (`job`) was asked while a process of the unit may exist. A restart
+    /// asked again while the last pull for it failed tries the pull at once.
     pub fn stop_queued(&mut self, job: Job) {
+        if let (Job::Restart, PrePull::Failed { retry_at }) = (job, &self.prepull) {
+            if self.deadline == Some(*retry_at) {
+                self.deadline = None;
+            }
+            self.prepull = PrePull::None;
+        }
         self.job = Some(job);
     }
 

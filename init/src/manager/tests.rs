@@ -1262,8 +1262,8 @@ fn a_restart_pulls_the_new_image_before_it_stops_the_old_copy() {
 
 /// A failed pull for a restart never takes the running unit down: the old copy keeps
 /// running (active (running), result `pull`, the message says so), the restart stays
-/// pending and the pull is tried again with the unit's restart backoff (doubling); once it
-/// succeeds the restart proceeds.
+/// pending and the pull is tried again with the unit's restart backoff (doubling), or at once
+/// when the restart is asked again; once it succeeds the restart proceeds.
 #[test]
 fn a_failed_pull_for_a_restart_keeps_the_old_copy_and_retries_with_backoff() {
     let service = "restart_sec = \"100ms\"\nrestart_max_sec = \"1s\"";
@@ -1307,14 +1307,21 @@ fn a_failed_pull_for_a_restart_keeps_the_old_copy_and_retries_with_backoff() {
     assert_eq!(h.take(), [pull2("web", ms(120))]);
     h.pulled("web", ms(130), 1);
     assert_eq!(h.tick(ms(130)), Some(ms(330)), "the delay doubled");
-    h.tick(ms(330));
-    assert_eq!(h.take(), [pull2("web", ms(330))]);
-    h.pulled("web", ms(340), 0);
-    h.tick(ms(340));
-    assert_eq!(h.take(), [sig("web", To::Scope, Signal::SIGTERM, ms(340))]);
-    h.killed("web", ms(350), Signal::SIGTERM);
-    h.tick(ms(350));
-    assert_eq!(h.take(), [reap("web", ms(350)), launch("web", ms(350))]);
+    // Asking for the restart again tries the pull at once (the backoff goes on).
+    h.request(ms(200), Request::RestartUnit("web".into()))
+        .unwrap();
+    assert_eq!(h.tick(ms(200)), None);
+    assert_eq!(h.take(), [pull2("web", ms(200))]);
+    h.pulled("web", ms(210), 1);
+    assert_eq!(h.tick(ms(210)), Some(ms(610)), "the delay doubled again");
+    h.tick(ms(610));
+    assert_eq!(h.take(), [pull2("web", ms(610))]);
+    h.pulled("web", ms(620), 0);
+    h.tick(ms(620));
+    assert_eq!(h.take(), [sig("web", To::Scope, Signal::SIGTERM, ms(620))]);
+    h.killed("web", ms(630), Signal::SIGTERM);
+    h.tick(ms(630));
+    assert_eq!(h.take(), [reap("web", ms(630)), launch("web", ms(630))]);
     assert_eq!(h.state("web"), RUNNING);
     assert_eq!(h.message("web"), "");
 }
