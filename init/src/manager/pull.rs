@@ -118,13 +118,12 @@ impl Puller for HelperPuller {
             stores: self.stores.clone(),
             source,
         };
+        // The image tables only: this runs on the event loop, and opening every image's
+        // manifest and config took 170 ms for 500 images (debug build).
         let stores = ImageStores::open(&self.stores).map_err(error)?;
-        let mut seen = std::collections::BTreeMap::new();
-        for image in stores.list().map_err(error)? {
-            let name = format!("{}:{}", image.info.name, image.info.tag);
-            seen.entry(name).or_insert(image.info.digest);
-        }
-        Ok(seen
+        Ok(stores
+            .tags()
+            .map_err(error)?
             .into_iter()
             .map(|(name, digest)| ImageEntry { name, digest })
             .collect())
