@@ -221,7 +221,8 @@ pub fn schedule(
     decisions
 }
 
-/// The least loaded machine that fits `u`, or why none does.
+/// The least loaded machine that fits `u` (among equally loaded ones, one that holds its
+/// image, then the first), or why none does.
 fn place(
     u: &Candidate,
     machines: &[Machine],
