@@ -154,8 +154,9 @@ impl Drop for ResetOnDrop {
     }
 }
 
-/// Parsed `[fleet]` sections (or why not) by (unit name, body hash).
-type Parsed = BTreeMap<(String, String), Result<FleetSection, String>>;
+/// Parsed `[fleet]` sections with the store name of the unit's registry image (or why not)
+/// by (unit name, body hash).
+type Parsed = BTreeMap<(String, String), Result<(FleetSection, Option<String>), String>>;
 
 /// The engine's in-memory model of the registry, kept current from the watch.
 #[derive(Default)]
@@ -644,7 +645,7 @@ impl Engine {
             }
             let parsed = match bodies.get(&unit.hash).and_then(Option::as_ref) {
                 Some(body) => flotilla_units::parse_unit(&unit.name, None, body)
-                    .map(|u| u.fleet)
+                    .map(|u| (u.fleet, u.container.store_name()))
                     .map_err(|e| format!("the unit file does not parse: {e}")),
                 None => Err(format!("its body {} is not in the registry", unit.hash)),
             };
@@ -663,10 +664,11 @@ impl Engine {
         let mut globals = Vec::new();
         for unit in wanted {
             match parsed.get(&(unit.name.clone(), unit.hash.clone())) {
-                Some(Ok(fleet)) => {
+                Some(Ok((fleet, image))) => {
                     let candidate = Candidate {
                         name: unit.name.clone(),
                         fleet: fleet.clone(),
+                        image: image.clone(),
                     };
                     if fleet.global {
                         globals.push(candidate);

@@ -90,7 +90,18 @@ pub struct Machine {
     /// requests only this machine can answer (a unit's journal); `None` without `--listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    /// The registry images its init's image stores hold (store names, `host/repo:tag`,
+    /// sorted, at most [`MAX_PUBLISHED_IMAGES`]): the scheduler prefers, among equally
+    /// loaded machines that fit, one that already holds a unit's image. Empty (and left out
+    /// of the JSON) when it holds none or its agent does not publish them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
+
+/// At most this many image names are published in a machine record (the record is read by
+/// every engine pass and sent on every machine change; a machine with more keeps the first
+/// ones by name).
+pub const MAX_PUBLISHED_IMAGES: usize = 500;
 
 /// A scheduling decision: unit → the machine it runs on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +194,23 @@ mod tests {
         );
         assert!(is_body_hash(&body_hash("x")));
         assert!(!is_body_hash("E3B0"));
+    }
+
+    /// A machine record without `images` (an older fleetd's) still reads, and one that
+    /// holds none is written as before.
+    #[test]
+    fn machine_images_are_optional_in_the_json() {
+        let old = r#"{"id":"m1","address":"10.0.0.1","metadata":{}}"#;
+        let m: Machine = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.images.is_empty());
+        let json = serde_json::to_string(&m).unwrap_or_default();
+        assert!(!json.contains("images"), "{json}");
+        let with = Machine {
+            images: vec!["r.example/app:1".into()],
+            ..m
+        };
+        let json = serde_json::to_string(&with).unwrap_or_default();
+        assert!(json.contains(r#""images":["r.example/app:1"]"#), "{json}");
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //! - `replaces`: placed on the machine of the replaced unit, which is moved away;
 //! - `global`: not placed here: every matching machine runs it ([`global_fits`]).
 //!
-//! Among the machines that fit, the least loaded wins (ties: the smallest id), so the same
-//! input always gives the same decisions.
+//! Among the machines that fit, the least loaded wins; among equally loaded ones, a machine
+//! that already holds the unit's registry image ([`Machine::images`], compared with
+//! [`Candidate::image`]) wins, so a start there needs no pull; then the smallest id. The
+//! image never outweighs load or any rule above. The same input always gives the same
+//! decisions.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,6 +30,10 @@ pub struct Candidate {
     pub name: String,
     /// Its `[fleet]` section.
     pub fleet: FleetSection,
+    /// The store name of its registry image (`[container] image`, see
+    /// `flotilla_units::ContainerSection::store_name`), if it has one: breaks ties between
+    /// equally loaded machines in favour of those that hold it.
+    pub image: Option<String>,
 }
 
 /// What the engine should do.
@@ -214,7 +221,8 @@ pub fn schedule(
     decisions
 }
 
-/// The least loaded machine that fits `u`, or why none does.
+/// The least loaded machine that fits `u` (among equally loaded ones, one that holds its
+/// image, then the first), or why none does.
 fn place(
     u: &Candidate,
     machines: &[Machine],
@@ -228,13 +236,16 @@ fn place(
         }
     }
     let mut why = Vec::new();
-    let mut best: Option<(usize, &str)> = None;
+    // (load, lacks the image): the smaller wins; on a tie the earlier machine (smaller id).
+    let mut best: Option<((usize, bool), &str)> = None;
     for m in machines {
         match fits(u, m, placed, by_name, globals) {
             Ok(()) => {
                 let load = placed.values().filter(|p| *p == &m.id).count();
-                if best.is_none_or(|(l, _)| load < l) {
-                    best = Some((load, &m.id));
+                let lacks = !u.image.as_ref().is_some_and(|i| m.images.contains(i));
+                let key = (load, lacks);
+                if best.is_none_or(|(k, _)| key < k) {
+                    best = Some((key, &m.id));
                 }
             }
             Err(e) => why.push(format!("{}: {e}", m.id)),
@@ -305,6 +316,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             api: None,
+            images: Vec::new(),
         }
     }
 
@@ -314,7 +326,90 @@ mod tests {
         Candidate {
             name: name.into(),
             fleet,
+            image: None,
         }
+    }
+
+    const IMAGE: &str = "registry.example:5000/team/app:1";
+
+    fn holding(mut m: Machine, images: &[&str]) -> Machine {
+        m.images = images.iter().map(|i| i.to_string()).collect();
+        m
+    }
+
+    fn with_image(mut c: Candidate) -> Candidate {
+        c.image = Some(IMAGE.into());
+        c
+    }
+
+    /// Equally loaded machines: the one holding the unit's image gets it, not the smallest
+    /// id; a unit without a registry image still goes to the smallest id.
+    #[test]
+    fn a_tie_goes_to_the_machine_that_holds_the_image() {
+        let ms = [
+            machine("a", &[]),
+            holding(machine("b", &[]), &["other/app:2"]),
+            holding(machine("c", &[]), &["other/app:2", IMAGE]),
+        ];
+        let us = [with_image(unit("web", |_| {}))];
+        assert_eq!(
+            assigns(&schedule(&ms, &us, &BTreeMap::new(), &[]))["web"],
+            "c"
+        );
+        let us = [unit("plain", |_| {})];
+        assert_eq!(
+            assigns(&schedule(&ms, &us, &BTreeMap::new(), &[]))["plain"],
+            "a"
+        );
+        // Two that hold it: the smaller id of those.
+        let ms = [
+            machine("a", &[]),
+            holding(machine("b", &[]), &[IMAGE]),
+            holding(machine("c", &[]), &[IMAGE]),
+        ];
+        let us = [with_image(unit("web", |_| {}))];
+        assert_eq!(
+            assigns(&schedule(&ms, &us, &BTreeMap::new(), &[]))["web"],
+            "b"
+        );
+    }
+
+    /// The image breaks ties only: a less loaded machine without it still wins, and the
+    /// placement rules still decide first.
+    #[test]
+    fn load_and_rules_outweigh_the_image() {
+        let ms = [
+            machine("a", &[]),
+            holding(machine("b", &[("disk", "hdd")]), &[IMAGE]),
+        ];
+        let placed = BTreeMap::from([("busy".to_string(), "b".to_string())]);
+        let us = [unit("busy", |_| {}), with_image(unit("web", |_| {}))];
+        assert_eq!(assigns(&schedule(&ms, &us, &placed, &[]))["web"], "a");
+        let us = [with_image(unit("web", |f| {
+            f.machine_metadata = vec![MetadataRule {
+                key: "disk".into(),
+                value: "ssd".into(),
+            }]
+        }))];
+        let un = unschedulable(&schedule(&ms, &us, &BTreeMap::new(), &[]));
+        assert!(un[0].1.contains("no machine fits"), "{un:?}");
+        let us = [with_image(unit("web", |f| f.machine_id = Some("a".into())))];
+        assert_eq!(
+            assigns(&schedule(&ms, &us, &BTreeMap::new(), &[]))["web"],
+            "a"
+        );
+    }
+
+    /// Global units are not placed by the scheduler: where they run depends on metadata and
+    /// conflicts only, whatever images the machines hold.
+    #[test]
+    fn global_units_ignore_the_images() {
+        let ms = [machine("a", &[]), holding(machine("b", &[]), &[IMAGE])];
+        let g = with_image(unit("agent", |f| f.global = true));
+        assert!(global_fits(&g, &ms[0], &[]).is_ok());
+        assert!(global_fits(&g, &ms[1], &[]).is_ok());
+        let d = schedule(&ms, &[], &BTreeMap::new(), std::slice::from_ref(&g));
+        assert!(d.is_empty(), "{d:?}");
     }
 
     fn assigns(d: &[Decision]) -> BTreeMap<String, String> {

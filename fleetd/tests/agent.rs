@@ -151,6 +151,7 @@ fn machine(id: &str, metadata: &[(&str, &str)]) -> Machine {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
         api: None,
+        images: Vec::new(),
     }
 }
 
@@ -485,4 +486,137 @@ async fn units_keep_running_while_etcd_is_unreachable() {
     assert_eq!(reported.pid, Some(pid));
     assert_eq!(init.active_pid("web"), Some(pid));
     agent.stop().await;
+}
+
+/// Starts init with the container launcher over the image store `store` (what it answers to
+/// `ListImages`), no units.
+fn start_container_init(store: &std::path::Path) -> Init {
+    let dir = tempfile::tempdir().unwrap();
+    let unit_dir = dir.path().join("units");
+    fs::create_dir_all(&unit_dir).unwrap();
+    let socket = dir.path().join("manager.sock");
+    let cgroup = format!(
+        "flotilla-fleetd-test-{}-{}",
+        std::process::id(),
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
+    let child = std::process::Command::new(support::init_binary())
+        .arg("--units")
+        .arg(&unit_dir)
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--api")
+        .arg(&socket)
+        .arg("--images")
+        .arg(store)
+        .args(["--cgroup", &cgroup])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(dir.path().join("init.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let init = Init {
+        child: Some(child),
+        dir,
+        socket,
+        cgroup,
+    };
+    let start = Instant::now();
+    while Client::connect(&init.socket)
+        .and_then(|c| c.list_units())
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "init did not answer:\n{}",
+            init.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    init
+}
+
+/// Puts a one-layer image of a static busybox into `store` under `name`, as a pull would.
+fn put_busybox_image(work: &std::path::Path, store: &std::path::Path, name: &str) {
+    let busybox = qemu_tests::ensure_program("busybox", "busybox-static").unwrap();
+    let root = work.join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    let tar = work.join("layer.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let layout = work.join("layout");
+    let config = flotilla_container::image::RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        ..Default::default()
+    };
+    flotilla_container::image::write_oci_layout(&layout, &[tar], &config, name).unwrap();
+    flotilla_container::image::ImageStore::open(store)
+        .unwrap()
+        .import_oci_layout(&layout, Some(name), &mut |_| {})
+        .unwrap();
+}
+
+/// The scheduler prefers the machine whose init already holds the unit's image: two real
+/// inits (container launcher), only m2's store holds the image; m2's agent publishes it
+/// (`ListImages`), and the engine places the unit there although m1 has the smaller id and
+/// the same load. It runs on m2 from the store, with no pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_places_a_unit_on_the_machine_that_holds_its_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = "127.0.0.1:5000/team/app:1";
+    let holder_store = tmp.path().join("store-m2");
+    put_busybox_image(tmp.path(), &holder_store, image);
+    let init1 = start_container_init(&tmp.path().join("store-m1"));
+    let init2 = start_container_init(&holder_store);
+    let (registry, _dir) = embedded().await;
+    let agent1 = spawn(&registry, &init1, machine("m1", &[]));
+    let agent2 = spawn(&registry, &init2, machine("m2", &[]));
+    wait_for("m2 to publish its image", || async {
+        registry
+            .get_machine("m2")
+            .await
+            .unwrap()
+            .filter(|m| m.images == [image])
+    })
+    .await;
+    let m1 = wait_for("m1 to register", || async {
+        registry.get_machine("m1").await.unwrap()
+    })
+    .await;
+    assert!(m1.images.is_empty(), "{m1:?}");
+
+    let engine = flotilla_fleetd::Engine::new(registry.clone(), "m1", Duration::from_secs(2))
+        .with_debounce(Duration::from_millis(50));
+    let (stop_engine, stopped) = oneshot::channel::<()>();
+    let engine = tokio::spawn(engine.run(async move {
+        let _ = stopped.await;
+    }));
+    let body = format!(
+        "[container]\nimage = \"{image}\"\npull = \"never\"\n\
+         command = [\"/bin/busybox\", \"sleep\", \"100000\"]\n"
+    );
+    submit(&registry, "web", &body, DesiredState::Launched).await;
+    let on = wait_for("web to be assigned", || async {
+        registry.get_assignment("web").await.unwrap()
+    })
+    .await;
+    assert_eq!(on, "m2");
+    wait_running(&init2, "web").await;
+    assert!(init1.unit("web").is_none());
+    let _ = stop_engine.send(());
+    tokio::time::timeout(WAIT, engine)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    agent1.stop().await;
+    agent2.stop().await;
 }

@@ -137,6 +137,7 @@ async fn add_machine_with_ttl(r: &Arc<dyn Registry>, id: &str, ttl: Duration) ->
         address: format!("10.0.0.{}", id.len()),
         metadata: BTreeMap::new(),
         api: None,
+        images: Vec::new(),
     };
     r.register_machine(&machine, lease).await.unwrap();
     let keeper = r.clone();

@@ -20,8 +20,8 @@ use zbus::zvariant::{DynamicType, Type};
 use zbus::DBusError as _;
 
 use crate::{
-    Event, LogEntry, ReloadReport, SystemState, UnitInfo, Wire, ACCESS_DENIED, INTERFACE,
-    INVALID_UNIT, NO_SUCH_UNIT, OBJECT_PATH, UNIT_STATE_CHANGED,
+    Event, ImageEntry, LogEntry, ReloadReport, SystemState, UnitInfo, Wire, ACCESS_DENIED,
+    INTERFACE, INVALID_UNIT, NO_SUCH_UNIT, OBJECT_PATH, UNIT_STATE_CHANGED,
 };
 
 /// Why a call to the manager failed.
@@ -154,6 +154,12 @@ impl Client {
     /// All known units.
     pub fn list_units(&self) -> Result<Vec<UnitInfo>, ClientError> {
         self.call("ListUnits", &())
+    }
+
+    /// Every image in the manager's image stores (store name and manifest digest), sorted
+    /// by name; empty when the manager has no image store (`--launcher host`).
+    pub fn list_images(&self) -> Result<Vec<ImageEntry>, ClientError> {
+        self.call(crate::LIST_IMAGES, &())
     }
 
     /// One unit.

@@ -22,7 +22,7 @@ pub use state::{
     ActiveState, LoadState, LogStream, StateName, SubState, SystemState, UnitResult, UnknownState,
     Wire,
 };
-pub use types::{Event, LogEntry, ReloadReport, UnitInfo};
+pub use types::{Event, ImageEntry, LogEntry, ReloadReport, UnitInfo};
 
 /// D-Bus object path of the manager.
 pub const OBJECT_PATH: &str = "/org/flotilla/Manager1";
@@ -30,6 +30,10 @@ pub const OBJECT_PATH: &str = "/org/flotilla/Manager1";
 pub const INTERFACE: &str = "org.flotilla.Manager1";
 /// Default path of the manager's control socket.
 pub const DEFAULT_SOCKET: &str = "/run/flotilla/manager.sock";
+/// The manager's method that lists the images of its image stores (`a(ss)`: store name,
+/// manifest digest; see [`ImageEntry`]). Read-only, allowed to every admitted caller like
+/// `ListUnits`.
+pub const LIST_IMAGES: &str = "ListImages";
 /// The name of the manager's signal sent when a unit's active or sub state changes.
 pub const UNIT_STATE_CHANGED: &str = "UnitStateChanged";
 

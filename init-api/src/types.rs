@@ -87,6 +87,15 @@ pub struct ReloadReport {
     pub errors: Vec<String>,
 }
 
+/// One image in the manager's image stores (`ListImages`). On D-Bus `(ss)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Type)]
+pub struct ImageEntry {
+    /// The store name, `name:tag` (for a pulled image `host[:port]/repo:tag`).
+    pub name: String,
+    /// The manifest digest, `sha256:<hex>`.
+    pub digest: String,
+}
+
 /// Something that happened in the manager, published to API clients as a D-Bus signal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -130,6 +139,7 @@ mod tests {
         assert_eq!(UnitInfo::SIGNATURE.to_string(), "(sssssuuiitss)");
         assert_eq!(LogEntry::SIGNATURE.to_string(), "(ttss)");
         assert_eq!(ReloadReport::SIGNATURE.to_string(), "(asasasasas)");
+        assert_eq!(ImageEntry::SIGNATURE.to_string(), "(ss)");
     }
 
     #[test]

@@ -50,6 +50,11 @@ fn round_trips() {
     c.remove_unit("extra").unwrap();
     assert!(c.get_unit("extra").is_err());
 
+    let images = c.list_images().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].name, "registry.example:5000/team/app:1");
+    assert_eq!(images[0].digest, format!("sha256:{}", "ab".repeat(32)));
+
     let report = c.reload(false).unwrap();
     assert_eq!(report.added, ["new"]);
     assert_eq!(report.changed, ["web"]);

@@ -806,3 +806,189 @@ fn the_manager_pulls_a_units_image_before_its_start() {
     assert_eq!(count_lines(&logs, "ran from the pull"), 2, "{logs}");
     m.terminate();
 }
+
+/// The pid in the manager's line "Pulling image IMAGE for the restart, helper pid N; ...".
+fn prepull_helper_pid(logs: &str, image: &str) -> Option<i32> {
+    let line = logs
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("Pulling image {image} for the restart")))?;
+    let rest = line.split("helper pid ").nth(1)?;
+    rest.split(';').next()?.trim().parse().ok()
+}
+
+/// Where `what` first appears in `logs` (panics with the log if it does not).
+fn position(logs: &str, what: &str) -> usize {
+    logs.find(what)
+        .unwrap_or_else(|| panic!("{what:?} is not in the log:\n{logs}"))
+}
+
+/// A restart pulls the new body's image while the old copy keeps running: a running unit's
+/// body moves to a new tag and `unitctl reload --restart-changed` restarts it. The pull is
+/// held mid-layer by a proxy: meanwhile the unit is active (running) on its old main pid.
+/// The helper is killed: the pull failed, the old copy still runs; the retry (restart
+/// backoff) pulls, then the old copy is stopped and the new one runs the new image, with no
+/// second pull at its start. Then, with the registry stopped, a restart to a missing image
+/// leaves the running copy alone (result `pull`, the message says so), and a stop still
+/// stops it.
+#[test]
+fn a_restart_pulls_the_new_image_before_it_stops_the_old_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let mut reg = Registry::start(&dir.join("reg"), None, None);
+    let (first, _) = busybox_layout_saying(&dir.join("one"), "the first image\n");
+    let (second, layer2) = busybox_layout_saying(&dir.join("two"), "the second image\n");
+    push(
+        &first,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    push(
+        &second,
+        &format!("{}/team/app:2", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let proxy = Proxy::start(reg.port());
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    );
+    let store = dir.join("store");
+    let unit = |tag: &str| {
+        format!(
+            "[container]\nimage = \"{host}/team/app:{tag}\"\n\
+             command = [\"/bin/sh\", \"-c\", \"cat /hello; exec /bin/busybox sleep 100000\"]\n\
+             [service]\nrestart_sec = \"1s\"\n"
+        )
+    };
+    let mut m = common::Machine::start_with(
+        &[("web", &unit("1"))],
+        &[
+            "--images",
+            store.to_str().unwrap(),
+            "--registries",
+            settings.to_str().unwrap(),
+        ],
+    );
+    let status = m.wait_state("web", "active");
+    assert_eq!(status["sub_state"], "running", "{status}");
+    let old_pid = status["pid"].as_i64().unwrap() as i32;
+    m.wait_until("the first copy's output", || {
+        m.logs("web").contains("the first image")
+    });
+    let rewrite = |m: &common::Machine, tag: &str| {
+        fs::write(
+            m.units.join("web.toml"),
+            common::with_dir_mount(&unit(tag)).replace("$DIR", m.dir.path().to_str().unwrap()),
+        )
+        .unwrap();
+    };
+
+    // The new image's layer stalls 200 KiB in: the restart's pull hangs mid-layer.
+    proxy.set(200 << 10, true);
+    rewrite(&m, "2");
+    m.ok(&["reload", "--restart-changed"]);
+    m.wait_until("a partial download of the new layer", || {
+        fs::read_dir(store.join("pull-tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("blobs/sha256"))
+            .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten())
+            .any(|e| {
+                e.path().to_string_lossy().ends_with(".partial")
+                    && e.metadata().map(|md| md.len() > 0).unwrap_or(false)
+            })
+    });
+    let status = m.status("web");
+    assert_eq!(
+        (&status["state"], &status["sub_state"]),
+        (&"active".into(), &"running".into()),
+        "{status}"
+    );
+    assert_eq!(status["pid"].as_i64(), Some(i64::from(old_pid)), "{status}");
+    assert!(common::alive(old_pid), "the old copy runs during the pull");
+    let image2 = format!("{host}/team/app:2");
+    let logs = m.logs("web");
+    let helper = prepull_helper_pid(&logs, &image2).unwrap_or_else(|| panic!("{logs}"));
+    assert!(!logs.contains("Stopping"), "{logs}");
+
+    // The pull fails (its helper is killed); the old copy keeps running; the retry, after
+    // the restart backoff, gets the layer in full.
+    proxy.set(u64::MAX, false);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    m.wait_until("the new copy's output", || {
+        m.logs("web").contains("the second image")
+    });
+    let status = m.wait_state("web", "active");
+    let new_pid = status["pid"].as_i64().unwrap() as i32;
+    assert_ne!(new_pid, old_pid, "{status}");
+    assert_eq!(status["result"], "success", "{status}");
+    let logs = m.logs("web");
+    let failed = position(&logs, &format!("pulling {image2} for the restart failed: "));
+    let failure = logs[failed..].lines().next().unwrap_or_default();
+    assert!(
+        failure.contains("the pull helper was killed by SIGKILL")
+            && failure.contains("the old copy keeps running"),
+        "{failure}"
+    );
+    let done = position(&logs, "Pull done; stopping the old copy for the restart.");
+    let stopping = position(&logs, "Stopping (SIGTERM).");
+    let new_output = position(&logs, "the second image");
+    assert!(
+        failed < done && done < stopping && stopping < new_output,
+        "{logs}"
+    );
+    assert_eq!(count_lines(&logs, "activating (pull)"), 1, "{logs}");
+    assert!(reg.blob_gets(&layer2) >= 1, "{}", reg.log());
+    m.wait_until("the old copy to be gone", || !common::alive(old_pid));
+
+    // ListImages (org.flotilla.Manager1) names both images with their manifest digests.
+    let client = flotilla_init_api::client::Client::connect(&m.api).unwrap();
+    let images = client.list_images().unwrap();
+    for (tag, layout) in [("1", &first), ("2", &second)] {
+        let entry = flotilla_init_api::ImageEntry {
+            name: format!("{host}/team/app:{tag}"),
+            digest: manifest_digest(layout),
+        };
+        assert!(images.contains(&entry), "{entry:?} not in {images:?}");
+    }
+    drop(client);
+
+    // The registry is stopped: a restart to an image the store lacks leaves the copy that
+    // runs alone, and says why.
+    reg.stop();
+    rewrite(&m, "3");
+    m.ok(&["reload", "--restart-changed"]);
+    let image3 = format!("{host}/team/app:3");
+    m.wait_until("the failed pull for the restart", || {
+        m.logs("web")
+            .contains(&format!("pulling {image3} for the restart failed"))
+    });
+    let status = m.status("web");
+    assert_eq!(
+        (&status["state"], &status["sub_state"], &status["result"]),
+        (&"active".into(), &"running".into(), &"pull".into()),
+        "{status}"
+    );
+    assert_eq!(status["pid"].as_i64(), Some(i64::from(new_pid)), "{status}");
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&image3) && message.contains("the old copy keeps running"),
+        "{status}"
+    );
+    assert!(common::alive(new_pid));
+    // A stop ends the pending restart and the copy.
+    m.ok(&["stop", "web"]);
+    m.wait_state("web", "inactive");
+    m.wait_until("the copy to be gone", || !common::alive(new_pid));
+    assert_eq!(count_lines(&m.logs("web"), "the second image"), 1);
+    m.terminate();
+}

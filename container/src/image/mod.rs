@@ -324,14 +324,9 @@ impl<W: io::Write> io::Write for HashWriter<W> {
 /// units crate's rule, which unit files are checked by too).
 pub use flotilla_units::sha256_hex;
 
-/// The store tag of an image pinned by digest: `sha256:<64 hex>` → `sha256-<64 hex>`, the
-/// one rule by which `NAME[:TAG]@sha256:<hex>` is stored and looked up (see
-/// [`parse_reference`]; the registry client tags what it pulls by digest with it). `None`
-/// unless `digest` is `sha256:` and 64 lower-case hex digits: the whole digest, so that no
-/// crafted digest prefix can pose as a pinned image.
-pub fn digest_tag(digest: &str) -> Option<String> {
-    sha256_hex(digest).map(|hex| format!("sha256-{hex}"))
-}
+/// The store tag of an image pinned by digest: `sha256:<64 hex>` → `sha256-<64 hex>` (the
+/// units crate's rule, which fleetd's scheduler names images by too).
+pub use flotilla_units::digest_tag;
 
 /// Parses `name` or `name:tag` (tag defaults to `latest`). A `:` followed by a `/` belongs
 /// to a registry host:port, not a tag. `name[:tag]@sha256:<64 hex>` is the image pinned to
@@ -342,19 +337,8 @@ pub fn parse_reference(reference: &str) -> Result<(String, String), ImageError> 
         reference: reference.to_string(),
         reason: reason.to_string(),
     };
-    let (reference_name, pinned) = match reference.split_once('@') {
-        Some((rest, digest)) => {
-            let tag = digest_tag(digest).ok_or_else(|| {
-                bad("a digest is 'sha256:' and 64 lower-case hex digits (NAME[:TAG]@sha256:<hex>)")
-            })?;
-            (rest, Some(tag))
-        }
-        None => (reference, None),
-    };
-    let (name, tag) = match reference_name.rsplit_once(':') {
-        Some((n, t)) if !t.contains('/') => (n, t),
-        _ => (reference_name, "latest"),
-    };
+    let parts = flotilla_units::split_reference(reference).map_err(bad)?;
+    let (name, tag) = (parts.name, parts.tag);
     if name.is_empty() {
         return Err(bad("empty name"));
     }
@@ -371,8 +355,7 @@ pub fn parse_reference(reference: &str) -> Result<(String, String), ImageError> 
     if !ok(tag, b"") {
         return Err(bad("tags use letters, digits, '.', '_', '-'"));
     }
-    let tag = pinned.unwrap_or_else(|| tag.to_string());
-    Ok((name.to_string(), tag))
+    Ok((name.to_string(), parts.store_tag().to_string()))
 }
 
 #[cfg(test)]

@@ -146,6 +146,13 @@ impl ImageStore {
         }
     }
 
+    /// The tagged images as `(name:tag, manifest digest)`, sorted by name, from the image
+    /// table alone: no blob is opened, so it costs one small file read however many images
+    /// there are (for a caller that asks often, such as the manager's `ListImages`).
+    pub fn tags(&self) -> Result<Vec<(String, String)>, ImageError> {
+        Ok(self.read_db()?.images.into_iter().collect())
+    }
+
     /// Replaces images.json atomically (tmp + fsync + rename). Call with the lock held.
     fn write_db(&self, db: &Db) -> Result<(), ImageError> {
         let path = self.db_path();

@@ -82,6 +82,19 @@ impl ImageStores {
         Ok(out)
     }
 
+    /// The tagged images of every store as `(name:tag, manifest digest)` (as
+    /// [`ImageStore::tags`]), sorted by name; a name a later store shares with an earlier one
+    /// is the earlier store's (the one [`ImageStores::resolve`] finds).
+    pub fn tags(&self) -> Result<Vec<(String, String)>, ImageError> {
+        let mut out = std::collections::BTreeMap::new();
+        for store in self.stores() {
+            for (name, digest) in store.tags()? {
+                out.entry(name).or_insert(digest);
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
     /// Removes `reference` from the writable store (as [`ImageStore::remove`]). An image
     /// that only a read-only store has is [`ImageError::ReadOnlyStore`].
     pub fn remove(&self, reference: &str) -> Result<(), ImageError> {
@@ -285,5 +298,22 @@ mod tests {
         assert!(sa.list().unwrap().is_empty());
         assert_eq!(id_of(&set.resolve("mine").unwrap()), "m-system");
         assert!(matches!(set.remove("nosuch"), Err(ImageError::NotFound(_))));
+    }
+
+    /// `tags` lists every store's names with their manifest digests from the image tables,
+    /// sorted; a shadowed name is the earlier store's, as `resolve` finds it.
+    #[test]
+    fn tags_list_names_and_digests_the_earlier_store_wins() {
+        let Two { t, a, b, sa, sb } = two_stores();
+        import(t.path(), &sa, "both:latest", "from-a");
+        import(t.path(), &sb, "both:latest", "from-b");
+        import(t.path(), &sb, "only-b:1", "b1");
+        let set = ImageStores::open(&[&a, &b]).unwrap();
+        let tags = set.tags().unwrap();
+        let names: Vec<&str> = tags.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["both:latest", "only-b:1"]);
+        assert_eq!(tags[0].1, set.resolve("both").unwrap().info.digest);
+        assert_eq!(tags[1].1, set.resolve("only-b:1").unwrap().info.digest);
+        assert_ne!(tags[0].1, sb.resolve("both").unwrap().info.digest);
     }
 }

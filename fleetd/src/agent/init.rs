@@ -15,7 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flotilla_init_api::client::{Client, ClientError};
 use flotilla_init_api::{
-    Event as InitEvent, LogEntry, SystemState, UnitInfo, Wire, INVALID_UNIT, NO_SUCH_UNIT,
+    Event as InitEvent, ImageEntry, LogEntry, SystemState, UnitInfo, Wire, INVALID_UNIT,
+    LIST_IMAGES, NO_SUCH_UNIT,
 };
 use tokio::sync::mpsc;
 
@@ -178,6 +179,11 @@ impl InitApi {
         self.call("ListUnits".into(), |c| c.list_units()).await
     }
 
+    /// Every image in init's image stores (`ListImages`): store name and manifest digest.
+    pub async fn list_images(&self) -> Result<Vec<ImageEntry>, InitError> {
+        self.call(LIST_IMAGES.into(), |c| c.list_images()).await
+    }
+
     /// One unit's state.
     pub async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
         let n = name.to_string();
@@ -274,6 +280,8 @@ pub trait LocalInit: std::fmt::Debug + Send + Sync {
     async fn system_state(&self) -> Result<Wire<SystemState>, InitError>;
     /// Every unit init knows (`ListUnits`).
     async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError>;
+    /// Every image in init's image stores (`ListImages`).
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, InitError>;
     /// One unit's state (`GetUnit`).
     async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
     /// The text of a unit's file (`CatUnit`).
@@ -309,6 +317,9 @@ impl LocalInit for InitApi {
     }
     async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError> {
         InitApi::list_units(self).await
+    }
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, InitError> {
+        InitApi::list_images(self).await
     }
     async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
         InitApi::get_unit(self, name).await

@@ -24,6 +24,12 @@
 //! active/sub state and main pid are reported ([`Registry::report_state`]) on the machine's
 //! lease.
 //!
+//! Images: the machine record carries the registry images init's stores hold
+//! ([`Machine::images`], from init's `ListImages`), so that the scheduler can prefer a
+//! machine that needs no pull. They are read when the agent (re-)registers, and again when
+//! a unit it runs becomes active with a registry image the record does not list yet (its
+//! pull just ended); the record is written again only when the list changed.
+//!
 //! When the registry is unreachable (keep-alive, watch or reads fail), nothing in init is
 //! touched: running units keep running (fleet's issue 1289), the agent logs it once, retries
 //! with a backoff (250 ms doubling up to 5 s or half the TTL), and once the registry answers it re-registers
@@ -45,7 +51,7 @@ use tokio::sync::mpsc;
 
 pub use self::init::{InitApi, InitError, InitSignal, LocalInit};
 use crate::error::RegistryError;
-use crate::model::{DesiredState, LeaseId, Machine, UnitRecord, UnitState};
+use crate::model::{DesiredState, LeaseId, Machine, UnitRecord, UnitState, MAX_PUBLISHED_IMAGES};
 use crate::registry::{Change, Event, Registry, Watch};
 use crate::scheduler::{global_fits, Candidate};
 
@@ -108,6 +114,27 @@ struct Body {
     text: String,
     /// `None` when the body does not parse (init will refuse it, and it is not global).
     fleet: Option<FleetSection>,
+    /// The store name of its registry image, if it has one.
+    image: Option<String>,
+}
+
+/// Whether store name `name` is a registry image (`host[:port]/repo:tag`, the host with a
+/// `.` or a `:`, or `localhost`): only those are published.
+fn is_registry_image(name: &str) -> bool {
+    name.split_once('/').is_some_and(|(host, rest)| {
+        (host.contains('.') || host.contains(':') || host == "localhost") && !rest.is_empty()
+    })
+}
+
+/// What a machine record publishes of init's images: the registry images' store names,
+/// sorted, without repeats, at most [`MAX_PUBLISHED_IMAGES`].
+fn published_images(images: Vec<flotilla_init_api::ImageEntry>) -> Vec<String> {
+    let names: BTreeSet<String> = images
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| is_registry_image(n))
+        .collect();
+    names.into_iter().take(MAX_PUBLISHED_IMAGES).collect()
 }
 
 /// The agent of one machine. See the module documentation.
@@ -448,6 +475,9 @@ impl Worker {
                 lease
             }
         };
+        if let Some(images) = self.held_images().await {
+            self.machine.images = images;
+        }
         // A previous run's lease may still hold the id (MachineIdTaken): the caller retries
         // with a backoff until it expires.
         self.registry.register_machine(&self.machine, lease).await?;
@@ -611,10 +641,10 @@ impl Worker {
         let Some(text) = self.registry.get_body(hash).await? else {
             return Ok(None);
         };
-        let fleet = flotilla_units::parse_unit("fleet-unit", None, &text)
-            .ok()
-            .map(|u| u.fleet);
-        let body = Body { text, fleet };
+        let parsed = flotilla_units::parse_unit("fleet-unit", None, &text).ok();
+        let image = parsed.as_ref().and_then(|u| u.container.store_name());
+        let fleet = parsed.map(|u| u.fleet);
+        let body = Body { text, fleet, image };
         self.bodies.insert(hash.to_string(), body.clone());
         Ok(Some(body))
     }
@@ -645,6 +675,7 @@ impl Worker {
                 running.push(Candidate {
                     name: record.name.clone(),
                     fleet: body.fleet.clone().unwrap_or_default(),
+                    image: body.image.clone(),
                 });
                 wanted.insert(record.name.clone(), (record, body));
             } else if global {
@@ -655,6 +686,7 @@ impl Worker {
             let candidate = Candidate {
                 name: record.name.clone(),
                 fleet: body.fleet.clone().unwrap_or_default(),
+                image: body.image.clone(),
             };
             let others: Vec<&Candidate> = running.iter().collect();
             match global_fits(&candidate, &self.machine, &others) {
@@ -824,13 +856,48 @@ impl Worker {
             pid: now.2,
             updated_at: now_ms(),
         };
-        match self.registry.report_state(&state, lease).await {
-            Ok(()) => {
-                self.reported.insert(name.to_string(), now);
-                Ok(())
-            }
-            Err(e) => Err(e),
+        self.registry.report_state(&state, lease).await?;
+        let active = state.active == ActiveState::Active;
+        self.reported.insert(name.to_string(), now);
+        // A unit that became active may have just pulled its image.
+        let image = self
+            .units
+            .get(name)
+            .and_then(|u| self.bodies.get(&u.hash))
+            .and_then(|b| b.image.as_ref());
+        if active && image.is_some_and(|i| !self.machine.images.contains(i)) {
+            self.publish_images(lease).await?;
         }
+        Ok(())
+    }
+
+    /// The registry images init's stores hold, as the machine record publishes them; `None`
+    /// when init cannot tell (unreachable, or an older init without `ListImages`).
+    async fn held_images(&self) -> Option<Vec<String>> {
+        match self.init.list_images().await {
+            Ok(images) => Some(published_images(images)),
+            Err(e) => {
+                log::debug!("cannot list the images of the local init: {e}");
+                None
+            }
+        }
+    }
+
+    /// Writes the machine record again (on `lease`) if the images init holds changed.
+    async fn publish_images(&mut self, lease: LeaseId) -> Result<(), RegistryError> {
+        let Some(images) = self.held_images().await else {
+            return Ok(());
+        };
+        if images == self.machine.images {
+            return Ok(());
+        }
+        log::info!(
+            "machine {} holds {} registry image(s) now; publishing them",
+            self.machine.id,
+            images.len()
+        );
+        self.machine.images = images;
+        self.registry.register_machine(&self.machine, lease).await
     }
 }
 

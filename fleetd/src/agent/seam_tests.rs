@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flotilla_init_api::client::ClientError;
 use flotilla_init_api::{
-    ActiveState, SubState, SystemState, UnitInfo, UnitResult, Wire, NO_SUCH_UNIT,
+    ActiveState, ImageEntry, SubState, SystemState, UnitInfo, UnitResult, Wire, NO_SUCH_UNIT,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -43,6 +43,11 @@ struct FakeState {
     /// The agent's signal feed.
     signals: Option<mpsc::UnboundedSender<InitSignal>>,
     next_pid: u32,
+    /// The images its stores hold (a start of a unit with a registry image adds it, as
+    /// init's pull would).
+    images: Vec<ImageEntry>,
+    /// `ListImages` is refused as an older init without it would.
+    no_list_images: bool,
 }
 
 /// An in-memory init. Cheap to clone; clones share the state.
@@ -192,8 +197,20 @@ impl FakeInit {
     ) -> Result<UnitInfo, InitError> {
         let op = format!("{method} {name}");
         self.call(op.clone(), Some(name), |s| {
-            if !s.units.contains_key(name) {
+            let Some((_, text)) = s.units.get(name) else {
                 return Err(no_such_unit(&op, name));
+            };
+            // A start pulls the unit's registry image into the store, as init does.
+            let image = flotilla_units::parse_unit(name, None, text)
+                .ok()
+                .and_then(|u| u.container.store_name());
+            if let (Some(image), ActiveState::Active) = (image, active) {
+                if !s.images.iter().any(|i| i.name == image) {
+                    s.images.push(ImageEntry {
+                        name: image,
+                        digest: format!("sha256:{}", "0".repeat(64)),
+                    });
+                }
             }
             Ok(Self::set_state(s, name, active, sub))
         })
@@ -243,6 +260,21 @@ impl LocalInit for FakeInit {
     async fn list_units(&self) -> Result<Vec<UnitInfo>, InitError> {
         self.call("ListUnits".into(), None, |s| {
             Ok(s.units.values().map(|(u, _)| u.clone()).collect())
+        })
+    }
+    async fn list_images(&self) -> Result<Vec<ImageEntry>, InitError> {
+        self.call("ListImages".into(), None, |s| {
+            if s.no_list_images {
+                return Err(InitError::Call {
+                    op: "ListImages".into(),
+                    socket: "fake".into(),
+                    source: Box::new(ClientError::Manager {
+                        name: "org.freedesktop.DBus.Error.UnknownMethod".into(),
+                        message: "Unknown method 'ListImages'".into(),
+                    }),
+                });
+            }
+            Ok(s.images.clone())
         })
     }
     async fn get_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
@@ -307,6 +339,7 @@ impl Running {
             address: "127.0.0.1".into(),
             metadata: BTreeMap::new(),
             api: None,
+            images: Vec::new(),
         };
         let agent = Agent::new(registry.clone(), init.clone(), machine, TTL);
         let (stop, rx) = oneshot::channel::<()>();
@@ -327,7 +360,11 @@ impl Running {
     }
 
     async fn submit(&self, name: &str, desired: DesiredState) {
-        let hash = self.registry.put_body(BODY).await.unwrap();
+        self.submit_body(name, BODY, desired).await;
+    }
+
+    async fn submit_body(&self, name: &str, body: &str, desired: DesiredState) {
+        let hash = self.registry.put_body(body).await.unwrap();
         self.registry
             .put_unit(&UnitRecord {
                 name: name.into(),
@@ -517,5 +554,109 @@ async fn a_state_from_a_newer_init_is_relayed_as_its_text() {
         })
         .await;
     assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    agent.stop().await;
+}
+
+/// The images this machine's record publishes, once `probe` holds for them (following the
+/// registry's watch).
+async fn wait_machine_images(
+    registry: &Arc<dyn Registry>,
+    what: &str,
+    probe: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let waited = tokio::time::timeout(PATIENCE, async {
+        let snapshot = registry.snapshot().await.unwrap();
+        let mut watch = registry.watch(snapshot.revision + 1).await.unwrap();
+        let mut images = registry
+            .get_machine(MACHINE)
+            .await
+            .unwrap()
+            .map(|m| m.images)
+            .unwrap_or_default();
+        loop {
+            if probe(&images) {
+                return images;
+            }
+            if let Change::MachinePut(m) = watch.next().await.unwrap().unwrap().change {
+                if m.id == MACHINE {
+                    images = m.images;
+                }
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| panic!("gave up waiting for the machine record to {what}"))
+}
+
+/// The machine record publishes the registry images init holds: those there when the agent
+/// registers (local names left out, sorted), then one a started unit pulled; a unit whose
+/// image is already listed costs no `ListImages`.
+#[tokio::test]
+async fn the_machine_record_publishes_the_registry_images_init_holds() {
+    let init = FakeInit::new();
+    let digest = format!("sha256:{}", "1".repeat(64));
+    init.change(None, |s| {
+        for name in ["r.example/base:2", "gcc:latest", "10.0.0.9:5000/tools:1"] {
+            s.images.push(ImageEntry {
+                name: name.into(),
+                digest: digest.clone(),
+            });
+        }
+    });
+    let agent = Running::start(&init).await;
+    let images = wait_machine_images(&agent.registry, "list the images", |i| !i.is_empty()).await;
+    assert_eq!(images, ["10.0.0.9:5000/tools:1", "r.example/base:2"]);
+
+    let body = "[container]\nimage = \"r.example/team/web:1\"\ncommand = [\"/bin/web\"]\n";
+    agent.submit_body("web", body, DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    let images = wait_machine_images(&agent.registry, "list web's image", |i| {
+        i.contains(&"r.example/team/web:1".to_string())
+    })
+    .await;
+    assert_eq!(
+        images,
+        [
+            "10.0.0.9:5000/tools:1",
+            "r.example/base:2",
+            "r.example/team/web:1"
+        ]
+    );
+    let lists = |init: &FakeInit| {
+        init.lock()
+            .calls
+            .iter()
+            .filter(|c| *c == "ListImages")
+            .count()
+    };
+    let before = lists(&init);
+    // A second unit of an image already listed: no ListImages for it.
+    let body2 = "[container]\nimage = \"r.example/base:2\"\ncommand = [\"/bin/db\"]\n";
+    agent.submit_body("db", body2, DesiredState::Launched).await;
+    init.wait("db running", |s| running(s, "db")).await;
+    agent
+        .wait_state("db", |s| s.is_some_and(|s| s.active == ActiveState::Active))
+        .await;
+    assert_eq!(lists(&init), before, "{:?}", init.lock().calls);
+    agent.stop().await;
+}
+
+/// An init without `ListImages` (an older one) publishes no images, and the agent runs its
+/// units as before.
+#[tokio::test]
+async fn an_init_without_list_images_publishes_none() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.no_list_images = true);
+    let agent = Running::start(&init).await;
+    let body = "[container]\nimage = \"r.example/team/web:1\"\ncommand = [\"/bin/web\"]\n";
+    agent.submit_body("web", body, DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active == ActiveState::Active)
+        })
+        .await;
+    let machine = agent.registry.get_machine(MACHINE).await.unwrap().unwrap();
+    assert!(machine.images.is_empty(), "{machine:?}");
     agent.stop().await;
 }

@@ -369,6 +369,7 @@ async fn run(mut args: Args) -> Result<()> {
         address,
         metadata,
         api: api_url,
+        images: Vec::new(),
     };
     let gate = api::PeerGate::new(Some(init.clone()));
     let agent = Agent::new(registry.clone(), init, machine, ttl)

@@ -137,6 +137,7 @@ pub fn machine(id: &str) -> Machine {
         address: format!("127.0.0.{}", id.len()),
         metadata: BTreeMap::from([("region".to_string(), "test".to_string())]),
         api: Some(format!("http://127.0.0.{}:4002", id.len())),
+        images: Vec::new(),
     }
 }
 

@@ -176,7 +176,9 @@ fn unexpected(method: &str, answer: &Response) -> MethodError {
 /// macro generates stays out of the public API.
 mod object {
     use super::{unexpected, MethodError, WireString};
-    use crate::api::{wire, ApiHandle, LogEntry, ReloadReport, Request, Response, UnitInfo};
+    use crate::api::{
+        wire, ApiHandle, ImageEntry, LogEntry, ReloadReport, Request, Response, UnitInfo,
+    };
 
     /// The object served at [`OBJECT_PATH`]; forwards every call to the manager.
     pub(super) struct Manager1 {
@@ -244,6 +246,21 @@ mod object {
             match self.call(Request::ListUnits).await? {
                 Response::Units(u) => Ok(wire::units(u)),
                 other => Err(unexpected("ListUnits", &other)),
+            }
+        }
+
+        /// Every image in the manager's image stores: store name (`name:tag`) and manifest
+        /// digest, sorted by name (`a(ss)`). Read-only, like `ListUnits`.
+        async fn list_images(&self) -> Result<Vec<ImageEntry>, MethodError> {
+            match self.call(Request::ListImages).await? {
+                Response::Images(images) => Ok(images
+                    .into_iter()
+                    .map(|i| ImageEntry {
+                        name: wire::text(i.name),
+                        digest: wire::text(i.digest),
+                    })
+                    .collect()),
+                other => Err(unexpected(flotilla_init_api::LIST_IMAGES, &other)),
             }
         }
 

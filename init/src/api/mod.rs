@@ -15,8 +15,9 @@ use std::sync::Arc;
 // The client-side API lives in `flotilla-init-api`; these are re-exported so the manager's
 // code (and code written against `flotilla_init::api`) names them as before.
 pub use flotilla_init_api::{
-    access, client, peer, ActiveState, Event, LoadState, LogEntry, LogStream, ReloadReport,
-    SubState, SystemState, UnitInfo, UnitResult, Wire, DEFAULT_SOCKET, INTERFACE, OBJECT_PATH,
+    access, client, peer, ActiveState, Event, ImageEntry, LoadState, LogEntry, LogStream,
+    ReloadReport, SubState, SystemState, UnitInfo, UnitResult, Wire, DEFAULT_SOCKET, INTERFACE,
+    OBJECT_PATH,
 };
 
 /// Where `GetMachineId` reads the machine id (rendered by the boot, see machine-id(5)).
@@ -82,6 +83,8 @@ pub enum Request {
     /// The manager's state, as systemd's `SystemState`: [`SYSTEM_RUNNING`] or, once an
     /// orderly shutdown began, [`SYSTEM_STOPPING`].
     SystemState,
+    /// Every image in the manager's image stores (`ListImages`).
+    ListImages,
     /// Whether the unit runs with the control API grant (`[container] control_api`, as it
     /// was when the unit was last started); false when it does not run.
     ControlApiGranted(String),
@@ -110,6 +113,8 @@ pub enum Response {
     Text(String),
     /// Answer to `ControlApiGranted`.
     Granted(bool),
+    /// Answer to `ListImages`.
+    Images(Vec<ImageEntry>),
 }
 
 /// Why a request was refused. Each maps to a D-Bus error name `org.flotilla.Error.<Variant>`.

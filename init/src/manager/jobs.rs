@@ -148,7 +148,10 @@ impl Manager {
             let Some(slot) = self.slots.get_mut(&name) else {
                 continue;
             };
-            if let Some(pid) = slot.pull_pid() {
+            for pid in [slot.pull_pid(), slot.prepull_cancelled(&self.cfg.logs)]
+                .into_iter()
+                .flatten()
+            {
                 self.procs.signal_main(&name, pid, Signal::SIGKILL);
                 self.pids.remove(&pid);
             }

@@ -90,7 +90,7 @@ impl Manager {
                 self.stop_pull(name)
             }
             (_, _, Some(Job::Stop | Job::Restart)) if slot.main_pid().is_some() => {
-                self.try_stop(name, now)
+                self.stop_or_prepull(name, now)
             }
             (ActiveState::Active, SubState::Exited, Some(Job::Stop | Job::Restart)) => {
                 let restart = slot.job() == Some(Job::Restart);
@@ -188,10 +188,15 @@ impl Manager {
             self.fail(name, UnitResult::StartLimitHit, msg);
             return false;
         }
-        if let Some(image) = self.pull_needed(&unit) {
-            return self.begin_pull(name, &image, now);
+        // A restart's pull done while the old copy ran is not done again.
+        let prepulled = slot.prepull_image().map(str::to_string);
+        self.cancel_prepull(name);
+        match self.pull_needed(&unit) {
+            Some(image) if prepulled.as_deref() != Some(image.as_str()) => {
+                self.begin_pull(name, &image, now)
+            }
+            _ => self.launch_now(name, &unit, now),
         }
-        self.launch_now(name, &unit, now)
     }
 
     /// Track `pipe` for the event loop.
@@ -404,6 +409,20 @@ impl Manager {
         if self.slots.get(&name).and_then(|s| s.pull_pid()) == Some(pid) {
             self.pull_exited(&name, code, signal, now);
             return;
+        }
+        if self.slots.get(&name).and_then(|s| s.prepull_pid()) == Some(pid) {
+            self.prepull_exited(&name, code, signal, now);
+            return;
+        }
+        // The old copy ended: a pull still under way for its pending restart is now the
+        // start's business (a pull that is done stays done for that start).
+        if self
+            .slots
+            .get(&name)
+            .and_then(|s| s.prepull_pid())
+            .is_some()
+        {
+            self.cancel_prepull(&name);
         }
         let Some(unit) = self.units.get(&name).cloned() else {
             return;

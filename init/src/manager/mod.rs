@@ -30,7 +30,7 @@ use crate::logs::LogConfig;
 use crate::scope::ScopeRoot;
 use output::Pipe;
 pub use processes::{ProcessControl, SystemProcesses};
-pub use pull::{HelperPuller, PullSpawnError, Puller};
+pub use pull::{HelperPuller, ListImagesError, PullSpawnError, Puller};
 pub use state::{ActiveState, Events, Job, Run, Slot, SubState, UnitResult};
 
 /// How often a stopping unit's scope is re-checked for emptiness.

@@ -19,7 +19,8 @@ use nix::unistd::Pid;
 
 use super::machine::{backoff_delay, output_pipes};
 use super::output::Pipe;
-use super::{later, Job, Manager, UnitResult};
+use super::{later, Job, Manager, SubState, UnitResult};
+use crate::api::ImageEntry;
 use crate::launcher::LaunchIo;
 use crate::logs::{LineBuffer, MANAGER_STREAM};
 
@@ -46,10 +47,26 @@ pub enum PullSpawnError {
     },
 }
 
+/// The image stores could not be listed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list the images of the stores {}: {source}; check that they are readable (`unitctl image list`)",
+    .stores.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+pub struct ListImagesError {
+    /// The stores.
+    pub stores: Vec<PathBuf>,
+    /// The store's error.
+    #[source]
+    pub source: flotilla_container::image::ImageError,
+}
+
 /// How the manager gets registry images into its store.
 pub trait Puller {
     /// True when the image stores hold `image` (a registry reference).
     fn has_image(&mut self, image: &str) -> bool;
+
+    /// Every image of the stores (store name, manifest digest), sorted by name; a name in
+    /// a later store shadowed by the same name in an earlier one is left out.
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError>;
 
     /// Start pulling `image` for `unit`, the helper's stdout and stderr on `io`; returns its
     /// pid (a child of the manager, reaped by the event loop).
@@ -94,6 +111,22 @@ impl HelperPuller {
 impl Puller for HelperPuller {
     fn has_image(&mut self, image: &str) -> bool {
         ImageStores::open(&self.stores).is_ok_and(|s| s.resolve(image).is_ok())
+    }
+
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError> {
+        let error = |source| ListImagesError {
+            stores: self.stores.clone(),
+            source,
+        };
+        // The image tables only: this runs on the event loop, and opening every image's
+        // manifest and config took 170 ms for 500 images (debug build).
+        let stores = ImageStores::open(&self.stores).map_err(error)?;
+        Ok(stores
+            .tags()
+            .map_err(error)?
+            .into_iter()
+            .map(|(name, digest)| ImageEntry { name, digest })
+            .collect())
     }
 
     fn spawn(&mut self, _unit: &str, image: &str, io: LaunchIo) -> Result<Pid, PullSpawnError> {
@@ -146,17 +179,25 @@ impl Manager {
     /// Start the pull helper for `name`'s `image`: activating (pull). Returns true if it
     /// runs (or the failure scheduled a restart).
     pub(super) fn begin_pull(&mut self, name: &str, image: &str, now: Instant) -> bool {
-        let (io, readers) = match output_pipes() {
-            Ok(p) => p,
+        let pid = match self.spawn_helper(name, image) {
+            Ok(Some(pid)) => pid,
+            Ok(None) => return false,
             Err(msg) => return self.pull_failed(name, msg, now),
         };
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.pulling(&self.events, &self.cfg.logs, image, pid);
+        }
+        true
+    }
+
+    /// Run the pull helper for `name`'s `image`, its output read into the unit's log; `None`
+    /// without a puller, `Err` with what went wrong.
+    fn spawn_helper(&mut self, name: &str, image: &str) -> Result<Option<Pid>, String> {
+        let (io, readers) = output_pipes()?;
         let Some(puller) = self.puller.as_mut() else {
-            return false;
+            return Ok(None);
         };
-        let pid = match puller.spawn(name, image, io) {
-            Ok(pid) => pid,
-            Err(e) => return self.pull_failed(name, e.to_string(), now),
-        };
+        let pid = puller.spawn(name, image, io).map_err(|e| e.to_string())?;
         self.pids.insert(pid, name.to_string());
         for (fd, stream) in readers {
             self.add_pipe(Pipe {
@@ -167,10 +208,33 @@ impl Manager {
                 helper: true,
             });
         }
-        if let Some(slot) = self.slots.get_mut(name) {
-            slot.pulling(&self.events, &self.cfg.logs, image, pid);
+        Ok(Some(pid))
+    }
+
+    /// What went wrong with `name`'s pull helper that ended with exit `code` or `signal`:
+    /// its last line (its error) when it exited, how it ended when it was killed (its last
+    /// line is then progress, not a reason).
+    fn helper_failure(&self, name: &str, code: Option<i32>, signal: Option<i32>) -> String {
+        let last = self
+            .slots
+            .get(name)
+            .map(|s| s.pull_last_line().to_string())
+            .unwrap_or_default();
+        // unitctl's own prefix says nothing here.
+        let last = last.strip_prefix("unitctl: ").unwrap_or(&last).to_string();
+        match (code, signal) {
+            (Some(_), _) if !last.is_empty() => last,
+            (Some(c), _) => format!("the pull helper exited with code {c}"),
+            (_, Some(s)) => {
+                let sig = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?");
+                if last.is_empty() {
+                    format!("the pull helper was killed by {sig}")
+                } else {
+                    format!("the pull helper was killed by {sig} (its last line: {last})")
+                }
+            }
+            _ => "the pull helper ended".to_string(),
         }
-        true
     }
 
     /// The pull helper of `name` ended (exit `code` or `signal`): the start goes on, or the
@@ -193,27 +257,11 @@ impl Manager {
             self.launch_now(name, &unit, now);
             return;
         }
-        let last = self
-            .slots
-            .get(name)
-            .map(|s| s.pull_last_line().to_string())
-            .unwrap_or_default();
-        let how = match (code, signal) {
-            (Some(c), _) => format!("exited with code {c}"),
-            (_, Some(s)) => format!(
-                "was killed by {}",
-                Signal::try_from(s).map(|s| s.as_str()).unwrap_or("?")
-            ),
-            _ => "ended".to_string(),
-        };
         let image = unit.container.image.as_deref().unwrap_or_default();
-        let msg = if last.is_empty() {
-            format!("pulling {image}: the pull helper {how}")
-        } else {
-            // unitctl's own prefix says nothing here.
-            let last = last.strip_prefix("unitctl: ").unwrap_or(&last);
-            format!("pulling {image}: {last}")
-        };
+        let msg = format!(
+            "pulling {image}: {}",
+            self.helper_failure(name, code, signal)
+        );
         self.pull_failed(name, msg, now);
     }
 
@@ -237,6 +285,108 @@ impl Manager {
         } else {
             slot.failed(&self.events, &cfg, UnitResult::Pull, msg);
             false
+        }
+    }
+
+    /// A stop or restart job of `name`, whose main process runs, moves on: a restart of a
+    /// running unit whose new body needs a pull first pulls while the old copy keeps running
+    /// (and waits for that pull, or for the retry after a failed one); anything else stops
+    /// the old copy (killing a pull helper left from a restart). Returns true if it moved.
+    pub(super) fn stop_or_prepull(&mut self, name: &str, now: Instant) -> bool {
+        let Some(slot) = self.slots.get(name) else {
+            return false;
+        };
+        let restart_of_running = slot.job() == Some(Job::Restart)
+            && slot.sub() == SubState::Running
+            && !self.shutting_down;
+        if !restart_of_running {
+            self.cancel_prepull(name);
+            return self.try_stop(name, now);
+        }
+        if slot.prepull_pid().is_some() || slot.prepull_retry_at().is_some_and(|t| t > now) {
+            return false;
+        }
+        let Some(unit) = self.units.get(name).cloned() else {
+            return false;
+        };
+        match self.pull_needed(&unit) {
+            Some(image) if !self.slots.get(name).is_some_and(|s| s.prepulled(&image)) => {
+                self.begin_prepull(name, &image, now)
+            }
+            _ => self.try_stop(name, now),
+        }
+    }
+
+    /// Start the pull helper for the pending restart of `name` (running): the old copy keeps
+    /// running meanwhile. Returns true (the unit moved: the pull runs, or it failed and is
+    /// tried again later).
+    fn begin_prepull(&mut self, name: &str, image: &str, now: Instant) -> bool {
+        match self.spawn_helper(name, image) {
+            Ok(Some(pid)) => {
+                if let Some(slot) = self.slots.get_mut(name) {
+                    slot.prepulling(&self.cfg.logs, image, pid);
+                }
+                true
+            }
+            // No puller: nothing is pulled, the restart goes on as before.
+            Ok(None) => self.try_stop(name, now),
+            Err(msg) => {
+                self.prepull_failed(name, image, msg, now);
+                true
+            }
+        }
+    }
+
+    /// The pull helper for the pending restart of `name` ended (exit `code` or `signal`):
+    /// the restart proceeds, or the old copy keeps running and the pull is tried again.
+    pub(super) fn prepull_exited(
+        &mut self,
+        name: &str,
+        code: Option<i32>,
+        signal: Option<i32>,
+        now: Instant,
+    ) {
+        self.drain_helper_pipes(name);
+        let Some(slot) = self.slots.get(name) else {
+            return;
+        };
+        let image = slot.prepull_image().unwrap_or_default().to_string();
+        if code == Some(0) {
+            if let Some(slot) = self.slots.get_mut(name) {
+                slot.prepull_done(&self.cfg.logs);
+            }
+            return;
+        }
+        let answer = self.helper_failure(name, code, signal);
+        self.prepull_failed(name, &image, answer, now);
+    }
+
+    /// The pull for the pending restart of `name` failed (`answer`): the old copy keeps
+    /// running, the restart stays pending, and the pull is tried again after the unit's
+    /// restart backoff. A registry outage never takes a running unit down.
+    fn prepull_failed(&mut self, name: &str, image: &str, answer: String, now: Instant) {
+        let Some(unit) = self.units.get(name) else {
+            return;
+        };
+        let cfg = self.cfg.logs.clone();
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        let delay = backoff_delay(unit, slot.backoff_step());
+        let msg =
+            format!("pulling {image} for the restart failed: {answer}; the old copy keeps running");
+        slot.prepull_failed(&cfg, msg, later(now, delay), delay);
+    }
+
+    /// The pending restart of `name` no longer pulls first: a helper still running is
+    /// killed (its exit is then reaped as an orphan's).
+    pub(super) fn cancel_prepull(&mut self, name: &str) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        if let Some(pid) = slot.prepull_cancelled(&self.cfg.logs) {
+            self.procs.signal_main(name, pid, Signal::SIGKILL);
+            self.pids.remove(&pid);
         }
     }
 

@@ -63,6 +63,7 @@ impl Manager {
                     .map(|u| Response::Text(u.source.clone()))
                     .ok_or(ApiError::NoSuchUnit(name))
             }
+            Request::ListImages => self.images().map(Response::Images),
             Request::ControlApiGranted(name) => Ok(Response::Granted(
                 self.slots.get(&name).is_some_and(Slot::control_api_granted),
             )),
@@ -75,6 +76,16 @@ impl Manager {
                 .to_string(),
             )),
         }
+    }
+
+    /// The images of the manager's image stores (none without a puller: no store).
+    fn images(&mut self) -> Result<Vec<crate::api::ImageEntry>, ApiError> {
+        let Some(puller) = self.puller.as_mut() else {
+            return Ok(Vec::new());
+        };
+        puller
+            .images()
+            .map_err(|e| ApiError::Refused(e.to_string()))
     }
 
     pub(super) fn unit_response(&self, name: &str) -> Result<Response, ApiError> {

@@ -96,6 +96,32 @@ impl State {
     }
 }
 
+/// The pull that a restart of a running unit does first: the new body's image is fetched
+/// while the old copy keeps running, and only then is the old copy stopped. It lives beside
+/// the [`State`] (the unit stays active (running)) while a restart job is pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PrePull {
+    /// No pull was done or is under way for the pending restart.
+    None,
+    /// The pull helper `pid` fetches `image`.
+    Running {
+        /// The helper process.
+        pid: Pid,
+        /// The image it fetches.
+        image: String,
+    },
+    /// The last pull failed: the old copy keeps running, tried again at `retry_at`.
+    Failed {
+        /// When the pull is tried again.
+        retry_at: Instant,
+    },
+    /// `image` was fetched: the restart proceeds, and its start does not pull it again.
+    Done {
+        /// The image now in the store.
+        image: String,
+    },
+}
+
 /// The current run: exists from the start of its main process until its scope is removed
 /// (the main process may have ended while the scope still holds processes).
 #[derive(Debug)]
@@ -151,6 +177,8 @@ pub struct Slot {
     remove_when_stopped: bool,
     /// The last line the pull helper wrote.
     pull_last_line: String,
+    /// The pull a pending restart of the running unit does before it stops the old copy.
+    prepull: PrePull,
     /// Captured output.
     pub log: UnitLog,
 }
@@ -175,6 +203,7 @@ impl Slot {
             load_error: None,
             remove_when_stopped: false,
             pull_last_line: String::new(),
+            prepull: PrePull::None,
             log: UnitLog::new(name),
         }
     }
@@ -233,6 +262,116 @@ impl Slot {
         self.log
             .push(logs, MANAGER_STREAM, "Pull stopped; helper killed.");
         self.became_dead(events);
+    }
+
+    /// The pull helper that fetches the image of a pending restart while the old copy runs.
+    pub fn prepull_pid(&self) -> Option<Pid> {
+        match self.prepull {
+            PrePull::Running { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// The image the pending restart's pull fetches or fetched.
+    pub fn prepull_image(&self) -> Option<&str> {
+        match &self.prepull {
+            PrePull::Running { image, .. } | PrePull::Done { image } => Some(image),
+            _ => None,
+        }
+    }
+
+    /// After a failed pull for a pending restart: when it is tried again.
+    pub fn prepull_retry_at(&self) -> Option<Instant> {
+        match self.prepull {
+            PrePull::Failed { retry_at } => Some(retry_at),
+            _ => None,
+        }
+    }
+
+    /// True if the pending restart's pull fetched `image` (its start need not pull it).
+    pub fn prepulled(&self, image: &str) -> bool {
+        matches!(&self.prepull, PrePull::Done { image: i } if i == image)
+    }
+
+    /// The pull helper `pid` fetches `image` for the pending restart; the old copy keeps
+    /// running (active (running)) until it is done.
+    pub fn prepulling(&mut self, logs: &LogConfig, image: &str, pid: Pid) {
+        self.pull_last_line.clear();
+        self.deadline = None;
+        let old = self.main_pid().map_or(0, Pid::as_raw);
+        self.log.push(
+            logs,
+            MANAGER_STREAM,
+            &format!(
+                "Pulling image {image} for the restart, helper pid {}; the old copy keeps \
+                 running (main pid {old}).",
+                pid.as_raw()
+            ),
+        );
+        self.prepull = PrePull::Running {
+            pid,
+            image: image.to_string(),
+        };
+    }
+
+    /// The pending restart's pull ended well: the restart proceeds (stop, then a start that
+    /// does not pull the image again).
+    pub fn prepull_done(&mut self, logs: &LogConfig) {
+        if let PrePull::Running { image, .. } = &self.prepull {
+            self.prepull = PrePull::Done {
+                image: image.clone(),
+            };
+        }
+        self.outcome = UnitResult::Success;
+        self.message.clear();
+        self.log.push(
+            logs,
+            MANAGER_STREAM,
+            "Pull done; stopping the old copy for the restart.",
+        );
+    }
+
+    /// The pending restart's pull failed with `message`: the old copy keeps running (still
+    /// active (running), result `pull`), and the pull is tried again at `at`, after `delay`,
+    /// one backoff step further. The restart job stays pending.
+    pub fn prepull_failed(
+        &mut self,
+        logs: &LogConfig,
+        message: String,
+        at: Instant,
+        delay: Duration,
+    ) {
+        self.prepull = PrePull::Failed { retry_at: at };
+        self.backoff_step = self.backoff_step.saturating_add(1);
+        self.deadline = Some(at);
+        self.outcome = UnitResult::Pull;
+        self.log.push(
+            logs,
+            MANAGER_STREAM,
+            &format!("{message}; trying the pull again in {delay:?}."),
+        );
+        log::warn!("{}: {message}; trying again in {delay:?}", self.name);
+        self.message = message;
+    }
+
+    /// The pending restart no longer pulls (a stop, the old copy ended, the start took
+    /// over): returns the helper to kill if one still runs.
+    pub fn prepull_cancelled(&mut self, logs: &LogConfig) -> Option<Pid> {
+        let pid = self.prepull_pid();
+        if matches!(self.prepull, PrePull::Failed { .. })
+            && self.deadline == self.prepull_retry_at()
+        {
+            self.deadline = None;
+        }
+        self.prepull = PrePull::None;
+        if pid.is_some() {
+            self.log.push(
+                logs,
+                MANAGER_STREAM,
+                "Pull for the restart stopped; helper killed.",
+            );
+        }
+        pid
     }
 
     /// True when the unit has settled in a non-running state.
@@ -387,8 +526,15 @@ impl Slot {
         self.restarts = self.restarts.saturating_add(1);
     }
 
-    /// A stop or restart (`job`) was asked while a process of the unit may exist.
+    /// A stop or restart (`job`) was asked while a process of the unit may exist. A restart
+    /// asked again while the last pull for it failed tries the pull at once.
     pub fn stop_queued(&mut self, job: Job) {
+        if let (Job::Restart, PrePull::Failed { retry_at }) = (job, &self.prepull) {
+            if self.deadline == Some(*retry_at) {
+                self.deadline = None;
+            }
+            self.prepull = PrePull::None;
+        }
         self.job = Some(job);
     }
 
@@ -565,6 +711,7 @@ impl Slot {
         self.exit_signal = None;
         self.job = None;
         self.deadline = None;
+        self.prepull = PrePull::None;
         if run.oneshot {
             self.set_state(events, State::Starting);
         } else {

@@ -17,9 +17,10 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::{
-    ActiveState, Config, Manager, ProcessControl, PullSpawnError, Puller, SubState, UnitResult,
+    ActiveState, Config, ListImagesError, Manager, ProcessControl, PullSpawnError, Puller,
+    SubState, UnitResult,
 };
-use crate::api::{ApiError, Request};
+use crate::api::{ApiError, ImageEntry, Request, Response};
 use crate::launcher::{LaunchError, LaunchIo, Launcher};
 use crate::logs::LogConfig;
 use crate::scope::{Limits, Scope, ScopeError, ScopeRoot};
@@ -65,6 +66,16 @@ struct FakePuller {
 impl Puller for FakePuller {
     fn has_image(&mut self, image: &str) -> bool {
         self.world.borrow().images.contains(image)
+    }
+    fn images(&mut self) -> Result<Vec<ImageEntry>, ListImagesError> {
+        let w = self.world.borrow();
+        Ok(w.images
+            .iter()
+            .map(|i| ImageEntry {
+                name: i.clone(),
+                digest: format!("sha256:{}", i.len()),
+            })
+            .collect())
     }
     fn spawn(&mut self, unit: &str, image: &str, _io: LaunchIo) -> Result<Pid, PullSpawnError> {
         let mut w = self.world.borrow_mut();
@@ -1142,7 +1153,9 @@ fn pull_never_and_local_names_never_pull() {
     assert_eq!(h.take(), [launch("local", ms(0)), launch("never", ms(0))]);
 }
 
-/// `pull = "always"` pulls before every start, even with the image in the store.
+/// `pull = "always"` pulls before every start, even with the image in the store (a restart
+/// of the running unit pulls before it stops the old copy, and its start does not pull
+/// twice).
 #[test]
 fn pull_always_pulls_before_every_start() {
     let mut h = Harness::new(&[("web", &registry_unit("pull = \"always\"", ""))]);
@@ -1155,11 +1168,16 @@ fn pull_always_pulls_before_every_start() {
     h.request(ms(20), Request::RestartUnit("web".into()))
         .unwrap();
     h.tick(ms(20));
-    h.killed("web", ms(30), Signal::SIGTERM);
+    // The restart pulls while the old copy runs, then stops it; the start pulls no more.
+    assert_eq!(h.take(), [pull("web", ms(20))]);
+    assert_eq!(h.state("web"), RUNNING);
+    h.pulled("web", ms(30), 0);
     h.tick(ms(30));
-    let evs = h.take();
-    assert_eq!(evs.last(), Some(&pull("web", ms(30))), "{evs:?}");
-    assert_eq!(h.state("web"), PULLING);
+    assert_eq!(h.take(), [sig("web", To::Scope, Signal::SIGTERM, ms(30))]);
+    h.killed("web", ms(40), Signal::SIGTERM);
+    h.tick(ms(40));
+    assert_eq!(h.take(), [reap("web", ms(40)), launch("web", ms(40))]);
+    assert_eq!(h.state("web"), RUNNING);
 }
 
 /// A stop during a pull kills the helper (SIGKILL) and the unit is stopped at once; the
@@ -1180,4 +1198,240 @@ fn a_stop_during_a_pull_kills_the_helper() {
     assert_eq!(h.tick(ms(60)), None);
     assert_eq!(h.state("web"), DEAD);
     assert_eq!(h.take(), []);
+}
+
+const IMAGE2: &str = "127.0.0.1:5000/team/app:2";
+
+fn pull2(unit: &str, at: Duration) -> Ev {
+    Ev::Pull(unit.into(), IMAGE2.into(), at)
+}
+
+/// The log lines of `unit`.
+fn log_lines(h: &Harness, unit: &str) -> Vec<String> {
+    h.m.slots[unit]
+        .log
+        .tail(100, 0)
+        .into_iter()
+        .map(|e| e.line)
+        .collect()
+}
+
+/// A running unit whose body moves to an image the store lacks, restarted by a reload: the
+/// new image is pulled while the old copy keeps running (active (running), same main pid, no
+/// signal), then the old copy is stopped and the new one launched without a second pull.
+#[test]
+fn a_restart_pulls_the_new_image_before_it_stops_the_old_copy() {
+    let mut h = Harness::new(&[("web", &registry_unit("", ""))]);
+    h.world.borrow_mut().images.insert(IMAGE.into());
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [launch("web", ms(0))]);
+    let old_pid = h.m.slots["web"].main_pid();
+    h.rewrite("web", &registry_unit("", "").replace(IMAGE, IMAGE2));
+    h.set_now(secs(1));
+    let report = h.m.reload(true);
+    assert_eq!(report.restarted, ["web"]);
+    assert_eq!(h.tick(secs(1)), None, "the pull has no timer");
+    assert_eq!(h.take(), [pull2("web", secs(1))]);
+    assert_eq!(h.state("web"), RUNNING);
+    assert!(
+        h.m.settled(),
+        "a running unit pulling for its restart is settled"
+    );
+    // However long the pull takes, the old copy runs on untouched.
+    assert_eq!(h.tick(secs(60)), None);
+    assert_eq!(h.take(), []);
+    assert_eq!(h.m.slots["web"].main_pid(), old_pid);
+    let log = log_lines(&h, "web");
+    assert!(
+        log.iter().any(
+            |l| l.contains(&format!("Pulling image {IMAGE2} for the restart"))
+                && l.contains("the old copy keeps running")
+        ),
+        "{log:?}"
+    );
+    h.pulled("web", secs(61), 0);
+    h.tick(secs(61));
+    assert_eq!(h.take(), [sig("web", To::Scope, Signal::SIGTERM, secs(61))]);
+    h.killed("web", secs(62), Signal::SIGTERM);
+    h.tick(secs(62));
+    assert_eq!(h.take(), [reap("web", secs(62)), launch("web", secs(62))]);
+    assert_eq!(h.state("web"), RUNNING);
+    assert_ne!(h.m.slots["web"].main_pid(), old_pid);
+}
+
+/// A failed pull for a restart never takes the running unit down: the old copy keeps
+/// running (active (running), result `pull`, the message says so), the restart stays
+/// pending and the pull is tried again with the unit's restart backoff (doubling), or at once
+/// when the restart is asked again; once it succeeds the restart proceeds.
+#[test]
+fn a_failed_pull_for_a_restart_keeps_the_old_copy_and_retries_with_backoff() {
+    let service = "restart_sec = \"100ms\"\nrestart_max_sec = \"1s\"";
+    let mut h = Harness::new(&[("web", &registry_unit("", service))]);
+    h.world.borrow_mut().images.insert(IMAGE.into());
+    h.m.start_all();
+    h.tick(ms(0));
+    assert_eq!(h.take(), [launch("web", ms(0))]);
+    let old_pid = h.m.slots["web"].main_pid();
+    h.rewrite("web", &registry_unit("", service).replace(IMAGE, IMAGE2));
+    h.request(
+        ms(10),
+        Request::Reload {
+            restart_changed: true,
+        },
+    )
+    .unwrap();
+    h.tick(ms(10));
+    assert_eq!(h.take(), [pull2("web", ms(10))]);
+    h.pulled("web", ms(20), 1);
+    assert_eq!(
+        h.tick(ms(20)),
+        Some(ms(120)),
+        "tried again after restart_sec"
+    );
+    assert_eq!(
+        h.state("web"),
+        (ActiveState::Active, SubState::Running, UnitResult::Pull)
+    );
+    let msg = h.message("web");
+    assert!(
+        msg.contains(&format!("pulling {IMAGE2} for the restart failed"))
+            && msg.contains("the pull helper exited with code 1")
+            && msg.contains("the old copy keeps running"),
+        "{msg}"
+    );
+    assert_eq!(h.m.slots["web"].main_pid(), old_pid);
+    assert_eq!(h.tick(ms(119)), Some(ms(120)));
+    assert_eq!(h.take(), [], "no signal, no pull before the retry");
+    h.tick(ms(120));
+    assert_eq!(h.take(), [pull2("web", ms(120))]);
+    h.pulled("web", ms(130), 1);
+    assert_eq!(h.tick(ms(130)), Some(ms(330)), "the delay doubled");
+    // Asking for the restart again tries the pull at once (the backoff goes on).
+    h.request(ms(200), Request::RestartUnit("web".into()))
+        .unwrap();
+    assert_eq!(h.tick(ms(200)), None);
+    assert_eq!(h.take(), [pull2("web", ms(200))]);
+    h.pulled("web", ms(210), 1);
+    assert_eq!(h.tick(ms(210)), Some(ms(610)), "the delay doubled again");
+    h.tick(ms(610));
+    assert_eq!(h.take(), [pull2("web", ms(610))]);
+    h.pulled("web", ms(620), 0);
+    h.tick(ms(620));
+    assert_eq!(h.take(), [sig("web", To::Scope, Signal::SIGTERM, ms(620))]);
+    h.killed("web", ms(630), Signal::SIGTERM);
+    h.tick(ms(630));
+    assert_eq!(h.take(), [reap("web", ms(630)), launch("web", ms(630))]);
+    assert_eq!(h.state("web"), RUNNING);
+    assert_eq!(h.message("web"), "");
+}
+
+/// A stop while a restart pulls kills the helper and stops the old copy; the helper's exit,
+/// reaped later, changes nothing and nothing is launched. A shutdown does the same.
+#[test]
+fn a_stop_or_shutdown_during_a_restarts_pull_kills_the_helper() {
+    let mut h = Harness::new(&[
+        (
+            "web",
+            &registry_unit("pull = \"always\"", "restart = \"always\""),
+        ),
+        ("api", &registry_unit("pull = \"always\"", "")),
+    ]);
+    h.world.borrow_mut().images.insert(IMAGE.into());
+    h.m.start_all();
+    h.tick(ms(0));
+    for u in ["api", "web"] {
+        h.pulled(u, ms(1), 0);
+    }
+    h.tick(ms(1));
+    h.take();
+    for u in ["api", "web"] {
+        h.request(ms(10), Request::RestartUnit(u.into())).unwrap();
+    }
+    h.tick(ms(10));
+    assert_eq!(h.take(), [pull("api", ms(10)), pull("web", ms(10))]);
+    h.request(ms(20), Request::StopUnit("web".into())).unwrap();
+    h.tick(ms(20));
+    assert_eq!(
+        h.take(),
+        [
+            sig("web", To::Main, Signal::SIGKILL, ms(20)),
+            sig("web", To::Scope, Signal::SIGTERM, ms(20)),
+        ]
+    );
+    let (pid, _) = h.world.borrow_mut().pulling.remove("web").unwrap();
+    let now = h.set_now(ms(25));
+    h.m.on_exit(WaitStatus::Signaled(pid, Signal::SIGKILL, false), now);
+    h.killed("web", ms(30), Signal::SIGTERM);
+    h.tick(ms(30));
+    assert_eq!(h.state("web"), DEAD);
+    assert_eq!(h.take(), [reap("web", ms(30))], "nothing launched");
+    h.m.shutdown_at(h.t0 + ms(40));
+    h.tick(ms(40));
+    assert_eq!(
+        h.take(),
+        [
+            sig("api", To::Main, Signal::SIGKILL, ms(40)),
+            sig("api", To::Scope, Signal::SIGTERM, ms(40)),
+        ]
+    );
+    h.killed("api", ms(50), Signal::SIGTERM);
+    h.tick(ms(50));
+    assert!(h.m.shutdown_complete_at(h.t0 + ms(50)));
+    assert_eq!(h.take(), [reap("api", ms(50))], "nothing launched");
+}
+
+/// The old copy ends by itself while its restart pulls: the helper is killed and the
+/// restart's start pulls (the unit is down anyway), then launches.
+#[test]
+fn the_old_copy_ending_during_a_restarts_pull_hands_the_pull_to_the_start() {
+    let mut h = Harness::new(&[("web", &registry_unit("", ""))]);
+    h.world.borrow_mut().images.insert(IMAGE.into());
+    h.m.start_all();
+    h.tick(ms(0));
+    h.take();
+    h.rewrite("web", &registry_unit("", "").replace(IMAGE, IMAGE2));
+    h.request(
+        ms(10),
+        Request::Reload {
+            restart_changed: true,
+        },
+    )
+    .unwrap();
+    h.tick(ms(10));
+    assert_eq!(h.take(), [pull2("web", ms(10))]);
+    let (helper, _) = h.world.borrow_mut().pulling.remove("web").unwrap();
+    h.exit("web", ms(20), 1);
+    h.tick(ms(20));
+    assert_eq!(
+        h.take(),
+        [
+            sig("web", To::Main, Signal::SIGKILL, ms(20)),
+            reap("web", ms(20)),
+            pull2("web", ms(20)),
+        ]
+    );
+    assert_eq!(h.state("web"), PULLING);
+    // The killed helper's exit is an orphan's: the new pull goes on.
+    let now = h.set_now(ms(21));
+    h.m.on_exit(WaitStatus::Signaled(helper, Signal::SIGKILL, false), now);
+    assert_eq!(h.state("web"), PULLING);
+    h.pulled("web", ms(30), 0);
+    assert_eq!(h.take(), [launch("web", ms(30))]);
+}
+
+/// `ListImages` answers what the puller's stores hold, and a pulled image shows up in it.
+#[test]
+fn list_images_answers_the_stores_images() {
+    let mut h = Harness::new(&[("web", &registry_unit("", ""))]);
+    h.world.borrow_mut().images.insert("app:1".into());
+    let names = |h: &mut Harness| match h.m.handle(Request::ListImages).unwrap() {
+        Response::Images(i) => i.into_iter().map(|e| e.name).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(names(&mut h), ["app:1"]);
+    h.m.start_all();
+    h.tick(ms(0));
+    h.pulled("web", ms(10), 0);
+    assert_eq!(names(&mut h), ["127.0.0.1:5000/team/app:1", "app:1"]);
 }

@@ -132,6 +132,10 @@ impl Model {
             Request::ListUnits => Ok(Response::Units(self.units.values().cloned().collect())),
             Request::SystemState => Ok(Response::Text(flotilla_init::api::SYSTEM_RUNNING.into())),
             Request::ControlApiGranted(_) => Ok(Response::Granted(false)),
+            Request::ListImages => Ok(Response::Images(vec![flotilla_init_api::ImageEntry {
+                name: "registry.example:5000/team/app:1".into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+            }])),
             Request::GetUnit(name) => {
                 if let Some(i) = self.failing.iter().position(|n| *n == name) {
                     self.failing.remove(i);
