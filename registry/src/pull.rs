@@ -14,6 +14,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
+use oci_client::RegistryOperation;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -392,6 +393,13 @@ async fn fetch_from(
 ) -> Result<Fetched, PullError> {
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let cref = image.client_ref(host);
+    // Answer the registry's challenge first, so that a token service's refusal is the
+    // error (with its answer): left to the requests below, oci-client drops a failed token
+    // request and goes on anonymously, and the registry's bare 401 is all one would see.
+    client
+        .auth(&cref, auth, RegistryOperation::Pull)
+        .await
+        .map_err(|e| registry_error(image, host, "log in", e))?;
     let (mut bytes, _) = client
         .pull_manifest_raw(&cref, auth, &accepted)
         .await
