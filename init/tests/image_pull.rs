@@ -537,11 +537,13 @@ fn an_index_resolves_to_this_hosts_platform() {
 }
 
 /// A TCP proxy in front of a registry that lets `limit` response bytes through per
-/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true).
+/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true);
+/// only `cuts` connections are cut, the others pass whole.
 struct Proxy {
     port: u16,
     limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -552,7 +554,8 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let limit = Arc::new(AtomicU64::new(u64::MAX));
         let stall = Arc::new(AtomicBool::new(false));
-        let (l, s) = (limit.clone(), stall.clone());
+        let cuts = Arc::new(AtomicU64::new(u64::MAX));
+        let (l, s, c) = (limit.clone(), stall.clone(), cuts.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -564,7 +567,8 @@ impl Proxy {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_read, &mut s_write);
                 });
-                let (limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                let (mut limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                let cuts = c.clone();
                 std::thread::spawn(move || {
                     use std::io::Write;
                     let (mut server, mut client) = (server, client);
@@ -575,9 +579,21 @@ impl Proxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        let allowed = usize::try_from(limit.saturating_sub(sent))
+                        let mut allowed = usize::try_from(limit.saturating_sub(sent))
                             .unwrap_or(n)
                             .min(n);
+                        // At the limit: cut this connection if cuts are left, or let it
+                        // through whole.
+                        if allowed < n
+                            && cuts
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                                    c.checked_sub(1)
+                                })
+                                .is_err()
+                        {
+                            limit = u64::MAX;
+                            allowed = n;
+                        }
                         if client.write_all(&buf[..allowed]).is_err() {
                             break;
                         }
@@ -595,13 +611,25 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, limit, stall }
+        Proxy {
+            port,
+            limit,
+            stall,
+            cuts,
+        }
     }
 
+    /// Every connection is cut (or stalls) after `limit` response bytes.
     fn set(&self, limit: u64, stall: bool) {
+        self.set_cuts(limit, stall, u64::MAX);
+    }
+
+    /// The next `cuts` connections that reach `limit` response bytes are cut (or stall).
+    fn set_cuts(&self, limit: u64, stall: bool, cuts: u64) {
         use std::sync::atomic::Ordering;
         self.limit.store(limit, Ordering::SeqCst);
         self.stall.store(stall, Ordering::SeqCst);
+        self.cuts.store(cuts, Ordering::SeqCst);
     }
 }
 
@@ -627,12 +655,17 @@ fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
         &format!("[registry.\"{host}\"]\ninsecure = true\n"),
     );
 
-    // The connection is cut 200 KiB into the (1 MiB) layer: an error, nothing stored.
-    proxy.set(200 << 10, false);
+    // Every connection is cut 100 KiB into its answer: each resume of the (1 MiB) layer
+    // gets 100 KiB further, and the pull gives up after its resumes: an error, nothing
+    // stored.
+    proxy.set(100 << 10, false);
     let out = pull(&reference, &settings, &store);
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "a cut pull succeeded: {stdout}");
-    assert!(stderr.contains(&layer), "{stderr}");
+    assert!(
+        stderr.contains(&layer) && stderr.contains("resumes"),
+        "{stderr}"
+    );
     assert_store_empty(&store);
 
     // The connection stalls 200 KiB into the layer and unitctl is killed: its partial
@@ -1204,6 +1237,10 @@ fn a_mirror_that_has_the_image_serves_it_and_one_that_lacks_it_falls_through() {
         stdout.contains(&format!("from {}:", full.host())),
         "{stdout}"
     );
+    assert!(
+        stderr.contains(&format!("mirror {down} failed")),
+        "{stderr}"
+    );
     assert_eq!(full.blob_gets(&layer), 1, "{}", full.log());
     assert!(
         repo_requests(&empty, "team/app").is_empty(),
@@ -1238,6 +1275,11 @@ fn a_mirror_that_has_the_image_serves_it_and_one_that_lacks_it_falls_through() {
         stdout.contains(&format!("from {}:", full.host())),
         "{stdout}"
     );
+    assert!(
+        stderr.contains(&format!("mirror {} failed", empty.host()))
+            && stderr.contains("ManifestUnknown"),
+        "{stderr}"
+    );
     let asked = repo_requests(&empty, "team/app");
     assert!(
         !asked.is_empty() && asked.iter().all(|l| l.contains("\" 404 ")),
@@ -1249,4 +1291,63 @@ fn a_mirror_that_has_the_image_serves_it_and_one_that_lacks_it_falls_through() {
         "{}",
         image_list(&store2)
     );
+}
+
+/// A layer download cut mid-way resumes where it stopped (an HTTP Range request for the
+/// rest, which the registry answers 206), the digest is checked over the whole, and the
+/// image runs.
+#[test]
+fn a_cut_layer_download_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let proxy = Proxy::start(reg.port());
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let reference = format!("{host}/team/app:1");
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    );
+
+    // One connection is cut 200 KiB in (into the layer); the next ones pass.
+    proxy.set_cuts(200 << 10, false, 1);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert!(stderr.contains("resuming there"), "{stderr}");
+    let ranged: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("/blobs/{layer} ")) && l.contains("\" 206 "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ranged.len(),
+        1,
+        "no Range request answered 206: {}",
+        reg.log()
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
 }
