@@ -856,6 +856,8 @@ impl TokenServer {
             let mut jti = 0u64;
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
+                // Patience bound only: a client that sends nothing does not hold it forever.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
                 jti += 1;
                 let req = read_head(&mut conn);
                 let target = req.split_whitespace().nth(1).unwrap_or_default();
