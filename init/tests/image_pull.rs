@@ -1,7 +1,9 @@
 //! `unitctl image pull` against Debian's `docker-registry` (distribution 2.8) started by the
 //! test on loopback: anonymous over plain HTTP, basic auth over TLS with a CA the test
 //! makes, a wrong password, an unknown tag, a pulled image run as a container, a second pull
-//! that downloads nothing, and a registry serving a blob that does not match its digest.
+//! that downloads nothing, and a registry serving a blob that does not match its digest;
+//! bearer-token auth through a token service written here (RS256 JWTs the registry checks),
+//! and mirrors (one that has the image, one that lacks it, one that is down).
 //! Images are pushed with `skopeo copy` from an OCI layout the test writes (static busybox).
 //! And the manager pulling a unit's image before its start (`[container] pull`), with the
 //! real `unitctl` as its helper.
@@ -561,11 +563,13 @@ fn an_index_resolves_to_this_hosts_platform() {
 }
 
 /// A TCP proxy in front of a registry that lets `limit` response bytes through per
-/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true).
+/// connection, then cuts the connection (`stall` false) or holds it open (`stall` true);
+/// only `cuts` connections are cut, the others pass whole.
 struct Proxy {
     port: u16,
     limit: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -576,7 +580,8 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let limit = Arc::new(AtomicU64::new(u64::MAX));
         let stall = Arc::new(AtomicBool::new(false));
-        let (l, s) = (limit.clone(), stall.clone());
+        let cuts = Arc::new(AtomicU64::new(u64::MAX));
+        let (l, s, c) = (limit.clone(), stall.clone(), cuts.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -588,7 +593,8 @@ impl Proxy {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_read, &mut s_write);
                 });
-                let (limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                let (mut limit, stall) = (l.load(Ordering::SeqCst), s.load(Ordering::SeqCst));
+                let cuts = c.clone();
                 std::thread::spawn(move || {
                     use std::io::Write;
                     let (mut server, mut client) = (server, client);
@@ -599,9 +605,21 @@ impl Proxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        let allowed = usize::try_from(limit.saturating_sub(sent))
+                        let mut allowed = usize::try_from(limit.saturating_sub(sent))
                             .unwrap_or(n)
                             .min(n);
+                        // At the limit: cut this connection if cuts are left, or let it
+                        // through whole.
+                        if allowed < n
+                            && cuts
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                                    c.checked_sub(1)
+                                })
+                                .is_err()
+                        {
+                            limit = u64::MAX;
+                            allowed = n;
+                        }
                         if client.write_all(&buf[..allowed]).is_err() {
                             break;
                         }
@@ -619,13 +637,25 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, limit, stall }
+        Proxy {
+            port,
+            limit,
+            stall,
+            cuts,
+        }
     }
 
+    /// Every connection is cut (or stalls) after `limit` response bytes.
     fn set(&self, limit: u64, stall: bool) {
+        self.set_cuts(limit, stall, u64::MAX);
+    }
+
+    /// The next `cuts` connections that reach `limit` response bytes are cut (or stall).
+    fn set_cuts(&self, limit: u64, stall: bool, cuts: u64) {
         use std::sync::atomic::Ordering;
         self.limit.store(limit, Ordering::SeqCst);
         self.stall.store(stall, Ordering::SeqCst);
+        self.cuts.store(cuts, Ordering::SeqCst);
     }
 }
 
@@ -651,12 +681,17 @@ fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
         &format!("[registry.\"{host}\"]\ninsecure = true\n"),
     );
 
-    // The connection is cut 200 KiB into the (1 MiB) layer: an error, nothing stored.
-    proxy.set(200 << 10, false);
+    // Every connection is cut 100 KiB into its answer: each resume of the (1 MiB) layer
+    // gets 100 KiB further, and the pull gives up after its resumes: an error, nothing
+    // stored.
+    proxy.set(100 << 10, false);
     let out = pull(&reference, &settings, &store);
     let (stdout, stderr) = text(&out);
     assert!(!out.status.success(), "a cut pull succeeded: {stdout}");
-    assert!(stderr.contains(&layer), "{stderr}");
+    assert!(
+        stderr.contains(&layer) && stderr.contains("resumes"),
+        "{stderr}"
+    );
     assert_store_empty(&store);
 
     // The connection stalls 200 KiB into the layer and unitctl is killed: its partial
@@ -991,4 +1026,542 @@ fn a_restart_pulls_the_new_image_before_it_stops_the_old_copy() {
     m.wait_until("the copy to be gone", || !common::alive(new_pid));
     assert_eq!(count_lines(&m.logs("web"), "the second image"), 1);
     m.terminate();
+}
+
+/// A request the test's token service answered.
+#[derive(Debug, Clone)]
+struct TokenRequest {
+    /// `scope` and `service` of the query, percent-decoded.
+    scopes: Vec<String>,
+    service: String,
+    /// Whether its basic credentials were the right ones.
+    authorized: bool,
+}
+
+/// A bearer-token service of distribution's token auth, written here: it checks the basic
+/// credentials of each token request (wrong or none → 401 with a JSON error) and answers
+/// `{"token": JWT}`, a JWT signed RS256 (`openssl dgst -sha256 -sign`) with a key whose
+/// certificate (issued by a CA the registry's `rootcertbundle` trusts) is in the header's
+/// `x5c`; the claims are the ones distribution 2.8 checks (`iss`, `aud` = the service,
+/// `exp`, `nbf`) and `access` grants the actions the scope asks for.
+struct TokenServer {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<TokenRequest>>>,
+}
+
+const TOKEN_ISSUER: &str = "flotilla-test-token-issuer";
+const TOKEN_SERVICE: &str = "flotilla-test-registry";
+
+impl TokenServer {
+    fn start(user: &str, password: &str, key: &Path, cert_der: &[u8]) -> TokenServer {
+        use base64::Engine as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let x5c = base64::engine::general_purpose::STANDARD.encode(cert_der);
+        let (user, key, log) = (user.to_string(), key.to_path_buf(), seen.clone());
+        std::thread::spawn(move || {
+            let mut jti = 0u64;
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                // Patience bound only: a client that sends nothing does not hold it forever.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                jti += 1;
+                let req = read_head(&mut conn);
+                let target = req.split_whitespace().nth(1).unwrap_or_default();
+                let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+                let mut scopes = Vec::new();
+                let mut service = String::new();
+                for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+                    match k {
+                        "scope" => scopes.push(percent_decode(v)),
+                        "service" => service = percent_decode(v),
+                        _ => {}
+                    }
+                }
+                let authorized = req.lines().any(|l| {
+                    l.split_once(':').is_some_and(|(h, v)| {
+                        h.eq_ignore_ascii_case("authorization") && v.trim() == expected
+                    })
+                });
+                log.lock().unwrap().push(TokenRequest {
+                    scopes: scopes.clone(),
+                    service: service.clone(),
+                    authorized,
+                });
+                let (status, body) = if !authorized {
+                    (
+                        "401 Unauthorized",
+                        r#"{"details":"flotilla test token service: wrong username or password"}"#
+                            .to_string(),
+                    )
+                } else {
+                    let token = mint_token(&key, &x5c, &user, &service, &scopes, jti);
+                    (
+                        "200 OK",
+                        serde_json::json!({"token": token, "expires_in": 300}).to_string(),
+                    )
+                };
+                let _ = std::io::Write::write_all(
+                    &mut conn,
+                    format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        TokenServer { port, seen }
+    }
+
+    fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    fn requests(&self) -> Vec<TokenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// The request line and headers of one HTTP request (bounded).
+fn read_head(conn: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 3 <= b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A JWT for `sub` granting `scopes` (`repository:NAME:ACTIONS`), signed RS256 by `key`.
+fn mint_token(key: &Path, x5c: &str, sub: &str, aud: &str, scopes: &[String], jti: u64) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let access: Vec<serde_json::Value> = scopes
+        .iter()
+        .filter_map(|s| {
+            let mut parts = s.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            let actions: Vec<&str> = actions
+                .split(',')
+                .filter(|a| *a == "pull" || *a == "push")
+                .collect();
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
+        })
+        .collect();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER,
+        "sub": sub,
+        "aud": aud,
+        "exp": now + 300,
+        "nbf": now,
+        "iat": now,
+        "jti": format!("flotilla-test-{jti}"),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    // PKCS#1 v1.5 over SHA-256: RS256.
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), signing_input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl dgst: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{signing_input}.{}", b64(&out.stdout))
+}
+
+/// Bearer-token auth (distribution's `auth: token:`) with a token service in the test: the
+/// registry answers 401 with a `Bearer realm=…,service=…` challenge, the pull asks the realm
+/// with the credentials from registries.toml and the repository's pull scope, and uses the
+/// JWT it gets; wrong credentials fail the pull with the token service's answer, nothing
+/// stored and no password shown.
+#[test]
+fn bearer_token_auth_through_a_token_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The token signer: an RSA key (RS256) with a certificate from a CA the registry trusts.
+    let pki = dir.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "token").unwrap();
+    let openssl = ensure_program("openssl", "openssl").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(&pki)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-new",
+        "-nodes",
+        "-newkey",
+        "rsa:2048",
+        "-subj",
+        "/O=flotilla/CN=token signer",
+        "-keyout",
+        "signer.key",
+        "-out",
+        "signer.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "signer.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        "signer.crt",
+    ]);
+    run(&[
+        "x509",
+        "-in",
+        "signer.crt",
+        "-outform",
+        "DER",
+        "-out",
+        "signer.der",
+    ]);
+    let (user, password) = ("alice", "t0ken-pw");
+    let tokens = TokenServer::start(
+        user,
+        password,
+        &pki.join("signer.key"),
+        &fs::read(pki.join("signer.der")).unwrap(),
+    );
+    let auth = format!(
+        "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    \
+         rootcertbundle: {}\n",
+        tokens.realm(),
+        ca.cert().display()
+    );
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = TestRegistry::start_with(
+        &dir.join("reg"),
+        &qemu_tests::registry::RegistryOptions {
+            extra_yaml: Some(&auth),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (layout, layer) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    // skopeo goes through the same token service (pull,push scope).
+    push(
+        &layout,
+        &reference,
+        &[
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("{user}:{password}"),
+        ],
+    );
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    let with_password = |pw: &str| {
+        format!(
+            "[registry.\"{}\"]\ninsecure = true\nusername = \"{user}\"\npassword = \"{pw}\"\n",
+            reg.host()
+        )
+    };
+
+    // Wrong credentials: the token service's 401 and its words, the registry named,
+    // nothing stored, no password shown.
+    write_settings(&settings, &with_password("wrong-pw"));
+    let before = tokens.requests().len();
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        err.contains(&reg.host())
+            && err.contains("token service refused")
+            && err.contains("wrong username or password"),
+        "{err}"
+    );
+    assert!(!format!("{stdout}{err}").contains("wrong-pw"), "{err}");
+    assert!(
+        tokens.requests()[before..].iter().all(|r| !r.authorized),
+        "{:?}",
+        tokens.requests()
+    );
+    assert_eq!(reg.blob_gets(&layer), 0, "{}", reg.log());
+    assert_store_empty(&store);
+
+    // The right credentials: the pull asked the token service for the repository's pull
+    // scope on the registry's service, and the registry accepted the JWT.
+    write_settings(&settings, &with_password(password));
+    let before = tokens.requests().len();
+    let out = pull(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{err}\n{}", reg.log());
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert!(!format!("{stdout}{err}").contains(password), "{err}");
+    let asked = tokens.requests()[before..].to_vec();
+    assert!(
+        asked.iter().any(|r| r.authorized
+            && r.service == TOKEN_SERVICE
+            && r.scopes == ["repository:team/app:pull"]),
+        "{asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|r| r.scopes.iter().all(|s| !s.contains("push"))),
+        "{asked:?}"
+    );
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
+}
+
+/// Requests of `reg`'s access log for repository `repo` (`GET /v2/REPO/...`).
+fn repo_requests(reg: &TestRegistry, repo: &str) -> Vec<String> {
+    reg.log()
+        .lines()
+        .filter(|l| l.contains(&format!(" /v2/{repo}/")) && l.contains("HTTP/1.1\" "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `mirrors = [...]`: a pull asks the mirrors in order and then the registry. A mirror that
+/// has the image serves it (after one that is down), and the registry (which lacks it) is
+/// not asked; a mirror that lacks the image (404) falls through to the registry. Either way
+/// the image is stored under the registry's name.
+#[test]
+fn a_mirror_that_has_the_image_serves_it_and_one_that_lacks_it_falls_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("full")).unwrap();
+    fs::create_dir_all(dir.join("empty")).unwrap();
+    let full = Registry::start(&dir.join("full"), None, None);
+    let empty = Registry::start(&dir.join("empty"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", full.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let down = format!("127.0.0.1:{}", free_port().unwrap());
+    let settings = dir.join("registries.toml");
+    let configure = |origin: &TestRegistry, mirrors: &[&str]| {
+        let mut s = format!(
+            "[registry.\"{}\"]\ninsecure = true\nmirrors = [{}]\n",
+            origin.host(),
+            mirrors
+                .iter()
+                .map(|m| format!("\"{m}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for m in mirrors {
+            s.push_str(&format!("[registry.\"{m}\"]\ninsecure = true\n"));
+        }
+        write_settings(&settings, &s);
+    };
+    let image_list = |store: &Path| {
+        text(&unitctl(&[
+            "image",
+            "list",
+            "--store",
+            store.to_str().unwrap(),
+        ]))
+        .0
+    };
+
+    // The registry lacks the image; the mirrors: one down, then one that has it.
+    configure(&empty, &[&down, &full.host()]);
+    let store = dir.join("store");
+    let reference = format!("{}/team/app:1", empty.host());
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("from {}:", full.host())),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("mirror {down} failed")),
+        "{stderr}"
+    );
+    assert_eq!(full.blob_gets(&layer), 1, "{}", full.log());
+    assert!(
+        repo_requests(&empty, "team/app").is_empty(),
+        "the registry was asked although a mirror had the image: {}",
+        empty.log()
+    );
+    assert!(
+        image_list(&store).contains(&format!("{}/team/app ", empty.host())),
+        "{}",
+        image_list(&store)
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    assert_eq!(text(&out).0, "pulled from a registry\n", "{}", text(&out).1);
+
+    // The mirror lacks the image (404): the registry serves it, into a fresh store.
+    configure(&full, &[&empty.host()]);
+    let store2 = dir.join("store2");
+    let reference = format!("{}/team/app:1", full.host());
+    let out = pull(&reference, &settings, &store2);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("from {}:", full.host())),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("mirror {} failed", empty.host()))
+            && stderr.contains("ManifestUnknown"),
+        "{stderr}"
+    );
+    let asked = repo_requests(&empty, "team/app");
+    assert!(
+        !asked.is_empty() && asked.iter().all(|l| l.contains("\" 404 ")),
+        "the mirror was not asked, or did not answer 404: {asked:?}"
+    );
+    assert_eq!(full.blob_gets(&layer), 2, "{}", full.log());
+    assert!(
+        image_list(&store2).contains(&format!("{}/team/app ", full.host())),
+        "{}",
+        image_list(&store2)
+    );
+}
+
+/// A layer download cut mid-way resumes where it stopped (an HTTP Range request for the
+/// rest, which the registry answers 206), the digest is checked over the whole, and the
+/// image runs.
+#[test]
+fn a_cut_layer_download_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, None);
+    let (layout, layer) = busybox_layout(dir);
+    push(
+        &layout,
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-tls-verify=false"],
+    );
+    let proxy = Proxy::start(reg.port());
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let reference = format!("{host}/team/app:1");
+    let store = dir.join("store");
+    let settings = dir.join("registries.toml");
+    write_settings(
+        &settings,
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    );
+
+    // One connection is cut 200 KiB in (into the layer); the next ones pass.
+    proxy.set_cuts(200 << 10, false, 1);
+    let out = pull(&reference, &settings, &store);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert!(stderr.contains("resuming there"), "{stderr}");
+    let ranged: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("/blobs/{layer} ")) && l.contains("\" 206 "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ranged.len(),
+        1,
+        "no Range request answered 206: {}",
+        reg.log()
+    );
+    let out = unitctl(&[
+        "run",
+        "--store",
+        store.to_str().unwrap(),
+        "--image",
+        &reference,
+        "--",
+        "/bin/cat",
+        "/hello",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "pulled from a registry\n");
 }

@@ -9,11 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use flotilla_container::image::{self, ImageInfo, ImageStore, ImportEvent};
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Client;
+use oci_client::RegistryOperation;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -22,6 +25,10 @@ use crate::{ImageRef, PullError, Registries};
 
 /// Layers downloaded at once.
 const CONCURRENT_LAYERS: usize = 4;
+
+/// Times a cut blob download is resumed (each must have brought bytes) before the pull
+/// gives up.
+const MAX_RESUMES: u32 = 5;
 
 /// Directory beside the store's `tmp/` where pulls stage their downloads. Not `tmp/`
 /// itself: every import clears that under the store lock, and the pull hands its staging
@@ -73,6 +80,24 @@ pub enum PullEvent {
         digest: String,
         /// Its size.
         size: u64,
+    },
+    /// A download was cut; the rest of the blob is asked for (HTTP Range).
+    Resuming {
+        /// 0-based position in the manifest (`usize::MAX`: the config).
+        index: usize,
+        /// Its digest.
+        digest: String,
+        /// Bytes already received, where the download goes on.
+        offset: u64,
+        /// What cut it.
+        error: String,
+    },
+    /// A mirror failed (down, or lacks the image); the next source is asked.
+    SourceFailed {
+        /// The mirror.
+        registry: String,
+        /// Its error.
+        error: String,
     },
     /// Every blob is verified; the store imports the image now (layer extraction).
     Importing,
@@ -237,8 +262,11 @@ async fn fetch(
             // Content that does not match is never retried elsewhere silently: say it.
             Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
             Err(e) => {
-                if hosts.len() > 1 {
-                    log::warn!("{e}; trying the next source");
+                if hosts.len() > 1 && *host != image.registry {
+                    progress(PullEvent::SourceFailed {
+                        registry: host.clone(),
+                        error: e.to_string(),
+                    });
                 }
                 last = Some(e);
             }
@@ -444,6 +472,13 @@ async fn fetch_from(
 ) -> Result<Fetched, PullError> {
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let cref = image.client_ref(host);
+    // Answer the registry's challenge first, so that a token service's refusal is the
+    // error (with its answer): left to the requests below, oci-client drops a failed token
+    // request and goes on anonymously, and the registry's bare 401 is all one would see.
+    client
+        .auth(&cref, auth, RegistryOperation::Pull)
+        .await
+        .map_err(|e| registry_error(image, host, "log in", e))?;
     let (mut bytes, _) = client
         .pull_manifest_raw(&cref, auth, &accepted)
         .await
@@ -666,32 +701,74 @@ async fn download(
         .map_err(|e| PullError::io("create", &partial, e))?;
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        // oci-client verifies the digest too and reports a mismatch as the stream's last
-        // error; the check after the loop is this crate's own.
-        let chunk = chunk.map_err(|e| {
-            match e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<oci_client::errors::DigestError>())
-            {
-                Some(oci_client::errors::DigestError::VerificationError { actual, .. }) => {
-                    PullError::DigestMismatch {
+    let mut resumes = 0;
+    // Where the current request started: a resume must have brought bytes since.
+    let mut attempt_from: u64 = 0;
+    loop {
+        let chunk = match stream.next().await {
+            None => break,
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                // oci-client verifies the digest too and reports a mismatch as the
+                // stream's last error; the check after the loop is this crate's own.
+                if let Some(oci_client::errors::DigestError::VerificationError { actual, .. }) = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<oci_client::errors::DigestError>())
+                {
+                    return Err(PullError::DigestMismatch {
                         reference: image.to_string(),
                         registry: host.to_string(),
                         what: format!("{what} ({})", desc.digest),
                         expected: desc.digest.clone(),
                         actual: actual.clone(),
-                    }
+                    });
                 }
-                _ => PullError::Registry {
+                let failed = |detail: String| PullError::Registry {
                     reference: image.to_string(),
                     registry: host.to_string(),
                     action: action.clone(),
-                    answer: format!("the download failed: {e}"),
+                    answer: format!(
+                        "the download failed at {received} of {} bytes: {e}{detail}",
+                        desc.size
+                    ),
                     hint: "",
-                },
+                };
+                // A cut connection: ask for the rest (HTTP Range), as long as each request
+                // brings bytes, a bounded number of times.
+                if received == attempt_from || received >= desc.size {
+                    return Err(failed(String::new()));
+                }
+                if resumes >= MAX_RESUMES {
+                    return Err(failed(format!(" (gave up after {MAX_RESUMES} resumes)")));
+                }
+                resumes += 1;
+                progress(PullEvent::Resuming {
+                    index,
+                    digest: desc.digest.clone(),
+                    offset: received,
+                    error: e.to_string(),
+                });
+                attempt_from = received;
+                match client
+                    .pull_blob_stream_partial(cref, &oci_desc, received, None)
+                    .await
+                    .map_err(|e| registry_error(image, host, &action, e))?
+                {
+                    BlobResponse::Partial(rest) => stream = rest,
+                    // The registry ignored the Range: start over from its full answer.
+                    BlobResponse::Full(whole) => {
+                        file = tokio::fs::File::create(&partial)
+                            .await
+                            .map_err(|e| PullError::io("create", &partial, e))?;
+                        hasher = Sha256::new();
+                        received = 0;
+                        attempt_from = 0;
+                        stream = whole;
+                    }
+                }
+                continue;
             }
-        })?;
+        };
         received += chunk.len() as u64;
         if received > desc.size {
             return Err(PullError::DigestMismatch {

@@ -153,6 +153,37 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
                 (None, _) => eprintln!("{line}"),
             }
         }
+        PullEvent::Resuming {
+            index,
+            digest,
+            offset,
+            error,
+        } => {
+            let which = if index == usize::MAX {
+                "the config".to_string()
+            } else {
+                format!("layer {}/{}", index + 1, s.count.max(index + 1))
+            };
+            let line = format!(
+                "{which} {digest}: cut after {} ({error}); resuming there",
+                human_size(offset)
+            );
+            match multi {
+                Some(m) => {
+                    let _ = m.println(line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+        PullEvent::SourceFailed { registry, error } => {
+            let line = format!("mirror {registry} failed: {error}; trying the next source");
+            match multi {
+                Some(m) => {
+                    let _ = m.println(line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
         PullEvent::Importing => {
             let line = "every blob verified; importing into the store".to_string();
             match multi {
