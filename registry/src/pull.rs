@@ -1,6 +1,7 @@
 //! The pull: manifest (index → linux/<host arch>), config and missing layers into a staging
 //! OCI layout beside the store, each blob verified, then the store's import.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::peers::{PeerClient, PeerMiss, PeerSettings};
 use crate::{ImageRef, PullError, Registries};
 
 /// Layers downloaded at once.
@@ -73,6 +75,8 @@ pub enum PullEvent {
         digest: String,
         /// Its size.
         size: u64,
+        /// Where its bytes came from: a peer's URL or the registry (or mirror).
+        source: String,
     },
     /// Every blob is verified; the store imports the image now (layer extraction).
     Importing,
@@ -91,6 +95,9 @@ pub struct PullReport {
     pub skipped_layers: usize,
     /// Compressed bytes downloaded (layers and config).
     pub downloaded_bytes: u64,
+    /// Those bytes by source: the registry (or mirror) and each peer (`http(s)://...`) that
+    /// served a blob.
+    pub sources: BTreeMap<String, u64>,
 }
 
 /// Callback for [`PullEvent`]s.
@@ -108,6 +115,27 @@ pub fn pull(
     settings_path: &Path,
     progress: Progress,
 ) -> Result<PullReport, PullError> {
+    pull_with_peers(
+        store,
+        reference,
+        settings,
+        settings_path,
+        &PeerSettings::default(),
+        progress,
+    )
+}
+
+/// [`pull`] that asks `peers` for every blob (config and layers) before the registry (see
+/// [`crate::peers`]); the manifests still come from the registry (or its mirrors).
+pub fn pull_with_peers(
+    store: &ImageStore,
+    reference: &str,
+    settings: &Registries,
+    settings_path: &Path,
+    peers: &PeerSettings,
+    progress: Progress,
+) -> Result<PullReport, PullError> {
+    let peers = PeerClient::new(peers)?;
     let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -115,7 +143,14 @@ pub fn pull(
         .build()
         .map_err(|e| PullError::io("start the download runtime for", store.root(), e))?;
     let staging = Staging::new(store.root())?;
-    let fetched = runtime.block_on(fetch(store, &image, settings, &staging.dir, &progress))?;
+    let fetched = runtime.block_on(fetch(
+        store,
+        &image,
+        settings,
+        peers.as_ref(),
+        &staging.dir,
+        &progress,
+    ))?;
     progress(PullEvent::Importing);
     let info = store.import_oci_layout(
         &staging.dir,
@@ -128,6 +163,7 @@ pub fn pull(
         downloaded_layers: fetched.downloaded_layers,
         skipped_layers: fetched.skipped_layers,
         downloaded_bytes: fetched.downloaded_bytes,
+        sources: fetched.sources,
     })
 }
 
@@ -181,6 +217,7 @@ struct Fetched {
     downloaded_layers: usize,
     skipped_layers: usize,
     downloaded_bytes: u64,
+    sources: BTreeMap<String, u64>,
 }
 
 /// Who to ask: the mirrors in order, then the registry.
@@ -221,6 +258,7 @@ async fn fetch(
     store: &ImageStore,
     image: &ImageRef,
     settings: &Registries,
+    peers: Option<&PeerClient>,
     layout: &Path,
     progress: &Progress,
 ) -> Result<Fetched, PullError> {
@@ -232,7 +270,14 @@ async fn fetch(
             Some(c) => RegistryAuth::Basic(c.username, c.password),
             None => RegistryAuth::Anonymous,
         };
-        match fetch_from(store, image, &client, host, &auth, layout, progress).await {
+        let mut source = Source {
+            client: &client,
+            host,
+            auth: &auth,
+            peers,
+            holder: None,
+        };
+        match fetch_from(store, image, &mut source, layout, progress).await {
             Ok(f) => return Ok(f),
             // Content that does not match is never retried elsewhere silently: say it.
             Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
@@ -433,15 +478,24 @@ fn registry_error(
     }
 }
 
+/// Where a pull's bytes come from: the registry (or mirror) `host`, and the peers first.
+struct Source<'a> {
+    client: &'a Client,
+    host: &'a str,
+    auth: &'a RegistryAuth,
+    peers: Option<&'a PeerClient>,
+    /// The machine that claimed this image's fetch from the registry: wait for its blobs.
+    holder: Option<String>,
+}
+
 async fn fetch_from(
     store: &ImageStore,
     image: &ImageRef,
-    client: &Client,
-    host: &str,
-    auth: &RegistryAuth,
+    source: &mut Source<'_>,
     layout: &Path,
     progress: &Progress,
 ) -> Result<Fetched, PullError> {
+    let (client, host, auth) = (source.client, source.host, source.auth);
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let cref = image.client_ref(host);
     let (mut bytes, _) = client
@@ -561,14 +615,20 @@ async fn fetch_from(
         bytes: missing.iter().map(|(_, l)| l.size).sum(),
     });
 
+    // One registry fetch per image in a rollout: claim it; a machine that holds the claim
+    // already is waited for (see `download`).
+    if let Some(peers) = source.peers {
+        source.holder = peers.claim(&digest).await;
+    }
+    let source = &*source;
     let cref = image.client_ref(host);
     let config = manifest.config.clone();
     let config_size = config.size;
-    download(
-        client,
+    let mut sources: BTreeMap<String, u64> = BTreeMap::new();
+    let from = download(
+        source,
         &cref,
         image,
-        host,
         "the config",
         usize::MAX,
         &config,
@@ -576,6 +636,7 @@ async fn fetch_from(
         progress,
     )
     .await?;
+    *sources.entry(from).or_default() += config_size;
     let downloaded = missing.len();
     let mut bytes_total = config_size;
     bytes_total += missing.iter().map(|(_, l)| l.size).sum::<u64>();
@@ -584,21 +645,21 @@ async fn fetch_from(
         let blobs = &blobs;
         async move {
             let what = format!("layer {}/{count}", index + 1);
-            download(
-                client, cref, image, host, &what, index, &layer, blobs, progress,
-            )
-            .await?;
+            let from = download(source, cref, image, &what, index, &layer, blobs, progress).await?;
             progress(PullEvent::LayerDone {
                 index,
                 digest: layer.digest.clone(),
                 size: layer.size,
+                source: from.clone(),
             });
-            Ok::<(), PullError>(())
+            Ok::<(String, u64), PullError>((from, layer.size))
         }
     }))
     .buffer_unordered(CONCURRENT_LAYERS)
-    .try_collect::<Vec<()>>()
-    .await?;
+    .try_collect::<Vec<(String, u64)>>()
+    .await?
+    .into_iter()
+    .for_each(|(from, size)| *sources.entry(from).or_default() += size);
 
     let index = serde_json::json!({
         "schemaVersion": 2,
@@ -620,6 +681,7 @@ async fn fetch_from(
         downloaded_layers: downloaded,
         skipped_layers: skipped,
         downloaded_bytes: bytes_total,
+        sources,
     })
 }
 
@@ -631,25 +693,92 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
 }
 
 /// Downloads one blob to `<blobs>/<hex>.partial`, hashing as it writes; fsyncs it, checks
-/// size and digest, and only then renames it to `<blobs>/<hex>`.
+/// size and digest, and only then renames it to `<blobs>/<hex>`. The peers are asked first,
+/// in order (see [`crate::peers`]), then the registry. Returns where the bytes came from.
 #[allow(clippy::too_many_arguments)]
 async fn download(
-    client: &Client,
+    source: &Source<'_>,
     cref: &oci_client::Reference,
     image: &ImageRef,
-    host: &str,
     what: &str,
     index: usize,
     desc: &Descriptor,
     blobs: &Path,
     progress: &Progress,
-) -> Result<(), PullError> {
+) -> Result<String, PullError> {
+    let (client, host) = (source.client, source.host);
     let hex = image::sha256_hex(&desc.digest).ok_or_else(|| PullError::Unsupported {
         reference: image.to_string(),
         detail: format!("{what}: digest '{}' is not sha256:<64 hex>", desc.digest),
     })?;
     let partial = blobs.join(format!("{hex}.partial"));
     let fin = blobs.join(hex);
+    if let Some(peers) = source.peers {
+        let received = |got: u64| {
+            if index != usize::MAX {
+                progress(PullEvent::LayerProgress {
+                    index,
+                    received: got,
+                    size: desc.size,
+                });
+            }
+        };
+        for peer in peers.peers() {
+            match peers
+                .fetch(peer, &desc.digest, desc.size, &partial, &received)
+                .await
+            {
+                Ok(()) => {
+                    tokio::fs::rename(&partial, &fin)
+                        .await
+                        .map_err(|e| PullError::io("rename", &fin, e))?;
+                    return Ok(peer.clone());
+                }
+                Err(PeerMiss::Unavailable(why)) => {
+                    log::debug!("{what} ({}): not from the peer: {why}", desc.digest);
+                }
+                Err(PeerMiss::Mismatch(why)) => {
+                    log::warn!(
+                        "{what} ({}) from a peer does not match its digest, refused (a peer cannot substitute content): {why}; trying the next source",
+                        desc.digest
+                    );
+                }
+            }
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        // Another machine fetches this image from the registry: wait for this blob there.
+        if let Some(holder) = &source.holder {
+            let deadline = tokio::time::Instant::now() + crate::peers::CLAIM_WAIT;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                match peers
+                    .fetch(holder, &desc.digest, desc.size, &partial, &received)
+                    .await
+                {
+                    Ok(()) => {
+                        tokio::fs::rename(&partial, &fin)
+                            .await
+                            .map_err(|e| PullError::io("rename", &fin, e))?;
+                        return Ok(holder.clone());
+                    }
+                    Err(PeerMiss::Unavailable(_)) => {}
+                    Err(PeerMiss::Mismatch(why)) => {
+                        log::warn!(
+                            "{what} ({}) from a peer does not match its digest, refused (a peer cannot substitute content): {why}; trying the registry",
+                            desc.digest
+                        );
+                        break;
+                    }
+                }
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            let _ = tokio::fs::remove_file(&partial).await;
+            log::info!(
+                "{what} ({}): {holder} did not serve it in time; fetching it from the registry",
+                desc.digest
+            );
+        }
+    }
     let oci_desc = OciDescriptor {
         media_type: desc.media_type.clone(),
         digest: desc.digest.clone(),
@@ -735,5 +864,5 @@ async fn download(
     tokio::fs::rename(&partial, &fin)
         .await
         .map_err(|e| PullError::io("rename", &fin, e))?;
-    Ok(())
+    Ok(host.to_string())
 }
