@@ -140,6 +140,9 @@ impl Node {
             // A missing file is fine; a test may write one first.
             .arg("--config")
             .arg(dir.join("fleetd.toml"))
+            // Not the host's /run/flotilla/peers.toml.
+            .arg("--peers-file")
+            .arg(dir.join("peers.toml"))
             .args(["--ttl", TTL_SECS, "--metadata", "role=test"])
             .args(fleetd_args)
             .env("RUST_LOG", "info")
@@ -398,6 +401,8 @@ fn plaintext_listen_needs_insecure() {
         Command::new(env!("CARGO_BIN_EXE_fleetd"))
             .arg("--config")
             .arg(tmp.path().join("none.toml"))
+            .arg("--peers-file")
+            .arg(tmp.path().join("peers.toml"))
             .arg("--state")
             .arg(tmp.path().join("registry"))
             .arg("--api")
@@ -619,6 +624,8 @@ fn a_silent_client_is_dropped() {
     let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
         .arg("--config")
         .arg(tmp.path().join("none.toml"))
+        .arg("--peers-file")
+        .arg(tmp.path().join("peers.toml"))
         .arg("--state")
         .arg(tmp.path().join("registry"))
         .arg("--api")

@@ -185,9 +185,10 @@ impl PeerClient {
 
     /// Claims the fetch of the image `digest` at its arbiter: the machine (of the peers and
     /// this one) whose `sha256(URL + digest)` is lowest, so every puller picks the same one.
-    /// `Some(holder)` when another machine fetches it (wait for its blobs); `None` when this
-    /// machine does, or nothing can be claimed (no own URL, the arbiter does not answer).
-    pub(crate) async fn claim(&self, digest: &str) -> Option<String> {
+    /// `Some(Some(holder))` when another machine fetches it (wait for its blobs);
+    /// `Some(None)` when this machine does; `None` when nothing could be claimed (no own URL,
+    /// the arbiter did not answer: the registry then).
+    pub(crate) async fn claim(&self, digest: &str) -> Option<Option<String>> {
         let own = self.own.as_deref()?;
         let arbiter = self
             .peers
@@ -229,16 +230,9 @@ impl PeerClient {
         }
         let answer: Answer = serde_json::from_slice(&answer).ok()?;
         if answer.granted || answer.holder.trim_end_matches('/') == own {
-            log::info!(
-                "image {digest}: this machine fetches it from the registry (claim at {arbiter})"
-            );
-            None
+            Some(None)
         } else {
-            log::info!(
-                "image {digest}: {} fetches it from the registry (claim at {arbiter}); waiting for its blobs",
-                answer.holder
-            );
-            Some(answer.holder.trim_end_matches('/').to_string())
+            Some(Some(answer.holder.trim_end_matches('/').to_string()))
         }
     }
 

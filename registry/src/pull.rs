@@ -80,6 +80,22 @@ pub enum PullEvent {
     },
     /// Every blob is verified; the store imports the image now (layer extraction).
     Importing,
+    /// A peer sent bytes that do not match a blob's digest: refused, the next source is
+    /// asked (a peer cannot substitute content).
+    PeerRefused {
+        /// Which blob (`the config`, `layer N/M`) and its digest.
+        what: String,
+        /// The peer, what it sent and what was expected.
+        detail: String,
+    },
+    /// The image claim of a rollout: which machine fetches the image from the registry.
+    Claimed {
+        /// The image manifest's digest.
+        digest: String,
+        /// The machine that fetches it, when it is another (this pull takes its blobs from
+        /// it); `None`: this machine.
+        holder: Option<String>,
+    },
 }
 
 /// The outcome of a successful pull.
@@ -617,8 +633,14 @@ async fn fetch_from(
 
     // One registry fetch per image in a rollout: claim it; a machine that holds the claim
     // already is waited for (see `download`).
-    if let Some(peers) = source.peers {
-        source.holder = peers.claim(&digest).await;
+    if let Some(peers) = source.peers.filter(|_| !missing.is_empty()) {
+        if let Some(claimed) = peers.claim(&digest).await {
+            progress(PullEvent::Claimed {
+                digest: digest.clone(),
+                holder: claimed.clone(),
+            });
+            source.holder = claimed;
+        }
     }
     let source = &*source;
     let cref = image.client_ref(host);
@@ -738,10 +760,10 @@ async fn download(
                     log::debug!("{what} ({}): not from the peer: {why}", desc.digest);
                 }
                 Err(PeerMiss::Mismatch(why)) => {
-                    log::warn!(
-                        "{what} ({}) from a peer does not match its digest, refused (a peer cannot substitute content): {why}; trying the next source",
-                        desc.digest
-                    );
+                    progress(PullEvent::PeerRefused {
+                        what: format!("{what} ({})", desc.digest),
+                        detail: why,
+                    });
                 }
             }
             let _ = tokio::fs::remove_file(&partial).await;
@@ -763,10 +785,10 @@ async fn download(
                     }
                     Err(PeerMiss::Unavailable(_)) => {}
                     Err(PeerMiss::Mismatch(why)) => {
-                        log::warn!(
-                            "{what} ({}) from a peer does not match its digest, refused (a peer cannot substitute content): {why}; trying the registry",
-                            desc.digest
-                        );
+                        progress(PullEvent::PeerRefused {
+                            what: format!("{what} ({})", desc.digest),
+                            detail: why,
+                        });
                         break;
                     }
                 }

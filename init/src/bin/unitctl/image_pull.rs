@@ -228,6 +228,31 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
                 (None, _) => eprintln!("{line}"),
             }
         }
+        PullEvent::PeerRefused { what, detail } => {
+            let line = format!(
+                "{what} from a peer does not match its digest, refused (a peer cannot substitute content): {detail}; trying the next source"
+            );
+            match multi {
+                Some(m) => {
+                    let _ = m.println(line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+        PullEvent::Claimed { digest, holder } => {
+            let line = match holder {
+                Some(h) => format!(
+                    "image {digest}: {h} fetches it from the registry; taking its blobs from there"
+                ),
+                None => format!("image {digest}: this machine fetches it from the registry"),
+            };
+            match multi {
+                Some(m) => {
+                    let _ = m.println(line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
         PullEvent::Importing => {
             let line = "every blob verified; importing into the store".to_string();
             match multi {
