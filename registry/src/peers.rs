@@ -120,7 +120,9 @@ impl PeerClient {
         // installed already).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(5))
+            // A peer that stops sending mid-blob is left for the next source.
+            .read_timeout(Duration::from_secs(30))
             .no_proxy();
         if let Some(ca) = &settings.ca {
             let pem = fs::read(ca).map_err(|e| PullError::io("read the peers' CA", ca, e))?;
@@ -314,6 +316,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -88,6 +89,11 @@ pub enum PullEvent {
         /// The peer, what it sent and what was expected.
         detail: String,
     },
+    /// The peers cannot be asked (their settings are unusable): the registry only.
+    PeersUnavailable {
+        /// Why.
+        why: String,
+    },
     /// The image claim of a rollout: which machine fetches the image from the registry.
     Claimed {
         /// The image manifest's digest.
@@ -151,7 +157,15 @@ pub fn pull_with_peers(
     peers: &PeerSettings,
     progress: Progress,
 ) -> Result<PullReport, PullError> {
-    let peers = PeerClient::new(peers)?;
+    // A peers file that cannot be used (its identity files unreadable) costs the pull its
+    // peers, not the pull: the registry is always there.
+    let peers = match PeerClient::new(peers) {
+        Ok(p) => p,
+        Err(e) => {
+            progress(PullEvent::PeersUnavailable { why: e.to_string() });
+            None
+        }
+    };
     let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -292,6 +306,7 @@ async fn fetch(
             auth: &auth,
             peers,
             holder: None,
+            holder_late: AtomicBool::new(false),
         };
         match fetch_from(store, image, &mut source, layout, progress).await {
             Ok(f) => return Ok(f),
@@ -502,6 +517,8 @@ struct Source<'a> {
     peers: Option<&'a PeerClient>,
     /// The machine that claimed this image's fetch from the registry: wait for its blobs.
     holder: Option<String>,
+    /// Set once the holder did not serve a blob in time: the other blobs do not wait again.
+    holder_late: AtomicBool,
 }
 
 async fn fetch_from(
@@ -769,7 +786,11 @@ async fn download(
             let _ = tokio::fs::remove_file(&partial).await;
         }
         // Another machine fetches this image from the registry: wait for this blob there.
-        if let Some(holder) = &source.holder {
+        if let Some(holder) = source
+            .holder
+            .as_ref()
+            .filter(|_| !source.holder_late.load(Ordering::Relaxed))
+        {
             let deadline = tokio::time::Instant::now() + crate::peers::CLAIM_WAIT;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -795,6 +816,7 @@ async fn download(
                 let _ = tokio::fs::remove_file(&partial).await;
             }
             let _ = tokio::fs::remove_file(&partial).await;
+            source.holder_late.store(true, Ordering::Relaxed);
             log::info!(
                 "{what} ({}): {holder} did not serve it in time; fetching it from the registry",
                 desc.digest

@@ -165,6 +165,7 @@ async fn serve_file(store: &Path, hex: &str, digest: &str, head: bool) -> Respon
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::digest_hex;
 

@@ -239,6 +239,15 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
                 None => eprintln!("{line}"),
             }
         }
+        PullEvent::PeersUnavailable { why } => {
+            let line = format!("not asking the peers: {why}; pulling from the registry");
+            match multi {
+                Some(m) => {
+                    let _ = m.println(line);
+                }
+                None => eprintln!("{line}"),
+            }
+        }
         PullEvent::Claimed { digest, holder } => {
             let line = match holder {
                 Some(h) => format!(
