@@ -806,3 +806,122 @@ fn image_blobs_are_served_to_machines_only() {
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("serves no image blobs"));
 }
+
+/// `unitctl image pull` over mutual TLS from a peer: a machine's certificate gets every blob
+/// from the fleetd that holds them (its report's `sources` names that peer, the registry's
+/// log shows no second GET); a reader's certificate is refused there (403) and the pull
+/// quietly takes the blobs from the registry.
+#[test]
+fn unitctl_pulls_blobs_from_a_peer_over_mutual_tls() {
+    use flotilla_container::image::{write_oci_layout, RuntimeConfig};
+    use qemu_tests::registry::{push, TestRegistry};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path(), "cluster");
+    let machine = node(&ca, "node1", "machine");
+    let peer = client(&ca, "node2", "machine");
+    let bob = client(&ca, "bob", "reader");
+
+    // An image in a registry on loopback (plain HTTP, marked insecure).
+    let registry = TestRegistry::start(&tmp.path().join("registry"), None, None).unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("hello"), "hello from a peer\n".repeat(10_000)).unwrap();
+    let tar = tmp.path().join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layout, &[tar], &RuntimeConfig::default(), "app:1").unwrap();
+    let image = format!("{}/team/app:1", registry.host());
+    push(&layout, &image, &["--dest-tls-verify=false"]).unwrap();
+    let settings = tmp.path().join("registries.toml");
+    fs::write(
+        &settings,
+        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
+    )
+    .unwrap();
+    let blob_gets = || {
+        registry
+            .log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .filter(|l| l.contains("\" 200 "))
+            .count()
+    };
+    let pull = |store: &Path, extra: &[String]| {
+        let out = Command::new(support::init_binary().with_file_name("unitctl"))
+            .args(["--json", "image", "pull", &image, "--store"])
+            .arg(store)
+            .arg("--registries")
+            .arg(&settings)
+            .args(extra)
+            .env_remove("FLOTILLA_PEERS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+
+    // The first store pulls from the registry; a fleetd serves it.
+    let store = tmp.path().join("images");
+    let report = pull(&store, &["--no-peers".to_string()]);
+    let first = blob_gets();
+    assert_eq!(first, 2, "config and layer: {}", registry.log());
+    assert_eq!(
+        report["sources"][registry.host()],
+        report["downloaded_bytes"]
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = tls_flags(&ca, &machine);
+    args.extend(["--listen".into(), listen.clone(), "--images".into()]);
+    args.push(store.to_string_lossy().into());
+    let node = Node::start(&tmp.path().join("m1"), &args, 1);
+    let url = format!("https://{listen}");
+    let ca_file = ca.cert();
+    let with = |who: &Cert| -> Vec<String> {
+        vec![
+            "--peer".into(),
+            url.clone(),
+            "--peer-ca".into(),
+            ca_file.to_string_lossy().into(),
+            "--peer-cert".into(),
+            who.cert.to_string_lossy().into(),
+            "--peer-key".into(),
+            who.key.to_string_lossy().into(),
+        ]
+    };
+
+    // A machine's certificate: every blob from the peer.
+    let report = pull(&tmp.path().join("b"), &with(&peer));
+    assert_eq!(
+        blob_gets(),
+        first,
+        "no blob from the registry: {}",
+        registry.log()
+    );
+    assert_eq!(
+        report["sources"],
+        serde_json::json!({ url.clone(): report["downloaded_bytes"] }),
+        "{report}\n{}",
+        node.logs()
+    );
+
+    // A reader's certificate: refused by the peer (403), the registry serves.
+    let report = pull(&tmp.path().join("c"), &with(&bob));
+    assert_eq!(blob_gets(), first + 2, "{}", registry.log());
+    assert_eq!(
+        report["sources"][registry.host()],
+        report["downloaded_bytes"]
+    );
+    assert!(
+        node.logs().contains("served to machines only"),
+        "{}",
+        node.logs()
+    );
+}
