@@ -32,6 +32,7 @@ pub mod engine;
 pub mod error;
 pub mod etcd;
 pub mod model;
+pub mod peers;
 pub mod registry;
 pub mod scheduler;
 pub mod tls;

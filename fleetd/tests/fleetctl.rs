@@ -92,6 +92,9 @@ impl Cluster {
             None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
         };
         let fleetd = command
+            // Not the host's /run/flotilla/peers.toml.
+            .arg("--peers-file")
+            .arg(cluster.dir.path().join("peers.toml"))
             .arg("--state")
             .arg(cluster.dir.path().join("registry"))
             .arg("--api")

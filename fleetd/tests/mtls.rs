@@ -140,6 +140,9 @@ impl Node {
             // A missing file is fine; a test may write one first.
             .arg("--config")
             .arg(dir.join("fleetd.toml"))
+            // Not the host's /run/flotilla/peers.toml.
+            .arg("--peers-file")
+            .arg(dir.join("peers.toml"))
             .args(["--ttl", TTL_SECS, "--metadata", "role=test"])
             .args(fleetd_args)
             .env("RUST_LOG", "info")
@@ -398,6 +401,8 @@ fn plaintext_listen_needs_insecure() {
         Command::new(env!("CARGO_BIN_EXE_fleetd"))
             .arg("--config")
             .arg(tmp.path().join("none.toml"))
+            .arg("--peers-file")
+            .arg(tmp.path().join("peers.toml"))
             .arg("--state")
             .arg(tmp.path().join("registry"))
             .arg("--api")
@@ -619,6 +624,8 @@ fn a_silent_client_is_dropped() {
     let fleetd = Command::new(env!("CARGO_BIN_EXE_fleetd"))
         .arg("--config")
         .arg(tmp.path().join("none.toml"))
+        .arg("--peers-file")
+        .arg(tmp.path().join("peers.toml"))
         .arg("--state")
         .arg(tmp.path().join("registry"))
         .arg("--api")
@@ -676,4 +683,245 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `curl -s ARGS URL`, the status code appended on a last line of its own; `(status, body)`.
+fn curl(args: &[&str], url: &str) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "--path-as-is", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let mut body = out.stdout;
+    let pos = body.iter().rposition(|b| *b == b'\n').unwrap();
+    let status = String::from_utf8_lossy(&body[pos + 1..]).parse().unwrap();
+    body.truncate(pos);
+    (status, body)
+}
+
+/// Layers from peers: fleetd serves its image store's blobs on `GET`/`HEAD
+/// /v2/<name>/blobs/sha256:<hex>` over mutual TLS to machine certificates only: the bytes
+/// with `Content-Length` and `Docker-Content-Digest`; 404 for a blob it does not have (or a
+/// symlink planted in the store, not followed), 400 for a digest that is not whole lower-case
+/// sha256; a reader's and an operator's certificates get 403; the Unix socket serves none.
+#[test]
+fn image_blobs_are_served_to_machines_only() {
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path(), "cluster");
+    let machine = node(&ca, "node1", "machine");
+    let peer = client(&ca, "node2", "machine");
+    let bob = client(&ca, "bob", "reader");
+    let alice = client(&ca, "alice", "operator");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let store = tmp.path().join("images");
+    let blobs = store.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    // A blob of 300 KiB (more than one read of the stream).
+    let content: Vec<u8> = (0..300 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let hex = flotilla_container::image::hex(&Sha256::digest(&content));
+    fs::write(blobs.join(&hex), &content).unwrap();
+    // A symlink in the store to a file outside it: never followed.
+    let secret = tmp.path().join("secret");
+    fs::write(&secret, b"not a blob").unwrap();
+    let linked = flotilla_container::image::hex(&Sha256::digest(b"not a blob"));
+    std::os::unix::fs::symlink(&secret, blobs.join(&linked)).unwrap();
+
+    let mut args = tls_flags(&ca, &machine);
+    args.extend(["--listen".into(), listen.clone(), "--images".into()]);
+    args.push(store.to_string_lossy().into());
+    let dir = tmp.path().join("m1");
+    let node = Node::start(&dir, &args, 1);
+    let ca_file = ca.cert();
+    let as_ = |who: &Cert, extra: &[&str], path: &str| {
+        let mut a: Vec<&str> = vec!["--cacert", ca_file.to_str().unwrap()];
+        a.extend(["--cert", who.cert.to_str().unwrap()]);
+        a.extend(["--key", who.key.to_str().unwrap()]);
+        a.extend(extra);
+        curl(&a, &format!("https://{listen}{path}"))
+    };
+    let path = format!("/v2/team/app/blobs/sha256:{hex}");
+
+    // A machine gets the bytes, with their length and digest.
+    let (status, body) = as_(&peer, &[], &path);
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        node.logs()
+    );
+    assert!(body == content, "the blob's bytes ({} bytes)", body.len());
+    let (status, head) = as_(&peer, &["-I"], &path);
+    assert_eq!(status, 200);
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(
+        head.contains(&format!("content-length: {}", content.len()))
+            && head.contains(&format!("docker-content-digest: sha256:{hex}")),
+        "{head}"
+    );
+    // Any repository name: content-addressed.
+    let (status, _) = as_(&peer, &[], &format!("/v2/other/blobs/sha256:{hex}"));
+    assert_eq!(status, 200);
+
+    // Absent, a symlink, a bad digest.
+    let absent = "0".repeat(64);
+    let (status, body) = as_(&peer, &[], &format!("/v2/team/app/blobs/sha256:{absent}"));
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("not in this machine's image store"));
+    let (status, body) = as_(&peer, &[], &format!("/v2/team/app/blobs/sha256:{linked}"));
+    assert_eq!(status, 404, "a symlink is not followed");
+    assert!(!String::from_utf8_lossy(&body).contains("not a blob"));
+    for bad in [
+        format!("sha256:{}", hex.to_uppercase()),
+        format!("sha256:{}", &hex[..63]),
+        "sha256:../../../../etc/passwd".to_string(),
+        format!("sha512:{hex}"),
+    ] {
+        let (status, body) = as_(&peer, &[], &format!("/v2/team/app/blobs/{bad}"));
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            String::from_utf8_lossy(&body).contains("bad blob digest"),
+            "{bad}"
+        );
+    }
+
+    // A reader and an operator are refused: image contents are for machines.
+    for (who, role) in [(&bob, "reader"), (&alice, "operator")] {
+        let (status, body) = as_(who, &[], &path);
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 403, "{role}: {body}");
+        assert!(
+            body.contains(&format!("is a {role} (OU={role})"))
+                && body.contains("served to machines only"),
+            "{role}: {body}"
+        );
+    }
+    // The Unix socket serves no blobs.
+    let (status, body) = curl(
+        &["--unix-socket", node.api.to_str().unwrap()],
+        &format!("http://fleetd{path}"),
+    );
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("serves no image blobs"));
+}
+
+/// `unitctl image pull` over mutual TLS from a peer: a machine's certificate gets every blob
+/// from the fleetd that holds them (its report's `sources` names that peer, the registry's
+/// log shows no second GET); a reader's certificate is refused there (403) and the pull
+/// quietly takes the blobs from the registry.
+#[test]
+fn unitctl_pulls_blobs_from_a_peer_over_mutual_tls() {
+    use flotilla_container::image::{write_oci_layout, RuntimeConfig};
+    use qemu_tests::registry::{push, TestRegistry};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = new_ca(tmp.path(), "cluster");
+    let machine = node(&ca, "node1", "machine");
+    let peer = client(&ca, "node2", "machine");
+    let bob = client(&ca, "bob", "reader");
+
+    // An image in a registry on loopback (plain HTTP, marked insecure).
+    let registry = TestRegistry::start(&tmp.path().join("registry"), None, None).unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("hello"), "hello from a peer\n".repeat(10_000)).unwrap();
+    let tar = tmp.path().join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let layout = tmp.path().join("layout");
+    write_oci_layout(&layout, &[tar], &RuntimeConfig::default(), "app:1").unwrap();
+    let image = format!("{}/team/app:1", registry.host());
+    push(&layout, &image, &["--dest-tls-verify=false"]).unwrap();
+    let settings = tmp.path().join("registries.toml");
+    fs::write(
+        &settings,
+        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
+    )
+    .unwrap();
+    let blob_gets = || {
+        registry
+            .log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .filter(|l| l.contains("\" 200 "))
+            .count()
+    };
+    let pull = |store: &Path, extra: &[String]| {
+        let out = Command::new(support::init_binary().with_file_name("unitctl"))
+            .args(["--json", "image", "pull", &image, "--store"])
+            .arg(store)
+            .arg("--registries")
+            .arg(&settings)
+            .args(extra)
+            .env_remove("FLOTILLA_PEERS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+
+    // The first store pulls from the registry; a fleetd serves it.
+    let store = tmp.path().join("images");
+    let report = pull(&store, &["--no-peers".to_string()]);
+    let first = blob_gets();
+    assert_eq!(first, 2, "config and layer: {}", registry.log());
+    assert_eq!(
+        report["sources"][registry.host()],
+        report["downloaded_bytes"]
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = tls_flags(&ca, &machine);
+    args.extend(["--listen".into(), listen.clone(), "--images".into()]);
+    args.push(store.to_string_lossy().into());
+    let node = Node::start(&tmp.path().join("m1"), &args, 1);
+    let url = format!("https://{listen}");
+    let ca_file = ca.cert();
+    let with = |who: &Cert| -> Vec<String> {
+        vec![
+            "--peer".into(),
+            url.clone(),
+            "--peer-ca".into(),
+            ca_file.to_string_lossy().into(),
+            "--peer-cert".into(),
+            who.cert.to_string_lossy().into(),
+            "--peer-key".into(),
+            who.key.to_string_lossy().into(),
+        ]
+    };
+
+    // A machine's certificate: every blob from the peer.
+    let report = pull(&tmp.path().join("b"), &with(&peer));
+    assert_eq!(
+        blob_gets(),
+        first,
+        "no blob from the registry: {}",
+        registry.log()
+    );
+    assert_eq!(
+        report["sources"],
+        serde_json::json!({ url.clone(): report["downloaded_bytes"] }),
+        "{report}\n{}",
+        node.logs()
+    );
+
+    // A reader's certificate: refused by the peer (403), the registry serves.
+    let report = pull(&tmp.path().join("c"), &with(&bob));
+    assert_eq!(blob_gets(), first + 2, "{}", registry.log());
+    assert_eq!(
+        report["sources"][registry.host()],
+        report["downloaded_bytes"]
+    );
+    assert!(
+        node.logs().contains("served to machines only"),
+        "{}",
+        node.logs()
+    );
 }

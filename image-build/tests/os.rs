@@ -255,7 +255,11 @@ fn check_root_image(img: &Path, bins: &Path) {
         names.sort();
         assert_eq!(names, expected, "{dir}");
     }
-    for point in ["run/flotilla", "var/lib/flotilla/fleetd"] {
+    for point in [
+        "run/flotilla",
+        "var/lib/flotilla/fleetd",
+        "var/lib/flotilla/images",
+    ] {
         assert!(meta(point).is_dir(), "{point}");
         assert_eq!(std::fs::read_dir(root.join(point)).unwrap().count(), 0);
     }
@@ -515,7 +519,8 @@ fn shipped_host_units_and_provisioning_are_valid() {
         paths,
         [
             ("/run/flotilla".into(), false),
-            ("/var/lib/flotilla/fleetd".into(), true)
+            ("/var/lib/flotilla/fleetd".into(), true),
+            ("/var/lib/flotilla/images".into(), true)
         ]
     );
     let catalog = flotilla_units::Catalog::load_dirs(&[dir]);

@@ -10,6 +10,7 @@
 //! the store's one way in.
 
 pub mod config;
+pub mod peers;
 mod pull;
 pub use pull::Progress;
 mod reference;
@@ -17,7 +18,8 @@ mod reference;
 use std::path::{Path, PathBuf};
 
 pub use config::{Registries, RegistryConfig, DEFAULT_REGISTRIES, REGISTRIES_ENV};
-pub use pull::{pull, resolve_digest, PullEvent, PullReport};
+pub use peers::{PeerSettings, DEFAULT_PEERS, PEERS_ENV};
+pub use pull::{pull, pull_with_peers, resolve_digest, PullEvent, PullReport};
 pub use reference::ImageRef;
 
 use flotilla_container::image::ImageError;

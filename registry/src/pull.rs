@@ -1,9 +1,11 @@
 //! The pull: manifest (index → linux/<host arch>), config and missing layers into a staging
 //! OCI layout beside the store, each blob verified, then the store's import.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +23,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::peers::{PeerClient, PeerMiss, PeerSettings};
 use crate::{ImageRef, PullError, Registries};
 
 /// Layers downloaded at once.
@@ -80,6 +83,8 @@ pub enum PullEvent {
         digest: String,
         /// Its size.
         size: u64,
+        /// Where its bytes came from: a peer's URL or the registry (or mirror).
+        source: String,
     },
     /// A download was cut; the rest of the blob is asked for (HTTP Range).
     Resuming {
@@ -101,6 +106,27 @@ pub enum PullEvent {
     },
     /// Every blob is verified; the store imports the image now (layer extraction).
     Importing,
+    /// A peer sent bytes that do not match a blob's digest: refused, the next source is
+    /// asked (a peer cannot substitute content).
+    PeerRefused {
+        /// Which blob (`the config`, `layer N/M`) and its digest.
+        what: String,
+        /// The peer, what it sent and what was expected.
+        detail: String,
+    },
+    /// The peers cannot be asked (their settings are unusable): the registry only.
+    PeersUnavailable {
+        /// Why.
+        why: String,
+    },
+    /// The image claim of a rollout: which machine fetches the image from the registry.
+    Claimed {
+        /// The image manifest's digest.
+        digest: String,
+        /// The machine that fetches it, when it is another (this pull takes its blobs from
+        /// it); `None`: this machine.
+        holder: Option<String>,
+    },
 }
 
 /// The outcome of a successful pull.
@@ -116,6 +142,9 @@ pub struct PullReport {
     pub skipped_layers: usize,
     /// Compressed bytes downloaded (layers and config).
     pub downloaded_bytes: u64,
+    /// Those bytes by source: the registry (or mirror) and each peer (`http(s)://...`) that
+    /// served a blob.
+    pub sources: BTreeMap<String, u64>,
 }
 
 /// Callback for [`PullEvent`]s.
@@ -133,6 +162,35 @@ pub fn pull(
     settings_path: &Path,
     progress: Progress,
 ) -> Result<PullReport, PullError> {
+    pull_with_peers(
+        store,
+        reference,
+        settings,
+        settings_path,
+        &PeerSettings::default(),
+        progress,
+    )
+}
+
+/// [`pull`] that asks `peers` for every blob (config and layers) before the registry (see
+/// [`crate::peers`]); the manifests still come from the registry (or its mirrors).
+pub fn pull_with_peers(
+    store: &ImageStore,
+    reference: &str,
+    settings: &Registries,
+    settings_path: &Path,
+    peers: &PeerSettings,
+    progress: Progress,
+) -> Result<PullReport, PullError> {
+    // A peers file that cannot be used (its identity files unreadable) costs the pull its
+    // peers, not the pull: the registry is always there.
+    let peers = match PeerClient::new(peers) {
+        Ok(p) => p,
+        Err(e) => {
+            progress(PullEvent::PeersUnavailable { why: e.to_string() });
+            None
+        }
+    };
     let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -140,7 +198,14 @@ pub fn pull(
         .build()
         .map_err(|e| PullError::io("start the download runtime for", store.root(), e))?;
     let staging = Staging::new(store.root())?;
-    let fetched = runtime.block_on(fetch(store, &image, settings, &staging.dir, &progress))?;
+    let fetched = runtime.block_on(fetch(
+        store,
+        &image,
+        settings,
+        peers.as_ref(),
+        &staging.dir,
+        &progress,
+    ))?;
     progress(PullEvent::Importing);
     let info = store.import_oci_layout(
         &staging.dir,
@@ -153,6 +218,7 @@ pub fn pull(
         downloaded_layers: fetched.downloaded_layers,
         skipped_layers: fetched.skipped_layers,
         downloaded_bytes: fetched.downloaded_bytes,
+        sources: fetched.sources,
     })
 }
 
@@ -206,6 +272,7 @@ struct Fetched {
     downloaded_layers: usize,
     skipped_layers: usize,
     downloaded_bytes: u64,
+    sources: BTreeMap<String, u64>,
 }
 
 /// Who to ask: the mirrors in order, then the registry.
@@ -246,6 +313,7 @@ async fn fetch(
     store: &ImageStore,
     image: &ImageRef,
     settings: &Registries,
+    peers: Option<&PeerClient>,
     layout: &Path,
     progress: &Progress,
 ) -> Result<Fetched, PullError> {
@@ -257,7 +325,15 @@ async fn fetch(
             Some(c) => RegistryAuth::Basic(c.username, c.password),
             None => RegistryAuth::Anonymous,
         };
-        match fetch_from(store, image, &client, host, &auth, layout, progress).await {
+        let mut source = Source {
+            client: &client,
+            host,
+            auth: &auth,
+            peers,
+            holder: None,
+            holder_late: AtomicBool::new(false),
+        };
+        match fetch_from(store, image, &mut source, layout, progress).await {
             Ok(f) => return Ok(f),
             // Content that does not match is never retried elsewhere silently: say it.
             Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
@@ -461,15 +537,26 @@ fn registry_error(
     }
 }
 
+/// Where a pull's bytes come from: the registry (or mirror) `host`, and the peers first.
+struct Source<'a> {
+    client: &'a Client,
+    host: &'a str,
+    auth: &'a RegistryAuth,
+    peers: Option<&'a PeerClient>,
+    /// The machine that claimed this image's fetch from the registry: wait for its blobs.
+    holder: Option<String>,
+    /// Set once the holder did not serve a blob in time: the other blobs do not wait again.
+    holder_late: AtomicBool,
+}
+
 async fn fetch_from(
     store: &ImageStore,
     image: &ImageRef,
-    client: &Client,
-    host: &str,
-    auth: &RegistryAuth,
+    source: &mut Source<'_>,
     layout: &Path,
     progress: &Progress,
 ) -> Result<Fetched, PullError> {
+    let (client, host, auth) = (source.client, source.host, source.auth);
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let cref = image.client_ref(host);
     // Answer the registry's challenge first, so that a token service's refusal is the
@@ -596,14 +683,26 @@ async fn fetch_from(
         bytes: missing.iter().map(|(_, l)| l.size).sum(),
     });
 
+    // One registry fetch per image in a rollout: claim it; a machine that holds the claim
+    // already is waited for (see `download`).
+    if let Some(peers) = source.peers.filter(|_| !missing.is_empty()) {
+        if let Some(claimed) = peers.claim(&digest).await {
+            progress(PullEvent::Claimed {
+                digest: digest.clone(),
+                holder: claimed.clone(),
+            });
+            source.holder = claimed;
+        }
+    }
+    let source = &*source;
     let cref = image.client_ref(host);
     let config = manifest.config.clone();
     let config_size = config.size;
-    download(
-        client,
+    let mut sources: BTreeMap<String, u64> = BTreeMap::new();
+    let from = download(
+        source,
         &cref,
         image,
-        host,
         "the config",
         usize::MAX,
         &config,
@@ -611,6 +710,7 @@ async fn fetch_from(
         progress,
     )
     .await?;
+    *sources.entry(from).or_default() += config_size;
     let downloaded = missing.len();
     let mut bytes_total = config_size;
     bytes_total += missing.iter().map(|(_, l)| l.size).sum::<u64>();
@@ -619,21 +719,21 @@ async fn fetch_from(
         let blobs = &blobs;
         async move {
             let what = format!("layer {}/{count}", index + 1);
-            download(
-                client, cref, image, host, &what, index, &layer, blobs, progress,
-            )
-            .await?;
+            let from = download(source, cref, image, &what, index, &layer, blobs, progress).await?;
             progress(PullEvent::LayerDone {
                 index,
                 digest: layer.digest.clone(),
                 size: layer.size,
+                source: from.clone(),
             });
-            Ok::<(), PullError>(())
+            Ok::<(String, u64), PullError>((from, layer.size))
         }
     }))
     .buffer_unordered(CONCURRENT_LAYERS)
-    .try_collect::<Vec<()>>()
-    .await?;
+    .try_collect::<Vec<(String, u64)>>()
+    .await?
+    .into_iter()
+    .for_each(|(from, size)| *sources.entry(from).or_default() += size);
 
     let index = serde_json::json!({
         "schemaVersion": 2,
@@ -655,6 +755,7 @@ async fn fetch_from(
         downloaded_layers: downloaded,
         skipped_layers: skipped,
         downloaded_bytes: bytes_total,
+        sources,
     })
 }
 
@@ -666,25 +767,97 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
 }
 
 /// Downloads one blob to `<blobs>/<hex>.partial`, hashing as it writes; fsyncs it, checks
-/// size and digest, and only then renames it to `<blobs>/<hex>`.
+/// size and digest, and only then renames it to `<blobs>/<hex>`. The peers are asked first,
+/// in order (see [`crate::peers`]), then the registry. Returns where the bytes came from.
 #[allow(clippy::too_many_arguments)]
 async fn download(
-    client: &Client,
+    source: &Source<'_>,
     cref: &oci_client::Reference,
     image: &ImageRef,
-    host: &str,
     what: &str,
     index: usize,
     desc: &Descriptor,
     blobs: &Path,
     progress: &Progress,
-) -> Result<(), PullError> {
+) -> Result<String, PullError> {
+    let (client, host) = (source.client, source.host);
     let hex = image::sha256_hex(&desc.digest).ok_or_else(|| PullError::Unsupported {
         reference: image.to_string(),
         detail: format!("{what}: digest '{}' is not sha256:<64 hex>", desc.digest),
     })?;
     let partial = blobs.join(format!("{hex}.partial"));
     let fin = blobs.join(hex);
+    if let Some(peers) = source.peers {
+        let received = |got: u64| {
+            if index != usize::MAX {
+                progress(PullEvent::LayerProgress {
+                    index,
+                    received: got,
+                    size: desc.size,
+                });
+            }
+        };
+        for peer in peers.peers() {
+            match peers
+                .fetch(peer, &desc.digest, desc.size, &partial, &received)
+                .await
+            {
+                Ok(()) => {
+                    tokio::fs::rename(&partial, &fin)
+                        .await
+                        .map_err(|e| PullError::io("rename", &fin, e))?;
+                    return Ok(peer.clone());
+                }
+                Err(PeerMiss::Unavailable(why)) => {
+                    log::debug!("{what} ({}): not from the peer: {why}", desc.digest);
+                }
+                Err(PeerMiss::Mismatch(why)) => {
+                    progress(PullEvent::PeerRefused {
+                        what: format!("{what} ({})", desc.digest),
+                        detail: why,
+                    });
+                }
+            }
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        // Another machine fetches this image from the registry: wait for this blob there.
+        if let Some(holder) = source
+            .holder
+            .as_ref()
+            .filter(|_| !source.holder_late.load(Ordering::Relaxed))
+        {
+            let deadline = tokio::time::Instant::now() + crate::peers::CLAIM_WAIT;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                match peers
+                    .fetch(holder, &desc.digest, desc.size, &partial, &received)
+                    .await
+                {
+                    Ok(()) => {
+                        tokio::fs::rename(&partial, &fin)
+                            .await
+                            .map_err(|e| PullError::io("rename", &fin, e))?;
+                        return Ok(holder.clone());
+                    }
+                    Err(PeerMiss::Unavailable(_)) => {}
+                    Err(PeerMiss::Mismatch(why)) => {
+                        progress(PullEvent::PeerRefused {
+                            what: format!("{what} ({})", desc.digest),
+                            detail: why,
+                        });
+                        break;
+                    }
+                }
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            let _ = tokio::fs::remove_file(&partial).await;
+            source.holder_late.store(true, Ordering::Relaxed);
+            log::info!(
+                "{what} ({}): {holder} did not serve it in time; fetching it from the registry",
+                desc.digest
+            );
+        }
+    }
     let oci_desc = OciDescriptor {
         media_type: desc.media_type.clone(),
         digest: desc.digest.clone(),
@@ -812,5 +985,5 @@ async fn download(
     tokio::fs::rename(&partial, &fin)
         .await
         .map_err(|e| PullError::io("rename", &fin, e))?;
-    Ok(())
+    Ok(host.to_string())
 }

@@ -16,6 +16,8 @@
 //! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ&machine=ID` | the unit's output from the init of the machine it runs on (relayed to that machine's TCP API when it is another): [`flotilla_init_api::LogEntry`] |
 //! | `GET /fleet/v1/machines` | the live machines: [`crate::Machine`] |
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
+//! | `GET`/`HEAD /v2/{name}/blobs/sha256:{hex}` | a blob of this machine's image store, for peers' pulls (TCP only; over TLS `OU=machine` only): [`blobs`] |
+//! | `POST /v2/_flotilla/claims/sha256:{hex}` | claim the fetch of an image from the registry in a rollout (same rules): [`blobs::claim`] |
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
 //! request (an invalid unit file, with its `file:line:col`), 401 without the token on
@@ -25,6 +27,7 @@
 //! of a unit that runs on another machine this fleetd cannot relay to), 502 when that relay
 //! fails, 503 when the registry or the local init fails. Every request that changes state is logged.
 
+pub mod blobs;
 pub mod client;
 mod serve;
 
@@ -50,7 +53,7 @@ use crate::engine::EngineStatus;
 use crate::error::RegistryError;
 use crate::model::{body_hash, DesiredState, Machine, UnitRecord, UnitState};
 use crate::registry::Registry;
-use crate::tls::{Peer, TlsListener};
+use crate::tls::{Peer, Role, TlsListener};
 
 pub use self::client::{ApiClient, ClientError};
 pub use self::serve::ServeLimits;
@@ -252,6 +255,10 @@ pub struct ApiState {
     relay_tls: Option<Arc<rustls::ClientConfig>>,
     roles: bool,
     local: Option<(String, InitApi)>,
+    /// The image store whose blobs `/v2/.../blobs/...` serves (TCP listeners only).
+    blobs: Option<Arc<Path>>,
+    /// The image claims this fleetd arbitrates (`POST /v2/_flotilla/claims/...`).
+    claims: blobs::Claims,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -264,6 +271,7 @@ impl std::fmt::Debug for ApiState {
             .field("relay_tls", &self.relay_tls.is_some())
             .field("roles", &self.roles)
             .field("local", &self.local.as_ref().map(|(id, _)| id))
+            .field("blobs", &self.blobs)
             .finish()
     }
 }
@@ -280,7 +288,17 @@ impl ApiState {
             relay_tls: None,
             roles: false,
             local: None,
+            blobs: None,
+            claims: blobs::Claims::default(),
         }
+    }
+
+    /// Serves the blobs of the image store at `store` (`<store>/blobs/sha256/<hex>`) on
+    /// `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` (see [`blobs`]). For TCP listeners: with
+    /// [`ApiState::with_client_roles`] only `OU=machine` clients get them.
+    pub fn with_blobs(mut self, store: impl Into<PathBuf>) -> ApiState {
+        self.blobs = Some(Arc::from(store.into()));
+        self
     }
 
     /// This machine's id and its init, for the journal of the units that run here.
@@ -328,6 +346,10 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{PREFIX}/units/{{name}}/journal"), get(journal))
         .route(&format!("{PREFIX}/machines"), get(list_machines))
         .route(&format!("{PREFIX}/state"), get(list_state))
+        .route(
+            &format!("{}/{{*rest}}", blobs::V2),
+            get(blobs::blob).post(blobs::claim),
+        )
         .fallback(not_found);
     if state.token.is_some() {
         router = router.layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -550,6 +572,22 @@ async fn require_role(request: Request, next: Next) -> Response {
         return refuse("no client certificate on this connection".into());
     };
     let reading = method == Method::GET || method == Method::HEAD;
+    // Image blobs only for machines: a reader must not get image contents that the
+    // registry protects with credentials.
+    let v2 = path.starts_with(&format!("{}/", blobs::V2));
+    if v2 && peer.role == Some(Role::Machine) {
+        // Blobs (GET, HEAD) and image claims (POST): the machines' own traffic.
+        return next.run(request).await;
+    }
+    if v2 {
+        return refuse(format!(
+            "the client certificate ({}) is {}: image blobs are served to machines only (OU=machine)",
+            peer.subject,
+            peer.role
+                .map(|r| format!("a {r} (OU={r})"))
+                .unwrap_or_else(|| "without a role".into())
+        ));
+    }
     match peer.role {
         None => refuse(format!(
             "the client certificate ({}) names no role: issue it with OU=operator, OU=reader or OU=machine (see fleetd/README.md, \"Certificates\")",

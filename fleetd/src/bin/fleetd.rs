@@ -128,6 +128,16 @@ struct Args {
     /// part of --listen, else empty.
     #[arg(long, value_name = "ADDR")]
     address: Option<String>,
+    /// The image store whose blobs the TCP API serves to the other machines' pulls
+    /// (`GET /v2/<name>/blobs/sha256:<hex>`; over TLS to OU=machine certificates only): the
+    /// local init's writable store.
+    #[arg(long, value_name = "DIR", default_value = api::blobs::DEFAULT_IMAGES)]
+    images: PathBuf,
+    /// Where to keep the list of the other machines' APIs and the identity to show them,
+    /// which `unitctl image pull` reads to fetch blobs from them before the registry (kept
+    /// only with --listen: TLS or --insecure's token).
+    #[arg(long, value_name = "PATH", default_value = flotilla_fleetd::peers::DEFAULT_PEERS_FILE)]
+    peers_file: PathBuf,
     /// The lease TTL of this machine's presence and of the engine's leadership, in seconds
     /// (default: `ttl` in --config, else 5).
     #[arg(long, value_name = "SECS")]
@@ -364,6 +374,29 @@ async fn run(mut args: Args) -> Result<()> {
         // This machine's certificate lets it read the others' TCP APIs (a journal relay).
         api_state = api_state.with_relay_tls(client.clone());
     }
+    // Layers from peers: the identity this machine shows the others' blob routes.
+    let peer_identity = match (&tls_files, &args.token_file) {
+        (Some(files), _) => match (&files.cert, &files.key) {
+            (Some(cert), Some(key)) => Some(flotilla_fleetd::peers::PeerIdentity::Tls {
+                ca: files.ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
+        (None, Some(token)) if args.listen.is_some() => {
+            Some(flotilla_fleetd::peers::PeerIdentity::Token(token.clone()))
+        }
+        _ => None,
+    };
+    let peers_file = peer_identity.map(|identity| {
+        flotilla_fleetd::peers::PeersFile::new(
+            &args.peers_file,
+            machine_id.clone(),
+            api_url.clone(),
+            identity,
+        )
+    });
     let machine = Machine {
         id: machine_id,
         address,
@@ -395,7 +428,7 @@ async fn run(mut args: Args) -> Result<()> {
     });
     match (args.listen.clone(), token, tls_configs) {
         (Some(listen), _, Some((server, _))) => {
-            let router = api::router(api_state.with_client_roles());
+            let router = api::router(api_state.with_client_roles().with_blobs(&args.images));
             let stop = stopped();
             tasks.spawn(async move {
                 api::serve_tls(&listen, router, server, tcp_limits, stop)
@@ -405,7 +438,7 @@ async fn run(mut args: Args) -> Result<()> {
         }
         (Some(listen), Some(token), None) => {
             log::warn!("api: --insecure: serving {listen} in plaintext HTTP, authenticated by the shared bearer token only");
-            let router = api::router(api_state.with_token(token));
+            let router = api::router(api_state.with_token(token).with_blobs(&args.images));
             let stop = stopped();
             tasks.spawn(async move {
                 api::serve_tcp(&listen, router, tcp_limits, stop)
@@ -414,6 +447,14 @@ async fn run(mut args: Args) -> Result<()> {
             });
         }
         _ => {}
+    }
+    if let Some(peers_file) = peers_file {
+        let stop = stopped();
+        let registry = registry.clone();
+        tasks.spawn(async move {
+            peers_file.run(registry, stop).await;
+            Ok(())
+        });
     }
     let stop = stopped();
     tasks.spawn(async move { engine.run(stop).await.map_err(anyhow::Error::from) });

@@ -265,10 +265,17 @@ impl Node {
         )
     }
 
+    /// The peers file this machine's fleetd keeps and its init's pulls read.
+    pub fn peers_file(&self) -> PathBuf {
+        self.dir.join("peers.toml")
+    }
+
     fn start_init(&mut self) {
         let units = self.dir.join("units");
         fs::create_dir_all(&units).unwrap();
         let nsenter = [
+            "env".to_string(),
+            format!("FLOTILLA_PEERS={}", self.peers_file().display()),
             "nsenter".to_string(),
             format!("--net=/run/netns/{}", self.netns),
             "--".to_string(),
@@ -314,6 +321,12 @@ impl Node {
             .arg(self.dir.with_file_name(TOKEN_FILE))
             .arg("--config")
             .arg(self.dir.join("no-fleetd.toml"))
+            // Layers from peers: this machine's store serves the others, and the peers file
+            // its init's `unitctl image pull` reads (FLOTILLA_PEERS, see `start_init`).
+            .arg("--images")
+            .arg(self.dir.join("images"))
+            .arg("--peers-file")
+            .arg(self.peers_file())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

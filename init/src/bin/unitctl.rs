@@ -197,6 +197,8 @@ enum ImageCommand {
         #[arg(long, value_name = "FILE")]
         registries: Option<PathBuf>,
         #[command(flatten)]
+        peers: image_pull::PeerArgs,
+        #[command(flatten)]
         stores: StoreArgs,
     },
     /// Remove an image from the writable (first) store (its layers go once no image uses
@@ -397,10 +399,12 @@ fn image_command(cmd: ImageCommand, json: bool, out: &mut impl Write) -> Result<
         ImageCommand::Pull {
             reference,
             registries,
+            peers,
             stores,
         } => {
             let stores = stores.open()?;
-            image_pull::pull(stores.writable(), &reference, registries, json, out)?;
+            let peers = peers.settings()?;
+            image_pull::pull(stores.writable(), &reference, registries, &peers, json, out)?;
         }
         ImageCommand::Rm { reference, stores } => {
             stores.open()?.remove(&reference)?;

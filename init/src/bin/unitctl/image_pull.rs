@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use flotilla_container::image::ImageStore;
-use flotilla_registry::{PullEvent, Registries, DEFAULT_REGISTRIES, REGISTRIES_ENV};
+use flotilla_registry::{
+    PeerSettings, PullEvent, Registries, DEFAULT_PEERS, DEFAULT_REGISTRIES, PEERS_ENV,
+    REGISTRIES_ENV,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -21,11 +24,72 @@ struct Shown {
     importing: Option<ProgressBar>,
 }
 
+/// Where blobs may come from before the registry: other machines' fleetd (layers from peers).
+#[derive(Debug, clap::Args)]
+pub(crate) struct PeerArgs {
+    /// Ask this peer (a machine's fleetd API, `https://HOST:PORT` or `http://` for an
+    /// --insecure cluster) for every blob before the registry; repeatable, asked in order.
+    /// Replaces the peers file.
+    #[arg(long = "peer", value_name = "URL")]
+    peer: Vec<String>,
+    /// The cluster CA (PEM) of the --peer machines' certificates.
+    #[arg(long, value_name = "FILE", requires = "peer")]
+    peer_ca: Option<PathBuf>,
+    /// This machine's certificate (PEM, OU=machine) shown to the --peer machines.
+    #[arg(long, value_name = "FILE", requires = "peer")]
+    peer_cert: Option<PathBuf>,
+    /// The key of --peer-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "peer")]
+    peer_key: Option<PathBuf>,
+    /// The cluster's bearer token (first line) for http:// --peer machines.
+    #[arg(long, value_name = "FILE", requires = "peer")]
+    peer_token_file: Option<PathBuf>,
+    /// The peers file fleetd keeps [default: $FLOTILLA_PEERS, else /run/flotilla/peers.toml,
+    /// when it exists].
+    #[arg(long, value_name = "FILE", conflicts_with = "peer")]
+    peers: Option<PathBuf>,
+    /// Ask no peer: the registry only.
+    #[arg(long, conflicts_with_all = ["peer", "peers"])]
+    no_peers: bool,
+}
+
+impl PeerArgs {
+    /// The peers to ask: `--peer ...`, else the peers file (given, or the default one when
+    /// it exists), else none.
+    pub(crate) fn settings(self) -> Result<PeerSettings> {
+        if self.no_peers {
+            return Ok(PeerSettings::default());
+        }
+        if !self.peer.is_empty() {
+            return Ok(PeerSettings {
+                peers: self.peer,
+                ca: self.peer_ca,
+                cert: self.peer_cert,
+                key: self.peer_key,
+                token_file: self.peer_token_file,
+                own: None,
+            });
+        }
+        let (path, given) = match self.peers {
+            Some(p) => (p, true),
+            None => match std::env::var_os(PEERS_ENV) {
+                Some(p) => (PathBuf::from(p), false),
+                None => (PathBuf::from(DEFAULT_PEERS), false),
+            },
+        };
+        if !given && !path.exists() {
+            return Ok(PeerSettings::default());
+        }
+        Ok(PeerSettings::load(&path)?)
+    }
+}
+
 /// Pulls `reference` into `store`; step lines go to stderr, the result to `out`.
 pub(crate) fn pull(
     store: &ImageStore,
     reference: &str,
     registries: Option<PathBuf>,
+    peers: &PeerSettings,
     json: bool,
     out: &mut impl Write,
 ) -> Result<()> {
@@ -43,7 +107,8 @@ pub(crate) fn pull(
             }
         })
     };
-    let report = flotilla_registry::pull(store, reference, &settings, &path, progress)?;
+    let report =
+        flotilla_registry::pull_with_peers(store, reference, &settings, &path, peers, progress)?;
     if let Ok(mut s) = shown.lock() {
         let s = &mut *s;
         for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
@@ -58,6 +123,7 @@ pub(crate) fn pull(
             "downloaded_layers": report.downloaded_layers,
             "skipped_layers": report.skipped_layers,
             "downloaded_bytes": report.downloaded_bytes,
+            "sources": report.sources,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
@@ -72,8 +138,26 @@ pub(crate) fn pull(
             human_size(report.downloaded_bytes),
             report.skipped_layers
         )?;
+        if report.sources.keys().any(|s| *s != report.registry) {
+            let by: Vec<String> = report
+                .sources
+                .iter()
+                .map(|(s, b)| format!("{} from {s}", human_size(*b)))
+                .collect();
+            writeln!(out, "  bytes by source: {}", by.join(", "))?;
+        }
     }
     Ok(())
+}
+
+/// A step line: above the progress bars on a terminal, else on stderr.
+fn say(multi: Option<&MultiProgress>, line: String) {
+    match multi {
+        Some(m) => {
+            let _ = m.println(line);
+        }
+        None => eprintln!("{line}"),
+    }
 }
 
 fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
@@ -87,30 +171,22 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
         } => {
             s.count = layers;
             s.bars = vec![None; layers];
-            let line = format!(
-                "{registry}: manifest {manifest_digest}, {layers} layers, {missing} to download ({})",
-                human_size(bytes)
+            say(
+                multi,
+                format!(
+                    "{registry}: manifest {manifest_digest}, {layers} layers, {missing} to download ({})",
+                    human_size(bytes)
+                ),
             );
-            match multi {
-                Some(m) => {
-                    let _ = m.println(line);
-                }
-                None => eprintln!("{line}"),
-            }
         }
-        PullEvent::LayerSkipped { index, digest } => {
-            let line = format!(
+        PullEvent::LayerSkipped { index, digest } => say(
+            multi,
+            format!(
                 "layer {}/{} {digest} already in the store",
                 index + 1,
                 s.count.max(index + 1)
-            );
-            match multi {
-                Some(m) => {
-                    let _ = m.println(line);
-                }
-                None => eprintln!("{line}"),
-            }
-        }
+            ),
+        ),
         PullEvent::LayerProgress {
             index,
             received,
@@ -136,9 +212,10 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
             index,
             digest,
             size,
+            source,
         } => {
             let line = format!(
-                "layer {}/{} {digest} downloaded ({}), verified",
+                "layer {}/{} {digest} downloaded ({}) from {source}, verified",
                 index + 1,
                 s.count.max(index + 1),
                 human_size(size)
@@ -164,26 +241,37 @@ fn show(s: &mut Shown, multi: Option<&MultiProgress>, ev: PullEvent) {
             } else {
                 format!("layer {}/{}", index + 1, s.count.max(index + 1))
             };
-            let line = format!(
-                "{which} {digest}: cut after {} ({error}); resuming there",
-                human_size(offset)
+            say(
+                multi,
+                format!(
+                    "{which} {digest}: cut after {} ({error}); resuming there",
+                    human_size(offset)
+                ),
             );
-            match multi {
-                Some(m) => {
-                    let _ = m.println(line);
-                }
-                None => eprintln!("{line}"),
-            }
         }
-        PullEvent::SourceFailed { registry, error } => {
-            let line = format!("mirror {registry} failed: {error}; trying the next source");
-            match multi {
-                Some(m) => {
-                    let _ = m.println(line);
-                }
-                None => eprintln!("{line}"),
-            }
-        }
+        PullEvent::PeerRefused { what, detail } => say(
+            multi,
+            format!(
+                "{what} from a peer does not match its digest, refused (a peer cannot substitute content): {detail}; trying the next source"
+            ),
+        ),
+        PullEvent::SourceFailed { registry, error } => say(
+            multi,
+            format!("mirror {registry} failed: {error}; trying the next source"),
+        ),
+        PullEvent::PeersUnavailable { why } => say(
+            multi,
+            format!("not asking the peers: {why}; pulling from the registry"),
+        ),
+        PullEvent::Claimed { digest, holder } => say(
+            multi,
+            match holder {
+                Some(h) => format!(
+                    "image {digest}: {h} fetches it from the registry; taking its blobs from there"
+                ),
+                None => format!("image {digest}: this machine fetches it from the registry"),
+            },
+        ),
         PullEvent::Importing => {
             let line = "every blob verified; importing into the store".to_string();
             match multi {

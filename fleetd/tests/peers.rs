@@ -1,0 +1,299 @@
+//! Layers from peers (issue 12): every fleetd serves its image store's blobs on its TCP API
+//! and keeps the peers file its init's `unitctl image pull` reads; a pull asks the other
+//! machines for each blob before the registry, verifies every byte whatever the source, and
+//! in a rollout the machines pulling one image agree (an image claim) on one that fetches it
+//! from the registry while the others take its blobs from it.
+//!
+//! Real parts: Debian's `docker-registry` (`qemu_tests::registry::TestRegistry`) on the
+//! cluster's bridge, whose access log counts the blob GETs; images pushed with `skopeo copy`
+//! from OCI layouts of a static busybox; etcd and network-namespace machines from
+//! `cluster/mod.rs` whose inits run units in containers and pull with the real `unitctl`.
+//! Needs root, `docker-registry`, `skopeo`, `busybox-static`, `etcd-server`, and `cargo build
+//! -p flotilla-init` first (it builds `unitctl` too).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+#[path = "cluster/mod.rs"]
+mod harness;
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use flotilla_container::image::{write_oci_layout, RuntimeConfig};
+use harness::Cluster;
+use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
+use serde_json::Value;
+
+/// The lease TTL where no machine leaves (as `tests/pin.rs`).
+const TTL_SECS: u64 = 30;
+
+/// An OCI layout (in `dir/layout`) of a static busybox whose `/hello` says `hello`.
+fn busybox_layout(dir: &Path, hello: &str) -> PathBuf {
+    let busybox = qemu_tests::ensure_program("busybox", "busybox-static").unwrap();
+    let root = dir.join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(root.join("hello"), hello).unwrap();
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of {}", root.display());
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, &[tar], &config, "app:1").unwrap();
+    layout
+}
+
+/// A registry on the cluster's bridge, marked insecure in `c.registries()`, holding
+/// `team/app:1`; returns it, the settings path, the reference and the image's blobs
+/// (config first, then the layers).
+fn registry_with_image(c: &Cluster, dir: &Path) -> (TestRegistry, String, String, Vec<String>) {
+    let registry = TestRegistry::start_with(
+        &dir.join("registry"),
+        &RegistryOptions {
+            ip: Some(c.bridge_ip()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let settings = c.registries();
+    fs::write(
+        &settings,
+        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
+    )
+    .unwrap();
+    let layout = busybox_layout(&dir.join("v1"), "release one\n");
+    let image = format!("{}/team/app:1", registry.host());
+    push(&layout, &image, &["--dest-tls-verify=false"]).unwrap();
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    for l in manifest["layers"].as_array().unwrap() {
+        blobs.push(l["digest"].as_str().unwrap().to_string());
+    }
+    (
+        registry,
+        settings.to_str().unwrap().to_string(),
+        image,
+        blobs,
+    )
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `unitctl` beside the `flotilla-init` the machines run.
+fn unitctl() -> PathBuf {
+    support::init_binary().with_file_name("unitctl")
+}
+
+/// `unitctl --json image pull IMAGE --store STORE --registries SETTINGS ARGS`, which must
+/// succeed: its JSON report and its stderr.
+fn pull(image: &str, store: &Path, settings: &str, args: &[&str]) -> (Value, String) {
+    let out = Command::new(unitctl())
+        .args(["--json", "image", "pull", image, "--store"])
+        .arg(store)
+        .args(["--registries", settings])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("FLOTILLA_PEERS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "unitctl image pull: {}", stderr(&out));
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr(&out))
+}
+
+/// The peers file of machine `i`, once it lists `n` peers.
+fn peers_file(c: &Cluster, i: usize, n: usize) -> PathBuf {
+    let path = c.nodes[i].peers_file();
+    c.wait(
+        &format!("m{}'s peers file to list {n} peers", i + 1),
+        || {
+            fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| t.get("peers").and_then(|p| p.as_array()).map(Vec::len))
+                == Some(n)
+        },
+    );
+    path
+}
+
+/// Two machines: m1 pulls the image (from the registry: one GET per blob); m2's pull takes
+/// every blob from m1 (its report says so; the registry's log shows no second GET), and m2
+/// runs the same image. Then m1's copy of the layer is altered: a pull that asks m1 first
+/// refuses its bytes (a peer cannot substitute content), takes the layer from the registry
+/// and stores the right image.
+#[test]
+fn a_machine_takes_the_blobs_another_machine_holds_and_refuses_altered_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start_with_containers(&["role=a", "role=b"], TTL_SECS);
+    let (registry, settings, image, blobs) = registry_with_image(&c, tmp.path());
+    let gets = |r: &TestRegistry| blobs.iter().map(|b| r.blob_gets(b)).collect::<Vec<_>>();
+    let p1 = peers_file(&c, 0, 1);
+    let p2 = peers_file(&c, 1, 1);
+    let m1_api = format!("http://{}:{}", c.nodes[0].ip, harness::FLEETD_PORT);
+    let p2_text = fs::read_to_string(&p2).unwrap();
+    assert!(p2_text.contains(&m1_api), "{p2_text}");
+
+    // m1 pulls: from the registry, once per blob.
+    let p1s = p1.to_str().unwrap();
+    let (report, _) = pull(&image, &c.images(0), &settings, &["--peers", p1s]);
+    assert_eq!(gets(&registry), vec![1; blobs.len()], "{}", registry.log());
+    assert_eq!(
+        report["sources"][registry.host()],
+        report["downloaded_bytes"]
+    );
+
+    // m2 pulls: every blob from m1, none from the registry.
+    let p2s = p2.to_str().unwrap();
+    let (report, err) = pull(&image, &c.images(1), &settings, &["--peers", p2s]);
+    assert_eq!(
+        gets(&registry),
+        vec![1; blobs.len()],
+        "no second GET of any blob: {err}\n{}",
+        registry.log()
+    );
+    assert_eq!(
+        report["sources"],
+        serde_json::json!({ m1_api.clone(): report["downloaded_bytes"] }),
+        "{report}\n{err}"
+    );
+    assert!(err.contains(&format!("from {m1_api}, verified")), "{err}");
+    let list = Command::new(unitctl())
+        .args(["image", "list", "--store"])
+        .arg(c.images(1))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("/team/app"),
+        "m2's store holds the image: {}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+
+    // m1's copy of the layer is altered (same size): m1 now serves wrong bytes for it.
+    let layer = &blobs[1];
+    let file = c.images(0).join("blobs/sha256").join(&layer[7..]);
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    let token = fs::read_to_string(&p1)
+        .unwrap()
+        .parse::<toml::Table>()
+        .unwrap()["token_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fresh = tmp.path().join("fresh");
+    let (report, err) = pull(
+        &image,
+        &fresh,
+        &settings,
+        &["--peer", &m1_api, "--peer-token-file", &token],
+    );
+    assert!(
+        err.contains("does not match its digest, refused (a peer cannot substitute content)"),
+        "{err}"
+    );
+    assert_eq!(
+        registry.blob_gets(layer),
+        2,
+        "the layer came from the registry: {}",
+        registry.log()
+    );
+    assert_eq!(registry.blob_gets(&blobs[0]), 1, "the config from m1");
+    let layer_size = bytes.len() as u64;
+    assert_eq!(
+        report["sources"][registry.host()].as_u64(),
+        Some(layer_size),
+        "{report}"
+    );
+    let stored = fs::read(fresh.join("blobs/sha256").join(&layer[7..])).unwrap();
+    assert_ne!(
+        stored, bytes,
+        "the store holds the registry's bytes, not m1's"
+    );
+}
+
+/// The line a unit's copy on `machine` printed from its image's `/hello`.
+fn hello_on(c: &Cluster, unit: &str, machine: &str) -> Option<String> {
+    let out = c.fleetctl(&["journal", "--machine", machine, "-n", "100", unit]);
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.split_once(" stdout ").map(|(_, text)| text.to_string()))
+        .filter(|t| t.starts_with("release"))
+}
+
+/// Five machines start a global unit by a pinned tag at once, none holding its image:
+/// every machine runs it, and each blob of the image was fetched from the registry exactly
+/// once (the registry's access log): one machine claimed the image and the others took its
+/// blobs from it.
+#[test]
+fn a_five_machine_rollout_fetches_each_blob_from_the_registry_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let machines = ["m1", "m2", "m3", "m4", "m5"];
+    let c = Cluster::start_with_containers(&["role=web"; 5], TTL_SECS);
+    let (registry, settings, image, blobs) = registry_with_image(&c, tmp.path());
+    for i in 0..machines.len() {
+        peers_file(&c, i, machines.len() - 1);
+    }
+    let web = c.write(
+        "web.toml",
+        &format!(
+            "[container]\nimage = \"{image}\"\n\
+             command = [\"/bin/sh\", \"-c\", \"cat /hello; exec sleep 100000\"]\n\
+             [fleet]\nglobal = true\n"
+        ),
+    );
+    c.ok(&[
+        "start",
+        "--registries",
+        &settings,
+        "--block-timeout",
+        "300s",
+        &web,
+    ]);
+    for m in machines {
+        c.wait(&format!("web's output on {m}"), || {
+            hello_on(&c, "web", m).is_some()
+        });
+        assert_eq!(
+            hello_on(&c, "web", m).as_deref(),
+            Some("release one"),
+            "{m}"
+        );
+    }
+    let counts: Vec<usize> = blobs.iter().map(|b| registry.blob_gets(b)).collect();
+    assert_eq!(
+        counts,
+        vec![1; blobs.len()],
+        "each blob fetched from the registry once (config, layer): {}\n{}",
+        registry.log(),
+        c.logs()
+    );
+}
