@@ -659,27 +659,58 @@ impl Proxy {
     }
 }
 
+/// A registry holding the busybox image as `team/app:1`, reached through a [`Proxy`]
+/// (`reference` names it there; `settings` mark the proxy insecure), and an empty store.
+struct Proxied {
+    reg: TestRegistry,
+    proxy: Proxy,
+    reference: String,
+    store: PathBuf,
+    settings: PathBuf,
+    /// The image's layer digest.
+    layer: String,
+}
+
+impl Proxied {
+    fn start(dir: &Path) -> Proxied {
+        fs::create_dir_all(dir.join("reg")).unwrap();
+        let reg = Registry::start(&dir.join("reg"), None, None);
+        let (layout, layer) = busybox_layout(dir);
+        push(
+            &layout,
+            &format!("{}/team/app:1", reg.host()),
+            &["--dest-tls-verify=false"],
+        );
+        let proxy = Proxy::start(reg.port());
+        let host = format!("127.0.0.1:{}", proxy.port);
+        let settings = dir.join("registries.toml");
+        write_settings(
+            &settings,
+            &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+        );
+        Proxied {
+            reg,
+            proxy,
+            reference: format!("{host}/team/app:1"),
+            store: dir.join("store"),
+            settings,
+            layer,
+        }
+    }
+}
+
 #[test]
 fn a_cut_or_killed_pull_leaves_nothing_and_the_next_pull_starts_clean() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    fs::create_dir_all(dir.join("reg")).unwrap();
-    let reg = Registry::start(&dir.join("reg"), None, None);
-    let (layout, layer) = busybox_layout(dir);
-    push(
-        &layout,
-        &format!("{}/team/app:1", reg.host()),
-        &["--dest-tls-verify=false"],
-    );
-    let proxy = Proxy::start(reg.port());
-    let host = format!("127.0.0.1:{}", proxy.port);
-    let reference = format!("{host}/team/app:1");
-    let store = dir.join("store");
-    let settings = dir.join("registries.toml");
-    write_settings(
-        &settings,
-        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
-    );
+    let Proxied {
+        reg: _reg,
+        proxy,
+        reference,
+        store,
+        settings,
+        layer,
+    } = Proxied::start(dir);
 
     // Every connection is cut 100 KiB into its answer: each resume of the (1 MiB) layer
     // gets 100 KiB further, and the pull gives up after its resumes: an error, nothing
@@ -1514,23 +1545,14 @@ fn a_mirror_that_has_the_image_serves_it_and_one_that_lacks_it_falls_through() {
 fn a_cut_layer_download_resumes_where_it_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    fs::create_dir_all(dir.join("reg")).unwrap();
-    let reg = Registry::start(&dir.join("reg"), None, None);
-    let (layout, layer) = busybox_layout(dir);
-    push(
-        &layout,
-        &format!("{}/team/app:1", reg.host()),
-        &["--dest-tls-verify=false"],
-    );
-    let proxy = Proxy::start(reg.port());
-    let host = format!("127.0.0.1:{}", proxy.port);
-    let reference = format!("{host}/team/app:1");
-    let store = dir.join("store");
-    let settings = dir.join("registries.toml");
-    write_settings(
-        &settings,
-        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
-    );
+    let Proxied {
+        reg,
+        proxy,
+        reference,
+        store,
+        settings,
+        layer,
+    } = Proxied::start(dir);
 
     // One connection is cut 200 KiB in (into the layer); the next ones pass.
     proxy.set_cuts(200 << 10, false, 1);
