@@ -92,7 +92,7 @@ pub enum PullError {
     },
     /// This machine has no CA certificates: no HTTPS client can be built (oci-client's
     /// would panic), so the pull refuses before it starts.
-    #[error("cannot pull from {registry}: this machine has no CA certificates (no system bundle found, SSL_CERT_FILE unset); install a CA bundle, or give {registry} a `ca_file` in registries.toml (unitctl then uses that CA as the machine's roots)")]
+    #[error("cannot pull from {registry}: this machine has no CA certificates (none in SSL_CERT_FILE or SSL_CERT_DIR, no system bundle); install a CA bundle, or give {registry} a `ca_file` in registries.toml (unitctl then uses that CA as the machine's roots)")]
     NoRoots {
         /// The registry (or mirror) to be asked.
         registry: String,
