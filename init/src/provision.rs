@@ -24,6 +24,8 @@
 //! [registries.registry."registry.example:5000"]
 //! username = "ci"
 //! password = "s3cret"
+//! ca = """-----BEGIN CERTIFICATE-----..."""   # its CA, inline (instead of ca_file)
+//!                        # -> /etc/flotilla/registry-ca-registry.example_5000.crt
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -93,6 +95,10 @@ pub struct Registry {
     /// PEM file of an extra CA.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// An extra CA, inline (PEM): provisioning's own key, rendered to
+    /// [`registry_ca_path`] and named by `ca_file` in `registries.toml`.
+    #[serde(skip_serializing)]
+    pub ca: Option<String>,
     /// Plain HTTP is allowed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
@@ -457,6 +463,10 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         None => Fleet::default(),
     };
 
+    if let Some(r) = &raw.registries {
+        check_registry_cas(r, text, &at)?;
+    }
+
     Ok(Config {
         hostname,
         network,
@@ -465,6 +475,97 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         fleet,
         registries: raw.registries,
     })
+}
+
+/// Where a registry's inline `ca` goes; spans of `ca` and `ca_file`, for errors.
+#[derive(Deserialize)]
+struct CaSpans {
+    registries: Option<CaSpansRegistries>,
+}
+
+#[derive(Deserialize)]
+struct CaSpansRegistries {
+    #[serde(default)]
+    registry: BTreeMap<String, CaSpan>,
+}
+
+#[derive(Deserialize)]
+struct CaSpan {
+    ca: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+/// Checks every `[registries.registry."HOST"] ca`: a PEM certificate, not beside `ca_file`,
+/// and a file name of its own (two registry names must not map to one file).
+fn check_registry_cas(
+    registries: &Registries,
+    text: &str,
+    at: &impl Fn(std::ops::Range<usize>, String, &str) -> UnitError,
+) -> Result<(), UnitError> {
+    if registries.registry.values().all(|r| r.ca.is_none()) {
+        return Ok(());
+    }
+    // The text parsed as a whole already; this second look only finds positions.
+    let spans: CaSpans = toml::from_str(text).unwrap_or(CaSpans { registries: None });
+    let span_of = |host: &str, file: bool| {
+        spans
+            .registries
+            .as_ref()
+            .and_then(|r| r.registry.get(host))
+            .and_then(|s| {
+                if file {
+                    s.ca_file.as_ref()
+                } else {
+                    s.ca.as_ref()
+                }
+            })
+            .map(|s| s.span())
+            .unwrap_or(0..0)
+    };
+    let mut files: BTreeMap<String, &str> = BTreeMap::new();
+    for (host, r) in &registries.registry {
+        let Some(ca) = &r.ca else { continue };
+        if r.ca_file.is_some() {
+            return Err(at(
+                span_of(host, true),
+                format!("registry {host:?}: ca and ca_file exclude each other"),
+                "keep one: ca (the PEM inline) or ca_file (a path on the machine)",
+            ));
+        }
+        if !ca.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(at(
+                span_of(host, false),
+                format!("registry {host:?}: ca is not a PEM certificate (no -----BEGIN CERTIFICATE----- line)"),
+                "paste the CA's certificate file, BEGIN and END lines included",
+            ));
+        }
+        let path = registry_ca_path(host);
+        if let Some(other) = files.insert(path.clone(), host) {
+            return Err(at(
+                span_of(host, false),
+                format!("registries {other:?} and {host:?} would both write their ca to {path}"),
+                "give one of them its CA with ca_file",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The file a registry's inline `ca` is rendered to: `/etc/flotilla/registry-ca-HOST.crt`,
+/// every character of `host` other than `A-Z a-z 0-9 . -` made `_`
+/// (`10.0.2.2:5000` -> `/etc/flotilla/registry-ca-10.0.2.2_5000.crt`).
+pub fn registry_ca_path(host: &str) -> String {
+    let name: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("/etc/flotilla/registry-ca-{name}.crt")
 }
 
 /// Validates one unit's text with the unit format's own parser.
@@ -643,9 +744,19 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
         files.push(file(&format!("flotilla/units/{name}"), contents.clone()));
     }
     if let Some(r) = &config.registries {
+        // An inline CA becomes a file beside registries.toml (a CA is public: 0644), which
+        // the rendered settings name as its `ca_file`.
+        let mut r = r.clone();
+        for (host, reg) in &mut r.registry {
+            if let Some(ca) = reg.ca.take() {
+                let path = registry_ca_path(host);
+                files.push(file(path.trim_start_matches("/etc/"), ca));
+                reg.ca_file = Some(path);
+            }
+        }
         // Serializing plain strings, bools and tables cannot fail; were it to, the file
         // says so instead of holding half the settings.
-        let body = toml::to_string(r)
+        let body = toml::to_string(&r)
             .unwrap_or_else(|e| format!("# could not render [registries]: {e}\n"));
         files.push(EtcFile {
             mode: 0o600,
@@ -970,5 +1081,83 @@ command = ["/bin/echo", "%i"]
         let e = parse("cfg", bad).unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.to_string().contains("mirrorz"), "{e}");
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn an_inline_registry_ca_renders_beside_registries_toml_as_its_ca_file() {
+        let text = format!(
+            "[registries.registry.\"10.0.2.2:5000\"]\n\
+             username = \"ci\"\npassword = \"hunter2\"\nca = \"\"\"\n{PEM}\"\"\"\n\
+             [registries.registry.\"other.example\"]\ninsecure = true\n"
+        );
+        let c = parse("cfg", &text).unwrap();
+        let files = render(&c, "0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            registry_ca_path("10.0.2.2:5000"),
+            "/etc/flotilla/registry-ca-10.0.2.2_5000.crt"
+        );
+        let ca = files
+            .iter()
+            .find(|f| f.path == "flotilla/registry-ca-10.0.2.2_5000.crt")
+            .unwrap();
+        assert_eq!(ca.contents, PEM);
+        assert_eq!(ca.mode, 0o644);
+        let reg = files
+            .iter()
+            .find(|f| f.path == "flotilla/registries.toml")
+            .unwrap();
+        assert_eq!(reg.mode, 0o600);
+        // registries.toml names the file; the PEM and the `ca` key are not in it (the pull
+        // helper's format has no `ca`).
+        let back: toml::Table = toml::from_str(&reg.contents).unwrap();
+        let want: toml::Table = toml::from_str(
+            "[registry.\"10.0.2.2:5000\"]\n\
+             username = \"ci\"\npassword = \"hunter2\"\n\
+             ca_file = \"/etc/flotilla/registry-ca-10.0.2.2_5000.crt\"\n\
+             [registry.\"other.example\"]\ninsecure = true\n",
+        )
+        .unwrap();
+        assert_eq!(back, want, "{}", reg.contents);
+        // Only the one registry with a `ca` got a file.
+        assert_eq!(
+            files
+                .iter()
+                .filter(|f| f.path.starts_with("flotilla/registry-ca-"))
+                .count(),
+            1
+        );
+        // A host name cannot leave /etc/flotilla.
+        assert_eq!(
+            registry_ca_path("../../x/y:1"),
+            "/etc/flotilla/registry-ca-.._.._x_y_1.crt"
+        );
+    }
+
+    #[test]
+    fn a_bad_inline_registry_ca_is_refused_at_its_line() {
+        // Not a PEM certificate.
+        let text = "hostname = \"n\"\n[registries.registry.\"r:5000\"]\nca = \"secret\"\n";
+        let e = parse("cfg", text).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.to_string().contains("not a PEM certificate"), "{e}");
+
+        // ca and ca_file together.
+        let text = format!(
+            "[registries.registry.\"r:5000\"]\nca = \"\"\"\n{PEM}\"\"\"\n\
+             ca_file = \"/etc/x.crt\"\n"
+        );
+        let e = parse("cfg", &text).unwrap_err();
+        assert_eq!(e.line, Some(7), "{e}");
+        assert!(e.to_string().contains("exclude each other"), "{e}");
+
+        // Two registry names that map to one file.
+        let text = format!(
+            "[registries.registry.\"r:5000\"]\nca = \"\"\"\n{PEM}\"\"\"\n\
+             [registries.registry.\"r_5000\"]\nca = \"\"\"\n{PEM}\"\"\"\n"
+        );
+        let e = parse("cfg", &text).unwrap_err();
+        assert!(e.to_string().contains("would both write"), "{e}");
     }
 }

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Registries, RegistryConfig, DEFAULT_REGISTRIES, REGISTRIES_ENV};
 pub use peers::{PeerSettings, DEFAULT_PEERS, PEERS_ENV};
-pub use pull::{pull, pull_with_peers, resolve_digest, PullEvent, PullReport};
+pub use pull::{
+    fallback_roots, machine_has_roots, pull, pull_with_peers, resolve_digest, PullEvent, PullReport,
+};
 pub use reference::ImageRef;
 
 use flotilla_container::image::ImageError;
@@ -91,6 +93,13 @@ pub enum PullError {
         answer: String,
         /// What to do about it, if known.
         hint: &'static str,
+    },
+    /// This machine has no CA certificates: no HTTPS client can be built (oci-client's
+    /// would panic), so the pull refuses before it starts.
+    #[error("cannot pull from {registry}: this machine has no CA certificates (none in SSL_CERT_FILE or SSL_CERT_DIR, no system bundle); install a CA bundle, or give {registry} a `ca_file` in registries.toml (unitctl then uses that CA as the machine's roots)")]
+    NoRoots {
+        /// The registry (or mirror) to be asked.
+        registry: String,
     },
     /// A blob's content does not match its digest: refused, not stored.
     #[error("pull of {reference}: {what} from {registry} does not match its digest (expected {expected}, got {actual}); refused, nothing stored: the registry or something between it and this host altered it")]

@@ -282,10 +282,42 @@ fn endpoints(image: &ImageRef, settings: &Registries) -> Vec<String> {
     v
 }
 
+/// Whether this process finds CA certificates of its own, as the HTTPS client looks for
+/// them (rustls-native-certs: `SSL_CERT_FILE`/`SSL_CERT_DIR`, else the system bundle). A
+/// host image without a CA bundle has none; oci-client then cannot build its HTTP client
+/// (its constructor panics, even for plain HTTP), so [`pull`] refuses first.
+pub fn machine_has_roots() -> bool {
+    !rustls_native_certs::load_native_certs().certs.is_empty()
+}
+
+/// On a machine without CA certificates ([`machine_has_roots`] false): the `ca_file` of
+/// the registry `reference` names (else of its first mirror that has one), for the caller
+/// to point `SSL_CERT_FILE` at before it starts any thread, so that the pull can build its
+/// client (that CA then stands for the machine's roots for this process). `None` when the
+/// machine has roots, the reference does not parse, or no such `ca_file` is set.
+pub fn fallback_roots(
+    reference: &str,
+    settings: &Registries,
+    settings_path: &Path,
+) -> Option<PathBuf> {
+    if machine_has_roots() {
+        return None;
+    }
+    let image = ImageRef::parse(reference, settings, &settings_path.display().to_string()).ok()?;
+    let mut hosts = endpoints(&image, settings);
+    hosts.rotate_right(1); // the registry first, then its mirrors in order
+    hosts.iter().find_map(|h| settings.get(h).ca_file)
+}
+
 fn client_for(settings: &Registries, hosts: &[String]) -> Result<Client, PullError> {
     // rustls without a bundled provider: install ring (the workspace's) once per process.
     // An error means one is already installed, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if !machine_has_roots() {
+        return Err(PullError::NoRoots {
+            registry: hosts.last().cloned().unwrap_or_default(),
+        });
+    }
     let mut insecure = Vec::new();
     let mut extra = Vec::new();
     for host in hosts {

@@ -97,6 +97,14 @@ pub(crate) fn pull(
         .or_else(|| std::env::var_os(REGISTRIES_ENV).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRIES));
     let settings = Registries::load(&path)?;
+    // A machine without CA certificates (the host image has no CA bundle): the registry's
+    // own CA stands for the machine's roots, else no HTTPS client can be built at all (see
+    // flotilla_registry::fallback_roots).
+    if let Some(ca) = flotilla_registry::fallback_roots(reference, &settings, &path) {
+        // Set before the pull starts its runtime: unitctl has no other thread that could
+        // read the environment meanwhile.
+        std::env::set_var("SSL_CERT_FILE", &ca);
+    }
     let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
     let shown = Arc::new(Mutex::new(Shown::default()));
     let progress: flotilla_registry::Progress = {
