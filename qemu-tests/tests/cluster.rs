@@ -482,9 +482,10 @@ type AsClient<'a> = dyn Fn(Option<&qemu_tests::pki::Cert>, &[&str]) -> (bool, St
 /// registry insecure: the workstation resolves the tag) submits a global unit by that tag,
 /// pinned to release one's digest; all three VMs pull it (their provisioned registries.toml,
 /// and the other machines' fleetds as peers) and print `release one`; the registry served
-/// each blob once for the three. The tag moves to release two; vm2 restarts the unit (a
-/// restart pulls first): it prints `release one` again, never `release two`, and every VM's
-/// store holds `…/team/app:sha256-<release one>` and not release two.
+/// each blob once for the three. The tag moves to release two; vm2 removes the image's tags
+/// from its store and restarts the unit (a restart pulls first): it prints `release one`
+/// again, never `release two`, and every VM's store holds `…/team/app:sha256-<release one>`
+/// and not release two.
 fn pinned_image_runs_everywhere(
     registry: &TestRegistry,
     layouts: &[PathBuf; 2],
@@ -563,9 +564,26 @@ fn pinned_image_runs_everywhere(
         );
     }
 
-    // The tag moves; vm2 restarts its copy, which pulls (the pinned digest) before it stops.
+    // The tag moves. vm2 forgets the image (its tags; the running copy keeps its layers)
+    // and restarts its copy, which pulls the unit's image again before it stops: the pinned
+    // digest, release one (a tag would now be release two).
     let (d2, blobs2) = push_app(registry, &layouts[1], "1");
     assert_ne!(d1, d2);
+    let list = shells[1].ok("unitctl image list", CMD).unwrap();
+    let tags: Vec<String> = list
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() > 2 && cols[0].ends_with("/team/app"))
+                .then(|| format!("{}:{}", cols[0], cols[1]))
+        })
+        .collect();
+    assert!(!tags.is_empty(), "vm2's store: {list}");
+    for tag in &tags {
+        shells[1]
+            .ok(&format!("unitctl image rm {tag}"), CMD)
+            .unwrap();
+    }
     let pid = main_pid(&mut shells[1], "app");
     let before = shells[1].ok("unitctl logs app", CMD).unwrap();
     let runs_before = before.matches("release").count();
