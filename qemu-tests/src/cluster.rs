@@ -54,6 +54,8 @@ pub struct ClusterNet {
     ca: Ca,
     operator: Cert,
     reader: Cert,
+    /// Registries (`host:port`) the VMs' provisioning marks insecure (plain HTTP).
+    insecure_registries: Vec<String>,
 }
 
 impl ClusterNet {
@@ -79,6 +81,7 @@ impl ClusterNet {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),
             },
+            insecure_registries: Vec::new(),
         };
         // Issued now, before any VM boots: a guest's clock under TCG lags the host's by a
         // few seconds, and a certificate issued later may not be valid yet there.
@@ -127,6 +130,14 @@ impl ClusterNet {
     /// A reader's client certificate (`OU=reader`).
     pub fn reader(&self) -> &Cert {
         &self.reader
+    }
+
+    /// Marks the registry at `host` (`ip:port`, e.g. a
+    /// [`crate::registry::TestRegistry`] on [`ClusterNet::host_ip`]) insecure (plain HTTP) in
+    /// the provisioning of the VMs booted from now on: `[registries]`, which init renders as
+    /// `/etc/flotilla/registries.toml`, the settings the VMs' pulls read.
+    pub fn insecure_registry(&mut self, host: &str) {
+        self.insecure_registries.push(host.to_string());
     }
 
     /// etcd's log so far.
@@ -206,11 +217,21 @@ impl ClusterNet {
     /// `role` metadata, and `[fleet]`: this etcd, the lease TTL, fleetd's TCP API on port
     /// [`FLEETD_PORT`] over mutual TLS with the VM's own machine certificate, also its etcd
     /// client certificate (the image's fleetd unit reads them from /etc/flotilla; list-machines
-    /// shows eth0's address).
+    /// shows eth0's address); and `[registries]` when [`ClusterNet::insecure_registry`] named
+    /// any.
     pub fn provisioning(&self, n: usize, role: &str, ttl_secs: u64) -> Result<String> {
         let machine = self
             .ca
             .issue(&format!("vm{n}"), "machine", Usage::Node(&self.vm_ip(n)))?;
+        let mut registries = String::new();
+        if !self.insecure_registries.is_empty() {
+            registries.push_str("[registries]\n");
+            for host in &self.insecure_registries {
+                registries.push_str(&format!(
+                    "[registries.registry.\"{host}\"]\ninsecure = true\n"
+                ));
+            }
+        }
         Ok(format!(
             r#"hostname = "vm{n}"
 [network]
@@ -228,7 +249,7 @@ cert = """
 {cert}"""
 key = """
 {key}"""
-"#,
+{registries}"#,
             ip = self.vm_ip(n),
             gw = self.host_ip(),
             endpoint = self.endpoint,

@@ -14,15 +14,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use flotilla_container::image::{write_oci_layout, RuntimeConfig};
 use qemu_tests::cluster::{
     active_units, fleetctl_json, machines, poll, write_file, ClusterNet, FLEETD_PORT, GLOBAL_UNIT,
     SERVICE_UNIT,
 };
 use qemu_tests::ensure_program;
+use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
 use qemu_tests::{Shell, Vm};
 
 mod common;
@@ -160,14 +163,30 @@ impl Drop for LeaseKeeper {
 }
 
 /// Three VMs join one etcd; a global unit runs on all three and a service on one worker;
-/// the worker running the service is powered off (ACPI): its fleetd takes the machine out
+/// a global unit submitted by tag runs the same digest everywhere after the tag moves, each
+/// blob fetched from the registry once ([`pinned_image_runs_everywhere`]); the worker running the service is powered off (ACPI): its fleetd takes the machine out
 /// of the cluster on the way down, the service moves to the other worker, and the global
 /// unit keeps running, untouched, on the two machines left.
 #[test]
 fn three_vms_share_units_and_a_service_moves_on_power_off() {
     let t = tempfile::tempdir().unwrap();
     let image = common::build_image(&qemu_tests::images::host_spec(), t.path());
-    let net = ClusterNet::new(t.path(), 3).unwrap();
+    let mut net = ClusterNet::new(t.path(), 3).unwrap();
+    // The registry on the host's bridge address, insecure (plain HTTP) in every VM's
+    // provisioned registries.toml; the two releases' layouts are written now.
+    let registry = TestRegistry::start_with(
+        &t.path().join("registry"),
+        &RegistryOptions {
+            ip: Some(&net.host_ip()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    net.insecure_registry(&registry.host());
+    let layouts = [
+        busybox_layout(&t.path().join("v1"), "release one\n"),
+        busybox_layout(&t.path().join("v2"), "release two\n"),
+    ];
     let roles = ["edge", "worker", "worker"];
     let vms: Vec<Vm> = (1..=3)
         .map(|n| net.boot(&image, n, roles[n - 1], TTL_SECS).unwrap())
@@ -302,6 +321,18 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
     .unwrap();
     assert!(peek.contains("key-lines=0"), "{peek}");
 
+    // Images: a global unit submitted by tag from the operator's workstation runs the same
+    // digest on every machine after the tag moves, each blob fetched from the registry once.
+    pinned_image_runs_everywhere(
+        &registry,
+        &layouts,
+        &mut shells,
+        &as_client,
+        net.operator(),
+        &net.ca_cert(),
+        t.path(),
+    );
+
     let other = if host == 1 { 2 } else { 1 };
     let pids_before = [
         main_pid(&mut shells[0], "everywhere"),
@@ -364,6 +395,242 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
         main_pid(&mut shells[other], "everywhere"),
     ];
     assert_eq!(pids_before, pids_after, "the global unit was restarted");
+}
+
+/// An OCI layout (in `dir/layout`) of a static busybox whose `/hello` says `hello`.
+fn busybox_layout(dir: &Path, hello: &str) -> PathBuf {
+    let busybox = ensure_program("busybox", "busybox-static").unwrap();
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("hello"), hello).unwrap();
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of {}", root.display());
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, &[tar], &config, "app:1").unwrap();
+    layout
+}
+
+/// Pushes `layout` as `REGISTRY/team/app:TAG`; returns the digest the registry now answers
+/// for the tag (`sha256sum` of `skopeo inspect --raw`, which fetches no blob) and the digests
+/// of the blobs its manifest names (config and layers).
+fn push_app(registry: &TestRegistry, layout: &Path, tag: &str) -> (String, Vec<String>) {
+    let dest = format!("{}/team/app:{tag}", registry.host());
+    push(layout, &dest, &["--dest-tls-verify=false"]).unwrap();
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{dest}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect {dest}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    for layer in manifest["layers"].as_array().unwrap() {
+        blobs.push(layer["digest"].as_str().unwrap().to_string());
+    }
+    let mut sum = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        sum.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    }
+    let sum = sum.wait_with_output().unwrap();
+    let hex = String::from_utf8_lossy(&sum.stdout);
+    let hex = hex.split_whitespace().next().unwrap();
+    assert_eq!(hex.len(), 64, "sha256sum said {hex:?}");
+    (format!("sha256:{hex}"), blobs)
+}
+
+/// The global unit `app` of [`pinned_image_runs_everywhere`], on image `image`.
+fn app_unit(image: &str) -> String {
+    format!(
+        "[container]\nimage = \"{image}\"\n\
+         command = [\"/bin/sh\", \"-c\", \"cat /hello; exec sleep 100000\"]\n\
+         [fleet]\nglobal = true\n"
+    )
+}
+
+/// The `fleetctl` of the operator's workstation (the host) against a VM's TCP API:
+/// `(certificate, args) -> (success, stdout, stderr)`.
+type AsClient<'a> = dyn Fn(Option<&qemu_tests::pki::Cert>, &[&str]) -> (bool, String, String) + 'a;
+
+/// Issue 12's three-VM check. Release one is pushed as `team/app:1`; the operator's
+/// `fleetctl start` on the host (operator certificate, its own `--registries` naming the
+/// registry insecure: the workstation resolves the tag) submits a global unit by that tag,
+/// pinned to release one's digest; all three VMs pull it (their provisioned registries.toml,
+/// and the other machines' fleetds as peers) and print `release one`; the registry served
+/// each blob once for the three. The tag moves to release two; vm2 removes the image's tags
+/// from its store and restarts the unit (a restart pulls first): it prints `release one`
+/// again, never `release two`, and every VM's store holds `…/team/app:sha256-<release one>`
+/// and not release two.
+fn pinned_image_runs_everywhere(
+    registry: &TestRegistry,
+    layouts: &[PathBuf; 2],
+    shells: &mut [Shell],
+    as_client: &AsClient<'_>,
+    operator: &qemu_tests::pki::Cert,
+    ca_cert: &Path,
+    dir: &Path,
+) {
+    // The host image has no CA bundle, and the pull's HTTP client cannot be built without
+    // CA certificates even for a plain-HTTP registry (oci-client falls back to reqwest's
+    // `Client::new()`, which panics: "No CA certificates were loaded from the system"). The
+    // machines get one here, as an operator would install one: the cluster CA.
+    let ca = std::fs::read_to_string(ca_cert).unwrap();
+    for sh in shells.iter_mut() {
+        sh.ok("mkdir -p /etc/ssl/certs", CMD).unwrap();
+        write_file(sh, "/etc/ssl/certs/ca-certificates.crt", &ca).unwrap();
+    }
+    let (d1, blobs1) = push_app(registry, &layouts[0], "1");
+    let image = format!("{}/team/app:1", registry.host());
+    let settings = dir.join("registries.toml");
+    std::fs::write(
+        &settings,
+        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
+    )
+    .unwrap();
+    let unit = dir.join("app.toml");
+    std::fs::write(&unit, app_unit(&image)).unwrap();
+    let (ok, out, err) = as_client(
+        Some(operator),
+        &[
+            "start",
+            "--registries",
+            settings.to_str().unwrap(),
+            "--block-timeout",
+            "240s",
+            unit.to_str().unwrap(),
+        ],
+    );
+    if !ok {
+        // The machines' own account: the unit's log holds the pull helper's output.
+        let logs: Vec<String> = shells
+            .iter_mut()
+            .map(|sh| sh.run("unitctl logs app", CMD).unwrap().output)
+            .collect();
+        panic!("fleetctl start app: {out}{err}\nthe VMs' unitctl logs app:\n{logs:#?}");
+    }
+    assert!(
+        out.contains(&format!("pinned to {d1}")),
+        "fleetctl start did not pin the tag: {out}{err}"
+    );
+    let placed = poll(
+        "app active on 3 machines",
+        SETTLE,
+        || active_units(&mut shells[0]),
+        |a| a.iter().filter(|(u, _)| u == "app").count() == 3,
+    )
+    .unwrap();
+    for (n, sh) in shells.iter_mut().enumerate() {
+        let logs = poll(
+            &format!("app's output on vm{}", n + 1),
+            SETTLE,
+            || sh.ok("unitctl logs app", CMD),
+            |l| l.contains("release"),
+        )
+        .unwrap();
+        assert!(logs.contains("release one"), "vm{}: {logs}", n + 1);
+    }
+    // Layers from peers, with the image claim: one registry fetch per blob for three VMs.
+    for blob in &blobs1 {
+        assert_eq!(
+            registry.blob_gets(blob),
+            1,
+            "GETs of {blob} at the registry (app on {placed:?}); its log:\n{}",
+            registry.log()
+        );
+    }
+
+    // The tag moves. vm2 forgets the image (its tags; the running copy keeps its layers)
+    // and restarts its copy, which pulls the unit's image again before it stops: the pinned
+    // digest, release one (a tag would now be release two).
+    let (d2, blobs2) = push_app(registry, &layouts[1], "1");
+    assert_ne!(d1, d2);
+    let list = shells[1].ok("unitctl image list", CMD).unwrap();
+    let tags: Vec<String> = list
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() > 2 && cols[0].ends_with("/team/app"))
+                .then(|| format!("{}:{}", cols[0], cols[1]))
+        })
+        .collect();
+    assert!(!tags.is_empty(), "vm2's store: {list}");
+    for tag in &tags {
+        shells[1]
+            .ok(&format!("unitctl image rm {tag}"), CMD)
+            .unwrap();
+    }
+    let pid = main_pid(&mut shells[1], "app");
+    let before = shells[1].ok("unitctl logs app", CMD).unwrap();
+    let runs_before = before.matches("release").count();
+    shells[1].ok("unitctl restart app", CMD).unwrap();
+    let (_, _, logs) = poll(
+        "app restarted on vm2 and its output",
+        SETTLE,
+        || {
+            let status = shells[1].ok("unitctl status app", CMD)?;
+            let now = shells[1].ok("unitctl status app | sed -n 's/.*Main PID: //p'", CMD)?;
+            let logs = shells[1].ok("unitctl logs app", CMD)?;
+            Ok((status, now.trim().to_string(), logs))
+        },
+        |(status, now, logs)| {
+            // The new run's line: one more in a log that keeps the runs, or a log that
+            // starts over.
+            let runs = logs.matches("release").count();
+            status.contains("active (running)")
+                && !now.is_empty()
+                && *now != pid
+                && runs >= 1
+                && (runs > runs_before || !logs.contains(before.trim()))
+        },
+    )
+    .unwrap();
+    assert!(
+        !logs.contains("release two") && logs.contains("release one"),
+        "vm2 after the restart: {logs}"
+    );
+    let (h1, h2) = (&d1["sha256:".len()..], &d2["sha256:".len()..]);
+    for (n, sh) in shells.iter_mut().enumerate() {
+        let list = sh.ok("unitctl image list", CMD).unwrap();
+        assert!(
+            // The table: NAME, TAG, DIGEST (short), ...
+            list.lines().any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 2
+                    && cols[0].ends_with("/team/app")
+                    && cols[1] == format!("sha256-{h1}")
+            }) && !list.contains(&h2[..12]),
+            "vm{}'s store: {list}",
+            n + 1
+        );
+    }
+    for blob in blobs2.iter().filter(|b| !blobs1.contains(b)) {
+        assert_eq!(registry.blob_gets(blob), 0, "release two's {blob} fetched");
+    }
 }
 
 /// An image-less unit looking for the machine's TLS key.
