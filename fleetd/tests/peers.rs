@@ -21,7 +21,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use flotilla_container::image::{write_oci_layout, RuntimeConfig};
 use harness::Cluster;
 use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
 use serde_json::Value;
@@ -31,32 +30,7 @@ const TTL_SECS: u64 = 30;
 
 /// An OCI layout (in `dir/layout`) of a static busybox whose `/hello` says `hello`.
 fn busybox_layout(dir: &Path, hello: &str) -> PathBuf {
-    let busybox = qemu_tests::ensure_program("busybox", "busybox-static").unwrap();
-    let root = dir.join("root");
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::write(root.join("hello"), hello).unwrap();
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar of {}", root.display());
-    let config = RuntimeConfig {
-        env: vec!["PATH=/bin".into()],
-        cmd: vec!["/bin/sh".into()],
-        ..Default::default()
-    };
-    let layout = dir.join("layout");
-    write_oci_layout(&layout, &[tar], &config, "app:1").unwrap();
-    layout
+    qemu_tests::registry::busybox_layout(dir, hello).unwrap().0
 }
 
 /// A registry on the cluster's bridge, marked insecure in `c.registries()`, holding

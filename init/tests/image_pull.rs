@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla_container::image::RuntimeConfig;
 use qemu_tests::pki::{Ca, Usage};
 use qemu_tests::registry::TestRegistry;
 use qemu_tests::{ensure_program, free_port};
@@ -41,38 +40,8 @@ fn busybox_layout(dir: &Path) -> (PathBuf, String) {
 
 /// [`busybox_layout`] whose `/hello` says `hello`.
 fn busybox_layout_saying(dir: &Path, hello: &str) -> (PathBuf, String) {
-    let busybox = ensure_program("busybox", "busybox-static").unwrap();
     fs::create_dir_all(dir).unwrap();
-    let root = dir.join("root");
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["true", "sh", "cat"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::write(root.join("hello"), hello).unwrap();
-    let config = RuntimeConfig {
-        env: vec!["PATH=/bin".into()],
-        cmd: vec!["/bin/sh".into()],
-        ..Default::default()
-    };
-    let layout = common::oci_layout_of(&root, dir, &config, "app:1");
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(mdigest.strip_prefix("sha256:").unwrap()),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    (layout, layer)
+    qemu_tests::registry::busybox_layout(dir, hello).unwrap()
 }
 
 /// `skopeo copy` of `layout` to `docker://HOST/REPO:TAG`.

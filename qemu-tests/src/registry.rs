@@ -198,3 +198,71 @@ pub fn push(layout: &Path, dest: &str, extra: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A one-layer OCI layout of a static busybox (`/bin/sh`, `cat`, `sleep`, `true`) whose
+/// `/hello` says `hello`, written to `dir/layout` (the tree and the layer tar beside it).
+/// Returns the layout and its layer's (compressed) digest, the one a registry's access log
+/// names.
+pub fn busybox_layout(dir: &Path, hello: &str) -> Result<(PathBuf, String)> {
+    use flotilla_container::image::{write_oci_layout, RuntimeConfig};
+    let busybox = ensure_program("busybox", "busybox-static")?;
+    let root = dir.join("root");
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).map_err(|e| io_err("create", &bin, e))?;
+    let target = bin.join("busybox");
+    fs::copy(&busybox, &target).map_err(|e| io_err("copy busybox to", &target, e))?;
+    for applet in ["true", "sh", "cat", "sleep"] {
+        let link = bin.join(applet);
+        std::os::unix::fs::symlink("busybox", &link).map_err(|e| io_err("link", &link, e))?;
+    }
+    let file = root.join("hello");
+    fs::write(&file, hello).map_err(|e| io_err("write", &file, e))?;
+    let tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .map_err(|e| io_err("run tar for", &tar, e))?;
+    if !status.success() {
+        return Err(QemuError::Setup(format!(
+            "tar of {} failed",
+            root.display()
+        )));
+    }
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        ..Default::default()
+    };
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, &[tar], &config, "app:1")
+        .map_err(|e| QemuError::Setup(format!("write the OCI layout {}: {e}", layout.display())))?;
+    let layer = layer_digest(&layout)?;
+    Ok((layout, layer))
+}
+
+/// The digest of the first layer of the (first) image in the OCI layout `layout`.
+fn layer_digest(layout: &Path) -> Result<String> {
+    let read = |path: &Path| -> Result<serde_json::Value> {
+        let bytes = fs::read(path).map_err(|e| io_err("read", path, e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| QemuError::Setup(format!("{} is not JSON: {e}", path.display())))
+    };
+    let index = read(&layout.join("index.json"))?;
+    let hex = index
+        .pointer("/manifests/0/digest")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|d| d.strip_prefix("sha256:"))
+        .ok_or_else(|| QemuError::Setup(format!("{} names no manifest", layout.display())))?;
+    let manifest = read(&layout.join("blobs/sha256").join(hex))?;
+    manifest
+        .pointer("/layers/0/digest")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            QemuError::Setup(format!("the manifest in {} has no layer", layout.display()))
+        })
+}

@@ -19,7 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flotilla_container::image::{write_oci_layout, RuntimeConfig};
 use qemu_tests::cluster::{
     active_units, fleetctl_json, machines, poll, write_file, ClusterNet, FLEETD_PORT, GLOBAL_UNIT,
     SERVICE_UNIT,
@@ -399,32 +398,7 @@ fn three_vms_share_units_and_a_service_moves_on_power_off() {
 
 /// An OCI layout (in `dir/layout`) of a static busybox whose `/hello` says `hello`.
 fn busybox_layout(dir: &Path, hello: &str) -> PathBuf {
-    let busybox = ensure_program("busybox", "busybox-static").unwrap();
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("hello"), hello).unwrap();
-    let tar = dir.join("layer.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar of {}", root.display());
-    let config = RuntimeConfig {
-        env: vec!["PATH=/bin".into()],
-        cmd: vec!["/bin/sh".into()],
-        ..Default::default()
-    };
-    let layout = dir.join("layout");
-    write_oci_layout(&layout, &[tar], &config, "app:1").unwrap();
-    layout
+    qemu_tests::registry::busybox_layout(dir, hello).unwrap().0
 }
 
 /// Pushes `layout` as `REGISTRY/team/app:TAG`; returns the digest the registry now answers

@@ -11,7 +11,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use flotilla_container::image::RuntimeConfig;
 use qemu_tests::pki::{Ca, Usage};
 use qemu_tests::registry::TestRegistry;
 use qemu_tests::{BootOptions, Shell, Vm};
@@ -28,48 +27,7 @@ const HOST_FROM_GUEST: &str = "10.0.2.2";
 /// A one-layer OCI layout in `dir/layout` of a static busybox whose `/hello` says `hello`;
 /// returns it and its layer's digest.
 fn busybox_layout(dir: &Path, hello: &str) -> (PathBuf, String) {
-    let busybox = qemu_tests::ensure_program("busybox", "busybox-static").unwrap();
-    let root = dir.join("root");
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::copy(&busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::write(root.join("hello"), hello).unwrap();
-    let tar = dir.join("layer.tar");
-    let status = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .args(["-cf"])
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar of {}", root.display());
-    let layout = dir.join("layout");
-    let config = RuntimeConfig {
-        env: vec!["PATH=/bin".into()],
-        cmd: vec!["/bin/sh".into()],
-        ..Default::default()
-    };
-    flotilla_container::image::write_oci_layout(&layout, &[tar], &config, "hello:1").unwrap();
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let mdigest = index["manifests"][0]["digest"].as_str().unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(mdigest.strip_prefix("sha256:").unwrap()),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    (layout, layer)
+    qemu_tests::registry::busybox_layout(dir, hello).unwrap()
 }
 
 /// `unitctl --json status UNIT` in the guest, parsed.
