@@ -4,6 +4,7 @@
 //! those machines for blobs before the registry. Rewritten atomically (a temporary file
 //! renamed over it) whenever a machine comes, goes or changes its record.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,10 @@ struct Contents<'a> {
     key: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_file: Option<&'a Path>,
+    /// Each peer's images (its `Machine::images`, store names), so that a pull asks the
+    /// holders of its image first. Last: a TOML table follows the plain keys.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    images: BTreeMap<&'a str, &'a [String]>,
 }
 
 /// Writes the peers file from the registry's live machines.
@@ -76,8 +81,8 @@ impl PeersFile {
         }
     }
 
-    /// The file's text for `machines`: every other machine with an API (sorted by id), and
-    /// the identity.
+    /// The file's text for `machines`: every other machine with an API (sorted by id), the
+    /// identity, and the images each of them holds.
     pub fn render(&self, machines: &[Machine]) -> String {
         let mut others: Vec<&Machine> = machines
             .iter()
@@ -100,6 +105,11 @@ impl PeersFile {
             cert,
             key,
             token_file,
+            images: others
+                .iter()
+                .filter(|m| !m.images.is_empty())
+                .filter_map(|m| Some((m.api.as_deref()?, m.images.as_slice())))
+                .collect(),
         };
         format!(
             "# Written by fleetd: the machines `unitctl image pull` asks for blobs before the registry.\n{}",
@@ -204,6 +214,50 @@ mod tests {
             api: api.map(str::to_string),
             images: Vec::new(),
         }
+    }
+
+    #[test]
+    fn names_the_images_each_peer_holds() {
+        let f = PeersFile::new(
+            "/nonexistent/peers.toml",
+            "m1",
+            None,
+            PeerIdentity::Token("/etc/flotilla/fleetd.token".into()),
+        );
+        let mut m1 = machine("m1", Some("http://10.0.0.11:4002"));
+        m1.images = vec!["reg:5000/own:1".into()];
+        let mut m2 = machine("m2", Some("http://10.0.0.12:4002"));
+        m2.images = vec!["reg:5000/team/app:1".into(), "reg:5000/team/db:9".into()];
+        let m3 = machine("m3", Some("http://10.0.0.13:4002"));
+        let text = f.render(&[m3, m2, m1]);
+        // The file is what unitctl reads (and its reader denies unknown keys).
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        let images = v["images"].as_table().unwrap();
+        assert_eq!(
+            images.len(),
+            1,
+            "only m2 holds images, itself left out: {text}"
+        );
+        assert_eq!(
+            images["http://10.0.0.12:4002"],
+            toml::Value::Array(vec![
+                "reg:5000/team/app:1".into(),
+                "reg:5000/team/db:9".into()
+            ]),
+            "{text}"
+        );
+        assert_eq!(v["peers"].as_array().unwrap().len(), 2, "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.toml");
+        std::fs::write(&path, &text).unwrap();
+        let read = flotilla_registry::PeerSettings::load(&path).unwrap();
+        assert_eq!(
+            read.images.get("http://10.0.0.12:4002").map(Vec::len),
+            Some(2),
+            "unitctl reads it: {text}"
+        );
+        let none = f.render(&[machine("m2", Some("http://10.0.0.12:4002"))]);
+        assert!(!none.contains("images"), "no table without images: {none}");
     }
 
     #[test]

@@ -271,3 +271,149 @@ fn a_five_machine_rollout_fetches_each_blob_from_the_registry_once() {
         c.logs()
     );
 }
+
+/// `curl` of a claim route on a fleetd's TCP API (`POST`/`DELETE
+/// /v2/_flotilla/claims/<digest>` with `{"holder": holder}`, the cluster's token): the answer.
+fn claim_route(method: &str, api: &str, digest: &str, holder: &str, token: &Path) -> Value {
+    let token = fs::read_to_string(token).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "-X", method])
+        .args(["-H", "content-type: application/json"])
+        .args(["-H", &format!("authorization: Bearer {}", token.trim())])
+        .args([
+            "--data",
+            &serde_json::json!({ "holder": holder }).to_string(),
+        ])
+        .arg(format!("{api}/v2/_flotilla/claims/{digest}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {method} {api}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A holder whose pull fails releases its image claim, and the machines waiting for it go
+/// to the registry at once instead of after the claim's 300 s. First m1's pull fails (the
+/// registry lost the layer): m2's pull, after the layer is back, is granted the claim and
+/// fetches the image itself. Then m2 waits for a holder (m1's claim, made by hand, of an
+/// image m1 never fetches) that releases its claim: m2 claims the image again, fetches it
+/// from the registry and succeeds.
+#[test]
+fn a_failed_holder_releases_its_claim_and_the_waiters_fetch_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start_with_containers(&["role=a", "role=b"], TTL_SECS);
+    let (registry, settings, image, blobs) = registry_with_image(&c, tmp.path());
+    let p1 = peers_file(&c, 0, 1);
+    let p2 = peers_file(&c, 1, 1);
+    let (p1s, p2s) = (p1.to_str().unwrap(), p2.to_str().unwrap());
+    let m1_api = format!("http://{}:{}", c.nodes[0].ip, harness::FLEETD_PORT);
+    let m2_api = format!("http://{}:{}", c.nodes[1].ip, harness::FLEETD_PORT);
+    let unitctl_pull = |image: &str, store: &Path, peers: &str| {
+        let mut cmd = Command::new(unitctl());
+        cmd.args(["image", "pull", image, "--store"])
+            .arg(store)
+            .args(["--registries", &settings, "--peers", peers])
+            .env("RUST_LOG", "info")
+            .env_remove("FLOTILLA_PEERS");
+        cmd
+    };
+
+    // m1 claims the image and its pull fails: the registry lost the layer's bytes.
+    let layer = registry.blob_file(&blobs[1]);
+    let aside = layer.with_extension("aside");
+    fs::rename(&layer, &aside).unwrap();
+    let out = unitctl_pull(&image, &c.images(0), p1s).output().unwrap();
+    let err1 = stderr(&out);
+    assert!(!out.status.success(), "m1's pull fails: {err1}");
+    assert!(
+        err1.contains("this machine fetches it from the registry"),
+        "m1 held the claim: {err1}"
+    );
+    let released = format!("released by {m1_api} (the next claimer fetches it)");
+    c.wait("the arbiter to log m1's release", || {
+        c.logs().contains(&released)
+    });
+    fs::rename(&aside, &layer).unwrap();
+
+    // m2 is granted the claim at once (not "m1 fetches it"), and pulls from the registry.
+    let out = unitctl_pull(&image, &c.images(1), p2s).output().unwrap();
+    let err2 = stderr(&out);
+    assert!(out.status.success(), "m2's pull: {err2}");
+    assert!(
+        err2.contains("this machine fetches it from the registry"),
+        "m2 holds the claim m1 released: {err2}\n{err1}"
+    );
+    assert!(!err2.contains(&format!("{m1_api} fetches it")), "{err2}");
+    assert_eq!(registry.blob_gets(&blobs[1]), 1, "{}", registry.log());
+
+    // A second image; m1 "holds" its claim (made by hand at both fleetds, so at its
+    // arbiter too) but never fetches it.
+    let layout = busybox_layout(&tmp.path().join("v2"), "release two\n");
+    let image2 = format!("{}/team/app:2", registry.host());
+    push(&layout, &image2, &["--dest-tls-verify=false"]).unwrap();
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image2}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let digest = format!(
+        "sha256:{}",
+        flotilla_container::image::hex(&{
+            use sha2::Digest;
+            sha2::Sha256::digest(&out.stdout)
+        })
+    );
+    let token = PathBuf::from(
+        fs::read_to_string(&p2)
+            .unwrap()
+            .parse::<toml::Table>()
+            .unwrap()["token_file"]
+            .as_str()
+            .unwrap(),
+    );
+    for api in [&m1_api, &m2_api] {
+        let answer = claim_route("POST", api, &digest, &m1_api, &token);
+        assert_eq!(answer["granted"], true, "{answer}");
+    }
+    // m2's pull waits for m1's blobs ...
+    let mut child = unitctl_pull(&image2, &c.images(1), p2s)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = String::new();
+    let waiting = format!("{m1_api} fetches it from the registry; taking its blobs from there");
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(&waiting) {
+            break;
+        }
+    }
+    assert!(seen.contains(&waiting), "m2 waits for m1: {seen}");
+    // ... until m1 releases its claim: only the holder's release counts.
+    for api in [&m1_api, &m2_api] {
+        let answer = claim_route("DELETE", api, &digest, &m2_api, &token);
+        assert_eq!(answer["released"], false, "not m2's claim: {answer}");
+        let answer = claim_route("DELETE", api, &digest, &m1_api, &token);
+        assert_eq!(answer["released"], true, "{answer}");
+    }
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "m2's pull of {image2}: {seen}");
+    assert!(
+        seen.contains("this machine fetches it from the registry"),
+        "m2 claimed the image again and fetched it: {seen}"
+    );
+    assert!(!seen.contains("did not serve it in time"), "{seen}");
+}

@@ -8,6 +8,7 @@
 //! Who the peers are: `--peer URL` (repeatable) with `--peer-ca/--peer-cert/--peer-key` or
 //! `--peer-token-file`, or the peers file fleetd's agent keeps ([`DEFAULT_PEERS`]).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,11 +29,14 @@ pub const PEERS_ENV: &str = "FLOTILLA_PEERS";
 /// Where blobs may come from besides the registry: the peers file's contents.
 ///
 /// ```toml
-/// peers = ["https://10.0.0.12:4002", "https://10.0.0.13:4002"]   # asked in this order
+/// peers = ["https://10.0.0.12:4002", "https://10.0.0.13:4002"]   # asked in this order ...
 /// ca = "/etc/flotilla/tls/ca.pem"        # mutual TLS: the cluster CA ...
 /// cert = "/etc/flotilla/tls/machine.pem" # ... and this machine's certificate (OU=machine)
 /// key = "/etc/flotilla/tls/machine.key"
 /// # token_file = "/etc/flotilla/fleetd.token"   # for http:// peers (fleetd --insecure)
+///
+/// [images]   # ... after the peers that hold the image being pulled (store names)
+/// "https://10.0.0.13:4002" = ["registry.example:5000/team/app:1.4"]
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +62,11 @@ pub struct PeerSettings {
     /// The cluster's bearer token (first line of the file), sent to `http://` peers only.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// The images each peer holds (peer URL → store names, `host/repo:tag`, as its machine
+    /// publishes them): a pull asks the peers that hold its image first, then those that hold
+    /// another tag of its repository, then the rest, each group in `peers` order.
+    #[serde(default)]
+    pub images: BTreeMap<String, Vec<String>>,
 }
 
 impl PeerSettings {
@@ -106,6 +115,8 @@ pub const CLAIM_WAIT: Duration = Duration::from_secs(300);
 pub(crate) struct PeerClient {
     own: Option<String>,
     peers: Vec<String>,
+    /// Peer URL (without a trailing `/`) → the store names it holds.
+    images: BTreeMap<String, Vec<String>>,
     http: reqwest::Client,
     token: Option<String>,
 }
@@ -180,6 +191,11 @@ impl PeerClient {
                 .iter()
                 .map(|p| p.trim_end_matches('/').to_string())
                 .collect(),
+            images: settings
+                .images
+                .iter()
+                .map(|(p, names)| (p.trim_end_matches('/').to_string(), names.clone()))
+                .collect(),
             http,
             token,
         }))
@@ -192,12 +208,7 @@ impl PeerClient {
     /// the arbiter did not answer: the registry then).
     pub(crate) async fn claim(&self, digest: &str) -> Option<Option<String>> {
         let own = self.own.as_deref()?;
-        let arbiter = self
-            .peers
-            .iter()
-            .map(String::as_str)
-            .chain([own])
-            .min_by_key(|url| Sha256::digest(format!("{url}\n{digest}").as_bytes()))?;
+        let arbiter = self.arbiter(own, digest)?;
         let url = format!("{arbiter}/v2/_flotilla/claims/{digest}");
         let body = serde_json::json!({ "holder": own }).to_string();
         let mut request = self
@@ -236,6 +247,69 @@ impl PeerClient {
         } else {
             Some(Some(answer.holder.trim_end_matches('/').to_string()))
         }
+    }
+
+    /// The arbiter of `digest`'s claims: the machine (of the peers and `own`) whose
+    /// `sha256(URL + digest)` is lowest.
+    fn arbiter<'a>(&'a self, own: &'a str, digest: &str) -> Option<&'a str> {
+        self.peers
+            .iter()
+            .map(String::as_str)
+            .chain([own])
+            .min_by_key(|url| Sha256::digest(format!("{url}\n{digest}").as_bytes()))
+    }
+
+    /// Releases this machine's claim of the image `digest` (its pull failed), so that the
+    /// machines waiting for its blobs claim the image again at once; failures are logged
+    /// (the claim then expires at its arbiter).
+    pub(crate) async fn release(&self, digest: &str) {
+        let Some(own) = self.own.as_deref() else {
+            return;
+        };
+        let Some(arbiter) = self.arbiter(own, digest) else {
+            return;
+        };
+        let url = format!("{arbiter}/v2/_flotilla/claims/{digest}");
+        let body = serde_json::json!({ "holder": own }).to_string();
+        let mut request = self
+            .http
+            .delete(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let (Some(token), true) = (&self.token, arbiter.starts_with("http://")) {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => {
+                log::info!("image claim at {url}: released (this pull failed)");
+            }
+            Ok(r) => log::warn!(
+                "image claim at {url}: the release answered {}; the claim expires in at most {} s",
+                r.status(),
+                CLAIM_WAIT.as_secs()
+            ),
+            Err(e) => log::warn!(
+                "image claim at {url}: cannot release it: {}; the claim expires in at most {} s",
+                chain(&e),
+                CLAIM_WAIT.as_secs()
+            ),
+        }
+    }
+
+    /// Orders the peers for a pull of the image stored as `store_name` (`host/repo:tag`):
+    /// first those that hold it, then those that hold another tag of its repository, then
+    /// the rest; each group keeps the peers file's order.
+    pub(crate) fn prefer(&mut self, store_name: &str) {
+        let repo = repository(store_name);
+        let rank = |peer: &String| match self.images.get(peer) {
+            Some(names) if names.iter().any(|n| n == store_name) => 0,
+            Some(names) if names.iter().any(|n| repository(n) == repo) => 1,
+            _ => 2,
+        };
+        let mut ranked: Vec<(u8, String)> =
+            self.peers.iter().map(|p| (rank(p), p.clone())).collect();
+        ranked.sort_by_key(|(r, _)| *r);
+        self.peers = ranked.into_iter().map(|(_, p)| p).collect();
     }
 
     /// The peers, in the order they are asked.
@@ -303,6 +377,14 @@ impl PeerClient {
     }
 }
 
+/// The repository part of a store name: `host:port/repo` of `host:port/repo:tag`.
+fn repository(store_name: &str) -> &str {
+    match store_name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => store_name,
+    }
+}
+
 /// An error with its causes (reqwest's Display hides them).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
@@ -335,8 +417,66 @@ mod tests {
             s.token_file.as_deref(),
             Some(Path::new("/etc/flotilla/fleetd.token"))
         );
+        assert!(s.images.is_empty());
         fs::write(&path, "peers = []\npeer = \"x\"\n").unwrap();
         let e = PeerSettings::load(&path).unwrap_err().to_string();
         assert!(e.contains("peers.toml:2:1"), "{e}");
+    }
+
+    #[test]
+    fn a_pull_asks_the_peers_that_hold_its_image_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.toml");
+        fs::write(
+            &path,
+            r#"peers = ["http://m1:4002", "http://m2:4002/", "http://m3:4002", "http://m4:4002"]
+[images]
+"http://m2:4002" = ["reg:5000/team/db:9"]
+"http://m3:4002/" = ["reg:5000/team/app:1", "reg:5000/team/db:9"]
+"http://m4:4002" = ["reg:5000/team/app:2"]
+"#,
+        )
+        .unwrap();
+        let settings = PeerSettings::load(&path).unwrap();
+        let order = |name: &str| {
+            let mut c = PeerClient::new(&settings).unwrap().unwrap();
+            c.prefer(name);
+            c.peers().to_vec()
+        };
+        assert_eq!(
+            order("reg:5000/team/app:1"),
+            [
+                "http://m3:4002",
+                "http://m4:4002",
+                "http://m1:4002",
+                "http://m2:4002"
+            ],
+            "the holder, then another tag of the repository, then the rest in file order"
+        );
+        assert_eq!(
+            order("reg:5000/team/db:9"),
+            [
+                "http://m2:4002",
+                "http://m3:4002",
+                "http://m1:4002",
+                "http://m4:4002"
+            ],
+            "two holders keep the file's order"
+        );
+        assert_eq!(
+            order("other:5000/x:1"),
+            [
+                "http://m1:4002",
+                "http://m2:4002",
+                "http://m3:4002",
+                "http://m4:4002"
+            ],
+            "no holder: the file's order"
+        );
+        assert_eq!(
+            repository("reg:5000/team/app:sha256-ab"),
+            "reg:5000/team/app"
+        );
+        assert_eq!(repository("reg:5000/team/app"), "reg:5000/team/app");
     }
 }

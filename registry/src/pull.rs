@@ -192,6 +192,11 @@ pub fn pull_with_peers(
         }
     };
     let image = ImageRef::parse(reference, settings, &settings_path.display().to_string())?;
+    // The peers that hold this image are asked first.
+    let peers = peers.map(|mut p| {
+        p.prefer(&image.store_name());
+        p
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -364,8 +369,19 @@ async fn fetch(
             peers,
             holder: None,
             holder_late: AtomicBool::new(false),
+            claim: None,
+            held: AtomicBool::new(false),
         };
-        match fetch_from(store, image, &mut source, layout, progress).await {
+        let result = fetch_from(store, image, &mut source, layout, progress).await;
+        // A failed pull that holds its image's claim releases it: the machines waiting for
+        // its blobs claim the image again at once (one of them fetches it) rather than
+        // waiting for the claim to expire.
+        if let (Err(_), Some(peers), Some(digest)) = (&result, peers, &source.claim) {
+            if source.held.load(Ordering::Relaxed) {
+                peers.release(digest).await;
+            }
+        }
+        match result {
             Ok(f) => return Ok(f),
             // Content that does not match is never retried elsewhere silently: say it.
             Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
@@ -569,6 +585,10 @@ fn registry_error(
     }
 }
 
+/// How many half-second rounds of waiting for a claim's holder between two claims of the
+/// image at its arbiter (which learn that the holder released it).
+const RECLAIM_ROUNDS: u32 = 4;
+
 /// Where a pull's bytes come from: the registry (or mirror) `host`, and the peers first.
 struct Source<'a> {
     client: &'a Client,
@@ -579,6 +599,11 @@ struct Source<'a> {
     holder: Option<String>,
     /// Set once the holder did not serve a blob in time: the other blobs do not wait again.
     holder_late: AtomicBool,
+    /// The image (manifest digest) this pull claimed, granted or not.
+    claim: Option<String>,
+    /// Whether this machine holds that claim (granted at first, or after the holder
+    /// released it): a failed pull releases it.
+    held: AtomicBool,
 }
 
 async fn fetch_from(
@@ -723,7 +748,9 @@ async fn fetch_from(
                 digest: digest.clone(),
                 holder: claimed.clone(),
             });
+            source.held.store(claimed.is_none(), Ordering::Relaxed);
             source.holder = claimed;
+            source.claim = Some(digest.clone());
         }
     }
     let source = &*source;
@@ -853,23 +880,58 @@ async fn download(
             let _ = tokio::fs::remove_file(&partial).await;
         }
         // Another machine fetches this image from the registry: wait for this blob there.
-        if let Some(holder) = source
+        if let Some(first) = source
             .holder
             .as_ref()
             .filter(|_| !source.holder_late.load(Ordering::Relaxed))
         {
+            let mut holder = first.clone();
+            let mut released = false;
             let deadline = tokio::time::Instant::now() + crate::peers::CLAIM_WAIT;
+            let mut round: u32 = 0;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // Another blob's wait learnt that this machine fetches the image now.
+                if source.held.load(Ordering::Relaxed) {
+                    released = true;
+                    break;
+                }
+                round += 1;
+                // Every few rounds, ask the arbiter again: a holder whose pull failed
+                // released its claim, and then this machine (or another) holds it.
+                if round % RECLAIM_ROUNDS == 0 {
+                    if let Some(digest) = &source.claim {
+                        match peers.claim(digest).await {
+                            Some(None) => {
+                                if !source.held.swap(true, Ordering::Relaxed) {
+                                    log::info!("image {digest}: {holder} released its claim");
+                                    progress(PullEvent::Claimed {
+                                        digest: digest.clone(),
+                                        holder: None,
+                                    });
+                                }
+                                released = true;
+                                break;
+                            }
+                            Some(Some(other)) if other != holder => {
+                                log::info!(
+                                    "image {digest}: {holder} released its claim; {other} fetches it now"
+                                );
+                                holder = other;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
                 match peers
-                    .fetch(holder, &desc.digest, desc.size, &partial, &received)
+                    .fetch(&holder, &desc.digest, desc.size, &partial, &received)
                     .await
                 {
                     Ok(()) => {
                         tokio::fs::rename(&partial, &fin)
                             .await
                             .map_err(|e| PullError::io("rename", &fin, e))?;
-                        return Ok(holder.clone());
+                        return Ok(holder);
                     }
                     Err(PeerMiss::Unavailable(_)) => {}
                     Err(PeerMiss::Mismatch(why)) => {
@@ -884,10 +946,17 @@ async fn download(
             }
             let _ = tokio::fs::remove_file(&partial).await;
             source.holder_late.store(true, Ordering::Relaxed);
-            log::info!(
-                "{what} ({}): {holder} did not serve it in time; fetching it from the registry",
-                desc.digest
-            );
+            if released {
+                log::info!(
+                    "{what} ({}): this machine fetches the image now; fetching it from the registry",
+                    desc.digest
+                );
+            } else {
+                log::info!(
+                    "{what} ({}): {holder} did not serve it in time; fetching it from the registry",
+                    desc.digest
+                );
+            }
         }
     }
     let oci_desc = OciDescriptor {

@@ -167,7 +167,25 @@ async fn serve_file(store: &Path, hex: &str, digest: &str, head: bool) -> Respon
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::digest_hex;
+    use super::{digest_hex, Claims};
+
+    #[test]
+    fn a_released_claim_goes_to_the_next_claimer_at_once() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let claims = Claims::default();
+        assert!(claims.claim(&d, "http://m1").granted);
+        let waiting = claims.claim(&d, "http://m2");
+        assert!(!waiting.granted);
+        assert_eq!(waiting.holder, "http://m1");
+        // Only the holder releases its claim.
+        assert!(!claims.release(&d, "http://m2"));
+        assert!(!claims.claim(&d, "http://m3").granted, "still m1's");
+        assert!(claims.release(&d, "http://m1"));
+        assert!(!claims.release(&d, "http://m1"), "gone already");
+        // The next claimer fetches it, and the others wait for that one.
+        assert!(claims.claim(&d, "http://m2").granted);
+        assert_eq!(claims.claim(&d, "http://m3").holder, "http://m2");
+    }
 
     #[test]
     fn digests_are_strict() {
@@ -237,6 +255,21 @@ impl Claims {
             }
         }
     }
+
+    /// Ends `holder`'s claim of `digest` (its pull failed): the next machine to claim the
+    /// image is granted it at once instead of after [`CLAIM_TTL`]. Only the holder's own
+    /// claim is removed; returns whether there was one.
+    pub fn release(&self, digest: &str, holder: &str) -> bool {
+        let Ok(mut map) = self.0.lock() else {
+            return false;
+        };
+        if map.get(digest).is_some_and(|(h, _)| h == holder) {
+            map.remove(digest);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// `POST /v2/_flotilla/claims/<digest>`: one fetch per image in a rollout. The machines
@@ -283,4 +316,50 @@ pub(super) async fn claim(
         }
     );
     Json(answer).into_response()
+}
+
+/// `DELETE /v2/_flotilla/claims/<digest>` with the claim's body (`{"holder": ...}`): the
+/// holder's pull failed, so the machines waiting for its blobs re-claim the image (one of
+/// them fetches it from the registry) instead of waiting for the claim to expire. Answers
+/// `{"released": bool}` (false: the claim was not that holder's, or is gone already).
+pub(super) async fn release(
+    State(state): State<ApiState>,
+    UrlPath(rest): UrlPath<String>,
+    body: Result<Json<ClaimRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if state.blobs.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this listener arbitrates no image claims (fleetd does on its TCP API only)".into(),
+        );
+    }
+    let Some(digest) = rest.strip_prefix("_flotilla/claims/") else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no route DELETE {V2}/{rest}: see {V2}/_flotilla/claims/sha256:<64 hex>"),
+        );
+    };
+    if digest_hex(digest).is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("bad image digest {digest:?}: give sha256:<64 lower-case hex digits>"),
+        );
+    }
+    let Ok(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad release body: send {\"holder\": \"<your API URL>\"}".into(),
+        );
+    };
+    let released = state.claims.release(digest, &req.holder);
+    log::info!(
+        "api: image {digest} released by {} ({})",
+        req.holder,
+        if released {
+            "the next claimer fetches it"
+        } else {
+            "it held no claim"
+        }
+    );
+    Json(serde_json::json!({ "released": released })).into_response()
 }

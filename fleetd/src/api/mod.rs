@@ -18,6 +18,7 @@
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
 //! | `GET`/`HEAD /v2/{name}/blobs/sha256:{hex}` | a blob of this machine's image store, for peers' pulls (TCP only; over TLS `OU=machine` only): [`blobs`] |
 //! | `POST /v2/_flotilla/claims/sha256:{hex}` | claim the fetch of an image from the registry in a rollout (same rules): [`blobs::claim`] |
+//! | `DELETE /v2/_flotilla/claims/sha256:{hex}` | the holder's pull failed: release its claim (same rules): [`blobs::release`] |
 //!
 //! Errors are `{ "error": "..." }` ([`ErrorBody`]) with the matching status: 400 for a bad
 //! request (an invalid unit file, with its `file:line:col`), 401 without the token on
@@ -348,7 +349,7 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{PREFIX}/state"), get(list_state))
         .route(
             &format!("{}/{{*rest}}", blobs::V2),
-            get(blobs::blob).post(blobs::claim),
+            get(blobs::blob).post(blobs::claim).delete(blobs::release),
         )
         .fallback(not_found);
     if state.token.is_some() {

@@ -228,6 +228,8 @@ pub struct Node {
     cgroup: String,
     /// init's launcher arguments (`--launcher host`, or the container launcher's).
     launcher: Vec<String>,
+    /// Whether its init's pulls read the peers file (false: every pull goes to the registry).
+    peers: bool,
     init: Option<Child>,
     fleetd: Option<Child>,
 }
@@ -273,9 +275,15 @@ impl Node {
     fn start_init(&mut self) {
         let units = self.dir.join("units");
         fs::create_dir_all(&units).unwrap();
+        // Without peers, FLOTILLA_PEERS names a file no one writes: the registry only.
+        let peers = if self.peers {
+            self.peers_file()
+        } else {
+            self.dir.join("no-peers.toml")
+        };
         let nsenter = [
             "env".to_string(),
-            format!("FLOTILLA_PEERS={}", self.peers_file().display()),
+            format!("FLOTILLA_PEERS={}", peers.display()),
             "nsenter".to_string(),
             format!("--net=/run/netns/{}", self.netns),
             "--".to_string(),
@@ -351,6 +359,8 @@ pub struct Cluster {
     ttl_secs: u64,
     /// Whether the machines run units in containers (see [`Cluster::start_with_containers`]).
     containers: bool,
+    /// Whether the machines' pulls ask their peers (see [`Cluster::start_without_peers`]).
+    peers: bool,
 }
 
 impl Cluster {
@@ -376,7 +386,18 @@ impl Cluster {
         Cluster::start_inner(metadata, ttl_secs, true)
     }
 
+    /// [`Cluster::start_with_containers`] whose machines pull alone: their inits read no
+    /// peers file, so every pull fetches every blob from the registry (the fleetds still
+    /// serve their blobs and keep their peers files).
+    pub fn start_without_peers(metadata: &[&str], ttl_secs: u64) -> Cluster {
+        Cluster::start_with(metadata, ttl_secs, true, false)
+    }
+
     fn start_inner(metadata: &[&str], ttl_secs: u64, containers: bool) -> Cluster {
+        Cluster::start_with(metadata, ttl_secs, containers, true)
+    }
+
+    fn start_with(metadata: &[&str], ttl_secs: u64, containers: bool, peers: bool) -> Cluster {
         let pid = std::process::id();
         let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
         assert!(n < 250, "too many clusters in one test process");
@@ -403,6 +424,7 @@ impl Cluster {
             tag,
             ttl_secs,
             containers,
+            peers,
         };
         cluster.etcd.endpoint = format!(
             "http://{}:{}",
@@ -461,6 +483,7 @@ impl Cluster {
             api: dir.join("fleetd.sock"),
             cgroup: format!("flotilla-cluster-test-{}-m{n}", self.tag),
             launcher,
+            peers: self.peers,
             dir,
             init: None,
             fleetd: None,

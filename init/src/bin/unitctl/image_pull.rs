@@ -68,6 +68,7 @@ impl PeerArgs {
                 key: self.peer_key,
                 token_file: self.peer_token_file,
                 own: None,
+                images: Default::default(),
             });
         }
         let (path, given) = match self.peers {
