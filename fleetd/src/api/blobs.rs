@@ -33,8 +33,7 @@ pub const V2: &str = "/v2";
 
 /// The 64 lower-case hex digits of `sha256:<hex>`, or `None` for anything else.
 pub fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
+    flotilla_units::sha256_hex(digest)
 }
 
 fn error(status: StatusCode, text: String) -> Response {
@@ -272,6 +271,41 @@ impl Claims {
     }
 }
 
+/// The digest and body of a claim request (`METHOD /v2/_flotilla/claims/<digest>`), or the
+/// error to answer: 404 off the TCP API or on another path, 400 for a bad digest or body.
+fn claim_request<'r>(
+    state: &ApiState,
+    method: &str,
+    rest: &'r str,
+    body: Result<Json<ClaimRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(&'r str, ClaimRequest), (StatusCode, String)> {
+    if state.blobs.is_none() {
+        return Err((
+            StatusCode::NOT_FOUND,
+            "this listener arbitrates no image claims (fleetd does on its TCP API only)".into(),
+        ));
+    }
+    let Some(digest) = rest.strip_prefix("_flotilla/claims/") else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("no route {method} {V2}/{rest}: see {V2}/_flotilla/claims/sha256:<64 hex>"),
+        ));
+    };
+    if digest_hex(digest).is_none() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("bad image digest {digest:?}: give sha256:<64 lower-case hex digits>"),
+        ));
+    }
+    let Ok(Json(req)) = body else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "bad claim body: send {\"holder\": \"<your API URL>\"}".into(),
+        ));
+    };
+    Ok((digest, req))
+}
+
 /// `POST /v2/_flotilla/claims/<digest>`: one fetch per image in a rollout. The machines
 /// that pull the same image pick the same arbiter (the puller's rendezvous hash over the
 /// cluster's APIs); the first to claim the image fetches it from the registry, the others
@@ -281,29 +315,9 @@ pub(super) async fn claim(
     UrlPath(rest): UrlPath<String>,
     body: Result<Json<ClaimRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if state.blobs.is_none() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "this listener arbitrates no image claims (fleetd does on its TCP API only)".into(),
-        );
-    }
-    let Some(digest) = rest.strip_prefix("_flotilla/claims/") else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no route POST {V2}/{rest}: see {V2}/_flotilla/claims/sha256:<64 hex>"),
-        );
-    };
-    if digest_hex(digest).is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("bad image digest {digest:?}: give sha256:<64 lower-case hex digits>"),
-        );
-    }
-    let Ok(Json(req)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad claim body: send {\"holder\": \"<your API URL>\"}".into(),
-        );
+    let (digest, req) = match claim_request(&state, "POST", &rest, body) {
+        Ok(c) => c,
+        Err((status, text)) => return error(status, text),
     };
     let answer = state.claims.claim(digest, &req.holder);
     log::info!(
@@ -327,29 +341,9 @@ pub(super) async fn release(
     UrlPath(rest): UrlPath<String>,
     body: Result<Json<ClaimRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if state.blobs.is_none() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "this listener arbitrates no image claims (fleetd does on its TCP API only)".into(),
-        );
-    }
-    let Some(digest) = rest.strip_prefix("_flotilla/claims/") else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("no route DELETE {V2}/{rest}: see {V2}/_flotilla/claims/sha256:<64 hex>"),
-        );
-    };
-    if digest_hex(digest).is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("bad image digest {digest:?}: give sha256:<64 lower-case hex digits>"),
-        );
-    }
-    let Ok(Json(req)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad release body: send {\"holder\": \"<your API URL>\"}".into(),
-        );
+    let (digest, req) = match claim_request(&state, "DELETE", &rest, body) {
+        Ok(c) => c,
+        Err((status, text)) => return error(status, text),
     };
     let released = state.claims.release(digest, &req.holder);
     log::info!(
