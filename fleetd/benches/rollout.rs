@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use cluster::Cluster;
 use flotilla_container::image::{write_oci_layout, RuntimeConfig};
-use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
+use qemu_tests::registry::push;
 use serde_json::Value;
 
 /// The machines' lease TTL: long, so that no machine leaves while the box is busy pulling.
@@ -220,24 +220,12 @@ fn rollout(a: &Args, dir: &Path, layout: &Path, peers: bool) -> Run {
         a.machines,
         t0.elapsed().as_secs_f64()
     );
-    let registry = TestRegistry::start_with(
-        &dir.join(if peers {
-            "registry-peers"
-        } else {
-            "registry-alone"
-        }),
-        &RegistryOptions {
-            ip: Some(c.bridge_ip()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let registry = c.start_registry(&dir.join(if peers {
+        "registry-peers"
+    } else {
+        "registry-alone"
+    }));
     let settings = c.registries();
-    fs::write(
-        &settings,
-        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
-    )
-    .unwrap();
     let image = format!("{}/bench/app:1", registry.host());
     push(layout, &image, &["--dest-tls-verify=false"]).unwrap();
     let blobs = blobs_of(&image);

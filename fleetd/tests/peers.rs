@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use harness::Cluster;
-use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
+use qemu_tests::registry::{push, TestRegistry};
 use serde_json::Value;
 
 /// The lease TTL where no machine leaves (as `tests/pin.rs`).
@@ -37,20 +37,8 @@ fn busybox_layout(dir: &Path, hello: &str) -> PathBuf {
 /// `team/app:1`; returns it, the settings path, the reference and the image's blobs
 /// (config first, then the layers).
 fn registry_with_image(c: &Cluster, dir: &Path) -> (TestRegistry, String, String, Vec<String>) {
-    let registry = TestRegistry::start_with(
-        &dir.join("registry"),
-        &RegistryOptions {
-            ip: Some(c.bridge_ip()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let registry = c.start_registry(&dir.join("registry"));
     let settings = c.registries();
-    fs::write(
-        &settings,
-        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
-    )
-    .unwrap();
     let layout = busybox_layout(&dir.join("v1"), "release one\n");
     let image = format!("{}/team/app:1", registry.host());
     push(&layout, &image, &["--dest-tls-verify=false"]).unwrap();
@@ -211,18 +199,6 @@ fn a_machine_takes_the_blobs_another_machine_holds_and_refuses_altered_ones() {
     );
 }
 
-/// The line a unit's copy on `machine` printed from its image's `/hello`.
-fn hello_on(c: &Cluster, unit: &str, machine: &str) -> Option<String> {
-    let out = c.fleetctl(&["journal", "--machine", machine, "-n", "100", unit]);
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.split_once(" stdout ").map(|(_, text)| text.to_string()))
-        .filter(|t| t.starts_with("release"))
-}
-
 /// Five machines start a global unit by a pinned tag at once, none holding its image:
 /// every machine runs it, and each blob of the image was fetched from the registry exactly
 /// once (the registry's access log): one machine claimed the image and the others took its
@@ -254,13 +230,9 @@ fn a_five_machine_rollout_fetches_each_blob_from_the_registry_once() {
     ]);
     for m in machines {
         c.wait(&format!("web's output on {m}"), || {
-            hello_on(&c, "web", m).is_some()
+            c.hello_on("web", m).is_some()
         });
-        assert_eq!(
-            hello_on(&c, "web", m).as_deref(),
-            Some("release one"),
-            "{m}"
-        );
+        assert_eq!(c.hello_on("web", m).as_deref(), Some("release one"), "{m}");
     }
     let counts: Vec<usize> = blobs.iter().map(|b| registry.blob_gets(b)).collect();
     assert_eq!(

@@ -22,7 +22,7 @@ use std::process::Command;
 
 use flotilla_container::image::hex;
 use harness::Cluster;
-use qemu_tests::registry::{push, RegistryOptions, TestRegistry};
+use qemu_tests::registry::{push, TestRegistry};
 use sha2::{Digest, Sha256};
 
 /// The lease TTL where no machine leaves (as `tests/cluster.rs`' steady one): a stall of the
@@ -45,20 +45,8 @@ struct Setup {
 }
 
 fn setup(c: &Cluster, dir: &Path) -> Setup {
-    let registry = TestRegistry::start_with(
-        &dir.join("registry"),
-        &RegistryOptions {
-            ip: Some(c.bridge_ip()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let registry = c.start_registry(&dir.join("registry"));
     let settings = c.registries();
-    fs::write(
-        &settings,
-        format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
-    )
-    .unwrap();
     Setup {
         v1: busybox_layout(&dir.join("v1"), "release one\n"),
         v2: busybox_layout(&dir.join("v2"), "release two\n"),
@@ -176,18 +164,6 @@ fn submit_pins_the_tag_to_its_digest() {
     assert!(c.ok(&["cat", "web"]).contains(&format!("{image}@{d2}")));
 }
 
-/// The line `unit`'s copy on `machine` printed from its image's `/hello`.
-fn hello_on(c: &Cluster, unit: &str, machine: &str) -> Option<String> {
-    let out = c.fleetctl(&["journal", "--machine", machine, "-n", "100", unit]);
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.split_once(" stdout ").map(|(_, text)| text.to_string()))
-        .filter(|t| t.starts_with("release"))
-}
-
 /// The cluster: a global unit submitted by tag runs release one on m1 and m2; the tag is
 /// moved to release two; a machine that joins then pulls and runs release one too, because
 /// the unit names the digest (its store holds the image under that digest, and not the new
@@ -217,22 +193,18 @@ fn a_unit_submitted_by_tag_runs_the_same_image_everywhere_after_the_tag_moves() 
     ]);
     for m in ["m1", "m2"] {
         c.wait(&format!("web's output on {m}"), || {
-            hello_on(&c, "web", m).is_some()
+            c.hello_on("web", m).is_some()
         });
-        assert_eq!(
-            hello_on(&c, "web", m).as_deref(),
-            Some("release one"),
-            "{m}"
-        );
+        assert_eq!(c.hello_on("web", m).as_deref(), Some("release one"), "{m}");
     }
 
     let d2 = s.push(&s.v2, "1");
     assert_ne!(d1, d2);
     let i = c.add_node("role=web");
     c.wait_machines(3);
-    c.wait("web's output on m3", || hello_on(&c, "web", "m3").is_some());
+    c.wait("web's output on m3", || c.hello_on("web", "m3").is_some());
     assert_eq!(
-        hello_on(&c, "web", "m3").as_deref(),
+        c.hello_on("web", "m3").as_deref(),
         Some("release one"),
         "the late machine runs the pinned release"
     );

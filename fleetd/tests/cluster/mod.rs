@@ -524,6 +524,25 @@ impl Cluster {
         self.dir.path().join("registries.toml")
     }
 
+    /// A real registry (`docker-registry`) in `dir` on the cluster's bridge, where the
+    /// machines reach it, marked insecure (plain HTTP) in [`Cluster::registries`].
+    pub fn start_registry(&self, dir: &std::path::Path) -> qemu_tests::registry::TestRegistry {
+        let registry = qemu_tests::registry::TestRegistry::start_with(
+            dir,
+            &qemu_tests::registry::RegistryOptions {
+                ip: Some(self.bridge_ip()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs::write(
+            self.registries(),
+            format!("[registry.\"{}\"]\ninsecure = true\n", registry.host()),
+        )
+        .unwrap();
+        registry
+    }
+
     /// Machine `i`'s image store (with [`Cluster::start_with_containers`]).
     pub fn images(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("images")
@@ -595,6 +614,19 @@ impl Cluster {
             .iter()
             .find(|n| n.fleetd.is_some())
             .expect("a machine with a running fleetd")
+    }
+
+    /// The `release…` line `unit`'s copy on `machine` printed (from its image's `/hello`),
+    /// read from the journal through fleetctl.
+    pub fn hello_on(&self, unit: &str, machine: &str) -> Option<String> {
+        let out = self.fleetctl(&["journal", "--machine", machine, "-n", "100", unit]);
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.split_once(" stdout ").map(|(_, text)| text.to_string()))
+            .filter(|t| t.starts_with("release"))
     }
 
     /// `fleetctl --endpoint <a live machine's socket> ARGS`.
