@@ -17,6 +17,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::config::line_col;
 use crate::PullError;
 
 /// The peers file fleetd writes (`fleetd --peers-file`) and `unitctl image pull` reads when
@@ -89,13 +90,6 @@ impl PeerSettings {
     pub fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 /// Why a peer did not give a blob.
