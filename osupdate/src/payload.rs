@@ -425,13 +425,8 @@ pub fn os_release_version(path: &Path) -> Result<semver::Version, PayloadError> 
     parse_version(&value, "the running system (os-release VERSION_ID)")
 }
 
-/// Checks the signature of `manifest` (its bytes) against the trusted keys; returns the id
-/// of the key that verified.
-fn check_signature(
-    dir: &Path,
-    manifest: &[u8],
-    trusted: &[TrustedKey],
-) -> Result<String, PayloadError> {
+/// Reads the payload's signature file: a missing one is [`PayloadError::Unsigned`].
+fn read_signature(dir: &Path) -> Result<SignatureFile, PayloadError> {
     let sig_path = dir.join(SIGNATURE);
     let text = match std::fs::read_to_string(&sig_path) {
         Ok(t) => t,
@@ -442,11 +437,24 @@ fn check_signature(
         }
         Err(e) => return Err(IoError::new("read", &sig_path, e).into()),
     };
+    serde_json::from_str(&text).map_err(|e| PayloadError::BadSignatureFile {
+        path: sig_path,
+        detail: e.to_string(),
+    })
+}
+
+/// Checks the signature `sig` of `manifest` (its bytes) against the trusted keys; returns
+/// the id of the key that verified.
+fn check_signature(
+    dir: &Path,
+    sig: &SignatureFile,
+    manifest: &[u8],
+    trusted: &[TrustedKey],
+) -> Result<String, PayloadError> {
     let bad = |detail: String| PayloadError::BadSignatureFile {
-        path: sig_path.clone(),
+        path: dir.join(SIGNATURE),
         detail,
     };
-    let sig: SignatureFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if sig.algorithm != ALGORITHM {
         return Err(bad(format!(
             "algorithm {:?}, only {ALGORITHM:?} is accepted",
@@ -469,12 +477,12 @@ fn check_signature(
     }
     if trusted.iter().any(|k| k.id == sig.key) {
         Err(PayloadError::ManifestAltered {
-            key: sig.key,
+            key: sig.key.clone(),
             path: dir.join(MANIFEST),
         })
     } else {
         Err(PayloadError::UntrustedKey {
-            key: sig.key,
+            key: sig.key.clone(),
             trusted: trusted.len(),
         })
     }
@@ -555,16 +563,10 @@ fn check_artifact(dir: &Path, a: &PayloadArtifact) -> Result<(), PayloadError> {
 /// size and sha256. Reads only; writes nothing.
 pub fn verify(dir: &Path, policy: &Policy<'_>) -> Result<VerifiedPayload, PayloadError> {
     let manifest_path = dir.join(MANIFEST);
-    // The signature file is looked at first: an unsigned payload is refused as such even
-    // when its manifest is missing too.
-    if !dir.join(SIGNATURE).exists() {
-        return Err(PayloadError::Unsigned {
-            dir: dir.to_path_buf(),
-        });
-    }
+    let sig = read_signature(dir)?;
     let bytes =
         std::fs::read(&manifest_path).map_err(|e| IoError::new("read", &manifest_path, e))?;
-    let key = check_signature(dir, &bytes, policy.trusted)?;
+    let key = check_signature(dir, &sig, &bytes, policy.trusted)?;
     let manifest: UpdateManifest =
         serde_json::from_slice(&bytes).map_err(|e| PayloadError::BadManifest {
             path: manifest_path.clone(),
