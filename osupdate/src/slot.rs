@@ -107,22 +107,87 @@ fn uevent_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// Little-endian integers of a byte slice (no panics: a short slice gives `None`).
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// See [`le_u32`].
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The GPT partition names of the disk `dev` with `sector`-byte logical blocks:
+/// `(partition number, name)`. The kernel's `PARTNAME=` is preferred; this is the fallback
+/// for partitions the kernel did not scan itself (a loop device whose partitions were added
+/// with `partx`, which carries no names). An unreadable or absent GPT gives no names.
+pub fn gpt_names(dev: &Path, sector: u64) -> Result<Vec<(u32, String)>, IoError> {
+    let mut f = std::fs::File::open(dev).map_err(|e| IoError::new("open", dev, e))?;
+    let mut header = vec![0u8; 512];
+    f.seek(SeekFrom::Start(sector))
+        .and_then(|_| f.read_exact(&mut header))
+        .map_err(|e| IoError::new("read the GPT header of", dev, e))?;
+    if header.get(..8) != Some(b"EFI PART".as_slice()) {
+        return Ok(Vec::new());
+    }
+    let (Some(lba), Some(count), Some(size)) = (
+        le_u64(&header, 72),
+        le_u32(&header, 80),
+        le_u32(&header, 84),
+    ) else {
+        return Ok(Vec::new());
+    };
+    // Sanity bounds: the spec's minimum entry size; at most 1024 entries.
+    if size < 128 || count > 1024 {
+        return Ok(Vec::new());
+    }
+    let mut table = vec![0u8; count as usize * size as usize];
+    f.seek(SeekFrom::Start(lba.saturating_mul(sector)))
+        .and_then(|_| f.read_exact(&mut table))
+        .map_err(|e| IoError::new("read the GPT entries of", dev, e))?;
+    let mut out = Vec::new();
+    for (i, entry) in table.chunks(size as usize).enumerate() {
+        let Some(type_guid) = entry.get(..16) else {
+            continue;
+        };
+        if type_guid.iter().all(|&b| b == 0) {
+            continue; // unused entry
+        }
+        let units: Vec<u16> = entry
+            .get(56..128)
+            .unwrap_or_default()
+            .chunks(2)
+            .map(|c| {
+                u16::from_le_bytes([
+                    c.first().copied().unwrap_or(0),
+                    c.get(1).copied().unwrap_or(0),
+                ])
+            })
+            .take_while(|&u| u != 0)
+            .collect();
+        out.push((i as u32 + 1, String::from_utf16_lossy(&units)));
+    }
+    Ok(out)
+}
+
 /// Every partition with a GPT name under `sys_block` (normally `/sys/class/block`); device
-/// nodes are under `dev_root` (normally `/dev`).
+/// nodes are under `dev_root` (normally `/dev`). The name is the kernel's `PARTNAME=`, or
+/// read from the disk's GPT ([`gpt_names`]) when the kernel has none.
 pub fn partitions(sys_block: &Path, dev_root: &Path) -> Result<Vec<Partition>, SlotError> {
     let rd =
         std::fs::read_dir(sys_block).map_err(|e| IoError::new("read directory", sys_block, e))?;
     let mut out = Vec::new();
+    let mut gpts: std::collections::HashMap<String, Vec<(u32, String)>> = Default::default();
     for entry in rd {
         let entry = entry.map_err(|e| IoError::new("read directory", sys_block, e))?;
         let uevent = entry.path().join("uevent");
         let Ok(text) = std::fs::read_to_string(&uevent) else {
             continue;
         };
-        let (Some(name), Some(devname)) = (
-            uevent_field(&text, "PARTNAME"),
-            uevent_field(&text, "DEVNAME"),
-        ) else {
+        if uevent_field(&text, "DEVTYPE") != Some("partition") {
+            continue;
+        }
+        let Some(devname) = uevent_field(&text, "DEVNAME") else {
             continue;
         };
         // /sys/class/block/vda2 -> ../../devices/.../vda/vda2: the parent is the disk.
@@ -134,8 +199,34 @@ pub fn partitions(sys_block: &Path, dev_root: &Path) -> Result<Vec<Partition>, S
                     .map(|n| n.to_string_lossy().into_owned())
             })
             .unwrap_or_default();
+        let name = match uevent_field(&text, "PARTNAME") {
+            Some(n) => n.to_string(),
+            None => {
+                let partn = uevent_field(&text, "PARTN").and_then(|n| n.parse::<u32>().ok());
+                let (Some(partn), false) = (partn, disk.is_empty()) else {
+                    continue;
+                };
+                if !gpts.contains_key(&disk) {
+                    let sector = std::fs::read_to_string(
+                        sys_block.join(&disk).join("queue/logical_block_size"),
+                    )
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(512);
+                    let names = gpt_names(&dev_root.join(&disk), sector).unwrap_or_default();
+                    gpts.insert(disk.clone(), names);
+                }
+                match gpts
+                    .get(&disk)
+                    .and_then(|g| g.iter().find(|(n, _)| *n == partn))
+                {
+                    Some((_, name)) if !name.is_empty() => name.clone(),
+                    _ => continue,
+                }
+            }
+        };
         out.push(Partition {
-            name: name.to_string(),
+            name,
             dev: dev_root.join(devname),
             kernel_name: devname.to_string(),
             disk,
