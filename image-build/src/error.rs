@@ -37,6 +37,9 @@ pub enum BuildError {
     /// Invalid options.
     #[error("{0}")]
     Usage(String),
+    /// The update payload (`--sign`): a bad key, version or file.
+    #[error(transparent)]
+    Update(#[from] flotilla_osupdate::payload::PayloadError),
 }
 
 fn tail_text(tail: &[String], log: &Option<PathBuf>) -> String {

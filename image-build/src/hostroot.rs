@@ -64,7 +64,11 @@ pub const HOSTS: &str = "127.0.0.1 localhost\n::1 localhost\n";
 
 /// `/usr/lib/os-release` of this version of Flotilla.
 pub fn os_release() -> String {
-    let v = env!("CARGO_PKG_VERSION");
+    os_release_of(env!("CARGO_PKG_VERSION"))
+}
+
+/// `/usr/lib/os-release` of Flotilla version `v` (`image-build os --os-version`).
+pub fn os_release_of(v: &str) -> String {
     format!("NAME=\"Flotilla\"\nID=flotilla\nVERSION_ID={v}\nPRETTY_NAME=\"Flotilla {v}\"\n")
 }
 
@@ -98,6 +102,11 @@ pub struct RootContent {
     /// An image store (a directory on the same filesystem as the tree), moved into place as
     /// [`SYSTEM_STORE`].
     pub system_store: Option<PathBuf>,
+    /// `VERSION_ID` of os-release; `None`: the crate version.
+    pub os_version: Option<String>,
+    /// `(file name, PEM)`: public keys trusted for updates, installed under
+    /// `flotilla_osupdate::payload::TRUSTED_KEYS_DIR`, 0644.
+    pub update_keys: Vec<(String, String)>,
 }
 
 /// What [`stage_root`] put into the tree.
@@ -156,7 +165,19 @@ pub fn stage_root(content: &RootContent, root: &Path) -> Result<StageSummary, Bu
     for (name, source) in &content.binaries {
         put_file(root, &format!("{BIN_DIR}/{name}"), source, 0o755)?;
     }
-    put_bytes(root, OS_RELEASE, os_release().as_bytes(), 0o644)?;
+    let os_release = match &content.os_version {
+        Some(v) => os_release_of(v),
+        None => os_release(),
+    };
+    put_bytes(root, OS_RELEASE, os_release.as_bytes(), 0o644)?;
+    for (name, pem) in &content.update_keys {
+        put_bytes(
+            root,
+            &format!("{}/{name}", flotilla_osupdate::payload::TRUSTED_KEYS_DIR),
+            pem.as_bytes(),
+            0o644,
+        )?;
+    }
     put_bytes(
         root,
         &format!("{FACTORY_ETC}/passwd"),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flotilla_container::image::DEFAULT_STORE;
-use image_build::os::{build_os, OsOptions};
+use image_build::os::{build_os_with, OsOptions, UpdateOptions};
 use image_build::static_build::{workspace_root, StaticBuild};
 use image_build::{build, BuildOptions, DEFAULT_CACHE};
 
@@ -53,6 +53,15 @@ enum Cmd {
         /// Cache directory (the kernel goes to CACHE/kernel/).
         #[arg(long, default_value = DEFAULT_CACHE)]
         cache: PathBuf,
+        /// The OS version (semver): os-release VERSION_ID and the update manifest
+        /// (overrides the spec's `[os] version`; default the crate version).
+        #[arg(long)]
+        os_version: Option<String>,
+        /// Sign: write the update payload to OUT/update/ signed with this Ed25519 private
+        /// key (PEM, `openssl genpkey -algorithm ed25519`) and bake its public key into
+        /// the root image's /usr/lib/flotilla/update-keys/.
+        #[arg(long, value_name = "KEY.pem")]
+        sign: Option<PathBuf>,
     },
     /// Build the host image's binaries statically (flotilla-init, unitctl, fleetd, fleetctl)
     /// into target/static (or $FLOTILLA_STATIC_TARGET_DIR) of the workspace this image-build
@@ -86,6 +95,8 @@ fn main() -> anyhow::Result<()> {
             init,
             bin_dir,
             cache,
+            os_version,
+            sign,
         } => {
             let opts = OsOptions {
                 spec: spec.clone(),
@@ -96,7 +107,8 @@ fn main() -> anyhow::Result<()> {
                 cache,
                 progress: std::io::stderr().is_terminal(),
             };
-            build_os(&opts).with_context(|| format!("building {}", spec.display()))?;
+            let up = UpdateOptions { os_version, sign };
+            build_os_with(&opts, &up).with_context(|| format!("building {}", spec.display()))?;
         }
         Cmd::StaticBinaries => {
             let recipe = StaticBuild::new(&workspace_root());

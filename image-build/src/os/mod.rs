@@ -30,8 +30,12 @@ use crate::{rootfs, BuildError, BuildOptions};
 
 mod inputs;
 mod spec;
+mod update;
 
-pub use spec::{InitSpec, KernelSpec, OsSpec, RootCompression, RootFormat, RootSpec, VarSpec};
+pub use spec::{
+    InitSpec, KernelSpec, OsSection, OsSpec, RootCompression, RootFormat, RootSpec, VarSpec,
+};
+pub use update::{UpdateOptions, UPDATE_DIR};
 
 /// Options of `image-build os`.
 #[derive(Debug, Clone)]
@@ -153,6 +157,12 @@ fn host_busybox(
 /// checked first (a missing binary fails before the kernel download), then one function per
 /// step, each named as its progress line.
 pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
+    build_os_with(opts, &UpdateOptions::default())
+}
+
+/// [`build_os`] with the update options: the OS version, and `--sign` (the key baked in,
+/// the signed payload in `OUT/update/`, one more step).
+pub fn build_os_with(opts: &OsOptions, up: &UpdateOptions) -> Result<OsManifest, BuildError> {
     let started = Instant::now();
     let OsInputs {
         spec,
@@ -161,7 +171,11 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
         images,
         var_size,
     } = resolve_inputs(opts)?;
-    let mut build = OsBuild::start(opts, &spec, usize::from(!images.is_empty()))?;
+    let plan = update::UpdatePlan::resolve(up, &spec)?;
+    root_content.os_version = Some(plan.version.clone());
+    root_content.update_keys = plan.trusted_keys();
+    let extra_steps = usize::from(!images.is_empty()) + usize::from(plan.key.is_some());
+    let mut build = OsBuild::start(opts, &spec, extra_steps)?;
     let kernel = build.kernel()?;
     let closure = build.modules(&kernel)?;
     build.initramfs(&kernel, &closure, &init)?;
@@ -171,6 +185,7 @@ pub fn build_os(opts: &OsOptions) -> Result<OsManifest, BuildError> {
     build.root_image(&mut root_content, images.len())?;
     build.var_image(var_size)?;
     let manifest = build.manifest(&kernel)?;
+    build.update_payload(&plan, &kernel)?;
     println!(
         "host image {} (kernel {}, {:.1}s)",
         opts.out.display(),
@@ -472,6 +487,27 @@ impl<'a> OsBuild<'a> {
         json.push(b'\n');
         std::fs::write(&path, json).map_err(|e| io_err("write", &path, e))?;
         Ok(manifest)
+    }
+
+    /// `update/: version V, signed by KEY`: the signed update payload (only with `--sign`).
+    fn update_payload(
+        &mut self,
+        plan: &update::UpdatePlan,
+        kernel: &Kernel,
+    ) -> Result<(), BuildError> {
+        if plan.key.is_none() {
+            return Ok(());
+        }
+        self.steps
+            .line(&format!("{UPDATE_DIR}/: version {}", plan.version));
+        let pb = self.steps.spinner("sha256 and signature");
+        let written = plan.write(&self.opts.out, &kernel.version)?;
+        pb.finish_and_clear();
+        if let Some((dir, key)) = written {
+            self.steps
+                .detail(&format!("{} signed by key {key}", dir.display()));
+        }
+        Ok(())
     }
 
     /// A filesystem UUID derived from `label` and the canonical spec.

@@ -30,6 +30,26 @@ pub struct OsSpec {
     /// The `/var` disk.
     #[serde(default)]
     pub var: VarSpec,
+    /// `[os]`: the version (absent from the canonical spec when empty, so the UUIDs of
+    /// existing specs do not change).
+    #[serde(default, skip_serializing_if = "OsSection::is_empty")]
+    pub os: OsSection,
+}
+
+/// `[os]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsSection {
+    /// The version (semver): os-release `VERSION_ID` and the update manifest's version;
+    /// `--os-version` overrides; default the crate version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+impl OsSection {
+    fn is_empty(&self) -> bool {
+        self.version.is_none()
+    }
 }
 
 /// `[kernel]`.
