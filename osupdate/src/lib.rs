@@ -8,11 +8,13 @@
 //!   install a trial entry, commit it, roll back, and the status (which slot boots next).
 //! - [`slot`]: the slots' partitions (by GPT partition name), and writing a root image to
 //!   the inactive one with a read-back check.
+//! - [`host`]: the three together for one host: update, rollback, status.
 //!
 //! The crate is linked by the init (PID 1): nothing here panics; every failure is an error
 //! value that says what failed, on what, and what to do.
 
 pub mod entries;
+pub mod host;
 pub mod payload;
 pub mod slot;
 

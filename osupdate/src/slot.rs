@@ -343,16 +343,26 @@ fn read_back(dev: &Path, len: u64) -> Result<String, IoError> {
     Ok(hex(&h.finalize()))
 }
 
-/// Writes the payload's root image to `slot`'s partition `part` (whose name must be the
-/// slot's), refusing the `running` slot and an image larger than the partition; fsyncs and
-/// verifies the bytes read back against the signed sha256. Nothing is written on refusal.
-pub fn write_slot(
+/// The checks [`write_slot`] makes before writing, for a caller that must know before it
+/// changes anything else (the update removes the slot's boot entry only once they pass):
+/// not the `running` slot, `part` is the slot's partition, the root image fits. Returns
+/// the partition's size.
+pub fn preflight(
     payload: &VerifiedPayload,
     slot: Slot,
     running: Option<Slot>,
     part: &Partition,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<WriteReport, SlotError> {
+) -> Result<u64, SlotError> {
+    open_target(payload, slot, running, part).map(|(_, _, size)| size)
+}
+
+/// [`preflight`]'s checks; returns the image file, the opened device and its size.
+fn open_target(
+    payload: &VerifiedPayload,
+    slot: Slot,
+    running: Option<Slot>,
+    part: &Partition,
+) -> Result<(std::fs::File, std::fs::File, u64), SlotError> {
     if running == Some(slot) {
         return Err(SlotError::RunningSlot { slot });
     }
@@ -365,7 +375,7 @@ pub fn write_slot(
     }
     let root = payload.artifact("root").ok_or(SlotError::NoRoot)?;
     let image_path = payload.dir.join(&root.path);
-    let mut image =
+    let image =
         std::fs::File::open(&image_path).map_err(|e| IoError::new("open", &image_path, e))?;
     let dev = &part.dev;
     // No O_TRUNC, no O_CREAT: a device node is opened, never a new file made in its place.
@@ -382,6 +392,23 @@ pub fn write_slot(
             partition,
         });
     }
+    Ok((image, out, partition))
+}
+
+/// Writes the payload's root image to `slot`'s partition `part` (whose name must be the
+/// slot's), refusing the `running` slot and an image larger than the partition; fsyncs and
+/// verifies the bytes read back against the signed sha256. Nothing is written on refusal.
+pub fn write_slot(
+    payload: &VerifiedPayload,
+    slot: Slot,
+    running: Option<Slot>,
+    part: &Partition,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<WriteReport, SlotError> {
+    let (mut image, mut out, partition) = open_target(payload, slot, running, part)?;
+    let root = payload.artifact("root").ok_or(SlotError::NoRoot)?;
+    let image_path = payload.dir.join(&root.path);
+    let dev = &part.dev;
     let started = Instant::now();
     let bytes = copy_chunks(&mut image, &image_path, &mut out, dev, root.size, progress)?;
     out.sync_all().map_err(|e| IoError::new("fsync", dev, e))?;

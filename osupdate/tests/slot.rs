@@ -11,14 +11,12 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use flotilla_osupdate::payload::{load_trusted_keys, verify, Policy, VerifiedPayload, OS_ID};
 use flotilla_osupdate::slot::{find_partition, running_slot, write_slot, Partition, SlotError};
 use flotilla_osupdate::Slot;
 
-const MIB: u64 = 1 << 20;
+use common::MIB;
 
 /// A verified payload of version 2.0.0 with a `root_size`-byte root image.
 fn verified(dir: &Path, root_size: usize) -> VerifiedPayload {
@@ -42,79 +40,6 @@ fn verified(dir: &Path, root_size: usize) -> VerifiedPayload {
     .unwrap()
 }
 
-/// A loop device over a sparse file with the agreed GPT layout; detached on drop.
-struct LoopDisk {
-    dev: String,
-    _file: tempfile::NamedTempFile,
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .args(["-d", &format!("/dev/{}", self.dev)])
-            .status();
-    }
-}
-
-fn loop_disk() -> LoopDisk {
-    let sfdisk = common::ensure_program("sfdisk", "fdisk");
-    let losetup = common::ensure_program("losetup", "mount");
-    let file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    file.as_file().set_len(40 * MIB).unwrap(); // sparse
-    let script = "label: gpt\n\
-        size=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"flotilla-esp\"\n\
-        size=8MiB, type=L, name=\"flotilla-root-a\"\n\
-        size=8MiB, type=L, name=\"flotilla-root-b\"\n\
-        type=L, name=\"flotilla-var\"\n";
-    let mut child = Command::new(sfdisk)
-        .args(["--quiet", "--no-reread"])
-        .arg(file.path())
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk failed");
-    let out = Command::new(losetup)
-        .args(["--find", "--show", "--partscan"])
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .trim_start_matches("/dev/")
-        .to_string();
-    let disk = LoopDisk { dev, _file: file };
-    // The kernel adds the partitions (devtmpfs makes the nodes). Some kernels refuse the
-    // partition scan of a loop device (BLKRRPART: EINVAL, as on this test host): then add
-    // them one by one with partx (BLKPG). Waiting has generous patience.
-    let p4 = format!("/dev/{}p4", disk.dev);
-    std::thread::sleep(Duration::from_millis(200));
-    if !Path::new(&p4).exists() {
-        let partx = common::ensure_program("partx", "util-linux");
-        println!("no partitions after losetup --partscan: adding them with partx -a");
-        let st = Command::new(partx)
-            .args(["-a", &format!("/dev/{}", disk.dev)])
-            .status()
-            .unwrap();
-        assert!(st.success(), "partx -a failed");
-    }
-    let started = Instant::now();
-    while !Path::new(&p4).exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{p4} never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    disk
-}
-
 fn read_range(dev: &Path, len: usize) -> Vec<u8> {
     let mut f = std::fs::File::open(dev).unwrap();
     f.seek(SeekFrom::Start(0)).unwrap();
@@ -127,7 +52,7 @@ fn read_range(dev: &Path, len: usize) -> Vec<u8> {
 fn the_root_image_goes_to_the_inactive_slot_on_a_real_gpt() {
     let tmp = tempfile::tempdir().unwrap();
     let payload = verified(tmp.path(), (3 * MIB + 12345) as usize);
-    let disk = loop_disk();
+    let disk = common::loop_disk();
     let sys = Path::new("/sys/class/block");
     let dev = Path::new("/dev");
     let b = find_partition(sys, dev, "flotilla-root-b", Some(&disk.dev)).unwrap();
@@ -195,7 +120,7 @@ fn the_root_image_goes_to_the_inactive_slot_on_a_real_gpt() {
 fn an_image_larger_than_the_partition_is_refused_on_a_real_gpt() {
     let tmp = tempfile::tempdir().unwrap();
     let payload = verified(tmp.path(), (8 * MIB + 1) as usize);
-    let disk = loop_disk();
+    let disk = common::loop_disk();
     let b = find_partition(
         Path::new("/sys/class/block"),
         Path::new("/dev"),

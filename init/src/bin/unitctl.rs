@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 #[path = "unitctl/image_pull.rs"]
 mod image_pull;
+#[path = "unitctl/os.rs"]
+mod os;
 
 /// Control the units of a Flotilla machine.
 #[derive(Debug, Parser)]
@@ -96,6 +98,10 @@ enum Command {
     /// Manage the local image store.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The host's A/B update: status, update from a signed payload, rollback (as root; needs
+    /// no running manager).
+    #[command(subcommand)]
+    Os(os::OsCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -438,6 +444,7 @@ fn run(cli: Cli) -> Result<u8> {
     let cli = match cli.command {
         Command::Run(args) => return toolbox_run(args),
         Command::Image(cmd) => return image_command(cmd, cli.json, &mut io::stdout().lock()),
+        Command::Os(cmd) => return os::run(cmd, cli.json, &mut io::stdout().lock()),
         _ => cli,
     };
     let socket = socket_path(&cli);
@@ -521,7 +528,7 @@ fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Remove { name } => client.remove_unit(&name)?,
-        Command::Run(_) | Command::Image(_) => unreachable_local()?,
+        Command::Run(_) | Command::Image(_) | Command::Os(_) => unreachable_local()?,
         Command::Reload { restart_changed } => {
             let report = client.reload(restart_changed)?;
             if json {

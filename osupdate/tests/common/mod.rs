@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use flotilla_osupdate::payload::{write_payload, PayloadSource, SigningKey};
 
@@ -97,4 +98,81 @@ pub fn payload(dir: &Path, version: &str, key: &Path, root_size: usize) -> PathB
     )
     .unwrap();
     out
+}
+
+/// A mebibyte.
+pub const MIB: u64 = 1 << 20;
+
+/// A loop device over a sparse file with the agreed GPT layout; detached on drop.
+pub struct LoopDisk {
+    /// The loop device's kernel name (`loop3`).
+    pub dev: String,
+    _file: tempfile::NamedTempFile,
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .args(["-d", &format!("/dev/{}", self.dev)])
+            .status();
+    }
+}
+
+pub fn loop_disk() -> LoopDisk {
+    let sfdisk = ensure_program("sfdisk", "fdisk");
+    let losetup = ensure_program("losetup", "mount");
+    let file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    file.as_file().set_len(40 * MIB).unwrap(); // sparse
+    let script = "label: gpt\n\
+        size=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"flotilla-esp\"\n\
+        size=8MiB, type=L, name=\"flotilla-root-a\"\n\
+        size=8MiB, type=L, name=\"flotilla-root-b\"\n\
+        type=L, name=\"flotilla-var\"\n";
+    let mut child = Command::new(sfdisk)
+        .args(["--quiet", "--no-reread"])
+        .arg(file.path())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk failed");
+    let out = Command::new(losetup)
+        .args(["--find", "--show", "--partscan"])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .trim_start_matches("/dev/")
+        .to_string();
+    let disk = LoopDisk { dev, _file: file };
+    // The kernel adds the partitions (devtmpfs makes the nodes). Some kernels refuse the
+    // partition scan of a loop device (BLKRRPART: EINVAL, as on this test host): then add
+    // them one by one with partx (BLKPG). Waiting has generous patience.
+    let p4 = format!("/dev/{}p4", disk.dev);
+    std::thread::sleep(Duration::from_millis(200));
+    if !Path::new(&p4).exists() {
+        let partx = ensure_program("partx", "util-linux");
+        println!("no partitions after losetup --partscan: adding them with partx -a");
+        let st = Command::new(partx)
+            .args(["-a", &format!("/dev/{}", disk.dev)])
+            .status()
+            .unwrap();
+        assert!(st.success(), "partx -a failed");
+    }
+    let started = Instant::now();
+    while !Path::new(&p4).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{p4} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    disk
 }

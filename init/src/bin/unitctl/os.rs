@@ -1,0 +1,359 @@
+//! `unitctl os status | update DIR | rollback`: the host's A/B update, run by unitctl itself
+//! (as root) with `flotilla_osupdate::host`, not by PID 1: the write of the slot (hundreds
+//! of MB) must not stall the init's event loop, and unitctl shows its progress. The ESP is
+//! mounted by unitctl for the command's duration (or given with `--esp`). The reboot is the
+//! init's orderly one (SIGINT to PID 1, as Ctrl-Alt-Del), only when PID 1 is flotilla-init.
+
+use std::io::{IsTerminal as _, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Subcommand;
+use flotilla_osupdate::entries::EntryState;
+use flotilla_osupdate::host::{
+    self, Host, HostStatus, UpdateOptions, DEFAULT_TRIES, ESP_PARTITION,
+};
+use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
+use serde_json::{json, Value};
+
+use super::print_json;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum OsCommand {
+    /// Show the running slot and version, each slot's boot entry (version, committed /
+    /// trying / bad) and the slot that boots next.
+    Status {
+        #[command(flatten)]
+        paths: OsPaths,
+    },
+    /// Verify the update payload in DIR (signature, OS, architecture, newer version,
+    /// digests), write it to the inactive slot, make it the next boot on trial, and reboot.
+    Update {
+        /// The payload directory (`image-build os --sign` writes OUT/update/).
+        dir: PathBuf,
+        /// Do not reboot afterwards.
+        #[arg(long)]
+        no_reboot: bool,
+        /// Accept a version older than or equal to the running one.
+        #[arg(long)]
+        allow_downgrade: bool,
+        /// Boot tries of the new slot before the loader falls back.
+        #[arg(long, default_value_t = DEFAULT_TRIES)]
+        tries: u32,
+        #[command(flatten)]
+        paths: OsPaths,
+    },
+    /// Mark the running slot good: its boot entry on trial becomes committed, so the loader
+    /// keeps booting it.
+    Commit {
+        #[command(flatten)]
+        paths: OsPaths,
+    },
+    /// Make the other slot the next boot (the current next entry is marked bad), and reboot.
+    Rollback {
+        /// Do not reboot afterwards.
+        #[arg(long)]
+        no_reboot: bool,
+        #[command(flatten)]
+        paths: OsPaths,
+    },
+}
+
+/// Where the host's parts are (the defaults are the real ones; the hidden options let the
+/// tests use a loop device and files).
+#[derive(Debug, clap::Args)]
+pub(crate) struct OsPaths {
+    /// The mounted EFI system partition [default: mount the slots' disk's `flotilla-esp`
+    /// partition (vfat) on a private directory under /run/flotilla for the command].
+    #[arg(long, value_name = "DIR")]
+    esp: Option<PathBuf>,
+    /// The disk holding the slots, by kernel name (e.g. `vda`) [default: the running slot's].
+    #[arg(long, value_name = "NAME")]
+    disk: Option<String>,
+    #[arg(long, hide = true, default_value = "/sys/class/block")]
+    sys_block: PathBuf,
+    #[arg(long, hide = true, default_value = "/dev")]
+    dev: PathBuf,
+    #[arg(long, hide = true, default_value = "/proc/cmdline")]
+    cmdline: PathBuf,
+    #[arg(long, hide = true, default_value = "/usr/lib/os-release")]
+    os_release: PathBuf,
+    #[arg(long, hide = true, default_value = TRUSTED_KEYS_DIR)]
+    keys: PathBuf,
+}
+
+/// The ESP mounted by unitctl: unmounted and its directory removed on drop.
+struct EspMount {
+    dir: PathBuf,
+}
+
+impl Drop for EspMount {
+    fn drop(&mut self) {
+        if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::empty()) {
+            eprintln!(
+                "unitctl: cannot unmount the ESP at {}: {e}",
+                self.dir.display()
+            );
+            return;
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl OsPaths {
+    /// The host's paths, and the ESP mount when unitctl made one.
+    fn host(self) -> Result<(Host, Option<EspMount>)> {
+        let mut host = Host {
+            sys_block: self.sys_block,
+            dev: self.dev,
+            cmdline: self.cmdline,
+            os_release: self.os_release,
+            keys: self.keys,
+            disk: self.disk,
+            esp: PathBuf::new(),
+        };
+        if let Some(esp) = self.esp {
+            host.esp = esp;
+            return Ok((host, None));
+        }
+        let part = host.partition(ESP_PARTITION)?;
+        let base = Path::new("/run/flotilla");
+        std::fs::create_dir_all(base)
+            .with_context(|| format!("cannot create {}", base.display()))?;
+        let dir = base.join(format!("esp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        use rustix::mount::MountFlags;
+        rustix::mount::mount(
+            &part.dev,
+            &dir,
+            "vfat",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        )
+        .with_context(|| {
+            let _ = std::fs::remove_dir(&dir);
+            format!(
+                "cannot mount the ESP {} (vfat) on {}: is the vfat module loaded? (or give --esp DIR)",
+                part.dev.display(),
+                dir.display()
+            )
+        })?;
+        host.esp = dir.clone();
+        Ok((host, Some(EspMount { dir })))
+    }
+}
+
+/// Asks PID 1 for an orderly reboot (SIGINT, the init's Ctrl-Alt-Del), only if it is
+/// flotilla-init: on any other init SIGINT means something else.
+fn reboot(out: &mut impl Write) -> Result<()> {
+    let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    if comm.trim() != "flotilla-init" {
+        bail!(
+            "PID 1 is {:?}, not flotilla-init: not rebooting; reboot the machine yourself",
+            comm.trim()
+        );
+    }
+    writeln!(out, "rebooting (orderly: units are stopped first)")?;
+    out.flush()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(1),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .context("cannot signal PID 1 to reboot")?;
+    Ok(())
+}
+
+fn state_text(s: EntryState) -> String {
+    s.to_string()
+}
+
+fn status_json(st: &HostStatus) -> Value {
+    let slots: Vec<Value> = st
+        .entries
+        .entries
+        .iter()
+        .map(|e| {
+            let (state, left, done) = match e.state() {
+                EntryState::Committed => ("committed", None, None),
+                EntryState::Trying { left, done } => ("trying", Some(left), Some(done)),
+                EntryState::Bad { done } => ("bad", Some(0), Some(done)),
+            };
+            json!({
+                "slot": e.slot.as_str(),
+                "version": e.version,
+                "state": state,
+                "tries_left": left,
+                "tries_done": done,
+                "entry": e.file,
+            })
+        })
+        .collect();
+    json!({
+        "running": st.running.map(|s| s.as_str()),
+        "version": st.version,
+        "next": st.entries.next.map(|s| s.as_str()),
+        "slots": slots,
+    })
+}
+
+fn status_text(st: &HostStatus) -> String {
+    let mut s = match st.running {
+        Some(slot) => format!("running: slot {slot}, version {}\n", st.version),
+        None => format!(
+            "running: version {} (not booted from a slot: direct kernel boot)\n",
+            st.version
+        ),
+    };
+    if st.entries.entries.is_empty() {
+        s.push_str("no boot entries on the ESP\n");
+    }
+    for e in &st.entries.entries {
+        s.push_str(&format!(
+            "slot {}: {} {}{}\n",
+            e.slot,
+            e.version,
+            state_text(e.state()),
+            if st.entries.next == Some(e.slot) {
+                "  <- next boot"
+            } else {
+                ""
+            }
+        ));
+    }
+    s
+}
+
+/// Prints a progress line every 10 % (on a terminal: one line rewritten).
+fn progress_printer(label: String) -> impl FnMut(u64, u64) {
+    let tty = std::io::stderr().is_terminal();
+    let mut last = u64::MAX;
+    move |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let step = pct / 10;
+        if step == last {
+            return;
+        }
+        last = step;
+        if tty {
+            eprint!("\r{label}: {pct:3}%");
+            if done == total {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{label}: {pct}%");
+        }
+    }
+}
+
+/// Runs `unitctl os ...`.
+pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8> {
+    match cmd {
+        OsCommand::Status { paths } => {
+            let (host, _mount) = paths.host()?;
+            let st = host::status(&host)?;
+            if json {
+                print_json(out, &status_json(&st))?;
+            } else {
+                write!(out, "{}", status_text(&st))?;
+            }
+        }
+        OsCommand::Update {
+            dir,
+            no_reboot,
+            allow_downgrade,
+            tries,
+            paths,
+        } => {
+            let (host, mount) = paths.host()?;
+            let running = host.running_slot()?;
+            let mut progress = progress_printer(format!("writing slot {}", running.other()));
+            let r = host::update(
+                &host,
+                &dir,
+                UpdateOptions {
+                    allow_downgrade,
+                    tries,
+                },
+                &mut progress,
+            )?;
+            drop(mount);
+            let secs = r.write.write.as_secs_f64();
+            if json {
+                print_json(
+                    out,
+                    &json!({
+                        "version": r.payload.manifest.version,
+                        "key": r.payload.key,
+                        "slot": r.slot.as_str(),
+                        "device": r.partition.dev,
+                        "bytes": r.write.bytes,
+                        "verify_seconds": r.verify.as_secs_f64(),
+                        "write_seconds": secs,
+                        "read_back_seconds": r.write.verify.as_secs_f64(),
+                        "entry": r.installed.file,
+                        "demoted": r.installed.demoted,
+                        "tries": tries,
+                    }),
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "verified Flotilla {} (signed by {}) in {:.1}s",
+                    r.payload.manifest.version,
+                    r.payload.key,
+                    r.verify.as_secs_f64()
+                )?;
+                writeln!(
+                    out,
+                    "wrote {} bytes to slot {} ({}) in {secs:.1}s, read back and checked in {:.1}s",
+                    r.write.bytes,
+                    r.slot,
+                    r.partition.dev.display(),
+                    r.write.verify.as_secs_f64()
+                )?;
+                if let Some(d) = &r.installed.demoted {
+                    writeln!(
+                        out,
+                        "not newer than slot {}: its entry is now {d}, so the new slot boots first",
+                        r.slot.other()
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "next boot: slot {} ({}, {} tries); once it runs well, `unitctl os commit` marks it good",
+                    r.slot,
+                    r.installed.file,
+                    tries.max(1)
+                )?;
+            }
+            if !no_reboot {
+                reboot(out)?;
+            }
+        }
+        OsCommand::Commit { paths } => {
+            let (host, mount) = paths.host()?;
+            let slot = host::commit(&host)?;
+            drop(mount);
+            if json {
+                print_json(out, &json!({ "committed": slot.as_str() }))?;
+            } else {
+                writeln!(out, "slot {slot} committed")?;
+            }
+        }
+        OsCommand::Rollback { no_reboot, paths } => {
+            let (host, mount) = paths.host()?;
+            let slot = host::rollback(&host)?;
+            drop(mount);
+            if json {
+                print_json(out, &json!({ "next": slot.as_str() }))?;
+            } else {
+                writeln!(out, "next boot: slot {slot}")?;
+            }
+            if !no_reboot {
+                reboot(out)?;
+            }
+        }
+    }
+    Ok(0)
+}

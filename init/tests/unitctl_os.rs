@@ -1,0 +1,260 @@
+//! `unitctl os status | update | rollback` on this host, against a loop device with the
+//! agreed GPT layout (made by sfdisk), a directory standing in for the mounted ESP (the dev
+//! host's kernel has no vfat), and files standing in for /proc/cmdline, os-release and the
+//! trusted keys (the hidden path options). Payloads are signed with keys from openssl.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+#[path = "../../osupdate/tests/common/mod.rs"]
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::MIB;
+use flotilla_osupdate::entries::{self, BootFile};
+use flotilla_osupdate::{sha256_file, Slot};
+
+struct Host {
+    tmp: tempfile::TempDir,
+    disk: common::LoopDisk,
+    esp: PathBuf,
+    cmdline: PathBuf,
+    key: PathBuf,
+}
+
+impl Host {
+    /// Running slot A at 1.0.0 (committed entry on the ESP), trusting `key`.
+    fn new() -> Host {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = common::openssl_key(tmp.path(), "release");
+        let keys = tmp.path().join("update-keys");
+        std::fs::create_dir(&keys).unwrap();
+        common::openssl_pubkey(&key, &keys.join("release.pem"));
+        std::fs::write(
+            tmp.path().join("os-release"),
+            "NAME=\"Flotilla\"\nID=flotilla\nVERSION_ID=1.0.0\n",
+        )
+        .unwrap();
+        let cmdline = tmp.path().join("cmdline");
+        std::fs::write(
+            &cmdline,
+            "console=ttyS0 quiet panic=10 flotilla.slot=a flotilla.root=flotilla-root-a flotilla.var=flotilla-var\n",
+        )
+        .unwrap();
+        let esp = tmp.path().join("esp");
+        std::fs::create_dir(&esp).unwrap();
+        let (v, i, _) = common::artifacts(&tmp.path().join("v1"), 1000);
+        let (vs, is) = (sha256_file(&v).unwrap().0, sha256_file(&i).unwrap().0);
+        entries::install(
+            &esp,
+            Slot::A,
+            "1.0.0",
+            3,
+            BootFile {
+                path: &v,
+                sha256: &vs,
+            },
+            BootFile {
+                path: &i,
+                sha256: &is,
+            },
+        )
+        .unwrap();
+        entries::commit(&esp, Slot::A).unwrap();
+        let disk = common::loop_disk();
+        Host {
+            tmp,
+            disk,
+            esp,
+            cmdline,
+            key,
+        }
+    }
+
+    fn unitctl(&self, args: &[&str]) -> Output {
+        let t = self.tmp.path();
+        let out = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+            .args(args)
+            .arg("--esp")
+            .arg(&self.esp)
+            .args(["--disk", &self.disk.dev])
+            .arg("--cmdline")
+            .arg(&self.cmdline)
+            .arg("--os-release")
+            .arg(t.join("os-release"))
+            .arg("--keys")
+            .arg(t.join("update-keys"))
+            .output()
+            .unwrap();
+        println!(
+            "$ unitctl {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn slot_b(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/{}p3", self.disk.dev))
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.esp.join("loader/entries"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn head(dev: &Path, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    std::fs::File::open(dev)
+        .unwrap()
+        .read_exact(&mut v)
+        .unwrap();
+    v
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn update_status_and_rollback_on_a_loop_disk() {
+    let h = Host::new();
+    let o = h.unitctl(&["os", "status"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("running: slot a, version 1.0.0"), "{text}");
+    assert!(
+        text.contains("slot a: 1.0.0 committed  <- next boot"),
+        "{text}"
+    );
+
+    // Refused payloads write nothing: slot B stays zero, the entries stay as they were.
+    let stranger = common::openssl_key(h.tmp.path(), "stranger");
+    let cases = [
+        (
+            "wrong-key",
+            "2.0.0",
+            &stranger,
+            "not among the 1 trusted keys",
+        ),
+        (
+            "downgrade",
+            "0.9.0",
+            &h.key,
+            "older than the running version 1.0.0",
+        ),
+        (
+            "same",
+            "1.0.0",
+            &h.key,
+            "equal to the running version 1.0.0",
+        ),
+    ];
+    for (name, version, key, message) in cases {
+        let p = common::payload(&h.tmp.path().join(name), version, key, (2 * MIB) as usize);
+        let o = h.unitctl(&["os", "update", p.to_str().unwrap(), "--no-reboot"]);
+        assert!(!o.status.success(), "{name}");
+        assert!(stderr(&o).contains(message), "{name}: {}", stderr(&o));
+        assert!(
+            head(&h.slot_b(), (2 * MIB) as usize)
+                .iter()
+                .all(|&b| b == 0),
+            "{name}"
+        );
+        assert_eq!(h.entries(), ["flotilla-a.conf"], "{name}");
+    }
+    let unsigned = common::payload(&h.tmp.path().join("unsigned"), "2.0.0", &h.key, 1000);
+    std::fs::remove_file(unsigned.join("manifest.json.sig")).unwrap();
+    let o = h.unitctl(&["os", "update", unsigned.to_str().unwrap(), "--no-reboot"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not signed"), "{}", stderr(&o));
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+
+    // A good one: slot B written and read back, its kernel on the ESP, its entry on trial.
+    let good = common::payload(
+        &h.tmp.path().join("good"),
+        "2.0.0",
+        &h.key,
+        (3 * MIB) as usize,
+    );
+    let o = h.unitctl(&["os", "update", good.to_str().unwrap(), "--no-reboot"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("next boot: slot b (flotilla-b+3.conf, 3 tries)"),
+        "{text}"
+    );
+    let root = std::fs::read(good.join("root.img")).unwrap();
+    assert_eq!(head(&h.slot_b(), root.len()), root);
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
+    assert_eq!(
+        std::fs::read(h.esp.join("flotilla/b/vmlinuz")).unwrap(),
+        std::fs::read(good.join("vmlinuz")).unwrap()
+    );
+    let o = h.unitctl(&["--json", "os", "status"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["running"], "a");
+    assert_eq!(st["next"], "b");
+    assert_eq!(st["slots"][1]["state"], "trying");
+    assert_eq!(st["slots"][1]["tries_left"], 3);
+    assert_eq!(st["slots"][1]["version"], "2.0.0");
+
+    // Rollback: A boots next, B is marked bad.
+    let o = h.unitctl(&["os", "rollback", "--no-reboot"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("next boot: slot a"));
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+0.conf"]);
+    let o = h.unitctl(&["os", "status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("slot b: 2.0.0 bad (0 tries done)"), "{text}");
+    assert!(
+        text.contains("slot a: 1.0.0 committed  <- next boot"),
+        "{text}"
+    );
+
+    // Booted into B after an update (the loader counted one try): commit makes it permanent.
+    let good2 = common::payload(&h.tmp.path().join("good2"), "2.1.0", &h.key, 1000);
+    let o = h.unitctl(&["os", "update", good2.to_str().unwrap(), "--no-reboot"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = h.esp.join("loader/entries");
+    std::fs::rename(
+        dir.join("flotilla-b+3.conf"),
+        dir.join("flotilla-b+2-1.conf"),
+    )
+    .unwrap();
+    std::fs::write(&h.cmdline, "console=ttyS0 flotilla.slot=b\n").unwrap();
+    let o = h.unitctl(&["os", "commit"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b.conf"]);
+
+    // A root image larger than slot A (8 MiB): refused before anything changes, B's
+    // committed entry included.
+    let big = common::payload(
+        &h.tmp.path().join("big"),
+        "3.0.0",
+        &h.key,
+        (8 * MIB + 1) as usize,
+    );
+    let o = h.unitctl(&["os", "update", big.to_str().unwrap(), "--no-reboot"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds only 8388608"), "{}", stderr(&o));
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b.conf"]);
+
+    // Booted directly (no flotilla.slot=): updates are refused with the reason.
+    std::fs::write(&h.cmdline, "console=ttyS0 quiet panic=-1\n").unwrap();
+    let o = h.unitctl(&["os", "update", good.to_str().unwrap(), "--no-reboot"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no flotilla.slot="), "{}", stderr(&o));
+}

@@ -1,0 +1,247 @@
+//! One host's update, rollback and status: [`payload`](crate::payload), [`slot`](crate::slot)
+//! and [`entries`](crate::entries) put together over the paths of a [`Host`] (the real
+//! ones by default; tests point them at a loop device, a directory standing in for the
+//! mounted ESP, and files standing in for `/proc/cmdline` and os-release).
+//!
+//! The update runs in the caller (`unitctl os update`, as root), not in PID 1: writing
+//! hundreds of MB must not stall the init's event loop, and the caller shows the progress.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::entries::{self, BootFile, EntryError, Installed};
+use crate::payload::{self, PayloadError, Policy, VerifiedPayload, OS_ID, TRUSTED_KEYS_DIR};
+use crate::slot::{self, Partition, SlotError, WriteReport};
+use crate::{IoError, Slot};
+
+/// The GPT partition name of the EFI system partition.
+pub const ESP_PARTITION: &str = "flotilla-esp";
+/// Tries a new slot gets before the loader falls back (systemd-boot's counter).
+pub const DEFAULT_TRIES: u32 = 3;
+
+/// Why an update, rollback or status failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Reading a host file failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The payload was refused.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    /// The boot entries.
+    #[error(transparent)]
+    Entries(#[from] EntryError),
+    /// Finding or writing the slot.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// Not booted from an A/B disk.
+    #[error("this host was not booted from a slot of an A/B disk (no flotilla.slot= in {}): updates need the disk image (`image-build os` disk.img), not the direct kernel boot", cmdline.display())]
+    NotAb {
+        /// The command line file read.
+        cmdline: PathBuf,
+    },
+}
+
+/// The paths an update works on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// `/sys/class/block`.
+    pub sys_block: PathBuf,
+    /// `/dev`.
+    pub dev: PathBuf,
+    /// `/proc/cmdline` (the running slot).
+    pub cmdline: PathBuf,
+    /// The running os-release (`/usr/lib/os-release`: the running version).
+    pub os_release: PathBuf,
+    /// The trusted keys ([`TRUSTED_KEYS_DIR`]).
+    pub keys: PathBuf,
+    /// The disk (kernel name, e.g. `vda`); `None`: the disk holding the running slot.
+    pub disk: Option<String>,
+    /// The mounted ESP.
+    pub esp: PathBuf,
+}
+
+impl Host {
+    /// The real paths, with the ESP mounted at `esp`.
+    pub fn system(esp: &Path) -> Host {
+        Host {
+            sys_block: PathBuf::from("/sys/class/block"),
+            dev: PathBuf::from("/dev"),
+            cmdline: PathBuf::from("/proc/cmdline"),
+            os_release: PathBuf::from("/usr/lib/os-release"),
+            keys: PathBuf::from(TRUSTED_KEYS_DIR),
+            disk: None,
+            esp: esp.to_path_buf(),
+        }
+    }
+
+    /// The running slot (`flotilla.slot=` on the command line).
+    pub fn running_slot(&self) -> Result<Slot, HostError> {
+        let text = std::fs::read_to_string(&self.cmdline)
+            .map_err(|e| IoError::new("read", &self.cmdline, e))?;
+        slot::running_slot(&text).ok_or_else(|| HostError::NotAb {
+            cmdline: self.cmdline.clone(),
+        })
+    }
+
+    /// The disk holding the slots: [`Host::disk`], else the running slot's.
+    pub fn disk(&self) -> Result<String, HostError> {
+        if let Some(d) = &self.disk {
+            return Ok(d.clone());
+        }
+        let running = self.running_slot()?;
+        Ok(slot::find_partition(&self.sys_block, &self.dev, &running.partition_name(), None)?.disk)
+    }
+
+    /// The partition named `name` on the slots' disk.
+    pub fn partition(&self, name: &str) -> Result<Partition, HostError> {
+        let disk = self.disk()?;
+        Ok(slot::find_partition(
+            &self.sys_block,
+            &self.dev,
+            name,
+            Some(&disk),
+        )?)
+    }
+}
+
+/// What [`update`] is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateOptions {
+    /// Accept a version not newer than the running one.
+    pub allow_downgrade: bool,
+    /// Tries of the new slot.
+    pub tries: u32,
+}
+
+impl Default for UpdateOptions {
+    fn default() -> Self {
+        UpdateOptions {
+            allow_downgrade: false,
+            tries: DEFAULT_TRIES,
+        }
+    }
+}
+
+/// What [`update`] did.
+#[derive(Debug, Clone)]
+pub struct UpdateReport {
+    /// The verified payload.
+    pub payload: VerifiedPayload,
+    /// The slot written (the next boot, on trial).
+    pub slot: Slot,
+    /// Its partition.
+    pub partition: Partition,
+    /// The write.
+    pub write: WriteReport,
+    /// The entry installed.
+    pub installed: Installed,
+    /// Time to verify the payload.
+    pub verify: Duration,
+}
+
+/// Updates the host from the payload in `dir`: verifies it against the trusted keys and the
+/// running version (nothing is written if it is refused), removes the inactive slot's
+/// entry, writes the root image to the inactive slot (read back and checked), then copies
+/// the kernel and initramfs to the ESP and installs the slot's entry on trial with
+/// `opts.tries` tries. The reboot is the caller's.
+pub fn update(
+    host: &Host,
+    dir: &Path,
+    opts: UpdateOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<UpdateReport, HostError> {
+    let running = host.running_slot()?;
+    let version = payload::os_release_version(&host.os_release)?;
+    let trusted = payload::load_trusted_keys(&host.keys)?;
+    let started = std::time::Instant::now();
+    let verified = payload::verify(
+        dir,
+        &Policy {
+            trusted: &trusted,
+            running: Some(&version),
+            allow_downgrade: opts.allow_downgrade,
+            os: OS_ID,
+            architecture: std::env::consts::ARCH,
+        },
+    )?;
+    let verify = started.elapsed();
+    let target = running.other();
+    let partition = host.partition(&target.partition_name())?;
+    // The write's own checks first: a refused write changes nothing, not even the entries.
+    slot::preflight(&verified, target, Some(running), &partition)?;
+    // The loader must not boot the slot while it is rewritten.
+    entries::remove(&host.esp, target)?;
+    let write = slot::write_slot(&verified, target, Some(running), &partition, progress)?;
+    let file = |name: &str| {
+        verified
+            .artifact(name)
+            .map(|a| (verified.dir.join(&a.path), a.sha256.clone()))
+            .ok_or(SlotError::NoRoot)
+    };
+    let (kernel, kernel_sha) = file("vmlinuz")?;
+    let (initrd, initrd_sha) = file("initramfs")?;
+    let installed = entries::install(
+        &host.esp,
+        target,
+        &verified.manifest.version,
+        opts.tries,
+        BootFile {
+            path: &kernel,
+            sha256: &kernel_sha,
+        },
+        BootFile {
+            path: &initrd,
+            sha256: &initrd_sha,
+        },
+    )?;
+    Ok(UpdateReport {
+        payload: verified,
+        slot: target,
+        partition,
+        write,
+        installed,
+        verify,
+    })
+}
+
+/// The host's state: the running slot and version, and the entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStatus {
+    /// The running slot (`None`: not booted from an A/B disk).
+    pub running: Option<Slot>,
+    /// The running version (os-release `VERSION_ID`).
+    pub version: String,
+    /// The slots' entries and which boots next.
+    pub entries: entries::Status,
+}
+
+/// The host's state. Works on a host booted directly too (no running slot).
+pub fn status(host: &Host) -> Result<HostStatus, HostError> {
+    let running = match host.running_slot() {
+        Ok(s) => Some(s),
+        Err(HostError::NotAb { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let version = payload::os_release_version(&host.os_release)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    Ok(HostStatus {
+        running,
+        version,
+        entries: entries::status(&host.esp)?,
+    })
+}
+
+/// Makes the other slot the next boot ([`entries::rollback`]); returns it.
+pub fn rollback(host: &Host) -> Result<Slot, HostError> {
+    Ok(entries::rollback(&host.esp)?)
+}
+
+/// Marks the running slot good: its trial entry becomes committed
+/// ([`entries::commit`]). Returns the slot.
+pub fn commit(host: &Host) -> Result<Slot, HostError> {
+    let running = host.running_slot()?;
+    entries::commit(&host.esp, running)?;
+    Ok(running)
+}
