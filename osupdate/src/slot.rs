@@ -137,8 +137,9 @@ pub fn gpt_names(dev: &Path, sector: u64) -> Result<Vec<(u32, String)>, IoError>
     ) else {
         return Ok(Vec::new());
     };
-    // Sanity bounds: the spec's minimum entry size; at most 1024 entries.
-    if size < 128 || count > 1024 {
+    // Sanity bounds (a corrupt header must not make us allocate gigabytes): entries of
+    // 128..=4096 bytes (the spec's minimum; real tables use 128), at most 1024 of them.
+    if !(128..=4096).contains(&size) || count > 1024 {
         return Ok(Vec::new());
     }
     let mut table = vec![0u8; count as usize * size as usize];
@@ -305,7 +306,9 @@ fn copy_chunks(
     let mut done = 0u64;
     progress(0, len);
     while done < len {
-        let n = match src.read(&mut buf) {
+        // Never past `len`: a file grown since verification must not spill further.
+        let want = usize::try_from(len - done).map_or(CHUNK, |left| left.min(CHUNK));
+        let n = match src.read(buf.get_mut(..want).unwrap_or_default()) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

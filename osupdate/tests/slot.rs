@@ -165,6 +165,23 @@ fn a_root_image_changed_after_verification_fails_the_read_back() {
 }
 
 #[test]
+fn a_root_image_grown_after_verification_writes_no_more_than_signed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let payload = verified(tmp.path(), 200_000);
+    let root = payload.artifact_path("root").unwrap();
+    let mut bytes = std::fs::read(&root).unwrap();
+    bytes.extend(std::iter::repeat_n(0xaa, 100_000));
+    std::fs::remove_file(&root).unwrap();
+    std::fs::write(&root, bytes).unwrap();
+    let part = file_partition(tmp.path(), 8 * MIB);
+    // The signed 200000 bytes are written (and read back as signed); nothing after them.
+    let report = write_slot(&payload, Slot::B, Some(Slot::A), &part, &mut |_, _| {}).unwrap();
+    assert_eq!(report.bytes, 200_000);
+    let written = std::fs::read(&part.dev).unwrap();
+    assert!(written[200_000..].iter().all(|&b| b == 0));
+}
+
+#[test]
 fn the_running_slot_comes_from_the_command_line() {
     assert_eq!(
         running_slot("console=ttyS0 quiet panic=10 flotilla.slot=b flotilla.root=flotilla-root-b"),
@@ -202,4 +219,48 @@ fn partitions_are_found_by_name_in_a_sysfs_tree() {
     let p = find_partition(&class, dev, "flotilla-root-a", Some("vdb")).unwrap();
     assert_eq!(p.dev, Path::new("/dev/vdb2"));
     assert_eq!(p.disk, "vdb");
+}
+
+#[test]
+fn gpt_names_are_read_from_the_disk_and_a_corrupt_header_gives_none() {
+    let sfdisk = common::ensure_program("sfdisk", "fdisk");
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(40 * MIB)
+        .unwrap();
+    let mut child = std::process::Command::new(sfdisk)
+        .args(["--quiet"])
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"label: gpt\nsize=4MiB, name=\"flotilla-esp\"\nsize=8MiB, name=\"flotilla-root-a\"\nname=\"flotilla-var\"\n",
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let names = flotilla_osupdate::slot::gpt_names(&img, 512).unwrap();
+    assert_eq!(
+        names,
+        [
+            (1, "flotilla-esp".to_string()),
+            (2, "flotilla-root-a".to_string()),
+            (3, "flotilla-var".to_string())
+        ]
+    );
+    // An entry size of 4 GiB in the header: no names, and no 4 TiB allocation.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[512 + 84..512 + 88].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    assert!(flotilla_osupdate::slot::gpt_names(&img, 512)
+        .unwrap()
+        .is_empty());
+    // No GPT at all.
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    assert!(flotilla_osupdate::slot::gpt_names(&img, 512)
+        .unwrap()
+        .is_empty());
 }
