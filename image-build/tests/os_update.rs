@@ -181,3 +181,54 @@ fn a_bad_version_or_key_fails_before_the_build() {
     // Nothing was built.
     assert!(!out.join("root.img").exists());
 }
+
+#[test]
+fn the_spec_os_version_is_the_default_and_the_flag_overrides_it() {
+    let t = tempfile::tempdir().unwrap();
+    let bins = fake_bin_dir(&t.path().join("bin"));
+    let spec = t.path().join("host.toml");
+    std::fs::write(&spec, "[os]\nversion = \"3.1.0\"\n").unwrap();
+    let loaded = image_build::os::OsSpec::load(&spec).unwrap();
+    assert_eq!(loaded.os.version.as_deref(), Some("3.1.0"));
+    let extract = |out: &Path| {
+        let root = out.join("extracted");
+        let o = Command::new(program("fsck.erofs", "erofs-utils"))
+            .arg(format!("--extract={}", root.display()))
+            .arg(out.join("root.img"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        std::fs::read_to_string(root.join("usr/lib/os-release")).unwrap()
+    };
+    let out = t.path().join("out1");
+    let o = image_build(&[
+        spec.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--bin-dir".as_ref(),
+        bins.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(extract(&out).contains("VERSION_ID=3.1.0\n"));
+    // No --sign: no payload, no trusted key in the image.
+    assert!(!out.join("update").exists());
+    assert!(!out.join("extracted/usr/lib/flotilla/update-keys").exists());
+    let out = t.path().join("out2");
+    let o = image_build(&[
+        spec.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--bin-dir".as_ref(),
+        bins.as_os_str(),
+        "--os-version".as_ref(),
+        "3.2.0".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(extract(&out).contains("VERSION_ID=3.2.0\n"));
+    // Unknown keys in [os] are spec errors.
+    std::fs::write(&spec, "[os]\nversoin = \"3.1.0\"\n").unwrap();
+    let e = image_build::os::OsSpec::load(&spec)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("versoin"), "{e}");
+}

@@ -558,8 +558,9 @@ pub struct Installed {
 /// Installs `slot` as the next boot on trial: removes its old entries, copies the kernel
 /// and initramfs into `flotilla/<slot>/` (each checked against its sha256), then writes
 /// `flotilla-<slot>+<tries>.conf`. If the new entry would not sort first (the other slot's
-/// committed entry has a version not lower), that entry is marked bad (`+0`): with both
-/// bad... see [`Installed::demoted`].
+/// entry has a version not lower: a downgrade or the same version), that entry is marked
+/// bad (`+0`) so the trial boots first; should the trial's tries run out, both are bad and
+/// the loader's version order boots the other slot again (see [`Installed::demoted`]).
 pub fn install(
     esp: &Path,
     slot: Slot,
