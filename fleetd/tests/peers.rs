@@ -389,3 +389,83 @@ fn a_failed_holder_releases_its_claim_and_the_waiters_fetch_at_once() {
     );
     assert!(!seen.contains("did not serve it in time"), "{seen}");
 }
+
+/// A claim whose holder is no live machine (it died or left the cluster mid-pull: its
+/// record left the registry with its lease) is dropped by the arbiter at the next claim:
+/// m2's pull is granted the image at once and fetches it from the registry, instead of
+/// waiting up to the claim's 300 s for blobs that will never come. The claim is made by
+/// hand at both fleetds (so at the arbiter too) for an API no machine has.
+#[test]
+fn a_claim_whose_holder_left_the_cluster_does_not_hold_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start_with_containers(&["role=a", "role=b"], TTL_SECS);
+    let (registry, settings, image, blobs) = registry_with_image(&c, tmp.path());
+    let p2 = peers_file(&c, 1, 1);
+    let m1_api = format!("http://{}:{}", c.nodes[0].ip, harness::FLEETD_PORT);
+    let m2_api = format!("http://{}:{}", c.nodes[1].ip, harness::FLEETD_PORT);
+    // On the bridge's subnet, but no machine's: a holder that is gone.
+    let gone = format!("http://{}:{}", c.bridge_ip(), harness::FLEETD_PORT + 7);
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let digest = format!(
+        "sha256:{}",
+        flotilla_container::image::hex(&{
+            use sha2::Digest;
+            sha2::Sha256::digest(&out.stdout)
+        })
+    );
+    let token = PathBuf::from(
+        fs::read_to_string(&p2)
+            .unwrap()
+            .parse::<toml::Table>()
+            .unwrap()["token_file"]
+            .as_str()
+            .unwrap(),
+    );
+    for api in [&m1_api, &m2_api] {
+        let answer = claim_route("POST", api, &digest, &gone, &token);
+        assert_eq!(answer["granted"], true, "{answer}");
+    }
+    let mut child = Command::new(unitctl())
+        .args(["image", "pull", &image, "--store"])
+        .arg(c.images(1))
+        .args(["--registries", &settings, "--peers", p2.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env_remove("FLOTILLA_PEERS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = String::new();
+    let waiting = format!("{gone} fetches it from the registry");
+    for line in lines {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(&waiting) {
+            // Waiting for a holder that is gone: the claim was not dropped.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("m2 waits for {gone}, no live machine: {seen}\n{}", c.logs());
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "m2's pull of {image}: {seen}");
+    assert!(
+        seen.contains("this machine fetches it from the registry"),
+        "m2 was granted the claim: {seen}"
+    );
+    assert!(
+        c.logs().contains(&format!(
+            "its holder {gone} is no live machine's API: claim dropped"
+        )),
+        "{}",
+        c.logs()
+    );
+    assert_eq!(registry.blob_gets(&blobs[1]), 1, "{}", registry.log());
+}

@@ -8,6 +8,8 @@
 //!   every boot: `passwd`, `group`, `hosts`, `os-release` (a link to `/usr/lib/os-release`),
 //!   `flotilla/units/*.toml` (the baked-in units);
 //! - `/usr/lib/flotilla/provision.toml`: the default provisioning config, if any;
+//! - `/usr/share/ca-certificates/ca-certificates.crt`: the CA bundle, if any, and the
+//!   factory `/etc/ssl/certs/ca-certificates.crt` a link to it;
 //! - `/usr/share/flotilla/images/`: the system image store (read-only at run time), if the
 //!   spec bakes images in;
 //! - empty mount points `/proc /sys /dev /run /var /etc /root /mnt /sysroot`, `/tmp` (1777),
@@ -51,6 +53,16 @@ pub const FACTORY_UNITS: &str = "/usr/share/factory/etc/flotilla/units";
 pub const OS_RELEASE: &str = "/usr/lib/os-release";
 /// The default provisioning config.
 pub const PROVISION: &str = "/usr/lib/flotilla/provision.toml";
+/// Where `[root] ca_bundle` goes: on the read-only root, not copied into the tmpfs `/etc`
+/// at each boot (the factory `/etc` links to it, [`FACTORY_CA_BUNDLE`]).
+pub const CA_BUNDLE: &str = "/usr/share/ca-certificates/ca-certificates.crt";
+/// The factory `/etc`'s link to [`CA_BUNDLE`]: `/etc/ssl/certs/ca-certificates.crt` at run
+/// time, the first place rustls-native-certs (openssl-probe) and OpenSSL look on Linux.
+pub const FACTORY_CA_BUNDLE: &str = "/usr/share/factory/etc/ssl/certs/ca-certificates.crt";
+/// Debian's CA bundle (package `ca-certificates`), the usual `[root] ca_bundle`.
+pub const DEBIAN_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The Debian package that makes [`DEBIAN_CA_BUNDLE`].
+pub const CA_PACKAGE: &str = "ca-certificates";
 /// The host's busybox copied into the image (Debian `busybox-static`).
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
@@ -97,6 +109,9 @@ pub struct RootContent {
     pub mount_points: Vec<String>,
     /// The provisioning config: installed as [`PROVISION`], 0644.
     pub provision: Option<PathBuf>,
+    /// A PEM CA bundle: installed as [`CA_BUNDLE`], 0644, with [`FACTORY_CA_BUNDLE`] an
+    /// absolute link to it.
+    pub ca_bundle: Option<PathBuf>,
     /// More files (`[[root.files]]`), installed last (they may replace generated ones).
     pub files: Vec<RootFile>,
     /// An image store (a directory on the same filesystem as the tree), moved into place as
@@ -154,6 +169,21 @@ pub fn is_static_elf(path: &Path) -> Result<bool, BuildError> {
     Ok(true)
 }
 
+/// Checks that `bundle` is a PEM CA bundle (holds a `-----BEGIN CERTIFICATE-----` line);
+/// the error says what is wrong with which file.
+pub fn check_ca_bundle(bundle: &Path) -> Result<(), String> {
+    let text = std::fs::read(bundle)
+        .map_err(|e| format!("[root] ca_bundle {}: cannot read it: {e}", bundle.display()))?;
+    if String::from_utf8_lossy(&text).contains("-----BEGIN CERTIFICATE-----") {
+        return Ok(());
+    }
+    Err(format!(
+        "[root] ca_bundle {} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line): \
+         give a PEM CA bundle such as Debian's {DEBIAN_CA_BUNDLE}",
+        bundle.display()
+    ))
+}
+
 /// Builds the root tree in the empty directory `root`.
 pub fn stage_root(content: &RootContent, root: &Path) -> Result<StageSummary, BuildError> {
     for (dir, _) in ROOT_DIRS {
@@ -208,6 +238,11 @@ pub fn stage_root(content: &RootContent, root: &Path) -> Result<StageSummary, Bu
     }
     if let Some(p) = &content.provision {
         put_file(root, PROVISION, p, 0o644)?;
+    }
+    if let Some(bundle) = &content.ca_bundle {
+        put_file(root, CA_BUNDLE, bundle, 0o644)?;
+        // Absolute: right once the init has copied the link into /etc.
+        make_link(root, FACTORY_CA_BUNDLE, CA_BUNDLE, true)?;
     }
     if let Some(bb) = &content.busybox {
         put_file(root, HOST_BUSYBOX, bb, 0o755)?;

@@ -224,6 +224,22 @@ fn check_root_image(img: &Path, bins: &Path) {
         link(&format!("{etc}/os-release")),
         Path::new("/usr/lib/os-release")
     );
+    // The build host's CA bundle on the read-only root, the factory /etc linking to it.
+    assert_eq!(
+        std::fs::read(root.join("usr/share/ca-certificates/ca-certificates.crt")).unwrap(),
+        std::fs::read("/etc/ssl/certs/ca-certificates.crt").unwrap()
+    );
+    assert_eq!(
+        meta("usr/share/ca-certificates/ca-certificates.crt")
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o644
+    );
+    assert_eq!(
+        link(&format!("{etc}/ssl/certs/ca-certificates.crt")),
+        Path::new("/usr/share/ca-certificates/ca-certificates.crt")
+    );
     for unit in ["fleetd.toml", "heartbeat.toml", "web.toml"] {
         assert_eq!(
             read(&format!("{etc}/flotilla/units/{unit}")),
@@ -389,6 +405,73 @@ fn bad_var_size_and_broken_units_are_spec_errors() {
     assert!(
         !out.status.success() && err.contains("invalid units") && err.contains("bad.toml"),
         "{err}"
+    );
+}
+
+/// `[root] ca_bundle`: a missing file or one without a PEM certificate is a spec error
+/// naming it (before the kernel download); a bundle relative to the spec is shipped on the
+/// root with the factory `/etc/ssl/certs/ca-certificates.crt` linking to it.
+#[test]
+fn ca_bundle_is_shipped_and_a_missing_or_non_pem_one_is_a_spec_error() {
+    let t = tempfile::tempdir().unwrap();
+    let init = fake_bin_dir(&t.path().join("bin")).join("flotilla-init");
+    let spec = t.path().join("os.toml");
+    let build_with = |bundle: &str| {
+        std::fs::write(&spec, format!("[root]\nca_bundle = \"{bundle}\"\n")).unwrap();
+        image_build(&[
+            spec.as_os_str(),
+            "--out".as_ref(),
+            t.path().join("o").as_os_str(),
+            "--init".as_ref(),
+            init.as_os_str(),
+        ])
+    };
+    let out = build_with("no-such-ca.pem");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "[root] ca_bundle {} does not exist",
+                t.path().join("no-such-ca.pem").display()
+            )),
+        "{err}"
+    );
+    std::fs::write(t.path().join("junk.pem"), "not a certificate\n").unwrap();
+    let out = build_with("junk.pem");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds no PEM certificate"),
+        "{err}"
+    );
+
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    std::fs::write(t.path().join("ca.pem"), pem).unwrap();
+    let out = build_with("ca.pem");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(", CA bundle"),
+        "{out:?}"
+    );
+    let root = t.path().join("root");
+    let x = Command::new(program("fsck.erofs"))
+        .arg(format!("--extract={}", root.display()))
+        .arg(t.path().join("o/root.img"))
+        .output()
+        .unwrap();
+    assert!(x.status.success(), "{x:?}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("usr/share/ca-certificates/ca-certificates.crt"))
+            .unwrap(),
+        pem
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("usr/share/factory/etc/ssl/certs/ca-certificates.crt"))
+            .unwrap(),
+        Path::new("/usr/share/ca-certificates/ca-certificates.crt")
     );
 }
 

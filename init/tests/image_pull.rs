@@ -325,6 +325,120 @@ fn basic_auth_over_tls_wrong_password_and_unknown_tag() {
     assert!(!format!("{stdout}{err}").contains("s3cret-pw"));
 }
 
+/// Where rustls-native-certs (openssl-probe) and OpenSSL look for a machine's CA
+/// certificates on Linux: the directories holding its candidate files and directories.
+const CERT_PLACES: &[&str] = &[
+    "/etc/ssl",
+    "/etc/pki",
+    "/etc/security/certificates",
+    "/opt/etc/ssl",
+    "/usr/lib/ssl",
+    "/usr/local/ssl",
+];
+
+/// `unitctl image pull` (as [`pull`]) on this machine as it would be without a CA bundle:
+/// in a private mount namespace (`unshare --mount`) where every existing [`CERT_PLACES`]
+/// directory is under an empty tmpfs, with `SSL_CERT_FILE` and `SSL_CERT_DIR` unset.
+fn pull_without_system_roots(reference: &str, registries: &Path, store: &Path) -> Output {
+    let unshare = ensure_program("unshare", "util-linux").unwrap();
+    ensure_program("mount", "mount").unwrap();
+    let hide: Vec<&str> = CERT_PLACES
+        .iter()
+        .copied()
+        .filter(|p| Path::new(p).is_dir())
+        .collect();
+    assert!(hide.contains(&"/etc/ssl"), "no /etc/ssl on this host");
+    let script = "for d in $HIDE; do mount -t tmpfs -o mode=0755 flotilla-no-certs \"$d\"; done; \
+                  if [ -e /etc/ssl/certs/ca-certificates.crt ]; then echo 'the CA bundle is not hidden' >&2; exit 99; fi; \
+                  exec \"$@\"";
+    Command::new(unshare)
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-ec",
+            script,
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_unitctl"))
+        .args(["image", "pull", reference, "--registries"])
+        .arg(registries)
+        .arg("--store")
+        .arg(store)
+        .env("HIDE", hide.join(" "))
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("FLOTILLA_IMAGES")
+        .env_remove("FLOTILLA_REGISTRIES")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A machine without any CA bundle (a host image built without `[root] ca_bundle`): a
+/// registry's `ca_file` stands in for the machine's roots (`fallback_roots`), and the TLS
+/// pull works; without one the pull refuses with `NoRoots` (oci-client could not even build
+/// its client), asks the registry nothing and stores nothing.
+#[test]
+fn without_system_roots_a_ca_file_stands_in_and_without_one_the_pull_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = dir.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "registry").unwrap();
+    let cert = ca
+        .issue("registry", "server", Usage::Node("127.0.0.1"))
+        .unwrap();
+    fs::create_dir_all(dir.join("reg")).unwrap();
+    let reg = Registry::start(&dir.join("reg"), None, Some((&cert.cert, &cert.key)));
+    let certs = dir.join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    fs::copy(ca.cert(), certs.join("ca.crt")).unwrap();
+    let (layout, layer) = busybox_layout(dir);
+    let reference = format!("{}/team/app:1", reg.host());
+    push(
+        &layout,
+        &reference,
+        &["--dest-cert-dir", certs.to_str().unwrap()],
+    );
+    let settings = dir.join("registries.toml");
+
+    // The registry's ca_file: the only roots this process has, and enough.
+    write_settings(
+        &settings,
+        &format!(
+            "[registry.\"{}\"]\nca_file = \"{}\"\n",
+            reg.host(),
+            ca.cert().display()
+        ),
+    );
+    let store = dir.join("store");
+    let out = pull_without_system_roots(&reference, &settings, &store);
+    let (stdout, err) = text(&out);
+    assert!(out.status.success(), "{stdout}{err}");
+    assert!(stdout.contains("downloaded 1 layers"), "{stdout}");
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+
+    // No ca_file: the clear NoRoots error, naming the registry and the two ways out.
+    write_settings(&settings, "");
+    let bare = dir.join("bare-store");
+    let out = pull_without_system_roots(&reference, &settings, &bare);
+    let (stdout, err) = text(&out);
+    assert!(!out.status.success(), "{stdout}{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot pull from {}: this machine has no CA certificates",
+            reg.host()
+        )) && err.contains("install a CA bundle")
+            && err.contains("`ca_file`"),
+        "{stdout}{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_store_empty(&bare);
+    assert_eq!(reg.blob_gets(&layer), 1, "{}", reg.log());
+}
+
 #[test]
 fn a_blob_that_does_not_match_its_digest_is_refused_and_nothing_stored() {
     let tmp = tempfile::tempdir().unwrap();

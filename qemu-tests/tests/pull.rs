@@ -255,6 +255,76 @@ command = ["/bin/sh", "-c", "cat /hello; exec sleep 100000"]
     let logs = sh.ok("unitctl logs hello", CMD).unwrap();
     assert_eq!(logs.matches(greeting.as_str()).count(), 2, "{logs}");
     assert_eq!(logs.matches("activating (pull)").count(), 1, "{logs}");
+
+    the_shipped_ca_bundle_alone_serves_a_plain_http_pull(&mut sh, &vm, dir);
+}
+
+/// The image's own CA bundle (image-build's `[root] ca_bundle`) is `/etc/ssl/certs/
+/// ca-certificates.crt` in the guest; with it alone (no `ca_file` for this registry, so no
+/// fallback CA) `unitctl image pull` of an anonymous plain-HTTP registry listed as insecure
+/// works: oci-client builds an HTTPS-capable client even for plain HTTP, which needs roots
+/// (without any, the pull refuses with the registry crate's `NoRoots`).
+fn the_shipped_ca_bundle_alone_serves_a_plain_http_pull(sh: &mut Shell, vm: &Vm, dir: &Path) {
+    let link = sh
+        .ok("readlink /etc/ssl/certs/ca-certificates.crt", CMD)
+        .unwrap();
+    assert!(
+        link.contains("/usr/share/ca-certificates/ca-certificates.crt"),
+        "{link}"
+    );
+    let count = sh
+        .ok(
+            "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt",
+            CMD,
+        )
+        .unwrap();
+    let host_count = fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+        .unwrap()
+        .matches("BEGIN CERTIFICATE")
+        .count();
+    assert!(
+        count.lines().any(|l| l.trim() == host_count.to_string()),
+        "the guest's bundle holds {count} certificates, the build host's {host_count}"
+    );
+    println!("the guest's CA bundle: {host_count} certificates");
+
+    let plain = TestRegistry::start(&dir.join("plain"), None, None).unwrap();
+    // Its own layer (another /hello): the store already holds the first image's.
+    let (layout, _) = busybox_layout(&dir.join("plain-img"), "plain HTTP\n");
+    qemu_tests::registry::push(
+        &layout,
+        &format!("127.0.0.1:{}/team/plain:1", plain.port()),
+        &["--dest-tls-verify=false"],
+    )
+    .unwrap();
+    let host = format!("{HOST_FROM_GUEST}:{}", plain.port());
+    qemu_tests::cluster::write_file(
+        sh,
+        "/tmp/plain.toml",
+        &format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    )
+    .unwrap();
+    let out = sh
+        .run(
+            &format!("unitctl image pull --registries /tmp/plain.toml {host}/team/plain:1"),
+            PULL_PATIENCE,
+        )
+        .unwrap();
+    assert_eq!(
+        out.status,
+        0,
+        "the pull with the shipped bundle only: {}\n{}",
+        out.output,
+        vm.console()
+    );
+    assert!(out.output.contains("downloaded 1 layers"), "{}", out.output);
+    let list = sh.ok("unitctl image list", CMD).unwrap();
+    let name = format!("{host}/team/plain");
+    assert!(
+        list.lines()
+            .any(|l| l.split_whitespace().take(2).eq([name.as_str(), "1"])),
+        "no {name} 1 in:\n{list}"
+    );
 }
 
 fn s_main_pid(s: &serde_json::Value) -> u64 {

@@ -9,7 +9,7 @@
 //! only (a reader must not get image contents the registry protects with credentials), in
 //! `--insecure` plaintext with the cluster's token; the Unix socket does not serve them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -166,24 +166,49 @@ async fn serve_file(store: &Path, hex: &str, digest: &str, head: bool) -> Respon
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::{digest_hex, Claims};
 
     #[test]
     fn a_released_claim_goes_to_the_next_claimer_at_once() {
         let d = format!("sha256:{}", "ab".repeat(32));
         let claims = Claims::default();
-        assert!(claims.claim(&d, "http://m1").granted);
-        let waiting = claims.claim(&d, "http://m2");
+        assert!(claims.claim(&d, "http://m1", None).granted);
+        let waiting = claims.claim(&d, "http://m2", None);
         assert!(!waiting.granted);
         assert_eq!(waiting.holder, "http://m1");
         // Only the holder releases its claim.
         assert!(!claims.release(&d, "http://m2"));
-        assert!(!claims.claim(&d, "http://m3").granted, "still m1's");
+        assert!(!claims.claim(&d, "http://m3", None).granted, "still m1's");
         assert!(claims.release(&d, "http://m1"));
         assert!(!claims.release(&d, "http://m1"), "gone already");
         // The next claimer fetches it, and the others wait for that one.
-        assert!(claims.claim(&d, "http://m2").granted);
-        assert_eq!(claims.claim(&d, "http://m3").holder, "http://m2");
+        assert!(claims.claim(&d, "http://m2", None).granted);
+        assert_eq!(claims.claim(&d, "http://m3", None).holder, "http://m2");
+    }
+
+    #[test]
+    fn a_claim_whose_holder_left_the_cluster_goes_to_the_next_claimer() {
+        let d = format!("sha256:{}", "cd".repeat(32));
+        let claims = Claims::default();
+        let live =
+            |apis: &[&str]| -> BTreeSet<String> { apis.iter().map(|a| a.to_string()).collect() };
+        let all = live(&["http://m1", "http://m2", "http://m3"]);
+        assert!(claims.claim(&d, "http://m1/", Some(&all)).granted);
+        // m1 is live (its URL with or without the slash): the others wait for it.
+        let waiting = claims.claim(&d, "http://m2", Some(&all));
+        assert!(!waiting.granted);
+        assert_eq!(waiting.holder, "http://m1/");
+        // Unknown liveness (the registry did not answer): the claim holds.
+        assert!(!claims.claim(&d, "http://m2", None).granted);
+        // m1 left the cluster: the next claimer is granted, and the others wait for it.
+        let without_m1 = live(&["http://m2", "http://m3"]);
+        assert!(claims.claim(&d, "http://m2", Some(&without_m1)).granted);
+        assert_eq!(
+            claims.claim(&d, "http://m3", Some(&without_m1)).holder,
+            "http://m2"
+        );
     }
 
     #[test]
@@ -229,8 +254,17 @@ pub struct ClaimAnswer {
 
 impl Claims {
     /// Grants `digest` to `holder` unless another holder's claim is younger than
-    /// [`CLAIM_TTL`]; answers the holder.
-    pub fn claim(&self, digest: &str, holder: &str) -> ClaimAnswer {
+    /// [`CLAIM_TTL`] and that holder is live; answers the holder. `live`: the API URLs of
+    /// the registry's live machines (a machine leaves when its lease ends), `None` when
+    /// they are not known (the registry did not answer): a claim whose holder is not among
+    /// them is dropped (its machine died or left mid-pull, so its blobs will never come),
+    /// and the asker fetches the image instead of waiting for the claim to expire.
+    pub fn claim(
+        &self,
+        digest: &str,
+        holder: &str,
+        live: Option<&BTreeSet<String>>,
+    ) -> ClaimAnswer {
         let now = Instant::now();
         let Ok(mut map) = self.0.lock() else {
             // A poisoned lock (a panic elsewhere): grant, the asker fetches itself.
@@ -240,6 +274,14 @@ impl Claims {
             };
         };
         map.retain(|_, (_, since)| now.duration_since(*since) < CLAIM_TTL);
+        if let (Some((h, _)), Some(live)) = (map.get(digest), live) {
+            if h != holder && !live.contains(h.trim_end_matches('/')) {
+                log::info!(
+                    "api: image {digest}: its holder {h} is no live machine's API: claim dropped"
+                );
+                map.remove(digest);
+            }
+        }
         match map.get(digest) {
             Some((h, _)) if h != holder => ClaimAnswer {
                 holder: h.clone(),
@@ -319,7 +361,22 @@ pub(super) async fn claim(
         Ok(c) => c,
         Err((status, text)) => return error(status, text),
     };
-    let answer = state.claims.claim(digest, &req.holder);
+    // The live machines' APIs, to drop a dead holder's claim; unknown when the registry
+    // does not answer (then a claim holds until it expires, as before).
+    let live = match state.registry.list_machines().await {
+        Ok(l) => Some(
+            l.items
+                .iter()
+                .filter_map(|m| m.api.as_deref())
+                .map(|a| a.trim_end_matches('/').to_string())
+                .collect::<BTreeSet<String>>(),
+        ),
+        Err(e) => {
+            log::warn!("api: image {digest}: cannot list the live machines ({e}); claims hold until they expire");
+            None
+        }
+    };
+    let answer = state.claims.claim(digest, &req.holder, live.as_ref());
     log::info!(
         "api: image {digest} claimed by {} ({})",
         answer.holder,

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use super::{static_build_hint, OsOptions, OsSpec, INIT_BINARY};
 use crate::disk::parse_size;
 use crate::error::io_err;
-use crate::hostroot::{is_static_elf, RootContent, RootFile};
+use crate::hostroot::{
+    check_ca_bundle, is_static_elf, RootContent, RootFile, CA_PACKAGE, DEBIAN_CA_BUNDLE,
+};
 use crate::spec::{parse_mode, Spec};
 use crate::BuildError;
 
@@ -157,6 +159,21 @@ fn root_content(
             )));
         }
         content.provision = Some(p);
+    }
+    if let Some(b) = &spec.root.ca_bundle {
+        let bundle = spec_dir.join(b);
+        // Debian's bundle is installed at the root image step when missing (said there).
+        if !bundle.is_file() && bundle != Path::new(DEBIAN_CA_BUNDLE) {
+            return Err(spec_err(format!(
+                "[root] ca_bundle {} does not exist: give a PEM CA bundle of this host \
+                 (Debian's is {DEBIAN_CA_BUNDLE}, package `{CA_PACKAGE}`)",
+                bundle.display()
+            )));
+        }
+        if bundle.is_file() {
+            check_ca_bundle(&bundle).map_err(spec_err)?;
+        }
+        content.ca_bundle = Some(bundle);
     }
     for f in &spec.root.files {
         let source = spec_dir.join(&f.src);

@@ -20,7 +20,10 @@ use self::inputs::{resolve_inputs, OsInputs};
 use crate::container::build_indented;
 use crate::disk::{derived_uuid, mkfs_erofs, mkfs_ext4, ErofsOptions};
 use crate::error::io_err;
-use crate::hostroot::{is_static_elf, stage_root, RootContent, HOST_BUSYBOX};
+use crate::hostroot::{
+    check_ca_bundle, is_static_elf, stage_root, RootContent, CA_PACKAGE, DEBIAN_CA_BUNDLE,
+    HOST_BUSYBOX,
+};
 use crate::initramfs::{write_initramfs, InitramfsEntry};
 use crate::kernel::{fetch_kernel, module_closure, Kernel};
 use crate::process::{apt_install, ensure_program};
@@ -151,6 +154,27 @@ fn host_busybox(
         )));
     }
     Ok(path)
+}
+
+/// Checks `[root] ca_bundle` (resolved to `bundle`): Debian's bundle is installed with
+/// apt-get (package `ca-certificates`, said on the output) when missing; the file must hold
+/// a PEM certificate.
+fn ca_bundle(
+    bundle: &Path,
+    steps: &Steps,
+    pb: &indicatif::ProgressBar,
+    log: &Path,
+) -> Result<(), BuildError> {
+    if !bundle.is_file() && bundle == Path::new(DEBIAN_CA_BUNDLE) {
+        steps.note(
+            pb,
+            &format!(
+                "{DEBIAN_CA_BUNDLE} is missing: installing the Debian package `{CA_PACKAGE}` with apt-get"
+            ),
+        );
+        apt_install(CA_PACKAGE, pb, log)?;
+    }
+    check_ca_bundle(bundle).map_err(BuildError::Usage)
 }
 
 /// Builds the host image of `opts.spec` into `opts.out`: the inputs are resolved and
@@ -356,7 +380,7 @@ impl<'a> OsBuild<'a> {
     fn root_image(&mut self, content: &mut RootContent, images: usize) -> Result<(), BuildError> {
         let root = &self.spec.root;
         self.steps.line(&format!(
-            "root.img: erofs \"{}\"{}: binaries {}{}, units {}{}{}{}",
+            "root.img: erofs \"{}\"{}: binaries {}{}, units {}{}{}{}{}",
             root.label,
             root.compression
                 .algorithm()
@@ -367,6 +391,11 @@ impl<'a> OsBuild<'a> {
             content.units.len(),
             if content.provision.is_some() {
                 ", provisioning"
+            } else {
+                ""
+            },
+            if content.ca_bundle.is_some() {
+                ", CA bundle"
             } else {
                 ""
             },
@@ -384,6 +413,9 @@ impl<'a> OsBuild<'a> {
         let pb = self.steps.spinner("staging the root tree");
         if root.busybox {
             content.busybox = Some(host_busybox(&self.steps, &pb, &self.log)?);
+        }
+        if let Some(bundle) = &content.ca_bundle {
+            ca_bundle(bundle, &self.steps, &pb, &self.log)?;
         }
         let mkfs_erofs_bin =
             ensure_program("mkfs.erofs", "erofs-utils", &self.steps, &pb, &self.log)?;

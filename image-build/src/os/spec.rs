@@ -162,6 +162,13 @@ pub struct RootSpec {
     /// Compression of the image, default none.
     #[serde(default, skip_serializing_if = "RootCompression::is_none")]
     pub compression: RootCompression,
+    /// A PEM CA bundle of the build host (absolute, or relative to the spec file) shipped as
+    /// [`crate::hostroot::CA_BUNDLE`], with the factory `/etc/ssl/certs/ca-certificates.crt`
+    /// a link to it: the roots of every TLS client on the host (`unitctl image pull`).
+    /// Debian's bundle ([`crate::hostroot::DEBIAN_CA_BUNDLE`], package `ca-certificates`) is
+    /// installed with apt-get when missing; any other missing file is a spec error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl Default for RootSpec {
@@ -177,6 +184,7 @@ impl Default for RootSpec {
             files: Vec::new(),
             images: Vec::new(),
             compression: RootCompression::None,
+            ca_bundle: None,
         }
     }
 }

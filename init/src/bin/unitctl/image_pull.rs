@@ -98,9 +98,9 @@ pub(crate) fn pull(
         .or_else(|| std::env::var_os(REGISTRIES_ENV).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRIES));
     let settings = Registries::load(&path)?;
-    // A machine without CA certificates (the host image has no CA bundle): the registry's
-    // own CA stands for the machine's roots, else no HTTPS client can be built at all (see
-    // flotilla_registry::fallback_roots).
+    // A machine without CA certificates (a host image built without `[root] ca_bundle`, a
+    // bare container): the registry's own CA stands for the machine's roots, else no HTTPS
+    // client can be built at all (see flotilla_registry::fallback_roots).
     if let Some(ca) = flotilla_registry::fallback_roots(reference, &settings, &path) {
         // Set before the pull starts its runtime: unitctl has no other thread that could
         // read the environment meanwhile.
