@@ -96,7 +96,13 @@ fn host_spec_is_reproducible_with_root_and_var_images() {
     let a = build(&spec, &bins, &t.path().join("a"));
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     let stdout = String::from_utf8_lossy(&a.stdout);
-    for f in ["vmlinuz", "initramfs.img", "root.img", "var.img", "disk.img"] {
+    for f in [
+        "vmlinuz",
+        "initramfs.img",
+        "root.img",
+        "var.img",
+        "disk.img",
+    ] {
         assert!(stdout.contains(&format!("{f}: sha256:")), "{stdout}");
     }
     // New mtimes on every input: same bytes in, same bytes out.
@@ -230,8 +236,14 @@ fn check_disk_image(dir: &Path, m: &serde_json::Value) {
     assert_eq!(parts.len(), 4);
     for (got, want) in parts.iter().zip(want) {
         assert_eq!(got["name"], want["name"]);
-        assert_eq!(got["start"].as_u64().unwrap() * 512, want["offset"].as_u64().unwrap());
-        assert_eq!(got["size"].as_u64().unwrap() * 512, want["size"].as_u64().unwrap());
+        assert_eq!(
+            got["start"].as_u64().unwrap() * 512,
+            want["offset"].as_u64().unwrap()
+        );
+        assert_eq!(
+            got["size"].as_u64().unwrap() * 512,
+            want["size"].as_u64().unwrap()
+        );
         assert_eq!(
             got["type"].as_str().unwrap(),
             want["type_guid"].as_str().unwrap()
@@ -240,15 +252,26 @@ fn check_disk_image(dir: &Path, m: &serde_json::Value) {
     let names: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["flotilla-esp", "flotilla-root-a", "flotilla-root-b", "flotilla-var"]
+        [
+            "flotilla-esp",
+            "flotilla-root-a",
+            "flotilla-root-b",
+            "flotilla-var"
+        ]
     );
     let offset = |i: usize| want[i]["offset"].as_u64().unwrap();
     let size = |i: usize| want[i]["size"].as_u64().unwrap();
     assert_eq!(size(1), size(2));
     let root = std::fs::read(dir.join("root.img")).unwrap();
-    assert_eq!(read_range(&disk, offset(1), root.len()), root, "slot A is not root.img");
+    assert_eq!(
+        read_range(&disk, offset(1), root.len()),
+        root,
+        "slot A is not root.img"
+    );
     assert!(
-        read_range(&disk, offset(2), 1 << 20).iter().all(|&b| b == 0),
+        read_range(&disk, offset(2), 1 << 20)
+            .iter()
+            .all(|&b| b == 0),
         "slot B is not empty"
     );
     let var_head = read_range(&dir.join("var.img"), 0, 1 << 20);
@@ -267,7 +290,10 @@ fn check_disk_image(dir: &Path, m: &serde_json::Value) {
         assert!(out.stdout == loader, "{path} is not systemd-boot");
     }
     let conf = esp_file(&disk, esp, "/loader/loader.conf");
-    assert!(conf.contains("default flotilla-*\n") && conf.contains("timeout 0\n"), "{conf}");
+    assert!(
+        conf.contains("default flotilla-*\n") && conf.contains("timeout 0\n"),
+        "{conf}"
+    );
     let entry = esp_file(&disk, esp, "/loader/entries/flotilla-a.conf");
     let version = env!("CARGO_PKG_VERSION");
     assert!(
@@ -306,7 +332,10 @@ fn check_disk_image(dir: &Path, m: &serde_json::Value) {
     ] {
         assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
     }
-    assert!(!args.contains(&"-kernel") && !args.contains(&"-no-reboot"), "{args:?}");
+    assert!(
+        !args.contains(&"-kernel") && !args.contains(&"-no-reboot"),
+        "{args:?}"
+    );
     assert!(dir.join("ovmf-vars.fd").is_file());
 }
 
@@ -550,7 +579,10 @@ fn root_image_larger_than_its_slot_is_a_spec_error() {
     let mut text = std::fs::read_to_string(specs.join("host.toml")).unwrap();
     // Absolute paths: the spec is copied out of specs/.
     for key in ["bin_dir", "units", "provision", "src"] {
-        text = text.replace(&format!("{key} = \""), &format!("{key} = \"{}/", specs.display()));
+        text = text.replace(
+            &format!("{key} = \""),
+            &format!("{key} = \"{}/", specs.display()),
+        );
     }
     text.push_str("\n[disk]\nslot_size = \"1M\"\n");
     let spec = t.path().join("host.toml");

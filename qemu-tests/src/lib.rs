@@ -128,7 +128,11 @@ pub fn manifest_args_of(image_dir: &Path, key: &str) -> Result<Vec<String>> {
         .get("qemu")
         .and_then(|q| q.get(key))
         .and_then(|a| a.as_array())
-        .ok_or_else(|| bad(format!("no qemu.{key} (rebuild the image with image-build os)")))?
+        .ok_or_else(|| {
+            bad(format!(
+                "no qemu.{key} (rebuild the image with image-build os)"
+            ))
+        })?
         .iter()
         .map(|a| {
             a.as_str()
@@ -611,8 +615,12 @@ fn mtools(program: &str, disk: &Path, offset: u64, args: &[&std::ffi::OsStr]) ->
 /// Reads a file of the ESP at byte `esp` of `disk` (mtools `mtype`).
 pub fn read_esp_file(disk: &Path, esp: u64, path: &str) -> Result<String> {
     let bytes = mtools("mtype", disk, esp, &[format!("::{path}").as_ref()])?;
-    String::from_utf8(bytes)
-        .map_err(|_| QemuError::Setup(format!("{path} on the ESP of {} is not text", disk.display())))
+    String::from_utf8(bytes).map_err(|_| {
+        QemuError::Setup(format!(
+            "{path} on the ESP of {} is not text",
+            disk.display()
+        ))
+    })
 }
 
 /// Appends `words` to the `options` line of slot A's entry on the ESP at byte `esp` of
@@ -643,7 +651,11 @@ pub fn append_entry_options(disk: &Path, esp: u64, words: &[String], scratch: &P
         "mcopy",
         disk,
         esp,
-        &["-o".as_ref(), tmp.as_os_str(), format!("::{ENTRY_A}").as_ref()],
+        &[
+            "-o".as_ref(),
+            tmp.as_os_str(),
+            format!("::{ENTRY_A}").as_ref(),
+        ],
     )?;
     Ok(())
 }

@@ -76,7 +76,10 @@ fn disk_image_boots_through_uefi_and_keeps_var_across_reboots() {
     ] {
         assert!(console.contains(step), "missing {step:?}\n{console}");
     }
-    assert!(!console.contains("FAILED"), "a boot step failed:\n{console}");
+    assert!(
+        !console.contains("FAILED"),
+        "a boot step failed:\n{console}"
+    );
     assert!(
         !console.contains("staying on the initramfs"),
         "no root found:\n{console}"
@@ -102,7 +105,10 @@ fn disk_image_boots_through_uefi_and_keeps_var_across_reboots() {
     }
     let root = partition(&mut sh, "flotilla-root-a");
     let var = partition(&mut sh, "flotilla-var");
-    assert!(root.starts_with("vd") && var.starts_with("vd"), "{root} {var}");
+    assert!(
+        root.starts_with("vd") && var.starts_with("vd"),
+        "{root} {var}"
+    );
     let mounts = sh.ok("cat /proc/mounts", CMD).unwrap();
     assert!(
         mounts.contains(&format!("/dev/{root} / erofs ro")),
@@ -150,7 +156,12 @@ fn disk_image_boots_through_uefi_and_keeps_var_across_reboots() {
     vm.wait_for_after("Reboot", before, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
     let rebooted = std::time::Instant::now();
-    marker_after(&vm, before, rebooted, "disk reboot (guest reboot -> marker)");
+    marker_after(
+        &vm,
+        before,
+        rebooted,
+        "disk reboot (guest reboot -> marker)",
+    );
     let second = vm.console().get(before..).unwrap_or_default().to_string();
     assert!(second.contains("BdsDxe: starting"), "{second}");
     assert!(second.contains("booted slot a"), "{second}");

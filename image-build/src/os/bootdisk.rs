@@ -244,10 +244,19 @@ pub fn make_esp(
     f.set_len(size).map_err(|e| io_err("size", out, e))?;
     drop(f);
     let mut mkfs = Command::new(&tools.mkfs_vfat);
-    mkfs.args(["-F", "32", "-S", "512", "-n", ESP_LABEL, "--invariant", "-i"])
-        .arg(format!("{volume_id:08X}"))
-        .arg(out)
-        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    mkfs.args([
+        "-F",
+        "32",
+        "-S",
+        "512",
+        "-n",
+        ESP_LABEL,
+        "--invariant",
+        "-i",
+    ])
+    .arg(format!("{volume_id:08X}"))
+    .arg(out)
+    .env("SOURCE_DATE_EPOCH", epoch.to_string());
     run(&mut mkfs, pb, log)?;
     let mut mmd = Command::new(&tools.mmd);
     mmd.arg("-i").arg(out);
@@ -272,7 +281,12 @@ pub fn make_esp(
 /// Writes `sfdisk_script(layout)` to the (sparse, `layout.size` bytes) disk `out` with
 /// `sfdisk` (the script on its standard input), which leaves the partitions' bytes alone.
 /// Its output goes to `log`.
-pub fn write_gpt(sfdisk: &Path, out: &Path, layout: &DiskLayout, log: &Path) -> Result<(), BuildError> {
+pub fn write_gpt(
+    sfdisk: &Path,
+    out: &Path,
+    layout: &DiskLayout,
+    log: &Path,
+) -> Result<(), BuildError> {
     let mut cmd = Command::new(sfdisk);
     cmd.args(["--no-reread", "--no-tell-kernel", "--wipe", "never"])
         .arg(out)
@@ -303,7 +317,11 @@ pub fn write_gpt(sfdisk: &Path, out: &Path, layout: &DiskLayout, log: &Path) -> 
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
         let _ = f.write_all(text.as_bytes());
     }
     if output.status.success() {
@@ -319,7 +337,12 @@ pub fn write_gpt(sfdisk: &Path, out: &Path, layout: &DiskLayout, log: &Path) -> 
 
 /// Copies the file `src` into `dst` at byte `offset`, skipping blocks of zeros (the disk is
 /// a fresh sparse file: they stay holes). Returns the bytes copied.
-pub fn copy_into(src: &Path, dst: &mut std::fs::File, dst_path: &Path, offset: u64) -> Result<u64, BuildError> {
+pub fn copy_into(
+    src: &Path,
+    dst: &mut std::fs::File,
+    dst_path: &Path,
+    offset: u64,
+) -> Result<u64, BuildError> {
     let mut f = std::fs::File::open(src).map_err(|e| io_err("read", src, e))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
@@ -369,10 +392,16 @@ mod tests {
         }
         assert!(l.partitions.iter().all(|p| p.offset % ALIGN == 0));
         assert_eq!(l.partitions[1].size, l.partitions[2].size);
-        assert_eq!(l.size, ALIGN + (128 << 20) + 2 * (256 << 20) + (1 << 30) + ALIGN);
+        assert_eq!(
+            l.size,
+            ALIGN + (128 << 20) + 2 * (256 << 20) + (1 << 30) + ALIGN
+        );
         assert_eq!(l.guid, "guid-disk");
         let script = sfdisk_script(&l);
-        assert!(script.contains("label: gpt\nlabel-id: guid-disk\n"), "{script}");
+        assert!(
+            script.contains("label: gpt\nlabel-id: guid-disk\n"),
+            "{script}"
+        );
         assert!(
             script.contains(&format!(
                 "2 : start=264192, size=524288, type={TYPE_ROOT_X86_64}, uuid=guid-flotilla-root-a, name=\"flotilla-root-a\"\n"
