@@ -81,6 +81,8 @@ pub fn ensure_program(program: &str, package: &str) -> Result<PathBuf> {
     eprintln!("{program} is not installed: installing the Debian package {package} with apt-get");
     let install = || {
         Command::new("apt-get")
+            // Tests boot VMs in parallel: wait for another install's dpkg lock, don't fail.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()

@@ -206,7 +206,8 @@ pub struct DiskSpec {
     /// loader and both slots' kernels and initramfs.
     #[serde(default = "default_esp_size")]
     pub esp_size: String,
-    /// Each root slot (A and B), default `256M`; `root.img` must fit.
+    /// Each root slot (A and B), default `512M` (a root with baked-in images such as gcc is
+    /// ~200 MB); `root.img` must fit.
     #[serde(default = "default_slot_size")]
     pub slot_size: String,
 }
@@ -225,7 +226,7 @@ fn default_esp_size() -> String {
 }
 
 fn default_slot_size() -> String {
-    "256M".into()
+    "512M".into()
 }
 
 /// Smallest EFI system partition: FAT32 needs 65525 clusters (of 512 bytes here) and its FATs.
