@@ -447,8 +447,15 @@ fn bench(image: &Path, boots: usize) -> anyhow::Result<()> {
     let mut disk = Vec::new();
     for _ in 0..boots.min(3) {
         let vm = Vm::boot_disk(image, &qemu_tests::BootOptions::default())?;
-        wait_marker(&vm)?;
-        disk.push(vm.started().elapsed().as_secs_f64() * 1000.0);
+        let marker = wait_marker(&vm)?;
+        let wall_ms = vm.started().elapsed().as_secs_f64() * 1000.0;
+        // A disk boot that missed its root or its units is no sample.
+        let units = number_after(&marker, "ms, ").context("unit count")? as u32;
+        let want = samples.first().map_or(0, |s| s.units);
+        if units != want {
+            bail!("disk boot: {marker:?}, the direct boots had {want} units active");
+        }
+        disk.push(wall_ms);
         vm.qmp("quit")?;
     }
 
