@@ -188,6 +188,9 @@ pub struct BootOptions {
     /// Start the guest's debug shell (`flotilla.debug_shell=hvc0`) on a virtio console
     /// whose other end [`Vm::shell`] connects to.
     pub debug_shell: bool,
+    /// [`Vm::boot_disk`] only: files written into the disk copy's ESP before the boot, as
+    /// (path on the ESP, text), e.g. another boot loader entry.
+    pub esp_files: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -207,6 +210,7 @@ pub struct Vm {
     shell_path: PathBuf,
     log: PathBuf,
     started: Instant,
+    disk: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -283,11 +287,30 @@ impl Vm {
             }
         }
         let words = cmdline_words(opts);
-        if !words.is_empty() {
+        if !words.is_empty() || !opts.esp_files.is_empty() {
             let esp = esp_offset(image_dir)?;
-            append_entry_options(&disk, esp, &words, dir.path())?;
+            if !words.is_empty() {
+                append_entry_options(&disk, esp, &words, dir.path())?;
+            }
+            for (n, (path, text)) in opts.esp_files.iter().enumerate() {
+                let tmp = dir.path().join(format!("esp-file-{n}"));
+                std::fs::write(&tmp, text).map_err(|e| io_err("write", &tmp, e))?;
+                mtools(
+                    "mcopy",
+                    &disk,
+                    esp,
+                    &["-o".as_ref(), tmp.as_os_str(), format!("::{path}").as_ref()],
+                )?;
+            }
         }
-        Vm::start(&qemu, image_dir, args, opts, dir)
+        let mut vm = Vm::start(&qemu, image_dir, args, opts, dir)?;
+        vm.disk = Some(disk);
+        Ok(vm)
+    }
+
+    /// The VM's own copy of `disk.img` ([`Vm::boot_disk`]); `None` for a direct boot.
+    pub fn disk_copy(&self) -> Option<&Path> {
+        self.disk.as_deref()
     }
 
     /// Starts QEMU with `args` plus what `opts` adds (the debug shell's console, the NIC,
@@ -404,6 +427,7 @@ impl Vm {
             shell_path,
             log,
             started,
+            disk: None,
             _dir: dir,
         })
     }
@@ -623,6 +647,24 @@ pub fn read_esp_file(disk: &Path, esp: u64, path: &str) -> Result<String> {
             disk.display()
         ))
     })
+}
+
+/// The names in a directory of the ESP at byte `esp` of `disk` (mtools `mdir -b`), sorted.
+pub fn list_esp_dir(disk: &Path, esp: u64, dir: &str) -> Result<Vec<String>> {
+    let out = mtools(
+        "mdir",
+        disk,
+        esp,
+        &["-b".as_ref(), format!("::{dir}").as_ref()],
+    )?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Appends `words` to the `options` line of slot A's entry on the ESP at byte `esp` of

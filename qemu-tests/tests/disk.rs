@@ -170,3 +170,68 @@ fn disk_image_boots_through_uefi_and_keeps_var_across_reboots() {
     assert_eq!(sh.ok("sha256sum /var/keep", CMD).unwrap(), sum);
     assert_eq!(sh.ok("cat /etc/machine-id", CMD).unwrap(), id);
 }
+
+/// A slot B entry for these tests: version `version`, `flotilla.slot=b`, but slot A's kernel
+/// and root (slot B is empty), so which entry booted shows only in `flotilla.slot`.
+fn slot_b_entry(version: &str) -> String {
+    format!(
+        "title Flotilla {version} (slot b)\nsort-key flotilla\nversion {version}\n\
+         linux /flotilla/a/vmlinuz\ninitrd /flotilla/a/initramfs.img\n\
+         options console=ttyS0 quiet panic=10 flotilla.slot=b flotilla.root=flotilla-root-a \
+         flotilla.var=flotilla-var\n"
+    )
+}
+
+/// Boots `image`'s disk with `entries` added to the ESP; returns the slot the init says it
+/// booted and the entries directory after the boot loader ran.
+fn boot_with_entries(image: &std::path::Path, entries: &[(&str, String)]) -> (String, Vec<String>) {
+    let vm = Vm::boot_disk(
+        image,
+        &BootOptions {
+            esp_files: entries
+                .iter()
+                .map(|(name, text)| (format!("/loader/entries/{name}"), text.clone()))
+                .collect(),
+            ..BootOptions::default()
+        },
+    )
+    .unwrap();
+    let line = vm
+        .wait_for("booted slot", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.console()));
+    println!(
+        "{line} ({:.2} s after QEMU start)",
+        vm.started().elapsed().as_secs_f64()
+    );
+    let slot = line
+        .split("booted slot ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let esp = qemu_tests::esp_offset(image).unwrap();
+    let listed = qemu_tests::list_esp_dir(vm.disk_copy().unwrap(), esp, "/loader/entries").unwrap();
+    (slot, listed)
+}
+
+/// How disk.img's `loader.conf` (`default flotilla-*`, `timeout 0`) makes systemd-boot 252
+/// choose, which A/B updates rely on: a newer entry with tries left wins and its counter is
+/// decremented by the loader (`+2` -> `+1-1`); a newer entry whose tries are spent (`+0-3`)
+/// loses to the committed slot A; an older committed entry loses to slot A.
+#[test]
+fn systemd_boot_prefers_newer_entries_with_tries_left_and_falls_back() {
+    let t = tempfile::tempdir().unwrap();
+    let image = common::build_image(&qemu_tests::images::host_spec(), t.path());
+
+    let (slot, entries) = boot_with_entries(&image, &[("flotilla-b+2.conf", slot_b_entry("99.0"))]);
+    assert_eq!(slot, "b", "{entries:?}");
+    assert_eq!(entries, ["flotilla-a.conf", "flotilla-b+1-1.conf"]);
+
+    let (slot, entries) =
+        boot_with_entries(&image, &[("flotilla-b+0-3.conf", slot_b_entry("99.0"))]);
+    assert_eq!(slot, "a", "{entries:?}");
+    assert_eq!(entries, ["flotilla-a.conf", "flotilla-b+0-3.conf"]);
+
+    let (slot, _) = boot_with_entries(&image, &[("flotilla-b.conf", slot_b_entry("0.0.1"))]);
+    assert_eq!(slot, "a");
+}
