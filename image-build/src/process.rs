@@ -77,7 +77,9 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 pub(crate) fn apt_install(package: &str, pb: &ProgressBar, log: &Path) -> Result<(), BuildError> {
     let install = || {
         let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "--no-install-recommends", package])
+        // Tests build images in parallel: wait for another install's dpkg lock, don't fail.
+        c.args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive");
         c
     };

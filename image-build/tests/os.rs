@@ -96,7 +96,13 @@ fn host_spec_is_reproducible_with_root_and_var_images() {
     let a = build(&spec, &bins, &t.path().join("a"));
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     let stdout = String::from_utf8_lossy(&a.stdout);
-    for f in ["vmlinuz", "initramfs.img", "root.img", "var.img"] {
+    for f in [
+        "vmlinuz",
+        "initramfs.img",
+        "root.img",
+        "var.img",
+        "disk.img",
+    ] {
         assert!(stdout.contains(&format!("{f}: sha256:")), "{stdout}");
     }
     // New mtimes on every input: same bytes in, same bytes out.
@@ -110,6 +116,7 @@ fn host_spec_is_reproducible_with_root_and_var_images() {
         "vmlinuz",
         "root.img",
         "var.img",
+        "disk.img",
     ] {
         assert!(
             same_file(&t.path().join("a").join(f), &t.path().join("b").join(f)),
@@ -147,11 +154,12 @@ fn host_spec_is_reproducible_with_root_and_var_images() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["vmlinuz", "initramfs", "root", "var"]);
+    assert_eq!(names, ["vmlinuz", "initramfs", "root", "var", "disk"]);
     assert_eq!(m["artifacts"][3]["size"].as_u64(), Some(1 << 30));
 
     check_root_image(&t.path().join("a/root.img"), &t.path().join("bin"));
     check_var_image(&t.path().join("a/var.img"));
+    check_disk_image(&t.path().join("a"), &m);
 
     // The closure, from the cached kernel: dependencies before the modules needing them.
     let kernel = m["kernel"].as_str().unwrap();
@@ -175,6 +183,160 @@ fn host_spec_is_reproducible_with_root_and_var_images() {
     assert!(pos("virtio") < pos("virtio_blk"), "{names:?}");
     assert!(pos("failover") < pos("net_failover"), "{names:?}");
     assert!(pos("net_failover") < pos("virtio_net"), "{names:?}");
+}
+
+/// The bytes `offset..offset + len` of `path`.
+fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// A file of the ESP inside `disk` (at byte `offset`), read with mtools' `mtype`.
+fn esp_file(disk: &Path, offset: u64, path: &str) -> String {
+    let out = Command::new(program("mtype"))
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .arg(format!("::{path}"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mtype {path}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// disk.img: the GPT that `sfdisk --json` reads back (names, types, offsets as in the
+/// manifest), slot A holding root.img's bytes, slot B empty, /var holding var.img's bytes,
+/// the ESP with systemd-boot, slot A's kernel and initramfs and entry; and the disk QEMU
+/// arguments booting it under OVMF.
+fn check_disk_image(dir: &Path, m: &serde_json::Value) {
+    let disk = dir.join("disk.img");
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), m["disk"]["size"].as_u64().unwrap());
+    // Sparse: the empty slot B and most of /var are holes.
+    assert!(meta.blocks() * 512 < meta.len() / 4, "{meta:?}");
+    let out = Command::new(program("sfdisk"))
+        .arg("--json")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = &table["partitiontable"];
+    assert_eq!(table["label"], "gpt");
+    assert_eq!(
+        table["id"].as_str().unwrap().to_lowercase(),
+        m["disk"]["guid"].as_str().unwrap()
+    );
+    let parts = table["partitions"].as_array().unwrap();
+    let want = m["disk"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 4);
+    for (got, want) in parts.iter().zip(want) {
+        assert_eq!(got["name"], want["name"]);
+        assert_eq!(
+            got["start"].as_u64().unwrap() * 512,
+            want["offset"].as_u64().unwrap()
+        );
+        assert_eq!(
+            got["size"].as_u64().unwrap() * 512,
+            want["size"].as_u64().unwrap()
+        );
+        assert_eq!(
+            got["type"].as_str().unwrap(),
+            want["type_guid"].as_str().unwrap()
+        );
+    }
+    let names: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "flotilla-esp",
+            "flotilla-root-a",
+            "flotilla-root-b",
+            "flotilla-var"
+        ]
+    );
+    let offset = |i: usize| want[i]["offset"].as_u64().unwrap();
+    let size = |i: usize| want[i]["size"].as_u64().unwrap();
+    assert_eq!(size(1), size(2));
+    let root = std::fs::read(dir.join("root.img")).unwrap();
+    assert_eq!(
+        read_range(&disk, offset(1), root.len()),
+        root,
+        "slot A is not root.img"
+    );
+    assert!(
+        read_range(&disk, offset(2), 1 << 20)
+            .iter()
+            .all(|&b| b == 0),
+        "slot B is not empty"
+    );
+    let var_head = read_range(&dir.join("var.img"), 0, 1 << 20);
+    assert_eq!(read_range(&disk, offset(3), 1 << 20), var_head);
+
+    let esp = offset(0);
+    let loader = std::fs::read("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap();
+    for path in ["/EFI/BOOT/BOOTX64.EFI", "/EFI/systemd/systemd-bootx64.efi"] {
+        let out = Command::new(program("mtype"))
+            .arg("-i")
+            .arg(format!("{}@@{esp}", disk.display()))
+            .arg(format!("::{path}"))
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(out.stdout == loader, "{path} is not systemd-boot");
+    }
+    let conf = esp_file(&disk, esp, "/loader/loader.conf");
+    assert!(
+        conf.contains("default flotilla-*\n") && conf.contains("timeout 0\n"),
+        "{conf}"
+    );
+    let entry = esp_file(&disk, esp, "/loader/entries/flotilla-a.conf");
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        entry.contains(&format!("title Flotilla {version} (slot a)\n"))
+            && entry.contains("linux /flotilla/a/vmlinuz\n")
+            && entry.contains("initrd /flotilla/a/initramfs.img\n")
+            && entry.contains(
+                "options console=ttyS0 quiet panic=10 flotilla.slot=a \
+                 flotilla.root=flotilla-root-a flotilla.var=flotilla-var\n"
+            ),
+        "{entry}"
+    );
+    // The kernel on the ESP is the image's (mtype prints bytes as they are).
+    let out = Command::new(program("mtype"))
+        .arg("-i")
+        .arg(format!("{}@@{esp}", disk.display()))
+        .arg("::/flotilla/a/vmlinuz")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(out.stdout == std::fs::read(dir.join("vmlinuz")).unwrap());
+
+    let args: Vec<&str> = m["qemu"]["disk_args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for pair in [
+        [
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        ],
+        ["-drive", "if=pflash,format=raw,unit=1,file=ovmf-vars.fd"],
+        ["-drive", "if=none,id=disk,format=raw,file=disk.img"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    assert!(
+        !args.contains(&"-kernel") && !args.contains(&"-no-reboot"),
+        "{args:?}"
+    );
+    assert!(dir.join("ovmf-vars.fd").is_file());
 }
 
 fn check_root_image(img: &Path, bins: &Path) {
@@ -392,6 +554,21 @@ fn bad_var_size_and_broken_units_are_spec_errors() {
         !out.status.success() && err.contains("[var] size \"1.5Q\""),
         "{err}"
     );
+    // An unknown [disk] key names its line and column; an ESP too small for FAT32 is refused.
+    std::fs::write(&spec, "[disk]\nesp_size = \"128M\"\nslots = 2\n").unwrap();
+    let out = build(&spec, &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown field `slots`") && err.contains("line 3"),
+        "{err}"
+    );
+    std::fs::write(&spec, "[disk]\nesp_size = \"32M\"\n").unwrap();
+    let out = build(&spec, &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("[disk] esp_size \"32M\": must be at least 64M"),
+        "{err}"
+    );
 
     std::fs::create_dir(t.path().join("units")).unwrap();
     std::fs::write(
@@ -473,6 +650,35 @@ fn ca_bundle_is_shipped_and_a_missing_or_non_pem_one_is_a_spec_error() {
             .unwrap(),
         Path::new("/usr/share/ca-certificates/ca-certificates.crt")
     );
+}
+
+/// A root image larger than a root slot of `disk.img` is a spec error that says what to raise,
+/// and nothing of the disk is left behind.
+#[test]
+fn root_image_larger_than_its_slot_is_a_spec_error() {
+    let t = tempfile::tempdir().unwrap();
+    let bins = fake_bin_dir(&t.path().join("bin"));
+    let specs = specs();
+    let mut text = std::fs::read_to_string(specs.join("host.toml")).unwrap();
+    // Absolute paths: the spec is copied out of specs/.
+    for key in ["bin_dir", "units", "provision", "src"] {
+        text = text.replace(
+            &format!("{key} = \""),
+            &format!("{key} = \"{}/", specs.display()),
+        );
+    }
+    text.push_str("\n[disk]\nslot_size = \"1M\"\n");
+    let spec = t.path().join("host.toml");
+    std::fs::write(&spec, text).unwrap();
+    let out = build(&spec, &bins, &t.path().join("o"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("larger than a root slot ([disk] slot_size \"1M\")")
+            && err.contains("raise [disk] slot_size"),
+        "{err}"
+    );
+    assert!(!t.path().join("o/disk.img").exists());
 }
 
 /// `[root] images`: each spec is built through the container build (its cache) and

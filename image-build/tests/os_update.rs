@@ -112,6 +112,20 @@ fn a_signed_build_writes_a_payload_the_image_itself_trusts() {
     assert!(o.status.success(), "{o:?}");
     let os_release = std::fs::read_to_string(root.join("usr/lib/os-release")).unwrap();
     assert!(os_release.contains("VERSION_ID=2.0.0\n"), "{os_release}");
+    // disk.img's slot A entry carries the same version (the loader orders slots by it).
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let esp_offset = manifest["disk"]["partitions"][0]["offset"].as_u64().unwrap();
+    let entry = Command::new(program("mtype", "mtools"))
+        .arg("-i")
+        .arg(format!("{}@@{esp_offset}", out.join("disk.img").display()))
+        .arg("::/loader/entries/flotilla-a.conf")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(entry.status.success(), "{entry:?}");
+    let entry = String::from_utf8(entry.stdout).unwrap();
+    assert!(entry.contains("\nversion 2.0.0\n"), "{entry}");
     let keys_dir = root.join(TRUSTED_KEYS_DIR.trim_start_matches('/'));
     let trusted = load_trusted_keys(&keys_dir).unwrap();
     assert_eq!(trusted.len(), 1);
@@ -128,8 +142,6 @@ fn a_signed_build_writes_a_payload_the_image_itself_trusts() {
     };
     let v = verify(&update, &policy).unwrap();
     assert_eq!(v.version.to_string(), "2.0.0");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(v.manifest.kernel, manifest["kernel"].as_str().unwrap());
     // ... and is refused by one already running 2.0.0.
     let running = parse_version("2.0.0", "test").unwrap();

@@ -32,6 +32,10 @@ pub const SORT_KEY: &str = "flotilla";
 pub const PREFIX: &str = "flotilla-";
 /// The kernel command line of a slot, after `flotilla.slot=<slot>` and the partitions.
 pub const BASE_OPTIONS: &str = "console=ttyS0 quiet panic=10";
+/// Slot A's GPT partition name.
+pub const SLOT_A_PARTITION: &str = "flotilla-root-a";
+/// Slot B's GPT partition name.
+pub const SLOT_B_PARTITION: &str = "flotilla-root-b";
 /// The GPT partition name of the `/var` partition.
 pub const VAR_PARTITION: &str = "flotilla-var";
 
@@ -75,7 +79,11 @@ impl Slot {
 
     /// The slot's GPT partition name, `flotilla-root-<slot>`.
     pub fn partition_name(self) -> String {
-        format!("flotilla-root-{}", self.as_str())
+        match self {
+            Slot::A => SLOT_A_PARTITION,
+            Slot::B => SLOT_B_PARTITION,
+        }
+        .to_string()
     }
 }
 

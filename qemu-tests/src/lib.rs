@@ -81,6 +81,8 @@ pub fn ensure_program(program: &str, package: &str) -> Result<PathBuf> {
     eprintln!("{program} is not installed: installing the Debian package {package} with apt-get");
     let install = || {
         Command::new("apt-get")
+            // Tests boot VMs in parallel: wait for another install's dpkg lock, don't fail.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
@@ -100,21 +102,39 @@ pub fn ensure_program(program: &str, package: &str) -> Result<PathBuf> {
         .ok_or_else(|| QemuError::Setup(format!("{package} installed but no {program} found")))
 }
 
-/// The QEMU arguments of an image (its `manifest.json` `qemu.args`), with the accelerator
-/// replaced by `$FLOTILLA_QEMU_ACCEL` when that is set.
+/// The QEMU arguments of an image (its `manifest.json` `qemu.args`: the direct kernel
+/// boot), with the accelerator replaced by `$FLOTILLA_QEMU_ACCEL` when that is set.
 pub fn manifest_args(image_dir: &Path) -> Result<Vec<String>> {
+    manifest_args_of(image_dir, "args")
+}
+
+/// An image's `manifest.json`, parsed.
+fn read_manifest(image_dir: &Path) -> Result<serde_json::Value> {
+    let path = image_dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
+    serde_json::from_str(&text).map_err(|e| QemuError::Manifest {
+        path,
+        detail: e.to_string(),
+    })
+}
+
+/// [`manifest_args`] of the manifest's `qemu.KEY` (`args` or `disk_args`).
+pub fn manifest_args_of(image_dir: &Path, key: &str) -> Result<Vec<String>> {
     let path = image_dir.join("manifest.json");
     let bad = |detail: String| QemuError::Manifest {
         path: path.clone(),
         detail,
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| io_err("read", &path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let v = read_manifest(image_dir)?;
     let mut args: Vec<String> = v
         .get("qemu")
-        .and_then(|q| q.get("args"))
+        .and_then(|q| q.get(key))
         .and_then(|a| a.as_array())
-        .ok_or_else(|| bad("no qemu.args".into()))?
+        .ok_or_else(|| {
+            bad(format!(
+                "no qemu.{key} (rebuild the image with image-build os)"
+            ))
+        })?
         .iter()
         .map(|a| {
             a.as_str()
@@ -168,6 +188,9 @@ pub struct BootOptions {
     /// Start the guest's debug shell (`flotilla.debug_shell=hvc0`) on a virtio console
     /// whose other end [`Vm::shell`] connects to.
     pub debug_shell: bool,
+    /// [`Vm::boot_disk`] only: files written into the disk copy's ESP before the boot, as
+    /// (path on the ESP, text), e.g. another boot loader entry.
+    pub esp_files: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -187,6 +210,7 @@ pub struct Vm {
     shell_path: PathBuf,
     log: PathBuf,
     started: Instant,
+    disk: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -210,15 +234,97 @@ impl Vm {
     pub fn boot_with(image_dir: &Path, opts: &BootOptions) -> Result<Vm> {
         let qemu = ensure_program(QEMU, "qemu-system-x86")?;
         let mut args = manifest_args(image_dir)?;
-        let dir = tempfile::Builder::new()
-            .prefix("flotilla-vm-")
-            .tempdir()
-            .map_err(|e| io_err("create", &std::env::temp_dir(), e))?;
+        let dir = vm_dir()?;
+        let cmdline = cmdline_words(opts);
+        if !cmdline.is_empty() {
+            match args.iter().position(|a| a == "-append") {
+                Some(i) => {
+                    if let Some(value) = args.get_mut(i + 1) {
+                        value.push(' ');
+                        value.push_str(&cmdline.join(" "));
+                    }
+                }
+                None => args.extend(["-append".to_string(), cmdline.join(" ")]),
+            }
+        }
+        Vm::start(&qemu, image_dir, args, opts, dir)
+    }
+
+    /// Boots the image's `disk.img` like a real machine: OVMF (UEFI) firmware, systemd-boot
+    /// from the ESP, slot A's entry (the manifest's `qemu.disk_args`). The VM gets its own
+    /// sparse copy of `disk.img` and of the firmware's variable store (`ovmf-vars.fd`), so the
+    /// image stays as built; a reboot of the guest goes through the firmware again in the
+    /// same QEMU (no `-no-reboot`), on the same copies. [`BootOptions::cmdline`] and the
+    /// debug shell's word go into the copy's slot A entry (`options`), written with mtools
+    /// (Debian `mtools`, installed if missing): systemd-boot's editor is off.
+    pub fn boot_disk(image_dir: &Path, opts: &BootOptions) -> Result<Vm> {
+        let qemu = ensure_program(QEMU, "qemu-system-x86")?;
+        let mut args = manifest_args_of(image_dir, "disk_args")?;
+        let dir = vm_dir()?;
+        let disk = dir.path().join(DISK_IMG);
+        let cp = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image_dir.join(DISK_IMG))
+            .arg(&disk)
+            .status()
+            .map_err(|e| io_err("run cp for", &disk, e))?;
+        if !cp.success() {
+            return Err(QemuError::Setup(format!(
+                "cp --sparse=always {} {}: {cp}",
+                image_dir.join(DISK_IMG).display(),
+                disk.display()
+            )));
+        }
+        let vars = dir.path().join(OVMF_VARS_COPY);
+        std::fs::copy(image_dir.join(OVMF_VARS_COPY), &vars)
+            .map_err(|e| io_err("copy", &image_dir.join(OVMF_VARS_COPY), e))?;
+        for arg in &mut args {
+            for (name, copy) in [(DISK_IMG, &disk), (OVMF_VARS_COPY, &vars)] {
+                let relative = format!("file={name}");
+                if arg.split(',').any(|part| part == relative) {
+                    *arg = arg.replace(&relative, &format!("file={}", copy.display()));
+                }
+            }
+        }
+        let words = cmdline_words(opts);
+        if !words.is_empty() || !opts.esp_files.is_empty() {
+            let esp = esp_offset(image_dir)?;
+            if !words.is_empty() {
+                append_entry_options(&disk, esp, &words, dir.path())?;
+            }
+            for (n, (path, text)) in opts.esp_files.iter().enumerate() {
+                let tmp = dir.path().join(format!("esp-file-{n}"));
+                std::fs::write(&tmp, text).map_err(|e| io_err("write", &tmp, e))?;
+                mtools(
+                    "mcopy",
+                    &disk,
+                    esp,
+                    &["-o".as_ref(), tmp.as_os_str(), format!("::{path}").as_ref()],
+                )?;
+            }
+        }
+        let mut vm = Vm::start(&qemu, image_dir, args, opts, dir)?;
+        vm.disk = Some(disk);
+        Ok(vm)
+    }
+
+    /// The VM's own copy of `disk.img` ([`Vm::boot_disk`]); `None` for a direct boot.
+    pub fn disk_copy(&self) -> Option<&Path> {
+        self.disk.as_deref()
+    }
+
+    /// Starts QEMU with `args` plus what `opts` adds (the debug shell's console, the NIC,
+    /// port forwards, extra arguments) and QMP, in `image_dir`; `dir` holds the sockets.
+    fn start(
+        qemu: &Path,
+        image_dir: &Path,
+        mut args: Vec<String>,
+        opts: &BootOptions,
+        dir: tempfile::TempDir,
+    ) -> Result<Vm> {
         let qmp_path = dir.path().join("qmp.sock");
         let shell_path = dir.path().join("shell.sock");
-        let mut cmdline: Vec<String> = opts.cmdline.clone();
         if opts.debug_shell {
-            cmdline.push(format!("flotilla.debug_shell={DEBUG_SHELL_TTY}"));
             args.extend([
                 "-device".to_string(),
                 "virtio-serial-pci".to_string(),
@@ -230,17 +336,6 @@ impl Vm {
                 "-device".to_string(),
                 "virtconsole,chardev=dbg".to_string(),
             ]);
-        }
-        if !cmdline.is_empty() {
-            match args.iter().position(|a| a == "-append") {
-                Some(i) => {
-                    if let Some(value) = args.get_mut(i + 1) {
-                        value.push(' ');
-                        value.push_str(&cmdline.join(" "));
-                    }
-                }
-                None => args.extend(["-append".to_string(), cmdline.join(" ")]),
-            }
         }
         if let Some(replacement) = &opts.nic {
             *user_nic(&mut args, image_dir, "replace")? = replacement.clone();
@@ -267,7 +362,7 @@ impl Vm {
             .append(true)
             .open(&log)
             .map_err(|e| io_err("open", &log, e))?;
-        let mut cmd = Command::new(&qemu);
+        let mut cmd = Command::new(qemu);
         cmd.args(&args)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
@@ -277,7 +372,7 @@ impl Vm {
             .stderr(Stdio::piped());
         let _ = writeln!(logf, "$ {cmd:?}");
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| io_err("start", &qemu, e))?;
+        let mut child = cmd.spawn().map_err(|e| io_err("start", qemu, e))?;
         let pid = child.id();
         let console = Arc::new(Console::default());
         let streams: Vec<Box<dyn Read + Send>> = [
@@ -332,6 +427,7 @@ impl Vm {
             shell_path,
             log,
             started,
+            disk: None,
             _dir: dir,
         })
     }
@@ -371,6 +467,12 @@ impl Vm {
 
     /// Waits until a console line contains `pattern`; returns that line.
     pub fn wait_for(&self, pattern: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_after(pattern, 0, timeout)
+    }
+
+    /// [`Vm::wait_for`] in what the console printed after its first `from` bytes (e.g.
+    /// `vm.console().len()` before a reboot: the next boot's lines).
+    pub fn wait_for_after(&self, pattern: &str, from: usize, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         let mut guard = self
             .console
@@ -378,9 +480,10 @@ impl Vm {
             .lock()
             .map_err(|_| QemuError::Setup("console lock poisoned".into()))?;
         loop {
-            if let Some(line) = guard.lines().find(|l| l.contains(pattern)) {
+            let text = guard.get(from..).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(pattern)) {
                 // Only a complete line counts (or the final text once the console closed).
-                let complete = guard.contains(&format!("{line}\n"));
+                let complete = text.contains(&format!("{line}\n"));
                 let closed = self.console.closed.lock().map(|c| *c).unwrap_or(true);
                 if complete || closed {
                     return Ok(strip_escapes(line));
@@ -466,6 +569,139 @@ impl Vm {
             .ok_or_else(|| QemuError::Qmp("not connected".into()))?;
         exchange(conn, command, arguments)
     }
+}
+
+/// `disk.img` in an image directory.
+pub const DISK_IMG: &str = "disk.img";
+
+/// The image's copy of OVMF's variable store that `qemu.disk_args` boots with.
+pub const OVMF_VARS_COPY: &str = image_build::os::OVMF_VARS_COPY;
+
+/// Slot A's boot entry on the ESP of `disk.img`.
+pub const ENTRY_A: &str = image_build::os::bootdisk::ENTRY_A;
+
+/// A new directory for one VM's sockets (and disk copies), removed with the [`Vm`].
+fn vm_dir() -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("flotilla-vm-")
+        .tempdir()
+        .map_err(|e| io_err("create", &std::env::temp_dir(), e))
+}
+
+/// The kernel command-line words `opts` adds: its own, and the debug shell's.
+fn cmdline_words(opts: &BootOptions) -> Vec<String> {
+    let mut words = opts.cmdline.clone();
+    if opts.debug_shell {
+        words.push(format!("flotilla.debug_shell={DEBUG_SHELL_TTY}"));
+    }
+    words
+}
+
+/// Byte offset of the ESP in the image's `disk.img` (the manifest's `disk.partitions`).
+pub fn esp_offset(image_dir: &Path) -> Result<u64> {
+    let v = read_manifest(image_dir)?;
+    v.get("disk")
+        .and_then(|d| d.get("partitions"))
+        .and_then(|p| p.as_array())
+        .and_then(|parts| {
+            parts.iter().find(|p| {
+                p.get("name").and_then(|n| n.as_str()) == Some(image_build::os::bootdisk::ESP_NAME)
+            })
+        })
+        .and_then(|p| p.get("offset"))
+        .and_then(|o| o.as_u64())
+        .ok_or_else(|| QemuError::Manifest {
+            path: image_dir.join("manifest.json"),
+            detail: "no disk.partitions entry for flotilla-esp (rebuild the image)".into(),
+        })
+}
+
+/// Runs an mtools program on the FAT filesystem at byte `offset` of `disk`; its stdout.
+fn mtools(program: &str, disk: &Path, offset: u64, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
+    let path = ensure_program(program, "mtools")?;
+    let out = Command::new(&path)
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()))
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .env("MTOOLSRC", "/dev/null")
+        .output()
+        .map_err(|e| io_err("run", &path, e))?;
+    if !out.status.success() {
+        return Err(QemuError::Setup(format!(
+            "{program} on {}@@{offset} failed ({}): {}",
+            disk.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// Reads a file of the ESP at byte `esp` of `disk` (mtools `mtype`).
+pub fn read_esp_file(disk: &Path, esp: u64, path: &str) -> Result<String> {
+    let bytes = mtools("mtype", disk, esp, &[format!("::{path}").as_ref()])?;
+    String::from_utf8(bytes).map_err(|_| {
+        QemuError::Setup(format!(
+            "{path} on the ESP of {} is not text",
+            disk.display()
+        ))
+    })
+}
+
+/// The names in a directory of the ESP at byte `esp` of `disk` (mtools `mdir -b`), sorted.
+pub fn list_esp_dir(disk: &Path, esp: u64, dir: &str) -> Result<Vec<String>> {
+    let out = mtools(
+        "mdir",
+        disk,
+        esp,
+        &["-b".as_ref(), format!("::{dir}").as_ref()],
+    )?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Appends `words` to the `options` line of slot A's entry on the ESP at byte `esp` of
+/// `disk` (read with `mtype`, written back with `mcopy -o`; `scratch` holds the new text).
+pub fn append_entry_options(disk: &Path, esp: u64, words: &[String], scratch: &Path) -> Result<()> {
+    let entry = read_esp_file(disk, esp, ENTRY_A)?;
+    let mut found = false;
+    let text: String = entry
+        .lines()
+        .map(|l| {
+            if l.starts_with("options ") {
+                found = true;
+                format!("{l} {}\n", words.join(" "))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    if !found {
+        return Err(QemuError::Setup(format!(
+            "{ENTRY_A} on the ESP of {} has no options line:\n{entry}",
+            disk.display()
+        )));
+    }
+    let tmp = scratch.join("entry.conf");
+    std::fs::write(&tmp, text).map_err(|e| io_err("write", &tmp, e))?;
+    mtools(
+        "mcopy",
+        disk,
+        esp,
+        &[
+            "-o".as_ref(),
+            tmp.as_os_str(),
+            format!("::{ENTRY_A}").as_ref(),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Connects to the Unix socket QEMU listens on (it may not exist yet), retrying until

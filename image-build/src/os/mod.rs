@@ -1,7 +1,9 @@
 //! `image-build os`: the bootable host image. The kernel, an initramfs (the init as `/init`
 //! plus the kernel modules it loads), the read-only root image (erofs, see [`crate::hostroot`]
-//! for its layout), an empty `/var` disk (ext4), and `manifest.json` with the artifacts'
-//! digests and the QEMU arguments that boot them. Every output is reproducible.
+//! for its layout), an empty `/var` disk (ext4), the bootable GPT `disk.img` holding all of
+//! them behind UEFI firmware and systemd-boot (see [`bootdisk`]), and `manifest.json` with
+//! the artifacts' digests and the QEMU arguments that boot them (directly, and from
+//! `disk.img` under OVMF). Every output is reproducible.
 //!
 //! The spec's types are in `spec` (re-exported here), the inputs resolved before the first
 //! step in `inputs`; [`build_os`] and its steps here.
@@ -31,14 +33,18 @@ use crate::progress::{human, Steps};
 use crate::static_build::{workspace_root, StaticBuild};
 use crate::{rootfs, BuildError, BuildOptions};
 
+pub mod bootdisk;
 mod inputs;
 mod spec;
 mod update;
 
 pub use spec::{
-    InitSpec, KernelSpec, OsSection, OsSpec, RootCompression, RootFormat, RootSpec, VarSpec,
+    DiskSpec, InitSpec, KernelSpec, OsSection, OsSpec, RootCompression, RootFormat, RootSpec,
+    VarSpec, MIN_ESP_SIZE,
 };
 pub use update::{UpdateOptions, UPDATE_DIR};
+
+use bootdisk::{DiskLayout, EspSource, EspTools};
 
 /// Options of `image-build os`.
 #[derive(Debug, Clone)]
@@ -62,7 +68,7 @@ pub struct OsOptions {
 /// One file of the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
-    /// `vmlinuz`, `initramfs`, `root`, `var`.
+    /// `vmlinuz`, `initramfs`, `root`, `var`, `disk`.
     pub name: String,
     /// Relative to the output directory.
     pub path: String,
@@ -75,8 +81,14 @@ pub struct Artifact {
 /// How to boot the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuSpec {
-    /// Arguments of `qemu-system-x86_64`, paths relative to the image directory.
+    /// Arguments of `qemu-system-x86_64` that boot the kernel directly, paths relative to the
+    /// image directory.
     pub args: Vec<String>,
+    /// Arguments that boot `disk.img` under OVMF (UEFI) through systemd-boot, paths relative
+    /// to the image directory ([`OVMF_VARS_COPY`] is the writable variable store). Without
+    /// `-no-reboot`: a reboot goes through the firmware and the boot loader again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_args: Vec<String>,
 }
 
 /// `manifest.json` of a host image.
@@ -88,6 +100,9 @@ pub struct OsManifest {
     pub artifacts: Vec<Artifact>,
     /// How to boot them.
     pub qemu: QemuSpec,
+    /// The partitions of `disk.img`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskLayout>,
 }
 
 /// The kernel command line of the image.
@@ -101,6 +116,14 @@ pub const ROOT_SERIAL: &str = "flotilla-root";
 
 /// The virtio serial of the `/var` disk.
 pub const VAR_SERIAL: &str = "flotilla-var";
+
+/// OVMF's code (read-only) on the build host and in `disk_args` (Debian `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's empty variable store on the build host (Debian `ovmf`).
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The copy of [`OVMF_VARS`] in the output directory that `disk_args` boots with (the
+/// firmware writes to it; copy it again for a clean machine).
+pub const OVMF_VARS_COPY: &str = "ovmf-vars.fd";
 
 /// The init binary's name in the binaries directory.
 pub const INIT_BINARY: &str = "flotilla-init";
@@ -208,7 +231,8 @@ pub fn build_os_with(opts: &OsOptions, up: &UpdateOptions) -> Result<OsManifest,
     }
     build.root_image(&mut root_content, images.len())?;
     build.var_image(var_size)?;
-    let manifest = build.manifest(&kernel)?;
+    let layout = build.disk_image(var_size, &plan.version)?;
+    let manifest = build.manifest(&kernel, layout)?;
     build.update_payload(&plan, &kernel)?;
     println!(
         "host image {} (kernel {}, {:.1}s)",
@@ -258,7 +282,7 @@ impl<'a> OsBuild<'a> {
             log,
             epoch: rootfs::source_date_epoch(),
             canonical,
-            steps: Steps::new(6 + extra_steps, opts.progress, ""),
+            steps: Steps::new(7 + extra_steps, opts.progress, ""),
         })
     }
 
@@ -484,9 +508,156 @@ impl<'a> OsBuild<'a> {
         Ok(())
     }
 
+    /// `disk.img: GPT ...`: the bootable disk ([`bootdisk`]) of the kernel, initramfs,
+    /// root and `/var` images already in the output, and the OVMF variable store copy
+    /// ([`OVMF_VARS_COPY`]) that boots it. Returns its layout.
+    fn disk_image(&mut self, var_size: u64, version: &str) -> Result<DiskLayout, BuildError> {
+        let spec_err = |detail: String| BuildError::Spec {
+            path: self.opts.spec.clone(),
+            detail,
+        };
+        let esp_size = self.spec.disk.esp_bytes().map_err(spec_err)?;
+        let slot_size = self.spec.disk.slot_bytes().map_err(spec_err)?;
+        self.steps.line(&format!(
+            "disk.img: GPT, ESP {} (systemd-boot), root slots A and B {} each, /var {}, sparse",
+            human(esp_size),
+            human(slot_size),
+            human(var_size)
+        ));
+        let out = self.opts.out.clone();
+        let root_img = out.join("root.img");
+        let root_size = std::fs::metadata(&root_img)
+            .map_err(|e| io_err("stat", &root_img, e))?
+            .len();
+        if root_size > slot_size {
+            return Err(spec_err(format!(
+                "root.img is {} ({root_size} bytes), larger than a root slot ([disk] slot_size \
+                 {:?}): raise [disk] slot_size",
+                human(root_size),
+                self.spec.disk.slot_size
+            )));
+        }
+        let pb = self.steps.spinner("boot tools");
+        let sfdisk = ensure_program("sfdisk", "fdisk", &self.steps, &pb, &self.log)?;
+        let tools = EspTools {
+            mkfs_vfat: ensure_program("mkfs.vfat", "dosfstools", &self.steps, &pb, &self.log)?,
+            mmd: ensure_program("mmd", "mtools", &self.steps, &pb, &self.log)?,
+            mcopy: ensure_program("mcopy", "mtools", &self.steps, &pb, &self.log)?,
+        };
+        for (file, package) in [
+            (bootdisk::SYSTEMD_BOOT_EFI, bootdisk::SYSTEMD_BOOT_PACKAGE),
+            (OVMF_VARS, "ovmf"),
+            (OVMF_CODE, "ovmf"),
+        ] {
+            if !Path::new(file).is_file() {
+                self.steps.note(
+                    &pb,
+                    &format!(
+                        "{file} is missing: installing the Debian package `{package}` with apt-get"
+                    ),
+                );
+                apt_install(package, &pb, &self.log)?;
+            }
+        }
+
+        pb.set_message("staging the ESP");
+        let staged = self.stage_esp_files(version)?;
+        let files: Vec<(&str, PathBuf)> = bootdisk::ESP_FILES
+            .iter()
+            .filter_map(|(dest, src)| {
+                staged
+                    .iter()
+                    .find(|(s, _)| s == src)
+                    .map(|(_, p)| (*dest, p.clone()))
+            })
+            .collect();
+        let esp_img = self.work.path().join("esp.img");
+        let esp_uuid = self.uuid(b"flotilla esp\0");
+        let volume_id = u32::from_str_radix(esp_uuid.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+        pb.set_message("mkfs.vfat, mcopy");
+        bootdisk::make_esp(
+            &tools, &esp_img, esp_size, volume_id, &files, self.epoch, &pb, &self.log,
+        )?;
+
+        let layout = bootdisk::layout(esp_size, slot_size, var_size, |name| {
+            self.uuid(format!("flotilla gpt {name}\0").as_bytes())
+        });
+        let disk_img = out.join("disk.img");
+        pb.set_message("sfdisk");
+        let _ = std::fs::remove_file(&disk_img);
+        let mut disk =
+            std::fs::File::create(&disk_img).map_err(|e| io_err("create", &disk_img, e))?;
+        disk.set_len(layout.size)
+            .map_err(|e| io_err("size", &disk_img, e))?;
+        bootdisk::write_gpt(&sfdisk, &disk_img, &layout, &self.log)?;
+        for (name, src) in [
+            (bootdisk::ESP_NAME, esp_img.clone()),
+            (bootdisk::SLOT_A_NAME, root_img),
+            (bootdisk::VAR_NAME, out.join("var.img")),
+        ] {
+            pb.set_message(format!("writing {name}"));
+            let part = layout
+                .partition(name)
+                .ok_or_else(|| BuildError::Usage(format!("disk layout has no partition {name}")))?;
+            bootdisk::copy_into(&src, &mut disk, &disk_img, part.offset)?;
+        }
+        disk.sync_all().map_err(|e| io_err("sync", &disk_img, e))?;
+        let vars = out.join(OVMF_VARS_COPY);
+        std::fs::copy(OVMF_VARS, &vars).map_err(|e| io_err("copy", Path::new(OVMF_VARS), e))?;
+        pb.finish_and_clear();
+        let meta = std::fs::metadata(&disk_img).map_err(|e| io_err("stat", &disk_img, e))?;
+        self.steps.detail(&format!(
+            "{}, {} allocated, GPT GUID {}; firmware variables {OVMF_VARS_COPY}",
+            human(meta.len()),
+            human(meta.blocks() * 512),
+            layout.guid
+        ));
+        Ok(layout)
+    }
+
+    /// The ESP's source files in the work directory, every mtime set to the epoch (`mcopy
+    /// -m` keeps it): systemd-boot, the kernel, the initramfs, `loader.conf` and slot A's
+    /// entry.
+    fn stage_esp_files(&self, version: &str) -> Result<Vec<(EspSource, PathBuf)>, BuildError> {
+        let dir = self.work.path().join("esp");
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+        let mut staged = Vec::new();
+        for (source, name) in [
+            (EspSource::SystemdBoot, "systemd-bootx64.efi"),
+            (EspSource::Kernel, "vmlinuz"),
+            (EspSource::Initramfs, "initramfs.img"),
+            (EspSource::LoaderConf, "loader.conf"),
+            (EspSource::EntryA, "flotilla-a.conf"),
+        ] {
+            let path = dir.join(name);
+            let written = match source {
+                EspSource::SystemdBoot => {
+                    std::fs::copy(bootdisk::SYSTEMD_BOOT_EFI, &path).map(|_| ())
+                }
+                EspSource::Kernel => {
+                    std::fs::copy(self.opts.out.join("vmlinuz"), &path).map(|_| ())
+                }
+                EspSource::Initramfs => {
+                    std::fs::copy(self.opts.out.join("initramfs.img"), &path).map(|_| ())
+                }
+                EspSource::LoaderConf => std::fs::write(&path, bootdisk::loader_conf()),
+                EspSource::EntryA => std::fs::write(&path, bootdisk::entry_conf(version)),
+            };
+            written.map_err(|e| io_err("stage", &path, e))?;
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.epoch);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(time))
+                .map_err(|e| io_err("set the time of", &path, e))?;
+            staged.push((source, path));
+        }
+        Ok(staged)
+    }
+
     /// `manifest.json`: the artifacts' digests and sizes and the QEMU arguments, written to
     /// the output.
-    fn manifest(&mut self, kernel: &Kernel) -> Result<OsManifest, BuildError> {
+    fn manifest(&mut self, kernel: &Kernel, layout: DiskLayout) -> Result<OsManifest, BuildError> {
         self.steps.line("manifest.json");
         let pb = self.steps.spinner("sha256");
         let mut artifacts = Vec::new();
@@ -495,6 +666,7 @@ impl<'a> OsBuild<'a> {
             ("initramfs", "initramfs.img"),
             ("root", "root.img"),
             ("var", "var.img"),
+            ("disk", "disk.img"),
         ] {
             pb.set_message(format!("sha256 {file}"));
             let (sha256, size) = sha256_file(&self.opts.out.join(file))?;
@@ -511,7 +683,11 @@ impl<'a> OsBuild<'a> {
         let manifest = OsManifest {
             kernel: kernel.version.clone(),
             artifacts,
-            qemu: QemuSpec { args: qemu_args() },
+            qemu: QemuSpec {
+                args: qemu_args(),
+                disk_args: disk_qemu_args(),
+            },
+            disk: Some(layout),
         };
         let path = self.opts.out.join("manifest.json");
         let mut json =
@@ -587,6 +763,40 @@ fn qemu_args() -> Vec<String> {
         "if=none,id=var,format=raw,file=var.img".to_string(),
         "-device".to_string(),
         format!("virtio-blk-pci,drive=var,serial={VAR_SERIAL}"),
+    ]);
+    args
+}
+
+/// The QEMU arguments that boot `disk.img` under OVMF (paths relative to the image
+/// directory, but for the firmware's code): the same machine, memory, NIC and entropy as
+/// [`qemu_args`], the firmware's code and a writable copy of its variables as pflash, and
+/// the disk as the first boot device. No `-no-reboot`: a reboot goes through the firmware
+/// and the boot loader again, as on a real machine.
+fn disk_qemu_args() -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-machine",
+        "q35",
+        "-m",
+        "512",
+        "-nographic",
+        "-accel",
+        "tcg",
+        "-nic",
+        "user,model=virtio-net-pci",
+        "-device",
+        "virtio-rng-pci",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "-drive".to_string(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        "-drive".to_string(),
+        format!("if=pflash,format=raw,unit=1,file={OVMF_VARS_COPY}"),
+        "-drive".to_string(),
+        "if=none,id=disk,format=raw,file=disk.img".to_string(),
+        "-device".to_string(),
+        "virtio-blk-pci,drive=disk,bootindex=0".to_string(),
     ]);
     args
 }

@@ -1,5 +1,5 @@
 //! The host image spec (`image-build os SPEC.toml`): `[kernel]`, `[init]`, `[root]`,
-//! `[var]`, parsed and validated.
+//! `[var]`, `[disk]`, parsed and validated.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +34,9 @@ pub struct OsSpec {
     /// existing specs do not change).
     #[serde(default, skip_serializing_if = "OsSection::is_empty")]
     pub os: OsSection,
+    /// The bootable `disk.img` (its `/var` partition is `[var] size`).
+    #[serde(default)]
+    pub disk: DiskSpec,
 }
 
 /// `[os]`.
@@ -222,6 +225,67 @@ fn default_var_label() -> String {
     VAR_SERIAL.to_string()
 }
 
+/// `[disk]`: the bootable GPT `disk.img` (EFI system partition, root slots A and B, `/var`
+/// of `[var] size`). Sizes are whole MiB (partitions are MiB-aligned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The EFI system partition (FAT32: at least 64M), default `128M`. It holds the boot
+    /// loader and both slots' kernels and initramfs.
+    #[serde(default = "default_esp_size")]
+    pub esp_size: String,
+    /// Each root slot (A and B), default `512M` (a root with baked-in images such as gcc is
+    /// ~200 MB); `root.img` must fit.
+    #[serde(default = "default_slot_size")]
+    pub slot_size: String,
+}
+
+impl Default for DiskSpec {
+    fn default() -> Self {
+        Self {
+            esp_size: default_esp_size(),
+            slot_size: default_slot_size(),
+        }
+    }
+}
+
+fn default_esp_size() -> String {
+    "128M".into()
+}
+
+fn default_slot_size() -> String {
+    "512M".into()
+}
+
+/// Smallest EFI system partition: FAT32 needs 65525 clusters (of 512 bytes here) and its FATs.
+pub const MIN_ESP_SIZE: u64 = 64 << 20;
+
+/// A `[disk]`/`[var]` size in bytes that is a whole number of MiB, at least `min`.
+fn partition_size(text: &str, min: u64) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if bytes % (1 << 20) != 0 {
+        return Err("must be a whole number of MiB (e.g. \"256M\")".into());
+    }
+    if bytes < min {
+        return Err(format!("must be at least {}M", min >> 20));
+    }
+    Ok(bytes)
+}
+
+impl DiskSpec {
+    /// `esp_size` in bytes.
+    pub fn esp_bytes(&self) -> Result<u64, String> {
+        partition_size(&self.esp_size, MIN_ESP_SIZE)
+            .map_err(|e| format!("[disk] esp_size {:?}: {e}", self.esp_size))
+    }
+
+    /// `slot_size` in bytes.
+    pub fn slot_bytes(&self) -> Result<u64, String> {
+        partition_size(&self.slot_size, 1 << 20)
+            .map_err(|e| format!("[disk] slot_size {:?}: {e}", self.slot_size))
+    }
+}
+
 impl OsSpec {
     /// Reads and parses a spec file.
     pub fn load(path: &Path) -> Result<OsSpec, BuildError> {
@@ -240,7 +304,10 @@ impl OsSpec {
     fn validate(&self) -> Result<(), String> {
         check_label(&self.root.label).map_err(|e| format!("[root] label: {e}"))?;
         check_label(&self.var.label).map_err(|e| format!("[var] label: {e}"))?;
-        parse_size(&self.var.size).map_err(|e| format!("[var] size {:?}: {e}", self.var.size))?;
+        partition_size(&self.var.size, 1 << 20)
+            .map_err(|e| format!("[var] size {:?}: {e}", self.var.size))?;
+        self.disk.esp_bytes()?;
+        self.disk.slot_bytes()?;
         for b in &self.root.binaries {
             if b.is_empty() || b == "." || b == ".." || b.contains('/') {
                 return Err(format!("[root] binaries: {b:?} is not a file name"));

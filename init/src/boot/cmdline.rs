@@ -2,8 +2,9 @@
 //!
 //! | option | meaning |
 //! |---|---|
-//! | `flotilla.root=NAME` | the root disk's virtio serial or label (default `flotilla-root`) |
-//! | `flotilla.var=NAME` | the `/var` disk's virtio serial or label (default `flotilla-var`) |
+//! | `flotilla.root=NAME` | the root disk's virtio serial, GPT partition name or label (default `flotilla-root`; `flotilla-root-a` on `disk.img`) |
+//! | `flotilla.var=NAME` | the `/var` disk's virtio serial, GPT partition name or label (default `flotilla-var`) |
+//! | `flotilla.slot=a` | the root slot the boot loader booted (`disk.img`'s entries set it); logged at boot, read from `/proc/cmdline` by whoever needs it |
 //! | `flotilla.config=BASE64` | a provisioning config (TOML, base64), if there is no fw_cfg one |
 //! | `flotilla.debug_shell=TTY` | a root shell on `/dev/TTY` (e.g. `ttyS1`), for debugging and tests |
 //! | `flotilla.shutdown_timeout=DURATION` | how long a shutdown may take before every unit's processes are killed (default `90s`; `flotilla-init --shutdown-timeout`) |

@@ -1,5 +1,7 @@
-//! Finding the machine's disks: by virtio serial (`-drive ...,serial=NAME`) or by filesystem
-//! label, and telling what a disk holds from its superblock.
+//! Finding the machine's disks: by virtio serial (`-drive ...,serial=NAME`), by GPT partition
+//! name (`PARTNAME=` in the partition's sysfs `uevent`, e.g. `flotilla-root-a` on the
+//! bootable `disk.img`) or by filesystem label, and telling what a disk holds from its
+//! superblock.
 
 use std::fs;
 use std::io::Read;
@@ -105,13 +107,31 @@ fn block_devices() -> Vec<(PathBuf, PathBuf)> {
     devs
 }
 
-/// The device whose virtio serial or filesystem label is `name`, if present now.
+/// The GPT partition name in the text of a partition's sysfs `uevent` (`PARTNAME=NAME`
+/// line), if it has one. Whole disks and MBR partitions have none.
+pub fn partname(uevent: &str) -> Option<&str> {
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("PARTNAME="))
+        .map(str::trim_end)
+        .filter(|n| !n.is_empty())
+}
+
+/// The device whose virtio serial, GPT partition name or filesystem label is `name`, if
+/// present now (in that order).
 pub fn find(name: &str) -> Option<(PathBuf, Content)> {
     let devs = block_devices();
-    // Serial first: it names the disk even when it is blank.
+    // Serial first, then the partition name: they name the disk even when it is blank.
     for (dev, sys) in &devs {
         let serial = fs::read_to_string(sys.join("serial")).unwrap_or_default();
         if serial.trim() == name {
+            let content = probe(dev).unwrap_or(Content::Unknown);
+            return Some((dev.clone(), content));
+        }
+    }
+    for (dev, sys) in &devs {
+        let uevent = fs::read_to_string(sys.join("uevent")).unwrap_or_default();
+        if partname(&uevent) == Some(name) {
             let content = probe(dev).unwrap_or(Content::Unknown);
             return Some((dev.clone(), content));
         }
@@ -169,5 +189,25 @@ mod tests {
         assert_eq!(classify(&[0, 1, 0]), Content::Unknown);
         assert_eq!(classify(&[]), Content::Unknown);
         assert_eq!(Content::Blank.fstype(), None);
+    }
+
+    #[test]
+    fn partition_names_from_uevent() {
+        // As the 6.1 kernel writes /sys/class/block/vda2/uevent for a GPT partition.
+        let slot_a = "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nDISKSEQ=9\n\
+                      PARTN=2\nPARTNAME=flotilla-root-a\n";
+        assert_eq!(partname(slot_a), Some("flotilla-root-a"));
+        assert_ne!(partname(slot_a), Some("flotilla-root-b"));
+        assert_ne!(partname(slot_a), Some("flotilla-root"));
+        // A whole disk and an unnamed partition have no name; a name is not a prefix match.
+        let disk = "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\nDISKSEQ=9\n";
+        assert_eq!(partname(disk), None);
+        assert_eq!(partname("DEVTYPE=partition\nPARTN=1\nPARTNAME=\n"), None);
+        assert_eq!(
+            partname("PARTN=4\nPARTNAME=flotilla-var"),
+            Some("flotilla-var")
+        );
+        assert_eq!(partname("XPARTNAME=flotilla-var\n"), None);
+        assert_eq!(partname(""), None);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The boot, in order, each step logged to the console with its duration:
 //! 1. the API filesystems ([`mounts::API_MOUNTS`]) and the image's kernel modules;
-//! 2. the root disk (virtio serial or label `flotilla-root`) mounted read-only on
+//! 2. the root disk (virtio serial, GPT partition name or label `flotilla-root`) mounted read-only on
 //!    `/sysroot`; without one, the boot stays on the initramfs;
 //! 3. `/var` read-write (formatted on first boot when blank), `/etc` a tmpfs from the image's
 //!    factory `/etc`;
@@ -128,6 +128,9 @@ pub fn setup(modules_list: &Path) -> Result<(), BootError> {
     load_modules(modules_list);
     step("loopback up", || net::link_up("lo"));
     let cmdline = Cmdline::read();
+    if let Some(slot) = cmdline.get("slot") {
+        log::info!("booted slot {slot} (flotilla.slot on the kernel command line)");
+    }
 
     let root_name = cmdline.get("root").unwrap_or("flotilla-root");
     let Some((root_dev, root_content)) =
