@@ -258,3 +258,168 @@ fn update_status_and_rollback_on_a_loop_disk() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no flotilla.slot="), "{}", stderr(&o));
 }
+
+/// The payload as an OCI image (`flotilla_osupdate::oci::write_layout`, what `image-build os
+/// --sign` writes to OUT/update-oci/) pushed with skopeo to Debian's `docker-registry` on
+/// loopback; `unitctl os update HOST:PORT/flotilla/os:TAG` pulls it into the staging
+/// directory and runs the same update path as a directory.
+#[test]
+fn update_from_a_registry_on_a_loop_disk() {
+    use flotilla_osupdate::oci;
+    use qemu_tests::registry::{push, TestRegistry};
+
+    let h = Host::new();
+    let t = h.tmp.path();
+    let reg = TestRegistry::start(&t.join("registry"), None, None).unwrap();
+    let host = reg.host();
+    let settings = t.join("registries.toml");
+    std::fs::write(
+        &settings,
+        format!("[registry.\"{host}\"]\ninsecure = true\n"),
+    )
+    .unwrap();
+    let staging = t.join("staging");
+    let push_payload = |name: &str, payload: &Path, tag: &str| -> String {
+        let layout = oci::write_layout(payload, &t.join(format!("{name}-oci")), tag).unwrap();
+        push(
+            &layout.dir,
+            &format!("{host}/flotilla/os:{tag}"),
+            &["--dest-tls-verify=false"],
+        )
+        .unwrap();
+        layout.digest
+    };
+    let update = |reference: &str| -> Output {
+        h.unitctl(&[
+            "os",
+            "update",
+            reference,
+            "--no-reboot",
+            "--registries",
+            settings.to_str().unwrap(),
+            "--staging",
+            staging.to_str().unwrap(),
+        ])
+    };
+    let staging_empty = || {
+        std::fs::read_dir(&staging)
+            .map(|rd| rd.count() == 0)
+            .unwrap_or(true)
+    };
+    let slot_b_zero = || {
+        head(&h.slot_b(), (2 * MIB) as usize)
+            .iter()
+            .all(|&b| b == 0)
+    };
+
+    // Signed by a key the host does not trust: pulled, then refused by the signature check;
+    // nothing written, the download removed.
+    let stranger = common::openssl_key(t, "stranger");
+    let p = common::payload(&t.join("stranger"), "2.0.0", &stranger, (2 * MIB) as usize);
+    push_payload("stranger", &p, "stranger");
+    let o = update(&format!("{host}/flotilla/os:stranger"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not among the 1 trusted keys"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(slot_b_zero());
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    assert!(staging_empty());
+
+    // A container image is not an OS update: refused before any blob is downloaded.
+    let (app, layer) = qemu_tests::registry::busybox_layout(&t.join("app"), "hi\n").unwrap();
+    push(
+        &app,
+        &format!("{host}/flotilla/os:app"),
+        &["--dest-tls-verify=false"],
+    )
+    .unwrap();
+    let o = update(&format!("{host}/flotilla/os:app"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not a Flotilla OS update")
+            && stderr(&o).contains("application/vnd.oci.image.config.v1+json"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        reg.blob_gets(&layer),
+        0,
+        "a layer of the container image was fetched"
+    );
+    assert!(slot_b_zero());
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    assert!(staging_empty());
+
+    // A root image altered in the registry's storage: the download does not match its
+    // digest; nothing written.
+    let p = common::payload(&t.join("tampered"), "2.0.0", &h.key, (2 * MIB) as usize + 7);
+    push_payload("tampered", &p, "tampered");
+    let (root_hex, _) = flotilla_osupdate::sha256_file(&p.join("root.img")).unwrap();
+    let blob = reg.blob_file(&format!("sha256:{root_hex}"));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let o = update(&format!("{host}/flotilla/os:tampered"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not match its digest"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(slot_b_zero());
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    assert!(staging_empty());
+
+    // A name that is neither a directory nor a reference.
+    let o = update("./no-such-payload");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no such payload directory"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The signed v2, by tag: slot B written and read back, the trial entry installed.
+    let good = common::payload(&t.join("good"), "2.0.0", &h.key, (3 * MIB) as usize);
+    let digest = push_payload("good", &good, "2");
+    let started = std::time::Instant::now();
+    let o = update(&format!("{host}/flotilla/os:2"));
+    println!(
+        "unitctl os update {host}/flotilla/os:2 (3 MiB root): {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("pulled {host}/flotilla/os:2 {digest}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("verified"), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("next boot: slot b (flotilla-b+3.conf, 3 tries)"),
+        "{text}"
+    );
+    let root = std::fs::read(good.join("root.img")).unwrap();
+    assert_eq!(head(&h.slot_b(), root.len()), root);
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
+    assert_eq!(
+        std::fs::read(h.esp.join("flotilla/b/vmlinuz")).unwrap(),
+        std::fs::read(good.join("vmlinuz")).unwrap()
+    );
+    assert!(staging_empty());
+
+    // By digest too (2.1.0 over the trial 2.0.0).
+    let next = common::payload(&t.join("next"), "2.1.0", &h.key, 1000);
+    let digest = push_payload("next", &next, "2.1.0");
+    let o = update(&format!("{host}/flotilla/os@{digest}"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
+    let o = h.unitctl(&["--json", "os", "status"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["slots"][1]["version"], "2.1.0");
+    assert!(staging_empty());
+}

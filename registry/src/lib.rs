@@ -10,6 +10,8 @@
 //! the store's one way in.
 
 pub mod config;
+mod files;
+pub use files::{pull_files, ArtifactFile, FilesReport, ManifestCheck};
 pub mod peers;
 mod pull;
 pub use pull::Progress;
@@ -121,6 +123,13 @@ pub enum PullError {
         /// The reference being pulled.
         reference: String,
         /// What was unexpected.
+        detail: String,
+    },
+    /// The artifact pulled is not the one asked for (the caller's check of its manifest
+    /// refused it, or it is an index): nothing was downloaded.
+    #[error("{detail}")]
+    Refused {
+        /// Why, naming the reference.
         detail: String,
     },
     /// The local image store refused the image.

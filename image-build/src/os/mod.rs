@@ -506,6 +506,12 @@ impl<'a> OsBuild<'a> {
         if let Some((dir, key)) = written {
             self.steps
                 .detail(&format!("{} signed by key {key}", dir.display()));
+            self.steps.detail(&format!(
+                "{}/{}: OCI image, tag {} (push: skopeo copy oci:DIR:TAG docker://REGISTRY/REPO:TAG)",
+                self.opts.out.display(),
+                update::UPDATE_OCI_DIR,
+                plan.version
+            ));
         }
         Ok(())
     }

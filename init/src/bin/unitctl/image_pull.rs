@@ -85,6 +85,62 @@ impl PeerArgs {
     }
 }
 
+/// The registry settings (`--registries FILE`, else `$FLOTILLA_REGISTRIES`, else the
+/// default file) and their path. On a machine without CA certificates, the registry's own
+/// CA stands for the machine's roots (see `flotilla_registry::fallback_roots`).
+pub(crate) fn settings_for(
+    reference: &str,
+    registries: Option<PathBuf>,
+) -> Result<(Registries, PathBuf)> {
+    let path = registries
+        .or_else(|| std::env::var_os(REGISTRIES_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRIES));
+    let settings = Registries::load(&path)?;
+    if let Some(ca) = flotilla_registry::fallback_roots(reference, &settings, &path) {
+        // Set before the pull starts its runtime: unitctl has no other thread that could
+        // read the environment meanwhile.
+        std::env::set_var("SSL_CERT_FILE", &ca);
+    }
+    Ok((settings, path))
+}
+
+/// The pull's progress: bars on a terminal, step lines on stderr otherwise.
+pub(crate) struct Reporter {
+    shown: Arc<Mutex<Shown>>,
+    multi: Option<MultiProgress>,
+}
+
+impl Reporter {
+    /// A reporter for one pull.
+    pub(crate) fn new() -> Reporter {
+        Reporter {
+            shown: Arc::new(Mutex::new(Shown::default())),
+            multi: std::io::stderr().is_terminal().then(MultiProgress::new),
+        }
+    }
+
+    /// The callback the pull reports to.
+    pub(crate) fn progress(&self) -> flotilla_registry::Progress {
+        let shown = self.shown.clone();
+        let multi = self.multi.clone();
+        Arc::new(move |ev| {
+            if let Ok(mut s) = shown.lock() {
+                show(&mut s, multi.as_ref(), ev);
+            }
+        })
+    }
+
+    /// Clears the bars left.
+    pub(crate) fn finish(&self) {
+        if let Ok(mut s) = self.shown.lock() {
+            let s = &mut *s;
+            for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
 /// Pulls `reference` into `store`; step lines go to stderr, the result to `out`.
 pub(crate) fn pull(
     store: &ImageStore,
@@ -94,36 +150,17 @@ pub(crate) fn pull(
     json: bool,
     out: &mut impl Write,
 ) -> Result<()> {
-    let path = registries
-        .or_else(|| std::env::var_os(REGISTRIES_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRIES));
-    let settings = Registries::load(&path)?;
-    // A machine without CA certificates (the host image has no CA bundle): the registry's
-    // own CA stands for the machine's roots, else no HTTPS client can be built at all (see
-    // flotilla_registry::fallback_roots).
-    if let Some(ca) = flotilla_registry::fallback_roots(reference, &settings, &path) {
-        // Set before the pull starts its runtime: unitctl has no other thread that could
-        // read the environment meanwhile.
-        std::env::set_var("SSL_CERT_FILE", &ca);
-    }
-    let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
-    let shown = Arc::new(Mutex::new(Shown::default()));
-    let progress: flotilla_registry::Progress = {
-        let shown = shown.clone();
-        Arc::new(move |ev| {
-            if let Ok(mut s) = shown.lock() {
-                show(&mut s, multi.as_ref(), ev);
-            }
-        })
-    };
-    let report =
-        flotilla_registry::pull_with_peers(store, reference, &settings, &path, peers, progress)?;
-    if let Ok(mut s) = shown.lock() {
-        let s = &mut *s;
-        for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
-            bar.finish_and_clear();
-        }
-    }
+    let (settings, path) = settings_for(reference, registries)?;
+    let reporter = Reporter::new();
+    let report = flotilla_registry::pull_with_peers(
+        store,
+        reference,
+        &settings,
+        &path,
+        peers,
+        reporter.progress(),
+    )?;
+    reporter.finish();
     let i = &report.image;
     if json {
         let v = json!({
