@@ -373,6 +373,26 @@ fn update_from_a_registry_on_a_loop_disk() {
     assert_eq!(h.entries(), ["flotilla-a.conf"]);
     assert!(staging_empty());
 
+    // A manifest altered in the registry's storage, pulled by its digest: refused before
+    // any file is fetched.
+    let p = common::payload(&t.join("altered"), "2.0.0", &h.key, 5000);
+    let digest = push_payload("altered", &p, "altered");
+    let mblob = reg.blob_file(&digest);
+    let text = std::fs::read_to_string(&mblob).unwrap();
+    assert!(text.contains("\"2.0.0\""));
+    std::fs::write(&mblob, text.replace("\"2.0.0\"", "\"9.0.0\"")).unwrap();
+    let o = update(&format!("{host}/flotilla/os@{digest}"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the manifest") && stderr(&o).contains("does not match its digest"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("downloaded"), "{}", stderr(&o));
+    assert!(slot_b_zero());
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    assert!(staging_empty());
+
     // A name that is neither a directory nor a reference.
     let o = update("./no-such-payload");
     assert!(!o.status.success());
@@ -415,8 +435,23 @@ fn update_from_a_registry_on_a_loop_disk() {
     // By digest too (2.1.0 over the trial 2.0.0).
     let next = common::payload(&t.join("next"), "2.1.0", &h.key, 1000);
     let digest = push_payload("next", &next, "2.1.0");
-    let o = update(&format!("{host}/flotilla/os@{digest}"));
+    let reference = format!("{host}/flotilla/os@{digest}");
+    let o = h.unitctl(&[
+        "--json",
+        "os",
+        "update",
+        &reference,
+        "--no-reboot",
+        "--registries",
+        settings.to_str().unwrap(),
+        "--staging",
+        staging.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["version"], "2.1.0");
+    assert_eq!(r["pulled"]["digest"], digest.as_str());
+    assert_eq!(r["pulled"]["reference"], reference.as_str());
     assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
     let o = h.unitctl(&["--json", "os", "status"]);
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -506,11 +506,12 @@ impl<'a> OsBuild<'a> {
         if let Some((dir, key)) = written {
             self.steps
                 .detail(&format!("{} signed by key {key}", dir.display()));
+            let oci = self.opts.out.join(update::UPDATE_OCI_DIR);
             self.steps.detail(&format!(
-                "{}/{}: OCI image, tag {} (push: skopeo copy oci:DIR:TAG docker://REGISTRY/REPO:TAG)",
-                self.opts.out.display(),
-                update::UPDATE_OCI_DIR,
-                plan.version
+                "{}: the same as an OCI image, tag {v}; push: skopeo copy oci:{}:{v} docker://REGISTRY/flotilla/os:{v}",
+                oci.display(),
+                oci.display(),
+                v = plan.version
             ));
         }
         Ok(())

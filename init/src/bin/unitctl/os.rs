@@ -65,7 +65,11 @@ impl Drop for Staged {
 /// manifest must be a Flotilla OS update (`flotilla_osupdate::oci`), each file is
 /// digest-verified as it arrives. The payload's signature is checked afterwards by the one
 /// update path, like a directory's.
-fn pull_payload(reference: &str, registries: Option<PathBuf>, staging: &Path) -> Result<Staged> {
+fn pull_payload(
+    reference: &str,
+    registries: Option<PathBuf>,
+    staging: &Path,
+) -> Result<(Staged, flotilla_registry::FilesReport)> {
     use flotilla_osupdate::oci;
     let (settings, path) = image_pull::settings_for(reference, registries)?;
     std::fs::create_dir_all(staging)
@@ -122,7 +126,7 @@ fn pull_payload(reference: &str, registries: Option<PathBuf>, staging: &Path) ->
         human_size(report.bytes),
         started.elapsed().as_secs_f64()
     );
-    Ok(staged)
+    Ok((staged, report))
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,11 +394,17 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
             let running = host.running_slot()?;
             // The source step: a directory as it is, a reference pulled to /var first (and
             // removed after, whatever the outcome). Then the one update path.
-            let (dir, _staged) = match Source::parse(&source)? {
-                Source::Dir(dir) => (dir, None),
+            let (dir, _staged, pulled) = match Source::parse(&source)? {
+                Source::Dir(dir) => (dir, None, Value::Null),
                 Source::Reference(r) => {
-                    let staged = pull_payload(&r, registries, &staging)?;
-                    (staged.dir.clone(), Some(staged))
+                    let (staged, report) = pull_payload(&r, registries, &staging)?;
+                    let pulled = json!({
+                        "reference": r,
+                        "digest": report.manifest_digest,
+                        "registry": report.registry,
+                        "bytes": report.bytes,
+                    });
+                    (staged.dir.clone(), Some(staged), pulled)
                 }
             };
             let mut progress = progress_printer(format!("writing slot {}", running.other()));
@@ -424,6 +434,7 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
                         "entry": r.installed.file,
                         "demoted": r.installed.demoted,
                         "tries": tries,
+                        "pulled": pulled,
                     }),
                 )?;
             } else {
