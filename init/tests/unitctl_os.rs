@@ -328,6 +328,50 @@ fn update_from_a_registry_on_a_loop_disk() {
     assert_eq!(h.entries(), ["flotilla-a.conf"]);
     assert!(staging_empty());
 
+    // The same image under an image index (skopeo copy --all): refused, an update is one
+    // manifest.
+    let layout = t.join("stranger-oci");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut entry = index["manifests"][0].clone();
+    entry.as_object_mut().unwrap().remove("annotations");
+    entry["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let nested = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry],
+    }))
+    .unwrap();
+    let nested_path = t.join("nested.json");
+    std::fs::write(&nested_path, &nested).unwrap();
+    let (nested_hex, _) = flotilla_osupdate::sha256_file(&nested_path).unwrap();
+    std::fs::write(layout.join("blobs/sha256").join(&nested_hex), &nested).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": format!("sha256:{nested_hex}"),
+                "size": nested.len(),
+                "annotations": {"org.opencontainers.image.ref.name": "index"},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    push(
+        &layout,
+        &format!("{host}/flotilla/os:index"),
+        &["--all", "--dest-tls-verify=false"],
+    )
+    .unwrap();
+    let o = update(&format!("{host}/flotilla/os:index"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is an image index"), "{}", stderr(&o));
+    assert!(slot_b_zero());
+    assert!(staging_empty());
+
     // A container image is not an OS update: refused before any blob is downloaded.
     let (app, layer) = qemu_tests::registry::busybox_layout(&t.join("app"), "hi\n").unwrap();
     push(

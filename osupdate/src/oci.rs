@@ -57,8 +57,10 @@ pub enum OciError {
         detail: String,
     },
     /// The manifest is not an OCI image manifest at all.
-    #[error("the manifest is not an OCI image manifest: {detail}")]
+    #[error("{reference}: the manifest is not an OCI image manifest: {detail}; refused")]
     NotAManifest {
+        /// The reference.
+        reference: String,
         /// What is wrong.
         detail: String,
     },
@@ -270,6 +272,7 @@ pub fn write_layout(payload: &Path, out: &Path, tag: &str) -> Result<WrittenLayo
 /// is checked: the registry is not trusted, the signature of the files pulled decides.
 pub fn parse_update_manifest(reference: &str, bytes: &[u8]) -> Result<Vec<UpdateLayer>, OciError> {
     let m: ImageManifest = serde_json::from_slice(bytes).map_err(|e| OciError::NotAManifest {
+        reference: reference.to_string(),
         detail: e.to_string(),
     })?;
     let ours = m.config.media_type == CONFIG_MEDIA_TYPE
