@@ -7,7 +7,8 @@
 //! references and settings, picks the platform of an index, downloads the blobs the store
 //! lacks into a staging OCI layout (each verified against its digest, fsynced, renamed),
 //! and hands that layout to [`ImageStore::import_oci_layout`](flotilla_container::image::ImageStore::import_oci_layout),
-//! the store's one way in.
+//! the store's one way in. [`pull_files`] pulls an artifact's files (the host's OS update)
+//! into a directory instead, with the same settings and verification.
 
 pub mod config;
 mod files;
