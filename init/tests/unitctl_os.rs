@@ -317,6 +317,24 @@ fn update_from_a_registry_on_a_loop_disk() {
     let stranger = common::openssl_key(t, "stranger");
     let p = common::payload(&t.join("stranger"), "2.0.0", &stranger, (2 * MIB) as usize);
     push_payload("stranger", &p, "stranger");
+
+    // A host that trusts no key refuses before it asks the registry for anything.
+    let keys = t.join("update-keys");
+    std::fs::rename(&keys, t.join("keys-aside")).unwrap();
+    let o = update(&format!("{host}/flotilla/os:stranger"));
+    std::fs::rename(t.join("keys-aside"), &keys).unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no trusted update keys"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !reg.log().contains("GET /v2/flotilla/os/manifests/"),
+        "{}",
+        reg.log()
+    );
+
     let o = update(&format!("{host}/flotilla/os:stranger"));
     assert!(!o.status.success());
     assert!(
@@ -501,4 +519,93 @@ fn update_from_a_registry_on_a_loop_disk() {
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(st["slots"][1]["version"], "2.1.0");
     assert!(staging_empty());
+}
+
+/// `unitctl os update REF` with the settings `unitctl image pull` uses: basic auth over TLS
+/// with the registry's CA as `ca_file` (a CA made by openssl), the password in a 0600
+/// `registries.toml`. A wrong password is the registry's 401, named, without the password,
+/// and nothing is written; the right one updates.
+#[test]
+fn update_from_a_registry_with_credentials_over_tls() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use flotilla_osupdate::oci;
+    use qemu_tests::pki::{Ca, Usage};
+    use qemu_tests::registry::{push, TestRegistry};
+
+    let h = Host::new();
+    let t = h.tmp.path();
+    let pki = t.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "registry").unwrap();
+    let cert = ca
+        .issue("registry", "server", Usage::Node("127.0.0.1"))
+        .unwrap();
+    let reg = TestRegistry::start(
+        &t.join("registry"),
+        Some(("ops", "0s-pw-9")),
+        Some((&cert.cert, &cert.key)),
+    )
+    .unwrap();
+    let host = reg.host();
+    let certs = t.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(ca.cert(), certs.join("ca.crt")).unwrap();
+    let good = common::payload(&t.join("good"), "2.0.0", &h.key, (2 * MIB) as usize);
+    let layout = oci::write_layout(&good, &t.join("good-oci"), "2.0.0").unwrap();
+    push(
+        &layout.dir,
+        &format!("{host}/flotilla/os:2.0.0"),
+        &[
+            "--dest-creds",
+            "ops:0s-pw-9",
+            "--dest-cert-dir",
+            certs.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let settings = t.join("registries.toml");
+    let staging = t.join("staging");
+    let update = |password: &str| -> Output {
+        std::fs::write(
+            &settings,
+            format!(
+                "[registry.\"{host}\"]\nusername = \"ops\"\npassword = \"{password}\"\nca_file = \"{}\"\n",
+                ca.cert().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&settings, std::fs::Permissions::from_mode(0o600)).unwrap();
+        h.unitctl(&[
+            "os",
+            "update",
+            &format!("{host}/flotilla/os:2.0.0"),
+            "--no-reboot",
+            "--registries",
+            settings.to_str().unwrap(),
+            "--staging",
+            staging.to_str().unwrap(),
+        ])
+    };
+
+    let o = update("wrong-pw");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("401 Unauthorized") && err.contains(&host),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pw"), "{err}");
+    assert!(head(&h.slot_b(), (2 * MIB) as usize)
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+
+    let o = update("0s-pw-9");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = std::fs::read(good.join("root.img")).unwrap();
+    assert_eq!(head(&h.slot_b(), root.len()), root);
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
 }

@@ -397,6 +397,11 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
             let (dir, _staged, pulled) = match Source::parse(&source)? {
                 Source::Dir(dir) => (dir, None, Value::Null),
                 Source::Reference(r) => {
+                    // What would refuse any payload is checked before a download of
+                    // hundreds of MB: the trusted keys, the running version, the target.
+                    flotilla_osupdate::payload::load_trusted_keys(&host.keys)?;
+                    flotilla_osupdate::payload::os_release_version(&host.os_release)?;
+                    host.partition(&running.other().partition_name())?;
                     let (staged, report) = pull_payload(&r, registries, &staging)?;
                     let pulled = json!({
                         "reference": r,
