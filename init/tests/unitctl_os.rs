@@ -455,6 +455,48 @@ fn update_from_a_registry_on_a_loop_disk() {
     assert_eq!(h.entries(), ["flotilla-a.conf"]);
     assert!(staging_empty());
 
+    // A /var too small for the download (a 1 MiB tmpfs as the staging directory): refused
+    // from the manifest's sizes, before any file is fetched.
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let small = t.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let small = Tmpfs(small);
+    let p = common::payload(&t.join("roomy"), "2.0.0", &h.key, (2 * MIB) as usize + 11);
+    push_payload("roomy", &p, "roomy");
+    let (root_hex, _) = flotilla_osupdate::sha256_file(&p.join("root.img")).unwrap();
+    let o = h.unitctl(&[
+        "os",
+        "update",
+        &format!("{host}/flotilla/os:roomy"),
+        "--no-reboot",
+        "--registries",
+        settings.to_str().unwrap(),
+        "--staging",
+        small.0.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("are free there: refused, nothing downloaded"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(reg.blob_gets(&format!("sha256:{root_hex}")), 0);
+    assert_eq!(std::fs::read_dir(&small.0).unwrap().count(), 0);
+    drop(small);
+    assert!(slot_b_zero());
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+
     // A name that is neither a directory nor a reference.
     let o = update("./no-such-payload");
     assert!(!o.status.success());

@@ -61,6 +61,13 @@ impl Drop for Staged {
     }
 }
 
+/// Bytes free for root (`f_bfree`: root may use the reserved blocks) on
+/// the filesystem holding `dir`; `None` when it cannot be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let vfs = rustix::fs::statvfs(dir).ok()?;
+    vfs.f_bfree.checked_mul(vfs.f_frsize)
+}
+
 /// Pulls the OS update image `reference` into a fresh directory under `staging`: the
 /// manifest must be a Flotilla OS update (`flotilla_osupdate::oci`), each file is
 /// digest-verified as it arrives. The payload's signature is checked afterwards by the one
@@ -91,20 +98,28 @@ fn pull_payload(
     let dir = staging.join(format!("{}-{nanos}", std::process::id()));
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let staged = Staged { dir };
+    let free = free_bytes(&staged.dir);
     let check = |reference: &str, bytes: &[u8]| {
-        oci::parse_update_manifest(reference, bytes)
-            .map(|layers| {
-                layers
-                    .into_iter()
-                    .map(|l| flotilla_registry::ArtifactFile {
-                        name: l.file,
-                        media_type: l.layer.media_type,
-                        digest: l.layer.digest,
-                        size: l.layer.size,
-                    })
-                    .collect()
+        let layers = oci::parse_update_manifest(reference, bytes).map_err(|e| e.to_string())?;
+        // A download that cannot fit is refused before its first byte.
+        let need: u64 = layers.iter().map(|l| l.layer.size).sum();
+        if let Some(free) = free.filter(|&f| f < need) {
+            return Err(format!(
+                "{reference}: the update needs {} ({need} bytes) in {} but only {} ({free} bytes) are free there: refused, nothing downloaded; free space on that filesystem",
+                human_size(need),
+                staging.display(),
+                human_size(free)
+            ));
+        }
+        Ok(layers
+            .into_iter()
+            .map(|l| flotilla_registry::ArtifactFile {
+                name: l.file,
+                media_type: l.layer.media_type,
+                digest: l.layer.digest,
+                size: l.layer.size,
             })
-            .map_err(|e| e.to_string())
+            .collect())
     };
     let reporter = image_pull::Reporter::new();
     let started = std::time::Instant::now();
