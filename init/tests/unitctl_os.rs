@@ -561,6 +561,21 @@ fn update_from_a_registry_on_a_loop_disk() {
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(st["slots"][1]["version"], "2.1.0");
     assert!(staging_empty());
+
+    // The download of a killed update (its pid gone) is removed by the next one; nothing
+    // else in the staging directory is touched.
+    let leftover = staging.join("999999999-1");
+    std::fs::create_dir_all(leftover.join("blobs")).unwrap();
+    std::fs::create_dir_all(staging.join("keep-me")).unwrap();
+    std::fs::write(staging.join("keep-me/file"), "not ours").unwrap();
+    let o = update(&format!("{host}/flotilla/os:stranger"));
+    assert!(!o.status.success());
+    assert!(!leftover.exists());
+    let names: Vec<String> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["keep-me"]);
 }
 
 /// `unitctl os update REF` with the settings `unitctl image pull` uses: basic auth over TLS

@@ -5,6 +5,7 @@
 //! init's orderly one (SIGINT to PID 1, as Ctrl-Alt-Del), only when PID 1 is flotilla-init.
 
 use std::io::{IsTerminal as _, Write};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -81,12 +82,16 @@ fn pull_payload(
     let (settings, path) = image_pull::settings_for(reference, registries)?;
     std::fs::create_dir_all(staging)
         .with_context(|| format!("cannot create the download directory {}", staging.display()))?;
-    // Leftovers of updates whose process is gone (killed, power loss).
+    // Leftovers of updates whose process is gone (killed, power loss): only names this
+    // function makes (`<pid>-<nanos>`), whatever else the directory holds.
     if let Ok(rd) = std::fs::read_dir(staging) {
         for entry in rd.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('-').next().unwrap_or_default();
-            if !Path::new("/proc").join(pid).exists() {
+            let Some((pid, nanos)) = name.split_once('-') else {
+                continue;
+            };
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if digits(pid) && digits(nanos) && !Path::new("/proc").join(pid).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -96,7 +101,11 @@ fn pull_payload(
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let dir = staging.join(format!("{}-{nanos}", std::process::id()));
-    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Private: only this root process writes the payload it verifies.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let staged = Staged { dir };
     let free = free_bytes(&staged.dir);
     let check = |reference: &str, bytes: &[u8]| {
