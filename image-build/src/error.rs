@@ -40,6 +40,9 @@ pub enum BuildError {
     /// The update payload (`--sign`): a bad key, version or file.
     #[error(transparent)]
     Update(#[from] flotilla_osupdate::payload::PayloadError),
+    /// The update payload's OCI image (`OUT/update-oci/`).
+    #[error("writing the OCI image of the update payload: {0}")]
+    UpdateOci(#[from] flotilla_osupdate::oci::OciError),
 }
 
 fn tail_text(tail: &[String], log: &Option<PathBuf>) -> String {

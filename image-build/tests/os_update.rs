@@ -1,6 +1,7 @@
 //! `image-build os --os-version V --sign KEY.pem`: the version in os-release, the public key
 //! baked into the root image, and the signed update payload in `OUT/update/`, verified with
-//! `flotilla_osupdate` against the key read back out of the image. Stand-in binaries as in
+//! `flotilla_osupdate` against the key read back out of the image; the same payload as an
+//! OCI image layout in `OUT/update-oci/` that skopeo reads. Stand-in binaries as in
 //! `tests/os.rs`; the kernel package comes from the shared cache.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -154,6 +155,47 @@ fn a_signed_build_writes_a_payload_the_image_itself_trusts() {
     )
     .unwrap_err();
     assert!(matches!(e, PayloadError::NotNewer { .. }), "{e:?}");
+
+    // The same payload as an OCI image layout in OUT/update-oci/, tagged with the version:
+    // its layers are update/'s files, and skopeo reads it by that tag.
+    let layout = out.join("update-oci");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "2.0.0"
+    );
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let layers = flotilla_osupdate::oci::parse_update_manifest(
+        "update-oci",
+        &std::fs::read(blob(digest)).unwrap(),
+    )
+    .unwrap();
+    for l in &layers {
+        assert_eq!(
+            std::fs::read(blob(&l.layer.digest)).unwrap(),
+            std::fs::read(update.join(&l.file)).unwrap(),
+            "{}",
+            l.file
+        );
+    }
+    let copy = t.path().join("copy");
+    let o = Command::new(program("skopeo", "skopeo"))
+        .args(["--insecure-policy", "copy"])
+        .arg(format!("oci:{}:2.0.0", layout.display()))
+        .arg(format!("oci:{}:2.0.0", copy.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(copy
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+        .is_file());
 }
 
 #[test]

@@ -9,12 +9,14 @@
 //! - [`slot`]: the slots' partitions (by GPT partition name), and writing a root image to
 //!   the inactive one with a read-back check.
 //! - [`host`]: the three together for one host: update, rollback, status.
+//! - [`oci`]: the payload as an OCI image (written for `skopeo copy`, checked on pull).
 //!
 //! The crate is linked by the init (PID 1): nothing here panics; every failure is an error
 //! value that says what failed, on what, and what to do.
 
 pub mod entries;
 pub mod host;
+pub mod oci;
 pub mod payload;
 pub mod slot;
 

@@ -7,9 +7,12 @@
 //! references and settings, picks the platform of an index, downloads the blobs the store
 //! lacks into a staging OCI layout (each verified against its digest, fsynced, renamed),
 //! and hands that layout to [`ImageStore::import_oci_layout`](flotilla_container::image::ImageStore::import_oci_layout),
-//! the store's one way in.
+//! the store's one way in. [`pull_files`] pulls an artifact's files (the host's OS update)
+//! into a directory instead, with the same settings and verification.
 
 pub mod config;
+mod files;
+pub use files::{pull_files, ArtifactFile, FilesReport, ManifestCheck};
 pub mod peers;
 mod pull;
 pub use pull::Progress;
@@ -121,6 +124,13 @@ pub enum PullError {
         /// The reference being pulled.
         reference: String,
         /// What was unexpected.
+        detail: String,
+    },
+    /// The artifact pulled is not the one asked for (the caller's check of its manifest
+    /// refused it, or it is an index): nothing was downloaded.
+    #[error("{detail}")]
+    Refused {
+        /// Why, naming the reference.
         detail: String,
     },
     /// The local image store refused the image.

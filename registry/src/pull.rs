@@ -38,10 +38,10 @@ const MAX_RESUMES: u32 = 5;
 /// layout to the import.
 const PULL_STAGING: &str = "pull-tmp";
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// What a pull reports as it goes (called from the download tasks: `Send + Sync`).
 #[derive(Debug, Clone)]
@@ -281,7 +281,7 @@ struct Fetched {
 }
 
 /// Who to ask: the mirrors in order, then the registry.
-fn endpoints(image: &ImageRef, settings: &Registries) -> Vec<String> {
+pub(crate) fn endpoints(image: &ImageRef, settings: &Registries) -> Vec<String> {
     let mut v = settings.get(&image.registry).mirrors;
     v.push(image.registry.clone());
     v
@@ -314,7 +314,7 @@ pub fn fallback_roots(
     hosts.iter().find_map(|h| settings.get(h).ca_file)
 }
 
-fn client_for(settings: &Registries, hosts: &[String]) -> Result<Client, PullError> {
+pub(crate) fn client_for(settings: &Registries, hosts: &[String]) -> Result<Client, PullError> {
     // rustls without a bundled provider: install ring (the workspace's) once per process.
     // An error means one is already installed, which is as good.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -481,11 +481,11 @@ struct Manifest {
 }
 
 #[derive(Deserialize, Clone)]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
 }
 
 /// The OCI architecture name of this host.
@@ -499,11 +499,11 @@ fn host_arch() -> &'static str {
     }
 }
 
-fn sha256_of(bytes: &[u8]) -> String {
+pub(crate) fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", image::hex(&Sha256::digest(bytes)))
 }
 
-fn registry_error(
+pub(crate) fn registry_error(
     image: &ImageRef,
     host: &str,
     action: &str,
@@ -590,20 +590,20 @@ fn registry_error(
 const RECLAIM_ROUNDS: u32 = 4;
 
 /// Where a pull's bytes come from: the registry (or mirror) `host`, and the peers first.
-struct Source<'a> {
-    client: &'a Client,
-    host: &'a str,
-    auth: &'a RegistryAuth,
-    peers: Option<&'a PeerClient>,
+pub(crate) struct Source<'a> {
+    pub(crate) client: &'a Client,
+    pub(crate) host: &'a str,
+    pub(crate) auth: &'a RegistryAuth,
+    pub(crate) peers: Option<&'a PeerClient>,
     /// The machine that claimed this image's fetch from the registry: wait for its blobs.
-    holder: Option<String>,
+    pub(crate) holder: Option<String>,
     /// Set once the holder did not serve a blob in time: the other blobs do not wait again.
-    holder_late: AtomicBool,
+    pub(crate) holder_late: AtomicBool,
     /// The image (manifest digest) this pull claimed, granted or not.
-    claim: Option<String>,
+    pub(crate) claim: Option<String>,
     /// Whether this machine holds that claim (granted at first, or after the holder
     /// released it): a failed pull releases it.
-    held: AtomicBool,
+    pub(crate) held: AtomicBool,
 }
 
 async fn fetch_from(
@@ -829,7 +829,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
 /// size and digest, and only then renames it to `<blobs>/<hex>`. The peers are asked first,
 /// in order (see [`crate::peers`]), then the registry. Returns where the bytes came from.
 #[allow(clippy::too_many_arguments)]
-async fn download(
+pub(crate) async fn download(
     source: &Source<'_>,
     cref: &oci_client::Reference,
     image: &ImageRef,

@@ -714,6 +714,13 @@ impl<'a> OsBuild<'a> {
         if let Some((dir, key)) = written {
             self.steps
                 .detail(&format!("{} signed by key {key}", dir.display()));
+            let oci = self.opts.out.join(update::UPDATE_OCI_DIR);
+            self.steps.detail(&format!(
+                "{}: the same as an OCI image, tag {v}; push: skopeo copy oci:{}:{v} docker://REGISTRY/flotilla/os:{v}",
+                oci.display(),
+                oci.display(),
+                v = plan.version
+            ));
         }
         Ok(())
     }

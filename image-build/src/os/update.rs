@@ -12,6 +12,9 @@ use crate::BuildError;
 
 /// The payload's directory inside the output directory.
 pub const UPDATE_DIR: &str = "update";
+/// The payload as an OCI image layout (tag = the version) inside the output directory:
+/// `skopeo copy oci:OUT/update-oci:VERSION docker://REGISTRY/REPO:TAG` pushes it.
+pub const UPDATE_OCI_DIR: &str = "update-oci";
 
 /// The update options of `image-build os` (outside [`super::OsOptions`], whose users need
 /// none of them).
@@ -58,8 +61,9 @@ impl UpdatePlan {
     }
 
     /// Writes `out/update/` (when signing): the image's `vmlinuz`, `initramfs.img` and
-    /// `root.img` (hard links), the manifest and its signature. Returns the payload
-    /// directory and the key id.
+    /// `root.img` (hard links), the manifest and its signature; and the same payload as an
+    /// OCI image layout in `out/update-oci/` (blobs hard-linked, tagged with the version).
+    /// Returns the payload directory and the key id.
     pub(super) fn write(
         &self,
         out: &Path,
@@ -82,6 +86,7 @@ impl UpdatePlan {
             },
             key,
         )?;
+        flotilla_osupdate::oci::write_layout(&dir, &out.join(UPDATE_OCI_DIR), &self.version)?;
         Ok(Some((dir, key.id())))
     }
 }

@@ -85,15 +85,13 @@ impl PeerArgs {
     }
 }
 
-/// Pulls `reference` into `store`; step lines go to stderr, the result to `out`.
-pub(crate) fn pull(
-    store: &ImageStore,
+/// The registry settings (`--registries FILE`, else `$FLOTILLA_REGISTRIES`, else the
+/// default file) and their path. On a machine without CA certificates, the registry's own
+/// CA stands for the machine's roots (see `flotilla_registry::fallback_roots`).
+pub(crate) fn settings_for(
     reference: &str,
     registries: Option<PathBuf>,
-    peers: &PeerSettings,
-    json: bool,
-    out: &mut impl Write,
-) -> Result<()> {
+) -> Result<(Registries, PathBuf)> {
     let path = registries
         .or_else(|| std::env::var_os(REGISTRIES_ENV).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_REGISTRIES));
@@ -106,24 +104,66 @@ pub(crate) fn pull(
         // read the environment meanwhile.
         std::env::set_var("SSL_CERT_FILE", &ca);
     }
-    let multi = std::io::stderr().is_terminal().then(MultiProgress::new);
-    let shown = Arc::new(Mutex::new(Shown::default()));
-    let progress: flotilla_registry::Progress = {
-        let shown = shown.clone();
+    Ok((settings, path))
+}
+
+/// The pull's progress: bars on a terminal, step lines on stderr otherwise.
+pub(crate) struct Reporter {
+    shown: Arc<Mutex<Shown>>,
+    multi: Option<MultiProgress>,
+}
+
+impl Reporter {
+    /// A reporter for one pull.
+    pub(crate) fn new() -> Reporter {
+        Reporter {
+            shown: Arc::new(Mutex::new(Shown::default())),
+            multi: std::io::stderr().is_terminal().then(MultiProgress::new),
+        }
+    }
+
+    /// The callback the pull reports to.
+    pub(crate) fn progress(&self) -> flotilla_registry::Progress {
+        let shown = self.shown.clone();
+        let multi = self.multi.clone();
         Arc::new(move |ev| {
             if let Ok(mut s) = shown.lock() {
                 show(&mut s, multi.as_ref(), ev);
             }
         })
-    };
-    let report =
-        flotilla_registry::pull_with_peers(store, reference, &settings, &path, peers, progress)?;
-    if let Ok(mut s) = shown.lock() {
-        let s = &mut *s;
-        for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
-            bar.finish_and_clear();
+    }
+
+    /// Clears the bars left.
+    pub(crate) fn finish(&self) {
+        if let Ok(mut s) = self.shown.lock() {
+            let s = &mut *s;
+            for bar in s.bars.iter().flatten().chain(s.importing.iter()) {
+                bar.finish_and_clear();
+            }
         }
     }
+}
+
+/// Pulls `reference` into `store`; step lines go to stderr, the result to `out`.
+pub(crate) fn pull(
+    store: &ImageStore,
+    reference: &str,
+    registries: Option<PathBuf>,
+    peers: &PeerSettings,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let (settings, path) = settings_for(reference, registries)?;
+    let reporter = Reporter::new();
+    let report = flotilla_registry::pull_with_peers(
+        store,
+        reference,
+        &settings,
+        &path,
+        peers,
+        reporter.progress(),
+    )?;
+    reporter.finish();
     let i = &report.image;
     if json {
         let v = json!({

@@ -5,6 +5,7 @@
 //! init's orderly one (SIGINT to PID 1, as Ctrl-Alt-Del), only when PID 1 is flotilla-init.
 
 use std::io::{IsTerminal as _, Write};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -16,7 +17,141 @@ use flotilla_osupdate::host::{
 use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
 use serde_json::{json, Value};
 
-use super::print_json;
+use super::{human_size, image_pull, print_json};
+
+/// Where `unitctl os update REF` downloads the payload: on `/var`, not in RAM.
+const STAGING: &str = "/var/lib/flotilla/os-update";
+
+/// Where the payload comes from: a directory as given, or a registry reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// A payload directory.
+    Dir(PathBuf),
+    /// A registry reference of an OS update image.
+    Reference(String),
+}
+
+impl Source {
+    /// An existing path is a directory; something that looks like a path (`/`, `.`) but
+    /// does not exist is an error; anything else is a registry reference.
+    fn parse(arg: &str) -> Result<Source> {
+        let path = Path::new(arg);
+        if path.exists() {
+            if !path.is_dir() {
+                bail!("{arg} is not a directory: give the payload directory (OUT/update/) or a registry reference HOST[:PORT]/REPO:TAG");
+            }
+            return Ok(Source::Dir(path.to_path_buf()));
+        }
+        if arg.starts_with('/') || arg.starts_with('.') || !arg.contains('/') {
+            bail!("{arg}: no such payload directory, and not a registry reference (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)");
+        }
+        Ok(Source::Reference(arg.to_string()))
+    }
+}
+
+/// A download directory under the staging directory, removed when dropped.
+struct Staged {
+    dir: PathBuf,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("unitctl: cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// Bytes free for root (`f_bfree`: root may use the reserved blocks) on
+/// the filesystem holding `dir`; `None` when it cannot be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let vfs = rustix::fs::statvfs(dir).ok()?;
+    vfs.f_bfree.checked_mul(vfs.f_frsize)
+}
+
+/// Pulls the OS update image `reference` into a fresh directory under `staging`: the
+/// manifest must be a Flotilla OS update (`flotilla_osupdate::oci`), each file is
+/// digest-verified as it arrives. The payload's signature is checked afterwards by the one
+/// update path, like a directory's.
+fn pull_payload(
+    reference: &str,
+    registries: Option<PathBuf>,
+    staging: &Path,
+) -> Result<(Staged, flotilla_registry::FilesReport)> {
+    use flotilla_osupdate::oci;
+    let (settings, path) = image_pull::settings_for(reference, registries)?;
+    std::fs::create_dir_all(staging)
+        .with_context(|| format!("cannot create the download directory {}", staging.display()))?;
+    // Leftovers of updates whose process is gone (killed, power loss): only names this
+    // function makes (`<pid>-<nanos>`), whatever else the directory holds.
+    if let Ok(rd) = std::fs::read_dir(staging) {
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((pid, nanos)) = name.split_once('-') else {
+                continue;
+            };
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if digits(pid) && digits(nanos) && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dir = staging.join(format!("{}-{nanos}", std::process::id()));
+    // Private: only this root process writes the payload it verifies.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let staged = Staged { dir };
+    let free = free_bytes(&staged.dir);
+    let check = |reference: &str, bytes: &[u8]| {
+        let layers = oci::parse_update_manifest(reference, bytes).map_err(|e| e.to_string())?;
+        // A download that cannot fit is refused before its first byte.
+        let need: u64 = layers.iter().map(|l| l.layer.size).sum();
+        if let Some(free) = free.filter(|&f| f < need) {
+            return Err(format!(
+                "{reference}: the update needs {} ({need} bytes) in {} but only {} ({free} bytes) are free there: refused, nothing downloaded; free space on that filesystem",
+                human_size(need),
+                staging.display(),
+                human_size(free)
+            ));
+        }
+        Ok(layers
+            .into_iter()
+            .map(|l| flotilla_registry::ArtifactFile {
+                name: l.file,
+                media_type: l.layer.media_type,
+                digest: l.layer.digest,
+                size: l.layer.size,
+            })
+            .collect())
+    };
+    let reporter = image_pull::Reporter::new();
+    let started = std::time::Instant::now();
+    let report = flotilla_registry::pull_files(
+        reference,
+        &settings,
+        &path,
+        &staged.dir,
+        &check,
+        reporter.progress(),
+    );
+    reporter.finish();
+    let report = report?;
+    eprintln!(
+        "pulled {reference} {} from {}: {} files ({}) in {:.1}s",
+        report.manifest_digest,
+        report.registry,
+        report.files.len(),
+        human_size(report.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((staged, report))
+}
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum OsCommand {
@@ -26,11 +161,23 @@ pub(crate) enum OsCommand {
         #[command(flatten)]
         paths: OsPaths,
     },
-    /// Verify the update payload in DIR (signature, OS, architecture, newer version,
-    /// digests), write it to the inactive slot, make it the next boot on trial, and reboot.
+    /// Verify the update payload in DIR, or pulled from the registry reference REF
+    /// (signature, OS, architecture, newer version, digests), write it to the inactive
+    /// slot, make it the next boot on trial, and reboot.
     Update {
-        /// The payload directory (`image-build os --sign` writes OUT/update/).
-        dir: PathBuf,
+        /// The payload directory (`image-build os --sign` writes OUT/update/), or a registry
+        /// reference `HOST[:PORT]/REPO[:TAG]` / `...@sha256:<hex>` of the OCI image
+        /// (OUT/update-oci/ pushed with skopeo). An existing path is a directory.
+        #[arg(value_name = "DIR|REF")]
+        source: String,
+        /// Registry settings for a REF (credentials, mirrors, CA, insecure) [default:
+        /// $FLOTILLA_REGISTRIES, else /etc/flotilla/registries.toml].
+        #[arg(long, value_name = "FILE")]
+        registries: Option<PathBuf>,
+        /// Where a REF's files are downloaded (a directory on /var: a root image is hundreds
+        /// of MB); removed afterwards.
+        #[arg(long, hide = true, default_value = STAGING)]
+        staging: PathBuf,
         /// Do not reboot afterwards.
         #[arg(long)]
         no_reboot: bool,
@@ -259,7 +406,9 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
             }
         }
         OsCommand::Update {
-            dir,
+            source,
+            registries,
+            staging,
             no_reboot,
             allow_downgrade,
             tries,
@@ -267,6 +416,26 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
         } => {
             let (host, mount) = paths.host()?;
             let running = host.running_slot()?;
+            // The source step: a directory as it is, a reference pulled to /var first (and
+            // removed after, whatever the outcome). Then the one update path.
+            let (dir, _staged, pulled) = match Source::parse(&source)? {
+                Source::Dir(dir) => (dir, None, Value::Null),
+                Source::Reference(r) => {
+                    // What would refuse any payload is checked before a download of
+                    // hundreds of MB: the trusted keys, the running version, the target.
+                    flotilla_osupdate::payload::load_trusted_keys(&host.keys)?;
+                    flotilla_osupdate::payload::os_release_version(&host.os_release)?;
+                    host.partition(&running.other().partition_name())?;
+                    let (staged, report) = pull_payload(&r, registries, &staging)?;
+                    let pulled = json!({
+                        "reference": r,
+                        "digest": report.manifest_digest,
+                        "registry": report.registry,
+                        "bytes": report.bytes,
+                    });
+                    (staged.dir.clone(), Some(staged), pulled)
+                }
+            };
             let mut progress = progress_printer(format!("writing slot {}", running.other()));
             let r = host::update(
                 &host,
@@ -294,6 +463,7 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
                         "entry": r.installed.file,
                         "demoted": r.installed.demoted,
                         "tries": tries,
+                        "pulled": pulled,
                     }),
                 )?;
             } else {
