@@ -116,7 +116,9 @@ fn a_signed_build_writes_a_payload_the_image_itself_trusts() {
     // disk.img's slot A entry carries the same version (the loader orders slots by it).
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    let esp_offset = manifest["disk"]["partitions"][0]["offset"].as_u64().unwrap();
+    let esp_offset = manifest["disk"]["partitions"][0]["offset"]
+        .as_u64()
+        .unwrap();
     let entry = Command::new(program("mtype", "mtools"))
         .arg("-i")
         .arg(format!("{}@@{esp_offset}", out.join("disk.img").display()))
