@@ -35,6 +35,7 @@ pub mod model;
 pub mod os;
 pub mod peers;
 pub mod registry;
+pub mod rollout;
 pub mod scheduler;
 pub mod tls;
 
