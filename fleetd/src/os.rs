@@ -41,6 +41,17 @@ impl Default for OsProbe {
     }
 }
 
+/// What [`OsProbe::probe`] read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OsReport {
+    /// `VERSION_ID` (empty when unknown).
+    pub version: String,
+    /// The A/B update state (`None`: not booted from a slot, or unreadable).
+    pub os: Option<OsState>,
+    /// Why the update state could not be read, if it could not.
+    pub error: Option<String>,
+}
+
 /// The `VERSION_ID` of an os-release text (quotes removed); empty when there is none.
 pub fn version_id(os_release: &str) -> String {
     os_release
@@ -78,9 +89,10 @@ pub fn os_state(status: &host::HostStatus) -> Option<OsState> {
 }
 
 impl OsProbe {
-    /// The host's OS version and update state. Never fails: what cannot be read is logged
-    /// (at `debug`, as the probe repeats) and left out.
-    pub fn probe(&self) -> (String, Option<OsState>) {
+    /// The host's OS version and update state. Never fails: what cannot be read is left
+    /// out, and the failure to read the update state is returned for the caller to log
+    /// (once: the probe repeats). A missing or unreadable os-release is only `debug`.
+    pub fn probe(&self) -> OsReport {
         let version = match std::fs::read_to_string(&self.os_release) {
             Ok(text) => version_id(&text),
             Err(e) => {
@@ -88,14 +100,18 @@ impl OsProbe {
                 String::new()
             }
         };
-        let state = match self.update_state() {
-            Ok(state) => state,
-            Err(e) => {
-                log::warn!("cannot read the host's A/B update state: {e}");
-                None
-            }
-        };
-        (version, state)
+        match self.update_state() {
+            Ok(os) => OsReport {
+                version,
+                os,
+                error: None,
+            },
+            Err(e) => OsReport {
+                version,
+                os: None,
+                error: Some(format!("cannot read the host's A/B update state: {e}")),
+            },
+        }
     }
 
     fn host(&self, esp: &Path) -> Host {
@@ -187,7 +203,11 @@ mod tests {
             cmdline: write("cmdline", "console=ttyS0 quiet\n"),
             esp: Some(dir.path().join("esp")),
         };
-        assert_eq!(probe.probe(), ("1.0.0".to_string(), None));
+        let plain = probe.probe();
+        assert_eq!(
+            (plain.version.as_str(), plain.os, plain.error),
+            ("1.0.0", None, None)
+        );
         probe.cmdline = write("cmdline", "quiet flotilla.slot=a\n");
         let entries = dir.path().join("esp/loader/entries");
         std::fs::create_dir_all(&entries).unwrap_or_else(|e| panic!("{e}"));
@@ -204,9 +224,11 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{e}"));
         }
-        let (version, state) = probe.probe();
-        assert_eq!(version, "1.0.0");
-        let state = state.unwrap_or_else(|| panic!("an A/B host has an update state"));
+        let report = probe.probe();
+        assert_eq!(report.version, "1.0.0");
+        let state = report
+            .os
+            .unwrap_or_else(|| panic!("an A/B host has an update state"));
         assert_eq!(state.booted, "a");
         assert_eq!(state.next.as_deref(), Some("b"));
         assert_eq!(state.slots.len(), 2);
@@ -214,6 +236,15 @@ mod tests {
         assert_eq!(
             state.update_state(),
             crate::model::UpdateState::RebootPending
+        );
+        // An A/B host whose ESP cannot be read says why, and still has its version.
+        probe.esp = Some(probe.os_release.clone());
+        let report = probe.probe();
+        assert_eq!((report.version.as_str(), report.os), ("1.0.0", None));
+        assert!(
+            report.error.as_deref().is_some_and(|e| e.contains("A/B")),
+            "{:?}",
+            report.error
         );
     }
 }

@@ -224,6 +224,7 @@ impl Agent {
             lease: None,
             lease_file: self.lease_file,
             os_probe: self.os_probe.as_ref().map(|(p, _)| p.clone()),
+            os_error: None,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -376,6 +377,8 @@ struct Worker {
     lease_file: Option<PathBuf>,
     /// Reads the host's OS version and update state ([`Agent::with_os_probe`]).
     os_probe: Option<crate::os::OsProbe>,
+    /// The probe's last failure, logged once.
+    os_error: Option<String>,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -537,13 +540,21 @@ impl Worker {
             return false;
         };
         // File reads and, without a given ESP, a mount: off the async threads.
-        let (version, os) = match tokio::task::spawn_blocking(move || probe.probe()).await {
-            Ok(read) => read,
+        let report = match tokio::task::spawn_blocking(move || probe.probe()).await {
+            Ok(report) => report,
             Err(e) => {
                 log::warn!("reading the host's OS state failed: {e}");
                 return false;
             }
         };
+        // Each failure once, not at every refresh.
+        if report.error != self.os_error {
+            if let Some(e) = &report.error {
+                log::warn!("{e}");
+            }
+            self.os_error = report.error;
+        }
+        let (version, os) = (report.version, report.os);
         if version == self.machine.os_version && os == self.machine.os {
             return false;
         }
