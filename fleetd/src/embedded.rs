@@ -29,10 +29,12 @@ use tokio::time::Instant;
 
 use crate::error::{check_hash, check_key_part, RegistryError, Result};
 use crate::model::{
-    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, Revision, UnitRecord, UnitState,
+    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
+    UnitRecord, UnitState,
 };
 use crate::registry::{
-    ttl_seconds, Campaign, Cas, Change, Event, Listing, Registry, Snapshot, Watch,
+    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot,
+    Watch,
 };
 
 /// fleetd's default directory for the embedded registry.
@@ -82,6 +84,9 @@ struct Data {
     reasons: Option<Leased<BTreeMap<String, String>>>,
     /// lease → TTL in whole seconds.
     leases: BTreeMap<LeaseId, u64>,
+    /// The reboot lock's slots: machine id → its hold (the lease is the holder's).
+    #[serde(default)]
+    reboot_locks: BTreeMap<String, RebootLockHolder>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -152,6 +157,8 @@ impl Tx {
         if self.data.reasons.as_ref().is_some_and(|r| r.lease == lease) {
             self.data.reasons = None;
         }
+        // No watch event, as in etcd (the reboot lock is read on demand).
+        self.data.reboot_locks.retain(|_, hold| hold.lease != lease);
         let machines: Vec<String> = self
             .data
             .machines
@@ -877,6 +884,53 @@ impl Registry for EmbeddedRegistry {
             }
             Ok(holds)
         })
+    }
+
+    async fn acquire_reboot_lock(
+        &self,
+        machine: &str,
+        lease: LeaseId,
+        max_holders: u32,
+    ) -> Result<RebootLock> {
+        check_key_part("machine id", machine)?;
+        self.inner.mutate(|tx| {
+            tx.check_lease(lease)?;
+            let locks = &mut tx.data.reboot_locks;
+            if let Some(hold) = locks.get_mut(machine) {
+                if hold.lease != lease {
+                    hold.lease = lease;
+                    tx.dirty = true;
+                }
+                return Ok(RebootLock::Acquired);
+            }
+            if locks.len() >= usize::try_from(max_holders).unwrap_or(usize::MAX) {
+                return Ok(RebootLock::Held(locks.values().cloned().collect()));
+            }
+            locks.insert(
+                machine.to_string(),
+                RebootLockHolder {
+                    machine: machine.to_string(),
+                    lease,
+                    since: now_ms(),
+                },
+            );
+            tx.dirty = true;
+            Ok(RebootLock::Acquired)
+        })
+    }
+
+    async fn release_reboot_lock(&self, machine: &str) -> Result<bool> {
+        check_key_part("machine id", machine)?;
+        self.inner.mutate(|tx| {
+            let held = tx.data.reboot_locks.remove(machine).is_some();
+            tx.dirty |= held;
+            Ok(held)
+        })
+    }
+
+    async fn reboot_lock_holders(&self) -> Result<Listing<RebootLockHolder>> {
+        self.inner
+            .read(|core| listing(core, core.data.reboot_locks.values().cloned().collect()))
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

@@ -11,6 +11,10 @@
 //! {prefix}leader                   {"id","lease"} as JSON, on the leader's lease; created by txn
 //! {prefix}reasons                  unit → why it cannot be placed, JSON, on the leader's lease;
 //!                                  written by txn only while that lease holds the leader key
+//! {prefix}reboot-lock/holders/{id} {"machine","since"} JSON, on the holder's lease: one slot
+//! {prefix}reboot-lock/semaphore    the last acquirer's id; rewritten by every acquire, whose
+//!                                  txn compares its mod_revision with the read that counted
+//!                                  the holders (so two acquires cannot both count N-1)
 //! ```
 //!
 //! Every read returns the store revision it saw; [`EtcdRegistry::watch`] watches the whole
@@ -29,10 +33,12 @@ use tokio::sync::mpsc;
 
 use crate::error::{check_hash, check_key_part, RegistryError, Result};
 use crate::model::{
-    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, Revision, UnitRecord, UnitState,
+    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
+    UnitRecord, UnitState,
 };
 use crate::registry::{
-    ttl_seconds, Campaign, Cas, Change, Event, Listing, Registry, Snapshot, Watch,
+    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot,
+    Watch,
 };
 
 /// The default key prefix.
@@ -97,6 +103,13 @@ struct LeaderValue {
     lease: LeaseId,
 }
 
+/// The value of a reboot-lock holder key (its lease is the key's).
+#[derive(Serialize, Deserialize)]
+struct HolderValue {
+    machine: String,
+    since: u64,
+}
+
 /// The registry's keys under one prefix.
 #[derive(Clone, Debug)]
 struct Keys {
@@ -141,6 +154,20 @@ impl Keys {
     fn reasons(&self) -> String {
         format!("{}reasons", self.prefix)
     }
+
+    /// The reboot lock: its holders and its semaphore key.
+    fn reboot_lock(&self) -> String {
+        format!("{}reboot-lock/", self.prefix)
+    }
+    fn reboot_lock_holders(&self) -> String {
+        format!("{}reboot-lock/holders/", self.prefix)
+    }
+    fn reboot_lock_holder(&self, machine: &str) -> String {
+        format!("{}reboot-lock/holders/{machine}", self.prefix)
+    }
+    fn reboot_lock_semaphore(&self) -> String {
+        format!("{}reboot-lock/semaphore", self.prefix)
+    }
 }
 
 /// What a key under the prefix is.
@@ -153,6 +180,7 @@ enum KeyKind<'a> {
     State(&'a str, &'a str),
     Leader,
     Reasons,
+    RebootLock,
 }
 
 impl Keys {
@@ -174,6 +202,7 @@ impl Keys {
                 let (unit, machine) = name.split_once('/')?;
                 Some(KeyKind::State(unit, machine))
             }
+            "reboot-lock" => Some(KeyKind::RebootLock),
             _ => None,
         }
     }
@@ -373,6 +402,15 @@ impl EtcdRegistry {
         kvs.iter().map(|kv| self.decode(kv)).collect()
     }
 
+    fn decode_holder(&self, kv: &KeyValue) -> Result<RebootLockHolder> {
+        let value: HolderValue = self.decode(kv)?;
+        Ok(RebootLockHolder {
+            machine: value.machine,
+            lease: LeaseId(kv.lease()),
+            since: value.since,
+        })
+    }
+
     fn encode<T: Serialize>(&self, value: &T, what: &str) -> Result<Vec<u8>> {
         serde_json::to_vec(value).map_err(|e| RegistryError::Corrupt {
             location: what.to_string(),
@@ -417,8 +455,8 @@ impl EtcdRegistry {
             },
             (KeyKind::Leader, true) => Change::LeaderPut(self.decode_leader(kv)?),
             (KeyKind::Leader, false) => Change::LeaderRemoved,
-            // Read on demand (`get_reasons`), never watched.
-            (KeyKind::Reasons, _) => return Ok(None),
+            // Read on demand (`get_reasons`, `reboot_lock_holders`), never watched.
+            (KeyKind::Reasons | KeyKind::RebootLock, _) => return Ok(None),
         };
         Ok(Some(Event { revision, change }))
     }
@@ -932,6 +970,117 @@ impl Registry for EtcdRegistry {
             .succeeded())
     }
 
+    async fn acquire_reboot_lock(
+        &self,
+        machine: &str,
+        lease: LeaseId,
+        max_holders: u32,
+    ) -> Result<RebootLock> {
+        check_key_part("machine id", machine)?;
+        let key = self.keys.reboot_lock_holder(machine);
+        let semaphore = self.keys.reboot_lock_semaphore();
+        let holders_prefix = self.keys.reboot_lock_holders();
+        let op = format!("acquire the reboot lock for {machine:?}");
+        let with_lease = || Some(PutOptions::new().with_lease(lease.0));
+        for _ in 0..CAS_ATTEMPTS {
+            // The holders and the semaphore key, at one revision.
+            let (_, kvs) = self.get_prefix(self.keys.reboot_lock(), &op).await?;
+            let mut holders = Vec::new();
+            let mut own = None;
+            let mut seen = None;
+            for kv in &kvs {
+                if kv.key() == semaphore.as_bytes() {
+                    seen = Some(kv.mod_revision());
+                } else if kv.key().starts_with(holders_prefix.as_bytes()) {
+                    if kv.key() == key.as_bytes() {
+                        own = Some((kv.lease(), kv.mod_revision(), kv.value().to_vec()));
+                    }
+                    holders.push(self.decode_holder(kv)?);
+                }
+            }
+            let txn = match own {
+                Some((held_on, _, _)) if held_on == lease.0 => return Ok(RebootLock::Acquired),
+                // Held on another lease (a restarted fleetd): move the hold to this lease,
+                // unless it changed in between. The count does not change.
+                Some((_, mod_revision, value)) => Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        mod_revision,
+                    )])
+                    .and_then([TxnOp::put(key.clone(), value, with_lease())]),
+                None => {
+                    if holders.len() >= usize::try_from(max_holders).unwrap_or(usize::MAX) {
+                        return Ok(RebootLock::Held(holders));
+                    }
+                    // Nobody acquired since the count was read: the semaphore key is as seen.
+                    let unchanged = match seen {
+                        Some(rev) => {
+                            Compare::mod_revision(semaphore.clone(), CompareOp::Equal, rev)
+                        }
+                        None => Compare::version(semaphore.clone(), CompareOp::Equal, 0),
+                    };
+                    let value = self.encode(
+                        &HolderValue {
+                            machine: machine.to_string(),
+                            since: now_ms(),
+                        },
+                        "reboot lock holder",
+                    )?;
+                    Txn::new()
+                        .when([
+                            unchanged,
+                            Compare::version(key.clone(), CompareOp::Equal, 0),
+                        ])
+                        .and_then([
+                            TxnOp::put(key.clone(), value, with_lease()),
+                            TxnOp::put(semaphore.clone(), machine.as_bytes().to_vec(), None),
+                        ])
+                }
+            };
+            let response = self
+                .client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(self.lease_err(op.clone(), lease))?;
+            if response.succeeded() {
+                return Ok(RebootLock::Acquired);
+            }
+        }
+        Err(RegistryError::Contention {
+            what: op,
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    async fn release_reboot_lock(&self, machine: &str) -> Result<bool> {
+        check_key_part("machine id", machine)?;
+        let response = self
+            .client
+            .clone()
+            .delete(self.keys.reboot_lock_holder(machine), None)
+            .await
+            .map_err(self.err(format!("release the reboot lock of {machine:?}")))?;
+        Ok(response.deleted() > 0)
+    }
+
+    async fn reboot_lock_holders(&self) -> Result<Listing<RebootLockHolder>> {
+        let (revision, kvs) = self
+            .get_prefix(
+                self.keys.reboot_lock_holders(),
+                "list the reboot lock's holders",
+            )
+            .await?;
+        Ok(Listing {
+            revision,
+            items: kvs
+                .iter()
+                .map(|kv| self.decode_holder(kv))
+                .collect::<Result<_>>()?,
+        })
+    }
+
     async fn snapshot(&self) -> Result<Snapshot> {
         let prefix = || Some(GetOptions::new().with_prefix());
         let txn = Txn::new().and_then([
@@ -1070,6 +1219,14 @@ mod tests {
         );
         assert_eq!(keys.parse(&keys.leader()), Some(KeyKind::Leader));
         assert_eq!(keys.parse(&keys.reasons()), Some(KeyKind::Reasons));
+        assert_eq!(
+            keys.parse(&keys.reboot_lock_holder("m1")),
+            Some(KeyKind::RebootLock)
+        );
+        assert_eq!(
+            keys.parse(&keys.reboot_lock_semaphore()),
+            Some(KeyKind::RebootLock)
+        );
         assert_eq!(keys.parse("/t/other/x"), None);
         assert_eq!(keys.parse("/u/units/web"), None);
     }

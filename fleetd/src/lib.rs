@@ -32,8 +32,10 @@ pub mod engine;
 pub mod error;
 pub mod etcd;
 pub mod model;
+pub mod os;
 pub mod peers;
 pub mod registry;
+pub mod rollout;
 pub mod scheduler;
 pub mod tls;
 
@@ -43,6 +45,7 @@ pub use engine::{Engine, EngineError, EngineStatus, DEFAULT_LEASE_TTL};
 pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 pub use model::{
-    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, Revision, UnitRecord, UnitState,
+    body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
+    UnitRecord, UnitState,
 };
-pub use registry::{Campaign, Cas, Change, Event, Listing, Registry, Snapshot, Watch};
+pub use registry::{Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot, Watch};

@@ -96,6 +96,102 @@ pub struct Machine {
     /// of the JSON) when it holds none or its agent does not publish them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<String>,
+    /// The host's OS version: `VERSION_ID` of its os-release. Empty (and left out of the
+    /// JSON) when unknown or when its agent does not publish it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub os_version: String,
+    /// The host's A/B update state; `None` (left out) on a host not booted from a slot of
+    /// the A/B disk (a direct kernel boot, a development host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsState>,
+}
+
+/// A host's A/B update state, as its agent reads it (`flotilla_osupdate::host::status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsState {
+    /// The slot the host booted: `a` or `b`.
+    pub booted: String,
+    /// The slot the loader boots next, if any entry exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// The slots' boot entries, `a` then `b` (a slot without an entry is absent).
+    #[serde(default)]
+    pub slots: Vec<OsSlot>,
+}
+
+/// One slot's boot entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsSlot {
+    /// `a` or `b`.
+    pub slot: String,
+    /// The version its entry boots.
+    pub version: String,
+    /// `committed`, `trying` (on trial: boot counting) or `bad` (no tries left).
+    pub state: String,
+    /// Tries left while `trying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tries_left: Option<u32>,
+}
+
+/// A one-word summary of an [`OsState`] (`fleetctl list-machines`' UPDATE column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateState {
+    /// Booted a committed slot; nothing pending.
+    Committed,
+    /// Booted a slot on trial: the update has not been committed yet.
+    Trial,
+    /// The other slot holds an update on trial that boots next: waiting for a reboot.
+    RebootPending,
+    /// The other slot is marked bad (an update that failed its tries, or a rollback) and
+    /// the booted one stays.
+    RolledBack,
+    /// The booted slot has no entry (the loader state does not match what runs).
+    Unknown,
+}
+
+impl UpdateState {
+    /// `committed`, `trial`, `reboot-pending`, `rolled-back` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Committed => "committed",
+            UpdateState::Trial => "trial",
+            UpdateState::RebootPending => "reboot-pending",
+            UpdateState::RolledBack => "rolled-back",
+            UpdateState::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for UpdateState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl OsState {
+    /// The entry of `slot`, if it has one.
+    pub fn slot(&self, slot: &str) -> Option<&OsSlot> {
+        self.slots.iter().find(|s| s.slot == slot)
+    }
+
+    /// The summary of this state.
+    pub fn update_state(&self) -> UpdateState {
+        let Some(booted) = self.slot(&self.booted) else {
+            return UpdateState::Unknown;
+        };
+        let other = self.slots.iter().find(|s| s.slot != self.booted);
+        if booted.state == "trying" {
+            return UpdateState::Trial;
+        }
+        let next_is_other = self.next.as_deref().is_some_and(|n| n != self.booted);
+        if next_is_other && other.is_some_and(|o| o.state == "trying") {
+            return UpdateState::RebootPending;
+        }
+        if booted.state == "bad" || other.is_some_and(|o| o.state == "bad") {
+            return UpdateState::RolledBack;
+        }
+        UpdateState::Committed
+    }
 }
 
 /// At most this many image names are published in a machine record (the record is read by
@@ -159,6 +255,19 @@ pub struct Leader {
     pub term: Revision,
 }
 
+/// A machine's hold on one slot of the cluster's reboot lock (a semaphore: at most
+/// `max_holders` machines hold it at once; see [`crate::Registry::acquire_reboot_lock`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootLockHolder {
+    /// The id of the machine that holds the slot.
+    pub machine: String,
+    /// The lease the hold is attached to (the machine's presence lease): the slot is freed
+    /// when the lease ends.
+    pub lease: LeaseId,
+    /// When the machine acquired the slot, in milliseconds since the Unix epoch.
+    pub since: u64,
+}
+
 /// Lowercase hex sha256 of a unit body: the address the body is stored under.
 pub fn body_hash(body: &str) -> String {
     let digest = Sha256::digest(body.as_bytes());
@@ -211,6 +320,73 @@ mod tests {
         };
         let json = serde_json::to_string(&with).unwrap_or_default();
         assert!(json.contains(r#""images":["r.example/app:1"]"#), "{json}");
+    }
+
+    fn os(booted: &str, next: Option<&str>, slots: &[(&str, &str, &str)]) -> OsState {
+        OsState {
+            booted: booted.into(),
+            next: next.map(Into::into),
+            slots: slots
+                .iter()
+                .map(|(slot, version, state)| OsSlot {
+                    slot: (*slot).into(),
+                    version: (*version).into(),
+                    state: (*state).into(),
+                    tries_left: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn update_state_summaries() {
+        let one = os("a", Some("a"), &[("a", "1.0.0", "committed")]);
+        assert_eq!(one.update_state(), UpdateState::Committed);
+        let pending = os(
+            "a",
+            Some("b"),
+            &[("a", "1.0.0", "committed"), ("b", "2.0.0", "trying")],
+        );
+        assert_eq!(pending.update_state(), UpdateState::RebootPending);
+        let trial = os(
+            "b",
+            Some("b"),
+            &[("a", "1.0.0", "committed"), ("b", "2.0.0", "trying")],
+        );
+        assert_eq!(trial.update_state(), UpdateState::Trial);
+        let failed = os(
+            "a",
+            Some("a"),
+            &[("a", "1.0.0", "committed"), ("b", "2.0.0", "bad")],
+        );
+        assert_eq!(failed.update_state(), UpdateState::RolledBack);
+        let both = os(
+            "b",
+            Some("b"),
+            &[("a", "1.0.0", "committed"), ("b", "2.0.0", "committed")],
+        );
+        assert_eq!(both.update_state(), UpdateState::Committed);
+        assert_eq!(os("b", None, &[]).update_state(), UpdateState::Unknown);
+    }
+
+    /// The OS fields are left out when empty, and an older record reads without them.
+    #[test]
+    fn machine_os_is_optional_in_the_json() {
+        let old = r#"{"id":"m1","address":"","metadata":{}}"#;
+        let m: Machine = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert!(m.os_version.is_empty() && m.os.is_none());
+        let json = serde_json::to_string(&m).unwrap_or_default();
+        assert!(!json.contains("os"), "{json}");
+        let with = Machine {
+            os_version: "2.0.0".into(),
+            os: Some(os("b", Some("b"), &[("b", "2.0.0", "trying")])),
+            ..m
+        };
+        let json = serde_json::to_string(&with).unwrap_or_default();
+        assert!(json.contains(r#""os_version":"2.0.0""#), "{json}");
+        assert!(json.contains(r#""booted":"b""#), "{json}");
+        let back: Machine = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, with);
     }
 
     #[test]

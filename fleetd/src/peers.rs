@@ -213,6 +213,8 @@ mod tests {
             metadata: Default::default(),
             api: api.map(str::to_string),
             images: Vec::new(),
+            os_version: String::new(),
+            os: None,
         }
     }
 

@@ -11,7 +11,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{RegistryError, Result};
 use crate::model::{
-    Assignment, DesiredState, Leader, LeaseId, Machine, Revision, UnitRecord, UnitState,
+    Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision, UnitRecord,
+    UnitState,
 };
 
 /// Items read at one revision: watch from `revision + 1` to see every later change.
@@ -61,6 +62,16 @@ pub enum Campaign {
     /// Someone else leads; campaign again after its leadership ends (watch for
     /// [`Change::LeaderRemoved`]).
     Lost(Leader),
+}
+
+/// The outcome of [`Registry::acquire_reboot_lock`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RebootLock {
+    /// The machine holds a slot (it just took one, or already held one).
+    Acquired,
+    /// Every slot is taken (or there are none): the machines that hold them, by id. Try
+    /// again after one of them releases its slot or its lease ends.
+    Held(Vec<RebootLockHolder>),
 }
 
 /// One change under the registry's keys.
@@ -317,6 +328,29 @@ pub trait Registry: Send + Sync {
     /// What the leader last published with [`Registry::put_reasons`] (empty when nothing).
     async fn get_reasons(&self) -> Result<BTreeMap<String, String>>;
 
+    // --- the reboot lock -------------------------------------------------------------------------
+
+    /// Takes one of the cluster's reboot-lock slots for `machine`, attached to `lease` (the
+    /// machine's presence lease): at most `max_holders` machines hold a slot at once, also
+    /// under concurrent acquires from several machines (`max_holders = 0`: nobody may take
+    /// one). A machine that already holds a slot keeps it ([`RebootLock::Acquired`], no
+    /// second slot; on another lease, the hold moves to `lease`). The slot is freed by
+    /// [`Registry::release_reboot_lock`] or when the lease ends (revoked, or expired because
+    /// its machine died). Fails with [`RegistryError::LeaseExpired`] if `lease` is gone.
+    /// Makes no watch event.
+    async fn acquire_reboot_lock(
+        &self,
+        machine: &str,
+        lease: LeaseId,
+        max_holders: u32,
+    ) -> Result<RebootLock>;
+
+    /// Frees `machine`'s reboot-lock slot. Returns whether it held one. Makes no watch event.
+    async fn release_reboot_lock(&self, machine: &str) -> Result<bool>;
+
+    /// The machines that hold a reboot-lock slot, by id.
+    async fn reboot_lock_holders(&self) -> Result<Listing<RebootLockHolder>>;
+
     // --- consistent reads and watches -----------------------------------------------------------------
 
     /// Units, machines, assignments, states and leader, all read at one revision.
@@ -327,6 +361,14 @@ pub trait Registry: Send + Sync {
     /// after that read. A revision whose history is gone yields
     /// [`RegistryError::Compacted`] as the stream's first item.
     async fn watch(&self, from: Revision) -> Result<Watch>;
+}
+
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Rounds a TTL up to whole seconds (etcd's granularity), rejecting zero.

@@ -317,6 +317,8 @@ mod tests {
                 .collect(),
             api: None,
             images: Vec::new(),
+            os_version: String::new(),
+            os: None,
         }
     }
 

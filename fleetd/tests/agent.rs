@@ -152,6 +152,8 @@ fn machine(id: &str, metadata: &[(&str, &str)]) -> Machine {
             .collect::<BTreeMap<_, _>>(),
         api: None,
         images: Vec::new(),
+        os_version: String::new(),
+        os: None,
     }
 }
 

@@ -138,6 +138,8 @@ async fn add_machine_with_ttl(r: &Arc<dyn Registry>, id: &str, ttl: Duration) ->
         metadata: BTreeMap::new(),
         api: None,
         images: Vec::new(),
+        os_version: String::new(),
+        os: None,
     };
     r.register_machine(&machine, lease).await.unwrap();
     let keeper = r.clone();

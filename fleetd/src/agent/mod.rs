@@ -144,6 +144,7 @@ pub struct Agent {
     machine: Machine,
     ttl: Duration,
     lease_file: Option<PathBuf>,
+    os_probe: Option<(crate::os::OsProbe, Duration)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -173,7 +174,18 @@ impl Agent {
             machine,
             ttl: ttl.max(Duration::from_secs(1)),
             lease_file: None,
+            os_probe: None,
         }
+    }
+
+    /// Publishes the host's OS version and A/B update state in the machine record
+    /// ([`Machine::os_version`], [`Machine::os`]), read with `probe` at every registration
+    /// and every `refresh` after ([`crate::os::REFRESH`]; at least 1 s), rewriting the
+    /// record when they changed. Without it the record carries neither.
+    #[must_use]
+    pub fn with_os_probe(mut self, probe: crate::os::OsProbe, refresh: Duration) -> Agent {
+        self.os_probe = Some((probe, refresh.max(Duration::from_secs(1))));
+        self
     }
 
     /// Keeps the machine's lease id in `path` (`<machine id> <lease id>`), so that a
@@ -211,6 +223,8 @@ impl Agent {
             ttl: self.ttl,
             lease: None,
             lease_file: self.lease_file,
+            os_probe: self.os_probe.as_ref().map(|(p, _)| p.clone()),
+            os_error: None,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -273,6 +287,12 @@ impl Agent {
             let mut keepalive =
                 tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             let mut retry = tokio::time::interval(INIT_RETRY);
+            let refresh = self
+                .os_probe
+                .as_ref()
+                .map_or(crate::os::REFRESH, |(_, r)| *r);
+            let mut os_refresh =
+                tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
             let failure: RegistryError = loop {
                 let step = tokio::select! {
                     _ = &mut shutdown => {
@@ -287,6 +307,7 @@ impl Agent {
                     },
                     Some(signal) = signals.recv() => worker.on_signal(signal).await,
                     _ = retry.tick(), if worker.init_dirty => worker.reconcile().await,
+                    _ = os_refresh.tick(), if worker.os_probe.is_some() => worker.refresh_os().await,
                 };
                 if let Err(e) = step {
                     break e;
@@ -354,6 +375,10 @@ struct Worker {
     lease: Option<LeaseId>,
     /// Where the lease id is kept across restarts ([`Agent::with_lease_file`]).
     lease_file: Option<PathBuf>,
+    /// Reads the host's OS version and update state ([`Agent::with_os_probe`]).
+    os_probe: Option<crate::os::OsProbe>,
+    /// The probe's last failure, logged once.
+    os_error: Option<String>,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -478,6 +503,7 @@ impl Worker {
         if let Some(images) = self.held_images().await {
             self.machine.images = images;
         }
+        self.probe_os().await;
         // A previous run's lease may still hold the id (MachineIdTaken): the caller retries
         // with a backoff until it expires.
         self.registry.register_machine(&self.machine, lease).await?;
@@ -505,6 +531,55 @@ impl Worker {
             }
         }
         Ok(watch)
+    }
+
+    /// Reads the host's OS version and update state into the machine record; returns
+    /// whether they changed.
+    async fn probe_os(&mut self) -> bool {
+        let Some(probe) = self.os_probe.clone() else {
+            return false;
+        };
+        // File reads and, without a given ESP, a mount: off the async threads.
+        let report = match tokio::task::spawn_blocking(move || probe.probe()).await {
+            Ok(report) => report,
+            Err(e) => {
+                log::warn!("reading the host's OS state failed: {e}");
+                return false;
+            }
+        };
+        // Each failure once, not at every refresh.
+        if report.error != self.os_error {
+            if let Some(e) = &report.error {
+                log::warn!("{e}");
+            }
+            self.os_error = report.error;
+        }
+        let (version, os) = (report.version, report.os);
+        if version == self.machine.os_version && os == self.machine.os {
+            return false;
+        }
+        log::info!(
+            "host OS version {:?}, update state {}",
+            version,
+            os.as_ref()
+                .map_or("none (not booted from an A/B slot)", |o| o
+                    .update_state()
+                    .as_str())
+        );
+        self.machine.os_version = version;
+        self.machine.os = os;
+        true
+    }
+
+    /// Writes the machine record again if the host's OS state changed.
+    async fn refresh_os(&mut self) -> Result<(), RegistryError> {
+        if !self.probe_os().await {
+            return Ok(());
+        }
+        match self.lease {
+            Some(lease) => self.registry.register_machine(&self.machine, lease).await,
+            None => Ok(()),
+        }
     }
 
     async fn keep_alive(&mut self) -> Result<(), RegistryError> {

@@ -340,6 +340,8 @@ impl Running {
             metadata: BTreeMap::new(),
             api: None,
             images: Vec::new(),
+            os_version: String::new(),
+            os: None,
         };
         let agent = Agent::new(registry.clone(), init.clone(), machine, TTL);
         let (stop, rx) = oneshot::channel::<()>();

@@ -248,6 +248,11 @@ impl ApiClient {
         self.call(Method::GET, "/machines", None::<&()>).await
     }
 
+    /// `GET /fleet/v1/reboot-lock`: the machines that hold a slot of the reboot lock.
+    pub async fn reboot_lock(&self) -> Result<Vec<crate::model::RebootLockHolder>, ClientError> {
+        self.call(Method::GET, "/reboot-lock", None::<&()>).await
+    }
+
     /// `GET /fleet/v1/state`.
     pub async fn list_state(&self) -> Result<Vec<UnitState>, ClientError> {
         self.call(Method::GET, "/state", None::<&()>).await

@@ -347,6 +347,7 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{PREFIX}/units/{{name}}/journal"), get(journal))
         .route(&format!("{PREFIX}/machines"), get(list_machines))
         .route(&format!("{PREFIX}/state"), get(list_state))
+        .route(&format!("{PREFIX}/reboot-lock"), get(reboot_lock))
         .route(
             &format!("{}/{{*rest}}", blobs::V2),
             get(blobs::blob).post(blobs::claim).delete(blobs::release),
@@ -835,6 +836,13 @@ async fn delete_unit(
 
 async fn list_machines(State(state): State<ApiState>) -> Result<Json<Vec<Machine>>, ApiError> {
     Ok(Json(state.registry.list_machines().await?.items))
+}
+
+/// The machines that hold a slot of the reboot lock.
+async fn reboot_lock(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<crate::model::RebootLockHolder>>, ApiError> {
+    Ok(Json(state.registry.reboot_lock_holders().await?.items))
 }
 
 async fn list_state(State(state): State<ApiState>) -> Result<Json<Vec<UnitState>>, ApiError> {

@@ -152,9 +152,9 @@ enum Verb {
         #[arg(long)]
         full: bool,
     },
-    /// The machines of the cluster (MACHINE IP METADATA).
+    /// The machines of the cluster (MACHINE IP VERSION UPDATE METADATA).
     ListMachines {
-        /// JSON: id, address, metadata.
+        /// JSON: id, address, metadata (plus api, images, os_version, os).
         #[arg(long)]
         json: bool,
         /// Do not shorten machine ids.
@@ -186,6 +186,26 @@ enum Verb {
     Cat {
         /// The unit name.
         unit: String,
+    },
+    /// The machines' host OS: versions, A/B update states, reboot lock.
+    Os {
+        #[command(subcommand)]
+        verb: OsVerb,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OsVerb {
+    /// Each machine's OS version and update state (booted and next slot, each slot's
+    /// version and state) and which machines hold the reboot lock.
+    Status {
+        /// JSON: machines (id, address, os_version, update, os, reboot_lock) and reboot_lock
+        /// (the holders: machine, lease, since).
+        #[arg(long)]
+        json: bool,
+        /// Do not shorten machine ids.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -310,6 +330,9 @@ async fn run(cli: Cli) -> Result<()> {
             ctl.journal(&unit_name(&unit), lines, machine.as_deref(), follow)
                 .await
         }
+        Verb::Os {
+            verb: OsVerb::Status { json, full },
+        } => ctl.os_status(json, full).await,
         Verb::Cat { unit } => {
             let detail = ctl.get(&unit_name(&unit)).await?;
             print!("{}", detail.body);
@@ -781,7 +804,7 @@ impl Ctl {
             println!("{}", serde_json::to_string_pretty(&machines)?);
             return Ok(());
         }
-        let mut rows = vec![row(["MACHINE", "IP", "METADATA"])];
+        let mut rows = vec![row(["MACHINE", "IP", "VERSION", "UPDATE", "METADATA"])];
         for m in &machines {
             let metadata = if m.metadata.is_empty() {
                 "-".to_string()
@@ -797,9 +820,107 @@ impl Ctl {
             } else {
                 &m.address
             };
-            rows.push(row([&short_id(&m.id, full), address, &metadata]));
+            rows.push(row([
+                &short_id(&m.id, full),
+                address,
+                os_version(m),
+                update_state(m),
+                &metadata,
+            ]));
         }
         print_table(&rows);
+        Ok(())
+    }
+
+    async fn os_status(&self, json: bool, full: bool) -> Result<()> {
+        let machines = self.client.list_machines().await?;
+        let holders = self.client.reboot_lock().await?;
+        let holds = |id: &str| holders.iter().find(|h| h.machine == id);
+        if json {
+            let machines: Vec<serde_json::Value> = machines
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "id": m.id,
+                        "address": m.address,
+                        "os_version": m.os_version,
+                        "update": m.os.as_ref().map(|o| o.update_state().as_str()),
+                        "os": m.os,
+                        "reboot_lock": holds(&m.id).is_some(),
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({ "machines": machines, "reboot_lock": holders });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let held_for = |since: u64| {
+            let secs = now.saturating_sub(since) / 1000;
+            format!(
+                "held {}",
+                humantime::format_duration(Duration::from_secs(secs))
+            )
+        };
+        let mut rows = vec![row([
+            "MACHINE",
+            "VERSION",
+            "UPDATE",
+            "BOOTED",
+            "NEXT",
+            "SLOTS",
+            "REBOOT-LOCK",
+        ])];
+        for m in &machines {
+            let (booted, next, slots) = match &m.os {
+                Some(os) => (
+                    os.booted.clone(),
+                    os.next.clone().unwrap_or_else(|| "-".into()),
+                    os.slots
+                        .iter()
+                        .map(|s| match s.tries_left {
+                            Some(left) => {
+                                format!("{}={} {} ({left} left)", s.slot, s.version, s.state)
+                            }
+                            None => format!("{}={} {}", s.slot, s.version, s.state),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            let lock = holds(&m.id).map_or_else(|| "-".to_string(), |h| held_for(h.since));
+            rows.push(row([
+                &short_id(&m.id, full),
+                os_version(m),
+                update_state(m),
+                &booted,
+                &next,
+                &slots,
+                &lock,
+            ]));
+        }
+        print_table(&rows);
+        // Holders that are not live machines (a lease other than the presence lease).
+        for h in holders
+            .iter()
+            .filter(|h| !machines.iter().any(|m| m.id == h.machine))
+        {
+            println!(
+                "reboot lock also held by {} (not a live machine; lease {}), {}",
+                short_id(&h.machine, full),
+                h.lease,
+                held_for(h.since)
+            );
+        }
+        if holders.is_empty() {
+            println!("reboot lock: free");
+        } else {
+            println!("reboot lock: {} slot(s) held", holders.len());
+        }
         Ok(())
     }
 
@@ -972,6 +1093,20 @@ fn machine_label(id: &str, machines: &BTreeMap<String, Machine>, full: bool) -> 
         Some(addr) if !addr.is_empty() => format!("{}/{addr}", short_id(id, full)),
         _ => short_id(id, full),
     }
+}
+
+/// A machine's VERSION cell.
+fn os_version(m: &Machine) -> &str {
+    if m.os_version.is_empty() {
+        "-"
+    } else {
+        &m.os_version
+    }
+}
+
+/// A machine's UPDATE cell: the A/B state's summary, `-` when it did not boot a slot.
+fn update_state(m: &Machine) -> &'static str {
+    m.os.as_ref().map_or("-", |o| o.update_state().as_str())
 }
 
 fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {

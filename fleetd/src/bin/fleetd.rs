@@ -138,6 +138,25 @@ struct Args {
     /// only with --listen: TLS or --insecure's token).
     #[arg(long, value_name = "PATH", default_value = flotilla_fleetd::peers::DEFAULT_PEERS_FILE)]
     peers_file: PathBuf,
+    /// The host's os-release, whose `VERSION_ID` the machine record publishes
+    /// (`fleetctl list-machines`' VERSION).
+    #[arg(long, value_name = "PATH", default_value = "/etc/os-release")]
+    os_release: PathBuf,
+    /// The kernel command line (`flotilla.slot=`: the host booted a slot of the A/B disk).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/proc/cmdline",
+        hide = true
+    )]
+    os_cmdline: PathBuf,
+    /// The mounted ESP to read the A/B boot entries from [default: mount the disk's
+    /// `flotilla-esp` read-only for each read].
+    #[arg(long, value_name = "DIR", hide = true)]
+    os_esp: Option<PathBuf>,
+    /// How often to read the host's OS version and update state again, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = flotilla_fleetd::os::REFRESH.as_secs(), hide = true)]
+    os_refresh: u64,
     /// The lease TTL of this machine's presence and of the engine's leadership, in seconds
     /// (default: `ttl` in --config, else 5).
     #[arg(long, value_name = "SECS")]
@@ -403,10 +422,20 @@ async fn run(mut args: Args) -> Result<()> {
         metadata,
         api: api_url,
         images: Vec::new(),
+        os_version: String::new(),
+        os: None,
     };
     let gate = api::PeerGate::new(Some(init.clone()));
     let agent = Agent::new(registry.clone(), init, machine, ttl)
-        .with_lease_file(args.state.join("agent.lease"));
+        .with_lease_file(args.state.join("agent.lease"))
+        .with_os_probe(
+            flotilla_fleetd::os::OsProbe {
+                os_release: args.os_release.clone(),
+                cmdline: args.os_cmdline.clone(),
+                esp: args.os_esp.clone(),
+            },
+            Duration::from_secs(args.os_refresh),
+        );
 
     let mut tasks = tokio::task::JoinSet::new();
     let unix_router = api::router(api_state.clone());

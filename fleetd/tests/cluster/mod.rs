@@ -304,7 +304,18 @@ impl Node {
         );
     }
 
+    /// A file standing in for the host's OS for this machine's fleetd: `os-release` (none
+    /// at first: no version), `cmdline` (`console=ttyS0`: not booted from an A/B slot),
+    /// `esp` (a directory for `loader/entries/`).
+    pub fn os_file(&self, name: &str) -> PathBuf {
+        self.dir.join("os").join(name)
+    }
+
     fn start_fleetd(&mut self, etcd: &str) {
+        fs::create_dir_all(self.os_file("esp")).unwrap();
+        if !self.os_file("cmdline").exists() {
+            fs::write(self.os_file("cmdline"), "console=ttyS0\n").unwrap();
+        }
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -335,6 +346,14 @@ impl Node {
             .arg(self.dir.join("images"))
             .arg("--peers-file")
             .arg(self.peers_file())
+            // The host's OS as files the test writes (`Node::os_file`), read every second.
+            .arg("--os-release")
+            .arg(self.os_file("os-release"))
+            .arg("--os-cmdline")
+            .arg(self.os_file("cmdline"))
+            .arg("--os-esp")
+            .arg(self.os_file("esp"))
+            .args(["--os-refresh", "1"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

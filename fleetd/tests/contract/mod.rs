@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_fleetd::{
-    body_hash, Campaign, Cas, Change, DesiredState, Event, LeaseId, Machine, Registry,
+    body_hash, Campaign, Cas, Change, DesiredState, Event, LeaseId, Machine, RebootLock, Registry,
     RegistryError, UnitRecord, UnitState, Watch,
 };
 use flotilla_init_api::{ActiveState, SubState};
@@ -53,6 +53,9 @@ macro_rules! contract_tests {
             reported_states_vanish_with_their_lease,
             snapshot_is_one_consistent_read,
             invalid_input_is_rejected,
+            reboot_lock_admits_at_most_n_under_concurrent_acquires,
+            reboot_lock_release_and_reacquire,
+            reboot_lock_is_freed_when_the_holders_lease_ends,
         );
     };
     (@cases $setup:expr; $($case:ident),* $(,)?) => {
@@ -138,6 +141,8 @@ pub fn machine(id: &str) -> Machine {
         metadata: BTreeMap::from([("region".to_string(), "test".to_string())]),
         api: Some(format!("http://127.0.0.{}:4002", id.len())),
         images: Vec::new(),
+        os_version: String::new(),
+        os: None,
     }
 }
 
@@ -733,4 +738,183 @@ pub async fn invalid_input_is_rejected(env: &Env) {
         Err(RegistryError::LeaseExpired { .. })
     ));
     r.revoke_lease(missing).await.unwrap();
+}
+
+// --- the reboot lock -----------------------------------------------------------------------------
+
+/// The ids of the machines that hold a reboot-lock slot.
+async fn lock_holders(r: &Arc<dyn Registry>) -> Vec<String> {
+    let listing = r.reboot_lock_holders().await.unwrap();
+    listing.items.into_iter().map(|h| h.machine).collect()
+}
+
+/// Several machines (half of them through the second handle: on etcd, a second client)
+/// acquire at once, round after round: at most N ever hold a slot, exactly N when enough
+/// asked, and those refused are told who holds them.
+pub async fn reboot_lock_admits_at_most_n_under_concurrent_acquires(env: &Env) {
+    let lease = env.registry.grant_lease(LONG_TTL).await.unwrap();
+    let _keeper = keep_alive(&env.registry, lease);
+    for (round, max) in [(0, 1u32), (1, 2), (2, 3), (3, 2), (4, 1)] {
+        let machines: Vec<String> = (0..8).map(|i| format!("r{round}m{i}")).collect();
+        let mut tasks = Vec::new();
+        for (i, id) in machines.iter().enumerate() {
+            let r = if i % 2 == 0 {
+                env.registry.clone()
+            } else {
+                env.other.clone()
+            };
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let outcome = r.acquire_reboot_lock(&id, lease, max).await;
+                (id, outcome)
+            }));
+        }
+        let mut acquired = Vec::new();
+        let mut refused = Vec::new();
+        for task in tasks {
+            let (id, outcome) = task.await.unwrap();
+            match outcome.unwrap() {
+                RebootLock::Acquired => acquired.push(id),
+                RebootLock::Held(by) => refused.push((id, by)),
+            }
+        }
+        acquired.sort();
+        let max = usize::try_from(max).unwrap();
+        assert_eq!(
+            acquired.len(),
+            max,
+            "round {round}: {max} of 8 concurrent acquires must win, got {acquired:?}"
+        );
+        assert_eq!(lock_holders(&env.registry).await, acquired, "round {round}");
+        assert_eq!(lock_holders(&env.other).await, acquired, "round {round}");
+        for (id, by) in refused {
+            assert_eq!(by.len(), max, "{id} was refused by {by:?}");
+            for holder in &by {
+                assert!(acquired.contains(&holder.machine), "{id}: {by:?}");
+                assert_eq!(holder.lease, lease);
+            }
+        }
+        for id in &acquired {
+            assert!(env.registry.release_reboot_lock(id).await.unwrap(), "{id}");
+        }
+        assert!(lock_holders(&env.registry).await.is_empty());
+    }
+    env.registry.revoke_lease(lease).await.unwrap();
+}
+
+/// Acquiring again is idempotent (no second slot), a release frees the slot for the next
+/// machine, only holders release, and max 0 admits nobody.
+pub async fn reboot_lock_release_and_reacquire(env: &Env) {
+    let (r, o) = (&env.registry, &env.other);
+    let la = r.grant_lease(LONG_TTL).await.unwrap();
+    let lb = o.grant_lease(LONG_TTL).await.unwrap();
+    let _ka = keep_alive(r, la);
+    let _kb = keep_alive(o, lb);
+    assert_eq!(
+        r.acquire_reboot_lock("a", la, 0).await.unwrap(),
+        RebootLock::Held(Vec::new()),
+        "max 0: nobody may hold a slot"
+    );
+    assert_eq!(
+        r.acquire_reboot_lock("a", la, 2).await.unwrap(),
+        RebootLock::Acquired
+    );
+    let first = r.reboot_lock_holders().await.unwrap().items;
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].machine.as_str(), first[0].lease), ("a", la));
+    assert!(first[0].since > 0);
+    // Again, also with max 1 and through the other handle: still one slot, the same hold.
+    for _ in 0..3 {
+        assert_eq!(
+            o.acquire_reboot_lock("a", la, 1).await.unwrap(),
+            RebootLock::Acquired
+        );
+    }
+    assert_eq!(r.reboot_lock_holders().await.unwrap().items, first);
+    assert_eq!(
+        o.acquire_reboot_lock("b", lb, 2).await.unwrap(),
+        RebootLock::Acquired
+    );
+    match o.acquire_reboot_lock("c", lb, 2).await.unwrap() {
+        RebootLock::Held(by) => assert_eq!(
+            by.iter().map(|h| h.machine.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        ),
+        other => panic!("both slots are taken, c must be refused: {other:?}"),
+    }
+    // Only a holder's release frees anything, and only once.
+    assert!(!r.release_reboot_lock("c").await.unwrap());
+    assert!(o.release_reboot_lock("a").await.unwrap());
+    assert!(!r.release_reboot_lock("a").await.unwrap());
+    assert_eq!(lock_holders(r).await, ["b"]);
+    assert_eq!(
+        o.acquire_reboot_lock("c", lb, 2).await.unwrap(),
+        RebootLock::Acquired
+    );
+    assert_eq!(lock_holders(r).await, ["b", "c"]);
+    // A holder that comes back on a new lease (a restarted fleetd) keeps its one slot, now
+    // on the new lease.
+    let lb2 = o.grant_lease(LONG_TTL).await.unwrap();
+    let _kb2 = keep_alive(o, lb2);
+    assert_eq!(
+        r.acquire_reboot_lock("b", lb2, 2).await.unwrap(),
+        RebootLock::Acquired
+    );
+    let holders = r.reboot_lock_holders().await.unwrap().items;
+    assert_eq!(holders.len(), 2);
+    assert_eq!((holders[0].machine.as_str(), holders[0].lease), ("b", lb2));
+    // A gone lease cannot hold a slot.
+    let missing = LeaseId(0x7777_0001);
+    assert!(matches!(
+        r.acquire_reboot_lock("d", missing, 5).await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+    assert!(matches!(
+        r.acquire_reboot_lock("a/b", la, 5).await,
+        Err(RegistryError::InvalidName { .. })
+    ));
+    for lease in [la, lb, lb2] {
+        r.revoke_lease(lease).await.unwrap();
+    }
+    assert!(lock_holders(r).await.is_empty());
+}
+
+/// A machine that dies holding a slot (its presence lease is no longer kept alive) frees it
+/// when the lease expires, with no release; a revoked lease frees it at once.
+pub async fn reboot_lock_is_freed_when_the_holders_lease_ends(env: &Env) {
+    let (r, o) = (&env.registry, &env.other);
+    let dying = o.grant_lease(env.ttl).await.unwrap();
+    o.register_machine(&machine("m1"), dying).await.unwrap();
+    assert_eq!(
+        o.acquire_reboot_lock("m1", dying, 1).await.unwrap(),
+        RebootLock::Acquired
+    );
+    let listed = r.list_machines().await.unwrap();
+    let kept = r.grant_lease(LONG_TTL).await.unwrap();
+    let _keeper = keep_alive(r, kept);
+    r.register_machine(&machine("m2"), kept).await.unwrap();
+    match r.acquire_reboot_lock("m2", kept, 1).await.unwrap() {
+        RebootLock::Held(by) => {
+            assert_eq!(by.len(), 1);
+            assert_eq!((by[0].machine.as_str(), by[0].lease), ("m1", dying));
+        }
+        other => panic!("m1 holds the only slot: {other:?}"),
+    }
+    // m1 dies: nobody keeps its lease alive. Its machine record and its slot go together.
+    wait_machine_removed(r, listed.revision + 1, "m1").await;
+    assert!(lock_holders(r).await.is_empty(), "m1's slot must be freed");
+    assert_eq!(
+        r.acquire_reboot_lock("m2", kept, 1).await.unwrap(),
+        RebootLock::Acquired
+    );
+    assert_eq!(lock_holders(o).await, ["m2"]);
+    // Revoking the holder's lease frees the slot at once.
+    r.revoke_lease(kept).await.unwrap();
+    assert!(lock_holders(o).await.is_empty());
+    let third = o.grant_lease(LONG_TTL).await.unwrap();
+    assert_eq!(
+        o.acquire_reboot_lock("m3", third, 1).await.unwrap(),
+        RebootLock::Acquired
+    );
+    o.revoke_lease(third).await.unwrap();
 }
