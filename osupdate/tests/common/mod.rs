@@ -119,15 +119,22 @@ impl Drop for LoopDisk {
 }
 
 pub fn loop_disk() -> LoopDisk {
+    loop_disk_sized(40, 8)
+}
+
+/// [`loop_disk`] of `disk_mib` MiB (sparse) with `slot_mib`-MiB root slots.
+pub fn loop_disk_sized(disk_mib: u64, slot_mib: u64) -> LoopDisk {
     let sfdisk = ensure_program("sfdisk", "fdisk");
     let losetup = ensure_program("losetup", "mount");
     let file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
-    file.as_file().set_len(40 * MIB).unwrap(); // sparse
-    let script = "label: gpt\n\
+    file.as_file().set_len(disk_mib * MIB).unwrap(); // sparse
+    let script = format!(
+        "label: gpt\n\
         size=4MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"flotilla-esp\"\n\
-        size=8MiB, type=L, name=\"flotilla-root-a\"\n\
-        size=8MiB, type=L, name=\"flotilla-root-b\"\n\
-        type=L, name=\"flotilla-var\"\n";
+        size={slot_mib}MiB, type=L, name=\"flotilla-root-a\"\n\
+        size={slot_mib}MiB, type=L, name=\"flotilla-root-b\"\n\
+        type=L, name=\"flotilla-var\"\n"
+    );
     let mut child = Command::new(sfdisk)
         .args(["--quiet", "--no-reread"])
         .arg(file.path())
