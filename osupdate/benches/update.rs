@@ -8,6 +8,8 @@
 //!   the read back (cached pages dropped, sha256 against the signed manifest); against
 //!   `dd if=root.img of=PART bs=4M conv=fsync` of the same bytes to the same partition (the
 //!   floor);
+//!   Then the same rows again for the host image's own kernel, initramfs and root image
+//!   (`--payload DIR`'s, re-signed with the bench's key), when they are built;
 //! - the whole update: `host::update` in process (verify, write, read back, kernel and
 //!   initramfs to the ESP, entry), with its parts, and `unitctl os update DIR --no-reboot`
 //!   (a temporary directory as the ESP) when a unitctl binary is found (`--unitctl`, else
@@ -168,7 +170,11 @@ fn compressed(program: &Path, args: &[&str], path: &Path) -> u64 {
 }
 
 fn mb(b: u64) -> String {
-    format!("{:.1} MB", b as f64 / 1e6)
+    if b < 100_000 {
+        format!("{b} B")
+    } else {
+        format!("{:.1} MB", b as f64 / 1e6)
+    }
 }
 
 /// The payload's size table: raw, `gzip -1`, `zstd -3`, and Flatcar's published number.
@@ -228,41 +234,30 @@ fn payload_sizes(dir: &Path) {
     );
 }
 
-fn main() {
-    let a = args();
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the update bench needs root (loop devices, drop_caches): run it as root");
-        std::process::exit(1);
-    }
-    let root_bytes = a.root_mib * MIB;
-    // Slots with room to spare; the disk file is sparse and removed at the end.
-    let slot_mib = a.root_mib + a.root_mib / 4 + 16;
-    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let t = tmp.path();
-    eprintln!(
-        "making a signed payload with a {} MiB random root.img ...",
-        a.root_mib
-    );
-    let key_path = common::openssl_key(t, "release");
-    let key = SigningKey::load(&key_path).unwrap();
+/// The artifacts of one payload to measure, and how to name it.
+struct Source {
+    /// Said in the table's title.
+    what: String,
+    vmlinuz: PathBuf,
+    initramfs: PathBuf,
+    root: PathBuf,
+}
+
+/// Signs `src` with the bench's key into `dir/NAME`; measures the slot write against `dd`
+/// and the whole update on a loop disk sized for it, `runs` times; prints the table.
+fn bench_set(t: &Path, name: &str, src: &Source, runs: usize, unitctl: Option<&Path>) {
+    let key = SigningKey::load(&t.join("release.pem")).unwrap();
     let keys = t.join("update-keys");
-    std::fs::create_dir(&keys).unwrap();
-    std::fs::write(keys.join("release.pem"), key.public_pem()).unwrap();
-    let src = t.join("src");
-    std::fs::create_dir(&src).unwrap();
-    random_file(&src.join("root.img"), root_bytes);
-    random_file(&src.join("vmlinuz"), 8 * MIB);
-    random_file(&src.join("initramfs.img"), 32 * MIB);
-    let payload = t.join("payload");
+    let payload = t.join(name);
     write_payload(
         &payload,
         &PayloadSource {
             version: "2.0.0",
             kernel: "6.1.0-bench-cloud-amd64",
             architecture: std::env::consts::ARCH,
-            vmlinuz: &src.join("vmlinuz"),
-            initramfs: &src.join("initramfs.img"),
-            root: &src.join("root.img"),
+            vmlinuz: &src.vmlinuz,
+            initramfs: &src.initramfs,
+            root: &src.root,
         },
         &key,
     )
@@ -285,7 +280,11 @@ fn main() {
     )
     .unwrap();
     let root_img = verified.artifact_path("root").unwrap();
+    let root_bytes = verified.artifact("root").unwrap().size;
 
+    // Slots with room to spare; the disk file is sparse and removed when dropped.
+    let root_mib = root_bytes.div_ceil(MIB);
+    let slot_mib = root_mib + root_mib / 4 + 16;
     let disk_mib = 4 + 2 * slot_mib + 64;
     eprintln!("a {disk_mib} MiB sparse disk with {slot_mib} MiB slots on a loop device ...");
     let disk = common::loop_disk_sized(disk_mib, slot_mib);
@@ -294,37 +293,27 @@ fn main() {
     let dd = common::ensure_program("dd", "coreutils");
 
     // Files standing in for the running host (slot A, 1.0.0) for host::update and unitctl.
-    std::fs::write(
-        t.join("os-release"),
-        "NAME=\"Flotilla\"\nID=flotilla\nVERSION_ID=1.0.0\n",
-    )
-    .unwrap();
     let cmdline = t.join("cmdline");
-    std::fs::write(
-        &cmdline,
-        "console=ttyS0 quiet panic=10 flotilla.slot=a flotilla.root=flotilla-root-a flotilla.var=flotilla-var\n",
-    )
-    .unwrap();
-    let esp = t.join("esp");
+    let os_release = t.join("os-release");
+    let esp = t.join(format!("esp-{name}"));
     std::fs::create_dir(&esp).unwrap();
     let h = Host {
         sys_block: sys.to_path_buf(),
         dev: dev.to_path_buf(),
         cmdline: cmdline.clone(),
-        os_release: t.join("os-release"),
+        os_release: os_release.clone(),
         keys: keys.clone(),
         disk: Some(disk.dev.clone()),
         esp: esp.clone(),
     };
-    let unitctl = find_unitctl(a.unitctl);
 
     let mut dd_t = Vec::new();
     let (mut ws_total, mut ws_write, mut ws_read) = (Vec::new(), Vec::new(), Vec::new());
     let (mut up_total, mut up_verify, mut up_write, mut up_read, mut up_rest) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut uc_total = Vec::new();
-    for run in 0..a.runs {
-        eprintln!("run {}/{} ...", run + 1, a.runs);
+    for run in 0..runs {
+        eprintln!("{name}: run {}/{runs} ...", run + 1);
         drop_caches();
         let started = Instant::now();
         let st = Command::new(&dd)
@@ -353,7 +342,7 @@ fn main() {
         up_read.push(r.write.verify);
         up_rest.push(total.saturating_sub(r.verify + r.write.write + r.write.verify));
 
-        if let Some(u) = &unitctl {
+        if let Some(u) = unitctl {
             drop_caches();
             let started = Instant::now();
             let out = Command::new(u)
@@ -366,7 +355,7 @@ fn main() {
                 .arg("--cmdline")
                 .arg(&cmdline)
                 .arg("--os-release")
-                .arg(t.join("os-release"))
+                .arg(&os_release)
                 .arg("--keys")
                 .arg(&keys)
                 .output()
@@ -383,18 +372,18 @@ fn main() {
 
     println!();
     println!(
-        "A/B update on a loop device over a sparse file in /var/tmp ({} MiB random root.img, \
-         payload {} MiB; {} MiB slots); page cache dropped before each; {} runs",
-        a.root_mib,
-        payload_bytes / MIB,
-        slot_mib,
-        a.runs
+        "A/B update of {} (root.img {:.1} MiB, payload {:.1} MiB) on a loop device over a \
+         sparse file in /var/tmp ({slot_mib} MiB slots); page cache dropped before each; {runs} runs",
+        src.what,
+        root_bytes as f64 / MIB as f64,
+        payload_bytes as f64 / MIB as f64,
     );
     println!(
         "{:<58} {:>8} {:>8} {:>8} {:>15} {:>6}",
         "", "median", "min", "max", "throughput", "x dd"
     );
     let floor = Some(median(&dd_t));
+    let boot_files = payload_bytes.saturating_sub(root_bytes);
     row(
         "dd bs=4M conv=fsync of root.img to slot B (floor)",
         &dd_t,
@@ -432,9 +421,9 @@ fn main() {
         "  the rest (keys, preflight, kernel + initramfs to ESP)",
         &up_rest,
         floor,
-        40 * MIB,
+        boot_files,
     );
-    match &unitctl {
+    match unitctl {
         Some(u) => {
             let profile = u
                 .parent()
@@ -453,11 +442,73 @@ fn main() {
              flotilla-init`, or pass --unitctl PATH)"
         ),
     }
+}
+
+fn main() {
+    let a = args();
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("the update bench needs root (loop devices, drop_caches): run it as root");
+        std::process::exit(1);
+    }
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let t = tmp.path();
+    // The bench's own release key (the host image's key may not be at hand): every payload
+    // measured is signed with it, the host image's artifacts included.
+    let key_path = common::openssl_key(t, "release");
+    let key = SigningKey::load(&key_path).unwrap();
+    let keys = t.join("update-keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::write(keys.join("release.pem"), key.public_pem()).unwrap();
+    std::fs::write(
+        t.join("os-release"),
+        "NAME=\"Flotilla\"\nID=flotilla\nVERSION_ID=1.0.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("cmdline"),
+        "console=ttyS0 quiet panic=10 flotilla.slot=a flotilla.root=flotilla-root-a flotilla.var=flotilla-var\n",
+    )
+    .unwrap();
+    let unitctl = find_unitctl(a.unitctl);
+
+    eprintln!(
+        "making a payload with a {} MiB random root.img ...",
+        a.root_mib
+    );
+    let src = t.join("src");
+    std::fs::create_dir(&src).unwrap();
+    random_file(&src.join("root.img"), a.root_mib * MIB);
+    random_file(&src.join("vmlinuz"), 8 * MIB);
+    random_file(&src.join("initramfs.img"), 32 * MIB);
+    let random = Source {
+        what: format!(
+            "random bytes ({} MiB root, 8 MiB kernel, 32 MiB initramfs)",
+            a.root_mib
+        ),
+        vmlinuz: src.join("vmlinuz"),
+        initramfs: src.join("initramfs.img"),
+        root: src.join("root.img"),
+    };
+    bench_set(t, "random", &random, a.runs, unitctl.as_deref());
+
+    // The host image's own artifacts, when built (re-signed with the bench's key).
+    let real = &a.payload;
+    if ["vmlinuz", "initramfs.img", "root.img"]
+        .iter()
+        .all(|f| real.join(f).is_file())
+    {
+        let host = Source {
+            what: format!("the host image's artifacts ({})", real.display()),
+            vmlinuz: real.join("vmlinuz"),
+            initramfs: real.join("initramfs.img"),
+            root: real.join("root.img"),
+        };
+        bench_set(t, "host-image", &host, a.runs, unitctl.as_deref());
+    }
     println!(
         "(a loop device's \"disk\" is the host's page cache of its file, written back on fsync: \
          optimistic for a real disk)"
     );
-    drop(disk);
     drop(tmp);
     payload_sizes(&a.payload);
 }
