@@ -55,7 +55,8 @@ struct Args {
 }
 
 fn args() -> Args {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let repo = manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf();
     let mut a = Args {
         runs: 3,
         root_mib: 256,
