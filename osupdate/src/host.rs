@@ -170,6 +170,8 @@ pub fn update(
     let partition = host.partition(&target.partition_name())?;
     // The write's own checks first: a refused write changes nothing, not even the entries.
     slot::preflight(&verified, target, Some(running), &partition)?;
+    // Words the operator added to the running slot's entry go on in the new one.
+    let extra = entries::extra_options(&host.esp, running)?;
     // The loader must not boot the slot while it is rewritten.
     entries::remove(&host.esp, target)?;
     let write = slot::write_slot(&verified, target, Some(running), &partition, progress)?;
@@ -181,11 +183,12 @@ pub fn update(
     };
     let (kernel, kernel_sha) = file("vmlinuz")?;
     let (initrd, initrd_sha) = file("initramfs")?;
-    let installed = entries::install(
+    let installed = entries::install_with(
         &host.esp,
         target,
         &verified.manifest.version,
         opts.tries,
+        &extra,
         BootFile {
             path: &kernel,
             sha256: &kernel_sha,
