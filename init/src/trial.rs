@@ -218,7 +218,7 @@ impl EspMount {
             &dir,
             "vfat",
             MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
+            flotilla_osupdate::host::ESP_MOUNT_DATA,
         )
         .map_err(|source| TrialError::Mount {
             dev: part.dev.clone(),

@@ -16,6 +16,9 @@ use crate::{IoError, Slot};
 
 /// The GPT partition name of the EFI system partition.
 pub const ESP_PARTITION: &str = "flotilla-esp";
+/// The mount data for the ESP (vfat): the cloud kernel's default `iocharset` is `ascii`
+/// (`nls_ascii`, a module); the image ships `nls_iso8859_1` with `vfat` and `nls_cp437`.
+pub const ESP_MOUNT_DATA: &std::ffi::CStr = c"iocharset=iso8859-1";
 /// Tries a new slot gets before the loader falls back (systemd-boot's counter).
 pub const DEFAULT_TRIES: u32 = 3;
 

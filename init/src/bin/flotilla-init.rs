@@ -297,6 +297,13 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let pid1 = std::process::id() == 1;
+    if pid1 {
+        // The kernel names PID 1 after the initramfs's `/init` ("init"); `unitctl os update`
+        // and `rollback` ask PID 1 to reboot only when /proc/1/comm says flotilla-init.
+        if let Err(e) = nix::sys::prctl::set_name(c"flotilla-init") {
+            log::warn!("cannot name PID 1 flotilla-init: {e}");
+        }
+    }
     // Units must not read the manager's memory (other units' environment and output).
     if let Err(e) = flotilla_container::runtime::make_non_dumpable() {
         log::warn!("{e}");

@@ -276,7 +276,7 @@ impl OsPaths {
             &dir,
             "vfat",
             MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
+            flotilla_osupdate::host::ESP_MOUNT_DATA,
         )
         .with_context(|| {
             let _ = std::fs::remove_dir(&dir);
