@@ -272,10 +272,14 @@ pub fn at_boot() -> Result<Option<AtBoot>, TrialError> {
     with_esp(|host| {
         let st = host::status(host)?;
         let slot = host.running_slot()?;
-        let on_trial = st
-            .entries
-            .entry(slot)
-            .is_some_and(|e| matches!(e.state(), EntryState::Trying { .. }));
+        // Any counted entry: the loader renamed it before booting it, so the last try runs
+        // as `+0-N` (bad, to the parser) and must be judged too.
+        let on_trial = st.entries.entry(slot).is_some_and(|e| {
+            matches!(
+                e.state(),
+                EntryState::Trying { .. } | EntryState::Bad { .. }
+            )
+        });
         let rolled_back =
             entries::rolled_back(&st.entries, slot, &st.version).map(|e| e.version.clone());
         Ok(Some(AtBoot {

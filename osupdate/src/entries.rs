@@ -692,8 +692,8 @@ pub fn install_with(
     Ok(Installed { file, demoted })
 }
 
-/// Commits `slot`: renames its trial entry `flotilla-<slot>+N[-M].conf` to
-/// `flotilla-<slot>.conf`. Returns the new file name.
+/// Commits `slot`: renames its trial entry `flotilla-<slot>+N[-M].conf` (also `+0-M`: the
+/// running slot's last try) to `flotilla-<slot>.conf`. Returns the new file name.
 pub fn commit(esp: &Path, slot: Slot) -> Result<String, EntryError> {
     let entry = entries_checked(esp)?
         .into_iter()
@@ -702,9 +702,13 @@ pub fn commit(esp: &Path, slot: Slot) -> Result<String, EntryError> {
             slot,
             dir: esp.join(ENTRIES_DIR),
         })?;
-    match entry.state() {
-        EntryState::Trying { .. } => {}
-        state => return Err(EntryError::NotTrying { slot, state }),
+    // A counted entry is on trial, also at `+0-N`: the loader renames the entry before it
+    // boots it, so the boot that uses the last try runs with no tries left.
+    if entry.name.counter.is_none() {
+        return Err(EntryError::NotTrying {
+            slot,
+            state: entry.state(),
+        });
     }
     let to = EntryName {
         slot,

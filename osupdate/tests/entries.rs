@@ -241,6 +241,11 @@ fn commit_makes_the_trial_permanent() {
     // Committing again is an error that says why.
     let e = commit(&esp, Slot::B).unwrap_err();
     assert!(matches!(e, EntryError::NotTrying { .. }), "{e:?}");
+    // The last try runs as `+0-N` (the loader renames first): it can still be committed.
+    install_v(&esp, Slot::A, "1.1.5", 1);
+    assert_eq!(loader_boot(&esp), Slot::A);
+    assert_eq!(files(&esp), ["flotilla-a+0-1.conf", "flotilla-b.conf"]);
+    assert_eq!(commit(&esp, Slot::A).unwrap(), "flotilla-a.conf");
     // The next update goes to A and replaces its committed entry.
     install_v(&esp, Slot::A, "1.2.0", 2);
     assert_eq!(files(&esp), ["flotilla-a+2.conf", "flotilla-b.conf"]);
