@@ -14,6 +14,7 @@ use nix::unistd::Pid;
 
 use crate::api::ApiQueue;
 use crate::manager::Manager;
+use crate::trial::{Decision, Trial};
 
 const TOKEN_SIGNAL: u64 = u64::MAX;
 const TOKEN_API: u64 = u64::MAX - 1;
@@ -71,6 +72,25 @@ pub fn run(
     api: Option<&ApiQueue>,
     boot_started: Option<Instant>,
 ) -> Result<Exit, LoopError> {
+    run_with(manager, api, boot_started, None)
+}
+
+/// A booted slot on trial: the policy and how to commit it.
+pub struct TrialWatch {
+    /// The policy's state.
+    pub trial: Trial,
+    /// Commits the running slot (PID 1: [`crate::trial::commit_running`]).
+    pub commit: Box<dyn FnMut() -> Result<String, String>>,
+}
+
+/// [`run`], judging the slot on `trial` by the units' health: commit it once healthy long
+/// enough, or reboot in order (as SIGINT) when its deadline passes.
+pub fn run_with(
+    manager: &mut Manager,
+    api: Option<&ApiQueue>,
+    boot_started: Option<Instant>,
+    mut trial: Option<TrialWatch>,
+) -> Result<Exit, LoopError> {
     let mask = block_signals()?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(setup("signalfd"))?;
@@ -92,8 +112,39 @@ pub fn run(
     let mut marker = boot_started;
     let mut shutdown_by: Option<Signal> = None;
     loop {
-        let deadline = manager.tick(Instant::now());
+        let mut deadline = manager.tick(Instant::now());
         register_pipes(&epoll, manager);
+        if shutdown_by.is_some() {
+            // Shutting down: the trial is over for this boot (the loader counted the try).
+            trial = None;
+        }
+        if let Some(w) = trial.as_mut() {
+            match w.trial.step(Instant::now(), &manager.health()) {
+                Decision::Wait(at) => {
+                    deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                }
+                Decision::Commit => {
+                    let policy = w.trial.policy();
+                    match (w.commit)() {
+                        Ok(what) => log::info!(
+                            "flotilla: {what} committed: every unit healthy for {}",
+                            humantime::format_duration(policy.commit_after)
+                        ),
+                        Err(e) => log::error!("cannot commit the booted slot: {e}"),
+                    }
+                    trial = None;
+                }
+                Decision::Reboot(why) => {
+                    log::error!(
+                        "flotilla: the booted slot is not committed: {why}; rebooting \
+                         (the boot loader falls back once its tries are spent)"
+                    );
+                    manager.shutdown();
+                    shutdown_by.get_or_insert(Signal::SIGINT);
+                    trial = None;
+                }
+            }
+        }
         if let Some(t0) = marker.filter(|_| manager.settled()) {
             marker = None;
             // The one line the QEMU harness parses, straight to the console.

@@ -15,3 +15,4 @@ pub mod manager;
 pub mod provision;
 pub mod scope;
 pub mod toolbox;
+pub mod trial;

@@ -26,6 +26,9 @@
 //! password = "s3cret"
 //! ca = """-----BEGIN CERTIFICATE-----..."""   # its CA, inline (instead of ca_file)
 //!                        # -> /etc/flotilla/registry-ca-registry.example_5000.crt
+//! [os]                   # -> /etc/flotilla/os.toml: an updated slot on trial is
+//! commit_after = "30s"   # committed once every unit is healthy this long (default 30s),
+//! commit_deadline = "5m" # else the init reboots this long after the boot (default 5m)
 //! [[units]]              # installed into /etc/flotilla/units
 //! name = "hello.toml"
 //! contents = """
@@ -64,7 +67,22 @@ pub struct Config {
     pub fleet: Fleet,
     /// `[registries]`: the registry settings, rendered as [`REGISTRIES`] (0600).
     pub registries: Option<Registries>,
+    /// `[os]`: how an updated slot is judged, rendered as [`OS_SETTINGS`].
+    pub os: OsSettings,
 }
+
+/// `[os]`: when the init commits a slot on trial ([`crate::trial`]), as duration strings
+/// (`"30s"`, `"5m"`), checked here.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OsSettings {
+    /// Every unit healthy this long commits the slot (default 30s).
+    pub commit_after: Option<String>,
+    /// No commit this long after the boot reboots (default 5m).
+    pub commit_deadline: Option<String>,
+}
+
+/// Where [`render`] puts `[os]` (read by PID 1 when the booted slot is on trial).
+pub const OS_SETTINGS: &str = crate::trial::SETTINGS;
 
 /// `[registries]`: `registries.toml`'s format (see registry/README.md), checked for its
 /// keys and types here and rendered as it is; `unitctl image pull` applies the rest.
@@ -190,6 +208,14 @@ struct Raw {
     units: Vec<RawUnit>,
     fleet: Option<RawFleet>,
     registries: Option<Registries>,
+    os: Option<RawOs>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOs {
+    commit_after: Option<Spanned<String>>,
+    commit_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -223,7 +249,8 @@ struct RawUnit {
 /// The help line every syntax error carries.
 const FORMAT_HELP: &str = "the provisioning format is documented in init/README.md \
      (keys: hostname, [network] address gateway, [metadata], [[units]] name contents, \
-     [fleet] etcd ttl address listen token ca cert key, [registries] as registries.toml)";
+     [fleet] etcd ttl address listen token ca cert key, [registries] as registries.toml, \
+     [os] commit_after commit_deadline)";
 
 /// Parses and validates a provisioning config. `label` names it in errors (a path, or
 /// `fw_cfg:opt/org.flotilla/config`).
@@ -467,6 +494,23 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         check_registry_cas(r, text, &at)?;
     }
 
+    let mut os = OsSettings::default();
+    if let Some(o) = raw.os {
+        let duration = |v: Option<Spanned<String>>, name: &str| match v {
+            Some(v) => match flotilla_units::parse_duration(v.get_ref()) {
+                Ok(d) if !d.is_zero() => Ok(Some(v.into_inner())),
+                _ => Err(at(
+                    v.span(),
+                    format!("invalid {name} {:?}", v.get_ref()),
+                    "write a duration, e.g. \"30s\" or \"5m\"",
+                )),
+            },
+            None => Ok(None),
+        };
+        os.commit_after = duration(o.commit_after, "commit_after")?;
+        os.commit_deadline = duration(o.commit_deadline, "commit_deadline")?;
+    }
+
     Ok(Config {
         hostname,
         network,
@@ -474,6 +518,7 @@ pub fn parse(label: &str, text: &str) -> Result<Config, UnitError> {
         units,
         fleet,
         registries: raw.registries,
+        os,
     })
 }
 
@@ -766,6 +811,18 @@ pub fn render(config: &Config, machine_id: &str) -> Vec<EtcFile> {
             )
         });
     }
+    if config.os != OsSettings::default() {
+        let mut body = String::from("# the host's A/B update, from provisioning ([os])\n");
+        for (key, value) in [
+            ("commit_after", &config.os.commit_after),
+            ("commit_deadline", &config.os.commit_deadline),
+        ] {
+            if let Some(v) = value {
+                body.push_str(&format!("{key} = {}\n", toml_string(v)));
+            }
+        }
+        files.push(file(OS_SETTINGS.trim_start_matches("/etc/"), body));
+    }
     files
 }
 
@@ -1044,6 +1101,42 @@ command = ["/bin/echo", "%i"]
         assert!(get("flotilla/units/hello.toml").contains("/bin/echo"));
         assert!(get("flotilla/units/worker@.toml").contains("%i"));
         assert!(!files.iter().any(|f| f.path == "flotilla/registries.toml"));
+    }
+
+    #[test]
+    fn os_settings_render_as_os_toml_and_bad_durations_are_refused() {
+        let c = parse(
+            "p",
+            "[os]\ncommit_after = \"5s\"\ncommit_deadline = \"2m\"\n",
+        )
+        .unwrap();
+        let files = render(&c, "0123");
+        let f = files.iter().find(|f| f.path == "flotilla/os.toml").unwrap();
+        assert!(f
+            .contents
+            .contains("commit_after = \"5s\"\ncommit_deadline = \"2m\"\n"));
+        // What PID 1 reads back.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("os.toml");
+        std::fs::write(&path, &f.contents).unwrap();
+        let p = crate::trial::TrialPolicy::load(&path).unwrap();
+        assert_eq!(p.commit_after, std::time::Duration::from_secs(5));
+        assert_eq!(p.commit_deadline, std::time::Duration::from_secs(120));
+        // Without [os], no file: the defaults.
+        let plain = render(&parse("p", "").unwrap(), "0123");
+        assert!(!plain.iter().any(|f| f.path == "flotilla/os.toml"));
+        let e = parse("p", "[os]\ncommit_after = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid commit_after") && e.contains(":2:"),
+            "{e}"
+        );
+        let e = parse("p", "[os]\ncommit_after = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid commit_after"), "{e}");
+        assert!(parse("p", "[os]\ncommit = \"1s\"\n").is_err());
     }
 
     #[test]

@@ -367,6 +367,25 @@ pub fn boot_order(a: &SlotEntry, b: &SlotEntry) -> Ordering {
         })
 }
 
+/// The other slot's entry when an update to it was rolled back: `running`'s entry is not
+/// on trial, the other slot's entry is bad (its tries ran out, or `unitctl os rollback`) and
+/// its version is newer than the running one's (`running_version`). The init says so at
+/// boot and `unitctl os status` shows it.
+pub fn rolled_back<'a>(
+    status: &'a Status,
+    running: Slot,
+    running_version: &str,
+) -> Option<&'a SlotEntry> {
+    let own = status.entry(running)?;
+    if matches!(own.state(), EntryState::Trying { .. }) {
+        return None;
+    }
+    status.entry(running.other()).filter(|other| {
+        matches!(other.state(), EntryState::Bad { .. })
+            && compare_versions(&other.version, running_version) == Ordering::Greater
+    })
+}
+
 /// The slot systemd-boot boots next (the first entry in its order; `loader.conf` sets no
 /// `default` and no `LoaderEntryDefault` EFI variable is set).
 pub fn next_slot(entries: &[SlotEntry]) -> Option<Slot> {
@@ -378,15 +397,43 @@ pub fn next_slot(entries: &[SlotEntry]) -> Option<Slot> {
 
 /// The entry text of a slot.
 pub fn render_entry(slot: Slot, version: &str) -> String {
+    render_entry_with(slot, version, &[])
+}
+
+/// The entry text of a slot with `extra` words appended to its `options` line.
+pub fn render_entry_with(slot: Slot, version: &str, extra: &[String]) -> String {
+    let extra: String = extra.iter().map(|w| format!(" {w}")).collect();
     format!(
         "title Flotilla {version} (slot {slot})\n\
          sort-key {SORT_KEY}\n\
          version {version}\n\
          linux /{SLOTS_DIR}/{slot}/vmlinuz\n\
          initrd /{SLOTS_DIR}/{slot}/initramfs.img\n\
-         options {BASE_OPTIONS} flotilla.slot={slot} flotilla.root={} flotilla.var={VAR_PARTITION}\n",
+         options {BASE_OPTIONS} flotilla.slot={slot} flotilla.root={} flotilla.var={VAR_PARTITION}{extra}\n",
         slot.partition_name()
     )
+}
+
+/// The words of `slot`'s entry `options` line that [`render_entry`] does not write (e.g. a
+/// console or debug word the operator added to the entry): an update carries them to the
+/// new slot's entry, as kernel arguments survive updates elsewhere. No entry: none.
+pub fn extra_options(esp: &Path, slot: Slot) -> Result<Vec<String>, EntryError> {
+    let Some(entry) = entries_checked(esp)?.into_iter().find(|e| e.slot == slot) else {
+        return Ok(Vec::new());
+    };
+    let path = esp.join(ENTRIES_DIR).join(&entry.file);
+    let text = std::fs::read_to_string(&path).map_err(|e| IoError::new("read", &path, e))?;
+    let template = render_entry(slot, &entry.version);
+    let base: Vec<&str> = entry_field(&template, "options")
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    Ok(entry_field(&text, "options")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|w| !base.contains(w))
+        .map(str::to_string)
+        .collect())
 }
 
 /// The value of `key` in an entry's text.
@@ -577,6 +624,20 @@ pub fn install(
     vmlinuz: BootFile<'_>,
     initramfs: BootFile<'_>,
 ) -> Result<Installed, EntryError> {
+    install_with(esp, slot, version, tries, &[], vmlinuz, initramfs)
+}
+
+/// [`install`] with `extra` words appended to the entry's `options` line (the running
+/// slot's [`extra_options`], carried over by an update).
+pub fn install_with(
+    esp: &Path,
+    slot: Slot,
+    version: &str,
+    tries: u32,
+    extra: &[String],
+    vmlinuz: BootFile<'_>,
+    initramfs: BootFile<'_>,
+) -> Result<Installed, EntryError> {
     if version.is_empty() || version.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(EntryError::BadVersion(version.to_string()));
     }
@@ -597,7 +658,7 @@ pub fn install(
         }),
     };
     let file = name.render();
-    let text = render_entry(slot, version);
+    let text = render_entry_with(slot, version, extra);
     let new_entry = SlotEntry {
         slot,
         file: file.clone(),
@@ -631,8 +692,8 @@ pub fn install(
     Ok(Installed { file, demoted })
 }
 
-/// Commits `slot`: renames its trial entry `flotilla-<slot>+N[-M].conf` to
-/// `flotilla-<slot>.conf`. Returns the new file name.
+/// Commits `slot`: renames its trial entry `flotilla-<slot>+N[-M].conf` (also `+0-M`: the
+/// running slot's last try) to `flotilla-<slot>.conf`. Returns the new file name.
 pub fn commit(esp: &Path, slot: Slot) -> Result<String, EntryError> {
     let entry = entries_checked(esp)?
         .into_iter()
@@ -641,9 +702,13 @@ pub fn commit(esp: &Path, slot: Slot) -> Result<String, EntryError> {
             slot,
             dir: esp.join(ENTRIES_DIR),
         })?;
-    match entry.state() {
-        EntryState::Trying { .. } => {}
-        state => return Err(EntryError::NotTrying { slot, state }),
+    // A counted entry is on trial, also at `+0-N`: the loader renames the entry before it
+    // boots it, so the boot that uses the last try runs with no tries left.
+    if entry.name.counter.is_none() {
+        return Err(EntryError::NotTrying {
+            slot,
+            state: entry.state(),
+        });
     }
     let to = EntryName {
         slot,

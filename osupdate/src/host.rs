@@ -16,6 +16,9 @@ use crate::{IoError, Slot};
 
 /// The GPT partition name of the EFI system partition.
 pub const ESP_PARTITION: &str = "flotilla-esp";
+/// The mount data for the ESP (vfat): the cloud kernel's default `iocharset` is `ascii`
+/// (`nls_ascii`, a module); the image ships `nls_iso8859_1` with `vfat` and `nls_cp437`.
+pub const ESP_MOUNT_DATA: &std::ffi::CStr = c"iocharset=iso8859-1";
 /// Tries a new slot gets before the loader falls back (systemd-boot's counter).
 pub const DEFAULT_TRIES: u32 = 3;
 
@@ -170,6 +173,8 @@ pub fn update(
     let partition = host.partition(&target.partition_name())?;
     // The write's own checks first: a refused write changes nothing, not even the entries.
     slot::preflight(&verified, target, Some(running), &partition)?;
+    // Words the operator added to the running slot's entry go on in the new one.
+    let extra = entries::extra_options(&host.esp, running)?;
     // The loader must not boot the slot while it is rewritten.
     entries::remove(&host.esp, target)?;
     let write = slot::write_slot(&verified, target, Some(running), &partition, progress)?;
@@ -181,11 +186,12 @@ pub fn update(
     };
     let (kernel, kernel_sha) = file("vmlinuz")?;
     let (initrd, initrd_sha) = file("initramfs")?;
-    let installed = entries::install(
+    let installed = entries::install_with(
         &host.esp,
         target,
         &verified.manifest.version,
         opts.tries,
+        &extra,
         BootFile {
             path: &kernel,
             sha256: &kernel_sha,

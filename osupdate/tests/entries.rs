@@ -11,8 +11,9 @@ use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 
 use flotilla_osupdate::entries::{
-    commit, compare_versions, install, render_entry, rollback, status, BootFile, Counter,
-    EntryError, EntryName, EntryState, ENTRIES_DIR,
+    commit, compare_versions, extra_options, install, install_with, render_entry,
+    render_entry_with, rollback, rolled_back, status, BootFile, Counter, EntryError, EntryName,
+    EntryState, ENTRIES_DIR,
 };
 use flotilla_osupdate::{sha256_file, Slot};
 
@@ -202,6 +203,28 @@ fn a_newer_trial_boots_first_and_falls_back_once_its_tries_are_spent() {
         EntryState::Bad { done: 3 }
     );
     assert_eq!(st.next, Some(Slot::A));
+    // Back on A, the fallback is recognised: B's newer entry is bad.
+    assert_eq!(rolled_back(&st, Slot::A, "1.0.0").unwrap().version, "1.1.0");
+}
+
+/// `rolled_back` names the other slot's entry only when it is bad and newer than the
+/// running version, and the running slot is not itself on trial.
+#[test]
+fn rolled_back_is_a_bad_newer_entry_of_the_other_slot() {
+    let (_tmp, esp) = esp_with_a("1.0.0");
+    assert!(rolled_back(&status(&esp).unwrap(), Slot::A, "1.0.0").is_none());
+    install_v(&esp, Slot::B, "1.1.0", 1);
+    // On trial: nothing rolled back yet, from either side.
+    let st = status(&esp).unwrap();
+    assert!(rolled_back(&st, Slot::A, "1.0.0").is_none());
+    assert!(rolled_back(&st, Slot::B, "1.1.0").is_none());
+    // The operator rolls back: B is bad and newer.
+    rollback(&esp).unwrap();
+    let st = status(&esp).unwrap();
+    let e = rolled_back(&st, Slot::A, "1.0.0").unwrap();
+    assert_eq!((e.slot, e.version.as_str()), (Slot::B, "1.1.0"));
+    // A bad entry that is older than the running version is not a rolled-back update.
+    assert!(rolled_back(&st, Slot::A, "1.2.0").is_none());
 }
 
 #[test]
@@ -218,6 +241,11 @@ fn commit_makes_the_trial_permanent() {
     // Committing again is an error that says why.
     let e = commit(&esp, Slot::B).unwrap_err();
     assert!(matches!(e, EntryError::NotTrying { .. }), "{e:?}");
+    // The last try runs as `+0-N` (the loader renames first): it can still be committed.
+    install_v(&esp, Slot::A, "1.1.5", 1);
+    assert_eq!(loader_boot(&esp), Slot::A);
+    assert_eq!(files(&esp), ["flotilla-a+0-1.conf", "flotilla-b.conf"]);
+    assert_eq!(commit(&esp, Slot::A).unwrap(), "flotilla-a.conf");
     // The next update goes to A and replaces its committed entry.
     install_v(&esp, Slot::A, "1.2.0", 2);
     assert_eq!(files(&esp), ["flotilla-a+2.conf", "flotilla-b.conf"]);
@@ -311,4 +339,49 @@ fn two_entries_for_one_slot_are_reported() {
         matches!(e, EntryError::Duplicate { slot: Slot::A, .. }),
         "{e:?}"
     );
+}
+
+/// Words an operator added to the running slot's entry (a debug shell, a console) are found
+/// by `extra_options` and written into the next slot's entry by `install_with`; the
+/// template's own words are not repeated.
+#[test]
+fn extra_options_are_carried_to_the_new_entry() {
+    let (_t, esp) = esp_with_a("1.0.0");
+    assert!(extra_options(&esp, Slot::A).unwrap().is_empty());
+    assert!(extra_options(&esp, Slot::B).unwrap().is_empty());
+    let a = esp.join(ENTRIES_DIR).join("flotilla-a.conf");
+    let text = std::fs::read_to_string(&a).unwrap();
+    let text = text.replace(
+        "flotilla.var=flotilla-var",
+        "flotilla.var=flotilla-var flotilla.debug_shell=hvc0 loglevel=7",
+    );
+    std::fs::write(&a, text).unwrap();
+    let extra = extra_options(&esp, Slot::A).unwrap();
+    assert_eq!(extra, ["flotilla.debug_shell=hvc0", "loglevel=7"]);
+
+    let b = boot_files(esp.parent().unwrap(), "2.0.0");
+    let installed = install_with(
+        &esp,
+        Slot::B,
+        "2.0.0",
+        3,
+        &extra,
+        BootFile {
+            path: &b.kernel,
+            sha256: &b.kernel_sha,
+        },
+        BootFile {
+            path: &b.initrd,
+            sha256: &b.initrd_sha,
+        },
+    )
+    .unwrap();
+    let new = std::fs::read_to_string(esp.join(ENTRIES_DIR).join(&installed.file)).unwrap();
+    assert_eq!(new, render_entry_with(Slot::B, "2.0.0", &extra));
+    let options = new.lines().find(|l| l.starts_with("options ")).unwrap();
+    assert!(
+        options.ends_with("flotilla.slot=b flotilla.root=flotilla-root-b flotilla.var=flotilla-var flotilla.debug_shell=hvc0 loglevel=7"),
+        "{options}"
+    );
+    assert_eq!(extra_options(&esp, Slot::B).unwrap(), extra);
 }

@@ -230,7 +230,8 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
         manager.start_all();
     }
     let marker = pid1.then_some(started);
-    let result = event_loop::run(&mut manager, Some(&queue), marker);
+    let trial = if pid1 { trial_watch(started) } else { None };
+    let result = event_loop::run_with(&mut manager, Some(&queue), marker, trial);
     manager.cleanup();
     drop(server);
     let Exit::Shutdown(signal) = result.context("event loop")?;
@@ -240,6 +241,49 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
         log::info!("all units stopped");
     }
     Ok(signal)
+}
+
+/// PID 1 booted from a slot: says whether an update was rolled back, and returns the trial
+/// of the running slot when its entry is on trial. Failures are logged (no trial).
+fn trial_watch(started: Instant) -> Option<event_loop::TrialWatch> {
+    use flotilla_init::trial::{self, Trial, TrialPolicy};
+    let found = match trial::at_boot() {
+        Ok(Some(found)) => found,
+        Ok(None) => return None,
+        Err(e) => {
+            log::error!("cannot read the boot entries: {e}; the booted slot is not judged");
+            return None;
+        }
+    };
+    if let Some(version) = &found.rolled_back {
+        log::warn!(
+            "flotilla: update to {version} in slot {} was rolled back (its boot entry is \
+             bad; `unitctl os status` shows it)",
+            found.slot.other()
+        );
+    }
+    if !found.on_trial {
+        return None;
+    }
+    let policy = TrialPolicy::load(std::path::Path::new(trial::SETTINGS)).unwrap_or_else(|e| {
+        log::error!("{e}");
+        TrialPolicy::default()
+    });
+    log::info!(
+        "flotilla: slot {} is on trial: committed once every unit is healthy for {}, \
+         else a reboot {} after the boot",
+        found.slot,
+        humantime::format_duration(policy.commit_after),
+        humantime::format_duration(policy.commit_deadline)
+    );
+    Some(event_loop::TrialWatch {
+        trial: Trial::new(policy, started),
+        commit: Box::new(|| {
+            trial::commit_running()
+                .map(|slot| format!("slot {slot}"))
+                .map_err(|e| e.to_string())
+        }),
+    })
 }
 
 fn main() -> ExitCode {
@@ -253,6 +297,13 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let pid1 = std::process::id() == 1;
+    if pid1 {
+        // The kernel names PID 1 after the initramfs's `/init` ("init"); `unitctl os update`
+        // and `rollback` ask PID 1 to reboot only when /proc/1/comm says flotilla-init.
+        if let Err(e) = nix::sys::prctl::set_name(c"flotilla-init") {
+            log::warn!("cannot name PID 1 flotilla-init: {e}");
+        }
+    }
     // Units must not read the manager's memory (other units' environment and output).
     if let Err(e) = flotilla_container::runtime::make_non_dumpable() {
         log::warn!("{e}");

@@ -233,6 +233,24 @@ impl Manager {
             .count()
     }
 
+    /// The units' health, for a slot on trial ([`crate::trial`]): settled, the first unit
+    /// that is failed or waiting to be restarted, and the restarts done so far.
+    pub fn health(&self) -> crate::trial::Health {
+        let failing = self
+            .slots
+            .iter()
+            .find_map(|(name, s)| match (s.active(), s.sub()) {
+                (ActiveState::Failed, _) => Some(format!("unit {name} failed")),
+                (_, SubState::AutoRestart) => Some(format!("unit {name} is waiting to restart")),
+                _ => None,
+            });
+        crate::trial::Health {
+            settled: self.settled(),
+            failing,
+            restarts: self.slots.values().map(|s| u64::from(s.restarts())).sum(),
+        }
+    }
+
     /// Number of units known.
     pub fn len(&self) -> usize {
         self.slots.len()

@@ -276,7 +276,7 @@ impl OsPaths {
             &dir,
             "vfat",
             MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            None,
+            flotilla_osupdate::host::ESP_MOUNT_DATA,
         )
         .with_context(|| {
             let _ = std::fs::remove_dir(&dir);
@@ -341,6 +341,11 @@ fn status_json(st: &HostStatus) -> Value {
         "version": st.version,
         "next": st.entries.next.map(|s| s.as_str()),
         "slots": slots,
+        "rolled_back": rolled_back(st).map(|e| json!({
+            "slot": e.slot.as_str(),
+            "version": e.version,
+            "entry": e.file,
+        })),
     })
 }
 
@@ -368,7 +373,18 @@ fn status_text(st: &HostStatus) -> String {
             }
         ));
     }
+    if let Some(e) = rolled_back(st) {
+        s.push_str(&format!(
+            "the update to {} in slot {} was rolled back (its entry {} is bad)\n",
+            e.version, e.slot, e.file
+        ));
+    }
     s
+}
+
+/// The other slot's entry when an update to it was rolled back.
+fn rolled_back(st: &HostStatus) -> Option<&flotilla_osupdate::entries::SlotEntry> {
+    flotilla_osupdate::entries::rolled_back(&st.entries, st.running?, &st.version)
 }
 
 /// Prints a progress line every 10 % (on a terminal: one line rewritten).
