@@ -291,14 +291,27 @@ impl OsPaths {
     }
 }
 
+/// Whether PID 1 is flotilla-init: the init's API socket is served by PID 1 itself
+/// (`SO_PEERCRED` of a connection to it names the listener's pid). Its name proves
+/// nothing: booted from the initramfs, flotilla-init runs as `/init` (comm `init`, as
+/// sysvinit's).
+fn pid1_is_flotilla_init() -> bool {
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(flotilla_init_api::DEFAULT_SOCKET)
+    else {
+        return false;
+    };
+    matches!(flotilla_init_api::peer::peer_cred(&stream), Ok(c) if c.pid == Some(1))
+}
+
 /// Asks PID 1 for an orderly reboot (SIGINT, the init's Ctrl-Alt-Del), only if it is
 /// flotilla-init: on any other init SIGINT means something else.
 fn reboot(out: &mut impl Write) -> Result<()> {
-    let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
-    if comm.trim() != "flotilla-init" {
+    if !pid1_is_flotilla_init() {
+        let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
         bail!(
-            "PID 1 is {:?}, not flotilla-init: not rebooting; reboot the machine yourself",
-            comm.trim()
+            "PID 1 ({:?}) is not flotilla-init (it does not serve {}): not rebooting; reboot the machine yourself",
+            comm.trim(),
+            flotilla_init_api::DEFAULT_SOCKET
         );
     }
     writeln!(out, "rebooting (orderly: units are stopped first)")?;
