@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_osupdate::entries::EntryState;
-use flotilla_osupdate::host::{self, Host, HostError, ESP_PARTITION};
+use flotilla_osupdate::host::{self, EspMount, Host, HostError, ESP_PARTITION};
 
 use crate::model::{OsSlot, OsState};
 
@@ -135,45 +135,13 @@ impl OsProbe {
             return Ok(os_state(&host::status(&self.host(esp))?));
         }
         let part = probe_host.partition(ESP_PARTITION)?;
-        let mount = EspMount::new(&part.dev).map_err(HostError::Io)?;
-        let status = host::status(&self.host(&mount.dir));
-        drop(mount);
-        Ok(os_state(&status?))
-    }
-}
-
-/// The ESP mounted read-only on a private directory; unmounted and removed on drop.
-struct EspMount {
-    dir: PathBuf,
-}
-
-impl EspMount {
-    fn new(dev: &Path) -> Result<EspMount, flotilla_osupdate::IoError> {
         let dir = PathBuf::from(format!("/run/flotilla/fleetd-esp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| flotilla_osupdate::IoError::new("create", &dir, e))?;
-        use rustix::mount::MountFlags;
-        let flags =
-            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-        if let Err(e) = rustix::mount::mount(dev, &dir, "vfat", flags, None) {
-            let _ = std::fs::remove_dir(&dir);
-            return Err(flotilla_osupdate::IoError::new(
-                "mount (vfat, read-only) the ESP",
-                dev,
-                e.into(),
-            ));
+        let mount = EspMount::mount(&part.dev, &dir, true)?;
+        let status = host::status(&self.host(mount.dir()));
+        if let Err(e) = mount.unmount() {
+            log::warn!("{e}");
         }
-        Ok(EspMount { dir })
-    }
-}
-
-impl Drop for EspMount {
-    fn drop(&mut self) {
-        if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::DETACH) {
-            log::warn!("cannot unmount the ESP at {}: {e}", self.dir.display());
-            return;
-        }
-        let _ = std::fs::remove_dir(&self.dir);
+        Ok(os_state(&status?))
     }
 }
 

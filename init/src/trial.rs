@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_osupdate::entries::{self, EntryState};
-use flotilla_osupdate::host::{self, Host, HostError, ESP_PARTITION};
+use flotilla_osupdate::host::{self, EspMount, Host, HostError, ESP_PARTITION};
 use flotilla_osupdate::Slot;
 
 /// The settings file rendered from provisioning's `[os]` ([`crate::provision`]).
@@ -46,24 +46,9 @@ pub enum TrialError {
     /// The update library (entries, partitions, the command line).
     #[error(transparent)]
     Host(#[from] HostError),
-    /// Mounting the ESP.
-    #[error("cannot mount the ESP {dev} (vfat) on {dir}: {source}; is the vfat module (and nls_cp437, nls_iso8859_1) in the image's [kernel] modules?")]
-    Mount {
-        /// The partition.
-        dev: PathBuf,
-        /// The mount point.
-        dir: PathBuf,
-        /// The errno.
-        source: rustix::io::Errno,
-    },
-    /// Creating the mount point.
-    #[error("cannot create {dir}: {source}")]
-    MountPoint {
-        /// The directory.
-        dir: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
+    /// Mounting or unmounting the ESP.
+    #[error(transparent)]
+    Esp(#[from] flotilla_osupdate::IoError),
     /// The settings file.
     #[error("{file}: {why}; using the defaults (commit_after 30s, commit_deadline 5m)")]
     Settings {
@@ -199,53 +184,18 @@ impl Trial {
     }
 }
 
-/// The ESP mounted on [`ESP_MOUNT`] for the life of the value.
-struct EspMount {
-    dir: PathBuf,
-}
-
-impl EspMount {
-    fn mount(host: &Host) -> Result<EspMount, TrialError> {
-        let part = host.partition(ESP_PARTITION)?;
-        let dir = PathBuf::from(ESP_MOUNT);
-        std::fs::create_dir_all(&dir).map_err(|source| TrialError::MountPoint {
-            dir: dir.clone(),
-            source,
-        })?;
-        use rustix::mount::MountFlags;
-        rustix::mount::mount(
-            &part.dev,
-            &dir,
-            "vfat",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            flotilla_osupdate::host::ESP_MOUNT_DATA,
-        )
-        .map_err(|source| TrialError::Mount {
-            dev: part.dev.clone(),
-            dir: dir.clone(),
-            source,
-        })?;
-        Ok(EspMount { dir })
-    }
-}
-
-impl Drop for EspMount {
-    fn drop(&mut self) {
-        if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::empty()) {
-            log::error!("cannot unmount the ESP at {}: {e}", self.dir.display());
-        }
-    }
-}
-
 /// Runs `f` on the host with the ESP mounted.
 fn with_esp<T>(f: impl FnOnce(&Host) -> Result<T, TrialError>) -> Result<T, TrialError> {
     let mut host = Host::system(Path::new(ESP_MOUNT));
     // Not booted from a slot: nothing to mount, and `f` says so.
     host.running_slot()?;
-    let mount = EspMount::mount(&host)?;
-    host.esp = mount.dir.clone();
+    let part = host.partition(ESP_PARTITION)?;
+    let mount = EspMount::mount(&part.dev, Path::new(ESP_MOUNT), false)?;
+    host.esp = mount.dir().to_path_buf();
     let r = f(&host);
-    drop(mount);
+    if let Err(e) = mount.unmount() {
+        log::error!("{e}");
+    }
     r
 }
 

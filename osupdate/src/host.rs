@@ -19,6 +19,66 @@ pub const ESP_PARTITION: &str = "flotilla-esp";
 /// The mount data for the ESP (vfat): the cloud kernel's default `iocharset` is `ascii`
 /// (`nls_ascii`, a module); the image ships `nls_iso8859_1` with `vfat` and `nls_cp437`.
 pub const ESP_MOUNT_DATA: &std::ffi::CStr = c"iocharset=iso8859-1";
+/// The ESP (vfat, [`ESP_MOUNT_DATA`], `nosuid,nodev,noexec`) mounted on a directory for
+/// the life of the value: unmounted, and the directory removed when empty, by
+/// [`EspMount::unmount`] or on drop. unitctl, the init's trial and fleetd's probe mount it
+/// only for as long as they read or change it.
+#[derive(Debug)]
+pub struct EspMount {
+    dir: Option<PathBuf>,
+}
+
+impl EspMount {
+    /// Mounts the partition `dev` on `dir` (created if missing), read-only if asked.
+    pub fn mount(dev: &Path, dir: &Path, read_only: bool) -> Result<EspMount, IoError> {
+        use rustix::mount::MountFlags;
+        std::fs::create_dir_all(dir).map_err(|e| IoError::new("create", dir, e))?;
+        let mut flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        if read_only {
+            flags |= MountFlags::RDONLY;
+        }
+        if let Err(e) = rustix::mount::mount(dev, dir, "vfat", flags, ESP_MOUNT_DATA) {
+            let _ = std::fs::remove_dir(dir);
+            return Err(IoError::new(
+                "mount the ESP (vfat: are vfat, nls_cp437 and nls_iso8859_1 in the image's [kernel] modules?) from",
+                dev,
+                e.into(),
+            ));
+        }
+        Ok(EspMount {
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// Where it is mounted.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Unmounts it now, saying whether that failed (drop does the same silently).
+    pub fn unmount(mut self) -> Result<(), IoError> {
+        match self.dir.take() {
+            Some(dir) => unmount_esp(&dir),
+            None => Ok(()),
+        }
+    }
+}
+
+fn unmount_esp(dir: &Path) -> Result<(), IoError> {
+    rustix::mount::unmount(dir, rustix::mount::UnmountFlags::empty())
+        .map_err(|e| IoError::new("unmount the ESP at", dir, e.into()))?;
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+impl Drop for EspMount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = unmount_esp(&dir);
+        }
+    }
+}
+
 /// Tries a new slot gets before the loader falls back (systemd-boot's counter).
 pub const DEFAULT_TRIES: u32 = 3;
 

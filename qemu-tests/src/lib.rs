@@ -14,6 +14,7 @@ pub mod images;
 pub mod pki;
 pub mod registry;
 mod shell;
+pub mod update_payloads;
 pub use image_build::hostroot::is_static_elf;
 pub use image_build::static_build::{workspace_root, STATIC_BINARIES};
 pub use shell::{CommandOutput, Shell};

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use flotilla_osupdate::entries::EntryState;
 use flotilla_osupdate::host::{
-    self, Host, HostStatus, UpdateOptions, DEFAULT_TRIES, ESP_PARTITION,
+    self, EspMount, Host, HostStatus, UpdateOptions, DEFAULT_TRIES, ESP_PARTITION,
 };
 use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
 use serde_json::{json, Value};
@@ -230,23 +230,6 @@ pub(crate) struct OsPaths {
 }
 
 /// The ESP mounted by unitctl: unmounted and its directory removed on drop.
-struct EspMount {
-    dir: PathBuf,
-}
-
-impl Drop for EspMount {
-    fn drop(&mut self) {
-        if let Err(e) = rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::empty()) {
-            eprintln!(
-                "unitctl: cannot unmount the ESP at {}: {e}",
-                self.dir.display()
-            );
-            return;
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
 impl OsPaths {
     /// The host's paths, and the ESP mount when unitctl made one.
     fn host(self) -> Result<(Host, Option<EspMount>)> {
@@ -264,41 +247,35 @@ impl OsPaths {
             return Ok((host, None));
         }
         let part = host.partition(ESP_PARTITION)?;
-        let base = Path::new("/run/flotilla");
-        std::fs::create_dir_all(base)
-            .with_context(|| format!("cannot create {}", base.display()))?;
-        let dir = base.join(format!("esp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        use rustix::mount::MountFlags;
-        rustix::mount::mount(
-            &part.dev,
-            &dir,
-            "vfat",
-            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-            flotilla_osupdate::host::ESP_MOUNT_DATA,
-        )
-        .with_context(|| {
-            let _ = std::fs::remove_dir(&dir);
-            format!(
-                "cannot mount the ESP {} (vfat) on {}: is the vfat module loaded? (or give --esp DIR)",
-                part.dev.display(),
-                dir.display()
-            )
-        })?;
-        host.esp = dir.clone();
-        Ok((host, Some(EspMount { dir })))
+        let dir = Path::new("/run/flotilla").join(format!("esp-{}", std::process::id()));
+        let mount = EspMount::mount(&part.dev, &dir, false)
+            .with_context(|| "cannot mount the ESP (or give --esp DIR)".to_string())?;
+        host.esp = mount.dir().to_path_buf();
+        Ok((host, Some(mount)))
     }
+}
+
+/// Whether PID 1 is flotilla-init: the init's API socket is served by PID 1 itself
+/// (`SO_PEERCRED` of a connection to it names the listener's pid). Its name proves
+/// nothing: booted from the initramfs, flotilla-init runs as `/init` (comm `init`, as
+/// sysvinit's).
+fn pid1_is_flotilla_init() -> bool {
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(flotilla_init_api::DEFAULT_SOCKET)
+    else {
+        return false;
+    };
+    matches!(flotilla_init_api::peer::peer_cred(&stream), Ok(c) if c.pid == Some(1))
 }
 
 /// Asks PID 1 for an orderly reboot (SIGINT, the init's Ctrl-Alt-Del), only if it is
 /// flotilla-init: on any other init SIGINT means something else.
 fn reboot(out: &mut impl Write) -> Result<()> {
-    let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
-    if comm.trim() != "flotilla-init" {
+    if !pid1_is_flotilla_init() {
+        let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
         bail!(
-            "PID 1 is {:?}, not flotilla-init: not rebooting; reboot the machine yourself",
-            comm.trim()
+            "PID 1 ({:?}) is not flotilla-init (it does not serve {}): not rebooting; reboot the machine yourself",
+            comm.trim(),
+            flotilla_init_api::DEFAULT_SOCKET
         );
     }
     writeln!(out, "rebooting (orderly: units are stopped first)")?;
