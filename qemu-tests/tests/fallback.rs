@@ -49,12 +49,13 @@ fn partition(sh: &mut Shell, name: &str) -> String {
 }
 
 /// What a refused update must not change: the sha256 of slot B's first MiB, and every
-/// file of the ESP with its sha256 (the ESP mounted read-only for the look).
+/// file of the ESP with its sha256 (the ESP mounted read-only for the look, with the
+/// charset the image ships: `osupdate::host::ESP_MOUNT_DATA`).
 fn fingerprint(sh: &mut Shell, slot_b: &str, esp: &str) -> String {
     sh.ok(
         &format!(
             "head -c 1048576 {slot_b} | sha256sum; mkdir -p /run/esp-look && \
-             mount -t vfat -o ro {esp} /run/esp-look && \
+             mount -t vfat -o ro,iocharset=iso8859-1 {esp} /run/esp-look && \
              (cd /run/esp-look && find . -type f | sort | xargs sha256sum); \
              r=$?; umount /run/esp-look; test $r = 0"
         ),
