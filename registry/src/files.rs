@@ -10,12 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 
 use crate::pull::{
-    client_for, download, endpoints, registry_error, sha256_of, Descriptor, Source, DOCKER_LIST,
-    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+    auth_for, client_for, download, endpoints, registry_error, sha256_of, source_failed,
+    Descriptor, Source, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::{ImageRef, Progress, PullError, PullEvent, Registries};
 
@@ -94,10 +93,7 @@ async fn fetch(
     let client = client_for(settings, &hosts)?;
     let mut last = None;
     for host in &hosts {
-        let auth = match settings.get(host).credentials(host)? {
-            Some(c) => RegistryAuth::Basic(c.username, c.password),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_for(settings, host)?;
         let source = Source {
             client: &client,
             host,
@@ -115,12 +111,7 @@ async fn fetch(
                 return Err(e)
             }
             Err(e) => {
-                if hosts.len() > 1 && *host != image.registry {
-                    progress(PullEvent::SourceFailed {
-                        registry: host.clone(),
-                        error: e.to_string(),
-                    });
-                }
+                source_failed(image, &hosts, host, &e, progress);
                 last = Some(e);
             }
         }

@@ -346,6 +346,31 @@ pub(crate) fn client_for(settings: &Registries, hosts: &[String]) -> Result<Clie
     }))
 }
 
+/// The credentials `registries.toml` gives `host` (anonymous without any).
+pub(crate) fn auth_for(settings: &Registries, host: &str) -> Result<RegistryAuth, PullError> {
+    Ok(match settings.get(host).credentials(host)? {
+        Some(c) => RegistryAuth::Basic(c.username, c.password),
+        None => RegistryAuth::Anonymous,
+    })
+}
+
+/// Says that a mirror failed with `e` before the next endpoint is tried (the registry
+/// itself, last, or a lone endpoint, is the pull's own error instead).
+pub(crate) fn source_failed(
+    image: &ImageRef,
+    hosts: &[String],
+    host: &str,
+    e: &PullError,
+    progress: &Progress,
+) {
+    if hosts.len() > 1 && host != image.registry {
+        progress(PullEvent::SourceFailed {
+            registry: host.to_string(),
+            error: e.to_string(),
+        });
+    }
+}
+
 async fn fetch(
     store: &ImageStore,
     image: &ImageRef,
@@ -358,10 +383,7 @@ async fn fetch(
     let client = client_for(settings, &hosts)?;
     let mut last = None;
     for host in &hosts {
-        let auth = match settings.get(host).credentials(host)? {
-            Some(c) => RegistryAuth::Basic(c.username, c.password),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_for(settings, host)?;
         let mut source = Source {
             client: &client,
             host,
@@ -386,12 +408,7 @@ async fn fetch(
             // Content that does not match is never retried elsewhere silently: say it.
             Err(e @ PullError::DigestMismatch { .. }) => return Err(e),
             Err(e) => {
-                if hosts.len() > 1 && *host != image.registry {
-                    progress(PullEvent::SourceFailed {
-                        registry: host.clone(),
-                        error: e.to_string(),
-                    });
-                }
+                source_failed(image, &hosts, host, &e, progress);
                 last = Some(e);
             }
         }
@@ -416,10 +433,7 @@ pub async fn resolve_digest(
     let accepted = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
     let mut last = None;
     for host in &hosts {
-        let auth = match settings.get(host).credentials(host)? {
-            Some(c) => RegistryAuth::Basic(c.username, c.password),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_for(settings, host)?;
         match client
             .pull_manifest_raw(&image.client_ref(host), &auth, &accepted)
             .await
