@@ -241,6 +241,23 @@ impl Client {
         self.call("GetUnitControlApi", &(name,))
     }
 
+    /// The host's A/B update state as JSON: the document `unitctl os status --json` prints
+    /// (booted slot, each slot's entry, next boot, a rolled-back update) plus `job`, the OS
+    /// update init is carrying out for an [`Client::update_os`] (`null` when none):
+    /// `{"source", "state": "running"|"failed"|"rebooting", "message"}`.
+    pub fn os_status(&self) -> Result<String, ClientError> {
+        self.call(crate::GET_OS_STATUS, &())
+    }
+
+    /// Starts an OS update from `source` (a payload directory on the host, or an OCI
+    /// reference init pulls): init verifies it, writes the other slot, makes it the next
+    /// boot (on trial) and reboots in order. Returns once the job started (refused while
+    /// one runs); follow it with [`Client::os_status`]. Refused to callers without the
+    /// control API grant, like every call that changes the host.
+    pub fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), ClientError> {
+        self.call(crate::UPDATE_OS, &(source, allow_downgrade))
+    }
+
     /// Subscribe to `UnitStateChanged` signals. Signals emitted after this returns are
     /// delivered; iterating blocks until the next one and ends when the connection closes.
     pub fn subscribe(&self) -> Result<StateChanges, ClientError> {

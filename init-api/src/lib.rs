@@ -34,6 +34,12 @@ pub const DEFAULT_SOCKET: &str = "/run/flotilla/manager.sock";
 /// manifest digest; see [`ImageEntry`]). Read-only, allowed to every admitted caller like
 /// `ListUnits`.
 pub const LIST_IMAGES: &str = "ListImages";
+/// The manager's method that reads the host's A/B update state (`s`: JSON, see
+/// [`client::Client::os_status`]). Read-only.
+pub const GET_OS_STATUS: &str = "GetOsStatus";
+/// The manager's method that starts an OS update (`sb`: source, allow downgrade; see
+/// [`client::Client::update_os`]).
+pub const UPDATE_OS: &str = "UpdateOs";
 /// The name of the manager's signal sent when a unit's active or sub state changes.
 pub const UNIT_STATE_CHANGED: &str = "UnitStateChanged";
 

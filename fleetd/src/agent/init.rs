@@ -252,6 +252,23 @@ impl InitApi {
         .await
     }
 
+    /// The host's A/B update state as JSON (`GetOsStatus`, see
+    /// `flotilla_init_api::client::Client::os_status`).
+    pub async fn os_status(&self) -> Result<String, InitError> {
+        self.call(flotilla_init_api::GET_OS_STATUS.into(), |c| c.os_status())
+            .await
+    }
+
+    /// Starts an OS update from `source` (`UpdateOs`): init verifies, writes the other slot
+    /// and reboots into it; returns once the job started.
+    pub async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError> {
+        let s = source.to_string();
+        self.call(format!("UpdateOs {source}"), move |c| {
+            c.update_os(&s, allow_downgrade)
+        })
+        .await
+    }
+
     /// Stops and forgets a unit (its API-loaded file is deleted).
     pub async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
         let n = name.to_string();
@@ -296,6 +313,10 @@ pub trait LocalInit: std::fmt::Debug + Send + Sync {
     async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError>;
     /// Stops and forgets a unit (`RemoveUnit`).
     async fn remove_unit(&self, name: &str) -> Result<(), InitError>;
+    /// The host's A/B update state as JSON (`GetOsStatus`).
+    async fn os_status(&self) -> Result<String, InitError>;
+    /// Starts an OS update from `source` (`UpdateOs`); returns once the job started.
+    async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError>;
 }
 
 #[async_trait]
@@ -341,6 +362,12 @@ impl LocalInit for InitApi {
     }
     async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
         InitApi::remove_unit(self, name).await
+    }
+    async fn os_status(&self) -> Result<String, InitError> {
+        InitApi::os_status(self).await
+    }
+    async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError> {
+        InitApi::update_os(self, source, allow_downgrade).await
     }
 }
 

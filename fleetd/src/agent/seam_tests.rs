@@ -310,6 +310,17 @@ impl LocalInit for FakeInit {
     async fn restart_unit(&self, name: &str) -> Result<UnitInfo, InitError> {
         self.job("RestartUnit", name, ActiveState::Active, SubState::Running)
     }
+    async fn os_status(&self) -> Result<String, InitError> {
+        // An init on a host not booted from the A/B disk: a status without slots.
+        self.call("GetOsStatus".into(), None, |_| {
+            Ok(r#"{"running":null,"entries":[],"next":null,"job":null}"#.to_string())
+        })
+    }
+    async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError> {
+        self.call(format!("UpdateOs {source} {allow_downgrade}"), None, |_| {
+            Ok(())
+        })
+    }
     async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
         let op = format!("RemoveUnit {name}");
         self.call(op.clone(), None, |s| {
