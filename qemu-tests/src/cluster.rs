@@ -259,6 +259,54 @@ key = """
         ))
     }
 
+    /// Boots VM `n` like a real machine ([`Vm::boot_disk`]: OVMF, systemd-boot, its own
+    /// sparse copy of the image's `disk.img` and of the firmware's variables; a guest reboot
+    /// comes back on the same copies) on this network, with [`ClusterNet::provisioning`]
+    /// plus `extra` (more provisioning TOML, e.g. `[os] commit_after = "5s"`) on fw_cfg,
+    /// and the debug shell. The provisioning file is written beside the image
+    /// (`vmN-disk/provision.toml`).
+    pub fn boot_disk(
+        &self,
+        image: &Path,
+        n: usize,
+        role: &str,
+        ttl_secs: u64,
+        extra: &str,
+    ) -> Result<Vm> {
+        let dir = image.with_file_name(format!("vm{n}-disk"));
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, e))?;
+        let config = dir.join("provision.toml");
+        let text = format!("{}{extra}", self.provisioning(n, role, ttl_secs)?);
+        std::fs::write(&config, text).map_err(|e| io_err("write", &config, e))?;
+        Vm::boot_disk(
+            image,
+            &BootOptions {
+                extra_args: vec![
+                    "-fw_cfg".into(),
+                    format!("name=opt/org.flotilla/config,file={}", config.display()),
+                ],
+                nic: Some(self.nic(n)?),
+                debug_shell: true,
+                ..BootOptions::default()
+            },
+        )
+    }
+
+    /// `etcdctl` (API 3) against this etcd as the operator (etcd runs with
+    /// `--client-cert-auth`); Debian's `etcd-client` is installed if missing.
+    pub fn etcdctl(&self) -> Result<Command> {
+        let bin = ensure_program("etcdctl", "etcd-client")?;
+        let mut cmd = Command::new(bin);
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint, "--cacert"])
+            .arg(self.ca.cert())
+            .arg("--cert")
+            .arg(&self.operator.cert)
+            .arg("--key")
+            .arg(&self.operator.key);
+        Ok(cmd)
+    }
+
     /// Boots VM `n` from its own copy of `image` (made beside it, `vmN/`) on this network
     /// with [`ClusterNet::provisioning`] on fw_cfg and the debug shell.
     pub fn boot(&self, image: &Path, n: usize, role: &str, ttl_secs: u64) -> Result<Vm> {
@@ -309,11 +357,18 @@ pub fn fleetctl_json(sh: &mut Shell, verb: &str) -> Result<Option<serde_json::Va
 /// The `(unit, machine id)` pairs `list-units` shows `active`, sorted (a global unit has a
 /// state per machine).
 pub fn active_units(sh: &mut Shell) -> Result<Vec<(String, String)>> {
-    let Some(serde_json::Value::Array(units)) = fleetctl_json(sh, "list-units")? else {
-        return Ok(Vec::new());
+    Ok(fleetctl_json(sh, "list-units")?
+        .map(|v| active_in(&v))
+        .unwrap_or_default())
+}
+
+/// The `(unit, machine id)` pairs a `list-units --json` answer shows `active`, sorted.
+pub fn active_in(list: &serde_json::Value) -> Vec<(String, String)> {
+    let Some(units) = list.as_array() else {
+        return Vec::new();
     };
     let mut out = Vec::new();
-    for u in &units {
+    for u in units {
         let name = u["name"].as_str().unwrap_or_default();
         for s in u["states"].as_array().into_iter().flatten() {
             if s["state"] == "active" {
@@ -323,7 +378,7 @@ pub fn active_units(sh: &mut Shell) -> Result<Vec<(String, String)>> {
         }
     }
     out.sort();
-    Ok(out)
+    out
 }
 
 /// The machine ids `list-machines` shows, by address.

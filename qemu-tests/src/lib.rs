@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod images;
 pub mod pki;
 pub mod registry;
+pub mod rolling;
 mod shell;
 pub mod update_payloads;
 pub use image_build::hostroot::is_static_elf;

@@ -13,6 +13,10 @@
 //!   side with the floor (the same kernel and modules with a busybox `/init`), and the
 //!   image's `disk.img` booted like a real machine (OVMF + systemd-boot) against the direct
 //!   kernel boot.
+//! - `flotilla-vm rolling`: the whole three-VM rolling update: builds v1, v2 and v3 of the
+//!   host image (one release key), boots three VMs from v1's `disk.img` in a cluster, rolls
+//!   v2 through it one machine at a time (`--max-unavailable 1`) while a service is probed,
+//!   then v3 to all three at once (`--max-unavailable 3`, the floor), and prints a table.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,6 +65,14 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         boots: usize,
     },
+    /// The whole three-VM rolling update: v1 -> v2 one machine at a time, then v2 -> v3
+    /// all at once (the floor), in one run; prints a table.
+    Rolling {
+        /// Where the images, etcd and the registry go (default: a temporary directory,
+        /// removed at the end).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { image, keep: false } => demo(&image),
         Cmd::Cluster { image } => cluster(&image),
         Cmd::Bench { image, boots } => bench(&image, boots),
+        Cmd::Rolling { dir } => rolling(dir),
     }
 }
 
@@ -501,5 +514,122 @@ fn bench(image: &Path, boots: usize) -> anyhow::Result<()> {
         "initramfs + root.img                     {:>8.1} MiB                         <= 40 MiB",
         mib(initramfs + root)
     );
+    Ok(())
+}
+
+/// The rolling benchmark's trial before a machine commits its new slot.
+const ROLLING_PROVISION: &str = "[os]\ncommit_after = \"5s\"\n";
+/// Patience for one rollout of three machines under TCG (only a bound for waiting).
+const ROLLOUT_PATIENCE: Duration = Duration::from_secs(2400);
+
+fn rolling(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let temp = match dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("flotilla-rolling-")
+                .tempdir()?,
+        ),
+    };
+    let dir = match (&dir, &temp) {
+        (Some(d), _) => d.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => bail!("no directory"),
+    };
+    step("building v1, v2 and v3 of the host image, signed with one release key");
+    let releases = qemu_tests::rolling::build_releases(&dir, &["1.0.0", "2.0.0", "3.0.0"])?;
+    for r in &releases {
+        println!("    {}: {:.1} s", r.version, r.build_secs);
+    }
+    let (Some(v1), Some(v2), Some(v3)) = (releases.first(), releases.get(1), releases.get(2))
+    else {
+        bail!("three releases were asked for");
+    };
+    step("booting three VMs from v1's disk.img (OVMF + systemd-boot) in one cluster");
+    let cluster = qemu_tests::rolling::RollingCluster::start(&dir, v1, 3, ROLLING_PROVISION)?;
+    committed(&cluster, "1.0.0")?;
+    cluster.start_units(&[
+        ("everywhere", qemu_tests::cluster::GLOBAL_UNIT),
+        ("svc", qemu_tests::rolling::SERVICE_UNIT),
+    ])?;
+    cluster.poll_json("svc active", &["list-units", "--json"], |v| {
+        qemu_tests::cluster::active_in(v)
+            .iter()
+            .any(|(u, _)| u == "svc")
+    })?;
+    let settings = cluster.registries_file()?;
+    let settings = settings.display().to_string();
+    let mut runs = Vec::new();
+    for (release, n) in [(v2, 1), (v3, 3)] {
+        step(&format!(
+            "fleetctl os update {} --max-unavailable {n}",
+            release.version
+        ));
+        let reference = cluster.publish(release)?;
+        let run = cluster.roll(
+            &reference,
+            &release.version,
+            n,
+            &["--registries", &settings],
+            ROLLOUT_PATIENCE,
+        )?;
+        if run.state != "finished" {
+            bail!(
+                "the rollout to {} did not finish: {}\n{:#}",
+                release.version,
+                run.state,
+                run.status
+            );
+        }
+        committed(&cluster, &release.version)?;
+        runs.push(run);
+    }
+    drop(cluster);
+    println!(
+        "\nwhole three-VM rolling update (TCG, disk boots, [os] commit_after 5s)\n{:<46}{:>22}{:>30}",
+        "", "max-unavailable 1", "max-unavailable 3 (floor)"
+    );
+    let cells = |f: &dyn Fn(&qemu_tests::rolling::RolloutRun) -> String| {
+        runs.iter().map(f).collect::<Vec<_>>()
+    };
+    for (what, values) in [
+        ("versions", cells(&|r| format!("-> {}", r.version))),
+        (
+            "fleetctl os update -> rollout finished",
+            cells(&|r| format!("{:.1} s", r.secs)),
+        ),
+        (
+            "service probe rounds unanswered",
+            cells(&|r| format!("{} of {}", r.unanswered().len(), r.rounds.len())),
+        ),
+        (
+            "most machines missing at one poll",
+            cells(&|r| format!("{} of 3", r.most_missing(3))),
+        ),
+    ] {
+        let (a, b) = (
+            values.first().cloned().unwrap_or_default(),
+            values.get(1).cloned().unwrap_or_default(),
+        );
+        println!("{what:<46}{a:>22}{b:>30}");
+    }
+    Ok(())
+}
+
+/// Waits until every machine reports `version` with its update committed.
+fn committed(cluster: &qemu_tests::rolling::RollingCluster, version: &str) -> anyhow::Result<()> {
+    use qemu_tests::rolling::field;
+    cluster.poll_json(
+        &format!("every machine on {version}, committed"),
+        &["os", "status", "--json"],
+        |s| {
+            field(s, "machines").as_array().is_some_and(|m| {
+                m.len() == 3
+                    && m.iter().all(|m| {
+                        field(m, "os_version") == version && field(m, "update") == "committed"
+                    })
+            })
+        },
+    )?;
     Ok(())
 }
