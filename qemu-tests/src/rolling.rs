@@ -4,8 +4,9 @@
 //! three VMs booted from their own copies of the first release's `disk.img`
 //! ([`ClusterNet::boot_disk`]), and [`RollingCluster::roll`]: `fleetctl os update REF
 //! --max-unavailable N` from the host (the operator's certificate), followed until the
-//! rollout finishes or halts, while a second thread probes a service on every VM's address
-//! and counts the machines present in the registry once a second. Used by
+//! rollout finishes or halts, while a thread probes a service on the VMs' addresses five
+//! times a second and another counts the machines present in the registry once a second.
+//! Used by
 //! `tests/rolling.rs` and `flotilla-vm rolling`.
 
 use std::io::{Read, Write};
@@ -46,6 +47,11 @@ const BOOT_PATIENCE: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(300);
 /// The bound on one `fleetctl` or `etcdctl` run from the host.
 const COMMAND: Duration = Duration::from_secs(60);
+/// How often the service is probed: finer than a second, so that a gap of a fraction of a
+/// second between one copy stopping and the next answering is seen.
+pub const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// How often the machines present in the registry are counted.
+pub const COUNT_EVERY: Duration = Duration::from_secs(1);
 /// The bound on one HTTP probe's connect, and on its answer.
 const PROBE_CONNECT: Duration = Duration::from_secs(3);
 const PROBE_ANSWER: Duration = Duration::from_secs(5);
@@ -85,19 +91,24 @@ pub fn build_releases(dir: &Path, versions: &[&str]) -> Result<Vec<Release>> {
     Ok(out)
 }
 
-/// One round of the prober: the service asked on the VMs' addresses until one answered,
-/// and the machines present in the registry.
+/// One round of the prober: the service asked on the VMs' addresses until one answered.
 #[derive(Debug, Clone)]
 pub struct Round {
     /// Seconds since the rollout command was sent.
     pub at: f64,
     /// The VM (1-based) whose copy of the service answered, if any did.
     pub answered: Option<usize>,
-    /// Machines present in the registry (`machines/` keys in etcd); `None` when etcd could
-    /// not be read.
-    pub present: Option<usize>,
     /// Why each VM tried did not answer.
     pub misses: Vec<String>,
+}
+
+/// One count of the machines present in the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Count {
+    /// Seconds since the rollout command was sent.
+    pub at: f64,
+    /// Machines present (`machines/` keys in etcd); `None` when etcd could not be read.
+    pub present: Option<usize>,
 }
 
 /// A rollout as the host saw it.
@@ -114,8 +125,10 @@ pub struct RolloutRun {
     pub secs: f64,
     /// The last `fleetctl os status --json`.
     pub status: serde_json::Value,
-    /// The prober's rounds.
+    /// The prober's rounds ([`PROBE_EVERY`]).
     pub rounds: Vec<Round>,
+    /// The counts of machines present ([`COUNT_EVERY`]).
+    pub counts: Vec<Count>,
     /// Each step change seen, as printed: `[  12.3 s] vm2 draining`.
     pub steps: Vec<String>,
 }
@@ -129,9 +142,9 @@ impl RolloutRun {
             .collect()
     }
 
-    /// The most machines missing from the registry at one round (out of `total`).
+    /// The most machines missing from the registry at one count (out of `total`).
     pub fn most_missing(&self, total: usize) -> usize {
-        self.rounds
+        self.counts
             .iter()
             .filter_map(|r| r.present)
             .map(|p| total.saturating_sub(p))
@@ -139,9 +152,9 @@ impl RolloutRun {
             .unwrap_or(0)
     }
 
-    /// Rounds in which etcd could not be read (the machines could not be counted).
+    /// Counts for which etcd could not be read.
     pub fn uncounted(&self) -> usize {
-        self.rounds.iter().filter(|r| r.present.is_none()).count()
+        self.counts.iter().filter(|c| c.present.is_none()).count()
     }
 }
 
@@ -389,7 +402,8 @@ impl RollingCluster {
     /// REFERENCE --max-unavailable N` plus `args` from the host, then `fleetctl os status
     /// --json` every two seconds until the rollout's state is `finished` or `halted` (at
     /// most `patience`), printing each machine's step changes; meanwhile a thread probes
-    /// the service and counts the machines present once a second ([`Round`]).
+    /// the service every [`PROBE_EVERY`] ([`Round`]) and another counts the machines present
+    /// every [`COUNT_EVERY`] ([`Count`]).
     pub fn roll(
         &self,
         reference: &str,
@@ -402,12 +416,16 @@ impl RollingCluster {
         let started = Instant::now();
         std::thread::scope(|scope| {
             let prober = scope.spawn(|| self.probe_rounds(started, &stop));
+            let counter = scope.spawn(|| self.count_rounds(started, &stop));
             let followed =
                 self.start_and_follow(reference, version, max_unavailable, args, patience, started);
             stop.store(true, Ordering::Relaxed);
             let rounds = prober
                 .join()
                 .map_err(|_| QemuError::Setup("the prober thread panicked".into()))?;
+            let counts = counter
+                .join()
+                .map_err(|_| QemuError::Setup("the counting thread panicked".into()))?;
             let (state, secs, status, steps) = followed?;
             Ok(RolloutRun {
                 version: version.to_string(),
@@ -416,13 +434,14 @@ impl RollingCluster {
                 secs,
                 status,
                 rounds,
+                counts,
                 steps,
             })
         })
     }
 
-    /// The prober: once a second until `stop`, the service on each VM in turn (the one
-    /// that answered last first) until one answers, and the machines present.
+    /// The prober: every [`PROBE_EVERY`] until `stop`, the service on each VM in turn (the
+    /// one that answered last first) until one answers.
     fn probe_rounds(&self, started: Instant, stop: &AtomicBool) -> Vec<Round> {
         let total = self.vms.len();
         let mut rounds = Vec::new();
@@ -443,19 +462,33 @@ impl RollingCluster {
                     Err(e) => misses.push(format!("vm{}: {e}", i + 1)),
                 }
             }
-            let present = self.present().ok();
             rounds.push(Round {
                 at,
                 answered,
-                present,
                 misses,
             });
-            let spent = began.elapsed();
-            if let Some(rest) = Duration::from_secs(1).checked_sub(spent) {
+            if let Some(rest) = PROBE_EVERY.checked_sub(began.elapsed()) {
                 std::thread::sleep(rest);
             }
         }
         rounds
+    }
+
+    /// The counter: every [`COUNT_EVERY`] until `stop`, the machines present.
+    fn count_rounds(&self, started: Instant, stop: &AtomicBool) -> Vec<Count> {
+        let mut counts = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let began = Instant::now();
+            let at = started.elapsed().as_secs_f64();
+            counts.push(Count {
+                at,
+                present: self.present().ok(),
+            });
+            if let Some(rest) = COUNT_EVERY.checked_sub(began.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        counts
     }
 
     /// Sends `fleetctl os update` and follows the rollout: `(state, seconds, last status,

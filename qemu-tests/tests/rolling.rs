@@ -3,7 +3,8 @@
 //! instance, restart always) and a global unit run; the operator rolls the signed v2 update
 //! through the cluster from the host (`fleetctl os update REF --max-unavailable 1`, the
 //! payload an OCI artifact in a registry on the cluster's bridge) while the host probes the
-//! service on every VM's address and counts the machines present once a second.
+//! service on the VMs' addresses five times a second and counts the machines present once a
+//! second.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::Duration;
@@ -27,7 +28,7 @@ fn report(run: &RolloutRun, total: usize) {
     let unanswered = run.unanswered();
     println!(
         "rollout to {} at max-unavailable {}: {} after {:.1} s; {} probe rounds, {} unanswered, \
-         at most {} of {total} machines missing at a poll ({} polls without a count)",
+         at most {} of {total} machines missing at a count ({} counts, {} failed)",
         run.version,
         run.max_unavailable,
         run.state,
@@ -35,17 +36,21 @@ fn report(run: &RolloutRun, total: usize) {
         run.rounds.len(),
         unanswered.len(),
         run.most_missing(total),
+        run.counts.len(),
         run.uncounted(),
     );
     for r in &unanswered {
         println!("  unanswered at {:.1} s: {}", r.at, r.misses.join("; "));
     }
-    let (mut present, mut answered) = (None, None);
-    for r in &run.rounds {
-        if r.present != present {
-            println!("  [{:>7.1} s] machines present: {:?}", r.at, r.present);
-            present = r.present;
+    let mut present = None;
+    for c in &run.counts {
+        if c.present != present {
+            println!("  [{:>7.1} s] machines present: {:?}", c.at, c.present);
+            present = c.present;
         }
+    }
+    let mut answered = None;
+    for r in &run.rounds {
         if let Some(vm) = r.answered.filter(|_| r.answered != answered) {
             println!("  [{:>7.1} s] the service answers on vm{vm}", r.at);
             answered = r.answered;
@@ -78,7 +83,7 @@ fn three_disk_booted_vms_roll_to_v2_while_a_service_keeps_answering() {
                 .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["os_version"] == "1.0.0"))
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", consoles(&cluster)));
-    println!("before: {listed:#}");
+    assert_eq!(listed.as_array().map(Vec::len), Some(3));
     let (_, table, _) = cluster.fleetctl(&["list-machines"]).unwrap();
     println!("{table}");
 
@@ -128,14 +133,14 @@ fn three_disk_booted_vms_roll_to_v2_while_a_service_keeps_answering() {
     // Every machine went through the rollout one at a time.
     assert!(
         run.most_missing(3) <= 1,
-        "more than one machine missing at a poll (max-unavailable 1): {:?}",
-        run.rounds
+        "more than one machine missing at a count (max-unavailable 1): {:?}",
+        run.counts
     );
     // Each machine did leave (its reboot): the counting saw it.
     assert!(
         run.most_missing(3) == 1,
         "no machine was ever missing: {:?}",
-        run.rounds
+        run.counts
     );
     // The service moved while it was probed (its machine was drained like every other),
     // so the probes below watched hand-overs, not one copy that never moved.
@@ -171,7 +176,8 @@ fn three_disk_booted_vms_roll_to_v2_while_a_service_keeps_answering() {
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", consoles(&cluster)));
-    println!("after: {after:#}");
+    let (_, table, _) = cluster.fleetctl(&["os", "status"]).unwrap();
+    println!("{table}");
     for m in after["machines"].as_array().unwrap() {
         assert_eq!(m["os"]["booted"], "b", "{m:#}");
     }
