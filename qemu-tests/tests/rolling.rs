@@ -135,6 +135,9 @@ fn three_disk_booted_vms_roll_to_v2_while_a_service_keeps_answering() {
         run.most_missing(3) <= 1,
         "more than one machine missing at a count (max-unavailable 1): {:?}",
         run.counts
+            .iter()
+            .filter(|c| c.present.is_some_and(|p| p < 2))
+            .collect::<Vec<_>>()
     );
     // Each machine did leave (its reboot): the counting saw it.
     assert!(
