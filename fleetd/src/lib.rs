@@ -39,7 +39,7 @@ pub mod rollout;
 pub mod scheduler;
 pub mod tls;
 
-pub use agent::{Agent, AgentError, InitApi, InitError, InitSignal, LocalInit};
+pub use agent::{Agent, AgentError, InitApi, InitError, InitSignal, LocalInit, HANDOVER_BOUND};
 pub use embedded::EmbeddedRegistry;
 pub use engine::{Engine, EngineError, EngineStatus, DEFAULT_LEASE_TTL};
 pub use error::{RegistryError, Result};

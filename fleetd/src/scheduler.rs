@@ -97,7 +97,7 @@ pub fn metadata_fits(
     Ok(())
 }
 
-fn conflicts_between(
+pub(crate) fn conflicts_between(
     a: &str,
     a_rules: &FleetSection,
     b: &str,

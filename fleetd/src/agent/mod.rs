@@ -450,6 +450,9 @@ struct HandoverFacts<'a> {
     global: bool,
     /// The local copy was started by this agent and has not been seen to end.
     runs_here: bool,
+    /// A unit that runs here now and may not run beside this one (`conflicts` either way,
+    /// or it `replaces` this one: the reason it was moved away), if any.
+    clash: Option<&'a str>,
     /// The machine the unit is assigned to now (another one).
     to: &'a str,
     /// Whether that machine is present in the registry.
@@ -475,6 +478,11 @@ fn handover_step(f: &HandoverFacts<'_>) -> HandoverStep {
     }
     if !f.runs_here {
         return stop(format!("it moved to {to} and its copy here does not run"));
+    }
+    if let Some(other) = f.clash {
+        return stop(format!(
+            "it moved to {to}, and unit {other} that runs here conflicts with it or replaces it"
+        ));
     }
     if !f.present {
         return stop(format!(
@@ -981,7 +989,7 @@ impl Worker {
         self.handovers
             .retain(|n, _| !wanted.contains_key(n) && self.owned.contains_key(n));
         for name in gone {
-            if self.hands_over(&name).await? {
+            if self.hands_over(&name, &wanted).await? {
                 // Its state stays reported until it stops (e.g. on a new lease).
                 if !self.reported.contains_key(&name) {
                     self.report(&name).await?;
@@ -1039,7 +1047,11 @@ impl Worker {
     /// Whether owned unit `name`, no longer wanted here, keeps running for a hand-over to
     /// the machine it is assigned to now (see the module documentation); `false` means:
     /// stop it now. Starts, follows and ends the hand-over record.
-    async fn hands_over(&mut self, name: &str) -> Result<bool, RegistryError> {
+    async fn hands_over(
+        &mut self,
+        name: &str,
+        wanted: &BTreeMap<String, (UnitRecord, Body)>,
+    ) -> Result<bool, RegistryError> {
         if self.handovers.get(name).is_some_and(|h| h.stopping) {
             return Ok(false);
         }
@@ -1059,10 +1071,18 @@ impl Worker {
         if applied.desired != DesiredState::Launched {
             return Ok(false);
         }
-        let global = match self.body(&record.hash).await? {
-            Some(body) => body.fleet.as_ref().is_some_and(|f| f.global),
-            None => false,
+        let fleet = match self.body(&record.hash).await? {
+            Some(body) => body.fleet.unwrap_or_default(),
+            None => FleetSection::default(),
         };
+        let clash = wanted
+            .iter()
+            .find(|(other, (_, body))| {
+                let rules = body.fleet.as_ref();
+                rules.is_some_and(|r| r.replaces.iter().any(|n| n == name))
+                    || crate::scheduler::conflicts_between(name, &fleet, other, rules)
+            })
+            .map(|(other, _)| other.clone());
         // The local copy runs unless the last report here says it ended.
         let runs_here = self.reported.get(name).is_none_or(|r| {
             !matches!(
@@ -1078,8 +1098,9 @@ impl Worker {
         let key = (name.to_string(), to.clone());
         let step = handover_step(&HandoverFacts {
             launched: record.desired == DesiredState::Launched,
-            global,
+            global: fleet.global,
             runs_here,
+            clash: clash.as_deref(),
             to: &to,
             present: self.machines.contains(&to),
             state: self.remote.get(&key),

@@ -994,6 +994,7 @@ fn the_hand_over_policy_table() {
         launched: true,
         global: false,
         runs_here: true,
+        clash: None,
         to: "m2",
         present: true,
         state: None,
@@ -1027,6 +1028,10 @@ fn the_hand_over_policy_table() {
         runs_here: false,
         ..base()
     }));
+    assert!(stops(HandoverFacts {
+        clash: Some("new"),
+        ..base()
+    }));
     assert!(matches!(
         handover_step(&HandoverFacts {
             waited: Duration::from_secs(120),
@@ -1034,4 +1039,23 @@ fn the_hand_over_policy_table() {
         }),
         HandoverStep::Overdue(_)
     ));
+}
+
+/// A unit moved away because a unit that replaces it (or conflicts with it) takes this
+/// machine stops at once: the two may not run side by side, so there is no hand-over.
+#[tokio::test]
+async fn a_unit_replaced_here_stops_at_once() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    web_running(&agent, &init).await;
+    Peer::join(&agent.registry, "m2").await;
+    // As the scheduler does it: the replacement first takes the machine, then web moves.
+    let body = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n[fleet]\nreplaces = [\"web\"]\n";
+    agent
+        .submit_body("web2", body, DesiredState::Launched)
+        .await;
+    move_web(&agent, "m2").await;
+    wait_web_gone(&agent, &init).await;
+    init.wait("web2 running", |s| running(s, "web2")).await;
+    agent.stop().await;
 }
