@@ -19,8 +19,10 @@
 //! stopped and removed here, so the service is not down for the new copy's whole start
 //! (image pull, container setup). It is stopped at once instead when the new machine's copy
 //! `failed`, when the new machine leaves the registry, when the unit is unassigned, removed
-//! or set to `inactive`/`loaded`, when the local copy is not running any more, and at the
-//! latest after [`HANDOVER_BOUND`] ([`Agent::with_handover_bound`]; then with a warning).
+//! or set to `inactive`/`loaded`, when the local copy is not running any more, when a unit
+//! now wanted here `replaces` the moved one or conflicts with it (either way: the two may
+//! not run side by side), and at the latest after [`HANDOVER_BOUND`]
+//! ([`Agent::with_handover_bound`]; then with a warning).
 //! A unit assigned to a machine that is *not* present (a machine loss, a typo) is stopped at
 //! once: there is nothing to hand over to. For that moment the old and the new copy of one
 //! unit run on two machines: fleet's `conflicts` are between different units, so this breaks
