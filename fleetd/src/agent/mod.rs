@@ -1042,7 +1042,8 @@ impl Worker {
         self.handovers
             .values()
             .filter(|h| !h.stopping)
-            .map(|h| h.since + self.handover_bound)
+            // A bound too far to represent never ends a hand-over by time.
+            .filter_map(|h| h.since.checked_add(self.handover_bound))
             .min()
     }
 
