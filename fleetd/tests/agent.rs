@@ -631,9 +631,26 @@ async fn the_engine_places_a_unit_on_the_machine_that_holds_its_image() {
 /// wants; its agent then takes that lease over (the lease file, as fleetd does).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_unit_runs_on_its_old_machine_until_the_new_copy_is_active() {
+    let (registry, dir) = embedded().await;
+    hand_over_on(registry, dir.path()).await;
+}
+
+/// The same on etcd: the other machine's record and states reach the agent through etcd's
+/// watch of the whole key prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_unit_hands_over_on_etcd() {
+    let etcd = EtcdServer::start().await;
+    let config = EtcdConfig::new(vec![etcd.endpoint.clone()]).with_prefix("/handover/");
+    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(config).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    hand_over_on(registry, dir.path()).await;
+}
+
+/// See [`a_moved_unit_runs_on_its_old_machine_until_the_new_copy_is_active`]; `dir` holds
+/// m2's lease file.
+async fn hand_over_on(registry: Arc<dyn Registry>, dir: &std::path::Path) {
     let init1 = Init::start(&[]);
     let init2 = Init::start(&[]);
-    let (registry, dir) = embedded().await;
     let agent1 = spawn(&registry, &init1, machine("m1", &[]));
     submit(&registry, "web", SLEEP, DesiredState::Launched).await;
     registry.assign("web", "m1", None).await.unwrap();
@@ -651,7 +668,7 @@ async fn a_moved_unit_runs_on_its_old_machine_until_the_new_copy_is_active() {
         .register_machine(&machine("m2", &[]), lease)
         .await
         .unwrap();
-    let lease_file = dir.path().join("m2.lease");
+    let lease_file = dir.join("m2.lease");
     fs::write(&lease_file, format!("m2 {}\n", lease.0)).unwrap();
 
     let from = registry.snapshot().await.unwrap().revision + 1;
