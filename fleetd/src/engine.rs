@@ -234,7 +234,8 @@ impl Model {
             | Change::StatePut(_)
             | Change::StateRemoved { .. }
             | Change::LeaderPut(_)
-            | Change::LeaderRemoved => false,
+            | Change::LeaderRemoved
+            | Change::RolloutPut(_) => false,
         }
     }
 }
