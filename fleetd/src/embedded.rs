@@ -936,6 +936,11 @@ impl Registry for EmbeddedRegistry {
             .read(|core| listing(core, core.data.reboot_locks.values().cloned().collect()))
     }
 
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>> {
+        self.inner
+            .read(|core| core.data.machines.get(id).map(|m| m.lease))
+    }
+
     async fn start_rollout(&self, rollout: &Rollout) -> Result<RolloutStart> {
         self.inner.mutate(|tx| {
             if let Some(current) = tx

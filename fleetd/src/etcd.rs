@@ -1068,6 +1068,17 @@ impl Registry for EtcdRegistry {
         })
     }
 
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>> {
+        check_key_part("machine id", id)?;
+        Ok(self
+            .get_one(
+                self.keys.machine(id),
+                &format!("get the lease of machine {id:?}"),
+            )
+            .await?
+            .map(|kv| LeaseId(kv.lease())))
+    }
+
     async fn start_rollout(&self, rollout: &Rollout) -> Result<RolloutStart> {
         let key = self.keys.rollout();
         let op = format!("start the rollout of {:?}", rollout.reference);

@@ -313,6 +313,7 @@ impl Rollout {
                     id: id.clone(),
                     step: RolloutStep::Waiting,
                     reason: None,
+                    since: started_at,
                 })
                 .collect(),
         }
@@ -378,6 +379,10 @@ pub struct RolloutMachine {
     pub step: RolloutStep,
     /// Why it failed, or what holds it up (a unit that stays while it drains).
     pub reason: Option<String>,
+    /// When it entered this step, in milliseconds since the Unix epoch (the runner gives
+    /// a machine that does not come back from its reboot a deadline from it).
+    #[serde(default)]
+    pub since: u64,
 }
 
 /// A machine's step in a rollout (see [`crate::rollout::Step`]).

@@ -287,6 +287,10 @@ pub trait Registry: Send + Sync {
     /// All live machines, by id.
     async fn list_machines(&self) -> Result<Listing<Machine>>;
 
+    /// The presence lease machine `id` is registered on, if it is live (the rollout runner
+    /// takes a reboot-lock slot for a machine on it, so the slot ends with the machine).
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>>;
+
     // --- assignments ----------------------------------------------------------------------------
 
     /// Assigns `unit` to `machine` if the unit's current assignment is `expected` (`None`:
