@@ -23,8 +23,8 @@ use etcd_server::{connect, EtcdServer};
 use flotilla_fleetd::os::OsProbe;
 use flotilla_fleetd::rollout::Runner;
 use flotilla_fleetd::{
-    Agent, DesiredState, Engine, InitError, InitSignal, LocalInit, Machine, Registry, Rollout,
-    RolloutStart, RolloutState, RolloutStep, UnitRecord,
+    Agent, Change, DesiredState, Engine, InitError, InitSignal, LocalInit, Machine, Registry,
+    Rollout, RolloutStart, RolloutState, RolloutStep, UnitRecord,
 };
 use flotilla_init_api::{ActiveState, ImageEntry, SubState, SystemState, UnitInfo, Wire};
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +38,8 @@ const MACHINE_TTL: Duration = Duration::from_secs(20);
 const ENGINE_TTL: Duration = Duration::from_secs(3);
 const OLD: &str = "1.0.0";
 const NEW: &str = "2.0.0";
+/// How long a unit's stop takes in the test init.
+const STOP_TAKES: Duration = Duration::from_millis(1500);
 const REFERENCE: &str = "registry.test:5000/flotilla/os:2.0.0";
 
 // --- the in-memory init ------------------------------------------------------------------------
@@ -48,6 +50,8 @@ struct InitState {
     signals: Option<mpsc::UnboundedSender<InitSignal>>,
     /// Every `UpdateOs` source asked.
     updates: Vec<String>,
+    /// The units running at each `UpdateOs`.
+    running_at_update: Vec<BTreeSet<String>>,
     /// Every stop of a unit, e.g. `log` (a drain must not stop global units).
     stops: Vec<String>,
 }
@@ -172,6 +176,10 @@ impl LocalInit for TestInit {
         Ok(self.set(name, ActiveState::Active, SubState::Running))
     }
     async fn remove_unit(&self, name: &str) -> Result<(), InitError> {
+        self.state.lock().unwrap().stops.push(name.to_string());
+        // A stop takes a while (a service's graceful shutdown): the old copy of a moved
+        // unit still runs, and is reported active, meanwhile.
+        tokio::time::sleep(STOP_TAKES).await;
         self.state.lock().unwrap().units.remove(name);
         Ok(())
     }
@@ -179,7 +187,11 @@ impl LocalInit for TestInit {
         Ok(r#"{"running":null,"version":null,"next":null,"slots":[],"rolled_back":false,"job":null}"#.into())
     }
     async fn update_os(&self, source: &str, _allow_downgrade: bool) -> Result<(), InitError> {
-        self.state.lock().unwrap().updates.push(source.to_string());
+        let running = self.running();
+        let mut s = self.state.lock().unwrap();
+        s.updates.push(source.to_string());
+        s.running_at_update.push(running);
+        drop(s);
         let _ = self.updated.send(self.id.clone());
         Ok(())
     }
@@ -408,6 +420,107 @@ impl Cluster {
     }
 }
 
+/// What the registry's watch showed, in revision order, from the rollout's start.
+#[derive(Debug, Default)]
+struct Watched {
+    /// Machines whose step became `updating` while a service was still assigned to them
+    /// or still reported active there (the drain was not done).
+    early_updates: Vec<String>,
+    /// The most machines in a middle step (draining to verifying) in one record.
+    most_in_flight: usize,
+}
+
+/// Follows every change from `from` on: assignments and reported states, and each rollout
+/// record; checks each machine's step turns `updating` only once nothing but the global
+/// unit `log` is assigned to or active on it.
+fn monitor(
+    registry: Arc<dyn Registry>,
+    from: u64,
+) -> (Arc<Mutex<Watched>>, tokio::task::JoinHandle<()>) {
+    let watched = Arc::new(Mutex::new(Watched::default()));
+    let out = watched.clone();
+    let task = tokio::spawn(async move {
+        let snapshot = registry.snapshot().await.unwrap();
+        let mut assigned: BTreeMap<String, String> = snapshot
+            .assignments
+            .into_iter()
+            .map(|a| (a.unit, a.machine))
+            .collect();
+        let mut active: BTreeSet<(String, String)> = snapshot
+            .states
+            .into_iter()
+            .filter(|s| s.active.known() == Some(ActiveState::Active))
+            .map(|s| (s.unit, s.machine))
+            .collect();
+        let mut steps: BTreeMap<String, RolloutStep> = BTreeMap::new();
+        let mut watch = registry
+            .watch(from.min(snapshot.revision + 1))
+            .await
+            .unwrap();
+        while let Some(Ok(event)) = watch.next().await {
+            match event.change {
+                Change::Assigned(a) => {
+                    assigned.insert(a.unit, a.machine);
+                }
+                Change::Unassigned { unit } => {
+                    assigned.remove(&unit);
+                }
+                Change::StatePut(st) => {
+                    let key = (st.unit, st.machine);
+                    if st.active.known() == Some(ActiveState::Active) {
+                        active.insert(key);
+                    } else {
+                        active.remove(&key);
+                    }
+                }
+                Change::StateRemoved { unit, machine } => {
+                    active.remove(&(unit, machine));
+                }
+                Change::RolloutPut(r) => {
+                    let mut w = out.lock().unwrap();
+                    let in_flight = r
+                        .machines
+                        .iter()
+                        .filter(|m| {
+                            matches!(
+                                m.step,
+                                RolloutStep::Draining
+                                    | RolloutStep::Updating
+                                    | RolloutStep::Rebooting
+                                    | RolloutStep::Verifying
+                            )
+                        })
+                        .count();
+                    w.most_in_flight = w.most_in_flight.max(in_flight);
+                    for m in &r.machines {
+                        let was = steps.insert(m.id.clone(), m.step);
+                        if m.step != RolloutStep::Updating || was == Some(RolloutStep::Updating) {
+                            continue;
+                        }
+                        let still: Vec<String> = assigned
+                            .iter()
+                            .filter(|(_, on)| **on == m.id)
+                            .map(|(u, _)| format!("{u} assigned"))
+                            .chain(
+                                active
+                                    .iter()
+                                    .filter(|(u, on)| *on == m.id && u != "log")
+                                    .map(|(u, _)| format!("{u} active")),
+                            )
+                            .collect();
+                        if !still.is_empty() {
+                            w.early_updates
+                                .push(format!("{}: {}", m.id, still.join(", ")));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    (watched, task)
+}
+
 /// What the harness saw while a rollout ran.
 #[derive(Debug, Default)]
 struct Seen {
@@ -487,10 +600,10 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
             "{asked} was asked to update with units assigned: {assignments:?}"
         );
         let node = c.node(&asked);
-        let running = node.init.running();
+        let running = node.init.state.lock().unwrap().running_at_update.clone();
         assert_eq!(
             running,
-            BTreeSet::from(["log".to_string()]),
+            [BTreeSet::from(["log".to_string()])],
             "{asked} was asked to update while running more than its global unit"
         );
         assert!(
@@ -535,13 +648,16 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
     }
 }
 
-async fn start_rollout(c: &Cluster) {
+async fn start_rollout(c: &Cluster) -> (Arc<Mutex<Watched>>, tokio::task::JoinHandle<()>) {
+    let from = c.registry.snapshot().await.unwrap().revision + 1;
+    let watched = monitor(c.registry.clone(), from);
     let machines: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
     let plan = Rollout::new(REFERENCE, NEW, 1, &machines, 1);
     assert_eq!(
         c.registry.start_rollout(&plan).await.unwrap(),
         RolloutStart::Started
     );
+    watched
 }
 
 /// All three machines updated one at a time, each drained (its services moved, the global
@@ -553,7 +669,7 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
     let mut c = cluster().await;
     c.with_units().await;
     let started = Instant::now();
-    start_rollout(&c).await;
+    let (watched, monitor) = start_rollout(&c).await;
     let (rollout, seen) = play(&mut c, &[]).await;
     println!(
         "rollout of 3 machines finished in {:.1}s: {seen:?}",
@@ -563,6 +679,16 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
     assert!(rollout.machines.iter().all(|m| m.step == RolloutStep::Done));
     assert_eq!(seen.updated, ["m1", "m2", "m3"], "in plan order, each once");
     assert!(seen.most_unavailable <= 1, "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    monitor.abort();
+    let watched = watched.lock().unwrap();
+    println!("{watched:?}");
+    assert!(
+        watched.early_updates.is_empty(),
+        "machines told to update before they were drained: {watched:?}"
+    );
+    assert_eq!(watched.most_in_flight, 1, "{watched:?}");
+    drop(watched);
     assert!(seen.most_locked <= 1, "{seen:?}");
     assert!(seen.leaders.len() >= 2, "the leader rebooted too: {seen:?}");
     c.wait(
@@ -592,8 +718,14 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
 async fn a_machine_that_comes_back_on_the_old_version_halts_the_rollout() {
     let mut c = cluster().await;
     c.with_units().await;
-    start_rollout(&c).await;
+    let (watched, monitor) = start_rollout(&c).await;
     let (rollout, seen) = play(&mut c, &["m2"]).await;
+    monitor.abort();
+    assert!(
+        watched.lock().unwrap().early_updates.is_empty(),
+        "{:?}",
+        watched.lock().unwrap()
+    );
     println!("halted: {rollout:?}\n{seen:?}");
     assert_eq!(rollout.state, RolloutState::Halted, "{rollout:?}");
     let halt = rollout.halted.clone().unwrap();
