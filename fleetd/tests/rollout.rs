@@ -600,6 +600,11 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
             "{asked} was asked to update with units assigned: {assignments:?}"
         );
         let node = c.node(&asked);
+        assert_eq!(
+            node.init.state.lock().unwrap().updates,
+            vec![REFERENCE.to_string()],
+            "{asked} must be asked exactly once"
+        );
         let running = node.init.state.lock().unwrap().running_at_update.clone();
         assert_eq!(
             running,
@@ -616,11 +621,7 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
                 .contains(&"log".to_string()),
             "the drain stopped the global unit on {asked}"
         );
-        assert_eq!(
-            node.init.state.lock().unwrap().updates,
-            vec![REFERENCE.to_string()],
-            "{asked} must be asked exactly once"
-        );
+
         seen.updated.push(asked.clone());
         // The reboot.
         let unavailable_now = rollout
