@@ -760,3 +760,179 @@ async fn a_machine_that_comes_back_on_the_old_version_halts_the_rollout() {
         n.stop().await;
     }
 }
+
+// --- fleetctl os update / os status against the API --------------------------------------------
+
+/// The real `fleetctl` against an in-process API (embedded registry, three machine
+/// records, no engine: the rollout stays as started): `os update DIR` reads the version
+/// from the payload's manifest.json and plans the present machines in id order; a second
+/// update is refused while it runs; `os status` shows it (JSON per the contract, and the
+/// table); bad input is refused with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleetctl_os_update_starts_a_rollout_and_os_status_shows_it() {
+    use flotilla_fleetd::api::{router, serve_unix, ApiState, PeerGate, ServeLimits};
+    use flotilla_fleetd::EmbeddedRegistry;
+    let dir = tempfile::tempdir().unwrap();
+    let registry: Arc<dyn Registry> = Arc::new(
+        EmbeddedRegistry::open(dir.path().join("registry"))
+            .await
+            .unwrap(),
+    );
+    let lease = registry
+        .grant_lease(Duration::from_secs(600))
+        .await
+        .unwrap();
+    for id in ["m3", "m1", "m2"] {
+        let machine = Machine {
+            id: id.into(),
+            address: String::new(),
+            metadata: BTreeMap::new(),
+            api: None,
+            images: Vec::new(),
+            os_version: OLD.into(),
+            os: None,
+        };
+        registry.register_machine(&machine, lease).await.unwrap();
+    }
+    let socket = dir.path().join("fleetd.sock");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = socket.clone();
+    let api = router(ApiState::new(registry.clone(), None));
+    let server = tokio::spawn(async move {
+        serve_unix(
+            &served,
+            api,
+            ServeLimits::UNIX,
+            PeerGate::new(None),
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    let fleetctl = |args: Vec<String>| {
+        let socket = socket.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+                    .arg("--endpoint")
+                    .arg(&socket)
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // Wait for the socket.
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < WAIT, "the API did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let payload = dir.path().join("update");
+    std::fs::create_dir_all(&payload).unwrap();
+    // A directory without a manifest: refused, pointing at --version.
+    let out = fleetctl(args(&["os", "update", payload.to_str().unwrap()])).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("--version"), "{}", text(&out));
+    let out = fleetctl(args(&[
+        "os",
+        "update",
+        "x",
+        "--version",
+        "2",
+        "--max-unavailable",
+        "0",
+    ]))
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(registry.get_rollout().await.unwrap().is_none());
+
+    std::fs::write(
+        payload.join("manifest.json"),
+        format!(
+            r#"{{"os":"flotilla","version":"{NEW}","kernel":"6.1.0","architecture":"x86_64","artifacts":[]}}"#
+        ),
+    )
+    .unwrap();
+    let out = fleetctl(args(&[
+        "os",
+        "update",
+        payload.to_str().unwrap(),
+        "--max-unavailable",
+        "2",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("fleetctl os status"), "{}", text(&out));
+    let record = registry.get_rollout().await.unwrap().unwrap();
+    assert_eq!(record.version, NEW);
+    assert_eq!(record.max_unavailable, 2);
+    assert_eq!(
+        record.reference,
+        std::fs::canonicalize(&payload)
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    let planned: Vec<&str> = record.machines.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(planned, ["m1", "m2", "m3"], "present machines, in id order");
+
+    // Refused while it runs, with the running one named.
+    let out = fleetctl(args(&[
+        "os",
+        "update",
+        "registry.test/os:3",
+        "--version",
+        "3.0.0",
+    ]))
+    .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is running"), "{}", text(&out));
+    assert_eq!(registry.get_rollout().await.unwrap().unwrap(), record);
+
+    let out = fleetctl(args(&["os", "status", "--json"])).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &json["rollout"];
+    assert_eq!(r["version"], NEW, "{json}");
+    assert_eq!(r["max_unavailable"], 2, "{json}");
+    assert_eq!(r["state"], "running", "{json}");
+    assert!(r["halted"].is_null(), "{json}");
+    assert_eq!(r["machines"][0]["id"], "m1", "{json}");
+    assert_eq!(r["machines"][0]["step"], "waiting", "{json}");
+    assert!(r["machines"][0]["reason"].is_null(), "{json}");
+    assert_eq!(json["machines"].as_array().unwrap().len(), 3, "{json}");
+    assert!(json["reboot_lock"].is_array(), "{json}");
+
+    let out = fleetctl(args(&["os", "status"])).await;
+    let shown = text(&out);
+    println!("{shown}");
+    assert!(out.status.success(), "{shown}");
+    let header = shown
+        .lines()
+        .find(|l| l.starts_with("MACHINE") && l.contains("STEP"))
+        .unwrap_or_else(|| panic!("no rollout table: {shown}"));
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>()[..4],
+        ["MACHINE", "STEP", "VERSION", "UPDATE"]
+    );
+    assert!(
+        shown.contains(": running, 0 of 3 machine(s) done"),
+        "{shown}"
+    );
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
