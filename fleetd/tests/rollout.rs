@@ -682,14 +682,13 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
     assert!(seen.most_unavailable <= 1, "{seen:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     monitor.abort();
-    let watched = watched.lock().unwrap();
+    let watched = std::mem::take(&mut *watched.lock().unwrap());
     println!("{watched:?}");
     assert!(
         watched.early_updates.is_empty(),
         "machines told to update before they were drained: {watched:?}"
     );
     assert_eq!(watched.most_in_flight, 1, "{watched:?}");
-    drop(watched);
     assert!(seen.most_locked <= 1, "{seen:?}");
     assert!(seen.leaders.len() >= 2, "the leader rebooted too: {seen:?}");
     c.wait(
@@ -932,6 +931,61 @@ async fn fleetctl_os_update_starts_a_rollout_and_os_status_shows_it() {
         shown.contains(": running, 0 of 3 machine(s) done"),
         "{shown}"
     );
+
+    // --wait follows a rollout line by line and fails when it halts. The test leads and
+    // moves the record as a runner would: the first rollout halts, a second one starts
+    // (with --wait), m1 drains, then fails.
+    let lead = registry
+        .grant_lease(Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert!(matches!(
+        registry.campaign("test", lead).await.unwrap(),
+        flotilla_fleetd::Campaign::Won(_)
+    ));
+    let mut halted = record.clone();
+    halted.state = RolloutState::Halted;
+    assert!(registry.update_rollout(&halted, lead).await.unwrap());
+    let waiting = tokio::spawn(fleetctl(args(&[
+        "os",
+        "update",
+        "registry.test/os:3",
+        "--version",
+        "3.0.0",
+        "--wait",
+    ])));
+    let second = loop {
+        match registry.get_rollout().await.unwrap() {
+            Some(r) if r.version == "3.0.0" => break r,
+            _ => {
+                assert!(start.elapsed() < WAIT, "the second rollout did not start");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut next = second.clone();
+    next.machines[0].step = RolloutStep::Draining;
+    assert!(registry.update_rollout(&next, lead).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    next.machines[0].step = RolloutStep::Failed;
+    next.machines[0].reason = Some("came back with version 1.0.0".into());
+    next.state = RolloutState::Halted;
+    next.halted = Some(flotilla_fleetd::RolloutHalt {
+        machine: "m1".into(),
+        reason: "came back with version 1.0.0".into(),
+    });
+    assert!(registry.update_rollout(&next, lead).await.unwrap());
+    let out = waiting.await.unwrap();
+    let shown = text(&out);
+    println!("{shown}");
+    assert!(!out.status.success(), "a halt exits non-zero: {shown}");
+    assert!(shown.contains("m1: waiting"), "{shown}");
+    assert!(shown.contains("m1: draining"), "{shown}");
+    assert!(
+        shown.contains("m1: failed (came back with version 1.0.0)"),
+        "{shown}"
+    );
+    assert!(shown.contains("halted at m1"), "{shown}");
 
     let _ = stop.send(());
     let _ = server.await;

@@ -336,7 +336,7 @@ pub fn units_still_on(
     let here = assigned
         .iter()
         .filter(|(unit, machine)| {
-            **machine == id && !staying.get(**unit).is_some_and(|(m, _)| m == id)
+            **machine == id && staying.get(**unit).is_none_or(|(m, _)| m != id)
         })
         .count();
     let old_copies = snapshot
