@@ -385,13 +385,20 @@ impl Cluster {
         self.submit("api", "[container]\ncommand = [\"/bin/api\"]\n")
             .await;
         self.submit(
+            PINNED,
+            &format!(
+                "[container]\ncommand = [\"/bin/pinned\"]\n[fleet]\nmachine_id = \"{PINNED_TO}\"\n"
+            ),
+        )
+        .await;
+        self.submit(
             "log",
             "[container]\ncommand = [\"/bin/log\"]\n[fleet]\nglobal = true\n",
         )
         .await;
         self.wait("the units to run", || async {
             let assigned = self.registry.list_assignments().await.unwrap().items;
-            let placed = assigned.len() == 2;
+            let placed = assigned.len() == 3;
             placed
                 && self.nodes.iter().all(|n| n.init.running().contains("log"))
                 && assigned.iter().all(|a| {
@@ -428,6 +435,8 @@ struct Watched {
     early_updates: Vec<String>,
     /// The most machines in a middle step (draining to verifying) in one record.
     most_in_flight: usize,
+    /// Every machine `reason` a record carried while the machine was draining.
+    draining_reasons: BTreeSet<String>,
 }
 
 /// Follows every change from `from` on: assignments and reported states, and each rollout
@@ -493,18 +502,23 @@ fn monitor(
                         .count();
                     w.most_in_flight = w.most_in_flight.max(in_flight);
                     for m in &r.machines {
+                        if let (RolloutStep::Draining, Some(why)) = (m.step, &m.reason) {
+                            w.draining_reasons.insert(format!("{}: {why}", m.id));
+                        }
                         let was = steps.insert(m.id.clone(), m.step);
                         if m.step != RolloutStep::Updating || was == Some(RolloutStep::Updating) {
                             continue;
                         }
                         let still: Vec<String> = assigned
                             .iter()
-                            .filter(|(_, on)| **on == m.id)
+                            .filter(|(u, on)| **on == m.id && !pinned_there(u, on))
                             .map(|(u, _)| format!("{u} assigned"))
                             .chain(
                                 active
                                     .iter()
-                                    .filter(|(u, on)| *on == m.id && u != "log")
+                                    .filter(|(u, on)| {
+                                        *on == m.id && u != "log" && !pinned_there(u, on)
+                                    })
                                     .map(|(u, _)| format!("{u} active")),
                             )
                             .collect();
@@ -519,6 +533,15 @@ fn monitor(
         }
     });
     (watched, task)
+}
+
+/// The unit pinned to m2 (`machine_id`), which fits nowhere else: it stays there while m2
+/// drains, and does not hold the drain up.
+const PINNED: &str = "pinned";
+const PINNED_TO: &str = "m2";
+
+fn pinned_there(unit: &str, machine: &str) -> bool {
+    unit == PINNED && machine == PINNED_TO
 }
 
 /// What the harness saw while a rollout ran.
@@ -596,7 +619,9 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
         // the global unit untouched.
         let assignments = c.registry.list_assignments().await.unwrap().items;
         assert!(
-            assignments.iter().all(|a| a.machine != asked),
+            assignments
+                .iter()
+                .all(|a| a.machine != asked || pinned_there(&a.unit, &a.machine)),
             "{asked} was asked to update with units assigned: {assignments:?}"
         );
         let node = c.node(&asked);
@@ -606,9 +631,13 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
             "{asked} must be asked exactly once"
         );
         let running = node.init.state.lock().unwrap().running_at_update.clone();
+        let mut expected = BTreeSet::from(["log".to_string()]);
+        if asked == PINNED_TO {
+            expected.insert(PINNED.to_string());
+        }
         assert_eq!(
             running,
-            [BTreeSet::from(["log".to_string()])],
+            [expected],
             "{asked} was asked to update while running more than its global unit"
         );
         assert!(
@@ -689,6 +718,14 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
         "machines told to update before they were drained: {watched:?}"
     );
     assert_eq!(watched.most_in_flight, 1, "{watched:?}");
+    // The pinned unit stayed on m2 while it drained, said so, and did not hold it up.
+    assert!(
+        watched
+            .draining_reasons
+            .iter()
+            .any(|r| r.starts_with("m2: pinned stays: ") && r.contains("machine_id")),
+        "{watched:?}"
+    );
     assert!(seen.most_locked <= 1, "{seen:?}");
     assert!(seen.leaders.len() >= 2, "the leader rebooted too: {seen:?}");
     c.wait(
@@ -703,7 +740,7 @@ async fn a_rolling_update_goes_one_machine_at_a_time_and_finishes() {
                         && m.os.as_ref().map(|o| o.update_state().as_str()) == Some("committed")
                 })
                 && holders.is_empty()
-                && assigned.len() == 2
+                && assigned.len() == 3
         },
     )
     .await;
