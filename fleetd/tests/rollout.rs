@@ -565,8 +565,11 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
     let start = Instant::now();
     let mut trial: BTreeSet<String> = BTreeSet::new();
     loop {
-        assert!(start.elapsed() < WAIT, "the rollout did not end: {seen:?}");
         let rollout = c.rollout().await;
+        assert!(
+            start.elapsed() < WAIT,
+            "the rollout did not end: {seen:?}\n{rollout:?}"
+        );
         let machines = c.registry.list_machines().await.unwrap().items;
         let holders = c.registry.reboot_lock_holders().await.unwrap().items;
         if let Some(l) = c.registry.leader().await.unwrap() {

@@ -103,6 +103,14 @@ impl Runner {
         tokio::pin!(shutdown);
         let mut watch = None;
         loop {
+            if !self.status.is_leader() {
+                // A follower watches nothing: it only checks whether it leads now.
+                watch = None;
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(self.interval) => continue,
+                }
+            }
             if watch.is_none() {
                 match self.registry.watch(0).await {
                     Ok(w) => watch = Some(w),
@@ -112,10 +120,8 @@ impl Runner {
                     ),
                 }
             }
-            if self.status.is_leader() {
-                if let Err(e) = self.round().await {
-                    log::warn!("rollout {}: a round failed: {e}; retrying", self.machine_id);
-                }
+            if let Err(e) = self.round().await {
+                log::warn!("rollout {}: a round failed: {e}; retrying", self.machine_id);
             }
             // Wait for a relevant change (then a short debounce) or the interval.
             let tick = tokio::time::sleep(self.interval);
