@@ -205,6 +205,8 @@ struct Node {
     dir: PathBuf,
     init: TestInit,
     registry: Arc<dyn Registry>,
+    /// The runner's reboot deadline (see `Runner::with_reboot_deadline`).
+    deadline: Duration,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -250,7 +252,8 @@ impl Node {
         let engine = Engine::new(self.registry.clone(), self.id.clone(), ENGINE_TTL)
             .with_debounce(Duration::from_millis(50));
         let runner = Runner::new(self.registry.clone(), engine.status(), self.id.clone())
-            .with_interval(Duration::from_millis(500));
+            .with_interval(Duration::from_millis(500))
+            .with_reboot_deadline(self.deadline);
         let probe = OsProbe {
             os_release: self.file("os-release"),
             cmdline: self.file("cmdline"),
@@ -318,6 +321,10 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(flotilla_fleetd::rollout::runner::DEFAULT_REBOOT_DEADLINE).await
+}
+
+async fn cluster_with(deadline: Duration) -> Cluster {
     let etcd = EtcdServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (tx, updated) = mpsc::unbounded_channel();
@@ -335,6 +342,7 @@ async fn cluster() -> Cluster {
                 updated: tx.clone(),
             },
             registry: Arc::new(connect(&etcd.endpoint, "/rollout/").await),
+            deadline,
             stops: Vec::new(),
             tasks: Vec::new(),
         };
@@ -561,6 +569,17 @@ struct Seen {
 /// checked (drained, global units untouched) and rebooted into `NEW` (or, if it is in
 /// `bad`, back into `OLD` with the new slot bad); a trial is committed once published.
 async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
+    play_with(c, bad, &[], &[]).await
+}
+
+/// [`play`], where the machines in `ignore` never act on their update (as if their init
+/// refused it) and those in `lost` go down for the reboot and never come back.
+async fn play_with(
+    c: &mut Cluster,
+    bad: &[&str],
+    ignore: &[&str],
+    lost: &[&str],
+) -> (Rollout, Seen) {
     let mut seen = Seen::default();
     let start = Instant::now();
     let mut trial: BTreeSet<String> = BTreeSet::new();
@@ -655,6 +674,9 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
         );
 
         seen.updated.push(asked.clone());
+        if ignore.contains(&asked.as_str()) {
+            continue;
+        }
         // The reboot.
         let unavailable_now = rollout
             .machines
@@ -664,6 +686,9 @@ async fn play(c: &mut Cluster, bad: &[&str]) -> (Rollout, Seen) {
         seen.most_unavailable = seen.most_unavailable.max(unavailable_now);
         node.stop().await;
         node.init.reboot();
+        if lost.contains(&asked.as_str()) {
+            continue;
+        }
         if bad.contains(&asked.as_str()) {
             node.boot(
                 &[("flotilla-a.conf", OLD), ("flotilla-b+0-3.conf", NEW)],
@@ -1029,4 +1054,34 @@ async fn fleetctl_os_update_starts_a_rollout_and_os_status_shows_it() {
 
     let _ = stop.send(());
     let _ = server.await;
+}
+
+/// A machine that never reboots into its update (its init refused it) and one that goes
+/// down for the reboot and never comes back each halt the rollout after the reboot
+/// deadline (here 3 s), naming the machine and why; nothing after it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_that_does_not_reboot_or_does_not_come_back_halts_the_rollout() {
+    for (ignore, lost, why) in [
+        (&["m1"][..], &[][..], "has not rebooted into it"),
+        (&[][..], &["m1"][..], "did not come back from its reboot"),
+    ] {
+        let mut c = cluster_with(Duration::from_secs(3)).await;
+        c.with_units().await;
+        let (_watched, monitor) = start_rollout(&c).await;
+        let (rollout, seen) = play_with(&mut c, &[], ignore, lost).await;
+        monitor.abort();
+        println!("{rollout:?}");
+        assert_eq!(rollout.state, RolloutState::Halted, "{rollout:?}");
+        let halt = rollout.halted.clone().unwrap();
+        assert_eq!(halt.machine, "m1", "{halt:?}");
+        assert!(halt.reason.contains(why), "{halt:?}");
+        assert_eq!(seen.updated, ["m1"], "nothing after m1 started");
+        assert_eq!(rollout.machines[0].step, RolloutStep::Failed);
+        assert!(rollout.machines[1..]
+            .iter()
+            .all(|m| m.step == RolloutStep::Waiting));
+        for n in &mut c.nodes {
+            n.stop().await;
+        }
+    }
 }

@@ -13,8 +13,9 @@
 //! | `ReleaseLock(m)` | [`Registry::release_reboot_lock`] |
 //! | `Halt` | the record says `halted` with the machine and why; nothing new starts |
 //!
-//! A machine that stays away in `rebooting` longer than the reboot deadline
-//! ([`DEFAULT_REBOOT_DEADLINE`]) fails the rollout ("did not come back"). Units that stay
+//! A machine that stays away in `rebooting`, or present in `updating` (its init refused
+//! the update, or never got to the reboot), longer than the reboot deadline
+//! ([`DEFAULT_REBOOT_DEADLINE`]) fails the rollout. Units that stay
 //! on a draining machine (no other machine fits them) do not hold the drain up: they are
 //! named in the machine's `reason` and logged.
 
@@ -34,7 +35,8 @@ use crate::registry::{now_ms, Change, RebootLock, Registry, Snapshot};
 /// How often the runner re-evaluates without a change.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long a machine may stay away for its reboot before the rollout halts on it.
+/// How long a machine may stay in `updating` or away in `rebooting` before the rollout
+/// halts on it.
 pub const DEFAULT_REBOOT_DEADLINE: Duration = Duration::from_secs(15 * 60);
 
 /// The leader's rollout runner. See the [module docs](self).
@@ -91,7 +93,8 @@ impl Runner {
         self
     }
 
-    /// Sets how long a machine may stay away for its reboot ([`DEFAULT_REBOOT_DEADLINE`]).
+    /// Sets how long a machine may stay in `updating` (present) or away in `rebooting`
+    /// ([`DEFAULT_REBOOT_DEADLINE`]) before the rollout halts on it.
     pub fn with_reboot_deadline(mut self, deadline: Duration) -> Runner {
         self.reboot_deadline = deadline;
         self
@@ -178,13 +181,22 @@ impl Runner {
         for m in &rollout.machines {
             let mut step = Step::from_record(m.step, m.reason.as_deref());
             let present = snapshot.machines.iter().any(|x| x.id == m.id);
-            let away_ms = now.saturating_sub(m.since);
-            let deadline_ms = u64::try_from(self.reboot_deadline.as_millis()).unwrap_or(u64::MAX);
-            if m.step == RolloutStep::Rebooting && !present && away_ms > deadline_ms {
-                let reason = format!(
+            let late = now.saturating_sub(m.since)
+                > u64::try_from(self.reboot_deadline.as_millis()).unwrap_or(u64::MAX);
+            let overdue = match m.step {
+                RolloutStep::Rebooting if !present && late => Some(format!(
                     "did not come back from its reboot within {} s",
                     self.reboot_deadline.as_secs()
-                );
+                )),
+                // Its init refused the update, or the update never got to the reboot.
+                RolloutStep::Updating if present && late => Some(format!(
+                    "was told to update {} s ago and has not rebooted into it: see why in its \
+                     log (unitctl os status, fleetd's journal)",
+                    self.reboot_deadline.as_secs()
+                )),
+                _ => None,
+            };
+            if let Some(reason) = overdue {
                 actions_first.push(Action::Halt {
                     machine: m.id.clone(),
                     reason: reason.clone(),
