@@ -46,6 +46,8 @@ pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 pub use model::{
     body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
-    UnitRecord, UnitState,
+    Rollout, RolloutHalt, RolloutMachine, RolloutState, RolloutStep, UnitRecord, UnitState,
 };
-pub use registry::{Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot, Watch};
+pub use registry::{
+    Campaign, Cas, Change, Event, Listing, RebootLock, Registry, RolloutStart, Snapshot, Watch,
+};

@@ -274,6 +274,8 @@ impl Agent {
             remote: BTreeMap::new(),
             handovers: BTreeMap::new(),
             handover_bound: self.handover_bound,
+            rollout: None,
+            os_asked: None,
         };
         log::info!(
             "fleetd agent for machine {} on {}, init at {}",
@@ -550,6 +552,10 @@ struct Worker {
     handovers: BTreeMap<String, Handover>,
     /// [`Agent::with_handover_bound`].
     handover_bound: Duration,
+    /// The rollout record as last seen, and the rollout (started_at, reference) whose
+    /// update this agent asked its init for: once per rollout (see [`Worker::os_update`]).
+    rollout: Option<crate::model::Rollout>,
+    os_asked: Option<(u64, String)>,
 }
 
 impl Worker {
@@ -689,6 +695,8 @@ impl Worker {
         // Report every unit afresh: states may have vanished with a lease, or gone stale.
         self.reported.clear();
         self.reconcile().await?;
+        self.rollout = self.registry.get_rollout().await?;
+        self.os_update().await;
         // States of this machine for units it no longer runs (e.g. left by a previous run).
         for state in snapshot.states.iter() {
             if state.machine == self.machine.id && !self.owned.contains_key(&state.unit) {
@@ -738,8 +746,38 @@ impl Worker {
         true
     }
 
+    /// Asks init to update the host when the rollout says this machine's step is
+    /// `updating` ([`crate::rollout::should_update`]), once per rollout: not again after
+    /// the reboot (the machine is then at the new version, or its A/B state shows the
+    /// update), nor after a success in this run. A failure is logged and tried again at
+    /// the next rollout change or OS refresh.
+    async fn os_update(&mut self) {
+        let Some(rollout) = self.rollout.as_ref() else {
+            return;
+        };
+        let key = (rollout.started_at, rollout.reference.clone());
+        if self.os_asked.as_ref() == Some(&key)
+            || !crate::rollout::should_update(rollout, &self.machine)
+        {
+            return;
+        }
+        log::info!(
+            "rollout: updating this host to {} from {}",
+            rollout.version,
+            rollout.reference
+        );
+        match self.init.update_os(&rollout.reference, false).await {
+            Ok(()) => self.os_asked = Some(key),
+            Err(e) => log::warn!(
+                "rollout: init refused or failed the update from {}: {e}; asking again at the next change",
+                rollout.reference
+            ),
+        }
+    }
+
     /// Writes the machine record again if the host's OS state changed.
     async fn refresh_os(&mut self) -> Result<(), RegistryError> {
+        self.os_update().await;
         if !self.probe_os().await {
             return Ok(());
         }
@@ -798,6 +836,11 @@ impl Worker {
                 });
             }
             Change::MachinePut(m) if m.id == self.machine.id => return Ok(false),
+            Change::RolloutPut(rollout) => {
+                self.rollout = Some(*rollout);
+                self.os_update().await;
+                return Ok(false);
+            }
             Change::StateRemoved { unit, machine } if machine == self.machine.id => {
                 self.reported.remove(&unit);
                 if self.owned.contains_key(&unit) {
