@@ -370,18 +370,27 @@ pub struct UpdateRun<'a> {
     pub fallback_roots: &'a mut dyn FnMut(&Path),
 }
 
-/// Updates `host` (its ESP mounted) from `run.source`: a reference is pulled first (what
-/// would refuse any payload is checked before the download: the trusted keys, the running
-/// version, the target partition), then the one update path (`host::update`). The download
-/// is removed afterwards, whatever the outcome. The reboot is the caller's.
-pub fn run_update(
-    host: &Host,
-    run: UpdateRun<'_>,
-    write_progress: &mut dyn FnMut(u64, u64),
-) -> Result<(UpdateReport, Option<Pulled>), OsUpdateError> {
+/// A payload ready to verify: a directory, or a download removed when dropped.
+pub struct Fetched {
+    /// The payload directory.
+    pub dir: PathBuf,
+    /// The download holding it (a reference's), removed when dropped.
+    pub staged: Option<Staged>,
+    /// What the pull fetched (a reference's).
+    pub pulled: Option<Pulled>,
+}
+
+/// The source step of an update: a directory as it is; a reference pulled into the staging
+/// directory, after what would refuse any payload is checked (the trusted keys, the running
+/// version, the target partition). Needs no ESP.
+pub fn fetch(host: &Host, run: UpdateRun<'_>) -> Result<Fetched, OsUpdateError> {
     let running = host.running_slot()?;
-    let (dir, _staged, pulled) = match run.source {
-        Source::Dir(dir) => (dir.clone(), None, None),
+    match run.source {
+        Source::Dir(dir) => Ok(Fetched {
+            dir: dir.clone(),
+            staged: None,
+            pulled: None,
+        }),
         Source::Reference(r) => {
             flotilla_osupdate::payload::load_trusted_keys(&host.keys).map_err(HostError::from)?;
             flotilla_osupdate::payload::os_release_version(&host.os_release)
@@ -394,19 +403,34 @@ pub fn run_update(
             let started = std::time::Instant::now();
             let (staged, report) =
                 pull_payload(r, &settings, run.registries, run.staging, run.pull_progress)?;
-            let pulled = Pulled {
-                reference: r.clone(),
-                digest: report.manifest_digest,
-                registry: report.registry,
-                bytes: report.bytes,
-                files: report.files.len(),
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            (staged.dir.clone(), Some(staged), Some(pulled))
+            Ok(Fetched {
+                dir: staged.dir.clone(),
+                staged: Some(staged),
+                pulled: Some(Pulled {
+                    reference: r.clone(),
+                    digest: report.manifest_digest,
+                    registry: report.registry,
+                    bytes: report.bytes,
+                    files: report.files.len(),
+                    seconds: started.elapsed().as_secs_f64(),
+                }),
+            })
         }
-    };
-    let report = host::update(host, &dir, run.opts, write_progress)?;
-    Ok((report, pulled))
+    }
+}
+
+/// Updates `host` (its ESP mounted) from `run.source`: [`fetch`], then the one update path
+/// (`host::update`: verify, write the inactive slot, install its entry on trial). The
+/// download is removed afterwards, whatever the outcome. The reboot is the caller's.
+pub fn run_update(
+    host: &Host,
+    run: UpdateRun<'_>,
+    write_progress: &mut dyn FnMut(u64, u64),
+) -> Result<(UpdateReport, Option<Pulled>), OsUpdateError> {
+    let opts = run.opts;
+    let fetched = fetch(host, run)?;
+    let report = host::update(host, &fetched.dir, opts, write_progress)?;
+    Ok((report, fetched.pulled))
 }
 
 /// The state of init's OS update job.
@@ -485,6 +509,9 @@ struct Inner {
     job: Mutex<Option<Job>>,
     /// Held while the ESP is mounted on `config.esp_mount` (a status and the job share it).
     esp: Mutex<()>,
+    /// The last status read: answered while the job holds the ESP (a slot write takes
+    /// minutes; a status must not wait for it).
+    last: Mutex<Option<HostStatus>>,
     reboot: RebootHook,
 }
 
@@ -508,6 +535,7 @@ impl OsUpdater {
                 config,
                 job: Mutex::new(None),
                 esp: Mutex::new(()),
+                last: Mutex::new(None),
                 reboot,
             }),
         }
@@ -536,6 +564,25 @@ impl OsUpdater {
             );
         }
         Ok(doc)
+    }
+
+    /// The host's status: read now, or while the job holds the ESP the last one read.
+    fn status(&self) -> Result<HostStatus, OsUpdateError> {
+        let cfg = &self.inner.config;
+        let esp = match self.inner.esp.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if let Some(st) = locked(&self.inner.last).clone() {
+                    return Ok(st);
+                }
+                locked(&self.inner.esp)
+            }
+        };
+        let st = cfg.paths.status(&cfg.esp_mount)?;
+        drop(esp);
+        *locked(&self.inner.last) = Some(st.clone());
+        Ok(st)
     }
 
     /// Starts an update from `source` on a thread of its own and returns at once. Refused
@@ -623,8 +670,6 @@ impl OsUpdater {
 
     fn update(&self, source: &Source, allow_downgrade: bool) -> Result<String, OsUpdateError> {
         let cfg = &self.inner.config;
-        let _esp = locked(&self.inner.esp);
-        let (host, mount) = cfg.paths.open(&cfg.esp_mount)?;
         let me = self.clone();
         let pull_progress: flotilla_registry::Progress = Arc::new(move |event| {
             if let flotilla_registry::PullEvent::Resolved {
@@ -637,6 +682,35 @@ impl OsUpdater {
                 );
             }
         });
+        let mut no_fallback = |ca: &Path| {
+            // Setting SSL_CERT_FILE in a process with threads is not safe: say so instead.
+            log::warn!(
+                "this machine has no CA certificates; the registry's CA {} is not used by init (add the CA to the image's bundle)",
+                ca.display()
+            );
+        };
+        let opts = UpdateOptions {
+            allow_downgrade,
+            ..UpdateOptions::default()
+        };
+        // The source step needs no ESP: a status meanwhile reads it as usual.
+        let fetched = fetch(
+            &cfg.paths.host(),
+            UpdateRun {
+                source,
+                registries: &cfg.registries,
+                staging: &cfg.staging,
+                opts,
+                pull_progress,
+                fallback_roots: &mut no_fallback,
+            },
+        )?;
+        // A status answered while the ESP is held is the last one read: read it now.
+        if let Err(e) = self.status() {
+            log::warn!("{e}");
+        }
+        let _esp = locked(&self.inner.esp);
+        let (host, mount) = cfg.paths.open(&cfg.esp_mount)?;
         let me = self.clone();
         let mut last = u64::MAX;
         let mut write_progress = |done: u64, total: u64| {
@@ -646,34 +720,16 @@ impl OsUpdater {
                 me.set(JobState::Running, format!("writing the slot: {pct}%"));
             }
         };
-        let mut no_fallback = |ca: &Path| {
-            // Setting SSL_CERT_FILE in a process with threads is not safe: say so instead.
-            log::warn!(
-                "this machine has no CA certificates; the registry's CA {} is not used by init (add the CA to the image's bundle)",
-                ca.display()
-            );
-        };
-        let result = run_update(
-            &host,
-            UpdateRun {
-                source,
-                registries: &cfg.registries,
-                staging: &cfg.staging,
-                opts: UpdateOptions {
-                    allow_downgrade,
-                    ..UpdateOptions::default()
-                },
-                pull_progress,
-                fallback_roots: &mut no_fallback,
-            },
-            &mut write_progress,
-        );
+        me.set(JobState::Running, "verifying the payload".into());
+        let result = host::update(&host, &fetched.dir, opts, &mut write_progress);
+        drop(fetched.staged);
         if let Some(m) = mount {
             if let Err(e) = m.unmount() {
                 log::warn!("{e}");
             }
         }
-        let (r, pulled) = result?;
+        let r = result?;
+        let pulled = fetched.pulled;
         let from = pulled
             .map(|p| format!(" (pulled {} {} from {})", p.reference, p.digest, p.registry))
             .unwrap_or_default();

@@ -345,3 +345,118 @@ fn a_unit_without_control_api_cannot_update_os() {
     assert_eq!(os_status(&m)["job"], Value::Null);
     assert_eq!(h.entries(), ["flotilla-a.conf"]);
 }
+
+/// A "registry" that accepts connections and never answers, until released: then every
+/// connection is closed.
+struct SilentRegistry {
+    addr: std::net::SocketAddr,
+    held: std::sync::Arc<std::sync::Mutex<Option<Vec<std::net::TcpStream>>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentRegistry {
+    fn start() -> SilentRegistry {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new())));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, a) = (held.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(v) = h.lock().unwrap().as_mut() {
+                    v.push(stream);
+                }
+            }
+        });
+        SilentRegistry {
+            addr,
+            held,
+            accepted,
+        }
+    }
+
+    fn release(&self) {
+        self.held.lock().unwrap().take();
+    }
+}
+
+/// While an update pulls (from a registry that does not answer), a second `UpdateOs` is
+/// refused and the status says what runs; once the registry hangs up, the job fails with
+/// the pull's reason and nothing is written.
+#[test]
+fn a_second_update_is_refused_while_one_runs() {
+    let h = Host::booted_from_a();
+    let registry = SilentRegistry::start();
+    let settings = h.tmp.path().join("registries.toml");
+    std::fs::write(
+        &settings,
+        format!("[registry.\"{}\"]\ninsecure = true\n", registry.addr),
+    )
+    .unwrap();
+    let staging = h.tmp.path().join("staging");
+    let m = {
+        let t = h.tmp.path();
+        let s = |p: PathBuf| p.to_str().unwrap().to_string();
+        let args = [
+            "--os-esp".to_string(),
+            s(h.esp.clone()),
+            "--os-disk".into(),
+            h.disk.dev.clone(),
+            "--os-cmdline".into(),
+            s(t.join("cmdline")),
+            "--os-release".into(),
+            s(t.join("os-release")),
+            "--os-keys".into(),
+            s(t.join("update-keys")),
+            "--os-staging".into(),
+            s(staging.clone()),
+            "--registries".into(),
+            s(settings.clone()),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Machine::start_with(&[], &args)
+    };
+    let reference = format!("{}/flotilla/os:2.0.0", registry.addr);
+    let (ok, text) = dbus_send(
+        &m,
+        "UpdateOs",
+        &[&format!("string:{reference}"), "boolean:false"],
+    );
+    assert!(ok, "{text}");
+    m.wait_until("the pull reaches the registry", || {
+        registry.accepted.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+
+    let good = osu::payload(&h.tmp.path().join("good"), "2.0.0", &h.key, 1000);
+    let (ok, text) = dbus_send(
+        &m,
+        "UpdateOs",
+        &[&format!("string:{}", good.display()), "boolean:false"],
+    );
+    assert!(!ok, "a second update was accepted: {text}");
+    assert!(
+        text.contains("org.flotilla.Error.Refused")
+            && text.contains(&format!(
+                "an OS update is already running (from {reference})"
+            )),
+        "{text}"
+    );
+    let st = os_status(&m);
+    assert_eq!(st["job"]["state"], "running", "{st}");
+    assert_eq!(st["job"]["source"], reference.as_str(), "{st}");
+
+    registry.release();
+    let st = wait_job(&m, "failed");
+    println!("the pull failed with: {}", st["job"]["message"]);
+    assert!(
+        st["job"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&registry.addr.to_string()),
+        "{st}"
+    );
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    // The download directory is gone with the job.
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+}
