@@ -70,6 +70,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const INIT_RETRY: Duration = Duration::from_secs(1);
 /// The most registry events applied before one reconcile of init.
 const MAX_BATCH: usize = 1024;
+/// The D-Bus error of a method the server does not have (an older init).
+const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
 
 /// Why the agent could not run at all. Everything else (registry or init unreachable) is
 /// retried, not returned.
@@ -225,6 +227,7 @@ impl Agent {
             lease_file: self.lease_file,
             os_probe: self.os_probe.as_ref().map(|(p, _)| p.clone()),
             os_error: None,
+            os_init_unknown: false,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -379,6 +382,8 @@ struct Worker {
     os_probe: Option<crate::os::OsProbe>,
     /// The probe's last failure, logged once.
     os_error: Option<String>,
+    /// The local init answered `GetOsStatus` with `UnknownMethod`: the probe reads the ESP.
+    os_init_unknown: bool,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -539,13 +544,24 @@ impl Worker {
         let Some(probe) = self.os_probe.clone() else {
             return false;
         };
-        // File reads and, without a given ESP, a mount: off the async threads.
-        let report = match tokio::task::spawn_blocking(move || probe.probe()).await {
-            Ok(report) => report,
-            Err(e) => {
-                log::warn!("reading the host's OS state failed: {e}");
+        let report = match self.os_from_init(&probe).await {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => {
+                // Init did not answer (or not sensibly): what was published stays.
+                if self.os_error.as_ref() != Some(&e) {
+                    log::warn!("{e}");
+                    self.os_error = Some(e);
+                }
                 return false;
             }
+            // File reads and, without a given ESP, a mount: off the async threads.
+            None => match tokio::task::spawn_blocking(move || probe.probe()).await {
+                Ok(report) => report,
+                Err(e) => {
+                    log::warn!("reading the host's OS state failed: {e}");
+                    return false;
+                }
+            },
         };
         // Each failure once, not at every refresh.
         if report.error != self.os_error {
@@ -569,6 +585,34 @@ impl Worker {
         self.machine.os_version = version;
         self.machine.os = os;
         true
+    }
+
+    /// The host's OS state as the local init tells it (`GetOsStatus`), when the probe has
+    /// no ESP of its own; `None`: read it with the probe (an ESP given, or an init too old
+    /// to know the method: `UnknownMethod`, remembered).
+    async fn os_from_init(
+        &mut self,
+        probe: &crate::os::OsProbe,
+    ) -> Option<Result<crate::os::OsReport, String>> {
+        if probe.esp.is_some() || self.os_init_unknown {
+            return None;
+        }
+        match self.init.os_status().await {
+            Ok(json) => {
+                let local = probe.clone();
+                Some(crate::os::report_from_init(&json, move || local.version()))
+            }
+            Err(e) if e.manager_error_name() == Some(UNKNOWN_METHOD) => {
+                log::info!(
+                    "the local init does not answer GetOsStatus (an older init): reading the ESP instead"
+                );
+                self.os_init_unknown = true;
+                None
+            }
+            Err(e) => Some(Err(format!(
+                "cannot read the host's A/B update state from init: {e}"
+            ))),
+        }
     }
 
     /// Writes the machine record again if the host's OS state changed.
