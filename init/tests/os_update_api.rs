@@ -96,6 +96,9 @@ impl Host {
             s(t.join("os-release")),
             "--os-keys".into(),
             s(t.join("update-keys")),
+            // The stubborn unit decides when the stop ends, not a deadline.
+            "--shutdown-timeout".into(),
+            "10m".into(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Machine::start_with(units, &args)
@@ -172,13 +175,15 @@ fn wait_job(m: &Machine, state: &str) -> Value {
     }
 }
 
-const SLEEPER: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
+/// A unit that ignores SIGTERM and runs until `$DIR/go` exists: it holds init's orderly
+/// stop open until the test has looked at it.
+const STUBBORN: &str = "[container]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; while [ ! -e $DIR/go ]; do sleep 0.1; done\"]\n[service]\nstop_timeout = \"10m\"\n";
 
 #[test]
 fn update_os_over_dbus_writes_the_slot_and_stops_in_order() {
     let h = Host::booted_from_a();
-    let mut m = h.init(&[("sleeper", SLEEPER)]);
-    m.wait_state("sleeper", "active");
+    let mut m = h.init(&[("stubborn", STUBBORN)]);
+    m.wait_state("stubborn", "active");
 
     let st = os_status(&m);
     assert_eq!(st["running"], "a", "{st}");
@@ -202,6 +207,38 @@ fn update_os_over_dbus_writes_the_slot_and_stops_in_order() {
         &[&format!("string:{}", good.display()), "boolean:false"],
     );
     assert!(ok, "UpdateOs failed: {text}");
+
+    // Installed: the job says so and init stops its units in order (the stubborn unit
+    // holds the stop open meanwhile); nothing more is accepted.
+    let st = wait_job(&m, "rebooting");
+    assert!(
+        st["job"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Flotilla 2.0.0 (signed by sha256:"),
+        "{st}"
+    );
+    assert!(
+        st["job"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("written to slot b (3145728 bytes); next boot: flotilla-b+3.conf (3 tries)"),
+        "{st}"
+    );
+    assert_eq!(st["next"], "b", "{st}");
+    assert_eq!(st["slots"][1]["state"], "trying", "{st}");
+    m.wait_until("init is stopping", || {
+        dbus_send(&m, "GetSystemState", &[])
+            .1
+            .contains("\"stopping\"")
+    });
+    let (ok, text) = dbus_send(
+        &m,
+        "UpdateOs",
+        &[&format!("string:{}", good.display()), "boolean:false"],
+    );
+    assert!(!ok && text.contains("org.flotilla.Error.Refused"), "{text}");
+    std::fs::write(m.path("go"), "").unwrap();
 
     // The job writes slot B, installs its entry on trial, then init stops in order: the
     // supervisor's "reboot" is an exit 0 once every unit is stopped.
