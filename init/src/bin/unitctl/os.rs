@@ -1,8 +1,9 @@
 //! `unitctl os status | update DIR | rollback`: the host's A/B update, run by unitctl itself
-//! (as root) with `flotilla_osupdate::host`, not by PID 1: the write of the slot (hundreds
-//! of MB) must not stall the init's event loop, and unitctl shows its progress. The ESP is
-//! mounted by unitctl for the command's duration (or given with `--esp`). The reboot is the
-//! init's orderly one (SIGINT to PID 1, as Ctrl-Alt-Del), only when PID 1 is flotilla-init.
+//! (as root) with `flotilla_init::os_update` (the one implementation, which init's
+//! `UpdateOs` runs on a thread of its own) over `flotilla_osupdate::host`: unitctl shows its
+//! progress, and needs no manager. The ESP is mounted by unitctl for the command's duration
+//! (or given with `--esp`). The reboot is the init's orderly one (SIGINT to PID 1, as
+//! Ctrl-Alt-Del), only when PID 1 is flotilla-init.
 
 use std::io::{IsTerminal as _, Write};
 use std::path::{Path, PathBuf};
