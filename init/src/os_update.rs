@@ -105,20 +105,24 @@ impl HostPaths {
     }
 
     /// The host with its ESP: the given one, else the disk's ESP partition mounted on
-    /// `mount_dir` (returned: it is unmounted when dropped).
-    pub fn open(&self, mount_dir: &Path) -> Result<(Host, Option<EspMount>), OsUpdateError> {
+    /// `mount_dir`, read-only if asked (returned: it is unmounted when dropped).
+    pub fn open(
+        &self,
+        mount_dir: &Path,
+        read_only: bool,
+    ) -> Result<(Host, Option<EspMount>), OsUpdateError> {
         let mut host = self.host();
         if self.esp.is_some() {
             return Ok((host, None));
         }
         let part = host.partition(ESP_PARTITION)?;
-        let mount = EspMount::mount(&part.dev, mount_dir, false)?;
+        let mount = EspMount::mount(&part.dev, mount_dir, read_only)?;
         host.esp = mount.dir().to_path_buf();
         Ok((host, Some(mount)))
     }
 
-    /// The host's state; on a host not booted from a slot (direct kernel boot) no running
-    /// slot and no entries, the ESP not looked for.
+    /// The host's state (the ESP mounted read-only for the read); on a host not booted from
+    /// a slot (direct kernel boot) no running slot and no entries, the ESP not looked for.
     pub fn status(&self, mount_dir: &Path) -> Result<HostStatus, OsUpdateError> {
         let bare = self.host();
         match bare.running_slot() {
@@ -139,7 +143,7 @@ impl HostPaths {
             Err(HostError::NotAb { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let (host, mount) = self.open(mount_dir)?;
+        let (host, mount) = self.open(mount_dir, true)?;
         let st = host::status(&host);
         if let Some(m) = mount {
             if let Err(e) = m.unmount() {
@@ -710,7 +714,7 @@ impl OsUpdater {
             log::warn!("{e}");
         }
         let _esp = locked(&self.inner.esp);
-        let (host, mount) = cfg.paths.open(&cfg.esp_mount)?;
+        let (host, mount) = cfg.paths.open(&cfg.esp_mount, false)?;
         let me = self.clone();
         let mut last = u64::MAX;
         let mut write_progress = |done: u64, total: u64| {

@@ -112,7 +112,7 @@ impl OsPaths {
         };
         let dir = Path::new("/run/flotilla").join(format!("esp-{}", std::process::id()));
         paths
-            .open(&dir)
+            .open(&dir, false)
             .context("cannot mount the ESP (or give --esp DIR)")
     }
 }
