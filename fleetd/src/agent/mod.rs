@@ -97,6 +97,8 @@ const MAX_BATCH: usize = 1024;
 /// reported its copy `active` (see the module documentation): a generous bound for an image
 /// pull and a container start on a slow machine; after it the old copy is stopped anyway.
 pub const HANDOVER_BOUND: Duration = Duration::from_secs(120);
+/// The D-Bus error of a method the server does not have (an older init).
+const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
 
 /// Why the agent could not run at all. Everything else (registry or init unreachable) is
 /// retried, not returned.
@@ -262,6 +264,7 @@ impl Agent {
             lease_file: self.lease_file,
             os_probe: self.os_probe.as_ref().map(|(p, _)| p.clone()),
             os_error: None,
+            os_init_unknown: false,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -528,6 +531,8 @@ struct Worker {
     os_probe: Option<crate::os::OsProbe>,
     /// The probe's last failure, logged once.
     os_error: Option<String>,
+    /// The local init answered `GetOsStatus` with `UnknownMethod`: the probe reads the ESP.
+    os_init_unknown: bool,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -714,13 +719,24 @@ impl Worker {
         let Some(probe) = self.os_probe.clone() else {
             return false;
         };
-        // File reads and, without a given ESP, a mount: off the async threads.
-        let report = match tokio::task::spawn_blocking(move || probe.probe()).await {
-            Ok(report) => report,
-            Err(e) => {
-                log::warn!("reading the host's OS state failed: {e}");
+        let report = match self.os_from_init(&probe).await {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => {
+                // Init did not answer (or not sensibly): what was published stays.
+                if self.os_error.as_ref() != Some(&e) {
+                    log::warn!("{e}");
+                    self.os_error = Some(e);
+                }
                 return false;
             }
+            // File reads and, without a given ESP, a mount: off the async threads.
+            None => match tokio::task::spawn_blocking(move || probe.probe()).await {
+                Ok(report) => report,
+                Err(e) => {
+                    log::warn!("reading the host's OS state failed: {e}");
+                    return false;
+                }
+            },
         };
         // Each failure once, not at every refresh.
         if report.error != self.os_error {
@@ -772,6 +788,34 @@ impl Worker {
                 "rollout: init refused or failed the update from {}: {e}; asking again at the next change",
                 rollout.reference
             ),
+        }
+    }
+
+    /// The host's OS state as the local init tells it (`GetOsStatus`), when the probe has
+    /// no ESP of its own; `None`: read it with the probe (an ESP given, or an init too old
+    /// to know the method: `UnknownMethod`, remembered).
+    async fn os_from_init(
+        &mut self,
+        probe: &crate::os::OsProbe,
+    ) -> Option<Result<crate::os::OsReport, String>> {
+        if probe.esp.is_some() || self.os_init_unknown {
+            return None;
+        }
+        match self.init.os_status().await {
+            Ok(json) => {
+                let local = probe.clone();
+                Some(crate::os::report_from_init(&json, move || local.version()))
+            }
+            Err(e) if e.manager_error_name() == Some(UNKNOWN_METHOD) => {
+                log::info!(
+                    "the local init does not answer GetOsStatus (an older init): reading the ESP instead"
+                );
+                self.os_init_unknown = true;
+                None
+            }
+            Err(e) => Some(Err(format!(
+                "cannot read the host's A/B update state from init: {e}"
+            ))),
         }
     }
 

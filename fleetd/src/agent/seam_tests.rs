@@ -50,6 +50,29 @@ struct FakeState {
     images: Vec<ImageEntry>,
     /// `ListImages` is refused as an older init without it would.
     no_list_images: bool,
+    /// `GetOsStatus`'s answer; `None`: [`DIRECT_BOOT`].
+    os_status: Option<String>,
+    /// `GetOsStatus` is refused as an older init without it would.
+    no_os_status: bool,
+}
+
+/// What init answers `GetOsStatus` on a host not booted from a slot (the shape of
+/// `flotilla_init::os_update::OsUpdater::status_json`).
+const DIRECT_BOOT: &str =
+    r#"{"running":null,"version":"1.0.0","next":null,"slots":[],"rolled_back":null,"job":null}"#;
+
+/// An A/B host booted from slot a (1.5.0, committed) with 2.0.0 in slot b on trial, next.
+const BOOTED_A: &str = r#"{"running":"a","version":"1.5.0","next":"b","slots":[{"slot":"a","version":"1.5.0","state":"committed","tries_left":null,"tries_done":null,"entry":"flotilla-a.conf"},{"slot":"b","version":"2.0.0","state":"trying","tries_left":3,"tries_done":0,"entry":"flotilla-b+3.conf"}],"rolled_back":null,"job":{"source":"r.example/os:2.0.0","state":"rebooting","message":"written"}}"#;
+
+fn unknown_method(op: &str) -> InitError {
+    InitError::Call {
+        op: op.into(),
+        socket: "fake".into(),
+        source: Box::new(ClientError::Manager {
+            name: "org.freedesktop.DBus.Error.UnknownMethod".into(),
+            message: format!("Unknown method '{op}'"),
+        }),
+    }
 }
 
 /// An in-memory init. Cheap to clone; clones share the state.
@@ -313,9 +336,11 @@ impl LocalInit for FakeInit {
         self.job("RestartUnit", name, ActiveState::Active, SubState::Running)
     }
     async fn os_status(&self) -> Result<String, InitError> {
-        // An init on a host not booted from the A/B disk: a status without slots.
-        self.call("GetOsStatus".into(), None, |_| {
-            Ok(r#"{"running":null,"entries":[],"next":null,"job":null}"#.to_string())
+        self.call("GetOsStatus".into(), None, |s| {
+            if s.no_os_status {
+                return Err(unknown_method("GetOsStatus"));
+            }
+            Ok(s.os_status.clone().unwrap_or_else(|| DIRECT_BOOT.into()))
         })
     }
     async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError> {
@@ -344,15 +369,28 @@ struct Running {
 
 impl Running {
     async fn start(init: &FakeInit) -> Running {
-        Running::start_with(init, HANDOVER_BOUND).await
+        Running::start_full(init, HANDOVER_BOUND, None).await
     }
 
     /// An agent whose hand-overs end at `bound`.
     async fn start_with(init: &FakeInit, bound: Duration) -> Running {
+        Running::start_full(init, bound, None).await
+    }
+
+    /// An agent with an OS probe (refreshed hourly: only the registration's probe runs).
+    async fn start_probing(init: &FakeInit, probe: Option<crate::os::OsProbe>) -> Running {
+        Running::start_full(init, HANDOVER_BOUND, probe).await
+    }
+
+    async fn start_full(
+        init: &FakeInit,
+        bound: Duration,
+        probe: Option<crate::os::OsProbe>,
+    ) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let registry: Arc<dyn Registry> =
             Arc::new(EmbeddedRegistry::open(dir.path()).await.unwrap());
-        Running::start_on(init, registry, dir, bound)
+        Running::start_on(init, registry, dir, bound, probe)
     }
 
     /// Stops this agent and starts a new one on the same registry and init, as a restarted
@@ -366,7 +404,7 @@ impl Running {
             .expect("the agent stops on shutdown")
             .unwrap();
         let Running { registry, _dir, .. } = self;
-        Running::start_on(init, registry, _dir, HANDOVER_BOUND)
+        Running::start_on(init, registry, _dir, HANDOVER_BOUND, None)
     }
 
     fn start_on(
@@ -374,6 +412,7 @@ impl Running {
         registry: Arc<dyn Registry>,
         dir: tempfile::TempDir,
         bound: Duration,
+        probe: Option<crate::os::OsProbe>,
     ) -> Running {
         let machine = Machine {
             id: MACHINE.into(),
@@ -385,9 +424,12 @@ impl Running {
             os: None,
         };
         // As fleetd does: a restarted agent takes over its previous run's lease.
-        let agent = Agent::new(registry.clone(), init.clone(), machine, TTL)
+        let mut agent = Agent::new(registry.clone(), init.clone(), machine, TTL)
             .with_handover_bound(bound)
             .with_lease_file(dir.path().join("agent.lease"));
+        if let Some(probe) = probe {
+            agent = agent.with_os_probe(probe, Duration::from_secs(3600));
+        }
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             agent
@@ -451,6 +493,27 @@ impl Running {
         })
         .await;
         assert!(waited.is_ok(), "gave up waiting for the state of {what}");
+    }
+
+    /// Waits until this machine's record satisfies `probe`, following the registry's watch.
+    async fn wait_machine(&self, what: &str, probe: impl Fn(&Machine) -> bool) -> Machine {
+        let waited = tokio::time::timeout(PATIENCE, async {
+            let snapshot = self.registry.snapshot().await.unwrap();
+            let mut watch = self.registry.watch(snapshot.revision + 1).await.unwrap();
+            let mut current = self.registry.get_machine(MACHINE).await.unwrap();
+            loop {
+                if let Some(m) = current.as_ref().filter(|m| probe(m)) {
+                    return m.clone();
+                }
+                if let Change::MachinePut(m) = watch.next().await.unwrap().unwrap().change {
+                    if m.id == MACHINE {
+                        current = Some(m);
+                    }
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| panic!("gave up waiting for the machine record: {what}"))
     }
 
     async fn stop(mut self) {
@@ -1057,5 +1120,48 @@ async fn a_unit_replaced_here_stops_at_once() {
     move_web(&agent, "m2").await;
     wait_web_gone(&agent, &init).await;
     init.wait("web2 running", |s| running(s, "web2")).await;
+    agent.stop().await;
+}
+
+/// A probe without an ESP of its own whose files do not exist: what it publishes can only
+/// come from init.
+fn probe_without_files(dir: &std::path::Path) -> crate::os::OsProbe {
+    crate::os::OsProbe {
+        os_release: dir.join("no-os-release"),
+        cmdline: dir.join("no-cmdline"),
+        esp: None,
+    }
+}
+
+/// Without an ESP of its own the agent publishes init's `GetOsStatus`, and its first
+/// registration already carries it (the probe's refresh is an hour away).
+#[tokio::test]
+async fn the_os_state_comes_from_init_with_the_first_registration() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.os_status = Some(BOOTED_A.into()));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Running::start_probing(&init, Some(probe_without_files(dir.path()))).await;
+    let m = agent.wait_machine("registered", |_| true).await;
+    assert_eq!(m.os_version, "1.5.0", "{m:?}");
+    let os = m.os.expect("an A/B host publishes its update state");
+    assert_eq!((os.booted.as_str(), os.next.as_deref()), ("a", Some("b")));
+    assert_eq!(os.slots.len(), 2);
+    assert_eq!(os.slots[1].tries_left, Some(3));
+    assert_eq!(os.update_state(), crate::model::UpdateState::RebootPending);
+    agent.stop().await;
+}
+
+/// An older init (`GetOsStatus` is an unknown method): the agent reads the files itself.
+#[tokio::test]
+async fn an_init_without_get_os_status_falls_back_to_the_probe() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.no_os_status = true);
+    let dir = tempfile::tempdir().unwrap();
+    let probe = probe_without_files(dir.path());
+    std::fs::write(&probe.os_release, "ID=flotilla\nVERSION_ID=1.4.0\n").unwrap();
+    std::fs::write(&probe.cmdline, "console=ttyS0 quiet\n").unwrap();
+    let agent = Running::start_probing(&init, Some(probe)).await;
+    let m = agent.wait_machine("registered", |_| true).await;
+    assert_eq!((m.os_version.as_str(), m.os), ("1.4.0", None));
     agent.stop().await;
 }
