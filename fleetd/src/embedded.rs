@@ -30,11 +30,11 @@ use tokio::time::Instant;
 use crate::error::{check_hash, check_key_part, RegistryError, Result};
 use crate::model::{
     body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
-    UnitRecord, UnitState,
+    Rollout, RolloutState, UnitRecord, UnitState,
 };
 use crate::registry::{
-    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot,
-    Watch,
+    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, RolloutStart,
+    Snapshot, Watch,
 };
 
 /// fleetd's default directory for the embedded registry.
@@ -87,6 +87,9 @@ struct Data {
     /// The reboot lock's slots: machine id → its hold (the lease is the holder's).
     #[serde(default)]
     reboot_locks: BTreeMap<String, RebootLockHolder>,
+    /// The rolling OS update (running, or the last one that ended).
+    #[serde(default)]
+    rollout: Option<Rollout>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -931,6 +934,46 @@ impl Registry for EmbeddedRegistry {
     async fn reboot_lock_holders(&self) -> Result<Listing<RebootLockHolder>> {
         self.inner
             .read(|core| listing(core, core.data.reboot_locks.values().cloned().collect()))
+    }
+
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>> {
+        self.inner
+            .read(|core| core.data.machines.get(id).map(|m| m.lease))
+    }
+
+    async fn start_rollout(&self, rollout: &Rollout) -> Result<RolloutStart> {
+        self.inner.mutate(|tx| {
+            if let Some(current) = tx
+                .data
+                .rollout
+                .as_ref()
+                .filter(|r| r.state == RolloutState::Running)
+            {
+                return Ok(RolloutStart::Running(Box::new(current.clone())));
+            }
+            tx.data.rollout = Some(rollout.clone());
+            tx.change(Change::RolloutPut(Box::new(rollout.clone())));
+            Ok(RolloutStart::Started)
+        })
+    }
+
+    async fn update_rollout(&self, rollout: &Rollout, lease: LeaseId) -> Result<bool> {
+        self.inner.mutate(|tx| {
+            let leads = tx.data.leader.as_ref().is_some_and(|l| l.lease == lease);
+            let same = tx.data.rollout.as_ref().is_some_and(|r| r.same_as(rollout));
+            if !leads || !same {
+                return Ok(false);
+            }
+            if tx.data.rollout.as_ref() != Some(rollout) {
+                tx.data.rollout = Some(rollout.clone());
+                tx.change(Change::RolloutPut(Box::new(rollout.clone())));
+            }
+            Ok(true)
+        })
+    }
+
+    async fn get_rollout(&self) -> Result<Option<Rollout>> {
+        self.inner.read(|core| core.data.rollout.clone())
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {

@@ -63,6 +63,8 @@ pub struct EngineStatus {
 struct StatusInner {
     leader: Option<(LeaseId, u64)>,
     unschedulable: BTreeMap<String, String>,
+    /// Units that stay on a draining machine: unit → (machine, why).
+    staying: BTreeMap<String, (String, String)>,
 }
 
 impl EngineStatus {
@@ -89,6 +91,18 @@ impl EngineStatus {
         self.lock().unschedulable.clone()
     }
 
+    /// The lease this engine leads on, if it leads (the rollout runner writes the rollout
+    /// record with it, so a deposed leader cannot).
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.lock().leader.map(|(lease, _)| lease)
+    }
+
+    /// The units the last pass left on a draining machine because no other machine fits
+    /// them: unit → (machine, why). Empty unless this engine leads.
+    pub fn staying(&self) -> BTreeMap<String, (String, String)> {
+        self.lock().staying.clone()
+    }
+
     /// Why `unit` could not be placed, if the last pass could not place it.
     pub fn reason(&self, unit: &str) -> Option<String> {
         self.lock().unschedulable.get(unit).cloned()
@@ -99,11 +113,18 @@ impl EngineStatus {
         inner.leader = leader;
         if leader.is_none() {
             inner.unschedulable.clear();
+            inner.staying.clear();
         }
     }
 
-    fn set_unschedulable(&self, reasons: BTreeMap<String, String>) {
-        self.lock().unschedulable = reasons;
+    fn set_unschedulable(
+        &self,
+        reasons: BTreeMap<String, String>,
+        staying: BTreeMap<String, (String, String)>,
+    ) {
+        let mut inner = self.lock();
+        inner.unschedulable = reasons;
+        inner.staying = staying;
     }
 }
 
@@ -177,6 +198,8 @@ struct Model {
     grace_until: Option<Instant>,
     /// The last pass held units (a pass is due when the grace ends).
     held: bool,
+    /// The machines a running rollout is draining (see [`crate::rollout::draining`]).
+    draining: std::collections::BTreeSet<String>,
 }
 
 impl Model {
@@ -200,6 +223,7 @@ impl Model {
             parsed,
             grace_until: None,
             held: false,
+            draining: std::collections::BTreeSet::new(),
         }
     }
 
@@ -235,6 +259,12 @@ impl Model {
             | Change::StateRemoved { .. }
             | Change::LeaderPut(_)
             | Change::LeaderRemoved => false,
+            Change::RolloutPut(rollout) => {
+                let draining = crate::rollout::draining(Some(rollout));
+                let changed = draining != self.draining;
+                self.draining = draining;
+                changed
+            }
         }
     }
 }
@@ -518,6 +548,18 @@ impl Engine {
             };
             let mut model = Model::from_snapshot(snapshot, std::mem::take(&mut parsed));
             model.grace_until = Some(grace_until);
+            // Read after the snapshot: a write in between is also on the watch.
+            match self.registry.get_rollout().await {
+                Ok(rollout) => model.draining = crate::rollout::draining(rollout.as_ref()),
+                Err(e) => {
+                    log::warn!("engine {}: cannot read the rollout: {e}", self.machine_id);
+                    if sleep_or_lost(backoff, lost).await {
+                        return Ended::LeaseLost;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
             // The first pass runs at once; later ones after a debounce.
             let mut due: Option<Instant> = Some(Instant::now());
             let resnapshot = loop {
@@ -704,16 +746,40 @@ impl Engine {
                 units.retain(|c| !held.contains(&c.name));
             }
         }
-        let decisions = scheduler::schedule(&machines, &units, &assigned, &globals);
+        let decisions =
+            scheduler::schedule_draining(&machines, &units, &assigned, &globals, &model.draining);
 
         // Unassignments first, then assignments (a replaced unit leaves its machine before
         // the replacing one is put there); within each phase the writes go out concurrently
         // (etcd commits concurrent proposals together), up to WRITES_IN_FLIGHT at a time.
         let mut unassigns = Vec::new();
         let mut assigns = Vec::new();
+        let mut staying = BTreeMap::new();
         for decision in decisions {
             match decision {
                 Decision::Assign { unit, machine } => assigns.push((unit, machine)),
+                // A planned move: one compare-and-swap from the draining machine (below,
+                // with the model's current assignment as the expected one).
+                Decision::Move { unit, from, to } => {
+                    log::info!(
+                        "engine {}: moving {unit} off the draining {from} to {to}",
+                        self.machine_id
+                    );
+                    assigns.push((unit, to));
+                }
+                Decision::Stays {
+                    unit,
+                    machine,
+                    reason,
+                } => {
+                    if self.status.staying().get(&unit).map(|(_, r)| r) != Some(&reason) {
+                        log::info!(
+                            "engine {}: {unit} stays on the draining {machine}: {reason}",
+                            self.machine_id
+                        );
+                    }
+                    staying.insert(unit, (machine, reason));
+                }
                 Decision::Unassign {
                     unit,
                     machine,
@@ -798,7 +864,7 @@ impl Engine {
                 );
             }
         }
-        self.status.set_unschedulable(reasons);
+        self.status.set_unschedulable(reasons, staying);
         Ok(conflict)
     }
 }

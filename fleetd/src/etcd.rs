@@ -15,6 +15,9 @@
 //! {prefix}reboot-lock/semaphore    the last acquirer's id; rewritten by every acquire, whose
 //!                                  txn compares its mod_revision with the read that counted
 //!                                  the holders (so two acquires cannot both count N-1)
+//! {prefix}rollout                  the rolling OS update (`Rollout` JSON), no lease; started
+//!                                  by txn on its read's version/mod_revision (only if none runs),
+//!                                  moved on by txn only while the writer's lease leads
 //! ```
 //!
 //! Every read returns the store revision it saw; [`EtcdRegistry::watch`] watches the whole
@@ -34,11 +37,11 @@ use tokio::sync::mpsc;
 use crate::error::{check_hash, check_key_part, RegistryError, Result};
 use crate::model::{
     body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
-    UnitRecord, UnitState,
+    Rollout, RolloutState, UnitRecord, UnitState,
 };
 use crate::registry::{
-    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot,
-    Watch,
+    now_ms, ttl_seconds, Campaign, Cas, Change, Event, Listing, RebootLock, Registry, RolloutStart,
+    Snapshot, Watch,
 };
 
 /// The default key prefix.
@@ -155,6 +158,10 @@ impl Keys {
         format!("{}reasons", self.prefix)
     }
 
+    fn rollout(&self) -> String {
+        format!("{}rollout", self.prefix)
+    }
+
     /// The reboot lock: its holders and its semaphore key.
     fn reboot_lock(&self) -> String {
         format!("{}reboot-lock/", self.prefix)
@@ -181,6 +188,7 @@ enum KeyKind<'a> {
     Leader,
     Reasons,
     RebootLock,
+    Rollout,
 }
 
 impl Keys {
@@ -191,6 +199,9 @@ impl Keys {
         }
         if rest == "reasons" {
             return Some(KeyKind::Reasons);
+        }
+        if rest == "rollout" {
+            return Some(KeyKind::Rollout);
         }
         let (kind, name) = rest.split_once('/')?;
         match kind {
@@ -455,6 +466,9 @@ impl EtcdRegistry {
             },
             (KeyKind::Leader, true) => Change::LeaderPut(self.decode_leader(kv)?),
             (KeyKind::Leader, false) => Change::LeaderRemoved,
+            (KeyKind::Rollout, true) => Change::RolloutPut(Box::new(self.decode(kv)?)),
+            // Never removed by fleetd: a removal by hand is the absence `get_rollout` reads.
+            (KeyKind::Rollout, false) => return Ok(None),
             // Read on demand (`get_reasons`, `reboot_lock_holders`), never watched.
             (KeyKind::Reasons | KeyKind::RebootLock, _) => return Ok(None),
         };
@@ -1052,6 +1066,92 @@ impl Registry for EtcdRegistry {
             what: op,
             attempts: CAS_ATTEMPTS,
         })
+    }
+
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>> {
+        check_key_part("machine id", id)?;
+        Ok(self
+            .get_one(
+                self.keys.machine(id),
+                &format!("get the lease of machine {id:?}"),
+            )
+            .await?
+            .map(|kv| LeaseId(kv.lease())))
+    }
+
+    async fn start_rollout(&self, rollout: &Rollout) -> Result<RolloutStart> {
+        let key = self.keys.rollout();
+        let op = format!("start the rollout of {:?}", rollout.reference);
+        let value = self.encode(rollout, "rollout")?;
+        for _ in 0..CAS_ATTEMPTS {
+            let unchanged = match self.get_one(key.clone(), &op).await? {
+                Some(kv) => {
+                    let current: Rollout = self.decode(&kv)?;
+                    if current.state == RolloutState::Running {
+                        return Ok(RolloutStart::Running(Box::new(current)));
+                    }
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+                key.clone(),
+                value.clone(),
+                None,
+            )]);
+            if self.txn(txn, &op).await?.succeeded() {
+                return Ok(RolloutStart::Started);
+            }
+        }
+        Err(RegistryError::Contention {
+            what: op,
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    async fn update_rollout(&self, rollout: &Rollout, lease: LeaseId) -> Result<bool> {
+        let key = self.keys.rollout();
+        let op = format!("update the rollout of {:?}", rollout.reference);
+        let value = self.encode(rollout, "rollout")?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(kv) = self.get_one(key.clone(), &op).await? else {
+                return Ok(false);
+            };
+            let current: Rollout = self.decode(&kv)?;
+            if !current.same_as(rollout) {
+                return Ok(false);
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(self.keys.leader(), CompareOp::Equal, lease.0),
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ])
+                .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+                .or_else([TxnOp::get(self.keys.leader(), None)]);
+            let response = self.txn(txn, &op).await?;
+            if response.succeeded() {
+                return Ok(true);
+            }
+            let responses = response.op_responses();
+            let leads = get_kvs(responses.first())
+                .first()
+                .is_some_and(|l| l.lease() == lease.0);
+            if !leads {
+                return Ok(false);
+            }
+            // The record changed in between (another write of the same leader): read again.
+        }
+        Err(RegistryError::Contention {
+            what: op,
+            attempts: CAS_ATTEMPTS,
+        })
+    }
+
+    async fn get_rollout(&self) -> Result<Option<Rollout>> {
+        self.get_one(self.keys.rollout(), "get the rollout")
+            .await?
+            .map(|kv| self.decode(&kv))
+            .transpose()
     }
 
     async fn release_reboot_lock(&self, machine: &str) -> Result<bool> {

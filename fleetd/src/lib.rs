@@ -39,13 +39,15 @@ pub mod rollout;
 pub mod scheduler;
 pub mod tls;
 
-pub use agent::{Agent, AgentError, InitApi, InitError, InitSignal, LocalInit};
+pub use agent::{Agent, AgentError, InitApi, InitError, InitSignal, LocalInit, HANDOVER_BOUND};
 pub use embedded::EmbeddedRegistry;
 pub use engine::{Engine, EngineError, EngineStatus, DEFAULT_LEASE_TTL};
 pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 pub use model::{
     body_hash, Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision,
-    UnitRecord, UnitState,
+    Rollout, RolloutHalt, RolloutMachine, RolloutState, RolloutStep, UnitRecord, UnitState,
 };
-pub use registry::{Campaign, Cas, Change, Event, Listing, RebootLock, Registry, Snapshot, Watch};
+pub use registry::{
+    Campaign, Cas, Change, Event, Listing, RebootLock, Registry, RolloutStart, Snapshot, Watch,
+};

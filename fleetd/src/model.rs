@@ -1,5 +1,5 @@
 //! The data fleetd keeps in its registry: units, their bodies, machines, assignments,
-//! reported states and the engine leader. Pure data with serde; no I/O.
+//! reported states, the engine leader and the rolling OS update. Pure data with serde; no I/O.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -266,6 +266,164 @@ pub struct RebootLockHolder {
     pub lease: LeaseId,
     /// When the machine acquired the slot, in milliseconds since the Unix epoch.
     pub since: u64,
+}
+
+/// A rolling OS update of the cluster (`fleetctl os update`, issue 13): the plan, where
+/// each machine is, and how it ended. One record in the registry; the API creates it
+/// ([`crate::Registry::start_rollout`]), the leader's runner ([`crate::rollout`]) moves it
+/// on ([`crate::Registry::update_rollout`]); it stays after it ended until the next one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The update payload: an OCI reference or a directory that exists on every machine.
+    pub reference: String,
+    /// The OS version the machines reach (the payload's `manifest.json` `version`).
+    pub version: String,
+    /// How many machines may be unavailable at once (at least 1 is used).
+    pub max_unavailable: u32,
+    /// When it was started, in milliseconds since the Unix epoch; with `reference` it
+    /// tells one rollout from the next ([`Rollout::same_as`]).
+    pub started_at: u64,
+    /// Running, finished or halted.
+    pub state: RolloutState,
+    /// Why it halted: the machine whose update failed, and why.
+    pub halted: Option<RolloutHalt>,
+    /// The planned machines, in the order they are updated, with their steps.
+    pub machines: Vec<RolloutMachine>,
+}
+
+impl Rollout {
+    /// A new running rollout of `reference` to `version` through `machines` (in order).
+    pub fn new(
+        reference: &str,
+        version: &str,
+        max_unavailable: u32,
+        machines: &[String],
+        started_at: u64,
+    ) -> Rollout {
+        Rollout {
+            reference: reference.to_string(),
+            version: version.to_string(),
+            max_unavailable,
+            started_at,
+            state: RolloutState::Running,
+            halted: None,
+            machines: machines
+                .iter()
+                .map(|id| RolloutMachine {
+                    id: id.clone(),
+                    step: RolloutStep::Waiting,
+                    reason: None,
+                    since: started_at,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `other` is the same rollout (another state of it), not a later one.
+    pub fn same_as(&self, other: &Rollout) -> bool {
+        self.started_at == other.started_at
+            && self.reference == other.reference
+            && self.version == other.version
+    }
+
+    /// The step of machine `id`, if it is planned.
+    pub fn machine(&self, id: &str) -> Option<&RolloutMachine> {
+        self.machines.iter().find(|m| m.id == id)
+    }
+}
+
+/// Whether a rollout goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutState {
+    /// Machines are being updated.
+    Running,
+    /// Every machine is at the new version.
+    Finished,
+    /// A machine failed; nothing further starts.
+    Halted,
+}
+
+impl RolloutState {
+    /// The name in JSON and in `fleetctl os status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Finished => "finished",
+            RolloutState::Halted => "halted",
+        }
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where and why a rollout halted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutHalt {
+    /// The machine whose update failed.
+    pub machine: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One planned machine of a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutMachine {
+    /// The machine id.
+    pub id: String,
+    /// Where it is.
+    pub step: RolloutStep,
+    /// Why it failed, or what holds it up (a unit that stays while it drains).
+    pub reason: Option<String>,
+    /// When it entered this step, in milliseconds since the Unix epoch (the runner gives
+    /// a machine that does not come back from its reboot a deadline from it).
+    #[serde(default)]
+    pub since: u64,
+}
+
+/// A machine's step in a rollout (see [`crate::rollout::Step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutStep {
+    /// Not started.
+    Waiting,
+    /// Holds a reboot-lock slot; its units move away.
+    Draining,
+    /// Told to write the update and reboot.
+    Updating,
+    /// Gone for the reboot.
+    Rebooting,
+    /// Back on the new version, not committed yet.
+    Verifying,
+    /// At the new version, committed.
+    Done,
+    /// The update did not take.
+    Failed,
+}
+
+impl RolloutStep {
+    /// The name in JSON and in `fleetctl os status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStep::Waiting => "waiting",
+            RolloutStep::Draining => "draining",
+            RolloutStep::Updating => "updating",
+            RolloutStep::Rebooting => "rebooting",
+            RolloutStep::Verifying => "verifying",
+            RolloutStep::Done => "done",
+            RolloutStep::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for RolloutStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Lowercase hex sha256 of a unit body: the address the body is stored under.

@@ -3,10 +3,13 @@
 //! (`flotilla_osupdate::host::status`: booted slot, each slot's entry, next slot). Read at
 //! every registration and every [`REFRESH`] after; a change rewrites the machine record.
 //!
-//! The ESP is read where [`OsProbe::esp`] says; without one, the agent mounts the disk's
-//! `flotilla-esp` partition read-only on a private directory for the read (as `unitctl os
-//! status` does) and unmounts it. Nothing here fails the agent: a probe that cannot read
-//! something logs it and publishes what it could.
+//! Without [`OsProbe::esp`] the agent asks the local init (`GetOsStatus`: fleetd runs in a
+//! container of the host image and cannot mount the ESP) and converts its JSON with
+//! [`report_from_init`]; only an init too old to know the method (`UnknownMethod`) makes it
+//! read the ESP itself: the disk's `flotilla-esp` partition mounted read-only on a private
+//! directory for the read (as `unitctl os status` does) and unmounted. With `esp` given it
+//! reads that directory. Nothing here fails the agent: a probe that cannot read something
+//! logs it and publishes what it could.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,18 +91,87 @@ pub fn os_state(status: &host::HostStatus) -> Option<OsState> {
     })
 }
 
+/// The report of init's `GetOsStatus` document (`flotilla_init::os_update`: `running`
+/// (slot or null), `version`, `next`, `slots` of `{slot, version, state, tries_left}`):
+/// no update state when `running` is null (not booted from a slot). `local_version` gives
+/// the version when init knows none (`unknown`: an os-release without a semver
+/// `VERSION_ID`, e.g. a development host's). Fails when the document is not that shape.
+pub fn report_from_init(
+    json: &str,
+    local_version: impl FnOnce() -> String,
+) -> Result<OsReport, String> {
+    use serde_json::Value;
+    let bad = |why: &str| format!("init's GetOsStatus answer {json:?} is not understood: {why}");
+    let doc: Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
+    let text = |v: &Value, key: &str| -> Result<Option<String>, String> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(bad(&format!("{key} is {other}, not a string"))),
+        }
+    };
+    let version = match text(&doc, "version")? {
+        Some(v) if !v.is_empty() && v != "unknown" => v,
+        _ => local_version(),
+    };
+    let Some(booted) = text(&doc, "running")? else {
+        return Ok(OsReport {
+            version,
+            os: None,
+            error: None,
+        });
+    };
+    let slots = match doc.get("slots") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(slots)) => slots
+            .iter()
+            .map(|e| {
+                let state = text(e, "state")?.ok_or_else(|| bad("a slot without a state"))?;
+                let tries_left = match state.as_str() {
+                    "trying" => e
+                        .get("tries_left")
+                        .and_then(Value::as_u64)
+                        .and_then(|n| u32::try_from(n).ok()),
+                    _ => None,
+                };
+                Ok(OsSlot {
+                    slot: text(e, "slot")?.ok_or_else(|| bad("a slot without its name"))?,
+                    version: text(e, "version")?.unwrap_or_default(),
+                    state,
+                    tries_left,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?,
+        Some(other) => return Err(bad(&format!("slots is {other}, not a list"))),
+    };
+    Ok(OsReport {
+        version,
+        os: Some(OsState {
+            booted,
+            next: text(&doc, "next")?,
+            slots,
+        }),
+        error: None,
+    })
+}
+
 impl OsProbe {
-    /// The host's OS version and update state. Never fails: what cannot be read is left
-    /// out, and the failure to read the update state is returned for the caller to log
-    /// (once: the probe repeats). A missing or unreadable os-release is only `debug`.
-    pub fn probe(&self) -> OsReport {
-        let version = match std::fs::read_to_string(&self.os_release) {
+    /// `VERSION_ID` of [`OsProbe::os_release`] (empty when unreadable).
+    pub fn version(&self) -> String {
+        match std::fs::read_to_string(&self.os_release) {
             Ok(text) => version_id(&text),
             Err(e) => {
                 log::debug!("cannot read {}: {e}", self.os_release.display());
                 String::new()
             }
-        };
+        }
+    }
+
+    /// The host's OS version and update state. Never fails: what cannot be read is left
+    /// out, and the failure to read the update state is returned for the caller to log
+    /// (once: the probe repeats). A missing or unreadable os-release is only `debug`.
+    pub fn probe(&self) -> OsReport {
+        let version = self.version();
         match self.update_state() {
             Ok(os) => OsReport {
                 version,
@@ -214,5 +286,85 @@ mod tests {
             "{:?}",
             report.error
         );
+    }
+
+    /// Init's `GetOsStatus` document of an A/B host becomes the published state: booted
+    /// slot, next, each slot with its state, tries left only while trying.
+    #[test]
+    fn report_from_init_of_an_ab_host() {
+        let json = r#"{"running":"b","version":"2.0.0","next":"b","slots":[
+            {"slot":"a","version":"1.0.0","state":"bad","tries_left":0,"tries_done":3,"entry":"flotilla-a+0-3.conf"},
+            {"slot":"b","version":"2.0.0","state":"trying","tries_left":2,"tries_done":1,"entry":"flotilla-b+2-1.conf"}],
+            "rolled_back":null,"job":null}"#;
+        let r = report_from_init(json, || panic!("init knows the version"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.version, "2.0.0");
+        assert_eq!(r.error, None);
+        assert_eq!(
+            r.os,
+            Some(OsState {
+                booted: "b".into(),
+                next: Some("b".into()),
+                slots: vec![
+                    OsSlot {
+                        slot: "a".into(),
+                        version: "1.0.0".into(),
+                        state: "bad".into(),
+                        tries_left: None,
+                    },
+                    OsSlot {
+                        slot: "b".into(),
+                        version: "2.0.0".into(),
+                        state: "trying".into(),
+                        tries_left: Some(2),
+                    },
+                ],
+            })
+        );
+    }
+
+    /// The same host through the ESP probe and through init's JSON (built by the one
+    /// function init uses) publishes the same state.
+    #[test]
+    fn report_from_init_matches_the_esp_probe() {
+        let status = host::HostStatus {
+            running: Some(flotilla_osupdate::Slot::A),
+            version: "1.0.0".into(),
+            entries: flotilla_osupdate::entries::Status {
+                entries: Vec::new(),
+                next: None,
+            },
+        };
+        let doc = serde_json::json!({
+            "running": "a", "version": "1.0.0", "next": null, "slots": [],
+            "rolled_back": null, "job": null,
+        });
+        let r = report_from_init(&doc.to_string(), String::new).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.os, os_state(&status));
+    }
+
+    /// Not booted from a slot: a version, no update state; init's `unknown` version (no
+    /// semver `VERSION_ID`) gives way to the agent's own read.
+    #[test]
+    fn report_from_init_of_a_direct_boot() {
+        let json = r#"{"running":null,"version":"unknown","next":null,"slots":[],"rolled_back":null,"job":null}"#;
+        let r = report_from_init(json, || "12".into()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.version.as_str(), r.os, r.error), ("12", None, None));
+    }
+
+    #[test]
+    fn report_from_init_refuses_another_shape() {
+        for json in [
+            "not json",
+            r#"{"running":1}"#,
+            r#"{"running":"a","slots":{}}"#,
+            r#"{"running":"a","slots":[{"slot":"a"}]}"#,
+        ] {
+            let e = report_from_init(json, String::new).err();
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("not understood")),
+                "{json}: {e:?}"
+            );
+        }
     }
 }

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{RegistryError, Result};
 use crate::model::{
-    Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision, UnitRecord,
-    UnitState,
+    Assignment, DesiredState, Leader, LeaseId, Machine, RebootLockHolder, Revision, Rollout,
+    UnitRecord, UnitState,
 };
 
 /// Items read at one revision: watch from `revision + 1` to see every later change.
@@ -74,6 +74,15 @@ pub enum RebootLock {
     Held(Vec<RebootLockHolder>),
 }
 
+/// The outcome of [`Registry::start_rollout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RolloutStart {
+    /// The rollout was written: it runs.
+    Started,
+    /// Another rollout is running; nothing was written.
+    Running(Box<Rollout>),
+}
+
 /// One change under the registry's keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -121,6 +130,8 @@ pub enum Change {
     LeaderPut(Leader),
     /// The leadership ended (resigned, or its lease ended).
     LeaderRemoved,
+    /// The rollout record was written (started, or moved on by the leader).
+    RolloutPut(Box<Rollout>),
 }
 
 /// A change and the revision it happened at. Several changes can share one revision (a lease
@@ -276,6 +287,10 @@ pub trait Registry: Send + Sync {
     /// All live machines, by id.
     async fn list_machines(&self) -> Result<Listing<Machine>>;
 
+    /// The presence lease machine `id` is registered on, if it is live (the rollout runner
+    /// takes a reboot-lock slot for a machine on it, so the slot ends with the machine).
+    async fn machine_lease(&self, id: &str) -> Result<Option<LeaseId>>;
+
     // --- assignments ----------------------------------------------------------------------------
 
     /// Assigns `unit` to `machine` if the unit's current assignment is `expected` (`None`:
@@ -350,6 +365,25 @@ pub trait Registry: Send + Sync {
 
     /// The machines that hold a reboot-lock slot, by id.
     async fn reboot_lock_holders(&self) -> Result<Listing<RebootLockHolder>>;
+
+    // --- the rolling OS update -----------------------------------------------------------------
+
+    /// Writes `rollout` as the cluster's rollout record if there is none or the current one
+    /// is not running (finished or halted: it is replaced); else answers
+    /// [`RolloutStart::Running`] with the running one and writes nothing, also under
+    /// concurrent starts (create-only / compare-and-swap). Watchers see
+    /// [`Change::RolloutPut`].
+    async fn start_rollout(&self, rollout: &Rollout) -> Result<RolloutStart>;
+
+    /// Replaces the rollout record with `rollout` (its next state) only while `lease` holds
+    /// the engine leadership and the stored record is the same rollout
+    /// ([`Rollout::same_as`]): a deposed leader cannot overwrite its successor's steps and
+    /// nobody overwrites a newer rollout. Returns whether it was written. Watchers see
+    /// [`Change::RolloutPut`].
+    async fn update_rollout(&self, rollout: &Rollout, lease: LeaseId) -> Result<bool>;
+
+    /// The rollout record (running or the last one that ended), if any.
+    async fn get_rollout(&self) -> Result<Option<Rollout>>;
 
     // --- consistent reads and watches -----------------------------------------------------------------
 

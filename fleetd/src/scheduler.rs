@@ -11,6 +11,12 @@
 //! - `replaces`: placed on the machine of the replaced unit, which is moved away;
 //! - `global`: not placed here: every matching machine runs it ([`global_fits`]).
 //!
+//! A **draining** machine (a rolling OS update takes it down next, [`schedule_draining`])
+//! gets no new unit, and each unit on it is moved ([`Decision::Move`]: one compare-and-swap
+//! from the old machine to the new one, a planned move) to a machine that fits under the
+//! rules above; a unit that fits nowhere else stays ([`Decision::Stays`], with why). Global
+//! units are not placed, so they stay.
+//!
 //! Among the machines that fit, the least loaded wins; among equally loaded ones, a machine
 //! that already holds the unit's registry image ([`Machine::images`], compared with
 //! [`Candidate::image`]) wins, so a start there needs no pull; then the smallest id. The
@@ -55,6 +61,25 @@ pub enum Decision {
         /// Why.
         reason: String,
     },
+    /// Move `unit` from the draining machine `from` to `to` (a planned move: the
+    /// assignment goes from one to the other in one compare-and-swap).
+    Move {
+        /// Unit name.
+        unit: String,
+        /// The draining machine it is on.
+        from: String,
+        /// The machine it moves to.
+        to: String,
+    },
+    /// `unit` stays on the draining machine `machine`: no other machine fits it.
+    Stays {
+        /// Unit name.
+        unit: String,
+        /// The draining machine.
+        machine: String,
+        /// Why, per machine.
+        reason: String,
+    },
     /// `unit` fits no machine now.
     Unschedulable {
         /// Unit name.
@@ -97,7 +122,7 @@ pub fn metadata_fits(
     Ok(())
 }
 
-fn conflicts_between(
+pub(crate) fn conflicts_between(
     a: &str,
     a_rules: &FleetSection,
     b: &str,
@@ -132,7 +157,26 @@ pub fn schedule(
     assigned: &BTreeMap<String, String>,
     globals: &[Candidate],
 ) -> Vec<Decision> {
+    schedule_draining(machines, units, assigned, globals, &BTreeSet::new())
+}
+
+/// [`schedule`] with the machines in `draining` being emptied: nothing new is placed on
+/// them, and their units are moved to machines that fit ([`Decision::Move`]) or stay
+/// ([`Decision::Stays`]) when none does.
+pub fn schedule_draining(
+    machines: &[Machine],
+    units: &[Candidate],
+    assigned: &BTreeMap<String, String>,
+    globals: &[Candidate],
+    draining: &BTreeSet<String>,
+) -> Vec<Decision> {
     let mut decisions = Vec::new();
+    // New placements and moves go only to machines that are not draining.
+    let open: Vec<Machine> = machines
+        .iter()
+        .filter(|m| !draining.contains(&m.id))
+        .cloned()
+        .collect();
     let by_name: BTreeMap<&str, &Candidate> = units
         .iter()
         .chain(globals)
@@ -190,12 +234,42 @@ pub fn schedule(
     pending.retain(|u| !placed.contains_key(&u.name));
     pending.extend(evicted);
 
+    // Units on draining machines move, in name order, where they fit without them.
+    let mut on_draining: Vec<&Candidate> = units
+        .iter()
+        .filter(|u| placed.get(&u.name).is_some_and(|m| draining.contains(m)))
+        .collect();
+    on_draining.sort_by(|a, b| a.name.cmp(&b.name));
+    for u in on_draining {
+        let Some(from) = placed.remove(&u.name) else {
+            continue;
+        };
+        match place(u, &open, &placed, &by_name, globals) {
+            Ok(to) => {
+                placed.insert(u.name.clone(), to.clone());
+                decisions.push(Decision::Move {
+                    unit: u.name.clone(),
+                    from,
+                    to,
+                });
+            }
+            Err(reason) => {
+                placed.insert(u.name.clone(), from.clone());
+                decisions.push(Decision::Stays {
+                    unit: u.name.clone(),
+                    machine: from,
+                    reason,
+                });
+            }
+        }
+    }
+
     // Units whose machine_of targets are placed go first; repeat while progress is made.
     loop {
         let mut progressed = false;
         let mut waiting = Vec::new();
         for u in pending {
-            match place(u, machines, &placed, &by_name, globals) {
+            match place(u, &open, &placed, &by_name, globals) {
                 Ok(machine) => {
                     placed.insert(u.name.clone(), machine.clone());
                     decisions.push(Decision::Assign {
@@ -333,6 +407,72 @@ mod tests {
     }
 
     const IMAGE: &str = "registry.example:5000/team/app:1";
+
+    /// A draining machine gets nothing new; its units move to machines that fit (one
+    /// Move each, no Unassign); a unit that fits nowhere else stays, with why; units on
+    /// other machines and global units are untouched.
+    #[test]
+    fn a_draining_machine_is_emptied_by_moves_and_gets_nothing_new() {
+        let ms = [
+            machine("a", &[]),
+            machine("b", &[("disk", "ssd")]),
+            machine("c", &[]),
+        ];
+        let us = [
+            unit("web", |_| {}),
+            unit("db", |f| {
+                f.machine_metadata = vec![MetadataRule {
+                    key: "disk".into(),
+                    value: "ssd".into(),
+                }]
+            }),
+            unit("cache", |_| {}),
+            unit("new", |_| {}),
+        ];
+        let globals = [unit("log", |f| f.global = true)];
+        let assigned: BTreeMap<String, String> = [
+            ("web".to_string(), "b".to_string()),
+            ("db".to_string(), "b".to_string()),
+            ("cache".to_string(), "a".to_string()),
+        ]
+        .into();
+        let draining: BTreeSet<String> = ["b".to_string()].into();
+        let d = schedule_draining(&ms, &us, &assigned, &globals, &draining);
+        assert!(
+            d.contains(&Decision::Move {
+                unit: "web".into(),
+                from: "b".into(),
+                to: "c".into()
+            }),
+            "{d:?}"
+        );
+        assert!(
+            d.iter()
+                .any(|x| matches!(x, Decision::Stays { unit, machine, reason }
+                if unit == "db" && machine == "b" && reason.contains("disk"))),
+            "{d:?}"
+        );
+        assert!(
+            !d.iter().any(|x| matches!(x, Decision::Unassign { .. })),
+            "a drain never unassigns: {d:?}"
+        );
+        let placed = assigns(&d);
+        assert_ne!(placed.get("new").map(String::as_str), Some("b"), "{d:?}");
+        assert!(
+            !placed.contains_key("cache"),
+            "cache stays where it is: {d:?}"
+        );
+        assert!(
+            !placed.contains_key("log"),
+            "global units are not placed: {d:?}"
+        );
+        // Without the drain nothing moves.
+        let plain = schedule(&ms, &us, &assigned, &globals);
+        assert!(
+            !plain.iter().any(|x| matches!(x, Decision::Move { .. })),
+            "{plain:?}"
+        );
+    }
 
     fn holding(mut m: Machine, images: &[&str]) -> Machine {
         m.images = images.iter().map(|i| i.to_string()).collect();

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use etcd_server::EtcdServer;
 use flotilla_fleetd::{
-    Agent, DesiredState, EmbeddedRegistry, EtcdConfig, EtcdRegistry, InitApi, Machine, Registry,
-    UnitRecord, UnitState,
+    Agent, Change, DesiredState, EmbeddedRegistry, EtcdConfig, EtcdRegistry, InitApi, Machine,
+    Registry, UnitRecord, UnitState,
 };
 use flotilla_init_api::client::Client;
 use flotilla_init_api::{ActiveState, SubState, UnitInfo};
@@ -619,6 +619,146 @@ async fn the_engine_places_a_unit_on_the_machine_that_holds_its_image() {
         .unwrap()
         .unwrap()
         .unwrap();
+    agent1.stop().await;
+    agent2.stop().await;
+}
+
+/// A planned move hands over: `web` runs on m1 (a real init), the scheduler's drain moves it
+/// to m2 with a compare-and-swap while m1 stays present, and m1's copy (its real process)
+/// keeps running until m2's real init runs the new copy and m2's agent reports it active;
+/// only then does m1 stop it. m2 is present (its record on a lease, as a machine whose agent
+/// is slow to start it) before its agent runs, so that the window is as long as the test
+/// wants; its agent then takes that lease over (the lease file, as fleetd does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_unit_runs_on_its_old_machine_until_the_new_copy_is_active() {
+    let (registry, dir) = embedded().await;
+    hand_over_on(registry, dir.path()).await;
+}
+
+/// The same on etcd: the other machine's record and states reach the agent through etcd's
+/// watch of the whole key prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_unit_hands_over_on_etcd() {
+    let etcd = EtcdServer::start().await;
+    let config = EtcdConfig::new(vec![etcd.endpoint.clone()]).with_prefix("/handover/");
+    let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(config).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    hand_over_on(registry, dir.path()).await;
+}
+
+/// See [`a_moved_unit_runs_on_its_old_machine_until_the_new_copy_is_active`]; `dir` holds
+/// m2's lease file.
+async fn hand_over_on(registry: Arc<dyn Registry>, dir: &std::path::Path) {
+    let init1 = Init::start(&[]);
+    let init2 = Init::start(&[]);
+    let agent1 = spawn(&registry, &init1, machine("m1", &[]));
+    submit(&registry, "web", SLEEP, DesiredState::Launched).await;
+    registry.assign("web", "m1", None).await.unwrap();
+    let old_pid = wait_running(&init1, "web").await;
+    wait_for("web's active state on m1", || async {
+        state(&registry, "web", "m1")
+            .await
+            .filter(|s| s.active == ActiveState::Active && s.pid == Some(old_pid))
+    })
+    .await;
+
+    // m2 is present; its agent has not started anything yet.
+    let lease = registry.grant_lease(Duration::from_secs(60)).await.unwrap();
+    registry
+        .register_machine(&machine("m2", &[]), lease)
+        .await
+        .unwrap();
+    let lease_file = dir.join("m2.lease");
+    fs::write(&lease_file, format!("m2 {}\n", lease.0)).unwrap();
+
+    let from = registry.snapshot().await.unwrap().revision + 1;
+    let mut watch = registry.watch(from).await.unwrap();
+    let moved = Instant::now();
+    let cas = registry.assign("web", "m2", Some("m1")).await.unwrap();
+    assert_eq!(cas, flotilla_fleetd::Cas::Done);
+    // A unit assigned to m1 after the move runs only once m1's agent applied the move.
+    submit(&registry, "after", SLEEP, DesiredState::Launched).await;
+    registry.assign("after", "m1", None).await.unwrap();
+    wait_running(&init1, "after").await;
+    assert!(alive(old_pid), "m1 stopped web before m2 runs it");
+    assert_eq!(init1.active_pid("web"), Some(old_pid));
+    assert!(state(&registry, "web", "m1")
+        .await
+        .is_some_and(|s| s.active == ActiveState::Active));
+    assert!(init2.unit("web").is_none());
+
+    // m2's agent starts, takes over m2's lease, runs web.
+    let agent = Agent::new(registry.clone(), init2.api(), machine("m2", &[]), TTL)
+        .with_lease_file(&lease_file);
+    let (stop2, rx) = oneshot::channel::<()>();
+    let task2 = tokio::spawn(async move {
+        agent
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let agent2 = Running {
+        stop: Some(stop2),
+        task: task2,
+    };
+
+    // The registry's history: m2's active report comes before m1's copy of web reports
+    // anything but active, or is removed.
+    let mut new_active_at = None;
+    let history = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
+        loop {
+            let event = watch.next().await.unwrap().unwrap();
+            match event.change {
+                Change::StatePut(s) if s.unit == "web" => {
+                    seen.push(format!(
+                        "{} {} pid {:?}",
+                        s.machine,
+                        s.active.as_str(),
+                        s.pid
+                    ));
+                    if s.machine == "m2" && s.active == ActiveState::Active {
+                        new_active_at.get_or_insert(moved.elapsed());
+                    }
+                }
+                Change::StateRemoved { unit, machine } if unit == "web" => {
+                    seen.push(format!("{machine} removed"));
+                    if machine == "m1" {
+                        return seen;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("m1's state of web is removed once m2 runs it");
+    let stopped_at = moved.elapsed();
+    let first_new_active = history
+        .iter()
+        .position(|e| e.starts_with("m2 active"))
+        .unwrap_or_else(|| panic!("m2 never reported web active before m1 stopped: {history:?}"));
+    let first_old_change = history
+        .iter()
+        .position(|e| e.starts_with("m1 ") && !e.starts_with("m1 active"))
+        .unwrap();
+    assert!(
+        first_new_active < first_old_change,
+        "m1's copy ended before m2's was active: {history:?}"
+    );
+    let new_pid = wait_running(&init2, "web").await;
+    wait_for("m1's copy of web to end", || async {
+        (!alive(old_pid) && init1.unit("web").is_none()).then_some(())
+    })
+    .await;
+    assert!(alive(new_pid));
+    assert!(init1.active_pid("after").is_some());
+    println!(
+        "hand-over: m2's copy active {:?} after the move, m1's copy stopped and its state removed {stopped_at:?} after it; events {history:?}",
+        new_active_at.unwrap_or_default()
+    );
     agent1.stop().await;
     agent2.stop().await;
 }

@@ -12,6 +12,7 @@ pub mod event_loop;
 pub mod launcher;
 pub mod logs;
 pub mod manager;
+pub mod os_update;
 pub mod provision;
 pub mod scope;
 pub mod toolbox;

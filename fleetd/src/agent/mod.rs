@@ -10,7 +10,30 @@
 //!   ([`crate::scheduler::global_fits`]), each with desired state `loaded` (loaded into init,
 //!   not started) or `launched` (started);
 //! - units no longer wanted here (unassigned, removed, desired `inactive`) are stopped and
-//!   removed from init.
+//!   removed from init; except a *hand-over* (below).
+//!
+//! Hand-over (a planned move): when a non-global unit this agent started is assigned to
+//! another machine that is present in the registry (a drain's compare-and-swap re-assignment
+//! A → B while A stays up), the local copy keeps running until the registry shows the unit's
+//! state reported by the new machine as `active` on the unit's current body; only then is it
+//! stopped and removed here, so the service is not down for the new copy's whole start
+//! (image pull, container setup). It is stopped at once instead when the new machine's copy
+//! `failed`, when the new machine leaves the registry, when the unit is unassigned, removed
+//! or set to `inactive`/`loaded`, when the local copy is not running any more, when a unit
+//! now wanted here `replaces` the moved one or conflicts with it (either way: the two may
+//! not run side by side), and at the latest after [`HANDOVER_BOUND`]
+//! ([`Agent::with_handover_bound`]; then with a warning).
+//! A unit assigned to a machine that is *not* present (a machine loss, a typo) is stopped at
+//! once: there is nothing to hand over to. For that moment the old and the new copy of one
+//! unit run on two machines: fleet's `conflicts` are between different units, so this breaks
+//! no placement rule, but a service that must never run twice (one writer of a shared volume)
+//! must not rely on moves being exclusive. The old copy's reported state stays in the
+//! registry until it is stopped (so a drain counts the machine as drained only once no moved
+//! unit still runs there). All of this is decided from the registry alone (the watch carries
+//! every machine's records and reported states) and re-derived after an agent restart: a
+//! unit init runs that is assigned elsewhere is simply handed over again (its bound counts
+//! from the restart). Nothing waits in the agent's loop: every registry event and the
+//! bound's timer reconcile again.
 //!
 //! Unit names in init are the plain unit names. The text loaded into init starts with a
 //! marker line, [`MARKER`] followed by the body hash: that is how the agent tells the units
@@ -70,6 +93,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const INIT_RETRY: Duration = Duration::from_secs(1);
 /// The most registry events applied before one reconcile of init.
 const MAX_BATCH: usize = 1024;
+/// How long at most a moved unit's old copy keeps running while the new machine has not
+/// reported its copy `active` (see the module documentation): a generous bound for an image
+/// pull and a container start on a slow machine; after it the old copy is stopped anyway.
+pub const HANDOVER_BOUND: Duration = Duration::from_secs(120);
+/// The D-Bus error of a method the server does not have (an older init).
+const UNKNOWN_METHOD: &str = "org.freedesktop.DBus.Error.UnknownMethod";
 
 /// Why the agent could not run at all. Everything else (registry or init unreachable) is
 /// retried, not returned.
@@ -145,6 +174,7 @@ pub struct Agent {
     ttl: Duration,
     lease_file: Option<PathBuf>,
     os_probe: Option<(crate::os::OsProbe, Duration)>,
+    handover_bound: Duration,
 }
 
 impl std::fmt::Debug for Agent {
@@ -175,7 +205,16 @@ impl Agent {
             ttl: ttl.max(Duration::from_secs(1)),
             lease_file: None,
             os_probe: None,
+            handover_bound: HANDOVER_BOUND,
         }
+    }
+
+    /// How long at most a moved unit's old copy keeps running while its new machine has not
+    /// reported the new copy `active` ([`HANDOVER_BOUND`] unless set; tests shorten it).
+    #[must_use]
+    pub fn with_handover_bound(mut self, bound: Duration) -> Agent {
+        self.handover_bound = bound;
+        self
     }
 
     /// Publishes the host's OS version and A/B update state in the machine record
@@ -225,6 +264,7 @@ impl Agent {
             lease_file: self.lease_file,
             os_probe: self.os_probe.as_ref().map(|(p, _)| p.clone()),
             os_error: None,
+            os_init_unknown: false,
             units: BTreeMap::new(),
             assignments: BTreeMap::new(),
             bodies: HashMap::new(),
@@ -233,6 +273,12 @@ impl Agent {
             reported: BTreeMap::new(),
             warned: BTreeSet::new(),
             init_dirty: false,
+            machines: BTreeSet::new(),
+            remote: BTreeMap::new(),
+            handovers: BTreeMap::new(),
+            handover_bound: self.handover_bound,
+            rollout: None,
+            os_asked: None,
         };
         log::info!(
             "fleetd agent for machine {} on {}, init at {}",
@@ -294,6 +340,7 @@ impl Agent {
             let mut os_refresh =
                 tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
             let failure: RegistryError = loop {
+                let handover_due = worker.handover_deadline();
                 let step = tokio::select! {
                     _ = &mut shutdown => {
                     worker.on_shutdown().await;
@@ -308,6 +355,7 @@ impl Agent {
                     Some(signal) = signals.recv() => worker.on_signal(signal).await,
                     _ = retry.tick(), if worker.init_dirty => worker.reconcile().await,
                     _ = os_refresh.tick(), if worker.os_probe.is_some() => worker.refresh_os().await,
+                    _ = sleep_until(handover_due), if handover_due.is_some() => worker.reconcile().await,
                 };
                 if let Err(e) = step {
                     break e;
@@ -340,6 +388,14 @@ async fn machine_id_from_init(init: &dyn LocalInit) -> Result<String, AgentError
     }
 }
 
+/// Sleeps until `deadline` (forever without one; the caller's guard keeps it unpolled).
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -365,6 +421,102 @@ type Reported = (
     Option<String>,
 );
 
+/// A reported state of another machine, as far as a hand-over needs it: (active, hash).
+type Remote = (Wire<ActiveState>, Option<String>);
+
+/// A hand-over in progress: a unit this agent runs, now assigned to another machine.
+#[derive(Debug, Clone)]
+struct Handover {
+    /// The machine the unit is assigned to now.
+    to: String,
+    /// When this agent first saw it (its bound counts from here).
+    since: tokio::time::Instant,
+    /// Decided: the local copy is being stopped (a failed stop is retried, never waited
+    /// for again).
+    stopping: bool,
+}
+
+/// What a hand-over of a unit comes to, given the registry's view. Pure, so the policy reads
+/// in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HandoverStep {
+    /// The old copy keeps running.
+    Wait,
+    /// Stop the old copy now, for this reason (logged).
+    Stop(String),
+    /// Stop the old copy now: the new copy did not become active within the bound.
+    Overdue(String),
+}
+
+/// The facts a hand-over decision is taken on.
+#[derive(Debug)]
+struct HandoverFacts<'a> {
+    /// The unit's record is launched (not removed, inactive or loaded).
+    launched: bool,
+    /// The unit is global (never moved: it runs wherever it fits).
+    global: bool,
+    /// The local copy was started by this agent and has not been seen to end.
+    runs_here: bool,
+    /// A unit that runs here now and may not run beside this one (`conflicts` either way,
+    /// or it `replaces` this one: the reason it was moved away), if any.
+    clash: Option<&'a str>,
+    /// The machine the unit is assigned to now (another one).
+    to: &'a str,
+    /// Whether that machine is present in the registry.
+    present: bool,
+    /// The state that machine reports for the unit, if any.
+    state: Option<&'a Remote>,
+    /// The unit's current body hash.
+    hash: &'a str,
+    /// How long this hand-over has waited, and the bound.
+    waited: Duration,
+    bound: Duration,
+}
+
+/// The hand-over policy (see the module documentation): the first row that matches decides.
+fn handover_step(f: &HandoverFacts<'_>) -> HandoverStep {
+    let stop = HandoverStep::Stop;
+    let to = f.to;
+    if !f.launched {
+        return stop("its desired state is not launched".into());
+    }
+    if f.global {
+        return stop("it is a global unit".into());
+    }
+    if !f.runs_here {
+        return stop(format!("it moved to {to} and its copy here does not run"));
+    }
+    if let Some(other) = f.clash {
+        return stop(format!(
+            "it moved to {to}, and unit {other} that runs here conflicts with it or replaces it"
+        ));
+    }
+    if !f.present {
+        return stop(format!(
+            "it moved to machine {to}, which is not present in the registry"
+        ));
+    }
+    if let Some((active, hash)) = f.state {
+        let current = hash.as_deref().is_none_or(|h| h == f.hash);
+        match active.known() {
+            Some(ActiveState::Active) if current => {
+                return stop(format!("its new copy on {to} is active (hand-over done)"));
+            }
+            Some(ActiveState::Failed) => {
+                return stop(format!("its new copy on {to} failed"));
+            }
+            _ => {}
+        }
+    }
+    if f.waited >= f.bound {
+        return HandoverStep::Overdue(format!(
+            "its new copy on {to} did not become active within {:?}",
+            f.bound
+        ));
+    }
+    HandoverStep::Wait
+}
+
 /// The agent's working state while it runs.
 struct Worker {
     registry: Arc<dyn Registry>,
@@ -379,6 +531,8 @@ struct Worker {
     os_probe: Option<crate::os::OsProbe>,
     /// The probe's last failure, logged once.
     os_error: Option<String>,
+    /// The local init answered `GetOsStatus` with `UnknownMethod`: the probe reads the ESP.
+    os_init_unknown: bool,
     /// The registry's units, by name (from the snapshot, then the watch).
     units: BTreeMap<String, UnitRecord>,
     /// Unit → machine.
@@ -395,6 +549,18 @@ struct Worker {
     warned: BTreeSet<String>,
     /// Some init action failed: retry the reconcile.
     init_dirty: bool,
+    /// The ids of the machines present in the registry (from the snapshot, then the watch).
+    machines: BTreeSet<String>,
+    /// The states other machines report, by (unit, machine): what hand-overs wait on.
+    remote: BTreeMap<(String, String), Remote>,
+    /// Units handed over to another machine whose local copy still runs.
+    handovers: BTreeMap<String, Handover>,
+    /// [`Agent::with_handover_bound`].
+    handover_bound: Duration,
+    /// The rollout record as last seen, and the rollout (started_at, reference) whose
+    /// update this agent asked its init for: once per rollout (see [`Worker::os_update`]).
+    rollout: Option<crate::model::Rollout>,
+    os_asked: Option<(u64, String)>,
 }
 
 impl Worker {
@@ -519,9 +685,23 @@ impl Worker {
             .into_iter()
             .map(|a| (a.unit, a.machine))
             .collect();
+        self.machines = snapshot.machines.into_iter().map(|m| m.id).collect();
+        self.remote = snapshot
+            .states
+            .iter()
+            .filter(|s| s.machine != self.machine.id)
+            .map(|s| {
+                (
+                    (s.unit.clone(), s.machine.clone()),
+                    (s.active.clone(), s.hash.clone()),
+                )
+            })
+            .collect();
         // Report every unit afresh: states may have vanished with a lease, or gone stale.
         self.reported.clear();
         self.reconcile().await?;
+        self.rollout = self.registry.get_rollout().await?;
+        self.os_update().await;
         // States of this machine for units it no longer runs (e.g. left by a previous run).
         for state in snapshot.states.iter() {
             if state.machine == self.machine.id && !self.owned.contains_key(&state.unit) {
@@ -539,13 +719,24 @@ impl Worker {
         let Some(probe) = self.os_probe.clone() else {
             return false;
         };
-        // File reads and, without a given ESP, a mount: off the async threads.
-        let report = match tokio::task::spawn_blocking(move || probe.probe()).await {
-            Ok(report) => report,
-            Err(e) => {
-                log::warn!("reading the host's OS state failed: {e}");
+        let report = match self.os_from_init(&probe).await {
+            Some(Ok(report)) => report,
+            Some(Err(e)) => {
+                // Init did not answer (or not sensibly): what was published stays.
+                if self.os_error.as_ref() != Some(&e) {
+                    log::warn!("{e}");
+                    self.os_error = Some(e);
+                }
                 return false;
             }
+            // File reads and, without a given ESP, a mount: off the async threads.
+            None => match tokio::task::spawn_blocking(move || probe.probe()).await {
+                Ok(report) => report,
+                Err(e) => {
+                    log::warn!("reading the host's OS state failed: {e}");
+                    return false;
+                }
+            },
         };
         // Each failure once, not at every refresh.
         if report.error != self.os_error {
@@ -571,8 +762,66 @@ impl Worker {
         true
     }
 
+    /// Asks init to update the host when the rollout says this machine's step is
+    /// `updating` ([`crate::rollout::should_update`]), once per rollout: not again after
+    /// the reboot (the machine is then at the new version, or its A/B state shows the
+    /// update), nor after a success in this run. A failure is logged and tried again at
+    /// the next rollout change or OS refresh.
+    async fn os_update(&mut self) {
+        let Some(rollout) = self.rollout.as_ref() else {
+            return;
+        };
+        let key = (rollout.started_at, rollout.reference.clone());
+        if self.os_asked.as_ref() == Some(&key)
+            || !crate::rollout::should_update(rollout, &self.machine)
+        {
+            return;
+        }
+        log::info!(
+            "rollout: updating this host to {} from {}",
+            rollout.version,
+            rollout.reference
+        );
+        match self.init.update_os(&rollout.reference, false).await {
+            Ok(()) => self.os_asked = Some(key),
+            Err(e) => log::warn!(
+                "rollout: init refused or failed the update from {}: {e}; asking again at the next change",
+                rollout.reference
+            ),
+        }
+    }
+
+    /// The host's OS state as the local init tells it (`GetOsStatus`), when the probe has
+    /// no ESP of its own; `None`: read it with the probe (an ESP given, or an init too old
+    /// to know the method: `UnknownMethod`, remembered).
+    async fn os_from_init(
+        &mut self,
+        probe: &crate::os::OsProbe,
+    ) -> Option<Result<crate::os::OsReport, String>> {
+        if probe.esp.is_some() || self.os_init_unknown {
+            return None;
+        }
+        match self.init.os_status().await {
+            Ok(json) => {
+                let local = probe.clone();
+                Some(crate::os::report_from_init(&json, move || local.version()))
+            }
+            Err(e) if e.manager_error_name() == Some(UNKNOWN_METHOD) => {
+                log::info!(
+                    "the local init does not answer GetOsStatus (an older init): reading the ESP instead"
+                );
+                self.os_init_unknown = true;
+                None
+            }
+            Err(e) => Some(Err(format!(
+                "cannot read the host's A/B update state from init: {e}"
+            ))),
+        }
+    }
+
     /// Writes the machine record again if the host's OS state changed.
     async fn refresh_os(&mut self) -> Result<(), RegistryError> {
+        self.os_update().await;
         if !self.probe_os().await {
             return Ok(());
         }
@@ -631,11 +880,37 @@ impl Worker {
                 });
             }
             Change::MachinePut(m) if m.id == self.machine.id => return Ok(false),
+            Change::RolloutPut(rollout) => {
+                self.rollout = Some(*rollout);
+                self.os_update().await;
+                return Ok(false);
+            }
             Change::StateRemoved { unit, machine } if machine == self.machine.id => {
                 self.reported.remove(&unit);
                 if self.owned.contains_key(&unit) {
                     self.report(&unit).await?;
                 }
+                return Ok(false);
+            }
+            // Other machines' presence and states: what hand-overs wait on.
+            Change::MachinePut(m) => {
+                self.machines.insert(m.id);
+                return Ok(false);
+            }
+            Change::MachineRemoved { id } => {
+                self.remote.retain(|(_, machine), _| *machine != id);
+                let waited_on = self.handovers.values().any(|h| h.to == id);
+                self.machines.remove(&id);
+                return Ok(waited_on);
+            }
+            Change::StatePut(state) if state.machine != self.machine.id => {
+                let waited_on = self.waits_on(&state.unit, &state.machine);
+                self.remote
+                    .insert((state.unit, state.machine), (state.active, state.hash));
+                return Ok(waited_on);
+            }
+            Change::StateRemoved { unit, machine } => {
+                self.remote.remove(&(unit, machine));
                 return Ok(false);
             }
             _ => return Ok(false),
@@ -648,6 +923,10 @@ impl Worker {
             InitSignal::Changed(name) => {
                 if self.owned.contains_key(&name) {
                     self.report(&name).await?;
+                }
+                // A handed-over copy that ended here needs no more waiting.
+                if self.handovers.get(&name).is_some_and(|h| !h.stopping) {
+                    return self.reconcile().await;
                 }
                 Ok(())
             }
@@ -795,7 +1074,17 @@ impl Worker {
             .filter(|n| !wanted.contains_key(*n))
             .cloned()
             .collect();
+        // Hand-overs end when the unit is wanted here again or no longer runs here.
+        self.handovers
+            .retain(|n, _| !wanted.contains_key(n) && self.owned.contains_key(n));
         for name in gone {
+            if self.hands_over(&name, &wanted).await? {
+                // Its state stays reported until it stops (e.g. on a new lease).
+                if !self.reported.contains_key(&name) {
+                    self.report(&name).await?;
+                }
+                continue;
+            }
             match self.init.remove_unit(&name).await {
                 Ok(()) => {}
                 Err(e) if e.is_no_such_unit() => {}
@@ -826,6 +1115,124 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Whether the hand-over of `unit` to `machine` waits on that machine's state.
+    fn waits_on(&self, unit: &str, machine: &str) -> bool {
+        self.handovers
+            .get(unit)
+            .is_some_and(|h| !h.stopping && h.to == machine)
+    }
+
+    /// When the earliest waiting hand-over reaches its bound, if any waits.
+    fn handover_deadline(&self) -> Option<tokio::time::Instant> {
+        self.handovers
+            .values()
+            .filter(|h| !h.stopping)
+            // A bound too far to represent never ends a hand-over by time.
+            .filter_map(|h| h.since.checked_add(self.handover_bound))
+            .min()
+    }
+
+    /// Whether owned unit `name`, no longer wanted here, keeps running for a hand-over to
+    /// the machine it is assigned to now (see the module documentation); `false` means:
+    /// stop it now. Starts, follows and ends the hand-over record.
+    async fn hands_over(
+        &mut self,
+        name: &str,
+        wanted: &BTreeMap<String, (UnitRecord, Body)>,
+    ) -> Result<bool, RegistryError> {
+        if self.handovers.get(name).is_some_and(|h| h.stopping) {
+            return Ok(false);
+        }
+        let Some(applied) = self.owned.get(name).cloned() else {
+            return Ok(false);
+        };
+        let record = self.units.get(name).cloned();
+        let to = self
+            .assignments
+            .get(name)
+            .filter(|m| **m != self.machine.id)
+            .cloned();
+        // Removed units, and units that never ran here, need no decision nor log.
+        let (Some(record), Some(to)) = (record, to) else {
+            return Ok(false);
+        };
+        if applied.desired != DesiredState::Launched {
+            return Ok(false);
+        }
+        let fleet = match self.body(&record.hash).await? {
+            Some(body) => body.fleet.unwrap_or_default(),
+            None => FleetSection::default(),
+        };
+        let clash = wanted
+            .iter()
+            .find(|(other, (_, body))| {
+                let rules = body.fleet.as_ref();
+                rules.is_some_and(|r| r.replaces.iter().any(|n| n == name))
+                    || crate::scheduler::conflicts_between(name, &fleet, other, rules)
+            })
+            .map(|(other, _)| other.clone());
+        // The local copy runs unless the last report here says it ended.
+        let runs_here = self.reported.get(name).is_none_or(|r| {
+            !matches!(
+                r.0.known(),
+                Some(ActiveState::Inactive | ActiveState::Failed)
+            )
+        });
+        let now = tokio::time::Instant::now();
+        let since = match self.handovers.get(name) {
+            Some(h) => h.since,
+            None => now,
+        };
+        let key = (name.to_string(), to.clone());
+        let step = handover_step(&HandoverFacts {
+            launched: record.desired == DesiredState::Launched,
+            global: fleet.global,
+            runs_here,
+            clash: clash.as_deref(),
+            to: &to,
+            present: self.machines.contains(&to),
+            state: self.remote.get(&key),
+            hash: &record.hash,
+            waited: now.saturating_duration_since(since),
+            bound: self.handover_bound,
+        });
+        let (why, overdue) = match step {
+            HandoverStep::Wait => {
+                if !self.handovers.contains_key(name) {
+                    log::info!(
+                        "unit {name} moved to machine {to}: keeping its copy here running until the copy there is active (at most {:?})",
+                        self.handover_bound
+                    );
+                }
+                self.handovers.insert(
+                    name.to_string(),
+                    Handover {
+                        to,
+                        since,
+                        stopping: false,
+                    },
+                );
+                return Ok(true);
+            }
+            HandoverStep::Stop(why) => (why, false),
+            HandoverStep::Overdue(why) => (why, true),
+        };
+        if overdue {
+            log::warn!("unit {name}: stopping its copy here anyway: {why}");
+        } else {
+            log::info!("unit {name}: stopping its copy here: {why}");
+        }
+        self.handovers.insert(
+            name.to_string(),
+            Handover {
+                to,
+                since,
+                stopping: true,
+            },
+        );
+        Ok(false)
     }
 
     /// Loads, starts, restarts or stops one wanted unit as its record says.

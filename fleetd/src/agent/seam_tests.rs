@@ -17,15 +17,17 @@ use flotilla_init_api::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{marked_hash, Agent, InitError, InitSignal, LocalInit};
+use super::{marked_hash, Agent, InitError, InitSignal, LocalInit, HANDOVER_BOUND};
 use crate::embedded::EmbeddedRegistry;
-use crate::model::{DesiredState, Machine, UnitRecord, UnitState};
+use crate::model::{DesiredState, LeaseId, Machine, UnitRecord, UnitState};
 use crate::registry::{Change, Registry};
 
 /// The bound on every wait (a stalled, shared machine is slow, never this slow).
 const PATIENCE: Duration = Duration::from_secs(60);
 /// The agents' lease TTL: long, so that no keep-alive timing matters here.
 const TTL: Duration = Duration::from_secs(30);
+/// The lease TTL of the machines the tests play ([`Peer`]).
+const PEER_TTL: Duration = Duration::from_secs(3600);
 const BODY: &str = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n";
 const MACHINE: &str = "m1";
 
@@ -48,6 +50,29 @@ struct FakeState {
     images: Vec<ImageEntry>,
     /// `ListImages` is refused as an older init without it would.
     no_list_images: bool,
+    /// `GetOsStatus`'s answer; `None`: [`DIRECT_BOOT`].
+    os_status: Option<String>,
+    /// `GetOsStatus` is refused as an older init without it would.
+    no_os_status: bool,
+}
+
+/// What init answers `GetOsStatus` on a host not booted from a slot (the shape of
+/// `flotilla_init::os_update::OsUpdater::status_json`).
+const DIRECT_BOOT: &str =
+    r#"{"running":null,"version":"1.0.0","next":null,"slots":[],"rolled_back":null,"job":null}"#;
+
+/// An A/B host booted from slot a (1.5.0, committed) with 2.0.0 in slot b on trial, next.
+const BOOTED_A: &str = r#"{"running":"a","version":"1.5.0","next":"b","slots":[{"slot":"a","version":"1.5.0","state":"committed","tries_left":null,"tries_done":null,"entry":"flotilla-a.conf"},{"slot":"b","version":"2.0.0","state":"trying","tries_left":3,"tries_done":0,"entry":"flotilla-b+3.conf"}],"rolled_back":null,"job":{"source":"r.example/os:2.0.0","state":"rebooting","message":"written"}}"#;
+
+fn unknown_method(op: &str) -> InitError {
+    InitError::Call {
+        op: op.into(),
+        socket: "fake".into(),
+        source: Box::new(ClientError::Manager {
+            name: "org.freedesktop.DBus.Error.UnknownMethod".into(),
+            message: format!("Unknown method '{op}'"),
+        }),
+    }
 }
 
 /// An in-memory init. Cheap to clone; clones share the state.
@@ -311,9 +336,11 @@ impl LocalInit for FakeInit {
         self.job("RestartUnit", name, ActiveState::Active, SubState::Running)
     }
     async fn os_status(&self) -> Result<String, InitError> {
-        // An init on a host not booted from the A/B disk: a status without slots.
-        self.call("GetOsStatus".into(), None, |_| {
-            Ok(r#"{"running":null,"entries":[],"next":null,"job":null}"#.to_string())
+        self.call("GetOsStatus".into(), None, |s| {
+            if s.no_os_status {
+                return Err(unknown_method("GetOsStatus"));
+            }
+            Ok(s.os_status.clone().unwrap_or_else(|| DIRECT_BOOT.into()))
         })
     }
     async fn update_os(&self, source: &str, allow_downgrade: bool) -> Result<(), InitError> {
@@ -342,9 +369,51 @@ struct Running {
 
 impl Running {
     async fn start(init: &FakeInit) -> Running {
+        Running::start_full(init, HANDOVER_BOUND, None).await
+    }
+
+    /// An agent whose hand-overs end at `bound`.
+    async fn start_with(init: &FakeInit, bound: Duration) -> Running {
+        Running::start_full(init, bound, None).await
+    }
+
+    /// An agent with an OS probe (refreshed hourly: only the registration's probe runs).
+    async fn start_probing(init: &FakeInit, probe: Option<crate::os::OsProbe>) -> Running {
+        Running::start_full(init, HANDOVER_BOUND, probe).await
+    }
+
+    async fn start_full(
+        init: &FakeInit,
+        bound: Duration,
+        probe: Option<crate::os::OsProbe>,
+    ) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let registry: Arc<dyn Registry> =
             Arc::new(EmbeddedRegistry::open(dir.path()).await.unwrap());
+        Running::start_on(init, registry, dir, bound, probe)
+    }
+
+    /// Stops this agent and starts a new one on the same registry and init, as a restarted
+    /// fleetd would (taking over the lease its previous run left).
+    async fn restart(mut self, init: &FakeInit) -> Running {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("the agent stops on shutdown")
+            .unwrap();
+        let Running { registry, _dir, .. } = self;
+        Running::start_on(init, registry, _dir, HANDOVER_BOUND, None)
+    }
+
+    fn start_on(
+        init: &FakeInit,
+        registry: Arc<dyn Registry>,
+        dir: tempfile::TempDir,
+        bound: Duration,
+        probe: Option<crate::os::OsProbe>,
+    ) -> Running {
         let machine = Machine {
             id: MACHINE.into(),
             address: "127.0.0.1".into(),
@@ -354,7 +423,13 @@ impl Running {
             os_version: String::new(),
             os: None,
         };
-        let agent = Agent::new(registry.clone(), init.clone(), machine, TTL);
+        // As fleetd does: a restarted agent takes over its previous run's lease.
+        let mut agent = Agent::new(registry.clone(), init.clone(), machine, TTL)
+            .with_handover_bound(bound)
+            .with_lease_file(dir.path().join("agent.lease"));
+        if let Some(probe) = probe {
+            agent = agent.with_os_probe(probe, Duration::from_secs(3600));
+        }
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             agent
@@ -418,6 +493,27 @@ impl Running {
         })
         .await;
         assert!(waited.is_ok(), "gave up waiting for the state of {what}");
+    }
+
+    /// Waits until this machine's record satisfies `probe`, following the registry's watch.
+    async fn wait_machine(&self, what: &str, probe: impl Fn(&Machine) -> bool) -> Machine {
+        let waited = tokio::time::timeout(PATIENCE, async {
+            let snapshot = self.registry.snapshot().await.unwrap();
+            let mut watch = self.registry.watch(snapshot.revision + 1).await.unwrap();
+            let mut current = self.registry.get_machine(MACHINE).await.unwrap();
+            loop {
+                if let Some(m) = current.as_ref().filter(|m| probe(m)) {
+                    return m.clone();
+                }
+                if let Change::MachinePut(m) = watch.next().await.unwrap().unwrap().change {
+                    if m.id == MACHINE {
+                        current = Some(m);
+                    }
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| panic!("gave up waiting for the machine record: {what}"))
     }
 
     async fn stop(mut self) {
@@ -671,5 +767,401 @@ async fn an_init_without_list_images_publishes_none() {
         .await;
     let machine = agent.registry.get_machine(MACHINE).await.unwrap().unwrap();
     assert!(machine.images.is_empty(), "{machine:?}");
+    agent.stop().await;
+}
+
+// --- hand-over: a planned move starts the new copy before the old one stops ---------------
+
+/// Another machine of the cluster, played by the test on the same registry: present on its
+/// own lease, reporting the states its agent would.
+struct Peer {
+    id: String,
+    lease: LeaseId,
+}
+
+impl Peer {
+    async fn join(registry: &Arc<dyn Registry>, id: &str) -> Peer {
+        // Nobody keeps it alive: long enough for any test.
+        let lease = registry.grant_lease(PEER_TTL).await.unwrap();
+        let machine = Machine {
+            id: id.into(),
+            address: "127.0.0.2".into(),
+            metadata: BTreeMap::new(),
+            api: None,
+            images: Vec::new(),
+            os_version: String::new(),
+            os: None,
+        };
+        registry.register_machine(&machine, lease).await.unwrap();
+        Peer {
+            id: id.into(),
+            lease,
+        }
+    }
+
+    /// Reports `unit` in `active` on body `hash`, as the peer's agent would.
+    async fn report(
+        &self,
+        registry: &Arc<dyn Registry>,
+        unit: &str,
+        active: ActiveState,
+        hash: &str,
+    ) {
+        let running = active == ActiveState::Active;
+        let state = UnitState {
+            unit: unit.into(),
+            machine: self.id.clone(),
+            hash: Some(hash.into()),
+            active: active.into(),
+            sub: if running {
+                SubState::Running
+            } else if active == ActiveState::Failed {
+                SubState::Failed
+            } else {
+                SubState::Start
+            }
+            .into(),
+            pid: running.then_some(4242),
+            updated_at: 1,
+        };
+        registry.report_state(&state, self.lease).await.unwrap();
+    }
+}
+
+/// Makes sure the agent has applied every registry change made before this call: a unit
+/// submitted now runs only once the agent got to it, after all earlier events.
+async fn sync(agent: &Running, init: &FakeInit, name: &str) {
+    agent.submit(name, DesiredState::Launched).await;
+    init.wait(name, |s| running(s, name)).await;
+}
+
+/// `web` runs here (reported active), and peer m2 joined. Returns web's pid.
+async fn web_running(agent: &Running, init: &FakeInit) -> u32 {
+    agent.submit("web", DesiredState::Launched).await;
+    init.wait("web running", |s| running(s, "web")).await;
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active == ActiveState::Active)
+        })
+        .await;
+    init.unit("web").unwrap().main_pid
+}
+
+/// Moves `web` from this machine to `to` as the scheduler's drain does (a CAS).
+async fn move_web(agent: &Running, to: &str) {
+    let cas = agent
+        .registry
+        .assign("web", to, Some(MACHINE))
+        .await
+        .unwrap();
+    assert_eq!(cas, crate::registry::Cas::Done);
+}
+
+/// Asserts that web's copy here still runs with `pid`, was never stopped, and its state on
+/// this machine is still reported.
+async fn assert_web_kept(agent: &Running, init: &FakeInit, pid: u32) {
+    assert!(running(&init.lock(), "web"), "{:?}", init.lock());
+    assert_eq!(init.unit("web").unwrap().main_pid, pid);
+    assert_eq!(init.calls_for("web"), ["LoadUnit web", "StartUnit web"]);
+    let states = agent.registry.list_states().await.unwrap().items;
+    assert!(
+        states
+            .iter()
+            .any(|s| s.unit == "web" && s.machine == MACHINE && s.active == ActiveState::Active),
+        "web's state here must stay reported during the hand-over: {states:?}"
+    );
+}
+
+/// Waits until web's copy here is stopped and removed, and its state here is gone.
+async fn wait_web_gone(agent: &Running, init: &FakeInit) {
+    init.wait("web removed", |s| !s.units.contains_key("web"))
+        .await;
+    assert_eq!(init.calls_for("web").last().unwrap(), "RemoveUnit web");
+    agent.wait_state("web", |s| s.is_none()).await;
+}
+
+/// A unit moved to a present machine keeps running here while the new copy starts, is
+/// stale or only activating, and is stopped once the new machine reports it active.
+#[tokio::test]
+async fn a_moved_unit_runs_here_until_its_new_copy_is_active() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    let hash = crate::model::body_hash(BODY);
+    let pid = web_running(&agent, &init).await;
+    let m2 = Peer::join(&agent.registry, "m2").await;
+
+    move_web(&agent, "m2").await;
+    sync(&agent, &init, "s1").await;
+    assert_web_kept(&agent, &init, pid).await;
+
+    m2.report(&agent.registry, "web", ActiveState::Activating, &hash)
+        .await;
+    sync(&agent, &init, "s2").await;
+    assert_web_kept(&agent, &init, pid).await;
+
+    // Active on another body (an older report) is not the hand-over.
+    let stale = crate::model::body_hash("[container]\ncommand = [\"/bin/true\"]\n");
+    m2.report(&agent.registry, "web", ActiveState::Active, &stale)
+        .await;
+    sync(&agent, &init, "s3").await;
+    assert_web_kept(&agent, &init, pid).await;
+
+    m2.report(&agent.registry, "web", ActiveState::Active, &hash)
+        .await;
+    wait_web_gone(&agent, &init).await;
+    assert_eq!(
+        init.calls_for("web"),
+        ["LoadUnit web", "StartUnit web", "RemoveUnit web"]
+    );
+    agent.stop().await;
+}
+
+/// A unit moved to a machine that is not in the registry (a lost machine, no hand-over
+/// possible) stops here at once.
+#[tokio::test]
+async fn a_unit_moved_to_an_absent_machine_stops_at_once() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    web_running(&agent, &init).await;
+    move_web(&agent, "m3").await;
+    wait_web_gone(&agent, &init).await;
+    agent.stop().await;
+}
+
+/// Waits until the hand-over of web to m2 runs: web moved, the agent past the move.
+async fn handing_over(agent: &Running, init: &FakeInit) -> (Peer, u32) {
+    let pid = web_running(agent, init).await;
+    let m2 = Peer::join(&agent.registry, "m2").await;
+    move_web(agent, "m2").await;
+    sync(agent, init, "s1").await;
+    assert_web_kept(agent, init, pid).await;
+    (m2, pid)
+}
+
+/// The new machine's copy failed: nothing to wait for, the old copy stops.
+#[tokio::test]
+async fn a_hand_over_ends_when_the_new_copy_fails() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    let (m2, _) = handing_over(&agent, &init).await;
+    let hash = crate::model::body_hash(BODY);
+    m2.report(&agent.registry, "web", ActiveState::Failed, &hash)
+        .await;
+    wait_web_gone(&agent, &init).await;
+    agent.stop().await;
+}
+
+/// The new machine leaves the registry (its lease ends) during the hand-over: the old copy
+/// stops, and the engine will place the unit again.
+#[tokio::test]
+async fn a_hand_over_ends_when_the_new_machine_is_gone() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    let (m2, _) = handing_over(&agent, &init).await;
+    agent.registry.revoke_lease(m2.lease).await.unwrap();
+    wait_web_gone(&agent, &init).await;
+    agent.stop().await;
+}
+
+/// Unassigned or set inactive during a hand-over: stopped at once, as without one.
+#[tokio::test]
+async fn a_hand_over_ends_when_the_unit_is_unassigned_or_inactive() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    handing_over(&agent, &init).await;
+    agent.registry.unassign("web", "m2").await.unwrap();
+    wait_web_gone(&agent, &init).await;
+
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    handing_over(&agent, &init).await;
+    agent
+        .registry
+        .set_desired("web", DesiredState::Inactive)
+        .await
+        .unwrap();
+    wait_web_gone(&agent, &init).await;
+    agent.stop().await;
+}
+
+/// Moved back here during the hand-over: the copy here just keeps running (no restart), and
+/// the other machine's report no longer stops it.
+#[tokio::test]
+async fn a_unit_moved_back_during_a_hand_over_keeps_running() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    let (m2, pid) = handing_over(&agent, &init).await;
+    let cas = agent
+        .registry
+        .assign("web", MACHINE, Some("m2"))
+        .await
+        .unwrap();
+    assert_eq!(cas, crate::registry::Cas::Done);
+    let hash = crate::model::body_hash(BODY);
+    m2.report(&agent.registry, "web", ActiveState::Active, &hash)
+        .await;
+    sync(&agent, &init, "s2").await;
+    assert_web_kept(&agent, &init, pid).await;
+    agent.stop().await;
+}
+
+/// A new copy that never becomes active: the old copy stops at the bound, with no registry
+/// event to wake the agent (its own timer does).
+#[tokio::test]
+async fn a_hand_over_ends_at_its_bound() {
+    let init = FakeInit::new();
+    let bound = Duration::from_millis(700);
+    let agent = Running::start_with(&init, bound).await;
+    web_running(&agent, &init).await;
+    Peer::join(&agent.registry, "m2").await;
+    let moved = std::time::Instant::now();
+    move_web(&agent, "m2").await;
+    wait_web_gone(&agent, &init).await;
+    println!(
+        "hand-over bound {bound:?}: old copy removed {:?} after the move",
+        moved.elapsed()
+    );
+    agent.stop().await;
+}
+
+/// The agent restarts in the middle of a hand-over: it re-derives it from the registry (the
+/// unit runs here, is assigned to m2, m2 has not reported it active), keeps the copy
+/// running, and stops it once m2 does.
+#[tokio::test]
+async fn a_restarted_agent_resumes_a_hand_over() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    let (m2, pid) = handing_over(&agent, &init).await;
+    let agent = agent.restart(&init).await;
+    sync(&agent, &init, "s2").await;
+    // The new run's report of web (on its new lease) is there.
+    agent
+        .wait_state("web", |s| {
+            s.is_some_and(|s| s.active == ActiveState::Active)
+        })
+        .await;
+    assert_web_kept(&agent, &init, pid).await;
+    let hash = crate::model::body_hash(BODY);
+    m2.report(&agent.registry, "web", ActiveState::Active, &hash)
+        .await;
+    wait_web_gone(&agent, &init).await;
+    agent.stop().await;
+}
+
+#[test]
+fn the_hand_over_policy_table() {
+    use super::{handover_step, HandoverFacts, HandoverStep};
+    let active = (Wire::from(ActiveState::Active), Some("h".to_string()));
+    let failed = (Wire::from(ActiveState::Failed), Some("h".to_string()));
+    let base = || HandoverFacts {
+        launched: true,
+        global: false,
+        runs_here: true,
+        clash: None,
+        to: "m2",
+        present: true,
+        state: None,
+        hash: "h",
+        waited: Duration::ZERO,
+        bound: Duration::from_secs(120),
+    };
+    assert_eq!(handover_step(&base()), HandoverStep::Wait);
+    let stops = |f: HandoverFacts<'_>| matches!(handover_step(&f), HandoverStep::Stop(_));
+    assert!(stops(HandoverFacts {
+        state: Some(&active),
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        state: Some(&failed),
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        present: false,
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        launched: false,
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        global: true,
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        runs_here: false,
+        ..base()
+    }));
+    assert!(stops(HandoverFacts {
+        clash: Some("new"),
+        ..base()
+    }));
+    assert!(matches!(
+        handover_step(&HandoverFacts {
+            waited: Duration::from_secs(120),
+            ..base()
+        }),
+        HandoverStep::Overdue(_)
+    ));
+}
+
+/// A unit moved away because a unit that replaces it (or conflicts with it) takes this
+/// machine stops at once: the two may not run side by side, so there is no hand-over.
+#[tokio::test]
+async fn a_unit_replaced_here_stops_at_once() {
+    let init = FakeInit::new();
+    let agent = Running::start(&init).await;
+    web_running(&agent, &init).await;
+    Peer::join(&agent.registry, "m2").await;
+    // As the scheduler does it: the replacement first takes the machine, then web moves.
+    let body = "[container]\ncommand = [\"/bin/sleep\", \"1000\"]\n[fleet]\nreplaces = [\"web\"]\n";
+    agent
+        .submit_body("web2", body, DesiredState::Launched)
+        .await;
+    move_web(&agent, "m2").await;
+    wait_web_gone(&agent, &init).await;
+    init.wait("web2 running", |s| running(s, "web2")).await;
+    agent.stop().await;
+}
+
+/// A probe without an ESP of its own whose files do not exist: what it publishes can only
+/// come from init.
+fn probe_without_files(dir: &std::path::Path) -> crate::os::OsProbe {
+    crate::os::OsProbe {
+        os_release: dir.join("no-os-release"),
+        cmdline: dir.join("no-cmdline"),
+        esp: None,
+    }
+}
+
+/// Without an ESP of its own the agent publishes init's `GetOsStatus`, and its first
+/// registration already carries it (the probe's refresh is an hour away).
+#[tokio::test]
+async fn the_os_state_comes_from_init_with_the_first_registration() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.os_status = Some(BOOTED_A.into()));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Running::start_probing(&init, Some(probe_without_files(dir.path()))).await;
+    let m = agent.wait_machine("registered", |_| true).await;
+    assert_eq!(m.os_version, "1.5.0", "{m:?}");
+    let os = m.os.expect("an A/B host publishes its update state");
+    assert_eq!((os.booted.as_str(), os.next.as_deref()), ("a", Some("b")));
+    assert_eq!(os.slots.len(), 2);
+    assert_eq!(os.slots[1].tries_left, Some(3));
+    assert_eq!(os.update_state(), crate::model::UpdateState::RebootPending);
+    agent.stop().await;
+}
+
+/// An older init (`GetOsStatus` is an unknown method): the agent reads the files itself.
+#[tokio::test]
+async fn an_init_without_get_os_status_falls_back_to_the_probe() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.no_os_status = true);
+    let dir = tempfile::tempdir().unwrap();
+    let probe = probe_without_files(dir.path());
+    std::fs::write(&probe.os_release, "ID=flotilla\nVERSION_ID=1.4.0\n").unwrap();
+    std::fs::write(&probe.cmdline, "console=ttyS0 quiet\n").unwrap();
+    let agent = Running::start_probing(&init, Some(probe)).await;
+    let m = agent.wait_machine("registered", |_| true).await;
+    assert_eq!((m.os_version.as_str(), m.os), ("1.4.0", None));
     agent.stop().await;
 }

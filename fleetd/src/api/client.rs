@@ -253,6 +253,20 @@ impl ApiClient {
         self.call(Method::GET, "/reboot-lock", None::<&()>).await
     }
 
+    /// `POST /fleet/v1/os/rollout`: starts a rolling OS update (refused, 409, while one
+    /// runs).
+    pub async fn start_rollout(
+        &self,
+        request: &super::StartRollout,
+    ) -> Result<crate::model::Rollout, ClientError> {
+        self.call(Method::POST, "/os/rollout", Some(request)).await
+    }
+
+    /// `GET /fleet/v1/os/rollout`: the rollout (running or the last one), if any.
+    pub async fn rollout(&self) -> Result<Option<crate::model::Rollout>, ClientError> {
+        self.call(Method::GET, "/os/rollout", None::<&()>).await
+    }
+
     /// `GET /fleet/v1/state`.
     pub async fn list_state(&self) -> Result<Vec<UnitState>, ClientError> {
         self.call(Method::GET, "/state", None::<&()>).await

@@ -16,6 +16,9 @@
 //! | `GET /fleet/v1/units/{name}/journal?lines=N&after=SEQ&machine=ID` | the unit's output from the init of the machine it runs on (relayed to that machine's TCP API when it is another): [`flotilla_init_api::LogEntry`] |
 //! | `GET /fleet/v1/machines` | the live machines: [`crate::Machine`] |
 //! | `GET /fleet/v1/state` | every reported state: [`crate::UnitState`] |
+//! | `GET /fleet/v1/reboot-lock` | the reboot lock's holders: [`crate::RebootLockHolder`] |
+//! | `POST /fleet/v1/os/rollout` | [`StartRollout`]: start a rolling OS update through the present machines (201 with the [`crate::Rollout`]; 409 while one runs) |
+//! | `GET /fleet/v1/os/rollout` | the rollout (running or the last one), or `null` |
 //! | `GET`/`HEAD /v2/{name}/blobs/sha256:{hex}` | a blob of this machine's image store, for peers' pulls (TCP only; over TLS `OU=machine` only): [`blobs`] |
 //! | `POST /v2/_flotilla/claims/sha256:{hex}` | claim the fetch of an image from the registry in a rollout (same rules): [`blobs::claim`] |
 //! | `DELETE /v2/_flotilla/claims/sha256:{hex}` | the holder's pull failed: release its claim (same rules): [`blobs::release`] |
@@ -177,6 +180,16 @@ pub enum ApiError {
     /// The journal of a unit that does not run on this machine (409).
     #[error("{0}")]
     Elsewhere(String),
+    /// A rollout was asked for while another one runs (409).
+    #[error("a rollout of {reference} to version {version} is running (started {started_at} ms after the epoch): wait for it to finish or halt (fleetctl os status)")]
+    RolloutRunning {
+        /// The running rollout's payload.
+        reference: String,
+        /// Its target version.
+        version: String,
+        /// When it started.
+        started_at: u64,
+    },
     /// Relaying to the machine that runs the unit failed (502).
     #[error("{0}")]
     Relay(String),
@@ -196,7 +209,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::UnknownUnit(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict { .. } | ApiError::Elsewhere(_) => StatusCode::CONFLICT,
+            ApiError::Conflict { .. }
+            | ApiError::Elsewhere(_)
+            | ApiError::RolloutRunning { .. } => StatusCode::CONFLICT,
             ApiError::Relay(_) => StatusCode::BAD_GATEWAY,
             ApiError::Init(e) if e.is_no_such_unit() => StatusCode::NOT_FOUND,
             ApiError::Init(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -348,6 +363,10 @@ pub fn router(state: ApiState) -> Router {
         .route(&format!("{PREFIX}/machines"), get(list_machines))
         .route(&format!("{PREFIX}/state"), get(list_state))
         .route(&format!("{PREFIX}/reboot-lock"), get(reboot_lock))
+        .route(
+            &format!("{PREFIX}/os/rollout"),
+            get(get_rollout).post(start_rollout),
+        )
         .route(
             &format!("{}/{{*rest}}", blobs::V2),
             get(blobs::blob).post(blobs::claim).delete(blobs::release),
@@ -843,6 +862,84 @@ async fn reboot_lock(
     State(state): State<ApiState>,
 ) -> Result<Json<Vec<crate::model::RebootLockHolder>>, ApiError> {
     Ok(Json(state.registry.reboot_lock_holders().await?.items))
+}
+
+/// The body of `POST /fleet/v1/os/rollout`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRollout {
+    /// The update payload: an OCI reference, or a directory that exists on every machine.
+    pub reference: String,
+    /// The version the machines reach (the payload manifest's `version`).
+    pub version: String,
+    /// How many machines may be unavailable at once (at least 1).
+    pub max_unavailable: u32,
+}
+
+/// Starts a rollout through the machines present now, in id order.
+async fn start_rollout(
+    State(state): State<ApiState>,
+    body: Result<Json<StartRollout>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "bad request body ({e}): send {{\"reference\": \"<OCI reference or directory>\", \"version\": \"<target version>\", \"max_unavailable\": N}}"
+        ))
+    })?;
+    if req.reference.trim().is_empty() || req.version.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "a rollout needs a reference (the update payload) and a version (its manifest's)"
+                .into(),
+        ));
+    }
+    if req.max_unavailable == 0 {
+        return Err(ApiError::BadRequest(
+            "max_unavailable must be at least 1 (how many machines may be down at once)".into(),
+        ));
+    }
+    let machines: Vec<String> = state
+        .registry
+        .list_machines()
+        .await?
+        .items
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    if machines.is_empty() {
+        return Err(ApiError::BadRequest(
+            "no machine is present in the cluster: nothing to update".into(),
+        ));
+    }
+    let rollout = crate::model::Rollout::new(
+        &req.reference,
+        &req.version,
+        req.max_unavailable,
+        &machines,
+        crate::registry::now_ms(),
+    );
+    match state.registry.start_rollout(&rollout).await? {
+        crate::registry::RolloutStart::Started => {
+            log::info!(
+                "api: POST {PREFIX}/os/rollout: started the rollout of {} to version {} through {} machine(s), at most {} unavailable",
+                rollout.reference,
+                rollout.version,
+                machines.len(),
+                rollout.max_unavailable
+            );
+            Ok((StatusCode::CREATED, Json(rollout)).into_response())
+        }
+        crate::registry::RolloutStart::Running(current) => Err(ApiError::RolloutRunning {
+            reference: current.reference,
+            version: current.version,
+            started_at: current.started_at,
+        }),
+    }
+}
+
+/// The rollout record, or `null`.
+async fn get_rollout(
+    State(state): State<ApiState>,
+) -> Result<Json<Option<crate::model::Rollout>>, ApiError> {
+    Ok(Json(state.registry.get_rollout().await?))
 }
 
 async fn list_state(State(state): State<ApiState>) -> Result<Json<Vec<UnitState>>, ApiError> {

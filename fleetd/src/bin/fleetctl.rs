@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use flotilla_fleetd::api::{self, ApiClient, ClientError, PutUnit, UnitView};
-use flotilla_fleetd::{DesiredState, Machine};
+use flotilla_fleetd::{DesiredState, Machine, RolloutState};
 use flotilla_init_api::{ActiveState, Wire};
 
 /// fleetctl: submit units to the cluster and see where and how they run.
@@ -197,15 +197,41 @@ enum Verb {
 #[derive(Debug, Subcommand)]
 enum OsVerb {
     /// Each machine's OS version and update state (booted and next slot, each slot's
-    /// version and state) and which machines hold the reboot lock.
+    /// version and state), which machines hold the reboot lock, and the rollout.
     Status {
-        /// JSON: machines (id, address, os_version, update, os, reboot_lock) and reboot_lock
-        /// (the holders: machine, lease, since).
+        /// JSON: machines (id, address, os_version, update, os, reboot_lock), reboot_lock
+        /// (the holders: machine, lease, since) and rollout (null, or reference, version,
+        /// max_unavailable, state, halted, machines: id, step, reason).
         #[arg(long)]
         json: bool,
         /// Do not shorten machine ids.
         #[arg(long)]
         full: bool,
+    },
+    /// Roll a signed OS update through the cluster: the leader takes the machines present
+    /// now, in id order, N at a time: moves each one's units away, has it update and
+    /// reboot, and waits until it is back on the new version and committed. It halts at
+    /// the first machine that comes back on the old version or does not come back.
+    Update {
+        /// The update payload: a registry reference `HOST[:PORT]/REPO[:TAG]` (or
+        /// `...@sha256:<hex>`) of the OCI image, or a payload directory that exists at the
+        /// same path on every machine. An existing local path is a directory.
+        #[arg(value_name = "REF|DIR")]
+        reference: String,
+        /// How many machines may be unavailable (draining, updating, rebooting, down) at once.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        max_unavailable: u32,
+        /// The version the machines reach [default: the `version` of the payload's
+        /// manifest.json, read from the directory or pulled (that one file) from the registry].
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Follow the rollout, one line per step change; exit non-zero if it halts.
+        #[arg(long)]
+        wait: bool,
+        /// Registry settings for pulling the payload's manifest (credentials, mirrors, CA,
+        /// insecure) [default: $FLOTILLA_REGISTRIES, else /etc/flotilla/registries.toml].
+        #[arg(long, value_name = "FILE")]
+        registries: Option<PathBuf>,
     },
 }
 
@@ -333,6 +359,19 @@ async fn run(cli: Cli) -> Result<()> {
         Verb::Os {
             verb: OsVerb::Status { json, full },
         } => ctl.os_status(json, full).await,
+        Verb::Os {
+            verb:
+                OsVerb::Update {
+                    reference,
+                    max_unavailable,
+                    version,
+                    wait,
+                    registries,
+                },
+        } => {
+            ctl.os_update(&reference, max_unavailable, version, wait, registries)
+                .await
+        }
         Verb::Cat { unit } => {
             let detail = ctl.get(&unit_name(&unit)).await?;
             print!("{}", detail.body);
@@ -835,6 +874,7 @@ impl Ctl {
     async fn os_status(&self, json: bool, full: bool) -> Result<()> {
         let machines = self.client.list_machines().await?;
         let holders = self.client.reboot_lock().await?;
+        let rollout = self.client.rollout().await?;
         let holds = |id: &str| holders.iter().find(|h| h.machine == id);
         if json {
             let machines: Vec<serde_json::Value> = machines
@@ -850,7 +890,11 @@ impl Ctl {
                     })
                 })
                 .collect();
-            let out = serde_json::json!({ "machines": machines, "reboot_lock": holders });
+            let out = serde_json::json!({
+                "machines": machines,
+                "reboot_lock": holders,
+                "rollout": rollout,
+            });
             println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
@@ -921,7 +965,108 @@ impl Ctl {
         } else {
             println!("reboot lock: {} slot(s) held", holders.len());
         }
+        if let Some(r) = &rollout {
+            println!();
+            let by_id: BTreeMap<&str, &Machine> =
+                machines.iter().map(|m| (m.id.as_str(), m)).collect();
+            let mut rows = vec![row(["MACHINE", "STEP", "VERSION", "UPDATE", "REASON"])];
+            for m in &r.machines {
+                let live = by_id.get(m.id.as_str());
+                rows.push(row([
+                    &short_id(&m.id, full),
+                    m.step.as_str(),
+                    live.map_or("(absent)", |l| os_version(l)),
+                    live.map_or("-", |l| update_state(l)),
+                    m.reason.as_deref().unwrap_or("-"),
+                ]));
+            }
+            print_table(&rows);
+            println!("{}", rollout_line(r, full));
+        } else {
+            println!("rollout: none");
+        }
         Ok(())
+    }
+
+    /// `fleetctl os update`: the version (given, or the payload manifest's), the start,
+    /// and with `wait` the rollout followed to its end.
+    async fn os_update(
+        &self,
+        reference: &str,
+        max_unavailable: u32,
+        version: Option<String>,
+        wait: bool,
+        registries: Option<PathBuf>,
+    ) -> Result<()> {
+        if max_unavailable == 0 {
+            bail!("--max-unavailable must be at least 1");
+        }
+        let local = Path::new(reference);
+        let reference = if local.is_dir() {
+            std::fs::canonicalize(local)
+                .with_context(|| format!("cannot resolve the payload directory {reference}"))?
+                .display()
+                .to_string()
+        } else {
+            reference.to_string()
+        };
+        let version = match version {
+            Some(v) => v,
+            None => payload_version(&reference, registries).await?,
+        };
+        let request = api::StartRollout {
+            reference: reference.clone(),
+            version: version.clone(),
+            max_unavailable,
+        };
+        let started = self.client.start_rollout(&request).await?;
+        println!(
+            "Started the rollout of {reference} to version {version} through {} machine(s) ({}), at most {max_unavailable} unavailable at once",
+            started.machines.len(),
+            started
+                .machines
+                .iter()
+                .map(|m| short_id(&m.id, false))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !wait {
+            println!("Follow it with: fleetctl os status (or fleetctl os update ... --wait)");
+            return Ok(());
+        }
+        self.follow_rollout(&started).await
+    }
+
+    /// Prints one line per step change of `started` until it finishes (Ok) or halts (Err).
+    async fn follow_rollout(&self, started: &flotilla_fleetd::Rollout) -> Result<()> {
+        let mut seen: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+        loop {
+            let current = self
+                .client
+                .rollout()
+                .await?
+                .filter(|r| r.same_as(started))
+                .ok_or_else(|| anyhow!("the rollout was replaced by another one"))?;
+            for m in &current.machines {
+                let now = (m.step.as_str().to_string(), m.reason.clone());
+                if seen.get(&m.id) != Some(&now) {
+                    match &m.reason {
+                        Some(why) => println!("{}: {} ({why})", short_id(&m.id, false), m.step),
+                        None => println!("{}: {}", short_id(&m.id, false), m.step),
+                    }
+                    seen.insert(m.id.clone(), now);
+                }
+            }
+            match current.state {
+                RolloutState::Running => {}
+                RolloutState::Finished => {
+                    println!("{}", rollout_line(&current, false));
+                    return Ok(());
+                }
+                RolloutState::Halted => bail!("{}", rollout_line(&current, false)),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn status(&self, names: &[String]) -> Result<()> {
@@ -1093,6 +1238,101 @@ fn machine_label(id: &str, machines: &BTreeMap<String, Machine>, full: bool) -> 
         Some(addr) if !addr.is_empty() => format!("{}/{addr}", short_id(id, full)),
         _ => short_id(id, full),
     }
+}
+
+/// The line that says where a rollout is.
+fn rollout_line(r: &flotilla_fleetd::Rollout, full: bool) -> String {
+    let done = r
+        .machines
+        .iter()
+        .filter(|m| m.step == flotilla_fleetd::RolloutStep::Done)
+        .count();
+    let head = format!(
+        "rollout of {} to version {} (at most {} unavailable): {}, {done} of {} machine(s) done",
+        r.reference,
+        r.version,
+        r.max_unavailable,
+        r.state,
+        r.machines.len()
+    );
+    match &r.halted {
+        Some(h) => format!(
+            "{head}; halted at {}: {}",
+            short_id(&h.machine, full),
+            h.reason
+        ),
+        None => head,
+    }
+}
+
+/// The `version` of the update payload's manifest.json: read from the directory, or only
+/// that layer pulled from the registry (the signature is the machines' to check).
+async fn payload_version(reference: &str, registries: Option<PathBuf>) -> Result<String> {
+    use flotilla_osupdate::payload::{UpdateManifest, MANIFEST};
+    let dir = Path::new(reference);
+    let read = |path: &Path| -> Result<String> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!(
+                "cannot read the payload manifest {}: give the version with --version",
+                path.display()
+            )
+        })?;
+        let manifest: UpdateManifest = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not an update payload manifest: give the version with --version",
+                path.display()
+            )
+        })?;
+        Ok(manifest.version)
+    };
+    if dir.is_dir() {
+        return read(&dir.join(MANIFEST));
+    }
+    let (settings, path) = registry_settings(registries)?;
+    let wanted = reference.to_string();
+    let reference = reference.to_string();
+    let staging = std::env::temp_dir().join(format!(
+        "fleetctl-manifest-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let dest = staging.clone();
+    // pull_files runs its own runtime: off this one's thread.
+    let pulled = tokio::task::spawn_blocking(move || {
+        let check = |reference: &str, bytes: &[u8]| {
+            let layers = flotilla_osupdate::oci::parse_update_manifest(reference, bytes)
+                .map_err(|e| e.to_string())?;
+            Ok(layers
+                .into_iter()
+                .filter(|l| l.file == MANIFEST)
+                .map(|l| flotilla_registry::ArtifactFile {
+                    name: l.file,
+                    media_type: l.layer.media_type,
+                    digest: l.layer.digest,
+                    size: l.layer.size,
+                })
+                .collect())
+        };
+        let quiet: flotilla_registry::Progress = std::sync::Arc::new(|_| {});
+        flotilla_registry::pull_files(&reference, &settings, &path, &dest, &check, quiet)
+    })
+    .await;
+    let version = match pulled {
+        Ok(Ok(_)) => read(&staging.join(MANIFEST)),
+        Ok(Err(e)) => Err(anyhow!(e).context(format!(
+            "cannot pull the payload manifest of {wanted}: give the version with --version"
+        ))),
+        Err(e) => Err(anyhow!("the manifest pull failed: {e}")),
+    };
+    if let Err(e) = std::fs::remove_dir_all(&staging) {
+        eprintln!("fleetctl: cannot remove {}: {e}", staging.display());
+    }
+    version
 }
 
 /// A machine's VERSION cell.

@@ -383,6 +383,11 @@ async fn run(mut args: Args) -> Result<()> {
     );
 
     let engine = Engine::new(registry.clone(), machine_id.clone(), ttl);
+    let runner = flotilla_fleetd::rollout::Runner::new(
+        registry.clone(),
+        engine.status(),
+        machine_id.clone(),
+    );
     let mut api_state = ApiState::new(registry.clone(), Some(engine.status()))
         .with_local_init(machine_id.clone(), init.clone());
     if let Some(token) = &token {
@@ -485,6 +490,12 @@ async fn run(mut args: Args) -> Result<()> {
             Ok(())
         });
     }
+    // The rolling OS update: acts while this machine's engine leads.
+    let stop = stopped();
+    tasks.spawn(async move {
+        runner.run(stop).await;
+        Ok(())
+    });
     let stop = stopped();
     tasks.spawn(async move { engine.run(stop).await.map_err(anyhow::Error::from) });
     let stop = stopped();

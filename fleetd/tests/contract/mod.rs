@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use flotilla_fleetd::{
     body_hash, Campaign, Cas, Change, DesiredState, Event, LeaseId, Machine, RebootLock, Registry,
-    RegistryError, UnitRecord, UnitState, Watch,
+    RegistryError, Rollout, RolloutHalt, RolloutStart, RolloutState, RolloutStep, UnitRecord,
+    UnitState, Watch,
 };
 use flotilla_init_api::{ActiveState, SubState};
 
@@ -56,6 +57,8 @@ macro_rules! contract_tests {
             reboot_lock_admits_at_most_n_under_concurrent_acquires,
             reboot_lock_release_and_reacquire,
             reboot_lock_is_freed_when_the_holders_lease_ends,
+            rollout_starts_once_under_concurrent_starts,
+            rollout_is_moved_on_only_by_the_leader,
         );
     };
     (@cases $setup:expr; $($case:ident),* $(,)?) => {
@@ -187,6 +190,7 @@ fn kinds(events: &[Event]) -> Vec<String> {
             Change::StateRemoved { unit, machine } => format!("state- {unit} {machine}"),
             Change::LeaderPut(l) => format!("leader+ {}", l.id),
             Change::LeaderRemoved => "leader-".to_string(),
+            Change::RolloutPut(r) => format!("rollout {}", r.state),
         })
         .collect()
 }
@@ -917,4 +921,134 @@ pub async fn reboot_lock_is_freed_when_the_holders_lease_ends(env: &Env) {
         RebootLock::Acquired
     );
     o.revoke_lease(third).await.unwrap();
+}
+
+// --- the rollout record ----------------------------------------------------------------------------
+
+fn rollout(reference: &str, started_at: u64) -> Rollout {
+    Rollout::new(
+        reference,
+        "2.0.0",
+        1,
+        &["m1".to_string(), "m2".to_string()],
+        started_at,
+    )
+}
+
+/// Of concurrent starts exactly one writes the record; the others learn the running one.
+/// Once it ended (finished or halted) the next start replaces it. Watchers see each write.
+pub async fn rollout_starts_once_under_concurrent_starts(env: &Env) {
+    let (r, o) = (&env.registry, &env.other);
+    assert_eq!(r.get_rollout().await.unwrap(), None);
+    let from = r.snapshot().await.unwrap().revision + 1;
+    let mut watch = r.watch(from).await.unwrap();
+    let tasks: Vec<_> = (0..6u64)
+        .map(|i| {
+            let handle = if i % 2 == 0 { r.clone() } else { o.clone() };
+            tokio::spawn(async move {
+                let mine = rollout(&format!("oci://reg/os:{i}"), 1000 + i);
+                (mine.clone(), handle.start_rollout(&mine).await.unwrap())
+            })
+        })
+        .collect();
+    let mut started = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (mine, RolloutStart::Started) => started.push(mine),
+            (_, RolloutStart::Running(current)) => refused.push(*current),
+        }
+    }
+    assert_eq!(started.len(), 1, "exactly one start wins: {started:?}");
+    let winner = started.remove(0);
+    assert_eq!(refused.len(), 5);
+    assert!(refused.iter().all(|c| *c == winner), "{refused:?}");
+    assert_eq!(r.get_rollout().await.unwrap().as_ref(), Some(&winner));
+    let events = events_until(&mut watch, |c| matches!(c, Change::RolloutPut(_))).await;
+    assert!(
+        matches!(&events.last().unwrap().change, Change::RolloutPut(p) if **p == winner),
+        "{events:?}"
+    );
+
+    // A halted rollout is replaced by the next start.
+    let lease = r.grant_lease(LONG_TTL).await.unwrap();
+    let _ka = keep_alive(r, lease);
+    assert!(matches!(
+        r.campaign("m1", lease).await.unwrap(),
+        Campaign::Won(_)
+    ));
+    let mut halted = winner.clone();
+    halted.state = RolloutState::Halted;
+    halted.halted = Some(RolloutHalt {
+        machine: "m1".into(),
+        reason: "came back on 1.0.0".into(),
+    });
+    halted.machines[0].step = RolloutStep::Failed;
+    assert!(r.update_rollout(&halted, lease).await.unwrap());
+    let next = rollout("oci://reg/os:next", 5000);
+    assert_eq!(o.start_rollout(&next).await.unwrap(), RolloutStart::Started);
+    assert_eq!(r.get_rollout().await.unwrap(), Some(next.clone()));
+    // ... and the old rollout's leader cannot write over the new one.
+    assert!(!r.update_rollout(&halted, lease).await.unwrap());
+    assert_eq!(r.get_rollout().await.unwrap(), Some(next));
+    r.resign("m1", lease).await.unwrap();
+    r.revoke_lease(lease).await.unwrap();
+}
+
+/// Only the leader's lease moves a rollout on: a deposed leader's write is refused, the
+/// new leader's lands; the record survives both leaders' leases.
+pub async fn rollout_is_moved_on_only_by_the_leader(env: &Env) {
+    let (r, o) = (&env.registry, &env.other);
+    let plan = rollout("oci://reg/os:2", 42);
+    assert_eq!(r.start_rollout(&plan).await.unwrap(), RolloutStart::Started);
+    let la = r.grant_lease(env.ttl).await.unwrap();
+    let lb = o.grant_lease(LONG_TTL).await.unwrap();
+    let _kb = keep_alive(o, lb);
+    // Nobody leads yet: nobody writes.
+    let mut draining = plan.clone();
+    draining.machines[0].step = RolloutStep::Draining;
+    assert!(!r.update_rollout(&draining, la).await.unwrap());
+    assert!(matches!(
+        r.campaign("a", la).await.unwrap(),
+        Campaign::Won(_)
+    ));
+    assert!(
+        !o.update_rollout(&draining, lb).await.unwrap(),
+        "b does not lead"
+    );
+    assert!(r.update_rollout(&draining, la).await.unwrap());
+    assert_eq!(o.get_rollout().await.unwrap(), Some(draining.clone()));
+    // A start while it runs is refused, with the running one.
+    assert_eq!(
+        o.start_rollout(&rollout("oci://reg/os:3", 43))
+            .await
+            .unwrap(),
+        RolloutStart::Running(Box::new(draining.clone()))
+    );
+    // a's lease ends (it died): b takes over and continues from the record.
+    let from = r.snapshot().await.unwrap().revision + 1;
+    wait_leader_gone(r, from).await;
+    assert!(matches!(
+        o.campaign("b", lb).await.unwrap(),
+        Campaign::Won(_)
+    ));
+    let mut updating = o.get_rollout().await.unwrap().unwrap();
+    assert_eq!(updating, draining, "the record outlives its leader's lease");
+    updating.machines[0].step = RolloutStep::Updating;
+    assert!(
+        !r.update_rollout(&updating, la).await.unwrap(),
+        "a is deposed"
+    );
+    assert!(o.update_rollout(&updating, lb).await.unwrap());
+    assert_eq!(r.get_rollout().await.unwrap(), Some(updating));
+    o.resign("b", lb).await.unwrap();
+}
+
+/// Waits until the leader key is gone (its lease expired).
+async fn wait_leader_gone(r: &Arc<dyn Registry>, from: u64) {
+    let mut watch = r.watch(from).await.unwrap();
+    if r.leader().await.unwrap().is_none() {
+        return;
+    }
+    events_until(&mut watch, |c| matches!(c, Change::LeaderRemoved)).await;
 }

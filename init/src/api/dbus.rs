@@ -33,6 +33,8 @@ use zbus::blocking::connection::Builder;
 use zbus::blocking::Connection;
 use zbus::Guid;
 
+use crate::os_update::OsUpdater;
+
 use super::access::{self, Placement, UnitCgroups};
 use super::peer::{self, PeerCred};
 use super::OBJECT_PATH;
@@ -179,12 +181,15 @@ mod object {
     use crate::api::{
         wire, ApiHandle, ImageEntry, LogEntry, ReloadReport, Request, Response, UnitInfo,
     };
+    use crate::os_update::OsUpdater;
 
     /// The object served at [`OBJECT_PATH`]; forwards every call to the manager.
     pub(super) struct Manager1 {
         pub(super) handle: ApiHandle,
         /// Why this connection's caller is refused, if it is (answered to every method).
         pub(super) denied: Option<String>,
+        /// The host's OS update (`GetOsStatus`, `UpdateOs`); `None`: not served.
+        pub(super) os: Option<OsUpdater>,
     }
 
     impl Manager1 {
@@ -216,6 +221,16 @@ mod object {
                 Response::Unit(u) => Ok((wire::unit(u),)),
                 other => Err(unexpected(method, &other)),
             }
+        }
+
+        /// The OS updater, or the refusal of a server started without one.
+        fn os(&self, method: &str) -> Result<OsUpdater, MethodError> {
+            self.admitted(method)?;
+            self.os.clone().ok_or_else(|| {
+                MethodError::Refused(format!(
+                    "{method}: this manager does not manage the host's OS (its server was started without it)"
+                ))
+            })
         }
 
         async fn logs_request(
@@ -377,6 +392,45 @@ mod object {
             }
         }
 
+        /// `GetOsStatus() -> s`: the host's A/B state as JSON, the document `unitctl os
+        /// status --json` prints (`running`, `version`, `next`, `slots`, `rolled_back`) plus
+        /// `job` (`null` or `{"source", "state": "running"|"failed"|"rebooting",
+        /// "message"}`). A host not booted from a slot answers `running: null` and no slots.
+        /// Read-only; answered by the server off the event loop (the ESP is mounted for the
+        /// moment).
+        async fn get_os_status(&self) -> Result<String, MethodError> {
+            let os = self.os(flotilla_init_api::GET_OS_STATUS)?;
+            let doc = blocking::unblock(move || os.status_json())
+                .await
+                .map_err(|e| MethodError::Refused(wire::text(e.to_string())))?;
+            Ok(wire::text(doc.to_string()))
+        }
+
+        /// `UpdateOs(s source, b allow_downgrade)`: starts an OS update from a payload
+        /// directory or an OCI reference and returns at once (refused while one runs, on a
+        /// host not booted from a slot, and while the manager shuts down). The job runs on
+        /// its own thread; once the new slot is the next boot the host reboots in order.
+        async fn update_os(
+            &self,
+            source: WireString,
+            allow_downgrade: bool,
+        ) -> Result<(), MethodError> {
+            let os = self.os(flotilla_init_api::UPDATE_OS)?;
+            let source = source.get("the update source")?;
+            match self.call(Request::SystemState).await? {
+                Response::Text(t) if t == crate::api::SYSTEM_RUNNING => {}
+                Response::Text(_) => {
+                    return Err(MethodError::Refused(
+                        "the manager is shutting down: OS update refused".into(),
+                    ))
+                }
+                other => return Err(unexpected(flotilla_init_api::UPDATE_OS, &other)),
+            }
+            blocking::unblock(move || os.start(&source, allow_downgrade))
+                .await
+                .map_err(|e| MethodError::Refused(wire::text(e.to_string())))
+        }
+
         /// A unit's active or sub state changed.
         #[zbus(signal)]
         pub(super) async fn unit_state_changed(
@@ -445,11 +499,23 @@ impl Drop for Server {
 ///
 /// Creates the parent directory (0755) if missing and replaces a stale socket file; refuses
 /// to replace a socket a live server still answers on, or a file that is not a socket.
+/// `GetOsStatus` and `UpdateOs` are refused (no OS updater: see [`serve_with_os`]).
 pub fn serve(
     socket: &Path,
     handle: ApiHandle,
     events: Receiver<Event>,
     units: UnitCgroups,
+) -> Result<Server, DbusError> {
+    serve_with_os(socket, handle, events, units, None)
+}
+
+/// [`serve`], with `os` answering `GetOsStatus` and `UpdateOs`.
+pub fn serve_with_os(
+    socket: &Path,
+    handle: ApiHandle,
+    events: Receiver<Event>,
+    units: UnitCgroups,
+    os: Option<OsUpdater>,
 ) -> Result<Server, DbusError> {
     let path = socket.to_path_buf();
     prepare_path(&path)?;
@@ -490,7 +556,7 @@ pub fn serve(
         let path = path.clone();
         thread::Builder::new()
             .name("api-accept".into())
-            .spawn(move || accept_loop(&listener, &path, &stop, handle, &units, connections))
+            .spawn(move || accept_loop(&listener, &path, &stop, handle, &units, os, connections))
             .map_err(|e| spawn_error("accept", e))?
     };
     log::info!("control API listening on {}", path.display());
@@ -547,6 +613,7 @@ fn accept_loop(
     stop: &AtomicBool,
     handle: ApiHandle,
     units: &UnitCgroups,
+    os: Option<OsUpdater>,
     connections: Connections,
 ) {
     let guid = Guid::generate();
@@ -590,6 +657,7 @@ fn accept_loop(
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let guid = guid.clone();
         let handle = handle.clone();
+        let os = os.clone();
         let connections = Arc::clone(&connections);
         let caller = Caller {
             cred,
@@ -598,7 +666,7 @@ fn accept_loop(
         };
         let spawned = thread::Builder::new()
             .name(format!("api-conn-{id}"))
-            .spawn(move || serve_connection(id, stream, guid, handle, caller, connections));
+            .spawn(move || serve_connection(id, stream, guid, handle, os, caller, connections));
         if let Err(e) = spawned {
             log::warn!("control API: cannot start a connection thread: {e}");
         }
@@ -666,6 +734,7 @@ fn serve_connection(
     stream: UnixStream,
     guid: Guid<'static>,
     handle: ApiHandle,
+    os: Option<OsUpdater>,
     caller: Caller,
     connections: Connections,
 ) {
@@ -681,7 +750,7 @@ fn serve_connection(
     let built = Builder::async_io_unix_stream(stream)
         .server(guid)
         .map(|b| b.p2p())
-        .and_then(|b| b.serve_at(OBJECT_PATH, Manager1 { handle, denied }))
+        .and_then(|b| b.serve_at(OBJECT_PATH, Manager1 { handle, denied, os }))
         .and_then(|b| b.build());
     let conn = match built {
         Ok(c) => c,

@@ -16,6 +16,7 @@ use flotilla_init::event_loop::{self, Exit};
 use flotilla_init::launcher::{ContainerLauncher, HostLauncher, Launcher};
 use flotilla_init::logs::LogConfig;
 use flotilla_init::manager::{Config, HelperPuller, Manager};
+use flotilla_init::os_update::{HostPaths, OsConfig, OsUpdater};
 use flotilla_init::scope::ScopeRoot;
 use nix::sys::signal::Signal;
 
@@ -112,6 +113,54 @@ struct Args {
         default_value = "/etc/flotilla/registries.toml"
     )]
     registries: PathBuf,
+    /// A mounted ESP for `GetOsStatus`/`UpdateOs` [default: the slots' disk's `flotilla-esp`
+    /// partition, mounted on /run/flotilla/esp-os for the moment].
+    #[arg(long, value_name = "DIR", hide = true)]
+    os_esp: Option<PathBuf>,
+    /// The disk holding the slots, by kernel name [default: the running slot's].
+    #[arg(long, value_name = "NAME", hide = true)]
+    os_disk: Option<String>,
+    #[arg(long, hide = true, default_value = "/sys/class/block")]
+    os_sys_block: PathBuf,
+    #[arg(long, hide = true, default_value = "/dev")]
+    os_dev: PathBuf,
+    #[arg(long, hide = true, default_value = "/proc/cmdline")]
+    os_cmdline: PathBuf,
+    #[arg(long, hide = true, default_value = "/usr/lib/os-release")]
+    os_release: PathBuf,
+    #[arg(long, hide = true, default_value = flotilla_osupdate::payload::TRUSTED_KEYS_DIR)]
+    os_keys: PathBuf,
+    /// Where `UpdateOs` downloads a registry reference.
+    #[arg(long, hide = true, default_value = flotilla_init::os_update::STAGING)]
+    os_staging: PathBuf,
+}
+
+/// The OS updater of `GetOsStatus`/`UpdateOs`; once an update is installed it asks for
+/// the orderly reboot the way Ctrl-Alt-Del does: SIGINT to this process (as PID 1 a
+/// reboot; as a supervisor, the units stopped and an exit).
+fn os_updater(args: &Args) -> OsUpdater {
+    let config = OsConfig {
+        paths: HostPaths {
+            sys_block: args.os_sys_block.clone(),
+            dev: args.os_dev.clone(),
+            cmdline: args.os_cmdline.clone(),
+            os_release: args.os_release.clone(),
+            keys: args.os_keys.clone(),
+            disk: args.os_disk.clone(),
+            esp: args.os_esp.clone(),
+        },
+        registries: args.registries.clone(),
+        staging: args.os_staging.clone(),
+        esp_mount: PathBuf::from(flotilla_init::os_update::INIT_ESP_MOUNT),
+    };
+    OsUpdater::new(
+        config,
+        Box::new(|| {
+            if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGINT) {
+                log::error!("cannot ask for the reboot after the OS update (SIGINT to self): {e}; reboot the host yourself");
+            }
+        }),
+    )
 }
 
 /// What units over the host's root must not read: the given secrets, and the state
@@ -160,6 +209,7 @@ fn shutdown_timeout(flag: Duration, pid1: bool) -> Duration {
 fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     raise_fd_limit();
+    let os = os_updater(&args);
 
     let cgroup = args.cgroup.unwrap_or_else(|| {
         if pid1 {
@@ -219,8 +269,14 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
         let puller = HelperPuller::new(&helpers, &args.images, Some(&args.registries));
         manager.set_puller(Box::new(puller));
     }
-    let server = dbus::serve(&args.api, handle, events_rx, manager.unit_cgroups())
-        .with_context(|| format!("serving the control API on {}", args.api.display()))?;
+    let server = dbus::serve_with_os(
+        &args.api,
+        handle,
+        events_rx,
+        manager.unit_cgroups(),
+        Some(os),
+    )
+    .with_context(|| format!("serving the control API on {}", args.api.display()))?;
     log::info!(
         "managing {} units; control socket {}",
         manager.len(),

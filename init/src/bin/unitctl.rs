@@ -429,14 +429,7 @@ fn unreachable_local() -> Result<()> {
 }
 
 fn human_size(bytes: u64) -> String {
-    let mut v = bytes as f64;
-    for unit in ["B", "KiB", "MiB", "GiB"] {
-        if v < 1024.0 {
-            return format!("{v:.1} {unit}");
-        }
-        v /= 1024.0;
-    }
-    format!("{v:.1} TiB")
+    flotilla_init::os_update::human_size(bytes)
 }
 
 fn run(cli: Cli) -> Result<u8> {

@@ -1,157 +1,25 @@
 //! `unitctl os status | update DIR | rollback`: the host's A/B update, run by unitctl itself
-//! (as root) with `flotilla_osupdate::host`, not by PID 1: the write of the slot (hundreds
-//! of MB) must not stall the init's event loop, and unitctl shows its progress. The ESP is
-//! mounted by unitctl for the command's duration (or given with `--esp`). The reboot is the
-//! init's orderly one (SIGINT to PID 1, as Ctrl-Alt-Del), only when PID 1 is flotilla-init.
+//! (as root) with `flotilla_init::os_update` (the one implementation, which init's
+//! `UpdateOs` runs on a thread of its own) over `flotilla_osupdate::host`: unitctl shows its
+//! progress, and needs no manager. The ESP is mounted by unitctl for the command's duration
+//! (or given with `--esp`). The reboot is the init's orderly one (SIGINT to PID 1, as
+//! Ctrl-Alt-Del), only when PID 1 is flotilla-init.
 
 use std::io::{IsTerminal as _, Write};
-use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
+use flotilla_init::os_update::{self, rolled_back, status_json, HostPaths, Source, UpdateRun};
 use flotilla_osupdate::entries::EntryState;
-use flotilla_osupdate::host::{
-    self, EspMount, Host, HostStatus, UpdateOptions, DEFAULT_TRIES, ESP_PARTITION,
-};
+use flotilla_osupdate::host::{self, EspMount, Host, HostStatus, UpdateOptions, DEFAULT_TRIES};
 use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
 use serde_json::{json, Value};
 
-use super::{human_size, image_pull, print_json};
+use super::{image_pull, print_json};
 
 /// Where `unitctl os update REF` downloads the payload: on `/var`, not in RAM.
-const STAGING: &str = "/var/lib/flotilla/os-update";
-
-/// Where the payload comes from: a directory as given, or a registry reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Source {
-    /// A payload directory.
-    Dir(PathBuf),
-    /// A registry reference of an OS update image.
-    Reference(String),
-}
-
-impl Source {
-    /// An existing path is a directory; something that looks like a path (`/`, `.`) but
-    /// does not exist is an error; anything else is a registry reference.
-    fn parse(arg: &str) -> Result<Source> {
-        let path = Path::new(arg);
-        if path.exists() {
-            if !path.is_dir() {
-                bail!("{arg} is not a directory: give the payload directory (OUT/update/) or a registry reference HOST[:PORT]/REPO:TAG");
-            }
-            return Ok(Source::Dir(path.to_path_buf()));
-        }
-        if arg.starts_with('/') || arg.starts_with('.') || !arg.contains('/') {
-            bail!("{arg}: no such payload directory, and not a registry reference (HOST[:PORT]/REPO[:TAG] or ...@sha256:<hex>)");
-        }
-        Ok(Source::Reference(arg.to_string()))
-    }
-}
-
-/// A download directory under the staging directory, removed when dropped.
-struct Staged {
-    dir: PathBuf,
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("unitctl: cannot remove {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// Bytes free for root (`f_bfree`: root may use the reserved blocks) on
-/// the filesystem holding `dir`; `None` when it cannot be asked.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let vfs = rustix::fs::statvfs(dir).ok()?;
-    vfs.f_bfree.checked_mul(vfs.f_frsize)
-}
-
-/// Pulls the OS update image `reference` into a fresh directory under `staging`: the
-/// manifest must be a Flotilla OS update (`flotilla_osupdate::oci`), each file is
-/// digest-verified as it arrives. The payload's signature is checked afterwards by the one
-/// update path, like a directory's.
-fn pull_payload(
-    reference: &str,
-    registries: Option<PathBuf>,
-    staging: &Path,
-) -> Result<(Staged, flotilla_registry::FilesReport)> {
-    use flotilla_osupdate::oci;
-    let (settings, path) = image_pull::settings_for(reference, registries)?;
-    std::fs::create_dir_all(staging)
-        .with_context(|| format!("cannot create the download directory {}", staging.display()))?;
-    // Leftovers of updates whose process is gone (killed, power loss): only names this
-    // function makes (`<pid>-<nanos>`), whatever else the directory holds.
-    if let Ok(rd) = std::fs::read_dir(staging) {
-        for entry in rd.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some((pid, nanos)) = name.split_once('-') else {
-                continue;
-            };
-            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-            if digits(pid) && digits(nanos) && !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = staging.join(format!("{}-{nanos}", std::process::id()));
-    // Private: only this root process writes the payload it verifies.
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let staged = Staged { dir };
-    let free = free_bytes(&staged.dir);
-    let check = |reference: &str, bytes: &[u8]| {
-        let layers = oci::parse_update_manifest(reference, bytes).map_err(|e| e.to_string())?;
-        // A download that cannot fit is refused before its first byte.
-        let need: u64 = layers.iter().map(|l| l.layer.size).sum();
-        if let Some(free) = free.filter(|&f| f < need) {
-            return Err(format!(
-                "{reference}: the update needs {} ({need} bytes) in {} but only {} ({free} bytes) are free there: refused, nothing downloaded; free space on that filesystem",
-                human_size(need),
-                staging.display(),
-                human_size(free)
-            ));
-        }
-        Ok(layers
-            .into_iter()
-            .map(|l| flotilla_registry::ArtifactFile {
-                name: l.file,
-                media_type: l.layer.media_type,
-                digest: l.layer.digest,
-                size: l.layer.size,
-            })
-            .collect())
-    };
-    let reporter = image_pull::Reporter::new();
-    let started = std::time::Instant::now();
-    let report = flotilla_registry::pull_files(
-        reference,
-        &settings,
-        &path,
-        &staged.dir,
-        &check,
-        reporter.progress(),
-    );
-    reporter.finish();
-    let report = report?;
-    eprintln!(
-        "pulled {reference} {} from {}: {} files ({}) in {:.1}s",
-        report.manifest_digest,
-        report.registry,
-        report.files.len(),
-        human_size(report.bytes),
-        started.elapsed().as_secs_f64()
-    );
-    Ok((staged, report))
-}
+const STAGING: &str = os_update::STAGING;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum OsCommand {
@@ -233,25 +101,19 @@ pub(crate) struct OsPaths {
 impl OsPaths {
     /// The host's paths, and the ESP mount when unitctl made one.
     fn host(self) -> Result<(Host, Option<EspMount>)> {
-        let mut host = Host {
+        let paths = HostPaths {
             sys_block: self.sys_block,
             dev: self.dev,
             cmdline: self.cmdline,
             os_release: self.os_release,
             keys: self.keys,
             disk: self.disk,
-            esp: PathBuf::new(),
+            esp: self.esp,
         };
-        if let Some(esp) = self.esp {
-            host.esp = esp;
-            return Ok((host, None));
-        }
-        let part = host.partition(ESP_PARTITION)?;
         let dir = Path::new("/run/flotilla").join(format!("esp-{}", std::process::id()));
-        let mount = EspMount::mount(&part.dev, &dir, false)
-            .with_context(|| "cannot mount the ESP (or give --esp DIR)".to_string())?;
-        host.esp = mount.dir().to_path_buf();
-        Ok((host, Some(mount)))
+        paths
+            .open(&dir, false)
+            .context("cannot mount the ESP (or give --esp DIR)")
     }
 }
 
@@ -292,40 +154,6 @@ fn state_text(s: EntryState) -> String {
     s.to_string()
 }
 
-fn status_json(st: &HostStatus) -> Value {
-    let slots: Vec<Value> = st
-        .entries
-        .entries
-        .iter()
-        .map(|e| {
-            let (state, left, done) = match e.state() {
-                EntryState::Committed => ("committed", None, None),
-                EntryState::Trying { left, done } => ("trying", Some(left), Some(done)),
-                EntryState::Bad { done } => ("bad", Some(0), Some(done)),
-            };
-            json!({
-                "slot": e.slot.as_str(),
-                "version": e.version,
-                "state": state,
-                "tries_left": left,
-                "tries_done": done,
-                "entry": e.file,
-            })
-        })
-        .collect();
-    json!({
-        "running": st.running.map(|s| s.as_str()),
-        "version": st.version,
-        "next": st.entries.next.map(|s| s.as_str()),
-        "slots": slots,
-        "rolled_back": rolled_back(st).map(|e| json!({
-            "slot": e.slot.as_str(),
-            "version": e.version,
-            "entry": e.file,
-        })),
-    })
-}
-
 fn status_text(st: &HostStatus) -> String {
     let mut s = match st.running {
         Some(slot) => format!("running: slot {slot}, version {}\n", st.version),
@@ -357,11 +185,6 @@ fn status_text(st: &HostStatus) -> String {
         ));
     }
     s
-}
-
-/// The other slot's entry when an update to it was rolled back.
-fn rolled_back(st: &HostStatus) -> Option<&flotilla_osupdate::entries::SlotEntry> {
-    flotilla_osupdate::entries::rolled_back(&st.entries, st.running?, &st.version)
 }
 
 /// Prints a progress line every 10 % (on a terminal: one line rewritten).
@@ -409,36 +232,54 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
         } => {
             let (host, mount) = paths.host()?;
             let running = host.running_slot()?;
-            // The source step: a directory as it is, a reference pulled to /var first (and
-            // removed after, whatever the outcome). Then the one update path.
-            let (dir, _staged, pulled) = match Source::parse(&source)? {
-                Source::Dir(dir) => (dir, None, Value::Null),
-                Source::Reference(r) => {
-                    // What would refuse any payload is checked before a download of
-                    // hundreds of MB: the trusted keys, the running version, the target.
-                    flotilla_osupdate::payload::load_trusted_keys(&host.keys)?;
-                    flotilla_osupdate::payload::os_release_version(&host.os_release)?;
-                    host.partition(&running.other().partition_name())?;
-                    let (staged, report) = pull_payload(&r, registries, &staging)?;
-                    let pulled = json!({
-                        "reference": r,
-                        "digest": report.manifest_digest,
-                        "registry": report.registry,
-                        "bytes": report.bytes,
-                    });
-                    (staged.dir.clone(), Some(staged), pulled)
-                }
-            };
+            let source = Source::parse(&source)?;
+            // The source step (a reference pulled to /var first, removed after, whatever
+            // the outcome), then the one update path: `os_update::run_update`, as init's.
+            let registries = registries
+                .or_else(|| std::env::var_os(flotilla_registry::REGISTRIES_ENV).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(flotilla_registry::DEFAULT_REGISTRIES));
+            let reporter = image_pull::Reporter::new();
             let mut progress = progress_printer(format!("writing slot {}", running.other()));
-            let r = host::update(
+            let mut fallback_roots = |ca: &Path| {
+                // unitctl has no other thread yet that could read the environment.
+                std::env::set_var("SSL_CERT_FILE", ca);
+            };
+            let result = os_update::run_update(
                 &host,
-                &dir,
-                UpdateOptions {
-                    allow_downgrade,
-                    tries,
+                UpdateRun {
+                    source: &source,
+                    registries: &registries,
+                    staging: &staging,
+                    opts: UpdateOptions {
+                        allow_downgrade,
+                        tries,
+                    },
+                    pull_progress: reporter.progress(),
+                    fallback_roots: &mut fallback_roots,
                 },
                 &mut progress,
-            )?;
+            );
+            reporter.finish();
+            let (r, pulled) = result?;
+            if let Some(p) = &pulled {
+                eprintln!(
+                    "pulled {} {} from {}: {} files ({}) in {:.1}s",
+                    p.reference,
+                    p.digest,
+                    p.registry,
+                    p.files,
+                    os_update::human_size(p.bytes),
+                    p.seconds
+                );
+            }
+            let pulled = pulled.map_or(Value::Null, |p| {
+                json!({
+                    "reference": p.reference,
+                    "digest": p.digest,
+                    "registry": p.registry,
+                    "bytes": p.bytes,
+                })
+            });
             drop(mount);
             let secs = r.write.write.as_secs_f64();
             if json {

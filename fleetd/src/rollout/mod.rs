@@ -4,9 +4,10 @@
 //! like the scheduler: calling [`decide`] again with the same input gives the same output,
 //! and an action that did not take effect yet is simply decided again.
 //!
-//! **A sketch, not wired**: nothing runs it yet. The orchestration that keeps the steps in
-//! the registry and carries out the actions (take a reboot-lock slot, drain the units as a
-//! planned move, tell the machine to update and reboot, release) comes next.
+//! [`Runner`] carries it out on the leader: it keeps the steps in the registry's rollout
+//! record ([`crate::Rollout`]) and acts on the decisions; the engine drains the machines
+//! whose step is in flight ([`draining`]); each machine's agent updates its host when its
+//! step is `updating` ([`should_update`]).
 //!
 //! A machine goes `Waiting → Draining → Updating → Rebooting → Verifying → Done`, or to
 //! `Failed` (the rollout then halts: no further machine starts). At most
@@ -15,9 +16,82 @@
 //! (a machine that is down is unavailable whoever took it down). The lock alone cannot be
 //! the count: a slot on a presence lease ends when its machine goes down for the reboot.
 
-use std::collections::BTreeMap;
+pub mod runner;
 
-use crate::model::UpdateState;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::{Machine, Rollout, RolloutState, RolloutStep, UpdateState};
+
+pub use runner::Runner;
+
+/// The machines a rollout drains now: while it runs, those whose step is in flight
+/// (`draining` to `verifying`); none once it finished or halted. The engine places
+/// nothing new there and moves their units away.
+pub fn draining(rollout: Option<&Rollout>) -> BTreeSet<String> {
+    rollout
+        .filter(|r| r.state == RolloutState::Running)
+        .map(|r| {
+            r.machines
+                .iter()
+                .filter(|m| {
+                    matches!(
+                        m.step,
+                        RolloutStep::Draining
+                            | RolloutStep::Updating
+                            | RolloutStep::Rebooting
+                            | RolloutStep::Verifying
+                    )
+                })
+                .map(|m| m.id.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the agent of `machine` should ask its init to update now: the rollout runs, the
+/// machine's step is `updating`, the machine is not at the rollout's version yet, and its
+/// A/B state shows no update already under way or rolled back (a machine back from a
+/// failed update must not try again before the runner marks it failed). The agent also
+/// asks only once per rollout.
+pub fn should_update(rollout: &Rollout, machine: &Machine) -> bool {
+    rollout.state == RolloutState::Running
+        && rollout
+            .machine(&machine.id)
+            .is_some_and(|m| m.step == RolloutStep::Updating)
+        && machine.os_version != rollout.version
+        && !matches!(
+            machine.os.as_ref().map(|o| o.update_state()),
+            Some(UpdateState::RolledBack | UpdateState::RebootPending | UpdateState::Trial)
+        )
+}
+
+impl Step {
+    /// The step as the rollout record has it, with its reason.
+    pub fn to_record(&self) -> (RolloutStep, Option<String>) {
+        match self {
+            Step::Waiting => (RolloutStep::Waiting, None),
+            Step::Draining => (RolloutStep::Draining, None),
+            Step::Updating => (RolloutStep::Updating, None),
+            Step::Rebooting => (RolloutStep::Rebooting, None),
+            Step::Verifying => (RolloutStep::Verifying, None),
+            Step::Done => (RolloutStep::Done, None),
+            Step::Failed(why) => (RolloutStep::Failed, Some(why.clone())),
+        }
+    }
+
+    /// The step of a rollout record's machine.
+    pub fn from_record(step: RolloutStep, reason: Option<&str>) -> Step {
+        match step {
+            RolloutStep::Waiting => Step::Waiting,
+            RolloutStep::Draining => Step::Draining,
+            RolloutStep::Updating => Step::Updating,
+            RolloutStep::Rebooting => Step::Rebooting,
+            RolloutStep::Verifying => Step::Verifying,
+            RolloutStep::Done => Step::Done,
+            RolloutStep::Failed => Step::Failed(reason.unwrap_or("failed").to_string()),
+        }
+    }
+}
 
 /// What the rollout is asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
