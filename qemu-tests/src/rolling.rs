@@ -47,6 +47,11 @@ const BOOT_PATIENCE: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_secs(300);
 /// The bound on one `fleetctl` or `etcdctl` run from the host.
 const COMMAND: Duration = Duration::from_secs(60);
+/// The bound on one read-only `fleetctl` run against one VM: short, so that a VM that is
+/// rebooting (its address silent) costs little before the next VM is asked.
+const QUERY: Duration = Duration::from_secs(10);
+/// The bound on `fleetctl start --block-timeout 240s`.
+const START: Duration = Duration::from_secs(300);
 /// How often the service is probed: finer than a second, so that a gap of a fraction of a
 /// second between one copy stopping and the next answering is seen.
 pub const PROBE_EVERY: Duration = Duration::from_millis(200);
@@ -305,14 +310,20 @@ impl RollingCluster {
     }
 
     /// [`RollingCluster::fleetctl_on`] on the VMs in turn, the one that answered last
-    /// first, until one succeeds (a VM may be rebooting); the last failure otherwise.
+    /// first, each bounded by a minute, until one succeeds (a VM may be rebooting); the
+    /// last failure otherwise.
     pub fn fleetctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        self.fleetctl_with(args, COMMAND)
+    }
+
+    /// [`RollingCluster::fleetctl`] with each VM's run bounded by `per_vm`.
+    pub fn fleetctl_with(&self, args: &[&str], per_vm: Duration) -> Result<(bool, String, String)> {
         let total = self.vms.len();
         let first = self.preferred.load(Ordering::Relaxed);
         let mut last = (false, String::new(), String::from("no VM"));
         for k in 0..total {
             let i = (first + k) % total;
-            let out = self.fleetctl_on(i + 1, args, COMMAND)?;
+            let out = self.fleetctl_on(i + 1, args, per_vm)?;
             if out.0 {
                 self.preferred.store(i, Ordering::Relaxed);
                 return Ok(out);
@@ -322,9 +333,10 @@ impl RollingCluster {
         Ok(last)
     }
 
-    /// `fleetctl ARGS` (ending in `--json`) parsed; `None` while no VM answers with JSON.
+    /// `fleetctl ARGS` (a query ending in `--json`) parsed, each VM's run bounded by ten
+    /// seconds; `None` while no VM answers with JSON.
     pub fn fleetctl_json(&self, args: &[&str]) -> Result<Option<serde_json::Value>> {
-        let (ok, out, _) = self.fleetctl(args)?;
+        let (ok, out, _) = self.fleetctl_with(args, QUERY)?;
         Ok(ok.then(|| serde_json::from_str(&out).ok()).flatten())
     }
 
@@ -362,7 +374,7 @@ impl RollingCluster {
             args.push(path.display().to_string());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, out, err) = self.fleetctl(&args)?;
+        let (ok, out, err) = self.fleetctl_with(&args, START)?;
         if !ok {
             return Err(QemuError::Setup(format!("fleetctl start: {out}{err}")));
         }
@@ -517,8 +529,10 @@ impl RollingCluster {
         let mut seen: Vec<(String, String)> = Vec::new();
         let mut status = serde_json::Value::Null;
         loop {
+            let answer = self.fleetctl_json(&["os", "status", "--json"])?;
+            // When the answer came (a VM that is rebooting may have been asked first).
             let at = started.elapsed().as_secs_f64();
-            if let Some(now) = self.fleetctl_json(&["os", "status", "--json"])? {
+            if let Some(now) = answer {
                 status = now;
                 let rollout = field(&status, "rollout");
                 for m in field(rollout, "machines").as_array().into_iter().flatten() {
