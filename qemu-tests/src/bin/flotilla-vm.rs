@@ -603,7 +603,7 @@ fn rolling(dir: Option<PathBuf>) -> anyhow::Result<()> {
             cells(&|r| format!("{} of {}", r.unanswered().len(), r.rounds.len())),
         ),
         (
-            "most machines missing at one poll",
+            "most machines missing at one count",
             cells(&|r| format!("{} of 3", r.most_missing(3))),
         ),
     ] {
