@@ -3,24 +3,31 @@
 //!
 //! - [`status_json`]: the JSON document of `unitctl os status --json`; init adds `job`
 //!   ([`OsUpdater::status_json`]).
-//! - [`Source`], [`pull_payload`], [`run_update`]: the update itself (a directory as it is, or
-//!   an OCI reference pulled through `flotilla_registry` into the staging directory; then
-//!   `flotilla_osupdate::host::update`: signature, downgrade, slot write, entry on trial).
-//! - [`OsUpdater`]: init's job. [`OsUpdater::start`] answers at once and runs the update on
-//!   a thread of its own (PID 1's event loop never waits for a registry or a 500 MB write);
-//!   once the entry is installed it calls the reboot hook (flotilla-init: SIGINT to itself,
-//!   the orderly reboot of Ctrl-Alt-Del, or as a supervisor an orderly stop and exit).
-//!   Nothing here panics; a failure is the job's `failed` state and a logged error.
+//! - [`Source`]: a payload directory or a registry reference. The update itself (the pull,
+//!   then `flotilla_osupdate::host::update`: the trial, signature, downgrade, slot write,
+//!   entry on trial) is `unitctl os update`'s.
+//! - [`OsUpdater`]: init's job. PID 1 links no registry client, so [`OsUpdater::start`]
+//!   answers at once and runs the whole update in a helper process, `unitctl os update
+//!   SOURCE --no-reboot --json`, the way the manager pulls unit images
+//!   (`crate::manager::HelperPuller`): a thread of the job waits for it (its exit is reaped
+//!   by the event loop and handed over through [`ExitWatch`]) and shows its stderr lines as
+//!   the job's message. Once it exited 0 and the new slot is the next boot, the job calls
+//!   the reboot hook (flotilla-init: SIGINT to itself, the orderly reboot of Ctrl-Alt-Del,
+//!   or as a supervisor an orderly stop and exit). Nothing here panics; a failure is the
+//!   job's `failed` state (the helper's last line) and a logged error.
 
-use std::os::unix::fs::DirBuilderExt as _;
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use flotilla_osupdate::entries::{self, EntryState, SlotEntry};
-use flotilla_osupdate::host::{
-    self, EspMount, Host, HostError, HostStatus, UpdateOptions, UpdateReport, ESP_PARTITION,
-};
+use flotilla_osupdate::host::{self, EspMount, Host, HostError, HostStatus, ESP_PARTITION};
 use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
+use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 /// Where an update from a registry reference is downloaded: on `/var`, not in RAM.
@@ -40,21 +47,13 @@ pub enum OsUpdateError {
     /// The source argument is neither a payload directory nor a registry reference.
     #[error("{0}")]
     Source(String),
-    /// The registry settings or the pull.
-    #[error(transparent)]
-    Pull(#[from] flotilla_registry::PullError),
-    /// The download directory could not be made.
-    #[error("cannot create the download directory {}: {source}; check that /var is mounted and writable", path.display())]
-    Staging {
-        /// The directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
     /// The request is refused as things are (a job runs, the host is not booted from a slot).
     #[error("{0}")]
     Refused(String),
+    /// The update helper (`unitctl os update`) could not be run, failed or said nothing
+    /// usable.
+    #[error("{0}")]
+    Helper(String),
 }
 
 /// Where the host's parts are: the real ones by default, other files in tests.
@@ -223,27 +222,6 @@ impl Source {
     }
 }
 
-/// A download directory under the staging directory, removed when dropped.
-pub struct Staged {
-    /// The directory.
-    pub dir: PathBuf,
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            log::warn!("cannot remove {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// Bytes free for root (`f_bfree`: root may use the reserved blocks) on the filesystem
-/// holding `dir`; `None` when it cannot be asked.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let vfs = rustix::fs::statvfs(dir).ok()?;
-    vfs.f_bfree.checked_mul(vfs.f_frsize)
-}
-
 /// `bytes` for people (`1.5 MiB`).
 pub fn human_size(bytes: u64) -> String {
     let mut v = bytes as f64;
@@ -254,187 +232,6 @@ pub fn human_size(bytes: u64) -> String {
         v /= 1024.0;
     }
     format!("{v:.1} TiB")
-}
-
-/// Removes leftovers of updates whose process is gone (killed, power loss): only names
-/// [`pull_payload`] makes (`<pid>-<nanos>`), whatever else the directory holds.
-fn remove_leftovers(staging: &Path) {
-    let Ok(rd) = std::fs::read_dir(staging) else {
-        return;
-    };
-    for entry in rd.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((pid, nanos)) = name.split_once('-') else {
-            continue;
-        };
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-        // This process's own earlier downloads are gone too (each is removed when done).
-        let ours = pid == std::process::id().to_string();
-        if digits(pid) && digits(nanos) && (ours || !Path::new("/proc").join(pid).exists()) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// Pulls the OS update image `reference` into a fresh directory under `staging` with the
-/// registry settings `settings` (read from `settings_path`): the manifest must be a
-/// Flotilla OS update (`flotilla_osupdate::oci`), a download larger than the free space is
-/// refused before its first byte, each file is digest-verified as it arrives. The payload's
-/// signature is checked afterwards by the one update path, like a directory's.
-pub fn pull_payload(
-    reference: &str,
-    settings: &flotilla_registry::Registries,
-    settings_path: &Path,
-    staging: &Path,
-    progress: flotilla_registry::Progress,
-) -> Result<(Staged, flotilla_registry::FilesReport), OsUpdateError> {
-    use flotilla_osupdate::oci;
-    let staging_error = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| OsUpdateError::Staging { path, source }
-    };
-    std::fs::create_dir_all(staging).map_err(staging_error(staging))?;
-    remove_leftovers(staging);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = staging.join(format!("{}-{nanos}", std::process::id()));
-    // Private: only this root process writes the payload it verifies.
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(staging_error(&dir))?;
-    let staged = Staged { dir };
-    let free = free_bytes(&staged.dir);
-    let check = |reference: &str, bytes: &[u8]| {
-        let layers = oci::parse_update_manifest(reference, bytes).map_err(|e| e.to_string())?;
-        // A download that cannot fit is refused before its first byte.
-        let need: u64 = layers.iter().map(|l| l.layer.size).sum();
-        if let Some(free) = free.filter(|&f| f < need) {
-            return Err(format!(
-                "{reference}: the update needs {} ({need} bytes) in {} but only {} ({free} bytes) are free there: refused, nothing downloaded; free space on that filesystem",
-                human_size(need),
-                staging.display(),
-                human_size(free)
-            ));
-        }
-        Ok(layers
-            .into_iter()
-            .map(|l| flotilla_registry::ArtifactFile {
-                name: l.file,
-                media_type: l.layer.media_type,
-                digest: l.layer.digest,
-                size: l.layer.size,
-            })
-            .collect())
-    };
-    let report = flotilla_registry::pull_files(
-        reference,
-        settings,
-        settings_path,
-        &staged.dir,
-        &check,
-        progress,
-    )?;
-    Ok((staged, report))
-}
-
-/// What a registry pull of an update fetched.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pulled {
-    /// The reference.
-    pub reference: String,
-    /// The manifest's digest.
-    pub digest: String,
-    /// The registry (or mirror) it came from.
-    pub registry: String,
-    /// Bytes downloaded.
-    pub bytes: u64,
-    /// Files downloaded.
-    pub files: usize,
-    /// Time the download took.
-    pub seconds: f64,
-}
-
-/// How [`run_update`] runs.
-pub struct UpdateRun<'a> {
-    /// Where the payload comes from.
-    pub source: &'a Source,
-    /// The registry settings file (for a reference).
-    pub registries: &'a Path,
-    /// Where a reference is downloaded.
-    pub staging: &'a Path,
-    /// Downgrade and tries.
-    pub opts: UpdateOptions,
-    /// The pull's progress.
-    pub pull_progress: flotilla_registry::Progress,
-    /// Called with the CA file to use as the machine's roots, before the pull, when the
-    /// machine has none (`flotilla_registry::fallback_roots`).
-    pub fallback_roots: &'a mut dyn FnMut(&Path),
-}
-
-/// A payload ready to verify: a directory, or a download removed when dropped.
-pub struct Fetched {
-    /// The payload directory.
-    pub dir: PathBuf,
-    /// The download holding it (a reference's), removed when dropped.
-    pub staged: Option<Staged>,
-    /// What the pull fetched (a reference's).
-    pub pulled: Option<Pulled>,
-}
-
-/// The source step of an update: a directory as it is; a reference pulled into the staging
-/// directory, after what would refuse any payload is checked (the trusted keys, the running
-/// version, the target partition). Needs no ESP.
-pub fn fetch(host: &Host, run: UpdateRun<'_>) -> Result<Fetched, OsUpdateError> {
-    let running = host.running_slot()?;
-    match run.source {
-        Source::Dir(dir) => Ok(Fetched {
-            dir: dir.clone(),
-            staged: None,
-            pulled: None,
-        }),
-        Source::Reference(r) => {
-            flotilla_osupdate::payload::load_trusted_keys(&host.keys).map_err(HostError::from)?;
-            flotilla_osupdate::payload::os_release_version(&host.os_release)
-                .map_err(HostError::from)?;
-            host.partition(&running.other().partition_name())?;
-            let settings = flotilla_registry::Registries::load(run.registries)?;
-            if let Some(ca) = flotilla_registry::fallback_roots(r, &settings, run.registries) {
-                (run.fallback_roots)(&ca);
-            }
-            let started = std::time::Instant::now();
-            let (staged, report) =
-                pull_payload(r, &settings, run.registries, run.staging, run.pull_progress)?;
-            Ok(Fetched {
-                dir: staged.dir.clone(),
-                staged: Some(staged),
-                pulled: Some(Pulled {
-                    reference: r.clone(),
-                    digest: report.manifest_digest,
-                    registry: report.registry,
-                    bytes: report.bytes,
-                    files: report.files.len(),
-                    seconds: started.elapsed().as_secs_f64(),
-                }),
-            })
-        }
-    }
-}
-
-/// Updates `host` (its ESP mounted) from `run.source`: [`fetch`], then the one update path
-/// (`host::update`: verify, write the inactive slot, install its entry on trial). The
-/// download is removed afterwards, whatever the outcome. The reboot is the caller's.
-pub fn run_update(
-    host: &Host,
-    run: UpdateRun<'_>,
-    write_progress: &mut dyn FnMut(u64, u64),
-) -> Result<(UpdateReport, Option<Pulled>), OsUpdateError> {
-    let opts = run.opts;
-    let fetched = fetch(host, run)?;
-    let report = host::update(host, &fetched.dir, opts, write_progress)?;
-    Ok((report, fetched.pulled))
 }
 
 /// The state of init's OS update job.
@@ -486,21 +283,24 @@ impl Job {
 pub struct OsConfig {
     /// The host's parts.
     pub paths: HostPaths,
-    /// The registry settings file.
-    pub registries: PathBuf,
+    /// The registry settings file handed to the helper; `None`: the helper's default.
+    pub registries: Option<PathBuf>,
     /// Where a reference is downloaded.
     pub staging: PathBuf,
     /// Where the ESP is mounted when [`HostPaths::esp`] is `None`.
     pub esp_mount: PathBuf,
+    /// The update helper (`unitctl`): the first of these that exists when a job starts.
+    pub helpers: Vec<PathBuf>,
 }
 
 impl Default for OsConfig {
     fn default() -> Self {
         OsConfig {
             paths: HostPaths::default(),
-            registries: PathBuf::from(flotilla_registry::DEFAULT_REGISTRIES),
+            registries: None,
             staging: PathBuf::from(STAGING),
             esp_mount: PathBuf::from(INIT_ESP_MOUNT),
+            helpers: crate::manager::HelperPuller::default_helpers(),
         }
     }
 }
@@ -508,15 +308,57 @@ impl Default for OsConfig {
 /// What the job calls once the new slot is the next boot.
 pub type RebootHook = Box<dyn Fn() + Send + Sync>;
 
+/// How a child ended: its exit code, or the signal that killed it.
+pub type ChildEnd = (Option<i32>, Option<i32>);
+
+/// Hands the exits of helper processes the job started over to the job: the event loop
+/// reaps every child (`waitpid(-1)`), so the job's thread cannot wait for its own. The
+/// manager calls [`ExitWatch::deliver`] for each pid that is not one of its units'. Cheap
+/// to clone.
+#[derive(Clone, Default)]
+pub struct ExitWatch {
+    waiting: Arc<Mutex<HashMap<i32, mpsc::Sender<ChildEnd>>>>,
+}
+
+impl ExitWatch {
+    /// Hands the end of `pid` to whoever waits for it; false when nobody does.
+    pub fn deliver(&self, pid: Pid, end: ChildEnd) -> bool {
+        match locked(&self.waiting).remove(&pid.as_raw()) {
+            Some(tx) => {
+                // The job may have given up waiting: nothing to tell then.
+                let _ = tx.send(end);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs `cmd` and registers its pid before the event loop can reap it (the lock is held
+    /// across the spawn); returns the child and where its end arrives.
+    fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(std::process::Child, mpsc::Receiver<ChildEnd>)> {
+        let mut waiting = locked(&self.waiting);
+        let child = cmd.spawn()?;
+        let (tx, rx) = mpsc::channel();
+        waiting.insert(i32::try_from(child.id()).unwrap_or(i32::MAX), tx);
+        Ok((child, rx))
+    }
+}
+
 struct Inner {
     config: OsConfig,
     job: Mutex<Option<Job>>,
-    /// Held while the ESP is mounted on `config.esp_mount` (a status and the job share it).
+    /// Held while init mounts the ESP on `config.esp_mount`, and while the helper runs (it
+    /// mounts the ESP read-write itself: a read-only mount of the same device meanwhile is
+    /// refused by the kernel).
     esp: Mutex<()>,
-    /// The last status read: answered while the job holds the ESP (a slot write takes
-    /// minutes; a status must not wait for it).
+    /// The last status read: answered while the ESP is held (a slot write takes minutes; a
+    /// status must not wait for it).
     last: Mutex<Option<HostStatus>>,
     reboot: RebootHook,
+    exits: ExitWatch,
 }
 
 /// Init's OS update: the status with the job, and the job. Cheap to clone, thread-safe.
@@ -530,6 +372,59 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The helper's last line without unitctl's own prefix.
+fn helper_line(line: &str) -> String {
+    let line = line.trim();
+    line.strip_prefix("unitctl: ").unwrap_or(line).to_string()
+}
+
+/// Why the helper failed: its last line when it exited non-zero, how it ended when it was
+/// killed (its last line is then progress, not a reason).
+fn helper_failure(end: ChildEnd, last: &str) -> String {
+    match end {
+        (Some(_), _) if !last.is_empty() => last.to_string(),
+        (Some(c), _) => format!("the OS update helper exited with code {c} and said nothing"),
+        (_, Some(s)) => {
+            let sig = nix::sys::signal::Signal::try_from(s)
+                .map(|s| s.as_str())
+                .unwrap_or("?");
+            if last.is_empty() {
+                format!("the OS update helper was killed by {sig}")
+            } else {
+                format!("the OS update helper was killed by {sig} (its last line: {last})")
+            }
+        }
+        _ => "the OS update helper ended".to_string(),
+    }
+}
+
+/// The job's message from the helper's `--json` report.
+fn installed_message(report: &Value) -> Option<String> {
+    let s = |k: &str| report.get(k).and_then(Value::as_str);
+    let from = report
+        .get("pulled")
+        .filter(|p| !p.is_null())
+        .map(|p| {
+            let f = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("?");
+            format!(
+                " (pulled {} {} from {})",
+                f("reference"),
+                f("digest"),
+                f("registry")
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "Flotilla {} (signed by {}){from} written to slot {} ({} bytes); next boot: {} ({} tries)",
+        s("version")?,
+        s("key")?,
+        s("slot")?,
+        report.get("bytes").and_then(Value::as_u64)?,
+        s("entry")?,
+        report.get("tries").and_then(Value::as_u64)?,
+    ))
+}
+
 impl OsUpdater {
     /// An updater of the host `config` describes; `reboot` is called (from the job's
     /// thread) once the update is installed.
@@ -541,8 +436,15 @@ impl OsUpdater {
                 esp: Mutex::new(()),
                 last: Mutex::new(None),
                 reboot,
+                exits: ExitWatch::default(),
             }),
         }
+    }
+
+    /// Where the reaper hands the helper's exit over: give it to the manager
+    /// (`Manager::set_exit_watch`) that reaps init's children.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.inner.exits.clone()
     }
 
     /// The job, if one was started since init started.
@@ -550,16 +452,11 @@ impl OsUpdater {
         locked(&self.inner.job).clone()
     }
 
-    /// [`status_json`] of the host plus `job` (null when none was started). Blocks on the
-    /// ESP (mounted for the moment): call it off the event loop.
+    /// [`status_json`] of the host plus `job` (null when none was started): read now, or
+    /// while the job holds the ESP the last one read. Blocks on the ESP's mount: call it off
+    /// the event loop.
     pub fn status_json(&self) -> Result<Value, OsUpdateError> {
-        let st = {
-            let _esp = locked(&self.inner.esp);
-            self.inner
-                .config
-                .paths
-                .status(&self.inner.config.esp_mount)?
-        };
+        let st = self.status()?;
         let mut doc = status_json(&st);
         if let Value::Object(map) = &mut doc {
             map.insert(
@@ -589,7 +486,7 @@ impl OsUpdater {
         Ok(st)
     }
 
-    /// Starts an update from `source` on a thread of its own and returns at once. Refused
+    /// Starts an update from `source` in the helper process and returns at once. Refused
     /// while a job runs or the host reboots into one, on a host not booted from a slot, and
     /// for a source that is neither a directory nor a reference.
     pub fn start(&self, source: &str, allow_downgrade: bool) -> Result<(), OsUpdateError> {
@@ -620,7 +517,7 @@ impl OsUpdater {
             }
             Err(e) => return Err(e.into()),
         }
-        let parsed = Source::parse(source)?;
+        Source::parse(source)?;
         *job = Some(Job {
             source: source.to_string(),
             state: JobState::Running,
@@ -628,9 +525,10 @@ impl OsUpdater {
         });
         drop(job);
         let me = self.clone();
+        let owned = source.to_string();
         let spawned = std::thread::Builder::new()
             .name("os-update".into())
-            .spawn(move || me.run_job(&parsed, allow_downgrade));
+            .spawn(move || me.run_job(&owned, allow_downgrade));
         if let Err(e) = spawned {
             let why = format!("cannot start the OS update thread: {e} (out of threads or memory?)");
             self.set(JobState::Failed, why.clone());
@@ -647,9 +545,9 @@ impl OsUpdater {
         }
     }
 
-    /// The job's thread: the update, then the reboot hook; a failure (or a panic in a
-    /// library) becomes the `failed` state with its reason.
-    fn run_job(&self, source: &Source, allow_downgrade: bool) {
+    /// The job's thread: the update, then the reboot hook; a failure (or a panic) becomes
+    /// the `failed` state with its reason.
+    fn run_job(&self, source: &str, allow_downgrade: bool) {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.update(source, allow_downgrade)
         }));
@@ -672,79 +570,131 @@ impl OsUpdater {
         }
     }
 
-    fn update(&self, source: &Source, allow_downgrade: bool) -> Result<String, OsUpdateError> {
+    /// `unitctl os update SOURCE --no-reboot --json` with this host's paths.
+    fn helper_command(&self, helper: &Path, source: &str, allow_downgrade: bool) -> Command {
         let cfg = &self.inner.config;
-        let me = self.clone();
-        let pull_progress: flotilla_registry::Progress = Arc::new(move |event| {
-            if let flotilla_registry::PullEvent::Resolved {
-                registry, bytes, ..
-            } = event
-            {
-                me.set(
-                    JobState::Running,
-                    format!("pulling {} from {registry}", human_size(bytes)),
-                );
-            }
-        });
-        let mut no_fallback = |ca: &Path| {
-            // Setting SSL_CERT_FILE in a process with threads is not safe: say so instead.
-            log::warn!(
-                "this machine has no CA certificates; the registry's CA {} is not used by init (add the CA to the image's bundle)",
-                ca.display()
-            );
-        };
-        let opts = UpdateOptions {
-            allow_downgrade,
-            ..UpdateOptions::default()
-        };
-        // The source step needs no ESP: a status meanwhile reads it as usual.
-        let fetched = fetch(
-            &cfg.paths.host(),
-            UpdateRun {
-                source,
-                registries: &cfg.registries,
-                staging: &cfg.staging,
-                opts,
-                pull_progress,
-                fallback_roots: &mut no_fallback,
-            },
-        )?;
-        // A status answered while the ESP is held is the last one read: read it now.
-        if let Err(e) = self.status() {
-            log::warn!("{e}");
+        let p = &cfg.paths;
+        let mut cmd = Command::new(helper);
+        cmd.args(["--json", "os", "update", source, "--no-reboot"]);
+        if allow_downgrade {
+            cmd.arg("--allow-downgrade");
         }
-        let _esp = locked(&self.inner.esp);
-        let (host, mount) = cfg.paths.open(&cfg.esp_mount, false)?;
-        let me = self.clone();
-        let mut last = u64::MAX;
-        let mut write_progress = |done: u64, total: u64| {
-            let pct = (done.saturating_mul(100)).checked_div(total).unwrap_or(100);
-            if pct / 10 != last {
-                last = pct / 10;
-                me.set(JobState::Running, format!("writing the slot: {pct}%"));
-            }
+        if let Some(r) = &cfg.registries {
+            cmd.arg("--registries").arg(r);
+        }
+        cmd.arg("--staging").arg(&cfg.staging);
+        cmd.arg("--sys-block").arg(&p.sys_block);
+        cmd.arg("--dev").arg(&p.dev);
+        cmd.arg("--cmdline").arg(&p.cmdline);
+        cmd.arg("--os-release").arg(&p.os_release);
+        cmd.arg("--keys").arg(&p.keys);
+        if let Some(d) = &p.disk {
+            cmd.arg("--disk").arg(d);
+        }
+        if let Some(e) = &p.esp {
+            cmd.arg("--esp").arg(e);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec this only calls signal(2) and sigprocmask(2) (both
+        // async-signal-safe); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                flotilla_container::runtime::reset_signals();
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs the helper and waits for it: its stderr lines are the job's message meanwhile,
+    /// its stdout is the `--json` report. Returns how it ended, its last stderr line and its
+    /// stdout.
+    fn run_helper(
+        &self,
+        source: &str,
+        allow_downgrade: bool,
+    ) -> Result<(ChildEnd, String, String), OsUpdateError> {
+        let helpers = &self.inner.config.helpers;
+        let Some(helper) = helpers.iter().find(|h| h.is_file()) else {
+            return Err(OsUpdateError::Helper(format!(
+                "the OS update helper does not exist (tried {}); install unitctl next to flotilla-init or give flotilla-init --pull-helper PATH",
+                helpers
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         };
-        me.set(JobState::Running, "verifying the payload".into());
-        let result = host::update(&host, &fetched.dir, opts, &mut write_progress);
-        drop(fetched.staged);
-        if let Some(m) = mount {
-            if let Err(e) = m.unmount() {
-                log::warn!("{e}");
+        let mut cmd = self.helper_command(helper, source, allow_downgrade);
+        let (mut child, ended) = self.inner.exits.spawn(&mut cmd).map_err(|e| {
+            OsUpdateError::Helper(format!(
+                "cannot run the OS update helper {}: {e}",
+                helper.display()
+            ))
+        })?;
+        log::info!(
+            "OS update helper {} runs as pid {}",
+            helper.display(),
+            child.id()
+        );
+        let mut last = String::new();
+        if let Some(err) = child.stderr.take() {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let line = helper_line(&line);
+                if line.is_empty() {
+                    continue;
+                }
+                self.set(JobState::Running, line.clone());
+                last = line;
             }
         }
-        let r = result?;
-        let pulled = fetched.pulled;
-        let from = pulled
-            .map(|p| format!(" (pulled {} {} from {})", p.reference, p.digest, p.registry))
-            .unwrap_or_default();
-        Ok(format!(
-            "Flotilla {} (signed by {}){from} written to slot {} ({} bytes); next boot: {} ({} tries)",
-            r.payload.manifest.version,
-            r.payload.key,
-            r.slot,
-            r.write.bytes,
-            r.installed.file,
-            UpdateOptions::default().tries
-        ))
+        let mut report = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            // The report is small and written last: stderr's end comes first.
+            let _ = out.read_to_string(&mut report);
+        }
+        // The event loop reaps it; its end arrives here (dropping `child` neither waits nor
+        // kills).
+        let end = ended.recv().map_err(|_| {
+            OsUpdateError::Helper(
+                "the OS update helper's exit was not reported (init is stopping?)".into(),
+            )
+        })?;
+        Ok((end, last, report))
+    }
+
+    fn update(&self, source: &str, allow_downgrade: bool) -> Result<String, OsUpdateError> {
+        // A status answered while the helper holds the ESP is the last one read: read it now.
+        let before = self.status()?;
+        let (end, last, report) = {
+            let _esp = locked(&self.inner.esp);
+            self.run_helper(source, allow_downgrade)?
+        };
+        if end != (Some(0), None) {
+            return Err(OsUpdateError::Helper(helper_failure(end, &last)));
+        }
+        let done = serde_json::from_str::<Value>(&report)
+            .ok()
+            .as_ref()
+            .and_then(installed_message)
+            .ok_or_else(|| {
+                OsUpdateError::Helper(format!(
+                    "the OS update helper exited 0 but its report is not understood: {}",
+                    report.trim()
+                ))
+            })?;
+        // Reboot only into what is installed: the other slot must now boot next.
+        let after = self.status()?;
+        let target = before.running.map(|s| s.other());
+        if target.is_none() || after.entries.next != target {
+            return Err(OsUpdateError::Helper(format!(
+                "the OS update helper said \"{done}\" but the next boot is {}, not the other slot: not rebooting; see `unitctl os status`",
+                after.entries.next.map_or("none", |s| s.as_str())
+            )));
+        }
+        Ok(done)
     }
 }

@@ -83,6 +83,11 @@ impl Host {
 
     /// A flotilla-init over these files, with `units`.
     fn init(&self, units: &[(&str, &str)]) -> Machine {
+        self.init_with(units, &[])
+    }
+
+    /// [`Host::init`] with more of init's arguments.
+    fn init_with(&self, units: &[(&str, &str)], more: &[&str]) -> Machine {
         let t = self.tmp.path();
         let s = |p: PathBuf| p.to_str().unwrap().to_string();
         let args = [
@@ -100,8 +105,36 @@ impl Host {
             "--shutdown-timeout".into(),
             "10m".into(),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(more);
         Machine::start_with(units, &args)
+    }
+
+    /// `unitctl os update ARGS --no-reboot` over these files.
+    fn unitctl_update(&self, args: &[&str]) -> std::process::Output {
+        let t = self.tmp.path();
+        Command::new(env!("CARGO_BIN_EXE_unitctl"))
+            .args(["os", "update"])
+            .args(args)
+            .arg("--no-reboot")
+            .arg("--esp")
+            .arg(&self.esp)
+            .args(["--disk", &self.disk.dev])
+            .arg("--cmdline")
+            .arg(t.join("cmdline"))
+            .arg("--os-release")
+            .arg(t.join("os-release"))
+            .arg("--keys")
+            .arg(t.join("update-keys"))
+            .output()
+            .unwrap()
+    }
+
+    /// Puts the running slot A's entry on trial (booted once, two tries left): the state
+    /// right after an update's first boot, before the health check commits it.
+    fn put_a_on_trial(&self) {
+        let dir = self.esp.join("loader/entries");
+        std::fs::rename(dir.join("flotilla-a.conf"), dir.join("flotilla-a+2-1.conf")).unwrap();
     }
 
     fn slot_b(&self) -> PathBuf {
@@ -501,4 +534,161 @@ fn a_second_update_is_refused_while_one_runs() {
     assert_eq!(h.entries(), ["flotilla-a.conf"]);
     // The download directory is gone with the job.
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+}
+
+/// PID 1 links no registry client: the whole update runs in the helper process (init's
+/// `--pull-helper`, here a script that records how it was run and then runs the real
+/// unitctl). Init reaps it through its event loop and takes its exit: 0 with the slot
+/// installed is `rebooting`; killed by a signal is `failed` saying so; a helper that does
+/// not exist is `failed` saying what to do. Nothing is written by the failed ones.
+#[test]
+fn the_update_runs_in_the_helper_process_init_tracks() {
+    let h = Host::booted_from_a();
+    let t = h.tmp.path();
+    let wrapper = t.join("helper.sh");
+    let record = t.join("helper-args");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$PPID $*\" >> {}\nif [ -e {} ]; then echo \"writing slot b: 10%\" >&2; kill -KILL $$; fi\nexec {} \"$@\"\n",
+            record.display(),
+            t.join("die").display(),
+            env!("CARGO_BIN_EXE_unitctl")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let good = osu::payload(&t.join("good"), "2.0.0", &h.key, (2 * MIB) as usize);
+    let source = format!("string:{}", good.display());
+
+    // A helper that does not exist: failed, saying so; nothing written.
+    let missing = t.join("no-unitctl");
+    let m = h.init_with(&[], &["--pull-helper", missing.to_str().unwrap()]);
+    let (ok, text) = dbus_send(&m, "UpdateOs", &[&source, "boolean:false"]);
+    assert!(ok, "{text}");
+    let st = wait_job(&m, "failed");
+    let message = st["job"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the OS update helper does not exist")
+            && message.contains("no-unitctl")
+            && message.contains("--pull-helper"),
+        "{st}"
+    );
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+    drop(m);
+
+    // A helper killed by a signal: failed, its signal and last line named.
+    // (The stubborn unit holds init's orderly stop open until the test has looked.)
+    let m = h.init_with(
+        &[("stubborn", STUBBORN)],
+        &["--pull-helper", wrapper.to_str().unwrap()],
+    );
+    std::fs::write(t.join("die"), "").unwrap();
+    let (ok, text) = dbus_send(&m, "UpdateOs", &[&source, "boolean:false"]);
+    assert!(ok, "{text}");
+    let st = wait_job(&m, "failed");
+    assert_eq!(
+        st["job"]["message"],
+        "the OS update helper was killed by SIGKILL (its last line: writing slot b: 10%)",
+        "{st}"
+    );
+    assert_eq!(h.entries(), ["flotilla-a.conf"]);
+
+    // The real helper: the job ends `rebooting`, after the helper ran as init's child with
+    // the update's arguments.
+    std::fs::remove_file(t.join("die")).unwrap();
+    let (ok, text) = dbus_send(&m, "UpdateOs", &[&source, "boolean:false"]);
+    assert!(ok, "{text}");
+    let st = wait_job(&m, "rebooting");
+    assert!(
+        st["job"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("written to slot b (2097152 bytes); next boot: flotilla-b+3.conf (3 tries)"),
+        "{st}"
+    );
+    let runs = std::fs::read_to_string(&record).unwrap();
+    println!("the helper ran as:\n{runs}");
+    let init_pid = m.child.as_ref().unwrap().id().to_string();
+    let lines: Vec<&str> = runs.lines().collect();
+    assert_eq!(lines.len(), 2, "{runs}");
+    for line in lines {
+        let (parent, args) = line.split_once(' ').unwrap();
+        assert_eq!(parent, init_pid, "the helper is not init's child: {runs}");
+        assert!(
+            args.starts_with(&format!("--json os update {} --no-reboot", good.display()))
+                && args.contains(&format!("--disk {}", h.disk.dev)),
+            "{runs}"
+        );
+    }
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
+    std::fs::write(m.path("go"), "").unwrap();
+}
+
+/// The running slot on trial (not committed yet): an update would overwrite the other slot,
+/// the committed fallback. Refused in the one update path, for `unitctl os update` and for
+/// init's `UpdateOs` alike; nothing written, the entries unchanged. Once committed, the same
+/// update goes through.
+#[test]
+fn an_update_over_a_slot_on_trial_is_refused() {
+    let h = Host::booted_from_a();
+    h.put_a_on_trial();
+    let good = osu::payload(
+        &h.tmp.path().join("good"),
+        "2.0.0",
+        &h.key,
+        (2 * MIB) as usize,
+    );
+    let want = "the running slot a is on trial (not committed; its entry flotilla-a+2-1.conf): refused, nothing written, since the update would overwrite slot b, the committed fallback; commit it (`unitctl os commit`) or wait for the health check, then update";
+
+    let out = h.unitctl_update(&[good.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("unitctl os update: {stderr}");
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+    assert!(head(&h.slot_b(), (2 * MIB) as usize)
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(h.entries(), ["flotilla-a+2-1.conf"]);
+
+    let m = h.init(&[]);
+    let (ok, text) = dbus_send(
+        &m,
+        "UpdateOs",
+        &[&format!("string:{}", good.display()), "boolean:false"],
+    );
+    assert!(ok, "{text}");
+    let st = wait_job(&m, "failed");
+    assert_eq!(st["job"]["message"], want, "{st}");
+    assert_eq!(st["slots"][0]["state"], "trying", "{st}");
+    assert!(head(&h.slot_b(), (2 * MIB) as usize)
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(h.entries(), ["flotilla-a+2-1.conf"]);
+    drop(m);
+
+    // Committed: the same update is written.
+    let out = Command::new(env!("CARGO_BIN_EXE_unitctl"))
+        .args(["os", "commit", "--esp"])
+        .arg(&h.esp)
+        .arg("--cmdline")
+        .arg(h.tmp.path().join("cmdline"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = h.unitctl_update(&[good.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(h.entries(), ["flotilla-a.conf", "flotilla-b+3.conf"]);
 }

@@ -97,6 +97,15 @@ pub enum HostError {
     /// Finding or writing the slot.
     #[error(transparent)]
     Slot(#[from] SlotError),
+    /// The running slot's entry is still on trial: writing the other slot would overwrite
+    /// the committed fallback the loader returns to if this slot fails.
+    #[error("the running slot {slot} is on trial (not committed; its entry {entry}): refused, nothing written, since the update would overwrite slot {other}, the committed fallback; commit it (`unitctl os commit`) or wait for the health check, then update", other = slot.other())]
+    OnTrial {
+        /// The running slot.
+        slot: Slot,
+        /// Its boot entry's file name.
+        entry: String,
+    },
     /// Not booted from an A/B disk.
     #[error("this host was not booted from a slot of an A/B disk (no flotilla.slot= in {}): updates need the disk image (`image-build os` disk.img), not the direct kernel boot", cmdline.display())]
     NotAb {
@@ -215,6 +224,7 @@ pub fn update(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<UpdateReport, HostError> {
     let running = host.running_slot()?;
+    refuse_on_trial(host)?;
     let version = payload::os_release_version(&host.os_release)?;
     let trusted = payload::load_trusted_keys(&host.keys)?;
     let started = std::time::Instant::now();
@@ -297,6 +307,25 @@ pub fn status(host: &Host) -> Result<HostStatus, HostError> {
         version,
         entries: entries::status(&host.esp)?,
     })
+}
+
+/// Refuses an update while the running slot's boot entry is on trial (`Trying`: booted but
+/// not committed yet): the inactive slot is then the committed fallback, and writing it
+/// would leave the host with no good slot to fall back to. [`update`] calls it first (the
+/// one place, for `unitctl os update` and init's `UpdateOs` alike); callers may call it
+/// before a download. A host without an entry for the running slot is not refused.
+pub fn refuse_on_trial(host: &Host) -> Result<(), HostError> {
+    let running = host.running_slot()?;
+    let st = entries::status(&host.esp)?;
+    match st.entry(running) {
+        Some(e) if matches!(e.state(), entries::EntryState::Trying { .. }) => {
+            Err(HostError::OnTrial {
+                slot: running,
+                entry: e.file.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Makes the other slot the next boot ([`entries::rollback`]); returns it.

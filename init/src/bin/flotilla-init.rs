@@ -103,7 +103,7 @@ struct Args {
     /// The program that pulls a unit's registry image before its start (run as `PATH image
     /// pull REF --store DIR --registries FILE`); default: the `unitctl` next to this
     /// executable, else /usr/bin/unitctl. PID 1 links no registry client: pulls run in this
-    /// helper.
+    /// helper, and so does `UpdateOs` (`PATH os update SOURCE --no-reboot --json ...`).
     #[arg(long, value_name = "PATH")]
     pull_helper: Option<PathBuf>,
     /// Registry settings handed to the pull helper.
@@ -149,9 +149,12 @@ fn os_updater(args: &Args) -> OsUpdater {
             disk: args.os_disk.clone(),
             esp: args.os_esp.clone(),
         },
-        registries: args.registries.clone(),
+        registries: Some(args.registries.clone()),
         staging: args.os_staging.clone(),
         esp_mount: PathBuf::from(flotilla_init::os_update::INIT_ESP_MOUNT),
+        // The update runs in the pull helper (`unitctl os update`): PID 1 links no registry
+        // client.
+        helpers: helpers(args),
     };
     OsUpdater::new(
         config,
@@ -161,6 +164,14 @@ fn os_updater(args: &Args) -> OsUpdater {
             }
         }),
     )
+}
+
+/// The helper that pulls images and runs OS updates: `--pull-helper`, else the defaults.
+fn helpers(args: &Args) -> Vec<PathBuf> {
+    match &args.pull_helper {
+        Some(h) => vec![h.clone()],
+        None => HelperPuller::default_helpers(),
+    }
 }
 
 /// What units over the host's root must not read: the given secrets, and the state
@@ -210,6 +221,7 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     raise_fd_limit();
     let os = os_updater(&args);
+    let helpers = helpers(&args);
 
     let cgroup = args.cgroup.unwrap_or_else(|| {
         if pid1 {
@@ -260,12 +272,10 @@ fn run(args: Args, pid1: bool, started: Instant) -> anyhow::Result<Signal> {
     };
     let mut manager = Manager::new(cfg, launcher, scopes, Some(events_tx));
     manager.protect_control_sockets(&args.control_sockets);
+    // The OS update helper's exit is reaped by the event loop and handed to its job.
+    manager.set_exit_watch(os.exit_watch());
     if matches!(args.launcher, LauncherKind::Container) {
         // A missing helper fails the pulling unit with a message that says so.
-        let helpers = match args.pull_helper {
-            Some(h) => vec![h],
-            None => HelperPuller::default_helpers(),
-        };
         let puller = HelperPuller::new(&helpers, &args.images, Some(&args.registries));
         manager.set_puller(Box::new(puller));
     }

@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 mod image_pull;
 #[path = "unitctl/os.rs"]
 mod os;
+#[path = "unitctl/os_fetch.rs"]
+mod os_fetch;
 
 /// Control the units of a Flotilla machine.
 #[derive(Debug, Parser)]

@@ -403,7 +403,13 @@ impl Manager {
             _ => return,
         };
         let Some(name) = self.pids.remove(&pid) else {
-            log::debug!("reaped orphan {}", pid.as_raw());
+            if !self
+                .exit_watch
+                .as_ref()
+                .is_some_and(|w| w.deliver(pid, (code, signal)))
+            {
+                log::debug!("reaped orphan {}", pid.as_raw());
+            }
             return;
         };
         if self.slots.get(&name).and_then(|s| s.pull_pid()) == Some(pid) {

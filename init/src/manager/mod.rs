@@ -90,6 +90,8 @@ pub struct Manager {
     /// How registry images are pulled before a start; `None`: never (a missing image fails
     /// the start).
     puller: Option<Box<dyn Puller>>,
+    /// Where the exits of children that are not units' (init's OS update helper) go.
+    exit_watch: Option<crate::os_update::ExitWatch>,
 }
 
 /// Fingerprint of a unit file's text (to tell which definition a process was started from).
@@ -149,6 +151,7 @@ impl Manager {
             shutdown_deadline: None,
             forced_at: None,
             puller: None,
+            exit_watch: None,
         };
         let report = m.reload(false);
         for e in &report.errors {
@@ -180,6 +183,12 @@ impl Manager {
     /// pull`); without one no image is ever pulled.
     pub fn set_puller(&mut self, puller: Box<dyn Puller>) {
         self.puller = Some(puller);
+    }
+
+    /// Hand the exits of children that belong to no unit to `watch` (init's OS update job
+    /// waits there for its helper); without one they are reaped as orphans.
+    pub fn set_exit_watch(&mut self, watch: crate::os_update::ExitWatch) {
+        self.exit_watch = Some(watch);
     }
 
     /// How callers on the control socket are mapped to units (by the units' cgroups).

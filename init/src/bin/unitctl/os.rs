@@ -1,6 +1,7 @@
 //! `unitctl os status | update DIR | rollback`: the host's A/B update, run by unitctl itself
-//! (as root) with `flotilla_init::os_update` (the one implementation, which init's
-//! `UpdateOs` runs on a thread of its own) over `flotilla_osupdate::host`: unitctl shows its
+//! (as root) with `flotilla_init::os_update` and [`super::os_fetch`] over
+//! `flotilla_osupdate::host` (init's `UpdateOs` runs `unitctl os update SOURCE --no-reboot
+//! --json` as a helper process: PID 1 links no registry client): unitctl shows its
 //! progress, and needs no manager. The ESP is mounted by unitctl for the command's duration
 //! (or given with `--esp`). The reboot is the init's orderly one (SIGINT to PID 1, as
 //! Ctrl-Alt-Del), only when PID 1 is flotilla-init.
@@ -10,12 +11,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
-use flotilla_init::os_update::{self, rolled_back, status_json, HostPaths, Source, UpdateRun};
+use flotilla_init::os_update::{self, rolled_back, status_json, HostPaths, Source};
 use flotilla_osupdate::entries::EntryState;
 use flotilla_osupdate::host::{self, EspMount, Host, HostStatus, UpdateOptions, DEFAULT_TRIES};
 use flotilla_osupdate::payload::TRUSTED_KEYS_DIR;
 use serde_json::{json, Value};
 
+use super::os_fetch::{self, UpdateRun};
 use super::{image_pull, print_json};
 
 /// Where `unitctl os update REF` downloads the payload: on `/var`, not in RAM.
@@ -234,17 +236,14 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
             let running = host.running_slot()?;
             let source = Source::parse(&source)?;
             // The source step (a reference pulled to /var first, removed after, whatever
-            // the outcome), then the one update path: `os_update::run_update`, as init's.
+            // the outcome), then the one update path (`os_fetch::run_update`). Init's
+            // `UpdateOs` runs this very command as its helper (`--no-reboot --json`).
             let registries = registries
                 .or_else(|| std::env::var_os(flotilla_registry::REGISTRIES_ENV).map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(flotilla_registry::DEFAULT_REGISTRIES));
             let reporter = image_pull::Reporter::new();
             let mut progress = progress_printer(format!("writing slot {}", running.other()));
-            let mut fallback_roots = |ca: &Path| {
-                // unitctl has no other thread yet that could read the environment.
-                std::env::set_var("SSL_CERT_FILE", ca);
-            };
-            let result = os_update::run_update(
+            let result = os_fetch::run_update(
                 &host,
                 UpdateRun {
                     source: &source,
@@ -255,7 +254,6 @@ pub(crate) fn run(cmd: OsCommand, json: bool, out: &mut impl Write) -> Result<u8
                         tries,
                     },
                     pull_progress: reporter.progress(),
-                    fallback_roots: &mut fallback_roots,
                 },
                 &mut progress,
             );
