@@ -21,6 +21,9 @@ use crate::model::{OsSlot, OsState};
 
 /// How often the agent reads its host's OS state again.
 pub const REFRESH: Duration = Duration::from_secs(30);
+/// How often it reads it while the host runs a slot on trial: the commit by health is what a
+/// rolling update waits for, so it shows within seconds rather than at the next [`REFRESH`].
+pub const TRIAL_REFRESH: Duration = Duration::from_secs(2);
 
 /// Where the host's OS facts are (the real paths by default; tests give files).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -337,8 +337,7 @@ impl Agent {
                 .os_probe
                 .as_ref()
                 .map_or(crate::os::REFRESH, |(_, r)| *r);
-            let mut os_refresh =
-                tokio::time::interval_at(tokio::time::Instant::now() + refresh, refresh);
+            let mut next_os = tokio::time::Instant::now() + worker.os_refresh_period(refresh);
             let failure: RegistryError = loop {
                 let handover_due = worker.handover_deadline();
                 let step = tokio::select! {
@@ -354,7 +353,11 @@ impl Agent {
                     },
                     Some(signal) = signals.recv() => worker.on_signal(signal).await,
                     _ = retry.tick(), if worker.init_dirty => worker.reconcile().await,
-                    _ = os_refresh.tick(), if worker.os_probe.is_some() => worker.refresh_os().await,
+                    _ = tokio::time::sleep_until(next_os), if worker.os_probe.is_some() => {
+                        let refreshed = worker.refresh_os().await;
+                        next_os = tokio::time::Instant::now() + worker.os_refresh_period(refresh);
+                        refreshed
+                    }
                     _ = sleep_until(handover_due), if handover_due.is_some() => worker.reconcile().await,
                 };
                 if let Err(e) = step {
@@ -816,6 +819,21 @@ impl Worker {
             Err(e) => Some(Err(format!(
                 "cannot read the host's A/B update state from init: {e}"
             ))),
+        }
+    }
+
+    /// How long until the next OS probe: `refresh`, or at most [`crate::os::TRIAL_REFRESH`]
+    /// while the host runs a slot on trial (its commit is what a rollout waits for).
+    fn os_refresh_period(&self, refresh: Duration) -> Duration {
+        let on_trial = self
+            .machine
+            .os
+            .as_ref()
+            .is_some_and(|o| o.update_state() == crate::model::UpdateState::Trial);
+        if on_trial {
+            refresh.min(crate::os::TRIAL_REFRESH)
+        } else {
+            refresh
         }
     }
 

@@ -1151,6 +1151,43 @@ async fn the_os_state_comes_from_init_with_the_first_registration() {
     agent.stop().await;
 }
 
+/// A host booted into slot b on trial, then committed by its init.
+fn booted_b(state: &str) -> String {
+    let tries = if state == "trying" { "2" } else { "null" };
+    let entry = if state == "trying" {
+        "flotilla-b+2-1.conf"
+    } else {
+        "flotilla-b.conf"
+    };
+    format!(
+        r#"{{"running":"b","version":"2.0.0","next":"b","slots":[{{"slot":"a","version":"1.5.0","state":"committed","tries_left":null,"tries_done":null,"entry":"flotilla-a.conf"}},{{"slot":"b","version":"2.0.0","state":"{state}","tries_left":{tries},"tries_done":null,"entry":"{entry}"}}],"rolled_back":null,"job":null}}"#
+    )
+}
+
+/// While its slot is on trial the agent reads the OS state every few seconds, not at the
+/// (here hourly) refresh: the commit a rolling update waits for shows at once.
+#[tokio::test]
+async fn a_commit_on_trial_is_published_within_seconds() {
+    let init = FakeInit::new();
+    init.change(None, |s| s.os_status = Some(booted_b("trying")));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Running::start_probing(&init, Some(probe_without_files(dir.path()))).await;
+    let on_trial = |m: &Machine| {
+        m.os.as_ref().map(crate::model::OsState::update_state)
+            == Some(crate::model::UpdateState::Trial)
+    };
+    agent.wait_machine("registered on trial", on_trial).await;
+    init.change(None, |s| s.os_status = Some(booted_b("committed")));
+    let m = agent
+        .wait_machine("the commit published", |m| {
+            m.os.as_ref().map(crate::model::OsState::update_state)
+                == Some(crate::model::UpdateState::Committed)
+        })
+        .await;
+    assert_eq!(m.os_version, "2.0.0");
+    agent.stop().await;
+}
+
 /// An older init (`GetOsStatus` is an unknown method): the agent reads the files itself.
 #[tokio::test]
 async fn an_init_without_get_os_status_falls_back_to_the_probe() {

@@ -358,7 +358,7 @@ fn main() -> ExitCode {
     if let Err(e) = event_loop::block_signals() {
         eprintln!("flotilla-init: {e}");
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,zbus=warn"))
         .format_target(false)
         .format_timestamp_millis()
         .init();
