@@ -279,6 +279,14 @@ fn operator_changes_units_reader_only_reads() {
         &["submit", other.to_str().unwrap()][..],
         &["stop", "--no-block", "web"],
         &["destroy", "web"],
+        // A rolling OS update reboots every machine: an operator's action too.
+        &[
+            "os",
+            "update",
+            "reg.example/flotilla/os:2.0.0",
+            "--version",
+            "2.0.0",
+        ],
     ] {
         for (who, role) in [(&bob, "reader"), (&machine, "machine")] {
             let out = as_(who, verb);
@@ -296,8 +304,12 @@ fn operator_changes_units_reader_only_reads() {
             );
         }
     }
-    // ... and nothing changed.
+    // ... and nothing changed: no rollout was started.
     assert_eq!(unit_names(&node), ["web"]);
+    let out = as_(&bob, &["os", "status", "--json"]);
+    assert!(out.status.success(), "os status: {}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["rollout"].is_null(), "{status}");
     let out = as_(&alice, &["list-units", "--json"]);
     let units: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(units[0]["desired"], "launched", "{units}");
